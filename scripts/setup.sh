@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One idempotent set-up step: system packages, the Python package, build outputs.
+# Fast when everything is already there; safe to run again at any time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(clang llvm libbpf-dev bpftool gcc make binutils stress-ng rt-tests
+              qemu-system-x86 busybox-static cpio libcap2-bin iproute2 kmod procps)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}" >&2
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -q >&2
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+fi
+
+PY=${PYTHON:-python3}
+# Editable install: build outputs live next to their sources.
+if ! $PY -c 'import vmm, pvsched_device, pytest_timeout, hypothesis, elftools' 2>/dev/null \
+   || [ pyproject.toml -nt .setup-stamp ]; then
+    echo "setup: pip install -e .[test]" >&2
+    $PY -m pip install -q -e '.[test]' >&2
+    touch .setup-stamp
+fi
+
+# Build outputs from source (make skips what is up to date).
+for dir in bpf guest_image/testguest; do
+    if [ -f "$dir/Makefile" ]; then
+        make -s -C "$dir" >&2
+    fi
+done

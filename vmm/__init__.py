@@ -1,0 +1,1 @@
+"""pyvmm: a minimal VMM in Python that drives /dev/kvm directly."""
