@@ -1,0 +1,271 @@
+"""Fetch the current Debian kernel (and its build headers) for the Linux guest.
+
+The version is never pinned: each flavor names a Debian *meta* package
+(e.g. linux-image-cloud-amd64), whose candidate version apt resolves to the
+concrete package of the day.  Packages are fetched with `apt-get download`
+(nothing is installed on the host) and unpacked with dpkg-deb into a
+gitignored cache next to this file, so a second call is quick.
+
+    python -m guest_image.linux.kernel [--flavor cloud|cloud-6.12] [--headers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BUILD_DIR = Path(__file__).resolve().parent / "build"
+
+# flavor -> (image meta package, headers meta package).  "cloud" is the
+# distribution's default cloud kernel (6.1 on bookworm); "cloud-6.12" is the
+# 6.12 line bookworm ships through its security suite (no backports needed).
+FLAVORS: dict[str, tuple[str, str]] = {
+    "cloud": ("linux-image-cloud-amd64", "linux-headers-cloud-amd64"),
+    "cloud-6.12": ("linux-image-6.12-cloud-amd64", "linux-headers-6.12-cloud-amd64"),
+}
+ALIASES = {"cloud-6.1": "cloud", "6.1": "cloud", "6.12": "cloud-6.12"}
+
+
+class KernelFetchError(RuntimeError):
+    """A kernel or header package could not be resolved, downloaded or unpacked."""
+
+
+@dataclass(frozen=True)
+class Package:
+    """A concrete Debian package at one version."""
+
+    name: str
+    version: str
+
+
+def canonical_flavor(flavor: str) -> str:
+    """Map an alias (6.1, 6.12, cloud-6.1) to a key of FLAVORS; reject unknown names."""
+    flavor = ALIASES.get(flavor, flavor)
+    if flavor not in FLAVORS:
+        known = ", ".join(sorted([*FLAVORS, *ALIASES]))
+        raise KernelFetchError(f"unknown kernel flavor {flavor!r} (known: {known})")
+    return flavor
+
+
+def _run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+
+
+_updated = False
+
+
+def _apt_update_once() -> None:
+    # Fresh or stale package lists are the usual reason a lookup or download
+    # fails; refresh them at most once per process.
+    global _updated
+    if _updated:
+        return
+    _updated = True
+    log.info("apt-get update (package lists missing or stale)")
+    r = _run(["apt-get", "update", "-q"])
+    if r.returncode != 0:
+        log.warning("apt-get update failed: %s", r.stderr.strip().splitlines()[-1:] or r.returncode)
+
+
+def _show(name: str) -> dict[str, str]:
+    """Fields of the candidate version of package `name` (apt-cache show)."""
+    for attempt in range(2):
+        r = _run(["apt-cache", "show", "--no-all-versions", name])
+        if r.returncode == 0 and r.stdout.strip():
+            fields: dict[str, str] = {}
+            key = ""
+            for line in r.stdout.splitlines():
+                if not line.strip():
+                    break  # first stanza only
+                if line[0].isspace() and key:
+                    fields[key] += " " + line.strip()
+                elif ":" in line:
+                    key, _, value = line.partition(":")
+                    fields[key] = value.strip()
+            return fields
+        if attempt == 0:
+            _apt_update_once()
+    raise KernelFetchError(f"apt knows no package {name!r} (is the Debian archive in the apt sources?)")
+
+
+def _depends(fields: dict[str, str]) -> list[str]:
+    """Package names of Depends, first alternative of each, without versions."""
+    names = []
+    for dep in fields.get("Depends", "").split(","):
+        first = dep.split("|")[0].strip()
+        if first:
+            names.append(re.split(r"[\s(:]", first, maxsplit=1)[0])
+    return names
+
+
+def resolve(meta: str, prefixes: tuple[str, ...]) -> list[Package]:
+    """The concrete packages a meta package pulls in, following Depends whose name has one of `prefixes`."""
+    seen: dict[str, Package] = {}
+    todo = [meta]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        fields = _show(name)
+        seen[name] = Package(name, fields["Version"])
+        todo.extend(d for d in _depends(fields) if d.startswith(prefixes) and d not in seen)
+    # The meta package itself carries no files.
+    return [p for n, p in seen.items() if n != meta]
+
+
+def _cached_deb(pkg: Package, dest: Path) -> Path | None:
+    for deb in dest.glob(f"{pkg.name}_*.deb"):
+        r = _run(["dpkg-deb", "-f", str(deb), "Version"])
+        if r.returncode == 0 and r.stdout.strip() == pkg.version:
+            return deb
+    return None
+
+
+def download(pkg: Package, dest: Path) -> Path:
+    """`apt-get download` one package at its exact version into dest (reused when already there)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    deb = _cached_deb(pkg, dest)
+    if deb:
+        return deb
+    cmd = ["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", f"{pkg.name}={pkg.version}"]
+    for attempt in range(2):
+        log.info("downloading %s %s", pkg.name, pkg.version)
+        r = _run(cmd, cwd=dest)
+        deb = _cached_deb(pkg, dest)
+        if r.returncode == 0 and deb:
+            return deb
+        if attempt == 0:
+            _apt_update_once()
+    msg = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+    raise KernelFetchError(f"apt-get download {pkg.name}={pkg.version} failed: {msg}")
+
+
+def _extract_boot(deb: Path, dest: Path) -> None:
+    # Only ./boot/ is needed (the modules are ~100 MB we never use): stream
+    # the data tarball and keep just those members.
+    proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    with tarfile.open(fileobj=proc.stdout, mode="r|*") as tar:
+        for member in tar:
+            name = member.name.removeprefix("./")
+            if name.startswith("boot/") and member.isfile():
+                f = tar.extractfile(member)
+                assert f is not None
+                (dest / Path(name).name).write_bytes(f.read())
+    proc.stdout.close()
+    if proc.wait() != 0:
+        raise KernelFetchError(f"dpkg-deb --fsys-tarfile {deb.name} failed")
+
+
+def _newest_cached(parent: Path, pattern: str) -> Path | None:
+    found = sorted(parent.glob(pattern), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def fetch_kernel(flavor: str = "cloud") -> Path:
+    """Path of the current Debian kernel's vmlinuz (a bzImage) for flavor, downloaded and cached on first use."""
+    flavor = canonical_flavor(flavor)
+    cache = BUILD_DIR / "kernel" / flavor
+    try:
+        (pkg,) = resolve(FLAVORS[flavor][0], ("linux-image-",))
+    except KernelFetchError:
+        # Offline: fall back to the newest kernel already unpacked.
+        cached = _newest_cached(cache, "*/vmlinuz-*")
+        if cached:
+            log.warning("cannot resolve %s; using cached %s", FLAVORS[flavor][0], cached)
+            return cached
+        raise
+    out = cache / f"{pkg.name}_{pkg.version}"
+    found = sorted(out.glob("vmlinuz-*"))
+    if found:
+        return found[0]
+    debs = BUILD_DIR / "debs"
+    deb = download(pkg, debs)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache))
+    try:
+        _extract_boot(deb, tmp)
+        if not list(tmp.glob("vmlinuz-*")):
+            raise KernelFetchError(f"{deb.name} holds no boot/vmlinuz-*")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.chmod(0o755)
+        os.replace(tmp, out)  # atomic: concurrent callers see all or nothing
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    deb.unlink(missing_ok=True)  # the unpacked kernel is all we keep
+    return min(out.glob("vmlinuz-*"))
+
+
+def fetch_headers(flavor: str = "cloud") -> Path:
+    """KDIR (the linux-headers-<release> tree) for flavor's current kernel, to build out-of-tree modules against."""
+    flavor = canonical_flavor(flavor)
+    cache = BUILD_DIR / "headers" / flavor
+    try:
+        pkgs = resolve(FLAVORS[flavor][1], ("linux-headers-", "linux-kbuild-"))
+    except KernelFetchError:
+        cached = _newest_cached(cache, "*/usr/src/linux-headers-*-cloud-amd64")
+        if cached:
+            log.warning("cannot resolve %s; using cached %s", FLAVORS[flavor][1], cached)
+            return cached
+        raise
+    arch_pkg = next(p for p in pkgs if p.name.endswith("-cloud-amd64"))
+    release = arch_pkg.name.removeprefix("linux-headers-")
+    root = cache / f"{arch_pkg.name}_{arch_pkg.version}"
+    kdir = root / "usr" / "src" / f"linux-headers-{release}"
+    if (kdir / "Makefile").exists():
+        return kdir
+    debs = BUILD_DIR / "debs"
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache))
+    try:
+        for pkg in pkgs:
+            deb = download(pkg, debs)
+            r = _run(["dpkg-deb", "-x", str(deb), str(tmp)])
+            if r.returncode != 0:
+                raise KernelFetchError(f"dpkg-deb -x {deb.name}: {r.stderr.strip()}")
+            deb.unlink()  # unpacked; the tree is the cache
+        if not (tmp / kdir.relative_to(root) / "Makefile").exists():
+            raise KernelFetchError(f"headers for {release} unpacked without a Makefile")
+        shutil.rmtree(root, ignore_errors=True)
+        tmp.chmod(0o755)
+        os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return kdir
+
+
+def kernel_release(kdir: Path) -> str:
+    """The `uname -r` string of a headers tree (its include/config/kernel.release)."""
+    return (kdir / "include" / "config" / "kernel.release").read_text().strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: print the path of the cached vmlinuz (or KDIR with --headers)."""
+    ap = argparse.ArgumentParser(prog="python -m guest_image.linux.kernel", description=__doc__.splitlines()[0])
+    ap.add_argument("--flavor", default="cloud", help="cloud (6.1, default) or cloud-6.12")
+    ap.add_argument("--headers", action="store_true", help="fetch the build headers and print KDIR instead")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        path = fetch_headers(args.flavor) if args.headers else fetch_kernel(args.flavor)
+    except KernelFetchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
