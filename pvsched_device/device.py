@@ -1,0 +1,454 @@
+"""The pvsched PCI device: BAR0 negotiation, GPA to HVA, and the supervised policy process.
+
+Register map and status codes: shared DESIGN.md, "BAR0" (constants from pvsched_abi.h).
+The guest negotiates version and features, hands over the GPA and size of its shared
+area, and sets ENABLE; the device validates the area against guest RAM, translates it
+to an HVA and registers the VM with the policy process (supervisor.py). Errors are not
+sticky: every ENABLE is judged from scratch. vCPU threads call read_bar/write_bar
+concurrently, so all register state sits behind one lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pvsched_device import abi, slots
+from pvsched_device.supervisor import PolicySupervisor, PolicyUnavailable
+from vmm.memory import HIGH_RAM_START, PCI_MMIO_START, GuestMemoryError
+from vmm.pci_device import BarSpec, PciDevice
+from vmm.sched_attr import SchedAttr, sched_getattr, sched_setattr
+
+C = abi.C
+U32 = 0xFFFFFFFF
+REG = {
+    "MAGIC": C.PVSCHED_REG_MAGIC, "HOST_VERSION": C.PVSCHED_REG_HOST_VERSION,
+    "HOST_FEATURES": C.PVSCHED_REG_HOST_FEATURES, "GUEST_FEATURES": C.PVSCHED_REG_GUEST_FEATURES,
+    "GUEST_VERSION": C.PVSCHED_REG_GUEST_VERSION, "NR_VCPUS": C.PVSCHED_REG_NR_VCPUS,
+    "SHM_GPA_LO": C.PVSCHED_REG_SHM_GPA_LO, "SHM_GPA_HI": C.PVSCHED_REG_SHM_GPA_HI,
+    "SHM_SIZE": C.PVSCHED_REG_SHM_SIZE, "CONTROL": C.PVSCHED_REG_CONTROL, "STATUS": C.PVSCHED_REG_STATUS,
+}
+STATUS_NAMES = {
+    C.PVSCHED_STATUS_IDLE: "IDLE", C.PVSCHED_STATUS_ACTIVE: "ACTIVE", C.PVSCHED_STATUS_BAD_GPA: "BAD_GPA",
+    C.PVSCHED_STATUS_TOO_SMALL: "TOO_SMALL", C.PVSCHED_STATUS_BAD_VERSION: "BAD_VERSION",
+    C.PVSCHED_STATUS_BAD_FEATURE: "BAD_FEATURE", C.PVSCHED_STATUS_BUSY: "BUSY",
+}
+_RW_ATTR = {
+    C.PVSCHED_REG_GUEST_FEATURES: "guest_features", C.PVSCHED_REG_GUEST_VERSION: "guest_version",
+    C.PVSCHED_REG_SHM_GPA_LO: "gpa_lo", C.PVSCHED_REG_SHM_GPA_HI: "gpa_hi", C.PVSCHED_REG_SHM_SIZE: "shm_size",
+}
+FEATURE_NAMES = {
+    C.PVSCHED_F_CRITICAL_SECTIONS: "critical_sections", C.PVSCHED_F_TASK_PARAMS: "task_params",
+    C.PVSCHED_F_HOST_FEEDBACK: "host_feedback", C.PVSCHED_F_WAKE_HINT: "wake_hint",
+}
+
+
+def feature_names(bits: int) -> list[str]:
+    """Names of the feature bits in `bits` (unknown ones as hex)."""
+    names = [n for b, n in FEATURE_NAMES.items() if bits & b]
+    if bits & ~C.PVSCHED_F_ALL_V1:
+        names.append(f"unknown:{bits & ~C.PVSCHED_F_ALL_V1:#x}")
+    return names
+
+
+def version_str(v: int) -> str:
+    """major.minor of a major << 16 | minor version word."""
+    return f"{v >> 16}.{v & 0xFFFF}"
+
+
+class PvschedDevice(PciDevice):
+    """pvsched on pyvmm's PCI bus: BAR0 registers plus the policy process it supervises."""
+
+    label = "pvsched"
+    vendor_id = C.PVSCHED_PCI_VENDOR_ID
+    device_id = C.PVSCHED_PCI_DEVICE_ID
+    class_code = C.PVSCHED_PCI_CLASS
+    revision = C.PVSCHED_PCI_REVISION
+    bars = (BarSpec(0, C.PVSCHED_BAR0_SIZE),)
+
+    def __init__(self, policy: bool = True, tunables: dict[str, str] | None = None,
+                 host_version: int | None = None, host_features: int | None = None) -> None:
+        super().__init__()
+        self.host_version = C.PVSCHED_VERSION if host_version is None else host_version
+        self.host_features = C.PVSCHED_F_ALL_V1 if host_features is None else host_features
+        if not 0 <= self.host_version <= U32:
+            raise ValueError(f"pvsched host version {self.host_version:#x} does not fit 32 bits")
+        if self.host_features & ~C.PVSCHED_F_ALL_V1 or self.host_features < 0:
+            raise ValueError(f"pvsched host features {self.host_features:#x}: this device knows only "
+                             f"{C.PVSCHED_F_ALL_V1:#x}")
+        self.policy = policy
+        self.tunables = dict(tunables or {})
+        self.vm: Any = None
+        self.supervisor: PolicySupervisor | None = None
+        self.policy_error: str | None = None
+        self._lock = threading.Lock()
+        self._reset_registers()
+        self.active: dict[str, Any] | None = None  # the accepted configuration while ACTIVE
+
+    # --- registers -----------------------------------------------------------------------------------
+
+    def _reset_registers(self) -> None:
+        self.guest_features = 0
+        self.guest_version = 0
+        self.gpa_lo = 0
+        self.gpa_hi = 0
+        self.shm_size = 0
+        self.status = C.PVSCHED_STATUS_IDLE
+
+    @property
+    def nr_vcpus(self) -> int:
+        """vCPUs of the VM the device is attached to (0 before attach)."""
+        return int(getattr(self.vm, "nr_vcpus", 0))
+
+    def warn_once(self, key: str, msg: str) -> None:
+        """Log a guest misbehaviour once per kind (thread-safe: vCPU threads race here)."""
+        with self._lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        self.log.warning("%s: %s", self.label, msg)
+
+    def read_bar(self, bar: int, offset: int, size: int) -> int:
+        """Guest read of BAR0; unknown offsets and non-32-bit accesses read 0."""
+        if bar != 0:
+            self.warn_once(f"bar{bar}", f"access to BAR{bar}, which does not exist")
+            return 0
+        if size != 4:
+            self.warn_once("size", f"ignored {size}-byte read at {offset:#x}: only 32-bit accesses are supported")
+            return 0
+        with self._lock:
+            if offset == REG["MAGIC"]:
+                return C.PVSCHED_MAGIC
+            if offset == REG["HOST_VERSION"]:
+                return self.host_version
+            if offset == REG["HOST_FEATURES"]:
+                return self.host_features
+            if offset == REG["GUEST_FEATURES"]:
+                return self.guest_features
+            if offset == REG["GUEST_VERSION"]:
+                return self.guest_version
+            if offset == REG["NR_VCPUS"]:
+                return self.nr_vcpus
+            if offset == REG["SHM_GPA_LO"]:
+                return self.gpa_lo
+            if offset == REG["SHM_GPA_HI"]:
+                return self.gpa_hi
+            if offset == REG["SHM_SIZE"]:
+                return self.shm_size
+            if offset == REG["STATUS"]:
+                return self.status & U32
+            if offset == REG["CONTROL"]:
+                return 0  # write-only
+        self.warn_once(f"r{offset:#x}", f"read of unknown offset {offset:#x} (returns 0)")
+        return 0
+
+    def write_bar(self, bar: int, offset: int, size: int, value: int) -> None:
+        """Guest write to BAR0; CONTROL acts, RW registers latch, anything else is ignored."""
+        if bar != 0:
+            self.warn_once(f"bar{bar}", f"access to BAR{bar}, which does not exist")
+            return
+        if size != 4:
+            self.warn_once("size", f"ignored {size}-byte write at {offset:#x}: only 32-bit accesses are supported")
+            return
+        value &= U32
+        warn: tuple[str, str] | None = None
+        with self._lock:
+            if offset in _RW_ATTR:
+                setattr(self, _RW_ATTR[offset], value)
+            elif offset == REG["CONTROL"]:
+                warn = self._control(value)
+            elif offset in REG.values():
+                warn = (f"ro{offset:#x}", f"write to read-only register at {offset:#x} ignored")
+            else:
+                warn = (f"w{offset:#x}", f"write to unknown offset {offset:#x} ignored")
+        if warn:
+            self.warn_once(*warn)
+
+    def _control(self, value: int) -> tuple[str, str] | None:
+        """Act on a CONTROL write (lock held); returns a warning to log once, if any."""
+        if value == C.PVSCHED_CTRL_ENABLE:
+            if self.active is not None:
+                self.status = C.PVSCHED_STATUS_BUSY
+            else:
+                self.status = self._validate()
+                if self.status == C.PVSCHED_STATUS_ACTIVE:
+                    self._activate()
+        elif value == C.PVSCHED_CTRL_DISABLE:
+            self._deactivate()
+            self.status = C.PVSCHED_STATUS_IDLE
+        elif value == C.PVSCHED_CTRL_RESET:
+            self._deactivate()
+            self._reset_registers()
+        else:
+            return (f"ctl{value:#x}", f"unknown CONTROL value {value:#x} ignored")
+        return None
+
+    def _validate(self) -> int:
+        """Judge the latched registers for ENABLE: the status code to report."""
+        gv, hv = self.guest_version, self.host_version
+        if gv >> 16 != hv >> 16 or (gv & 0xFFFF) > (hv & 0xFFFF):
+            return C.PVSCHED_STATUS_BAD_VERSION
+        if self.guest_features & ~self.host_features:
+            return C.PVSCHED_STATUS_BAD_FEATURE
+        gpa, size = self.gpa_hi << 32 | self.gpa_lo, self.shm_size
+        if gpa % C.PVSCHED_PAGE_SIZE:
+            return C.PVSCHED_STATUS_BAD_GPA
+        if size % C.PVSCHED_PAGE_SIZE or size < slots.min_shm_size(self.nr_vcpus):
+            return C.PVSCHED_STATUS_TOO_SMALL
+        if gpa + size > 1 << 64:  # wraps
+            return C.PVSCHED_STATUS_BAD_GPA
+        if gpa < HIGH_RAM_START and gpa + size > PCI_MMIO_START:  # overlaps the MMIO hole
+            return C.PVSCHED_STATUS_BAD_GPA
+        memory = getattr(self.vm, "memory", None)
+        if memory is None:
+            return C.PVSCHED_STATUS_BAD_GPA
+        try:
+            memory.region_of(gpa, size)
+        except GuestMemoryError:
+            return C.PVSCHED_STATUS_BAD_GPA
+        return C.PVSCHED_STATUS_ACTIVE
+
+    def _activate(self) -> None:
+        gpa, size = self.gpa_hi << 32 | self.gpa_lo, self.shm_size
+        memory = self.vm.memory
+        self.active = {
+            "gpa": gpa, "size": size, "hva": memory.hva(gpa, size), "file_offset": memory.file_offset(gpa, size),
+            "version": self.guest_version, "features": self.guest_features,
+        }
+        self.log.info("pvsched: active, version %s, features %#x (%s), shared area GPA %#x size %d",
+                      version_str(self.guest_version), self.guest_features,
+                      ",".join(feature_names(self.guest_features)) or "none", gpa, size)
+        if self.supervisor is not None and self.supervisor.alive:
+            vm = self.vm
+            vcpus = []
+            for vid, tid in sorted(dict(vm.vcpu_tids).items()):
+                orig = vm.original_sched.get(tid, SchedAttr())
+                vcpus.append({"id": vid, "tid": tid,
+                              "original": {"policy": orig.policy, "priority": orig.priority, "nice": orig.nice}})
+            msg = {"op": "register", "vm_id": int(vm.vmm_pid), "nr_vcpus": self.nr_vcpus,
+                   "shm_hva": self.active["hva"], "shm_gpa": gpa, "shm_size": size,
+                   "file_offset": self.active["file_offset"], "version": self.guest_version,
+                   "features": self.guest_features, "vcpus": vcpus}
+            self.supervisor.post(msg, (memory.fd,)).add_done_callback(self._log_reply("register"))
+
+    def _deactivate(self) -> None:
+        if self.active is None:
+            return
+        self.active = None
+        self.log.info("pvsched: disabled")
+        if self.supervisor is not None and self.supervisor.alive:
+            msg = {"op": "unregister", "vm_id": int(self.vm.vmm_pid)}
+            self.supervisor.post(msg).add_done_callback(self._log_reply("unregister"))
+
+    def _log_reply(self, what: str) -> Callable[[Any], None]:
+        def done(fut: Any) -> None:
+            e = fut.exception()
+            if e is not None:
+                self.log.warning("pvsched: %s: %s", what, e)
+            elif "error" in fut.result():
+                self.log.warning("pvsched: policy process refused %s: %s", what, fut.result()["error"])
+        return done
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+
+    def attach(self, vm: Any) -> None:
+        """Remember the machine and register the control commands (status, policy.show, policy.set)."""
+        self.vm = vm
+        handlers = vm.control_handlers
+        previous = handlers.get("status")
+        handlers["status"] = lambda req: self.handle_status(req, previous)
+        handlers["policy.show"] = self.handle_policy_show
+        handlers["policy.set"] = self.handle_policy_set
+
+    def start(self, vm: Any) -> None:
+        """Start the policy process (from the VMM's main thread) unless the policy is switched off."""
+        self.vm = vm
+        if not self.policy:
+            return
+        verbose = self.log.isEnabledFor(logging.DEBUG)
+        self.supervisor = PolicySupervisor(int(vm.vmm_pid), self.tunables, self._policy_died, verbose=verbose)
+        try:
+            ready = self.supervisor.spawn()
+        except (PolicyUnavailable, OSError) as e:
+            self.policy_error = str(e)
+            self.log.error("pvsched: %s; running without the policy", e)
+            self.supervisor = None
+            return
+        self.log.info("pvsched: policy process %d started (%s)", self.supervisor.pid,
+                      "BPF policy loaded" if ready.get("engine") else f"no BPF: {ready.get('engine_error')}")
+
+    async def run(self, vm: Any) -> None:
+        """Supervise the policy process until it ends (the VMM cancels this at shutdown)."""
+        if self.supervisor is not None:
+            await self.supervisor.run()
+
+    def stop(self) -> None:
+        """End the policy process cleanly (bounded wait, then kill); restore threads if it could not."""
+        sup = self.supervisor
+        if sup is None or sup.proc is None:
+            return
+        was_dead = sup.dead
+        rc = sup.stop()
+        if not was_dead and rc != 0:
+            self.log.warning("pvsched: policy process %d ended with %s: restoring vCPU threads", sup.pid, rc)
+            self.restore_threads()
+
+    def _policy_died(self, returncode: int) -> None:
+        """The policy process died under us: restore every vCPU thread at once, unpin, carry on unboosted."""
+        n = self.restore_threads()
+        how = f"killed by signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
+        self.policy_error = f"policy process died ({how})"
+        self.log.error("pvsched: policy process %s died (%s); restored %d vCPU threads' original scheduling, "
+                       "VM continues without boosting", self.supervisor.pid if self.supervisor else "?", how, n)
+        if self.supervisor is not None:
+            self.supervisor.remove_pins()
+
+    def restore_threads(self) -> int:
+        """Apply every vCPU thread's original scheduling attributes (vm.original_sched); count restored."""
+        n = 0
+        for tid, attr in dict(getattr(self.vm, "original_sched", {}) or {}).items():
+            try:
+                sched_setattr(tid, attr)
+                n += 1
+            except OSError as e:
+                if e.errno != errno.ESRCH:  # a thread that already ended needs nothing
+                    self.log.warning("pvsched: restoring TID %d: %s", tid, e)
+        return n
+
+    # --- control commands ------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Device state as data: registers, negotiated values, shared area, vCPUs and their slots."""
+        with self._lock:
+            active = dict(self.active) if self.active else None
+            status = self.status
+        vm = self.vm
+        tids = dict(getattr(vm, "vcpu_tids", {}) or {})
+        out: dict[str, Any] = {
+            "state": "active" if active else "idle",
+            "status": status, "status_name": STATUS_NAMES.get(status, str(status)),
+            "host_version": self.host_version, "host_features": self.host_features,
+            "version": active["version"] if active else None,
+            "features": active["features"] if active else None,
+            "feature_names": feature_names(active["features"]) if active else [],
+            "shm_gpa": active["gpa"] if active else None, "shm_size": active["size"] if active else None,
+            "shm_hva": active["hva"] if active else None,
+            "nr_vcpus": self.nr_vcpus,
+            "policy": self._policy_summary(),
+            "vcpus": [],
+        }
+        original = dict(getattr(vm, "original_sched", {}) or {})
+        for vid, tid in sorted(tids.items()):
+            v: dict[str, Any] = {"id": vid, "tid": tid}
+            try:
+                v["sched"] = str(sched_getattr(tid))
+            except OSError:
+                v["sched"] = None
+            if tid in original:
+                v["original"] = str(original[tid])
+            if active and vid < self.nr_vcpus:
+                view = vm.memory.view(active["gpa"] + slots.slot_offset(vid), slots.slot_size())
+                try:
+                    v["guest"] = slots.read_guest_area(view)
+                    v["host"] = slots.read_host_area(view)
+                finally:
+                    view.release()
+            out["vcpus"].append(v)
+        return out
+
+    def _policy_summary(self) -> dict[str, Any]:
+        sup = self.supervisor
+        if not self.policy:
+            return {"enabled": False}
+        if sup is None:
+            return {"enabled": True, "running": False, "error": self.policy_error}
+        return {"enabled": True, "running": sup.alive, "pid": sup.pid, "engine": bool(sup.ready.get("engine")),
+                "engine_error": sup.ready.get("engine_error"), "error": self.policy_error,
+                "returncode": sup.returncode}
+
+    def handle_status(self, req: dict[str, Any], previous: Callable[[dict], dict] | None = None) -> dict[str, Any]:
+        """Control command "status": the device (and the VMM's own status, if it had one) as text and data."""
+        base = previous(req) if previous else {}
+        data = self.snapshot()
+        lines = [base["text"]] if base.get("text") else []
+        lines.append(format_status(data))
+        return {**{k: v for k, v in base.items() if k != "text"}, "pvsched": data, "text": "\n".join(lines)}
+
+    def _forward(self, msg: dict[str, Any]) -> dict[str, Any]:
+        if not self.policy:
+            return {"error": "pvsched policy is off (--no-policy)"}
+        if self.supervisor is None or not self.supervisor.alive:
+            return {"error": f"pvsched policy process is not running ({self.policy_error or 'not started'})"}
+        try:
+            reply = self.supervisor.request(msg)
+        except PolicyUnavailable as e:
+            return {"error": str(e)}
+        reply.pop("id", None)
+        reply.pop("ok", None)
+        return reply
+
+    def handle_policy_show(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Control command "policy.show": the engine's state, stats and tunables."""
+        reply = self._forward({"op": "policy.show"})
+        if "error" not in reply and "text" not in reply:
+            reply["text"] = format_policy_show(reply)
+        return reply
+
+    def handle_policy_set(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Control command "policy.set": validate and apply tunables in the policy process."""
+        values = req.get("values")
+        if not isinstance(values, dict) or not values:
+            return {"error": "policy.set needs \"values\": {KEY: VALUE, ...}"}
+        reply = self._forward({"op": "policy.set", "values": {str(k): str(v) for k, v in values.items()}})
+        if "error" not in reply:
+            tun = reply.get("tunables", {})
+            reply["text"] = "\n".join(f"{k} = {v}" for k, v in sorted(tun.items())) if isinstance(tun, dict) else ""
+        return reply
+
+    def policy_status(self, timeout: float = 2.0) -> dict[str, Any]:
+        """The policy process's own view (sandbox, registration, slots as it reads them)."""
+        if self.supervisor is None:
+            raise PolicyUnavailable("no policy process")
+        return self.supervisor.request({"op": "status"}, timeout)
+
+
+def format_status(d: dict[str, Any]) -> str:
+    """Human form of PvschedDevice.snapshot()."""
+    lines = [(f"pvsched: {d['state']} (STATUS {d['status_name']}), host offers v{version_str(d['host_version'])} "
+              f"features {d['host_features']:#x}")]
+    if d["state"] == "active":
+        lines.append(f"  negotiated v{version_str(d['version'])} features {d['features']:#x} "
+                     f"({','.join(d['feature_names']) or 'none'}); shared area GPA {d['shm_gpa']:#x} "
+                     f"size {d['shm_size']}")
+    p = d["policy"]
+    if not p["enabled"]:
+        lines.append("  policy: off")
+    elif p.get("running"):
+        lines.append(f"  policy: process {p['pid']}, " + ("BPF policy loaded" if p["engine"]
+                                                         else f"no BPF ({p.get('engine_error')})"))
+    else:
+        lines.append(f"  policy: not running ({p.get('error') or 'stopped'}); vCPUs at their original scheduling")
+    for v in d["vcpus"]:
+        lines.append(f"  vCPU {v['id']}: TID {v['tid']}, now {v.get('sched')}, original {v.get('original')}")
+        if "guest" in v:
+            lines.append("    " + slots.format_guest(v["guest"]))
+            lines.append("    " + slots.format_host(v["host"]))
+    return "\n".join(lines)
+
+
+def format_policy_show(d: dict[str, Any]) -> str:
+    """Generic human form of the engine's show() data (the engine may supply its own "text")."""
+    lines = []
+    for key, value in d.items():
+        if isinstance(value, dict):
+            lines.append(f"{key}:")
+            lines.extend(f"  {k} = {v}" for k, v in value.items())
+        elif isinstance(value, list):
+            lines.append(f"{key}:")
+            lines.extend(f"  {item}" for item in value)
+        else:
+            lines.append(f"{key}: {value}")
+    return "\n".join(lines)

@@ -1,0 +1,213 @@
+"""The policy process's sandbox: prctl, capabilities, network namespace and seccomp through ctypes.
+
+Python's os module has none of capset/PR_CAPBSET_DROP/PR_SET_NO_NEW_PRIVS, and no maintained
+libseccomp binding installs into this interpreter from the package index (the official one ships
+only with the distribution's own Python), so libseccomp's stable C API is called through ctypes.
+Order matters: privileged setup first (unshare, bpf stats), then drop, then no_new_privs, then
+seccomp (which needs no_new_privs when CAP_SYS_ADMIN is gone).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import signal
+
+PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
+PR_SET_SECUREBITS = 28
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+CAP_IPC_LOCK = 14
+CAP_SYS_ADMIN = 21
+CAP_SYS_NICE = 23
+CAP_PERFMON = 38
+CAP_BPF = 39
+KEEP_CAPS = (CAP_BPF, CAP_PERFMON, CAP_SYS_NICE, CAP_IPC_LOCK)
+CAP_NAMES = {CAP_IPC_LOCK: "CAP_IPC_LOCK", CAP_SYS_ADMIN: "CAP_SYS_ADMIN", CAP_SYS_NICE: "CAP_SYS_NICE",
+             CAP_PERFMON: "CAP_PERFMON", CAP_BPF: "CAP_BPF"}
+
+# Root keeps no implicit powers (no caps regained on exec or setuid), and the bits are locked.
+SECBIT_NOROOT, SECBIT_NOROOT_LOCKED = 1 << 0, 1 << 1
+SECBIT_NO_SETUID_FIXUP, SECBIT_NO_SETUID_FIXUP_LOCKED = 1 << 2, 1 << 3
+SECBIT_KEEP_CAPS_LOCKED, SECBIT_NO_CAP_AMBIENT_RAISE, SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED = 1 << 5, 1 << 6, 1 << 7
+SECUREBITS = (SECBIT_NOROOT | SECBIT_NOROOT_LOCKED | SECBIT_NO_SETUID_FIXUP | SECBIT_NO_SETUID_FIXUP_LOCKED
+              | SECBIT_KEEP_CAPS_LOCKED | SECBIT_NO_CAP_AMBIENT_RAISE | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED)
+
+CLONE_NEWNET = 0x40000000
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+SYS_bpf = 321  # x86_64
+BPF_ENABLE_STATS = 32
+BPF_STATS_RUN_TIME = 0
+MCL_CURRENT, MCL_FUTURE = 1, 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_libc.syscall.restype = ctypes.c_long
+
+
+class SandboxError(OSError):
+    """A sandboxing step failed; the policy process must not run half-confined."""
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        e = ctypes.get_errno()
+        raise SandboxError(e, f"{what}: {os.strerror(e)}")
+    return rc
+
+
+def prctl(option: int, a2: int = 0, a3: int = 0, a4: int = 0, a5: int = 0) -> int:
+    """prctl(2); raises SandboxError on failure."""
+    return _check(_libc.prctl(option, a2, a3, a4, a5), f"prctl({option})")
+
+
+def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
+    """Ask for `sig` when the thread that forked us (the VMM's main thread) dies."""
+    prctl(PR_SET_PDEATHSIG, sig)
+
+
+def unshare_network() -> None:
+    """Move into a fresh network namespace: only a down loopback interface, no route anywhere."""
+    _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+
+
+def enable_bpf_stats() -> int:
+    """BPF_ENABLE_STATS (needs CAP_SYS_ADMIN, so before dropping it): run-time stats while the fd lives."""
+
+    class _Attr(ctypes.Structure):
+        _fields_ = [("type", ctypes.c_uint32), ("pad", ctypes.c_uint8 * 124)]
+
+    attr = _Attr(type=BPF_STATS_RUN_TIME)
+    return _check(_libc.syscall(SYS_bpf, BPF_ENABLE_STATS, ctypes.byref(attr), ctypes.sizeof(attr)), "BPF_ENABLE_STATS")
+
+
+def mlockall() -> None:
+    """Lock current and future memory so the policy path never page-faults (CAP_IPC_LOCK)."""
+    _check(_libc.mlockall(MCL_CURRENT | MCL_FUTURE), "mlockall")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _cap_last() -> int:
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        return int(f.read())
+
+
+def drop_capabilities(keep: tuple[int, ...] = KEEP_CAPS) -> None:
+    """Keep only `keep` (bounding, permitted, effective), clear inheritable/ambient, lock root's powers."""
+    for cap in range(_cap_last() + 1):
+        if cap not in keep:
+            rc = _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+            if rc < 0 and ctypes.get_errno() != errno.EINVAL:  # EINVAL: cap unknown to this kernel
+                _check(rc, f"PR_CAPBSET_DROP({cap})")
+    prctl(PR_SET_SECUREBITS, SECUREBITS)
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    mask = 0
+    for cap in keep:
+        mask |= 1 << cap
+    data = (_CapData * 2)()
+    for i in range(2):
+        word = (mask >> (32 * i)) & 0xFFFFFFFF
+        data[i].effective = data[i].permitted = word
+        data[i].inheritable = 0
+    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    _check(_libc.capset(ctypes.byref(hdr), data), "capset")
+
+
+def set_no_new_privs() -> None:
+    """No exec can ever grant privileges again (also what lets seccomp load without CAP_SYS_ADMIN)."""
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def proc_status(pid: int | str = "self") -> dict[str, str]:
+    """/proc/PID/status as a dict (CapEff, NoNewPrivs, Seccomp, ...)."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            out[key] = value.strip()
+    return out
+
+
+def cap_names(mask: int) -> list[str]:
+    """Names of the capabilities in a CapEff-style mask (numbers for ones not named here)."""
+    return [CAP_NAMES.get(b, f"cap{b}") for b in range(64) if mask >> b & 1]
+
+
+# --- seccomp through libseccomp (Debian libseccomp2) ---------------------------------------------------
+
+SCMP_ACT_ALLOW = 0x7FFF0000
+SCMP_CMP_NE = 1
+
+
+def scmp_act_errno(e: int) -> int:
+    """Action: fail the syscall with errno `e`."""
+    return 0x00050000 | (e & 0xFFFF)
+
+
+class _ArgCmp(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
+                ("datum_b", ctypes.c_uint64)]
+
+
+# Nothing the policy process does needs these; a compromised one must not use them.
+DENIED_SYSCALLS = (
+    "execve", "execveat", "ptrace", "process_vm_readv", "process_vm_writev", "process_madvise", "mount",
+    "umount2", "pivot_root", "chroot", "unshare", "setns", "kexec_load", "kexec_file_load", "init_module",
+    "finit_module", "delete_module", "reboot", "swapon", "swapoff", "open_by_handle_at", "name_to_handle_at",
+    "keyctl", "add_key", "request_key", "userfaultfd", "acct", "settimeofday", "clock_settime", "clock_adjtime",
+    "adjtimex", "sethostname", "setdomainname", "iopl", "ioperm", "fsopen", "fsmount", "fsconfig", "move_mount",
+    "open_tree", "fspick", "tkill", "pidfd_send_signal", "pidfd_getfd",
+)
+# Signals only to itself: as uid 0 it could otherwise signal every root process even without CAP_KILL.
+SELF_ONLY_SIGNAL_SYSCALLS = ("kill", "tgkill")
+
+
+def install_seccomp() -> bool:
+    """Install a deny-list seccomp filter (EPERM); False if libseccomp is not installed."""
+    name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
+    try:
+        lib = ctypes.CDLL(name, use_errno=True)
+    except OSError:
+        return False
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
+                                           ctypes.POINTER(_ArgCmp)]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_load.argtypes = [ctypes.c_void_p]
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
+    if not ctx:
+        raise SandboxError(errno.ENOMEM, "seccomp_init failed")
+    try:
+        deny = scmp_act_errno(errno.EPERM)
+        for sc in DENIED_SYSCALLS:
+            nr = lib.seccomp_syscall_resolve_name(sc.encode())
+            if nr >= 0:
+                rc = lib.seccomp_rule_add_array(ctx, deny, nr, 0, None)
+                if rc < 0:
+                    raise SandboxError(-rc, f"seccomp_rule_add({sc}): {os.strerror(-rc)}")
+        me = (_ArgCmp * 1)(_ArgCmp(0, SCMP_CMP_NE, os.getpid(), 0))
+        for sc in SELF_ONLY_SIGNAL_SYSCALLS:
+            nr = lib.seccomp_syscall_resolve_name(sc.encode())
+            rc = lib.seccomp_rule_add_array(ctx, deny, nr, 1, me)
+            if rc < 0:
+                raise SandboxError(-rc, f"seccomp_rule_add({sc}): {os.strerror(-rc)}")
+        rc = lib.seccomp_load(ctx)
+        if rc < 0:
+            raise SandboxError(-rc, f"seccomp_load: {os.strerror(-rc)}")
+    finally:
+        lib.seccomp_release(ctx)
+    return True

@@ -1,0 +1,326 @@
+"""VMM side of the policy process: spawn it, talk to it, notice its death, end it.
+
+The device posts messages from any thread (vCPU threads on ENABLE/DISABLE, the control
+socket for status/policy commands); `run()`, a trio task in the VMM's nursery, sends them
+in order over the socketpair, matches replies to requests, and watches the child through a
+pidfd so that its death is seen at once (the device then restores the vCPU threads).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from pvsched_device import protocol
+
+log = logging.getLogger("pyvmm.pvsched.supervisor")
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_S = 20.0  # Python start-up, ABI preprocessing and BPF load on a busy 2-core host
+STOP_TIMEOUT_S = 3.0
+PIN_ROOT = "/sys/fs/bpf/pvsched"
+
+
+class PolicyUnavailable(RuntimeError):
+    """The policy process is not running (never started, died, or stopped)."""
+
+
+class PolicySupervisor:
+    """Owns one policy process: its socket, its request queue and its lifetime."""
+
+    def __init__(self, vmm_pid: int, tunables: dict[str, str] | None, on_death: Callable[[int], None],
+                 pin_root: str = PIN_ROOT, verbose: bool = False, extra_args: tuple[str, ...] = ()) -> None:
+        self.vmm_pid = vmm_pid
+        self.tunables = dict(tunables or {})
+        self.on_death = on_death
+        self.pin_root = pin_root
+        self.verbose = verbose
+        self.extra_args = extra_args
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ready: dict[str, Any] = {}
+        self.dead = False
+        self.returncode: int | None = None
+        self._sock: socket.socket | None = None
+        self._pidfd = -1
+        self._lock = threading.Lock()
+        self._queue: deque[tuple[dict[str, Any], tuple[int, ...], concurrent.futures.Future[dict[str, Any]]]] = deque()
+        self._pending: dict[int, concurrent.futures.Future[dict[str, Any]]] = {}
+        self._ids = itertools.count(1)
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._wake: trio.Event | None = None
+        self._stopping = False
+        self._running = False
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the policy process (None before spawn)."""
+        return self.proc.pid if self.proc else None
+
+    @property
+    def alive(self) -> bool:
+        """True while the policy process runs and has not been stopped."""
+        return self.proc is not None and not self.dead and not self._stopping
+
+    def spawn(self) -> dict[str, Any]:
+        """Start the policy process (from the VMM's main thread: PDEATHSIG follows that thread) and await ready."""
+        parent, child = protocol.socketpair()
+        cmd = [sys.executable, "-m", "pvsched_device.policy_process", "--fd", str(child.fileno()),
+               "--vmm-pid", str(self.vmm_pid), "--tunables", json.dumps(self.tunables),
+               "--pin-root", self.pin_root, *self.extra_args]
+        if self.verbose:
+            cmd.append("-v")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        try:
+            # Own session: a terminal's Ctrl-C reaches the VMM, which then ends the child in order.
+            self.proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, env=env, start_new_session=True)
+        finally:
+            child.close()
+        self._sock = parent
+        self._pidfd = os.pidfd_open(self.proc.pid)
+        # The first message is "ready" (or nothing, if it fails to start): wait for it here,
+        # so boosting is in place before the guest enables the device.
+        r, _, _ = select.select([parent, self._pidfd], [], [], READY_TIMEOUT_S)
+        if parent in r:
+            data = parent.recv(protocol.MAX_MSG)
+            try:
+                self.ready = protocol.decode(data) if data else {}
+            except (ValueError, TypeError):
+                self.ready = {}
+        if self.ready.get("op") != "ready":
+            self._kill()
+            raise PolicyUnavailable(f"policy process {self.proc.pid} did not start (exit code {self.proc.returncode})")
+        parent.setblocking(False)
+        return self.ready
+
+    # --- requests, from any thread -------------------------------------------------------------------
+
+    def post(self, msg: dict[str, Any], fds: tuple[int, ...] = ()) -> concurrent.futures.Future[dict[str, Any]]:
+        """Queue a request (fds are dup'ed now, closed once sent); returns a future of the reply."""
+        fut: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+        if not self.alive:
+            fut.set_exception(PolicyUnavailable("policy process is not running"))
+            return fut
+        dups = tuple(os.dup(fd) for fd in fds)
+        with self._lock:
+            msg = dict(msg, id=next(self._ids))
+            self._queue.append((msg, dups, fut))
+            token = self._token
+        if token is not None:
+            try:
+                token.run_sync_soon(self._kick)
+            except trio.RunFinishedError:
+                pass
+        return fut
+
+    def request(self, msg: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+        """Send a request and wait for its reply; works from a worker thread and from the trio thread."""
+        if not self.alive:
+            raise PolicyUnavailable("policy process is not running")
+        if self._in_trio_thread():
+            return self._request_blocking(msg, timeout)
+        try:
+            return self.post(msg).result(timeout)
+        except concurrent.futures.TimeoutError as e:
+            raise PolicyUnavailable(f"policy process did not answer {msg.get('op')} within {timeout} s") from e
+
+    def _in_trio_thread(self) -> bool:
+        if self._token is None:
+            return False
+        try:
+            return trio.lowlevel.current_trio_token() is self._token
+        except RuntimeError:
+            return False
+
+    def _request_blocking(self, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
+        # Called synchronously on the trio thread (e.g. a synchronous control handler): the loop cannot
+        # run our tasks meanwhile, so do the exchange here, delivering any other replies as they come.
+        assert self._sock is not None
+        self._flush_queue_blocking()
+        with self._lock:
+            msg = dict(msg, id=next(self._ids))
+        self._sock.sendmsg([protocol.encode(msg)])
+        end = time.monotonic() + timeout
+        while (left := end - time.monotonic()) > 0:
+            r, _, _ = select.select([self._sock], [], [], left)
+            if not r:
+                break
+            reply = self._recv_nowait()
+            if reply is None:
+                raise PolicyUnavailable("policy process closed the socket")
+            if reply.get("id") == msg["id"]:
+                return reply
+            self._deliver(reply)
+        raise PolicyUnavailable(f"policy process did not answer {msg.get('op')} within {timeout} s")
+
+    def _flush_queue_blocking(self) -> None:
+        assert self._sock is not None
+        while True:
+            with self._lock:
+                if not self._queue:
+                    return
+                msg, fds, fut = self._queue.popleft()
+                self._pending[msg["id"]] = fut
+            try:
+                select.select([], [self._sock], [], 1.0)
+                self._sock.sendmsg([protocol.encode(msg)], protocol._ancillary(fds))
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+    def _recv_nowait(self) -> dict[str, Any] | None:
+        assert self._sock is not None
+        data, ancdata, _, _ = self._sock.recvmsg(protocol.MAX_MSG, socket.CMSG_SPACE(protocol.MAX_FDS * 4))
+        for fd in protocol._fds_from(ancdata):
+            os.close(fd)
+        return protocol.decode(data) if data else None
+
+    def _deliver(self, reply: dict[str, Any]) -> None:
+        with self._lock:
+            fut = self._pending.pop(reply.get("id"), None)  # type: ignore[arg-type]
+        if fut is not None and not fut.done():
+            fut.set_result(reply)
+        elif reply.get("op") != "ready":
+            log.debug("unmatched message from the policy process: %s", reply)
+
+    def _kick(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    # --- the trio side ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Send queued requests, deliver replies, and report the child's death (once) via on_death."""
+        if self.proc is None or self._sock is None:
+            return
+        self._token = trio.lowlevel.current_trio_token()
+        self._wake = trio.Event()
+        tsock = trio.socket.from_stdlib_socket(self._sock)
+        self._running = True
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._sender, tsock)
+                nursery.start_soon(self._receiver, tsock)
+                await trio.lowlevel.wait_readable(self._pidfd)
+                nursery.cancel_scope.cancel()
+            self._reap()
+        finally:
+            self._running = False
+            self._token = None
+            if self.dead:
+                self._close()
+
+    async def _sender(self, tsock: trio.socket.SocketType) -> None:
+        while True:
+            while True:
+                with self._lock:
+                    if not self._queue:
+                        self._wake = trio.Event()
+                        break
+                    msg, fds, fut = self._queue.popleft()
+                    self._pending[msg["id"]] = fut
+                try:
+                    await protocol.send(tsock, msg, fds)
+                except OSError as e:
+                    with self._lock:
+                        self._pending.pop(msg["id"], None)
+                    fut.set_exception(PolicyUnavailable(f"sending {msg.get('op')}: {e}"))
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+            await self._wake.wait()
+
+    async def _receiver(self, tsock: trio.socket.SocketType) -> None:
+        while True:
+            try:
+                msg, fds = await protocol.recv(tsock)
+            except (OSError, ValueError, TypeError) as e:
+                log.warning("policy process socket: %s", e)
+                return
+            for fd in fds:
+                os.close(fd)
+            if msg is None:
+                return
+            self._deliver(msg)
+
+    def _reap(self) -> None:
+        if self.proc is None or self.dead:
+            return
+        self.returncode = self.proc.wait()
+        self.dead = True
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            queued = list(self._queue)
+            self._queue.clear()
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(PolicyUnavailable("policy process died"))
+        for _, fds, fut in queued:
+            for fd in fds:
+                os.close(fd)
+            if not fut.done():
+                fut.set_exception(PolicyUnavailable("policy process died"))
+        if not self._stopping:
+            self.on_death(self.returncode)
+
+    # --- ending ------------------------------------------------------------------------------------------
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        """End the policy process cleanly (SIGTERM: it restores threads and unpins); kill it after `timeout`."""
+        if self.proc is None:
+            return None
+        self._stopping = True
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+                self.returncode = self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("policy process %d did not stop within %.1f s: killing it", self.proc.pid, timeout)
+                self._kill()
+                self.remove_pins()
+        self.returncode = self.proc.returncode
+        self.dead = True
+        if not self._running:  # else run() wakes on the pidfd and closes (trio must not lose an fd it waits on)
+            self._close()
+        return self.returncode
+
+    def _kill(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if not self._running:
+            self._close()
+
+    def _close(self) -> None:
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+        if self._sock is not None:
+            self._sock.close()
+
+    def remove_pins(self) -> None:
+        """Remove this VMM's pin directory (detaches pinned links) after the policy process could not."""
+        path = os.path.join(self.pin_root, str(self.vmm_pid))
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            if os.path.exists(path):
+                log.warning("could not remove %s", path)
