@@ -1,0 +1,185 @@
+"""The benchmark's pure parts: record schema, merging of guest records, parsers, summary, targets, table, plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tools import report
+from tools.bench import main, parse_args, plan
+from tools.hostload import parse_cyclictest, parse_stress_metrics
+from tools.results import guest_summary, make_record, policy_stats, summarize, targets, validate_record
+from tools.vmrun import boot_argv, extract_vcpu_tids, parse_guest_lines, RunSpec
+
+CYCLICTEST_OUT = """# /dev/cpu_dma_latency set to 0us
+T: 0 (10854) P: 0 I:1000 C:   1988 Min:     25 Act:   81 Avg:   75 Max:     759
+T: 1 (10855) P: 0 I:1000 C:   1985 Min:     35 Act:   76 Avg:   76 Max:    2055
+"""
+
+STRESS_YAML = """---
+metrics:
+    - stressor: cpu
+      bogo-ops: 2821
+      bogo-ops-per-second-usr-sys-time: 2016.66
+      bogo-ops-per-second-real-time: 1418.761131
+    - stressor: iomix
+      bogo-ops-per-second-real-time: 86004.948238
+"""
+STRESS_LOG = """stress-ng: metrc: [9931] cpu                2821      1.99      1.40      0.00      1418.76        2016.66
+stress-ng: metrc: [9931] vm                 1090      2.00      0.10      0.18       544.33        3893.29
+"""
+
+
+def probe(vcpu: int, p99: float, mx: float, counts: list[int] | None = None, **kw) -> dict:
+    rec = {"type": "latency", "vcpu": vcpu, "workload": "probe", "samples": 100, "min": 2.0, "avg": 10.0,
+           "p50": 8.0, "p99": p99, "max": mx}
+    if counts is not None:
+        rec["hist"] = {"bucket_us": 10, "counts": counts}
+    rec.update(kw)
+    return rec
+
+
+def test_guest_summary_single_vcpu_passes_numbers_through():
+    g = guest_summary([{"type": "pvsched", "status": "active"}, probe(0, 40.0, 90.0)])
+    assert {k: g[k] for k in ("min", "avg", "p50", "p99", "max")} == \
+        {"min": 2.0, "avg": 10.0, "p50": 8.0, "p99": 40.0, "max": 90.0}
+
+
+def test_guest_summary_merges_histograms_of_probe_vcpus_only():
+    # vCPU 0: 100 samples all in [0,10); vCPU 1: 98 in [0,10), 2 in [50,60) -> merged p99 in the 50-60 bucket
+    a = probe(0, 9.0, 9.5, [100])
+    b = probe(1, 55.0, 58.0, [98, 0, 0, 0, 0, 2])
+    busy = {"type": "latency", "vcpu": 1, "workload": "busy", "samples": 5, "min": 0, "avg": 0, "p50": 0,
+            "p99": 0, "max": 999999}
+    g = guest_summary([a, b, busy])
+    assert g["samples"] == 200 and g["max"] == 58.0 and g["vcpus"] == [0, 1]
+    assert g["p50"] == 10.0
+    assert g["p99"] == 10.0  # 198 of 200 samples are below 10 us: the merged p99 falls there
+    b["hist"]["counts"] = [90, 0, 0, 0, 0, 10]
+    assert guest_summary([a, b])["p99"] == 58.0  # capped at the true max
+
+
+def test_guest_summary_without_histograms_is_conservative():
+    g = guest_summary([probe(0, 20.0, 30.0), probe(1, 70.0, 80.0)])
+    assert g["p99"] == 70.0 and g["max"] == 80.0
+    assert guest_summary([{"type": "pvsched", "status": "absent"}]) is None
+
+
+def test_parse_cyclictest_summary():
+    s = parse_cyclictest(CYCLICTEST_OUT)
+    assert s["max"] == 2055 and s["min"] == 25 and s["threads"] == 2 and s["prio"] == 0
+    assert 75 <= s["avg"] <= 76
+    assert parse_cyclictest("nothing") is None
+
+
+def test_parse_stress_metrics_yaml_then_log_fallback():
+    assert parse_stress_metrics(STRESS_YAML) == {"cpu": 1418.761131, "iomix": 86004.948238}
+    assert parse_stress_metrics("", STRESS_LOG) == {"cpu": 1418.76, "vm": 544.33}
+
+
+def test_parse_guest_lines_and_vcpu_tids():
+    lines = ["booting\n", '{"type":"pvsched","status":"active"}\n', 'uart: {"type":"latency","vcpu":0}\n',
+             "{broken\n"]
+    assert [r["type"] for r in parse_guest_lines(lines)] == ["pvsched", "latency"]
+    assert extract_vcpu_tids({"vcpu_tids": {"0": 11, "1": 12}}) == {0: 11, 1: 12}
+    assert extract_vcpu_tids({"vm": {"vcpus": [{"id": 0, "tid": 5}, {"id": 1, "tid": 6}]}}) == {0: 5, 1: 6}
+    assert extract_vcpu_tids({"text": "x"}) == {}
+
+
+def test_boot_argv_vanilla_has_no_policy_and_a_watchdog():
+    argv = boot_argv(RunSpec("vanilla", "probe,busy", 2, 1000), 60)
+    assert argv[:5] == ["chrt", "-f", "-R", "50", "timeout"]
+    assert "--no-policy" in argv and "duration=2 interval=1000 workload=probe,busy" in argv
+    assert "--no-policy" not in boot_argv(RunSpec("pvsched"), 60)
+
+
+def test_policy_stats_from_a_show_reply():
+    reply = {"text": "...", "vcpus": [{"tid": 1, "boosts": 3, "throttles": 1}, {"tid": 2, "boosts": 4,
+                                                                               "throttles": 0}],
+             "prog": {"run_time_ns": 5000, "run_cnt": 10}}
+    assert policy_stats(reply) == {"boosts": 7, "throttles": 1, "bpf_ns_per_event": 500.0,
+                                   "apply_latency_us": None}
+    assert policy_stats(None) is None
+
+
+def _rec(config, host, p99, mx, *, wl="probe,probe", rep=0, ct=100, cpu=1000.0):
+    g = {"min": 1.0, "avg": p99 / 3, "p50": p99 / 2, "p99": p99, "max": mx}
+    return make_record(config, host, wl, rep, g, host_cyclictest={"min": 1, "avg": 10, "max": ct},
+                       stress={"cpu": cpu, "vm": 10.0} if host == "busy" else None,
+                       vcpu_runqlat={"all": {"count": 5, "avg": 1, "p50": 1, "p99": 3, "max": 9}},
+                       policy={"boosts": 10, "throttles": 0, "bpf_ns_per_event": 800, "apply_latency_us": None}
+                       if config == "pvsched" else None)
+
+
+def _records():
+    return [_rec("vanilla", "idle", 50, 900), _rec("vanilla", "busy", 4000, 12000, ct=2000),
+            _rec("vanilla", "busy", 5000, 14000, rep=1, ct=2200), _rec("static-rt", "busy", 60, 700, ct=9000,
+                                                                       cpu=800.0),
+            _rec("static-nice", "busy", 900, 5000), _rec("pvsched", "busy", 62, 800, ct=2100, cpu=990.0),
+            _rec("pvsched", "busy", 70, 900, wl="probe,busy", cpu=990.0),
+            _rec("vanilla", "busy", 4000, 9000, wl="probe,busy", cpu=1000.0)]
+
+
+def test_record_schema_and_validation():
+    r = _rec("pvsched", "busy", 60, 700)
+    assert list(r)[:3] == ["config", "host", "guest"]
+    assert validate_record(r) == []
+    json.dumps(r)  # serialisable as is
+    assert validate_record({**r, "config": "qemu"})
+    assert validate_record({**r, "guest": {"min": 5, "avg": 1, "p50": 9, "p99": 2, "max": 3}})
+
+
+def test_summary_medians_spread_and_targets():
+    rows = summarize(_records())
+    van = next(r for r in rows if (r["config"], r["host"], r["workload"]) == ("vanilla", "busy", "probe,probe"))
+    assert van["reps"] == 2 and van["guest.p99"] == {"median": 4500.0, "min": 4000, "max": 5000}
+    assert rows[0]["workload"] == "probe,probe" and rows[-1]["workload"] == "probe,busy"
+    t = {x["name"]: x for x in targets(rows)}
+    assert t["busy pvsched guest p99 <= 1.1 x static-rt busy p99"]["ok"] is True  # 62 <= 66
+    assert t["busy pvsched guest p99 <= 1.5 x vanilla idle p99"]["ok"] is True  # 62 <= 75
+    assert t["busy pvsched guest p99 <= 1/5 x vanilla busy p99"]["ok"] is True
+    assert t["busy pvsched guest max <= 1/10 x vanilla busy max"]["ok"] is True  # 800 <= 1300
+    assert t["busy pvsched host stress-ng throughput >= 0.95 x vanilla"]["ok"] is True  # 0.995
+    assert t["busy pvsched host cyclictest max <= 1.1 x vanilla"]["ok"] is True
+    sr = next(r for r in rows if (r["config"], r["host"]) == ("static-rt", "busy"))
+    assert sr["stress_rel"]["median"] == pytest.approx(0.9)  # (800/1000 + 10/10) / 2
+
+
+def test_targets_miss_and_unmeasured():
+    recs = [r for r in _records() if r["config"] != "static-rt"]
+    recs.append(_rec("static-rt", "busy", 20, 700))
+    t = {x["name"]: x for x in targets(summarize(recs))}
+    assert t["busy pvsched guest p99 <= 1.1 x static-rt busy p99"]["ok"] is False
+    only_idle = [_rec("vanilla", "idle", 50, 900)]
+    assert all(x["ok"] is None for x in targets(summarize(only_idle)))
+
+
+def test_table_targets_and_plot(tmp_path):
+    rows = summarize(_records())
+    md = report.markdown(rows, {"date": "today", "machine": "test box", "reps": 2, "duration_s": 5,
+                                "interval_us": 1000})
+    assert "| probe,probe | busy | vanilla | 2250 (2000-2500) | 4500 (4000-5000) | 13.0k (12.0k-14.0k) |" in md
+    assert "PASS  busy pvsched guest p99 <= 1.1 x static-rt busy p99" in md
+    assert "test box" in md
+    png = report.plot(rows, tmp_path / "r.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10000
+
+
+def test_plan_and_args():
+    a = parse_args(["--quick"])
+    assert (a.reps, a.duration) == (1, 2.0)
+    cells = plan(["vanilla", "pvsched"], ["idle", "busy"], 2, True)
+    assert len(cells) == 2 * (2 + 2 + 2)
+    assert cells[0].rep == 0 and cells[-1].rep == 1
+    assert {c.workload for c in cells if c.host == "idle"} == {"probe,probe"}
+    with pytest.raises(SystemExit):
+        parse_args(["--configs", "qemu"])
+
+
+def test_report_only_regenerates_outputs(tmp_path, capsys):
+    (tmp_path / "results.json").write_text(json.dumps(_records()))
+    assert main(["--report-only", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "results.md").exists() and (tmp_path / "results.png").exists()
+    assert "PASS" in capsys.readouterr().out
+    assert main(["--report-only", "--out", str(tmp_path / "nope")]) == 2

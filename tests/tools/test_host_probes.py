@@ -1,0 +1,68 @@
+"""The benchmark's host-side probes on the real machine: the BPF runqueue-latency program, cyclictest, stress-ng."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from tools.hostload import HostCyclictest, StressLoad
+from tools.runqlat import Runqlat, bucket_bounds_us, const, summarize
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (BPF, mlockall)")
+
+
+def test_runqlat_buckets_and_summary():
+    linear = const("RUNQLAT_LINEAR_US")
+    assert bucket_bounds_us(5) == (5.0, 6.0)
+    assert bucket_bounds_us(linear) == (linear, 2 * linear)
+    counts = [0] * const("RUNQLAT_NR_BUCKETS")
+    counts[3], counts[40] = 98, 2
+    s = summarize(100, 100 * 4000, 40500, counts)
+    assert (s["p50"], s["p99"], s["max"]) == (3.0, 40.0, 40.5)
+    assert summarize(0, 0, 0, [0] * 4)["p99"] is None
+
+
+@needs_root
+def test_runqlat_measures_only_tracked_threads():
+    tids: list[int] = []
+    stop = threading.Event()
+
+    def sleeper() -> None:
+        tids.append(threading.get_native_id())
+        while not stop.is_set():
+            time.sleep(0.001)  # wakes ~1000 times a second: each wake-up is one measured wait
+
+    with Runqlat() as rq:
+        rq.reset()
+        t = threading.Thread(target=sleeper)
+        t.start()
+        try:
+            time.sleep(0.3)
+            assert rq.read()["all"]["count"] == 0  # not tracked yet: nothing counted
+            rq.track(tids)
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            t.join()
+        res = rq.read()
+        assert res["wakeup"]["count"] > 100
+        assert 0 <= res["wakeup"]["p50"] <= res["wakeup"]["p99"] <= res["wakeup"]["max"] < 1_000_000
+        rq.reset()
+        assert rq.read()["all"]["count"] == 0
+
+
+@needs_root
+def test_host_cyclictest_runs_at_normal_priority_and_stress_reports_rates():
+    stress = StressLoad(30)
+    ct = HostCyclictest(30)
+    try:
+        time.sleep(1.5)
+    finally:
+        summary = ct.stop()
+        rates = stress.stop()
+    assert summary is not None and summary["prio"] == 0 and summary["samples"] > 500
+    assert summary["min"] <= summary["avg"] <= summary["max"]
+    assert {"cpu", "iomix", "vm", "fork"} <= set(rates) and rates["cpu"] > 0

@@ -1,0 +1,285 @@
+"""`pyvmm bench`: guest latency and host cost of vCPU scheduling configurations (vanilla, static RT, static nice,
+pvsched), on an idle and a busy host, with repetitions; writes results.json, results.md and results.png.
+
+Each run boots the test guest (2 vCPUs, the RT probe at 1000 us) with `pyvmm boot` under a SCHED_FIFO 50
+watchdog, alongside a normal-priority host cyclictest and, on a busy host, the seed's stress-ng load, and
+measures the vCPU threads' host runqueue latency with a small BPF program (tools/bpf/runqlat.bpf.c).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tools import report
+from tools.results import HOSTS, MIXED, PRIMARY, guest_summary, make_record, policy_stats, summarize, validate_record
+
+CONFIGS = ("vanilla", "static-rt", "static-nice", "pvsched")
+BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
+STRESS_WARMUP_S = 1.0
+
+
+class BenchError(RuntimeError):
+    """Something the benchmark needs is missing or wrong; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the plan: a configuration on a host state with a guest workload, repetition `rep`."""
+
+    config: str
+    host: str
+    workload: str
+    rep: int
+
+
+def plan(configs: list[str], hosts: list[str], reps: int, mixed: bool) -> list[Cell]:
+    """Runs in order; repetitions outermost so slow drifts of the machine spread over every configuration."""
+    groups = [(PRIMARY, h) for h in hosts]
+    if mixed and "busy" in hosts:
+        groups.append((MIXED, "busy"))
+    return [Cell(c, h, wl, rep) for rep in range(reps) for wl, h in groups for c in configs]
+
+
+def _csv(choices: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"choose from {','.join(choices)} (got {text!r})")
+        return items
+    return parse
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command line of `pyvmm bench` (also `python -m tools.bench`)."""
+    p = argparse.ArgumentParser(prog="pyvmm bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="1 repetition of 2 s per cell (within 2 minutes)")
+    p.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder (default: bench-out)")
+    p.add_argument("--reps", type=int, help="repetitions per cell (default 3, --quick 1)")
+    p.add_argument("--duration", type=float, help="guest probe seconds per run (default 5, --quick 2)")
+    p.add_argument("--interval", type=int, default=1000, help="guest probe interval in us (default 1000)")
+    p.add_argument("--configs", type=_csv(CONFIGS), default=list(CONFIGS), help="comma-separated subset")
+    p.add_argument("--hosts", type=_csv(HOSTS), default=list(HOSTS), help="comma-separated: idle,busy")
+    p.add_argument("--no-mixed", action="store_true", help="skip the mixed guest workload (probe,busy)")
+    p.add_argument("--no-runqlat", action="store_true", help="do not measure the vCPU threads' runqueue latency")
+    p.add_argument("--report-only", action="store_true", help="redo results.md/.png from OUT/results.json")
+    a = p.parse_args(argv)
+    a.reps = a.reps if a.reps is not None else (1 if a.quick else 3)
+    a.duration = a.duration if a.duration is not None else (2.0 if a.quick else 5.0)
+    if a.reps < 1 or not 0.5 <= a.duration <= 120 or not 100 <= a.interval <= 100000:
+        p.error("--reps >= 1, --duration in 0.5..120 s, --interval in 100..100000 us")
+    return a
+
+
+def machine() -> str:
+    """A one-line description of the host the numbers come from."""
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    backend = "KVM (PVM backend)" if Path("/sys/module/kvm_pvm").exists() else "KVM"
+    return f"{model}, {os.cpu_count()} CPUs, Linux {platform.release()}, {backend}"
+
+
+def preflight(runqlat_wanted: bool) -> None:
+    """Fail early, with one line, on what would make every run fail."""
+    if os.geteuid() != 0:
+        raise BenchError("pyvmm bench needs root (KVM, BPF, sched_setattr)")
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        raise BenchError("/dev/kvm is missing or not accessible")
+    for tool in ("stress-ng", "cyclictest", "chrt", "timeout"):
+        if shutil.which(tool) is None:
+            raise BenchError(f"{tool} not found (scripts/setup.sh installs stress-ng and rt-tests)")
+    if importlib.util.find_spec("vmm.cli") is None:
+        raise BenchError("vmm.cli is missing: pyvmm boot is needed to run the benchmark")
+    from vmm import artifacts
+
+    try:
+        artifacts.ensure_built("testguest")
+        artifacts.ensure_built("bpf")
+    except (artifacts.BuildError, KeyError) as e:
+        raise BenchError(str(e)) from e
+    if runqlat_wanted:
+        from tools import runqlat
+
+        runqlat.build()
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, str | None]:
+    """One run: host load and host cyclictest around one VM; returns (record, None) or (None, why it failed)."""
+    from tools.hostload import HostCyclictest, StressLoad
+    from tools.vmrun import RunSpec, run_vm
+
+    spec = RunSpec(cell.config, cell.workload, args.duration, args.interval)
+    limit = args.duration + 90
+    stress = ct = None
+    ct_summary = stress_rates = None
+    try:
+        if cell.host == "busy":
+            stress = StressLoad(limit)
+            time.sleep(STRESS_WARMUP_S)
+        ct = HostCyclictest(limit, args.interval)
+        if probe:
+            probe.reset()
+        out = run_vm(spec, on_tids=probe.track if probe else None)
+    finally:
+        try:
+            if ct:
+                ct_summary = ct.stop()
+        finally:
+            if stress:
+                stress_rates = stress.stop()
+    rq = None
+    if probe and out.vcpu_tids:
+        rq = probe.read()
+    if out.error:
+        return None, out.error
+    guest = guest_summary(out.records)
+    if guest is None:
+        tail = " | ".join(out.console_tail[-3:])
+        return None, f"the guest printed no probe latency record (console: {tail})"
+    pv = next((r for r in out.records if r.get("type") == "pvsched"), None)
+    per_vcpu = [{k: r.get(k) for k in ("vcpu", "workload", "samples", "min", "avg", "p50", "p99", "max")}
+                for r in out.records if r.get("type") == "latency"]
+    extra = {"duration_s": args.duration, "interval_us": args.interval, "vm_wall_s": out.wall_s,
+             "tids_after_s": out.tids_after_s, "vcpu_sched": {str(k): v for k, v in out.vcpu_sched.items()},
+             "pvsched_status": pv.get("status") if pv else None,
+             "guest_per_vcpu": per_vcpu}
+    if cell.host == "busy" and not stress_rates:
+        extra["note"] = "stress-ng printed no metrics"
+    rec = make_record(cell.config, cell.host, cell.workload, cell.rep, guest, host_cyclictest=ct_summary,
+                      stress=stress_rates, vcpu_runqlat=rq, policy=policy_stats(out.policy_reply), extra=extra)
+    return rec, None
+
+
+def write_outputs(out_dir: Path, records: list[dict], meta: dict) -> list[dict]:
+    """results.json (the records), summary.json (rows, targets, meta), results.md and results.png."""
+    from tools.results import targets
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(records, indent=1) + "\n")
+    rows = summarize(records)
+    (out_dir / "summary.json").write_text(json.dumps({"meta": meta, "rows": rows, "targets": targets(rows)},
+                                                     indent=1) + "\n")
+    (out_dir / "results.md").write_text(report.markdown(rows, meta))
+    if rows:
+        report.plot(rows, out_dir / "results.png")
+    return rows
+
+
+def _bpf_stats_on() -> str | None:
+    """Enable kernel.bpf_stats_enabled (policy.show's BPF ns/event needs it); return the old value."""
+    try:
+        old = BPF_STATS.read_text().strip()
+        BPF_STATS.write_text("1")
+        return old
+    except OSError:
+        return None
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Run the plan, write the outputs, print the table and the targets; 0 when every run worked."""
+    preflight(not args.no_runqlat)
+    cells = plan(args.configs, args.hosts, args.reps, not args.no_mixed)
+    meta = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine(), "reps": args.reps, "duration_s": args.duration, "interval_us": args.interval,
+            "cpus": 2, "quick": args.quick, "failures": []}
+    records: list[dict] = []
+    probe = None
+    old_stats = _bpf_stats_on()
+    try:
+        if not args.no_runqlat:
+            from tools.runqlat import Runqlat, RunqlatError
+
+            try:
+                probe = Runqlat()
+            except RunqlatError as e:
+                _progress(f"bench: vCPU runqueue latency not measured: {e}")
+        t0 = time.monotonic()
+        _progress(f"bench: {len(cells)} runs of {args.duration:g} s -> {args.out}/")
+        for i, cell in enumerate(cells, 1):
+            t = time.monotonic()
+            rec, why = run_cell(cell, args, probe)
+            took = time.monotonic() - t
+            eta = (time.monotonic() - t0) / i * (len(cells) - i)
+            what = f"[{i:>2}/{len(cells)}] {cell.config:<11} {cell.host:<4} {cell.workload:<11} rep {cell.rep}"
+            if rec:
+                records.append(rec)
+                g = rec["guest"]
+                rq = (rec.get("vcpu_runqlat") or {}).get("all") or {}
+                _progress(f"{what}: guest p99 {g['p99']:.0f} us max {g['max']:.0f} us, vCPU runq p99 "
+                          f"{rq.get('p99', '-')} us ({took:.1f} s, ~{eta:.0f} s left)")
+            else:
+                meta["failures"].append(f"{cell.config} {cell.host} {cell.workload} rep {cell.rep}: {why}")
+                _progress(f"{what}: FAILED: {why}")
+    finally:
+        if probe:
+            probe.close()
+        if old_stats is not None:
+            try:
+                BPF_STATS.write_text(old_stats)
+            except OSError:
+                pass
+    bad = [e for r in records for e in validate_record(r)]
+    if bad:
+        meta["failures"].append("schema: " + "; ".join(bad[:5]))
+    rows = write_outputs(args.out, records, meta)
+    (args.out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(report.table(rows))
+    print()
+    print("\n".join(report.target_lines(rows)))
+    print(f"\nwrote {args.out}/results.json, results.md, results.png")
+    if meta["failures"]:
+        _progress(f"bench: {len(meta['failures'])} run(s) failed, see {args.out}/results.md")
+        return 1
+    return 0
+
+
+def report_only(args: argparse.Namespace) -> int:
+    """Regenerate results.md and results.png from an earlier run's results.json."""
+    src = args.out / "results.json"
+    try:
+        records = json.loads(src.read_text())
+    except (OSError, ValueError) as e:
+        raise BenchError(f"cannot read {src}: {e}") from e
+    meta_path = args.out / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    rows = write_outputs(args.out, records, meta)
+    print(report.table(rows))
+    print("\n".join(report.target_lines(rows)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `pyvmm bench`: returns the exit code; errors become one line on stderr."""
+    args = parse_args(argv)
+    try:
+        return report_only(args) if args.report_only else bench(args)
+    except BenchError as e:
+        print(f"pyvmm bench: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pyvmm bench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+/* SPDX-License-Identifier: GPL-2.0 OR MIT */
+/*
+ * runqlat: host wake-to-run latency of chosen threads (the benchmark's vCPU
+ * threads).  Shared by runqlat.bpf.c and its Python loader (tools/runqlat.py,
+ * which feeds cffi's cdef the output of `cc -E -P -DRUNQLAT_NO_ASSERTS`).
+ * Consumers provide __u32/__u64 first (vmlinux.h in BPF, a prologue in Python).
+ */
+#ifndef RUNQLAT_H
+#define RUNQLAT_H
+
+enum runqlat_const {
+	/* 1-us buckets below this many microseconds: exact enough for p99 */
+	RUNQLAT_LINEAR_US = 2048,
+	/* then one bucket per power of two: [2048 << i, 2048 << (i+1)) us */
+	RUNQLAT_LOG_SLOTS = 20,
+	RUNQLAT_NR_BUCKETS = 2068, /* RUNQLAT_LINEAR_US + RUNQLAT_LOG_SLOTS */
+	RUNQLAT_MAX_TIDS = 256,
+};
+
+/* Why the thread was waiting on a runqueue. */
+enum runqlat_kind {
+	RUNQLAT_WAKEUP = 0,  /* woken (e.g. a halted vCPU's timer fired) until it ran */
+	RUNQLAT_PREEMPT = 1, /* switched out while runnable until it ran again */
+	RUNQLAT_NR_KINDS = 2,
+};
+
+/* One per-CPU value per kind; userspace adds the CPUs up. */
+struct runqlat_hist {
+	__u64 count;
+	__u64 sum_ns;
+	__u64 max_ns;
+	__u64 buckets[RUNQLAT_NR_BUCKETS];
+};
+
+/* Value of the in-flight map: when the wait began and why. */
+struct runqlat_start {
+	__u64 ts_ns;
+	__u32 kind;
+	__u32 pad;
+};
+
+#ifndef RUNQLAT_NO_ASSERTS
+_Static_assert(RUNQLAT_NR_BUCKETS == RUNQLAT_LINEAR_US + RUNQLAT_LOG_SLOTS, "bucket count");
+_Static_assert(sizeof(struct runqlat_hist) == 8 * (3 + RUNQLAT_NR_BUCKETS), "hist layout");
+_Static_assert(sizeof(struct runqlat_start) == 16, "start layout");
+#endif
+
+#endif /* RUNQLAT_H */

@@ -1,0 +1,116 @@
+"""Host-side companions of a benchmark run: the seed's stress-ng load and a normal-priority cyclictest.
+
+Each runs under `timeout` (bounded even if the benchmark dies), is stopped
+with a signal when the VM ends (both print their summary on SIGINT), and
+is killed by PID in `stop()`'s finally block.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+# The seed experiment's load: CPU hogs plus file I/O, memory and fork churn.
+STRESS_ARGS = ["--cpu", "2", "--iomix", "1", "--vm", "1", "--vm-bytes", "128M", "--fork", "1"]
+
+_CT_LINE = re.compile(r"T:\s*(\d+)\s*\(\s*\d+\)\s*P:\s*(\d+)\s*I:\s*(\d+)\s*C:\s*(\d+)\s*Min:\s*(\d+)"
+                      r"\s*Act:\s*(\d+)\s*Avg:\s*(\d+)\s*Max:\s*(\d+)")
+_YAML_STRESSOR = re.compile(r"-\s*stressor:\s*(\S+)")
+_YAML_RATE = re.compile(r"bogo-ops-per-second-real-time:\s*([0-9.eE+-]+)")
+_TEXT_METRIC = re.compile(r"metrc:\s*\[\d+\]\s+(\S+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)")
+
+
+def parse_cyclictest(text: str) -> dict | None:
+    """Summary of cyclictest -q output: {"min","avg","max"} in us over all threads, "samples", "threads", "prio"."""
+    rows = [tuple(int(x) for x in m.groups()) for m in _CT_LINE.finditer(text)]
+    if not rows:
+        return None
+    samples = sum(r[3] for r in rows)
+    avg = sum(r[6] * r[3] for r in rows) / samples if samples else float(rows[0][6])
+    return {"min": min(r[4] for r in rows), "avg": round(avg, 1), "max": max(r[7] for r in rows),
+            "samples": samples, "threads": len(rows), "prio": max(r[1] for r in rows)}
+
+
+def parse_stress_metrics(yaml_text: str, log_text: str = "") -> dict[str, float]:
+    """Bogo-ops per second (real time) per stressor, from stress-ng's --yaml file or its --metrics-brief log."""
+    rates: dict[str, float] = {}
+    current = None
+    for line in yaml_text.splitlines():
+        if m := _YAML_STRESSOR.search(line):
+            current = m.group(1)
+        elif (m := _YAML_RATE.search(line)) and current:
+            rates[current] = float(m.group(1))
+    if not rates:
+        for m in _TEXT_METRIC.finditer(log_text):
+            rates[m.group(1)] = float(m.group(6))
+    return rates
+
+
+class _Bounded:
+    """A child process under `timeout -s INT`, stopped by signal and killed by PID at the end."""
+
+    def __init__(self, argv: list[str], limit_s: float, workdir: Path) -> None:
+        self.log = workdir / "log.txt"
+        self._logf = open(self.log, "w")  # noqa: SIM115 - closed in stop(), outlives __init__
+        # timeout forwards any signal it gets as SIGINT, the signal both tools summarise on.
+        cmd = ["timeout", "-s", "INT", "-k", "5", f"{limit_s:.0f}", *argv]
+        self.proc = subprocess.Popen(cmd, stdout=self._logf, stderr=subprocess.STDOUT, cwd=workdir,
+                                     stdin=subprocess.DEVNULL)
+
+    def stop(self, grace_s: float = 10.0) -> str:
+        """Ask it to finish (SIGTERM to timeout, SIGINT to the tool), wait, kill if needed; return its output."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        finally:
+            if self.proc.poll() is None:
+                os.kill(self.proc.pid, signal.SIGKILL)
+            self._logf.close()
+        return self.log.read_text(errors="replace")
+
+
+class StressLoad:
+    """The seed's stress-ng load in a temporary folder (iomix writes files there)."""
+
+    def __init__(self, limit_s: float) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="pyvmm-bench-stress-")
+        d = Path(self._tmp.name)
+        self._yaml = d / "stress.yaml"
+        argv = ["stress-ng", *STRESS_ARGS, "--temp-path", str(d), "--metrics-brief",
+                "--yaml", str(self._yaml), "-t", f"{limit_s:.0f}"]
+        self._p = _Bounded(argv, limit_s + 10, d)
+
+    def stop(self) -> dict[str, float]:
+        """Stop the load; bogo-ops/s per stressor over its lifetime ({} if stress-ng printed none)."""
+        try:
+            log = self._p.stop()
+            y = self._yaml.read_text(errors="replace") if self._yaml.exists() else ""
+            return parse_stress_metrics(y, log)
+        finally:
+            self._tmp.cleanup()
+
+
+class HostCyclictest:
+    """cyclictest at normal priority (SCHED_OTHER), one thread per CPU, 1000 us: the host's own latency."""
+
+    def __init__(self, limit_s: float, interval_us: int = 1000) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="pyvmm-bench-ct-")
+        # -p 0 must come before --policy=other, else cyclictest picks RT priority 3.
+        argv = ["cyclictest", "-q", "-m", "-p", "0", "--policy=other", "-S", "-d", "0", "-i", str(interval_us)]
+        self._p = _Bounded(argv, limit_s, Path(self._tmp.name))
+
+    def stop(self) -> dict | None:
+        """Stop it; its summary (see parse_cyclictest) or None if it printed none."""
+        try:
+            return parse_cyclictest(self._p.stop())
+        finally:
+            self._tmp.cleanup()

@@ -1,0 +1,227 @@
+"""Benchmark records (the schema DESIGN.md pins), their summary over repetitions, and the issue's targets.
+
+Pure functions only: no processes, no files; tests drive them with made-up records.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable
+
+GUEST_KEYS = ("min", "avg", "p50", "p99", "max")
+HOSTS = ("idle", "busy")
+PRIMARY = "probe,probe"
+MIXED = "probe,busy"
+
+
+def _pct_from_hist(bucket_us: float, counts: list[int], q: float, cap: float) -> float:
+    total = sum(counts)
+    need, seen = q * total, 0
+    for i, n in enumerate(counts):
+        seen += n
+        if n and seen >= need:
+            return min((i + 1) * bucket_us, cap)
+    return cap
+
+
+def guest_summary(records: list[dict]) -> dict | None:
+    """Merge the guest's per-vCPU probe records into one {"min","avg","p50","p99","max","samples","vcpus"} (us).
+
+    One probe vCPU: its numbers as printed.  Several: min/max/avg exact, percentiles from the merged
+    histogram when every record has one with the same bucket size, else the worst vCPU's (conservative).
+    """
+    probes = [r for r in records if r.get("type") == "latency" and r.get("workload", "probe") == "probe"
+              and all(isinstance(r.get(k), (int, float)) for k in GUEST_KEYS)]
+    if not probes:
+        return None
+    if len(probes) == 1:
+        p = probes[0]
+        return {**{k: p[k] for k in GUEST_KEYS}, "samples": p.get("samples"), "vcpus": [p.get("vcpu")]}
+    n = [max(int(p.get("samples") or 0), 0) for p in probes]
+    total = sum(n)
+    res = {"min": min(p["min"] for p in probes), "max": max(p["max"] for p in probes),
+           "avg": round(sum(p["avg"] * k for p, k in zip(probes, n)) / total, 2) if total
+           else max(p["avg"] for p in probes)}
+    hists = [p.get("hist") for p in probes]
+    sizes = {h.get("bucket_us") for h in hists if isinstance(h, dict)}
+    if all(isinstance(h, dict) and isinstance(h.get("counts"), list) for h in hists) and len(sizes) == 1:
+        width = max(len(h["counts"]) for h in hists)
+        merged = [sum(h["counts"][i] if i < len(h["counts"]) else 0 for h in hists) for i in range(width)]
+        b = float(sizes.pop())
+        res["p50"] = _pct_from_hist(b, merged, 0.50, res["max"])
+        res["p99"] = _pct_from_hist(b, merged, 0.99, res["max"])
+    else:
+        res["p50"] = max(p["p50"] for p in probes)
+        res["p99"] = max(p["p99"] for p in probes)
+    return {**{k: res[k] for k in GUEST_KEYS}, "samples": total, "vcpus": [p.get("vcpu") for p in probes]}
+
+
+def policy_stats(reply: dict | None) -> dict | None:
+    """Boosts, throttles, BPF ns per event and event-to-apply latency out of a policy.show reply (None if absent)."""
+    if not reply:
+        return None
+    found: dict[str, list[float]] = {}
+
+    def walk(obj: object, path: tuple[str, ...]) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, path + (str(k),))
+        elif isinstance(obj, list):
+            for v in obj:
+                walk(v, path)
+        elif isinstance(obj, (int, float)) and not isinstance(obj, bool) and path:
+            found.setdefault(path[-1], []).append(obj)
+            if len(path) >= 2 and path[-1] == "value":  # stats as {"name": {"value": n, "desc": ...}}
+                found.setdefault(path[-2], []).append(obj)
+
+    walk({k: v for k, v in reply.items() if k not in ("text", "tunables")}, ())
+
+    def first(*names: str) -> float | None:
+        for n in names:
+            if n in found:
+                return found[n][0]
+        return None
+
+    def total(*names: str) -> float | None:
+        for n in names:
+            if n in found:
+                return sum(found[n])
+        return None
+
+    res = {"boosts": total("boosts"), "throttles": total("throttles"),
+           "bpf_ns_per_event": first("bpf_ns_per_event", "ns_per_event", "avg_run_ns"),
+           "apply_latency_us": first("apply_latency_us", "event_to_apply_us", "apply_p50_us")}
+    run_ns, run_cnt = total("run_time_ns"), total("run_cnt")
+    if res["bpf_ns_per_event"] is None and run_ns is not None and run_cnt:
+        res["bpf_ns_per_event"] = round(run_ns / run_cnt, 1)
+    return res
+
+
+def make_record(config: str, host: str, workload: str, rep: int, guest: dict, *, host_cyclictest: dict | None = None,
+                stress: dict[str, float] | None = None, vcpu_runqlat: dict | None = None,
+                policy: dict | None = None, extra: dict | None = None) -> dict:
+    """One results.json record: the pinned keys first (config, host, guest), then the benchmark's own."""
+    rec = {"config": config, "host": host, "guest": {k: guest[k] for k in GUEST_KEYS},
+           "workload": workload, "rep": rep, "guest_samples": guest.get("samples"),
+           "host_cyclictest": host_cyclictest,
+           "stress_bogo_ops_s": round(sum(stress.values()), 1) if stress else None,
+           "stress_metrics": stress or None,
+           "vcpu_runqlat": vcpu_runqlat, "policy": policy}
+    rec.update(extra or {})
+    return rec
+
+
+def validate_record(rec: dict) -> list[str]:
+    """Problems with a record against the pinned schema ([] when it is fine)."""
+    errs = []
+    if rec.get("config") not in ("vanilla", "static-rt", "static-nice", "pvsched"):
+        errs.append(f"config {rec.get('config')!r}")
+    if rec.get("host") not in HOSTS:
+        errs.append(f"host {rec.get('host')!r}")
+    g = rec.get("guest")
+    if not isinstance(g, dict) or any(not isinstance(g.get(k), (int, float)) for k in GUEST_KEYS):
+        errs.append("guest must hold numbers min, avg, p50, p99, max")
+    elif not g["min"] <= g["p50"] <= g["p99"] <= g["max"]:
+        errs.append(f"guest values out of order: {g}")
+    return errs
+
+
+def get(rec: dict, path: str) -> float | None:
+    """A nested number by dotted path ("guest.p99", "vcpu_runqlat.all.p99"), None when missing."""
+    cur: object = rec
+    for part in path.split("."):
+        if not isinstance(cur, dict):
+            return None
+        cur = cur.get(part)
+    return cur if isinstance(cur, (int, float)) and not isinstance(cur, bool) else None
+
+
+METRICS = ("guest.p50", "guest.p99", "guest.max", "guest.avg", "vcpu_runqlat.all.p99", "vcpu_runqlat.all.max",
+           "host_cyclictest.max", "host_cyclictest.avg", "stress_bogo_ops_s", "stress_rel", "policy.boosts",
+           "policy.throttles", "policy.bpf_ns_per_event", "policy.apply_latency_us")
+
+
+def _stress_rel(records: list[dict]) -> None:
+    """Give each busy record "stress_rel": mean over stressors of its bogo-ops/s over vanilla's median."""
+    base: dict[tuple[str, str], dict[str, float]] = {}
+    for host, wl in {(r["host"], r["workload"]) for r in records}:
+        van = [r["stress_metrics"] for r in records if r["config"] == "vanilla" and r["host"] == host
+               and r["workload"] == wl and r.get("stress_metrics")]
+        if van:
+            names = set.intersection(*(set(v) for v in van))
+            base[(host, wl)] = {n: statistics.median(v[n] for v in van) for n in names}
+    for r in records:
+        b = base.get((r["host"], r["workload"]))
+        m = r.get("stress_metrics")
+        ratios = [m[n] / b[n] for n in b if m and n in m and b[n] > 0] if b else []
+        r["stress_rel"] = round(statistics.fmean(ratios), 4) if ratios else None
+
+
+def summarize(records: Iterable[dict]) -> list[dict]:
+    """One row per (workload, host, config): median, min and max over repetitions of every metric."""
+    recs = [dict(r) for r in records]
+    _stress_rel(recs)
+    cells: dict[tuple[str, str, str], list[dict]] = {}
+    for r in recs:
+        cells.setdefault((r.get("workload", PRIMARY), r["host"], r["config"]), []).append(r)
+    order = {c: i for i, c in enumerate(("vanilla", "static-rt", "static-nice", "pvsched"))}
+    rows = []
+    for (wl, host, config), rs in sorted(cells.items(), key=lambda kv: (kv[0][0] != PRIMARY, kv[0][0],
+                                                                         HOSTS.index(kv[0][1]), order[kv[0][2]])):
+        row: dict = {"workload": wl, "host": host, "config": config, "reps": len(rs)}
+        for m in METRICS:
+            vals = [v for r in rs if (v := get(r, m)) is not None]
+            row[m] = ({"median": statistics.median(vals), "min": min(vals), "max": max(vals)} if vals else None)
+        rows.append(row)
+    return rows
+
+
+def cell(rows: list[dict], config: str, host: str, metric: str, workload: str = PRIMARY) -> float | None:
+    """The median of one metric in one summary cell, None when not measured."""
+    for r in rows:
+        if (r["config"], r["host"], r["workload"]) == (config, host, workload) and r.get(metric):
+            return r[metric]["median"]
+    return None
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """The issue's targets on the summary medians: {"name","value","limit","ok"} (ok None when not measurable)."""
+    out = []
+
+    def add(name: str, value: float | None, limit: float | None, higher_is_better: bool = False) -> None:
+        ok = None
+        if value is not None and limit is not None:
+            ok = value >= limit if higher_is_better else value <= limit
+        out.append({"name": name, "value": value, "limit": limit, "ok": ok})
+
+    def scaled(v: float | None, f: float) -> float | None:
+        return None if v is None else v * f
+
+    pv_p99 = cell(rows, "pvsched", "busy", "guest.p99")
+    add("busy pvsched guest p99 <= 1.1 x static-rt busy p99", pv_p99,
+        scaled(cell(rows, "static-rt", "busy", "guest.p99"), 1.1))
+    add("busy pvsched guest p99 <= 1.5 x vanilla idle p99", pv_p99,
+        scaled(cell(rows, "vanilla", "idle", "guest.p99"), 1.5))
+    add("busy pvsched guest p99 <= 1/5 x vanilla busy p99", pv_p99,
+        scaled(cell(rows, "vanilla", "busy", "guest.p99"), 0.2))
+    add("busy pvsched guest max <= 1/10 x vanilla busy max", cell(rows, "pvsched", "busy", "guest.max"),
+        scaled(cell(rows, "vanilla", "busy", "guest.max"), 0.1))
+    add("busy pvsched host stress-ng throughput >= 0.95 x vanilla", cell(rows, "pvsched", "busy", "stress_rel"),
+        0.95 if cell(rows, "vanilla", "busy", "stress_rel") is not None else None, higher_is_better=True)
+    # "No worse than vanilla", with 10% for run-to-run noise of a max over a few seconds.
+    add("busy pvsched host cyclictest max <= 1.1 x vanilla", cell(rows, "pvsched", "busy", "host_cyclictest.max"),
+        scaled(cell(rows, "vanilla", "busy", "host_cyclictest.max"), 1.1))
+    add("mixed guest (probe,busy): pvsched host throughput >= 0.95 x vanilla",
+        cell(rows, "pvsched", "busy", "stress_rel", MIXED),
+        0.95 if cell(rows, "vanilla", "busy", "stress_rel", MIXED) is not None else None, higher_is_better=True)
+    return out
+
+
+def static_rt_harm(rows: list[dict]) -> dict:
+    """How much static RT costs the host on a busy host, next to vanilla (for the report, not a target)."""
+    res = {}
+    for wl in (PRIMARY, MIXED):
+        res[wl] = {"stress_rel": cell(rows, "static-rt", "busy", "stress_rel", wl),
+                   "host_cyclictest_max": cell(rows, "static-rt", "busy", "host_cyclictest.max", wl),
+                   "vanilla_host_cyclictest_max": cell(rows, "vanilla", "busy", "host_cyclictest.max", wl)}
+    return res

@@ -1,0 +1,225 @@
+"""One benchmark VM: boot the test guest with `pyvmm boot` under a watchdog, apply the configuration, collect.
+
+The configuration decides who sets the vCPU threads' host scheduling:
+vanilla and the static ones boot with `--no-policy` (device and guest slot
+writes present, policy absent); static-rt / static-nice then set every vCPU
+thread once, the way libvirt's vcpusched does; pvsched leaves it to the policy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tools import control
+from vmm.sched_attr import SCHED_FIFO, SCHED_OTHER, SchedAttr, sched_getattr, sched_setattr
+
+CONFIGS = ("vanilla", "static-rt", "static-nice", "pvsched")
+# Static RT the way the seed measured it (FIFO 10): below the policy's actuator (40) and the watchdog.
+STATIC_ATTRS = {"static-rt": SchedAttr(SCHED_FIFO, 10, 0), "static-nice": SchedAttr(SCHED_OTHER, 0, -20)}
+# The watchdog (`timeout`) runs at SCHED_FIFO 50 with reset-on-fork, so it can always kill a livelocked VM
+# while the VMM itself starts at SCHED_OTHER.
+WATCHDOG_PRIO = 50
+_VCPU_COMM = re.compile(r"vcpu[\s_-]*(\d+)", re.IGNORECASE)
+
+
+@dataclass
+class RunSpec:
+    """What one benchmark run boots: configuration, guest workload (one per vCPU) and guest timing."""
+
+    config: str
+    workload: str = "probe,probe"
+    duration_s: float = 5.0
+    interval_us: int = 1000
+    cpus: int = 2
+
+
+@dataclass
+class VmOutcome:
+    """What came back from one VM: its exit code, the guest's JSON records and what the host saw."""
+
+    exit_code: int | None = None
+    records: list[dict] = field(default_factory=list)
+    console_tail: list[str] = field(default_factory=list)
+    vcpu_tids: dict[int, int] = field(default_factory=dict)
+    policy_reply: dict | None = None
+    tids_after_s: float | None = None
+    vcpu_sched: dict[int, str] = field(default_factory=dict)
+    wall_s: float = 0.0
+    error: str | None = None
+
+
+def boot_argv(spec: RunSpec, limit_s: float) -> list[str]:
+    """The watchdog-wrapped `pyvmm boot` command line for a run."""
+    cmdline = f"duration={spec.duration_s:g} interval={spec.interval_us} workload={spec.workload}"
+    argv = ["chrt", "-f", "-R", str(WATCHDOG_PRIO), "timeout", "-s", "TERM", "-k", "3", f"{limit_s:.0f}",
+            sys.executable, "-m", "vmm.cli", "boot", "--cpus", str(spec.cpus), "--cmdline", cmdline,
+            "--timeout", f"{limit_s - 2:.0f}"]
+    if spec.config != "pvsched":
+        argv.append("--no-policy")
+    return argv
+
+
+def parse_guest_lines(lines: list[str]) -> list[dict]:
+    """The guest's JSON records ({"type": ...}) among console lines, wherever a line's JSON starts."""
+    out = []
+    for line in lines:
+        i = line.find("{")
+        if i < 0:
+            continue
+        try:
+            obj = json.loads(line[i:])
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and "type" in obj:
+            out.append(obj)
+    return out
+
+
+def extract_vcpu_tids(reply: object) -> dict[int, int]:
+    """vCPU id -> TID from a control-socket reply ("vcpu_tids" as a dict or list, or "vcpus" entries with "tid")."""
+    if not isinstance(reply, dict):
+        return {}
+    for key in ("vcpu_tids", "vcpus"):
+        v = reply.get(key)
+        if isinstance(v, dict):
+            try:
+                return {int(k): int(t["tid"] if isinstance(t, dict) else t) for k, t in v.items()}
+            except (KeyError, TypeError, ValueError):
+                pass
+        if isinstance(v, list):
+            res = {}
+            for i, t in enumerate(v):
+                if isinstance(t, dict) and "tid" in t:
+                    res[int(t.get("id", t.get("vcpu", i)))] = int(t["tid"])
+                elif isinstance(t, int):
+                    res[i] = t
+            if res:
+                return res
+    for v in reply.values():
+        if isinstance(v, dict) and (found := extract_vcpu_tids(v)):
+            return found
+    return {}
+
+
+def tids_from_proc(pid: int) -> dict[int, int]:
+    """vCPU id -> TID from the VMM's thread names (e.g. "vcpu0"), when the control socket is not up yet."""
+    res = {}
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    for t in tasks:
+        try:
+            comm = Path(f"/proc/{pid}/task/{t}/comm").read_text().strip()
+        except OSError:
+            continue
+        if m := _VCPU_COMM.search(comm):
+            res[int(m.group(1))] = int(t)
+    return res
+
+
+def _child_pid(pid: int) -> int | None:
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return None
+    return int(kids[0]) if kids else None
+
+
+def _find_tids(vmm_pid: int, nr: int) -> dict[int, int]:
+    for cmd in ("vm", "status"):
+        try:
+            tids = extract_vcpu_tids(control.request(vmm_pid, {"cmd": cmd}, timeout=0.5))
+        except control.ControlError:
+            continue
+        if len(tids) >= nr:
+            return tids
+    tids = tids_from_proc(vmm_pid)
+    return tids if len(tids) >= nr else {}
+
+
+def _kill(pid: int | None, sig: int) -> None:
+    if pid:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def run_vm(spec: RunSpec, on_tids=None, poll_policy_s: float = 0.5) -> VmOutcome:
+    """Boot, apply the configuration to the vCPU threads as soon as they exist, collect; never leaves the VM behind.
+
+    `on_tids(tids)` is called once with the vCPU TIDs (the benchmark starts its runqueue probe there).
+    """
+    out = VmOutcome()
+    limit_s = spec.duration_s + 40
+    lines: list[str] = []
+    err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in the finally below
+    t0 = time.monotonic()
+    proc = subprocess.Popen(boot_argv(spec, limit_s), stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+                            text=True, errors="replace")
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    vmm_pid = None
+    try:
+        last_poll = 0.0
+        while proc.poll() is None:
+            if vmm_pid is None:
+                vmm_pid = _child_pid(proc.pid)
+            if vmm_pid and not out.vcpu_tids:
+                out.vcpu_tids = _find_tids(vmm_pid, spec.cpus)
+                if out.vcpu_tids:
+                    out.tids_after_s = round(time.monotonic() - t0, 3)
+                    attr = STATIC_ATTRS.get(spec.config)
+                    for vcpu, tid in out.vcpu_tids.items():
+                        if attr is not None:
+                            sched_setattr(tid, attr)
+                        # read back: the record shows what the threads really ran with
+                        out.vcpu_sched[vcpu] = str(sched_getattr(tid))
+                    if on_tids:
+                        on_tids(list(out.vcpu_tids.values()))
+            now = time.monotonic()
+            if spec.config == "pvsched" and vmm_pid and out.vcpu_tids and now - last_poll >= poll_policy_s:
+                last_poll = now
+                try:
+                    out.policy_reply = control.request(vmm_pid, {"cmd": "policy.show"}, timeout=1.0)
+                except control.ControlError:
+                    pass
+            if now - t0 > limit_s + 10:
+                raise TimeoutError(f"VM still running after {limit_s + 10:.0f} s")
+            time.sleep(0.1 if out.vcpu_tids else 0.005)
+        out.exit_code = proc.returncode
+        reader.join(5)
+    except (OSError, TimeoutError) as e:
+        out.error = f"{type(e).__name__}: {e}"
+    finally:
+        if proc.poll() is None:
+            _kill(proc.pid, signal.SIGTERM)  # timeout forwards it to the VMM
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                _kill(vmm_pid, signal.SIGKILL)
+                _kill(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        out.wall_s = round(time.monotonic() - t0, 2)
+        reader.join(2)
+        err.seek(0)
+        stderr_tail = err.read()[-2000:].strip().splitlines()[-5:]
+        err.close()
+    out.records = parse_guest_lines(lines)
+    out.console_tail = [ln.rstrip() for ln in lines[-10:]] + stderr_tail
+    if out.error is None and out.exit_code not in (0,):
+        out.error = f"pyvmm boot exited {out.exit_code}: " + " | ".join(stderr_tail[-2:])
+    if out.error is None and not out.vcpu_tids and spec.config in STATIC_ATTRS:
+        out.error = "could not find the vCPU thread ids (control socket {'cmd':'vm'} or /proc thread names)"
+    return out
