@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 
-SOCKET_DIR = Path("/run/pyvmm")
+SOCKET_DIR = Path(os.environ.get("PYVMM_RUN_DIR", "/run/pyvmm"))  # same override as vmm.control
 
 
 class ControlError(RuntimeError):

@@ -14,46 +14,60 @@ PRIMARY = "probe,probe"
 MIXED = "probe,busy"
 
 
-def _pct_from_hist(bucket_us: float, counts: list[int], q: float, cap: float) -> float:
-    total = sum(counts)
+def _hist_points(rec: dict) -> list[tuple[float, int]] | None:
+    """(upper edge in us, count) per bucket of a guest histogram, overflow at the record's max; None if absent."""
+    h = rec.get("hist")
+    if not isinstance(h, dict) or not isinstance(h.get("counts"), list) or not h.get("bucket_us"):
+        return None
+    b, mx = float(h["bucket_us"]), float(rec["max"])
+    pts = [(min((i + 1) * b, mx), int(n)) for i, n in enumerate(h["counts"]) if n]
+    if h.get("overflow"):
+        pts.append((mx, int(h["overflow"])))
+    return pts
+
+
+def _pct(points: list[tuple[float, int]], q: float) -> float:
+    points = sorted(points)
+    total = sum(n for _, n in points)
     need, seen = q * total, 0
-    for i, n in enumerate(counts):
+    for v, n in points:
         seen += n
-        if n and seen >= need:
-            return min((i + 1) * bucket_us, cap)
-    return cap
+        if seen >= need:
+            return v
+    return points[-1][0]
 
 
 def guest_summary(records: list[dict]) -> dict | None:
     """Merge the guest's per-vCPU probe records into one {"min","avg","p50","p99","max","samples","vcpus"} (us).
 
     One probe vCPU: its numbers as printed.  Several: min/max/avg exact, percentiles from the merged
-    histogram when every record has one with the same bucket size, else the worst vCPU's (conservative).
+    histograms (each bucket counted at its upper edge, so at most one bucket pessimistic) when every record
+    has one, else the worst vCPU's (conservative).  "missed" adds up the ticks the guest lost.
     """
     probes = [r for r in records if r.get("type") == "latency" and r.get("workload", "probe") == "probe"
               and all(isinstance(r.get(k), (int, float)) for k in GUEST_KEYS)]
     if not probes:
         return None
+    missed = sum(int(p.get("missed") or 0) for p in probes)
     if len(probes) == 1:
         p = probes[0]
-        return {**{k: p[k] for k in GUEST_KEYS}, "samples": p.get("samples"), "vcpus": [p.get("vcpu")]}
+        return {**{k: p[k] for k in GUEST_KEYS}, "samples": p.get("samples"), "missed": missed,
+                "vcpus": [p.get("vcpu")]}
     n = [max(int(p.get("samples") or 0), 0) for p in probes]
     total = sum(n)
     res = {"min": min(p["min"] for p in probes), "max": max(p["max"] for p in probes),
            "avg": round(sum(p["avg"] * k for p, k in zip(probes, n)) / total, 2) if total
            else max(p["avg"] for p in probes)}
-    hists = [p.get("hist") for p in probes]
-    sizes = {h.get("bucket_us") for h in hists if isinstance(h, dict)}
-    if all(isinstance(h, dict) and isinstance(h.get("counts"), list) for h in hists) and len(sizes) == 1:
-        width = max(len(h["counts"]) for h in hists)
-        merged = [sum(h["counts"][i] if i < len(h["counts"]) else 0 for h in hists) for i in range(width)]
-        b = float(sizes.pop())
-        res["p50"] = _pct_from_hist(b, merged, 0.50, res["max"])
-        res["p99"] = _pct_from_hist(b, merged, 0.99, res["max"])
+    hists = [_hist_points(p) for p in probes]
+    if all(hists) and any(n for h in hists for _, n in h):
+        merged = [pt for h in hists for pt in h]
+        res["p50"] = _pct(merged, 0.50)
+        res["p99"] = _pct(merged, 0.99)
     else:
         res["p50"] = max(p["p50"] for p in probes)
         res["p99"] = max(p["p99"] for p in probes)
-    return {**{k: res[k] for k in GUEST_KEYS}, "samples": total, "vcpus": [p.get("vcpu") for p in probes]}
+    return {**{k: res[k] for k in GUEST_KEYS}, "samples": total, "missed": missed,
+            "vcpus": [p.get("vcpu") for p in probes]}
 
 
 def policy_stats(reply: dict | None) -> dict | None:
@@ -103,6 +117,7 @@ def make_record(config: str, host: str, workload: str, rep: int, guest: dict, *,
     """One results.json record: the pinned keys first (config, host, guest), then the benchmark's own."""
     rec = {"config": config, "host": host, "guest": {k: guest[k] for k in GUEST_KEYS},
            "workload": workload, "rep": rep, "guest_samples": guest.get("samples"),
+           "guest_missed": guest.get("missed"),
            "host_cyclictest": host_cyclictest,
            "stress_bogo_ops_s": round(sum(stress.values()), 1) if stress else None,
            "stress_metrics": stress or None,

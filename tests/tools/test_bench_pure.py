@@ -10,7 +10,7 @@ from tools import report
 from tools.bench import main, parse_args, plan
 from tools.hostload import parse_cyclictest, parse_stress_metrics
 from tools.results import guest_summary, make_record, policy_stats, summarize, targets, validate_record
-from tools.vmrun import boot_argv, extract_vcpu_tids, parse_guest_lines, RunSpec
+from tools.vmrun import RunSpec, boot_argv, extract_vcpu_tids, parse_guest_lines
 
 CYCLICTEST_OUT = """# /dev/cpu_dma_latency set to 0us
 T: 0 (10854) P: 0 I:1000 C:   1988 Min:     25 Act:   81 Avg:   75 Max:     759
@@ -54,10 +54,15 @@ def test_guest_summary_merges_histograms_of_probe_vcpus_only():
             "p99": 0, "max": 999999}
     g = guest_summary([a, b, busy])
     assert g["samples"] == 200 and g["max"] == 58.0 and g["vcpus"] == [0, 1]
-    assert g["p50"] == 10.0
+    assert g["p50"] == 9.5  # a bucket's upper edge, capped at that vCPU's max
     assert g["p99"] == 10.0  # 198 of 200 samples are below 10 us: the merged p99 falls there
     b["hist"]["counts"] = [90, 0, 0, 0, 0, 10]
     assert guest_summary([a, b])["p99"] == 58.0  # capped at the true max
+    # different bucket sizes per vCPU and an overflow count (samples past the last bucket)
+    c = probe(1, 900.0, 5000.0, missed=3)
+    c["hist"] = {"bucket_us": 50, "counts": [50, 40], "overflow": 10}
+    g = guest_summary([a, c])
+    assert g["p50"] == 9.5 and g["p99"] == 5000.0 and g["missed"] == 3
 
 
 def test_guest_summary_without_histograms_is_conservative():
