@@ -78,8 +78,9 @@ def _attr(obj: Any) -> SchedAttr:
 class PolicyService:
     """Serves the device's requests; owns the registration and the engine."""
 
-    def __init__(self, vmm_pid: int, engine: Any | None, engine_error: str | None) -> None:
+    def __init__(self, vmm_pid: int, engine: Any | None, engine_error: str | None, pin_dir: str | None = None) -> None:
         self.vmm_pid = vmm_pid
+        self.pin_dir = pin_dir
         self.engine = engine
         self.engine_error = engine_error
         self.reg: Registration | None = None
@@ -210,6 +211,11 @@ class PolicyService:
         finally:
             if self.engine is not None:
                 self.engine.close()
+            if self.pin_dir:
+                try:
+                    os.rmdir(self.pin_dir)  # made before the sandbox; normally already gone with the engine
+                except OSError:
+                    pass
 
 
 def _restore(v: Vcpu) -> None:
@@ -267,12 +273,11 @@ def setup_privileged(vmm_pid: int, pin_root: str) -> int | None:
     try:
         from bpf.engine import remove_stale_pins
     except ImportError:
-        pass  # no engine: nothing of ours can be pinned
-    else:
-        try:
-            remove_stale_pins(pin_root)
-        except OSError as e:
-            log.warning("removing stale pins under %s: %s", pin_root, e)
+        return stats_fd  # no engine: nothing of ours is or will be pinned
+    try:
+        remove_stale_pins(pin_root)
+    except OSError as e:
+        log.warning("removing stale pins under %s: %s", pin_root, e)
     try:
         os.makedirs(os.path.join(pin_root, str(vmm_pid)), exist_ok=True)
     except OSError as e:
@@ -329,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("sandbox setup failed: %s", e)
         return 1
     engine, engine_error = make_engine(args.vmm_pid, tunables, args.pin_root)
-    service = PolicyService(args.vmm_pid, engine, engine_error)
+    service = PolicyService(args.vmm_pid, engine, engine_error, os.path.join(args.pin_root, str(args.vmm_pid)))
     try:
         if args.no_seccomp:
             log.warning("seccomp disabled (--no-seccomp)")

@@ -1,0 +1,184 @@
+"""The policy process for real: its sandbox seen from /proc, what it receives, and its supervision."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import SHM_GPA, C, Running
+
+from pvsched_device import slots
+from vmm.sched_attr import SCHED_FIFO, SCHED_OTHER, SchedAttr, sched_getattr, sched_setattr
+
+KEPT_CAPS = (1 << 39) | (1 << 38) | (1 << 23) | (1 << 14)  # CAP_BPF, CAP_PERFMON, CAP_SYS_NICE, CAP_IPC_LOCK
+HERE = Path(__file__).parent
+
+
+def _proc_status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return {k: v.strip() for k, _, v in (line.partition(":") for line in f)}
+
+
+def _write_guest_slot(r: Running, vcpu: int, seq: int, flags: int, policy: int, prio: int, nice: int,
+                      wake_hint: int) -> None:
+    """Write a guest area the way the guest driver does (even seq = complete)."""
+    r.vm.memory.write(SHM_GPA + slots.slot_offset(vcpu),
+                      struct.pack("<IIiIiIQ", seq, flags, policy, prio, nice, wake_hint, 123456789))
+
+
+def _wait_for(pred, timeout: float = 5.0, what: str = "condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _registered(r: Running) -> dict | None:
+    st = r.dev.policy_status()
+    return st if st.get("registered") else None
+
+
+def test_sandbox_from_proc(running: Running) -> None:
+    pid = running.policy_pid
+    st = _proc_status(pid)
+    assert int(st["CapEff"], 16) == KEPT_CAPS
+    assert int(st["CapPrm"], 16) == KEPT_CAPS
+    assert int(st["CapBnd"], 16) == KEPT_CAPS
+    assert int(st["CapInh"], 16) == 0 and int(st["CapAmb"], 16) == 0
+    assert st["NoNewPrivs"] == "1"
+    assert st["Seccomp"] == "2"  # filter mode (libseccomp deny list)
+    assert int(st["PPid"]) == os.getpid()  # a child of the VMM
+    assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+    with open(f"/proc/{pid}/net/dev") as f:
+        ifaces = [line.split(":")[0].strip() for line in f.readlines()[2:]]
+    assert ifaces == ["lo"]
+
+
+def test_registration_tids_and_slots(running: Running) -> None:
+    r = running
+    _write_guest_slot(r, 0, seq=4, flags=C.PVSCHED_FLAG_IN_HARDIRQ | C.PVSCHED_FLAG_IDLE, policy=2, prio=8,
+                      nice=0, wake_hint=1)
+    _write_guest_slot(r, 1, seq=10, flags=0, policy=0, prio=0, nice=-5, wake_hint=0)
+    assert r.bar.negotiate() == C.PVSCHED_STATUS_ACTIVE
+    st = _wait_for(lambda: _registered(r), what="registration")
+    assert {v["id"]: v["tid"] for v in st["vcpus"]} == r.vm.vcpu_tids
+    assert st["shm_hva"] == r.vm.memory.hva(SHM_GPA, 4096) and st["shm_size"] == 4096
+    g0, g1 = st["vcpus"][0]["guest"], st["vcpus"][1]["guest"]
+    assert (g0["seq"], g0["flag_names"], g0["policy_name"], g0["rt_priority"], g0["wake_hint"]) == \
+        (4, ["hardirq", "idle"], "rr", 8, 1)
+    assert (g1["seq"], g1["nice"], g1["guest_ns"]) == (10, -5, 123456789)
+    # It reads live memory through its own mapping of the memfd, not a copy taken at registration.
+    _write_guest_slot(r, 1, seq=12, flags=C.PVSCHED_FLAG_PREEMPT_DISABLED, policy=1, prio=50, nice=0, wake_hint=0)
+    g1 = r.dev.policy_status()["vcpus"][1]["guest"]
+    assert (g1["seq"], g1["flag_names"], g1["policy_name"], g1["rt_priority"]) == (12, ["preempt_disabled"], "fifo", 50)
+    # A slot caught mid-write (odd seq) is not reported as data.
+    _write_guest_slot(r, 1, seq=13, flags=0, policy=0, prio=0, nice=0, wake_hint=0)
+    assert r.dev.policy_status()["vcpus"][1]["guest"] is None
+    # The device's own status command shows the same slots, as text and data.
+    reply = r.vm.control_handlers["status"]({"cmd": "status"})
+    assert "pvsched: active" in reply["text"] and f"TID {r.vm.vcpu_tids[0]}" in reply["text"]
+    assert "flags hardirq,idle policy rr prio 8" in reply["text"]
+    assert reply["pvsched"]["policy"]["pid"] == r.policy_pid
+
+
+def test_disable_then_enable_reregisters(running: Running) -> None:
+    r = running
+    assert r.bar.negotiate() == C.PVSCHED_STATUS_ACTIVE
+    _wait_for(lambda: r.dev.policy_status()["registered"], what="registration")
+    r.bar.write("CONTROL", C.PVSCHED_CTRL_DISABLE)
+    _wait_for(lambda: not r.dev.policy_status()["registered"], what="unregistration")
+    assert r.bar.negotiate(gpa=SHM_GPA + 0x10000, size=8192) == C.PVSCHED_STATUS_ACTIVE
+    st = _wait_for(lambda: _registered(r), what="re-registration")
+    assert st["shm_gpa"] == SHM_GPA + 0x10000 and st["shm_size"] == 8192
+    assert {v["id"]: v["tid"] for v in st["vcpus"]} == r.vm.vcpu_tids
+
+
+def test_policy_commands_answer_without_engine_or_forward(running: Running) -> None:
+    r = running
+    show = r.vm.control_handlers["policy.show"]({"cmd": "policy.show"})
+    bad = r.vm.control_handlers["policy.set"]({"cmd": "policy.set"})
+    assert "error" in bad and "values" in bad["error"]
+    if not r.dev.supervisor.ready.get("engine"):
+        assert "no BPF policy engine" in show["error"]
+    else:
+        assert "text" in show and "error" not in show
+
+
+def test_policy_death_restores_threads_within_100ms(running: Running) -> None:
+    r = running
+    assert r.bar.negotiate() == C.PVSCHED_STATUS_ACTIVE
+    tid = r.vm.vcpu_tids[1]
+    # Boost a vCPU-like thread as the policy would (it is blocked, never spinning: safe at RT).
+    sched_setattr(tid, SchedAttr(SCHED_FIFO, 5))
+    assert os.sched_getscheduler(tid) == SCHED_FIFO
+    os.kill(r.policy_pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    while os.sched_getscheduler(tid) != SCHED_OTHER:
+        assert time.monotonic() - t0 < 1.0, "vCPU thread still boosted 1 s after the policy process died"
+        time.sleep(0.0005)
+    elapsed_ms = (time.monotonic() - t0) * 1000
+    print(f"restored in {elapsed_ms:.1f} ms")
+    assert elapsed_ms < 100
+    assert sched_getattr(tid) == r.vm.original_sched[tid]
+    # The VM carries on: the device still negotiates, without a policy process.
+    r.bar.write("CONTROL", C.PVSCHED_CTRL_DISABLE)
+    assert r.bar.negotiate() == C.PVSCHED_STATUS_ACTIVE
+    reply = r.vm.control_handlers["status"]({"cmd": "status"})
+    assert "policy: not running (policy process died (killed by signal 9))" in reply["text"]
+    assert "error" in r.vm.control_handlers["policy.show"]({"cmd": "policy.show"})
+
+
+def test_stop_is_clean(running: Running) -> None:
+    r = running
+    assert r.bar.negotiate() == C.PVSCHED_STATUS_ACTIVE
+    _wait_for(lambda: r.dev.policy_status()["registered"], what="registration")
+    pid = r.policy_pid
+    r.dev.stop()
+    assert r.dev.supervisor.returncode == 0
+    assert not os.path.exists(f"/proc/{pid}")
+    assert not os.path.exists(f"/sys/fs/bpf/pvsched/{os.getpid()}")
+
+
+def test_stop_kills_a_stuck_policy_process_and_restores(running: Running) -> None:
+    r = running
+    tid = r.vm.vcpu_tids[0]
+    sched_setattr(tid, SchedAttr(SCHED_FIFO, 5))
+    os.kill(r.policy_pid, signal.SIGSTOP)  # ignores SIGTERM while stopped
+    t0 = time.monotonic()
+    r.dev.supervisor.stop(timeout=0.5)
+    r.dev.stop()  # what the VMM calls; the supervisor has already given up and killed it
+    assert time.monotonic() - t0 < 3
+    assert r.dev.supervisor.returncode == -signal.SIGKILL
+    r.dev.restore_threads()
+    assert os.sched_getscheduler(tid) == SCHED_OTHER
+
+
+def test_killing_the_vmm_ends_the_policy_process(tmp_path: Path) -> None:
+    vmm = subprocess.Popen([sys.executable, str(HERE / "standin_vmm.py")], stdout=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        line = vmm.stdout.readline()
+        info = json.loads(line)
+        pid = info["policy_pid"]
+        assert _proc_status(pid)["PPid"] == str(vmm.pid)
+        vmm.kill()
+        vmm.wait(5)
+        _wait_for(lambda: not os.path.exists(f"/proc/{pid}") or _proc_status(pid)["State"].startswith("Z"),
+                  timeout=10, what="the policy process to end after its VMM was killed")
+    finally:
+        if vmm.poll() is None:
+            vmm.kill()
+            vmm.wait()
+    for tid in info["tids"]:
+        if os.path.exists(f"/proc/{tid}"):
+            pytest.fail(f"vCPU thread {tid} survived its VMM")
