@@ -28,11 +28,11 @@ def ensure_built(component: str, quiet: bool = False) -> Path:
     src, out = COMPONENTS[component]
     target = src / out
     # make decides staleness itself: cheap when up to date.
-    q = subprocess.run(["make", "-q", "-C", str(src)], capture_output=True)
+    q = subprocess.run(["make", "-q", "-C", str(src)], capture_output=True, check=False)
     if q.returncode != 0 or not target.exists():
         if not quiet:
             print(f"pyvmm: building {component} ...", file=sys.stderr)
-        r = subprocess.run(["make", "-C", str(src)], capture_output=True, text=True)
+        r = subprocess.run(["make", "-C", str(src)], capture_output=True, text=True, check=False)
         if r.returncode != 0 or not target.exists():
             tail = (r.stdout + r.stderr).strip().splitlines()[-5:]
             raise BuildError(f"building {component} failed: " + " | ".join(tail))

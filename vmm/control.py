@@ -1,0 +1,173 @@
+"""The VM's control socket: /run/pyvmm/<vmm-pid>.sock, one JSON object per line each way.
+
+Server side (trio, in the VMM's main loop): a request {"cmd": NAME, ...} goes
+to machine.control_handlers[NAME] (a plain function, or one returning an
+awaitable); its dict is the reply, {"error": "..."} on failure.  Client side
+(plain sockets, for `pyvmm status|policy`): find the socket of a running VM
+and send one request.
+"""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+SOCKET_DIR = Path(os.environ.get("PYVMM_RUN_DIR", "/run/pyvmm"))
+MAX_LINE = 1 << 20
+
+log = logging.getLogger("pyvmm.control")
+
+
+class ControlError(RuntimeError):
+    """No VM to talk to, or the VM did not answer; the message says which."""
+
+
+def socket_path(pid: int) -> Path:
+    """Control socket of the VMM with this pid."""
+    return SOCKET_DIR / f"{pid}.sock"
+
+
+# --- server ------------------------------------------------------------------------
+async def dispatch(handlers: dict[str, Callable[[dict], Any]], line: bytes) -> dict:
+    """Run one request line through the handlers; never raises."""
+    try:
+        req = json.loads(line)
+    except ValueError:
+        return {"error": "request is not JSON"}
+    if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+        return {"error": 'request must be a JSON object with a "cmd" string'}
+    cmd = req["cmd"]
+    h = handlers.get(cmd)
+    if h is None:
+        return {"error": f"unknown command {cmd!r} (known: {', '.join(sorted(handlers))})"}
+    try:
+        reply = h(req)
+        if inspect.isawaitable(reply):
+            reply = await reply
+    except Exception as e:  # a handler bug answers with an error, it does not stop the VM
+        log.debug("control handler %s failed", cmd, exc_info=True)
+        return {"error": f"{cmd}: {e}"}
+    return reply if isinstance(reply, dict) else {"result": reply}
+
+
+async def _serve_client(handlers: dict, stream: trio.SocketStream) -> None:
+    buf = b""
+    async with stream:
+        while True:
+            try:
+                data = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                return
+            if not data:
+                return
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if not line.strip():
+                    continue
+                reply = await dispatch(handlers, line)
+                try:
+                    await stream.send_all(json.dumps(reply, default=str).encode() + b"\n")
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+            if len(buf) > MAX_LINE:
+                return
+
+
+async def serve(handlers: dict, path: Path, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the control socket at path until cancelled; removes the socket file on the way out."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(16)
+        listener = trio.SocketListener(sock)
+        task_status.started()
+        await trio.serve_listeners(lambda s: _serve_client(handlers, s), [listener])
+    finally:
+        sock.close()
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+# --- client ------------------------------------------------------------------------
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running_vms() -> list[int]:
+    """PIDs of VMMs with a control socket whose process is alive."""
+    pids = []
+    if SOCKET_DIR.is_dir():
+        for p in SOCKET_DIR.glob("*.sock"):
+            if p.stem.isdigit() and _alive(int(p.stem)):
+                pids.append(int(p.stem))
+    return sorted(pids)
+
+
+def resolve_vm(pid: int | None) -> int:
+    """The VM to talk to: the given pid, or the only one running."""
+    if pid is not None:
+        if not socket_path(pid).exists() or not _alive(pid):
+            raise ControlError(f"no VM with pid {pid} (no {socket_path(pid)})")
+        return pid
+    pids = running_vms()
+    if not pids:
+        raise ControlError("no VM is running")
+    if len(pids) > 1:
+        raise ControlError(f"{len(pids)} VMs are running (pids {', '.join(map(str, pids))}): give one")
+    return pids[0]
+
+
+def request(pid: int | None, req: dict, timeout: float = 10.0) -> dict:
+    """Send one request to a VM's control socket and return its reply."""
+    pid = resolve_vm(pid)
+    path = socket_path(pid)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(str(path))
+            s.sendall(json.dumps(req).encode() + b"\n")
+            buf = b""
+            while b"\n" not in buf:
+                data = s.recv(65536)
+                if not data:
+                    raise ControlError(f"VM {pid} closed the control socket without answering")
+                buf += data
+                if len(buf) > MAX_LINE:
+                    raise ControlError(f"VM {pid} sent an over-long reply")
+        except TimeoutError:
+            raise ControlError(f"VM {pid} did not answer within {timeout:g} s") from None
+        except OSError as e:
+            if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                raise ControlError(f"VM {pid} is not accepting requests ({e.strerror})") from None
+            raise ControlError(f"control socket of VM {pid}: {e.strerror or e}") from None
+    try:
+        reply = json.loads(buf.split(b"\n", 1)[0])
+    except ValueError:
+        raise ControlError(f"VM {pid} sent a reply that is not JSON") from None
+    if not isinstance(reply, dict):
+        raise ControlError(f"VM {pid} sent a reply that is not a JSON object")
+    return reply
