@@ -166,7 +166,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
     if cell.host == "busy" and not stress_rates:
         extra["note"] = "stress-ng printed no metrics"
     rec = make_record(cell.config, cell.host, cell.workload, cell.rep, guest, host_cyclictest=ct_summary,
-                      stress=stress_rates, vcpu_runqlat=rq, policy=policy_stats(out.policy_reply), extra=extra)
+                      stress=stress_rates, vcpu_runqlat=rq, policy=policy_stats(out.policy_reply, out.status_reply), extra=extra)
     return rec, None
 
 

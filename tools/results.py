@@ -70,10 +70,20 @@ def guest_summary(records: list[dict]) -> dict | None:
             "vcpus": [p.get("vcpu") for p in probes]}
 
 
-def policy_stats(reply: dict | None) -> dict | None:
-    """Boosts, throttles, BPF ns per event and event-to-apply latency out of a policy.show reply (None if absent)."""
-    if not reply:
+def _host_areas(status: dict | None) -> list[dict]:
+    """The slots' host areas (what the policy applied and counted) in a "status" reply with a pvsched part."""
+    vcpus = ((status or {}).get("pvsched") or {}).get("vcpus") or []
+    return [v["host"] for v in vcpus if isinstance(v, dict) and isinstance(v.get("host"), dict)]
+
+
+def policy_stats(reply: dict | None, status: dict | None = None) -> dict | None:
+    """Boosts, throttles, boosted ms, BPF ns per event and event-to-apply latency (None without a policy).
+
+    Boosts and throttles come from the slots' host areas in "status" when present (the counters the policy
+    writes for the guest), else from policy.show."""
+    if not reply and not _host_areas(status):
         return None
+    reply = reply or {}
     found: dict[str, list[float]] = {}
 
     def walk(obj: object, path: tuple[str, ...]) -> None:
@@ -105,6 +115,11 @@ def policy_stats(reply: dict | None) -> dict | None:
     res = {"boosts": total("boosts"), "throttles": total("throttles"),
            "bpf_ns_per_event": first("bpf_ns_per_event", "ns_per_event", "avg_run_ns"),
            "apply_latency_us": first("apply_latency_us", "event_to_apply_us", "apply_p50_us")}
+    hosts = _host_areas(status)
+    if hosts:
+        res["boosts"] = sum(int(h.get("boosts") or 0) for h in hosts)
+        res["throttles"] = sum(int(h.get("throttles") or 0) for h in hosts)
+        res["boosted_ms"] = round(sum(int(h.get("boosted_ns") or 0) for h in hosts) / 1e6, 1)
     run_ns, run_cnt = total("run_time_ns"), total("run_cnt")
     if res["bpf_ns_per_event"] is None and run_ns is not None and run_cnt:
         res["bpf_ns_per_event"] = round(run_ns / run_cnt, 1)

@@ -52,6 +52,7 @@ class VmOutcome:
     console_tail: list[str] = field(default_factory=list)
     vcpu_tids: dict[int, int] = field(default_factory=dict)
     policy_reply: dict | None = None
+    status_reply: dict | None = None
     tids_after_s: float | None = None
     vcpu_sched: dict[int, str] = field(default_factory=dict)
     wall_s: float = 0.0
@@ -191,10 +192,12 @@ def run_vm(spec: RunSpec, on_tids=None, poll_policy_s: float = 0.5) -> VmOutcome
             now = time.monotonic()
             if spec.config == "pvsched" and vmm_pid and out.vcpu_tids and now - last_poll >= poll_policy_s:
                 last_poll = now
-                try:
-                    out.policy_reply = control.request(vmm_pid, {"cmd": "policy.show"}, timeout=1.0)
-                except control.ControlError:
-                    pass
+                # keep the last good replies: counters are cumulative, the VM may end any moment
+                for cmd, attr in (("policy.show", "policy_reply"), ("status", "status_reply")):
+                    try:
+                        setattr(out, attr, control.request(vmm_pid, {"cmd": cmd}, timeout=1.0))
+                    except control.ControlError:
+                        pass
             if now - t0 > limit_s + 10:
                 raise TimeoutError(f"VM still running after {limit_s + 10:.0f} s")
             time.sleep(0.1 if out.vcpu_tids else 0.005)

@@ -106,6 +106,10 @@ def test_policy_stats_from_a_show_reply():
     assert policy_stats(reply) == {"boosts": 7, "throttles": 1, "bpf_ns_per_event": 500.0,
                                    "apply_latency_us": None}
     assert policy_stats(None) is None
+    status = {"pvsched": {"vcpus": [{"id": 0, "host": {"boosts": 9, "throttles": 2, "boosted_ns": 3_000_000}},
+                                    {"id": 1, "host": {"boosts": 1, "throttles": 0, "boosted_ns": 500_000}}]}}
+    s = policy_stats(reply, status)
+    assert (s["boosts"], s["throttles"], s["boosted_ms"], s["bpf_ns_per_event"]) == (10, 2, 3.5, 500.0)
 
 
 def _rec(config, host, p99, mx, *, wl="probe,probe", rep=0, ct=100, cpu=1000.0):
