@@ -60,9 +60,17 @@ def _csv(choices: tuple[str, ...]):
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse reporting a usage error as one line (exit 2), like the rest of pyvmm."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command line of `pyvmm bench` (also `python -m tools.bench`)."""
-    p = argparse.ArgumentParser(prog="pyvmm bench", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="pyvmm bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="1 repetition of 2 s per cell (within 2 minutes)")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder (default: bench-out)")
     p.add_argument("--reps", type=int, help="repetitions per cell (default 3, --quick 1)")

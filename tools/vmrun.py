@@ -221,8 +221,10 @@ def run_vm(spec: RunSpec, on_tids=None, poll_policy_s: float = 0.5) -> VmOutcome
         err.close()
     out.records = parse_guest_lines(lines)
     out.console_tail = [ln.rstrip() for ln in lines[-10:]] + stderr_tail
-    if out.error is None and out.exit_code not in (0,):
-        out.error = f"pyvmm boot exited {out.exit_code}: " + " | ".join(stderr_tail[-2:])
+    if out.error is None and out.exit_code != 0:
+        guest_err = [r.get("message", "") for r in out.records if r.get("type") == "error"]
+        why = guest_err[-1:] or stderr_tail[-2:] or [ln.strip() for ln in lines[-2:]]
+        out.error = f"pyvmm boot exited {out.exit_code}: " + " | ".join(why)
     if out.error is None and not out.vcpu_tids and spec.config in STATIC_ATTRS:
         out.error = "could not find the vCPU thread ids (control socket {'cmd':'vm'} or /proc thread names)"
     return out

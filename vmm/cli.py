@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("values", nargs="+", type=_key_value, metavar="KEY=VALUE")
     st.add_argument("--vm", type=int, metavar="PID", help="pid of the VMM (default: the only VM running)")
     st.add_argument("--json", action="store_true", help="print the raw JSON reply")
+
+    # Listed here for --help only: main() hands `pyvmm bench ...` to tools.bench, which has its own options.
+    sub.add_parser("bench", add_help=False, help="benchmark vCPU scheduling configurations (pyvmm bench --help)")
     return p
 
 
@@ -136,6 +139,11 @@ def _client(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `pyvmm` command."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from tools.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s", stream=sys.stderr)
