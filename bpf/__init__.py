@@ -1,0 +1,1 @@
+"""pvsched host policy: CO-RE BPF programs, their libbpf loader (cffi), the actuator and the engine."""

@@ -1,0 +1,269 @@
+"""The actuator: applies the BPF policy's decisions to vCPU threads and writes each slot's host area.
+
+One dedicated thread at SCHED_FIFO 40 (RT ladder: above every boosted vCPU,
+<= 30, below watchdogs, >= 50) blocks in ring_buffer__poll (cffi releases the
+GIL) with a timeout of the time left to the next backstop round; it never
+spins.  Each backstop round runs the BPF backstop program per vCPU, so a vCPU
+that never leaves its CPU is evaluated by the same code as every event.
+Restoring a thread's original attributes happens here too, under one lock.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import errno
+import logging
+import os
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+
+from pvsched_device import abi
+from vmm.sched_attr import SchedAttr, sched_getattr, sched_setattr
+
+from . import libbpf
+from .loader import BpfPolicy
+from .policy_types import consts, ffi as pffi
+
+log = logging.getLogger("pvsched.actuator")
+
+SCHED_FIFO = 1
+MCL_CURRENT, MCL_FUTURE = 1, 2
+LATENCY_SAMPLES = 20000
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _host_offsets() -> dict[str, int]:
+    off = {name: abi.offsetof("struct pvsched_slot", "host", name)
+           for name in ("seq", "state", "policy", "rt_priority", "nice", "boosts", "throttles", "boosted_ns")}
+    return off
+
+
+@dataclass
+class VcpuHandle:
+    """What the actuator knows about one vCPU thread."""
+
+    tid: int
+    vm_id: int
+    vcpu_id: int
+    slot: memoryview
+    slot_ptr: object           # cffi pointer into `slot` (the backstop's read address)
+    original: SchedAttr
+    applied: SchedAttr
+    state: int = 0
+    gen: int = 0
+    gone: bool = False
+    errors: int = 0
+    counters: tuple[int, int, int] = (0, 0, 0)
+
+    @property
+    def slot_uaddr(self) -> int:
+        return int(pffi().cast("uintptr_t", self.slot_ptr))
+
+
+@dataclass
+class ActuatorStats:
+    """Counters of the userspace side (the BPF side has its own stats map)."""
+
+    applied: int = 0           # sched_setattr calls that changed a thread
+    events: int = 0            # ring-buffer records consumed
+    stale: int = 0             # records for a vCPU no longer registered, or out of order
+    errors: int = 0            # sched_setattr failures
+    backstop_rounds: int = 0
+    latency_ns: collections.deque = field(default_factory=lambda: collections.deque(maxlen=LATENCY_SAMPLES))
+
+    def latency_summary(self) -> dict:
+        """p50/p99/max of event-to-sched_setattr latency in microseconds."""
+        lat = sorted(self.latency_ns)
+        if not lat:
+            return {"samples": 0}
+        pick = lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] / 1000, 1)  # noqa: E731
+        return {"samples": len(lat), "p50": pick(0.50), "p99": pick(0.99), "max": round(lat[-1] / 1000, 1)}
+
+
+def write_host_area(slot: memoryview, state: int, attr: SchedAttr, counters: tuple[int, int, int]) -> None:
+    """Publish what the host applied in the slot's host area, under the host seqcount."""
+    o = _OFF
+    seq = struct.unpack_from("<I", slot, o["seq"])[0]
+    seq = (seq + 1) | 1  # odd: writing
+    struct.pack_into("<I", slot, o["seq"], seq)
+    struct.pack_into("<I", slot, o["state"], state)
+    struct.pack_into("<i", slot, o["policy"], attr.policy)
+    struct.pack_into("<I", slot, o["rt_priority"], attr.priority)
+    struct.pack_into("<i", slot, o["nice"], attr.nice)
+    struct.pack_into("<QQQ", slot, o["boosts"], *counters)
+    struct.pack_into("<I", slot, o["seq"], (seq + 1) & 0xFFFFFFFF)
+
+
+_OFF = _host_offsets()
+
+
+class Actuator:
+    """Ring-buffer consumer + backstop timer + sched_setattr, in one RT thread."""
+
+    def __init__(self, policy: BpfPolicy, backstop_ms: int, realtime: bool = True):
+        self.policy = policy
+        self.backstop_ms = backstop_ms
+        self.realtime = realtime
+        self.vcpus: dict[int, VcpuHandle] = {}
+        self.stats = ActuatorStats()
+        self.lock = threading.Lock()
+        self.thread_tid: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        f = libbpf.ffi()
+        self._sample_cb = f.callback("int(void *, void *, size_t)", self._on_sample)
+        self._rb = libbpf.check_ptr(
+            libbpf.lib().ring_buffer__new(policy.maps["events"], self._sample_cb, f.NULL, f.NULL), "ring_buffer__new")
+
+    # --- registration (called from the engine's thread) ---------------------
+    def register(self, h: VcpuHandle) -> None:
+        """Track a vCPU; its host area starts as NORMAL with its original attributes."""
+        with self.lock:
+            self.vcpus[h.tid] = h
+            write_host_area(h.slot, 0, h.original, (0, 0, 0))
+
+    def unregister(self, tid: int, restore: bool = True) -> None:
+        """Forget a vCPU and give its thread back its original attributes."""
+        with self.lock:
+            h = self.vcpus.pop(tid, None)
+            if h is None:
+                return
+            if restore and not h.gone:
+                self._restore(h)
+            try:
+                pffi().release(h.slot_ptr)
+            except (ValueError, TypeError):
+                pass
+            h.slot.release()
+
+    def restore_all(self) -> None:
+        """Every registered thread back to its original attributes (the single cleanup path)."""
+        for tid in list(self.vcpus):
+            self.unregister(tid, restore=True)
+
+    def _restore(self, h: VcpuHandle) -> None:
+        try:
+            if sched_getattr(h.tid) != h.original:
+                sched_setattr(h.tid, h.original)
+        except OSError as e:
+            if e.errno != errno.ESRCH:
+                log.warning("pvsched: restoring vCPU %d (tid %d) to %s failed: %s", h.vcpu_id, h.tid, h.original, e)
+            return
+        h.applied, h.state = h.original, 0
+        write_host_area(h.slot, 0, h.original, h.counters)
+
+    # --- the thread ----------------------------------------------------------
+    def start(self) -> None:
+        """Start the actuator thread (idempotent)."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._main, name="pvsched-actuator", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread; it notices within one poll timeout (backstop_ms)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def close(self) -> None:
+        """Stop, restore every thread, free the ring buffer."""
+        self.stop()
+        self.restore_all()
+        if self._rb is not None:
+            libbpf.lib().ring_buffer__free(self._rb)
+            self._rb = None
+
+    def _go_realtime(self) -> None:
+        self.thread_tid = threading.get_native_id()
+        if not self.realtime:
+            return
+        if _libc.mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
+            log.warning("pvsched: mlockall failed: %s (need CAP_IPC_LOCK)", os.strerror(ctypes.get_errno()))
+        try:
+            sched_setattr(0, SchedAttr(SCHED_FIFO, consts().PVSCHED_ACTUATOR_PRIO, 0))
+        except OSError as e:
+            log.warning("pvsched: actuator stays SCHED_OTHER: %s (need CAP_SYS_NICE)", e)
+
+    def _main(self) -> None:
+        self._go_realtime()
+        lib = libbpf.lib()
+        next_backstop = time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_backstop:
+                self.backstop_round()
+                lib.ring_buffer__consume(self._rb)
+                next_backstop = now + self.backstop_ms / 1000
+            timeout_ms = max(1, int((next_backstop - time.monotonic()) * 1000 + 0.999))
+            rc = lib.ring_buffer__poll(self._rb, timeout_ms)  # blocks; GIL released by cffi
+            if rc < 0 and rc != -errno.EINTR:
+                log.error("pvsched: ring buffer poll failed: %s", os.strerror(-rc))
+                self._stop.wait(self.backstop_ms / 1000)  # never spin on a broken ring buffer
+
+    def backstop_round(self, reason: int = 0) -> None:
+        """Run the BPF backstop for every vCPU and refresh host-area counters."""
+        self.stats.backstop_rounds += 1
+        with self.lock:
+            handles = list(self.vcpus.values())
+        for h in handles:
+            if h.gone:
+                continue
+            try:
+                self.policy.backstop(h.tid, h.slot_uaddr, reason)
+            except OSError as e:
+                log.warning("pvsched: backstop for tid %d failed: %s", h.tid, e)
+                continue
+            v = self.policy.vcpu(h.tid)
+            if v is not None:
+                counters = (v.boosts, v.throttles, v.boosted_ns)
+                with self.lock:
+                    if counters != h.counters and h.tid in self.vcpus:
+                        h.counters = counters
+                        write_host_area(h.slot, h.state, h.applied, counters)
+
+    def _on_sample(self, _ctx, data, size) -> int:
+        try:
+            self._apply(pffi().cast("struct pvsched_event *", data))
+        except Exception:  # a callback must not raise into C; log and keep consuming
+            log.exception("pvsched: applying an event failed")
+        return 0
+
+    def _apply(self, ev) -> None:
+        self.stats.events += 1
+        tid = ev.tid
+        with self.lock:
+            h = self.vcpus.get(tid)
+            if h is None or h.gone or ev.gen and ev.gen <= h.gen:
+                self.stats.stale += 1
+                return
+            if ev.kind == consts().PVSCHED_EV_EXITED:
+                h.gone = True
+                self.policy.remove_vcpu(tid, h.vcpu_id)
+                log.info("pvsched: vCPU %d (tid %d) exited", h.vcpu_id, tid)
+                return
+            h.gen = ev.gen
+            attr = SchedAttr(ev.params.policy, ev.params.rt_priority, ev.params.nice)
+            if attr != h.applied:
+                try:
+                    sched_setattr(tid, attr)
+                except OSError as e:
+                    self.stats.errors += 1
+                    if e.errno == errno.ESRCH:
+                        h.gone = True
+                    elif h.errors == 0:
+                        log.warning("pvsched: sched_setattr(%d, %s) failed: %s", tid, attr, e)
+                    h.errors += 1
+                    return
+                self.stats.applied += 1
+                self.stats.latency_ns.append(time.monotonic_ns() - ev.ts_ns)
+                h.applied = attr
+            h.state = ev.state
+            h.counters = (ev.boosts, ev.throttles, ev.boosted_ns)
+            write_host_area(h.slot, h.state, h.applied, h.counters)

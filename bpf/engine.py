@@ -1,0 +1,283 @@
+"""PolicyEngine: the BPF policy for one VMM, as the policy process drives it (contract 4 of the team brief).
+
+    engine = PolicyEngine(vmm_pid, {"boost_prio": "8"})   # open, tunables, load, attach, pin
+    engine.add_vcpu(vm_id, vcpu_id, tid, slot_hva, slot_view, original)
+    await engine.run()                                      # actuator + backstop until cancelled
+    engine.close()                                          # restore threads, detach, unpin
+
+Needs CAP_BPF, CAP_PERFMON (load/attach tracing programs, read user memory),
+CAP_SYS_NICE (sched_setattr on the VMM's threads, the actuator at FIFO 40),
+CAP_IPC_LOCK (mlockall); not CAP_SYS_ADMIN.  Per-program run time needs BPF
+stats enabled: pass `stats_fd` from `enable_bpf_stats()` called before the
+sandbox, or have kernel.bpf_stats_enabled=1; otherwise it shows 'unavailable'.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+import trio
+
+from vmm.sched_attr import POLICY_NAMES, SchedAttr, sched_getattr
+
+from . import libbpf
+from .actuator import Actuator, VcpuHandle
+from .loader import BpfPolicy, enable_stats, remove_pin_dir, stats_enabled
+from .policy_types import consts, enum_name, ffi as pffi, stat_descriptions
+from .tunables import DESCRIPTIONS, TunableError, parse
+
+__all__ = ["PolicyEngine", "remove_stale_pins", "enable_bpf_stats", "serve", "TunableError", "DEFAULT_PIN_ROOT"]
+
+log = logging.getLogger("pvsched.engine")
+
+DEFAULT_PIN_ROOT = "/sys/fs/bpf/pvsched"
+BPF_OBJECT = Path(__file__).resolve().parent / "build" / "pvsched.bpf.o"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_pins(pin_root: str = DEFAULT_PIN_ROOT) -> list[int]:
+    """Remove <pin_root>/<pid>/ directories whose VMM pid is gone (a SIGKILL'd run); returns those pids."""
+    root = Path(pin_root)
+    removed = []
+    if not root.is_dir():
+        return removed
+    for d in root.iterdir():
+        if d.is_dir() and d.name.isdigit() and not _pid_alive(int(d.name)):
+            remove_pin_dir(d)
+            removed.append(int(d.name))
+    return removed
+
+
+def enable_bpf_stats() -> int:
+    """Turn BPF run-time stats on for as long as the returned fd is open (CAP_SYS_ADMIN; before sandboxing)."""
+    return enable_stats()
+
+
+def _attr_dict(a: SchedAttr) -> dict:
+    return {"policy": POLICY_NAMES.get(a.policy, str(a.policy)), "priority": a.priority, "nice": a.nice}
+
+
+def _bpf_object() -> Path:
+    if not BPF_OBJECT.exists():
+        from vmm.artifacts import ensure_built  # builds with clang: only where the sources are
+
+        return ensure_built("bpf", quiet=True)
+    return BPF_OBJECT
+
+
+class PolicyEngine:
+    """The BPF policy of one VMM: maps, programs, actuator; restores everything it changed on close()."""
+
+    def __init__(self, vmm_pid: int, tunables: dict[str, str] | None = None, pin_root: str = DEFAULT_PIN_ROOT,
+                 *, stats_fd: int | None = None, realtime: bool = True, obj_path: str | None = None):
+        if vmm_pid <= 0:
+            raise ValueError(f"vmm_pid {vmm_pid} is not a process id")
+        self.vmm_pid = vmm_pid
+        self.tunables = parse(tunables)
+        self.pin_root = Path(pin_root)
+        self._stats_fd = stats_fd
+        self._own_stats_fd: int | None = None
+        self._closed = False
+        self._policy: BpfPolicy | None = None
+        self._actuator: Actuator | None = None
+        if not stats_enabled() and stats_fd is None:
+            try:
+                self._own_stats_fd = enable_stats()
+            except libbpf.LibbpfError:
+                pass  # no CAP_SYS_ADMIN: program run time is reported as unavailable
+        remove_stale_pins(str(self.pin_root))
+        self._policy = BpfPolicy(Path(obj_path) if obj_path else _bpf_object(), vmm_pid,
+                                 self.pin_root / str(vmm_pid))
+        try:
+            self._policy.open_load_attach(self.tunables)
+            self._actuator = Actuator(self._policy, self.tunables.backstop_ms, realtime=realtime)
+        except BaseException:
+            self.close()
+            raise
+        log.info("pvsched: policy loaded for VMM %d, maps pinned in %s", vmm_pid, self._policy.pin_dir)
+
+    @property
+    def pin_dir(self) -> Path:
+        """Where this engine's maps are pinned (bpftool map show pinned <dir>/vcpus)."""
+        return self.pin_root / str(self.vmm_pid)
+
+    # --- vCPUs -------------------------------------------------------------------
+    def add_vcpu(self, vm_id: int, vcpu_id: int, tid: int, slot_hva: int, slot: memoryview,
+                 original: SchedAttr) -> None:
+        """Register a vCPU thread of the VMM: BPF reads its slot at slot_hva, the actuator uses `slot`."""
+        slot_size = consts().PVSCHED_SLOT_SIZE
+        if len(slot) < slot_size:
+            raise ValueError(f"slot view of vCPU {vcpu_id} is {len(slot)} bytes, expected {slot_size}")
+        if tid in self._actuator.vcpus:
+            raise ValueError(f"vCPU thread {tid} is already registered")
+        f = pffi()
+        v = f.new("struct pvsched_vcpu *")
+        v.vm_id, v.vcpu_id, v.slot_hva = vm_id, vcpu_id, slot_hva
+        v.orig.policy, v.orig.rt_priority, v.orig.nice = original.policy, original.priority, original.nice
+        v.posted = v.orig
+        v.running = 1 if _thread_running(self.vmm_pid, tid) else 0
+        view = memoryview(slot).cast("B")[:slot_size]
+        ptr = f.from_buffer(view, require_writable=True)
+        h = VcpuHandle(tid=tid, vm_id=vm_id, vcpu_id=vcpu_id, slot=view, slot_ptr=ptr,
+                       original=original, applied=original)
+        self._actuator.register(h)
+        try:
+            self._policy.add_vcpu(tid, v)
+        except OSError:
+            self._actuator.unregister(tid, restore=False)
+            raise
+
+    def remove_vcpu(self, tid: int) -> None:
+        """Unregister a vCPU thread and restore its original attributes."""
+        h = self._actuator.vcpus.get(tid) if self._actuator else None
+        if h is None:
+            return
+        self._policy.remove_vcpu(tid, h.vcpu_id)
+        self._actuator.unregister(tid, restore=True)
+
+    # --- tunables ----------------------------------------------------------------
+    def set_tunables(self, values: dict[str, str]) -> dict[str, str]:
+        """Validate and apply at run time (all or nothing); every vCPU is re-evaluated at once."""
+        t = parse(values, base=self.tunables.as_strings())
+        self._policy.set_tunables(t)
+        self.tunables = t
+        self._actuator.backstop_ms = t.backstop_ms
+        self._actuator.backstop_round(reason=consts().PVSCHED_REASON_TUNABLES)
+        return t.as_strings()
+
+    # --- running -----------------------------------------------------------------
+    async def run(self) -> None:
+        """Run the actuator thread (ring buffer, backstop, sched_setattr) until cancelled."""
+        self._actuator.start()
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._actuator.stop)
+
+    def close(self) -> None:
+        """Restore every thread, detach every program, unpin and remove the pin directory; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._actuator is not None:
+                self._actuator.close()
+        finally:
+            if self._policy is not None:
+                self._policy.close()
+            if self._own_stats_fd is not None:
+                os.close(self._own_stats_fd)
+                self._own_stats_fd = None
+
+    def __enter__(self) -> PolicyEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- introspection -----------------------------------------------------------
+    def show(self) -> dict:
+        """Per-vCPU state, stats with descriptions, tunables, per-program run time, actuator latency."""
+        vcpus = []
+        for tid, h in sorted(self._actuator.vcpus.items(), key=lambda kv: (kv[1].vm_id, kv[1].vcpu_id)):
+            row = {"tid": tid, "vm": h.vm_id, "vcpu": h.vcpu_id, "applied": _attr_dict(h.applied),
+                   "original": _attr_dict(h.original), "gone": h.gone}
+            try:
+                row["observed"] = _attr_dict(sched_getattr(tid))
+            except OSError:
+                row["observed"] = None
+            v = self._policy.vcpu(tid)
+            if v is not None:
+                row.update(
+                    state=enum_name("pvsched_host_state", v.state), reason=enum_name("pvsched_reason", v.reason),
+                    halted=bool(v.halted), hold=bool(v.hold), boosts=v.boosts, throttles=v.throttles,
+                    boosted_ms=round(v.boosted_ns / 1e6, 3), window_boosted_ms=round(v.window_boosted_ns / 1e6, 3),
+                    changes=v.gen,
+                    slot={"flags": v.last_slot.flags, "policy": v.last_slot.policy,
+                          "rt_priority": v.last_slot.rt_priority, "nice": v.last_slot.nice,
+                          "wake_hint": v.last_slot.wake_hint},
+                )
+            vcpus.append(row)
+        counts = self._policy.stats()
+        desc = stat_descriptions()
+        stats = {k: {"value": counts.get(k, 0), "description": d} for k, d in desc.items()}
+        progs = self._policy.program_stats()
+        # the sysctl does not show an fd-held enable: any of the three counts
+        enabled = stats_enabled() or self._stats_fd is not None or self._own_stats_fd is not None
+        if not enabled:
+            for p in progs:
+                for k in ("run_cnt", "run_time_ns", "avg_ns"):
+                    if k in p:
+                        p[k] = "unavailable"
+        tun = self.tunables.as_strings()
+        a = self._actuator.stats
+        out = {
+            "vmm_pid": self.vmm_pid,
+            "pin_dir": str(self.pin_dir),
+            "vcpus": vcpus,
+            "stats": stats,
+            "tunables": {k: {"value": v, "description": DESCRIPTIONS[k]} for k, v in tun.items()},
+            "programs": progs,
+            "prog_stats": "enabled" if enabled else "unavailable (BPF stats off: needs CAP_SYS_ADMIN or a stats fd)",
+            "actuator": {"tid": self._actuator.thread_tid, "events": a.events, "applied": a.applied,
+                         "errors": a.errors, "stale": a.stale, "backstop_rounds": a.backstop_rounds,
+                         "latency_us": a.latency_summary()},
+        }
+        out["text"] = format_show(out)
+        return out
+
+
+def _thread_running(pid: int, tid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] == "R"
+
+
+def format_show(d: dict) -> str:
+    """Human-readable `policy show` text."""
+    lines = [f"pvsched policy for VMM {d['vmm_pid']} (maps pinned in {d['pin_dir']})", "vCPUs:"]
+    for v in d["vcpus"]:
+        obs = v.get("observed")
+        o = f"{obs['policy']}:{obs['priority']}/nice {obs['nice']}" if obs else "gone"
+        lines.append(f"  vm {v['vm']} vcpu {v['vcpu']} tid {v['tid']}: {v.get('state', '?')} ({v.get('reason', '?')}),"
+                     f" thread {o}, boosts {v.get('boosts', 0)}, throttles {v.get('throttles', 0)},"
+                     f" boosted {v.get('boosted_ms', 0)} ms")
+    lines.append("tunables:")
+    lines += [f"  {k} = {t['value']}    # {t['description']}" for k, t in d["tunables"].items()]
+    lines.append("stats:")
+    lines += [f"  {k:<18} {s['value']:>10}  {s['description']}" for k, s in d["stats"].items()]
+    lines.append(f"programs ({d['prog_stats']}):")
+    for p in d["programs"]:
+        lines.append(f"  {p['name']:<16} {p['status']:<10} runs {p.get('run_cnt', '-')}, avg ns {p.get('avg_ns', '-')}")
+    a = d["actuator"]
+    lines.append(f"actuator: events {a['events']}, applied {a['applied']}, errors {a['errors']},"
+                 f" latency {a['latency_us']}")
+    return "\n".join(lines)
+
+
+async def serve(engine: PolicyEngine) -> None:
+    """Run `engine` until SIGTERM/SIGINT, then close it (restore, detach, unpin): the one exit path."""
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(engine.run)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                async for _ in sigs:
+                    nursery.cancel_scope.cancel()
+                    break
+    finally:
+        engine.close()

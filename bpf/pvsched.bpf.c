@@ -1,0 +1,655 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+/*
+ * pvsched host policy: turns what a guest writes in its vCPU slots into host
+ * scheduling parameters for the vCPU threads (shared/DESIGN.md, "Host
+ * policy").  The programs only decide; they post each change to a ring
+ * buffer and the policy process applies it with sched_setattr.
+ *
+ * One decision function, pvsched_eval(), serves every event: the sched and
+ * KVM tracepoints (slot read with bpf_probe_read_user in the vCPU thread's
+ * own context) and the backstop, a syscall program the policy process runs
+ * every backstop_ms with the slot's address in its own memfd mapping (so a
+ * vCPU that never leaves the CPU is still evaluated and throttled).
+ *
+ * Hysteresis is part of the policy: a halt boost is held while the slot shows
+ * IDLE; a boost is dropped only when the request stops being urgent or the
+ * throttle ends it, never per event (per-event flipping measured worse than
+ * no boosting at all).
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include "pvsched_policy.h"
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";
+
+#define SCHED_OTHER 0
+#define SCHED_FIFO 1
+#define SCHED_RR 2
+#define SCHED_BATCH 3
+#define SCHED_IDLE 5
+#define TASK_RUNNING 0
+#define EFAULT 14
+#define EAGAIN 11
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PVSCHED_MAX_VCPUS);
+	__type(key, __u32);			/* vCPU thread TID */
+	__type(value, struct pvsched_vcpu);
+} vcpus SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pvsched_tunables);
+} tunables SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, PVSCHED_STAT_NR);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+/* APIC id (== vCPU id under pyvmm) -> TID, for kvm_apic_accept_irq. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, PVSCHED_MAX_VCPUS);
+	__type(key, __u32);
+	__type(value, __u32);
+} apic_tid SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, PVSCHED_RINGBUF_BYTES);
+} events SEC(".maps");
+
+static __always_inline void stat_inc(__u32 idx)
+{
+	__u64 *c = bpf_map_lookup_elem(&stats, &idx);
+
+	if (c)
+		(*c)++;
+}
+
+static __always_inline struct pvsched_tunables *get_tunables(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&tunables, &zero);
+}
+
+static __always_inline bool is_rt(__s32 policy)
+{
+	return policy == SCHED_FIFO || policy == SCHED_RR;
+}
+
+/* Ordering of parameters by how much CPU they win: higher is stronger. */
+static __always_inline int rank(const struct pvsched_sched_params *p)
+{
+	if (is_rt(p->policy))
+		return 100 + (int)p->rt_priority;
+	if (p->policy == SCHED_IDLE)
+		return 0;
+	return 20 - p->nice;
+}
+
+static __always_inline bool same_params(const struct pvsched_sched_params *a,
+					const struct pvsched_sched_params *b)
+{
+	return a->policy == b->policy && a->rt_priority == b->rt_priority && a->nice == b->nice;
+}
+
+/*
+ * Read and validate a slot's guest area under its seqcount: retried a bounded
+ * number of times when odd or changed, then ignored.  `sleepable` picks
+ * bpf_copy_from_user (backstop, may fault in) over bpf_probe_read_user.
+ */
+static __always_inline int read_slot(__u64 addr, struct pvsched_slot_snap *out, bool sleepable)
+{
+	struct pvsched_guest_area g = {};
+	__u32 seq1 = 0, seq2 = 0;
+	int i, err;
+
+	for (i = 0; i < PVSCHED_SLOT_READ_TRIES; i++) {
+		if (sleepable)
+			err = bpf_copy_from_user(&seq1, sizeof(seq1), (void *)addr);
+		else
+			err = bpf_probe_read_user(&seq1, sizeof(seq1), (void *)addr);
+		if (err)
+			return -EFAULT;
+		if (seq1 & 1)
+			continue;
+		if (sleepable)
+			err = bpf_copy_from_user(&g, sizeof(g), (void *)addr);
+		else
+			err = bpf_probe_read_user(&g, sizeof(g), (void *)addr);
+		if (err)
+			return -EFAULT;
+		if (sleepable)
+			err = bpf_copy_from_user(&seq2, sizeof(seq2), (void *)addr);
+		else
+			err = bpf_probe_read_user(&seq2, sizeof(seq2), (void *)addr);
+		if (err)
+			return -EFAULT;
+		if (seq2 != seq1 || g.seq != seq1)
+			continue;
+		if (i)
+			stat_inc(PVSCHED_STAT_SLOT_RETRY);
+		/* hostile input: validate and clamp every field */
+		out->seq = seq1;
+		out->flags = g.flags & PVSCHED_FLAGS_ALL;
+		out->wake_hint = g.wake_hint;
+		out->policy = g.policy;
+		out->rt_priority = 0;
+		out->nice = g.nice < -20 ? -20 : (g.nice > 19 ? 19 : g.nice);
+		if (is_rt(g.policy))
+			out->rt_priority = g.rt_priority < 1 ? 1 : (g.rt_priority > 99 ? 99 : g.rt_priority);
+		else if (g.policy != SCHED_BATCH && g.policy != SCHED_IDLE)
+			out->policy = SCHED_OTHER; /* DEADLINE, EXT, unknown: OTHER, never boosted */
+		return 0;
+	}
+	stat_inc(PVSCHED_STAT_SLOT_TORN);
+	return -EAGAIN;
+}
+
+/* Cap RT parameters by the admin's limits; RT keeps the original nice so restoring is exact. */
+static __always_inline void cap(const struct pvsched_tunables *t, const struct pvsched_vcpu *v,
+				struct pvsched_sched_params *p)
+{
+	if (!is_rt(p->policy))
+		return;
+	if (p->rt_priority > t->max_rt_prio)
+		p->rt_priority = t->max_rt_prio;
+	if (p->rt_priority < 1)
+		p->rt_priority = 1;
+	if (p->policy == SCHED_FIFO && !t->allow_fifo)
+		p->policy = SCHED_RR;
+	p->nice = v->orig.nice;
+}
+
+static __always_inline void boost_params(const struct pvsched_tunables *t, const struct pvsched_vcpu *v,
+					 struct pvsched_sched_params *p)
+{
+	p->policy = t->boost_policy;
+	p->rt_priority = t->boost_prio;
+	p->nice = v->orig.nice;
+	p->pad = 0;
+}
+
+/* What the slot asks for: urgent -> boost; FIFO/RR -> 1:1; else its class at the clamped nice. */
+static __always_inline __u32 wanted_from_slot(const struct pvsched_tunables *t, const struct pvsched_vcpu *v,
+					      const struct pvsched_slot_snap *s, struct pvsched_sched_params *p)
+{
+	p->pad = 0;
+	if ((s->flags & PVSCHED_FLAGS_CRITICAL) || s->wake_hint) {
+		boost_params(t, v, p);
+		return PVSCHED_REASON_URGENT;
+	}
+	if (is_rt(s->policy)) {
+		p->policy = s->policy;
+		p->rt_priority = s->rt_priority;
+		p->nice = v->orig.nice;
+		return PVSCHED_REASON_RT_TASK;
+	}
+	p->nice = s->nice < t->min_nice ? t->min_nice : s->nice;
+	p->policy = s->policy;
+	p->rt_priority = 0;
+	if (p->policy == SCHED_OTHER && p->nice == 0)
+		*p = v->orig; /* plain work: the thread's own attributes */
+	return PVSCHED_REASON_NORMAL;
+}
+
+/* Add boosted run time up to now; the checkpoint moves so nothing is counted twice. */
+static __always_inline void account(struct pvsched_vcpu *v, const struct pvsched_tunables *t, __u64 now)
+{
+	if (now - v->window_start_ns >= t->throttle_window_ns) {
+		v->window_start_ns = now;
+		v->window_boosted_ns = 0;
+	}
+	if (v->run_start_ns && now > v->run_start_ns) {
+		__u64 d = now - v->run_start_ns;
+
+		v->window_boosted_ns += d;
+		v->boosted_ns += d;
+		v->run_start_ns = now;
+	}
+}
+
+/* Post a change to the actuator; on a full ring buffer nothing changes (retried next time). */
+static __always_inline int post(struct pvsched_vcpu *v, __u32 tid, const struct pvsched_tunables *t,
+				const struct pvsched_sched_params *p, __u32 state, __u32 reason,
+				__u32 source, __u64 now)
+{
+	struct pvsched_event *e;
+
+	if (same_params(p, &v->posted) && state == v->state) {
+		stat_inc(PVSCHED_STAT_UNCHANGED);
+		return 0;
+	}
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		stat_inc(PVSCHED_STAT_RB_DROP);
+		return -1;
+	}
+	if (state == PVSCHED_STATE_BOOSTED && v->state != PVSCHED_STATE_BOOSTED) {
+		v->boosts++;
+		stat_inc(PVSCHED_STAT_BOOST);
+	} else if (state == PVSCHED_STATE_NORMAL && v->state == PVSCHED_STATE_BOOSTED) {
+		stat_inc(PVSCHED_STAT_UNBOOST);
+	}
+	v->posted = *p;
+	v->state = state;
+	v->reason = reason;
+	v->gen++;
+	/* boosted run time is counted from the decision on */
+	v->run_start_ns = (v->running && state == PVSCHED_STATE_BOOSTED) ? now : 0;
+
+	e->ts_ns = now;
+	e->gen = v->gen;
+	e->kind = PVSCHED_EV_APPLY;
+	e->tid = tid;
+	e->vm_id = v->vm_id;
+	e->vcpu_id = v->vcpu_id;
+	e->state = state;
+	e->reason = reason;
+	e->source = source;
+	e->pad = 0;
+	e->params = *p;
+	e->boosts = v->boosts;
+	e->throttles = v->throttles;
+	e->boosted_ns = v->boosted_ns;
+	bpf_ringbuf_submit(e, 0);
+	stat_inc(PVSCHED_STAT_POSTED);
+	if (t->debug >= 1)
+		bpf_printk("pvsched: tid %u state %u policy %d prio %u reason %u src %u", tid, state,
+			   p->policy, p->rt_priority, reason, source);
+	return 1;
+}
+
+/*
+ * The state machine (DESIGN.md event table).  `s` is the validated slot, or
+ * NULL for events that carry none (wakeup, interrupt).  Called with v->lock.
+ */
+static __always_inline int pvsched_eval(struct pvsched_vcpu *v, __u32 tid, const struct pvsched_tunables *t,
+					__u32 source, const struct pvsched_slot_snap *s, __u32 force_reason,
+					__u64 now)
+{
+	struct pvsched_sched_params want;
+	__u32 reason, state;
+
+	v->last_eval_ns = now;
+	if (s)
+		v->last_slot = *s;
+	account(v, t, now);
+
+	if (v->state == PVSCHED_STATE_THROTTLED) {
+		if (now < v->throttle_until_ns) {
+			stat_inc(PVSCHED_STAT_THROTTLED_IGNORED);
+			return 0;
+		}
+		/*
+		 * Throttle over: a fresh window, then evaluate as usual; v->state
+		 * stays THROTTLED until post() so the change reaches the host area.
+		 */
+		v->window_start_ns = now;
+		v->window_boosted_ns = 0;
+		v->hold = 0;
+		stat_inc(PVSCHED_STAT_UNTHROTTLE);
+		force_reason = PVSCHED_REASON_UNTHROTTLE;
+		if (!s) {
+			want = v->orig;
+			return post(v, tid, t, &want, PVSCHED_STATE_NORMAL, force_reason, source, now);
+		}
+	}
+
+	if (v->state == PVSCHED_STATE_BOOSTED && v->window_boosted_ns > t->max_boost_runtime_ns) {
+		want = v->orig;
+		v->hold = 0;
+		v->throttle_until_ns = now + t->throttle_ns;
+		v->throttles++;
+		stat_inc(PVSCHED_STAT_THROTTLE);
+		/* a halt does not reset the count: only the window or the throttle's end does */
+		return post(v, tid, t, &want, PVSCHED_STATE_THROTTLED, PVSCHED_REASON_THROTTLE, source, now);
+	}
+
+	switch (source) {
+	case PVSCHED_SRC_HALT:
+		v->halted = 1;
+		if (!t->boost_on_halt)
+			goto from_slot;
+		boost_params(t, v, &want);
+		reason = PVSCHED_REASON_HALT;
+		v->hold = 1;
+		break;
+	case PVSCHED_SRC_WAKEUP:
+	case PVSCHED_SRC_IRQ:
+		/* interrupt injection: only a halted vCPU, boost unless throttled (usually already is) */
+		if (!v->halted || !t->boost_on_halt || v->state == PVSCHED_STATE_BOOSTED)
+			return 0;
+		boost_params(t, v, &want);
+		reason = PVSCHED_REASON_IRQ;
+		v->hold = 1;
+		break;
+	default:
+		if (!s)
+			return 0;
+		if ((s->flags & PVSCHED_FLAG_IDLE) && v->hold) {
+			/* hysteresis: the halt boost is held while the vCPU stays idle */
+			stat_inc(PVSCHED_STAT_HOLD);
+			return 0;
+		}
+from_slot:
+		if (!s)
+			return 0;
+		if (!(s->flags & PVSCHED_FLAG_IDLE))
+			v->halted = 0;
+		v->hold = 0;
+		reason = wanted_from_slot(t, v, s, &want);
+		break;
+	}
+	cap(t, v, &want);
+	state = rank(&want) > rank(&v->orig) ? PVSCHED_STATE_BOOSTED : PVSCHED_STATE_NORMAL;
+	/* a forced re-evaluation (unthrottle, new tunables) names itself when params stay */
+	if (force_reason != PVSCHED_REASON_NONE && same_params(&want, &v->posted))
+		reason = force_reason;
+	return post(v, tid, t, &want, state, reason, source, now);
+}
+
+static __always_inline bool vcpu_trylock(struct pvsched_vcpu *v)
+{
+	if (__sync_val_compare_and_swap(&v->lock, 0, 1) != 0) {
+		stat_inc(PVSCHED_STAT_LOCK_BUSY);
+		return false;
+	}
+	return true;
+}
+
+static __always_inline void vcpu_unlock(struct pvsched_vcpu *v)
+{
+	/* release: the entry's stores stay before this one (compiler barrier; x86 is TSO) */
+	asm volatile("" ::: "memory");
+	*(volatile __u32 *)&v->lock = 0;
+}
+
+/* vCPU out (VMEXIT-like, or HALT when it blocks with an IDLE slot) and vCPU in (VMENTER-like). */
+SEC("tp_btf/sched_switch")
+int BPF_PROG(pvs_switch, bool preempt, struct task_struct *prev, struct task_struct *next,
+	     unsigned int prev_state)
+{
+	struct pvsched_tunables *t = get_tunables();
+	struct pvsched_slot_snap snap = {};
+	struct pvsched_vcpu *v;
+	__u64 now;
+	__u32 tid;
+
+	if (!t || !t->vmm_pid)
+		return 0;
+	now = bpf_ktime_get_ns();
+
+	if (prev->tgid == t->vmm_pid) {
+		tid = prev->pid;
+		v = bpf_map_lookup_elem(&vcpus, &tid);
+		/* current == prev here: the slot HVA is in this address space */
+		if (v && (bpf_get_current_pid_tgid() >> 32) == t->vmm_pid && vcpu_trylock(v)) {
+			bool runnable = preempt || prev_state == TASK_RUNNING;
+			int err = read_slot(v->slot_hva, &snap, false);
+
+			account(v, t, now);
+			v->running = 0;
+			v->run_start_ns = 0;
+			if (err == -EFAULT)
+				stat_inc(PVSCHED_STAT_SLOT_FAULT);
+			if (!err) {
+				__u32 src;
+
+				if (runnable) {
+					src = PVSCHED_SRC_PREEMPT;
+					stat_inc(PVSCHED_STAT_PREEMPT);
+				} else if (snap.flags & PVSCHED_FLAG_IDLE) {
+					src = PVSCHED_SRC_HALT;
+					stat_inc(PVSCHED_STAT_HALT);
+				} else {
+					src = PVSCHED_SRC_BLOCK;
+					stat_inc(PVSCHED_STAT_BLOCK);
+				}
+				if (t->debug >= 2)
+					bpf_printk("pvsched: out tid %u src %u flags %x policy %d", tid, src,
+						   snap.flags, snap.policy);
+				pvsched_eval(v, tid, t, src, &snap, PVSCHED_REASON_NONE, now);
+			}
+			vcpu_unlock(v);
+		}
+	}
+
+	if (next->tgid == t->vmm_pid) {
+		tid = next->pid;
+		v = bpf_map_lookup_elem(&vcpus, &tid);
+		if (v && vcpu_trylock(v)) {
+			stat_inc(PVSCHED_STAT_SWITCH_IN);
+			v->running = 1;
+			v->run_start_ns = v->state == PVSCHED_STATE_BOOSTED ? now : 0;
+			vcpu_unlock(v);
+		}
+	}
+	return 0;
+}
+
+/* Wakeup of a halted vCPU thread: the interrupt-injection event of the seed. */
+SEC("tp_btf/sched_wakeup")
+int BPF_PROG(pvs_wakeup, struct task_struct *p)
+{
+	struct pvsched_tunables *t = get_tunables();
+	struct pvsched_vcpu *v;
+	__u32 tid;
+
+	if (!t || !t->vmm_pid || p->tgid != t->vmm_pid)
+		return 0;
+	tid = p->pid;
+	v = bpf_map_lookup_elem(&vcpus, &tid);
+	if (!v)
+		return 0;
+	stat_inc(PVSCHED_STAT_WAKEUP);
+	if (v->halted && vcpu_trylock(v)) {
+		pvsched_eval(v, tid, t, PVSCHED_SRC_WAKEUP, NULL, PVSCHED_REASON_NONE, bpf_ktime_get_ns());
+		vcpu_unlock(v);
+	}
+	return 0;
+}
+
+/* A vCPU thread that exits: tell the actuator to forget it. */
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(pvs_exit, struct task_struct *p)
+{
+	struct pvsched_tunables *t = get_tunables();
+	struct pvsched_event *e;
+	struct pvsched_vcpu *v;
+	__u32 tid;
+
+	if (!t || !t->vmm_pid || p->tgid != t->vmm_pid)
+		return 0;
+	tid = p->pid;
+	v = bpf_map_lookup_elem(&vcpus, &tid);
+	if (!v)
+		return 0;
+	stat_inc(PVSCHED_STAT_EXITED);
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		stat_inc(PVSCHED_STAT_RB_DROP);
+		return 0;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->ts_ns = bpf_ktime_get_ns();
+	e->kind = PVSCHED_EV_EXITED;
+	e->tid = tid;
+	e->vm_id = v->vm_id;
+	e->vcpu_id = v->vcpu_id;
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+/* Current task is a registered vCPU thread of our VMM: its entry, else NULL. */
+static __always_inline struct pvsched_vcpu *current_vcpu(const struct pvsched_tunables *t, __u32 *tid)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+
+	if ((id >> 32) != t->vmm_pid) {
+		stat_inc(PVSCHED_STAT_OTHER_CTX);
+		return NULL;
+	}
+	*tid = (__u32)id;
+	return bpf_map_lookup_elem(&vcpus, tid);
+}
+
+/* Optional KVM events: attached where this kernel has them; they never fire on PVM. */
+SEC("tp_btf/kvm_exit")
+int BPF_PROG(pvs_kvm_exit)
+{
+	struct pvsched_tunables *t = get_tunables();
+	struct pvsched_slot_snap snap = {};
+	struct pvsched_vcpu *v;
+	__u32 tid;
+
+	if (!t || !t->vmm_pid)
+		return 0;
+	v = current_vcpu(t, &tid);
+	if (!v)
+		return 0;
+	stat_inc(PVSCHED_STAT_KVM_EXIT);
+	if (!vcpu_trylock(v))
+		return 0;
+	if (!read_slot(v->slot_hva, &snap, false))
+		pvsched_eval(v, tid, t, PVSCHED_SRC_KVM_EXIT, &snap, PVSCHED_REASON_NONE, bpf_ktime_get_ns());
+	vcpu_unlock(v);
+	return 0;
+}
+
+SEC("tp_btf/kvm_entry")
+int BPF_PROG(pvs_kvm_entry)
+{
+	struct pvsched_tunables *t = get_tunables();
+	struct pvsched_vcpu *v;
+	__u32 tid;
+
+	if (!t || !t->vmm_pid)
+		return 0;
+	v = current_vcpu(t, &tid);
+	if (!v)
+		return 0;
+	stat_inc(PVSCHED_STAT_KVM_ENTRY);
+	if (vcpu_trylock(v)) {
+		if (v->state == PVSCHED_STATE_BOOSTED && !v->run_start_ns)
+			v->run_start_ns = bpf_ktime_get_ns();
+		v->running = 1;
+		vcpu_unlock(v);
+	}
+	return 0;
+}
+
+SEC("tp_btf/kvm_vcpu_wakeup")
+int BPF_PROG(pvs_vcpu_wakeup)
+{
+	struct pvsched_tunables *t = get_tunables();
+	__u32 tid;
+
+	if (t && t->vmm_pid && current_vcpu(t, &tid))
+		stat_inc(PVSCHED_STAT_VCPU_WAKEUP);
+	return 0;
+}
+
+SEC("tp_btf/kvm_set_irq")
+int BPF_PROG(pvs_set_irq)
+{
+	struct pvsched_tunables *t = get_tunables();
+
+	/* carries only a GSI: counted, never acted on */
+	if (t && t->vmm_pid && (bpf_get_current_pid_tgid() >> 32) == t->vmm_pid)
+		stat_inc(PVSCHED_STAT_SET_IRQ);
+	return 0;
+}
+
+static __always_inline void irq_to(const struct pvsched_tunables *t, __u32 tid)
+{
+	struct pvsched_vcpu *v = bpf_map_lookup_elem(&vcpus, &tid);
+
+	if (!v)
+		return;
+	stat_inc(PVSCHED_STAT_IRQ);
+	if (v->halted && vcpu_trylock(v)) {
+		pvsched_eval(v, tid, t, PVSCHED_SRC_IRQ, NULL, PVSCHED_REASON_NONE, bpf_ktime_get_ns());
+		vcpu_unlock(v);
+	}
+}
+
+/* Names an APIC id, not a VM: used only in the VMM's own context. */
+SEC("tp_btf/kvm_apic_accept_irq")
+int BPF_PROG(pvs_accept_irq, __u32 apicid)
+{
+	struct pvsched_tunables *t = get_tunables();
+	__u32 key = apicid, *tid;
+
+	if (!t || !t->vmm_pid)
+		return 0;
+	if ((bpf_get_current_pid_tgid() >> 32) != t->vmm_pid) {
+		stat_inc(PVSCHED_STAT_OTHER_CTX);
+		return 0;
+	}
+	tid = bpf_map_lookup_elem(&apic_tid, &key);
+	if (tid && *tid)
+		irq_to(t, *tid);
+	return 0;
+}
+
+SEC("tp_btf/kvm_inj_virq")
+int BPF_PROG(pvs_inj_virq)
+{
+	struct pvsched_tunables *t = get_tunables();
+	__u64 id = bpf_get_current_pid_tgid();
+
+	if (!t || !t->vmm_pid)
+		return 0;
+	if ((id >> 32) != t->vmm_pid) {
+		stat_inc(PVSCHED_STAT_OTHER_CTX);
+		return 0;
+	}
+	irq_to(t, (__u32)id);
+	return 0;
+}
+
+/*
+ * Backstop: the policy process runs this (BPF_PROG_TEST_RUN) every
+ * backstop_ms per vCPU, and once after set_tunables, so a vCPU that never
+ * switches out (a FIFO spinner) is still evaluated and throttled by the same
+ * code as every other event.
+ */
+SEC("syscall")
+int pvs_backstop(struct pvsched_backstop_ctx *ctx)
+{
+	struct pvsched_tunables *t = get_tunables();
+	struct pvsched_slot_snap snap = {};
+	struct pvsched_vcpu *v;
+	__u32 tid = ctx->tid;
+	int err, ret = 0;
+
+	if (!t)
+		return -1;
+	v = bpf_map_lookup_elem(&vcpus, &tid);
+	if (!v)
+		return -1;
+	stat_inc(PVSCHED_STAT_BACKSTOP);
+	err = read_slot(ctx->slot_uaddr, &snap, true);
+	if (err == -EFAULT)
+		stat_inc(PVSCHED_STAT_SLOT_FAULT);
+	if (vcpu_trylock(v)) {
+		__u64 now = bpf_ktime_get_ns();
+
+		if (err)
+			account(v, t, now);
+		else
+			ret = pvsched_eval(v, tid, t, PVSCHED_SRC_BACKSTOP, &snap, ctx->reason, now);
+		vcpu_unlock(v);
+	}
+	return ret;
+}

@@ -1,0 +1,159 @@
+"""Policy tunables: names, defaults, validation (RT ladder) and conversion to the BPF map value.
+
+Names are what `pyvmm policy set KEY=VALUE` takes; values arrive as strings.
+Defaults and their reasons (shared/DESIGN.md, "Host policy"):
+- boost_policy rr, boost_prio 8: RR so two boosted vCPUs on one core share it;
+  8 sits above typical guest RT tasks' hosts yet far below the actuator (40).
+- max_rt_prio 10, allow_fifo false: a guest can never out-rank host RT work
+  above 10, and never get FIFO (no round robin among boosted vCPUs) unless allowed.
+- min_nice -10: a guest's nice requests are honoured down to -10 only.
+- max_boost_runtime_ms 30 per throttle_window_ms 100, throttle_ms 100: a
+  boosted vCPU gets at most ~30% of a CPU at RT before it is throttled, so a
+  FIFO spinner in a guest cannot starve the host.
+- boost_on_halt true: the ring-buffer hop costs tens of microseconds, so the
+  boost must be in place before the wakeup; boosting at halt hides the hop.
+- backstop_ms 5: bounds how long a vCPU that never exits keeps a stale boost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vmm.sched_attr import SCHED_FIFO, SCHED_RR
+
+RT_PRIO_LIMIT = 30  # RT ladder: guest caps and boosts <= 30 < actuator 40 < watchdogs 50
+
+DEFAULTS: dict[str, str] = {
+    "boost_policy": "rr",
+    "boost_prio": "8",
+    "max_rt_prio": "10",
+    "allow_fifo": "false",
+    "min_nice": "-10",
+    "max_boost_runtime_ms": "30",
+    "throttle_window_ms": "100",
+    "throttle_ms": "100",
+    "boost_on_halt": "true",
+    "backstop_ms": "5",
+    "debug": "0",
+}
+
+DESCRIPTIONS: dict[str, str] = {
+    "boost_policy": "policy of urgent, halt and interrupt boosts (rr|fifo)",
+    "boost_prio": f"RT priority of those boosts (1-{RT_PRIO_LIMIT})",
+    "max_rt_prio": f"cap on every RT priority given to a vCPU (1-{RT_PRIO_LIMIT})",
+    "allow_fifo": "let FIFO requests stay FIFO (else RR at the same capped priority)",
+    "min_nice": "floor for nice values translated from the guest (-20..19)",
+    "max_boost_runtime_ms": "boosted run time allowed per window before throttling",
+    "throttle_window_ms": "window over which boosted run time is counted",
+    "throttle_ms": "how long a throttled vCPU runs with its original attributes",
+    "boost_on_halt": "boost a vCPU when it halts (idle) and hold it while idle",
+    "backstop_ms": "period of the policy process's re-evaluation of every slot",
+    "debug": "0 off, 1 bpf_printk per decision, 2 per event (trace_pipe)",
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_POLICIES = {"rr": SCHED_RR, "fifo": SCHED_FIFO}
+
+
+class TunableError(ValueError):
+    """A tunable name or value that is not accepted; the message says which and why."""
+
+
+def _int(key: str, value: str, lo: int, hi: int) -> int:
+    try:
+        v = int(str(value).strip(), 0)
+    except ValueError:
+        raise TunableError(f"{key}={value!r}: not an integer") from None
+    if not lo <= v <= hi:
+        raise TunableError(f"{key}={v}: must be within {lo}..{hi}")
+    return v
+
+
+def _bool(key: str, value: str) -> bool:
+    v = str(value).strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise TunableError(f"{key}={value!r}: expected true or false")
+
+
+@dataclass(frozen=True)
+class Tunables:
+    """A validated set of tunables (typed; ms values as given)."""
+
+    boost_policy: int
+    boost_prio: int
+    max_rt_prio: int
+    allow_fifo: bool
+    min_nice: int
+    max_boost_runtime_ms: int
+    throttle_window_ms: int
+    throttle_ms: int
+    boost_on_halt: bool
+    backstop_ms: int
+    debug: int
+
+    def as_strings(self) -> dict[str, str]:
+        """The tunables as `policy set` takes them (canonical spelling)."""
+        pol = {v: k for k, v in _POLICIES.items()}[self.boost_policy]
+        return {
+            "boost_policy": pol,
+            "boost_prio": str(self.boost_prio),
+            "max_rt_prio": str(self.max_rt_prio),
+            "allow_fifo": str(self.allow_fifo).lower(),
+            "min_nice": str(self.min_nice),
+            "max_boost_runtime_ms": str(self.max_boost_runtime_ms),
+            "throttle_window_ms": str(self.throttle_window_ms),
+            "throttle_ms": str(self.throttle_ms),
+            "boost_on_halt": str(self.boost_on_halt).lower(),
+            "backstop_ms": str(self.backstop_ms),
+            "debug": str(self.debug),
+        }
+
+    def fill(self, value, vmm_pid: int) -> None:
+        """Write into a cffi `struct pvsched_tunables *` (ms converted to ns here, once)."""
+        ms = 1_000_000
+        value.vmm_pid = vmm_pid
+        value.boost_policy = self.boost_policy
+        value.boost_prio = self.boost_prio
+        value.max_rt_prio = self.max_rt_prio
+        value.allow_fifo = int(self.allow_fifo)
+        value.min_nice = self.min_nice
+        value.boost_on_halt = int(self.boost_on_halt)
+        value.debug = self.debug
+        value.max_boost_runtime_ns = self.max_boost_runtime_ms * ms
+        value.throttle_window_ns = self.throttle_window_ms * ms
+        value.throttle_ns = self.throttle_ms * ms
+        value.backstop_ns = self.backstop_ms * ms
+
+
+def parse(values: dict[str, str] | None, base: dict[str, str] | None = None) -> Tunables:
+    """Validate `values` over `base` (default: DEFAULTS) as a whole: all accepted or TunableError."""
+    merged = dict(base or DEFAULTS)
+    for k, v in (values or {}).items():
+        if k not in DEFAULTS:
+            raise TunableError(f"unknown tunable {k!r} (known: {', '.join(DEFAULTS)})")
+        merged[k] = str(v)
+    pol = merged["boost_policy"].strip().lower()
+    if pol not in _POLICIES:
+        raise TunableError(f"boost_policy={merged['boost_policy']!r}: expected rr or fifo")
+    t = Tunables(
+        boost_policy=_POLICIES[pol],
+        boost_prio=_int("boost_prio", merged["boost_prio"], 1, RT_PRIO_LIMIT),
+        max_rt_prio=_int("max_rt_prio", merged["max_rt_prio"], 1, RT_PRIO_LIMIT),
+        allow_fifo=_bool("allow_fifo", merged["allow_fifo"]),
+        min_nice=_int("min_nice", merged["min_nice"], -20, 19),
+        max_boost_runtime_ms=_int("max_boost_runtime_ms", merged["max_boost_runtime_ms"], 1, 60_000),
+        throttle_window_ms=_int("throttle_window_ms", merged["throttle_window_ms"], 1, 60_000),
+        throttle_ms=_int("throttle_ms", merged["throttle_ms"], 0, 60_000),
+        boost_on_halt=_bool("boost_on_halt", merged["boost_on_halt"]),
+        backstop_ms=_int("backstop_ms", merged["backstop_ms"], 1, 1000),
+        debug=_int("debug", merged["debug"], 0, 2),
+    )
+    if t.max_boost_runtime_ms > t.throttle_window_ms:
+        raise TunableError(
+            f"max_boost_runtime_ms={t.max_boost_runtime_ms} exceeds throttle_window_ms={t.throttle_window_ms}"
+        )
+    return t
