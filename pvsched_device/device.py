@@ -11,6 +11,7 @@ concurrently, so all register state sits behind one lock.
 from __future__ import annotations
 
 import errno
+import inspect
 import logging
 import threading
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from vmm.sched_attr import SchedAttr, sched_getattr, sched_setattr
 
 C = abi.C
 U32 = 0xFFFFFFFF
+STATUS_TIMEOUT_S = 2.0
 REG = {
     "MAGIC": C.PVSCHED_REG_MAGIC, "HOST_VERSION": C.PVSCHED_REG_HOST_VERSION,
     "HOST_FEATURES": C.PVSCHED_REG_HOST_FEATURES, "GUEST_FEATURES": C.PVSCHED_REG_GUEST_FEATURES,
@@ -369,50 +371,103 @@ class PvschedDevice(PciDevice):
                 "engine_error": sup.ready.get("engine_error"), "error": self.policy_error,
                 "returncode": sup.returncode}
 
-    def handle_status(self, req: dict[str, Any], previous: Callable[[dict], dict] | None = None) -> dict[str, Any]:
-        """Control command "status": the device (and the VMM's own status, if it had one) as text and data."""
+    def handle_status(self, req: dict[str, Any], previous: Callable[[dict], Any] | None = None) -> Any:
+        """Control command "status": the VMM's own status, the device, and the policy process's own view.
+
+        Returns a dict, or (on the VMM's trio thread, where waiting would block the loop) an awaitable of one.
+        """
         base = previous(req) if previous else {}
+        sup = self.supervisor
+        if inspect.isawaitable(base) or (sup is not None and sup.alive and sup.in_trio_thread()):
+            async def status() -> dict[str, Any]:
+                b = await base if inspect.isawaitable(base) else base
+                view: dict[str, Any] | None = None
+                if sup is not None and sup.alive:
+                    try:
+                        view = _policy_view(await sup.arequest({"op": "status"}, STATUS_TIMEOUT_S))
+                    except PolicyUnavailable as e:
+                        view = {"error": str(e)}
+                return self._compose_status(b, view)
+            return status()
+        view = None
+        if sup is not None and sup.alive:
+            try:
+                view = _policy_view(sup.request({"op": "status"}, STATUS_TIMEOUT_S))
+            except PolicyUnavailable as e:
+                view = {"error": str(e)}
+        return self._compose_status(base, view)
+
+    def _compose_status(self, base: dict[str, Any], view: dict[str, Any] | None) -> dict[str, Any]:
         data = self.snapshot()
+        if view is not None:
+            data["policy"]["process"] = view
         lines = [base["text"]] if base.get("text") else []
         lines.append(format_status(data))
         return {**{k: v for k, v in base.items() if k != "text"}, "pvsched": data, "text": "\n".join(lines)}
 
-    def _forward(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def _forward(self, msg: dict[str, Any], finish: Callable[[dict[str, Any]], dict[str, Any]]) -> Any:
+        """Send a control request to the policy process; from the trio thread, return an awaitable instead."""
         if not self.policy:
             return {"error": "pvsched policy is off (--no-policy)"}
-        if self.supervisor is None or not self.supervisor.alive:
+        sup = self.supervisor
+        if sup is None or not sup.alive:
             return {"error": f"pvsched policy process is not running ({self.policy_error or 'not started'})"}
+        if sup.in_trio_thread():  # the VMM's control server awaits what a handler returns
+            async def forward() -> dict[str, Any]:
+                try:
+                    return finish(await sup.arequest(msg))
+                except PolicyUnavailable as e:
+                    return {"error": str(e)}
+            return forward()
         try:
-            reply = self.supervisor.request(msg)
+            return finish(sup.request(msg))
         except PolicyUnavailable as e:
             return {"error": str(e)}
+
+    @staticmethod
+    def _clean(reply: dict[str, Any]) -> dict[str, Any]:
+        reply = dict(reply)
         reply.pop("id", None)
         reply.pop("ok", None)
         return reply
 
-    def handle_policy_show(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Control command "policy.show": the engine's state, stats and tunables."""
-        reply = self._forward({"op": "policy.show"})
-        if "error" not in reply and "text" not in reply:
-            reply["text"] = format_policy_show(reply)
-        return reply
+    def handle_policy_show(self, req: dict[str, Any]) -> Any:
+        """Control command "policy.show": the engine's state, stats and tunables (dict, or awaitable of one)."""
+        def finish(reply: dict[str, Any]) -> dict[str, Any]:
+            reply = self._clean(reply)
+            if "error" not in reply and "text" not in reply:
+                reply["text"] = format_policy_show(reply)
+            return reply
+        return self._forward({"op": "policy.show"}, finish)
 
-    def handle_policy_set(self, req: dict[str, Any]) -> dict[str, Any]:
+    def handle_policy_set(self, req: dict[str, Any]) -> Any:
         """Control command "policy.set": validate and apply tunables in the policy process."""
         values = req.get("values")
         if not isinstance(values, dict) or not values:
             return {"error": "policy.set needs \"values\": {KEY: VALUE, ...}"}
-        reply = self._forward({"op": "policy.set", "values": {str(k): str(v) for k, v in values.items()}})
-        if "error" not in reply:
-            tun = reply.get("tunables", {})
-            reply["text"] = "\n".join(f"{k} = {v}" for k, v in sorted(tun.items())) if isinstance(tun, dict) else ""
-        return reply
+
+        def finish(reply: dict[str, Any]) -> dict[str, Any]:
+            reply = self._clean(reply)
+            tun = reply.get("tunables")
+            if "error" not in reply and isinstance(tun, dict):
+                reply["text"] = "\n".join(f"{k} = {v}" for k, v in sorted(tun.items()))
+            return reply
+        return self._forward({"op": "policy.set", "values": {str(k): str(v) for k, v in values.items()}}, finish)
 
     def policy_status(self, timeout: float = 2.0) -> dict[str, Any]:
         """The policy process's own view (sandbox, registration, slots as it reads them)."""
         if self.supervisor is None:
             raise PolicyUnavailable("no policy process")
         return self.supervisor.request({"op": "status"}, timeout)
+
+
+def _policy_view(reply: dict[str, Any]) -> dict[str, Any]:
+    """The policy process's status reply, trimmed to what it alone can tell: sandbox, registration, slot reads."""
+    if "error" in reply:
+        return {"error": reply["error"]}
+    return {"pid": reply.get("pid"), "sandbox": reply.get("sandbox"), "registered": reply.get("registered"),
+            "engine": reply.get("engine"),
+            "vcpus": [{"id": v.get("id"), "tid": v.get("tid"), "guest": v.get("guest")} for v in reply.get("vcpus", [])]}
 
 
 def format_status(d: dict[str, Any]) -> str:
@@ -429,6 +484,14 @@ def format_status(d: dict[str, Any]) -> str:
     elif p.get("running"):
         lines.append(f"  policy: process {p['pid']}, " + ("BPF policy loaded" if p["engine"]
                                                          else f"no BPF ({p.get('engine_error')})"))
+        view = p.get("process") or {}
+        sb = view.get("sandbox")
+        if sb:
+            lines.append(f"    sandbox: {' '.join(sb['cap_eff'])}, no_new_privs {int(sb['no_new_privs'])}, "
+                         f"seccomp {sb['seccomp']}, interfaces {','.join(sb['net_ifaces'])}; "
+                         + ("VM registered" if view.get("registered") else "VM not registered"))
+        elif "error" in view:
+            lines.append(f"    (no answer: {view['error']})")
     else:
         lines.append(f"  policy: not running ({p.get('error') or 'stopped'}); vCPUs at their original scheduling")
     for v in d["vcpus"]:

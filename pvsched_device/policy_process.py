@@ -285,7 +285,8 @@ def setup_privileged(vmm_pid: int, pin_root: str) -> int | None:
     return stats_fd
 
 
-def make_engine(vmm_pid: int, tunables: dict[str, str], pin_root: str) -> tuple[Any | None, str | None]:
+def make_engine(vmm_pid: int, tunables: dict[str, str], pin_root: str,
+                stats_fd: int | None = None) -> tuple[Any | None, str | None]:
     """The BPF policy engine, or (None, reason) if bpf.engine is missing or fails to start."""
     try:
         from bpf.engine import PolicyEngine
@@ -294,6 +295,8 @@ def make_engine(vmm_pid: int, tunables: dict[str, str], pin_root: str) -> tuple[
         log.warning("running without BPF: %s", reason)
         return None, reason
     try:
+        if stats_fd is not None:  # keyword of bpf.engine beyond contract 4: program run times in show()
+            return PolicyEngine(vmm_pid, tunables or None, pin_root=pin_root, stats_fd=stats_fd), None
         return PolicyEngine(vmm_pid, tunables or None, pin_root=pin_root), None
     except Exception as e:  # noqa: BLE001 - any engine failure leaves the VM running without boosting
         reason = f"PolicyEngine failed: {type(e).__name__}: {e}"
@@ -325,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(tunables, dict):
             raise TypeError("--tunables is not a JSON object")
         sock = socket.socket(fileno=args.fd)
-        setup_privileged(args.vmm_pid, args.pin_root)
+        stats_fd = setup_privileged(args.vmm_pid, args.pin_root)
         abi.ffi()  # preprocesses the ABI header with cc: must happen before exec is forbidden
         sandbox.drop_capabilities()
         sandbox.set_no_new_privs()
@@ -333,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, TypeError) as e:
         log.error("sandbox setup failed: %s", e)
         return 1
-    engine, engine_error = make_engine(args.vmm_pid, tunables, args.pin_root)
+    engine, engine_error = make_engine(args.vmm_pid, tunables, args.pin_root, stats_fd)
     service = PolicyService(args.vmm_pid, engine, engine_error, os.path.join(args.pin_root, str(args.vmm_pid)))
     try:
         if args.no_seccomp:

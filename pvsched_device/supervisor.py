@@ -142,6 +142,29 @@ class PolicySupervisor:
         except concurrent.futures.TimeoutError as e:
             raise PolicyUnavailable(f"policy process did not answer {msg.get('op')} within {timeout} s") from e
 
+    async def arequest(self, msg: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+        """Send a request and await its reply from trio code (the VMM's control socket handlers)."""
+        fut = self.post(msg)
+        done = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def wake(_: Any) -> None:
+            try:
+                token.run_sync_soon(done.set)
+            except trio.RunFinishedError:
+                pass
+
+        fut.add_done_callback(wake)
+        with trio.move_on_after(timeout):
+            await done.wait()
+        if not fut.done():
+            raise PolicyUnavailable(f"policy process did not answer {msg.get('op')} within {timeout} s")
+        return fut.result()
+
+    def in_trio_thread(self) -> bool:
+        """True when called on the thread running this supervisor's trio loop."""
+        return self._in_trio_thread()
+
     def _in_trio_thread(self) -> bool:
         if self._token is None:
             return False
