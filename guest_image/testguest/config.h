@@ -1,0 +1,44 @@
+/* SPDX-License-Identifier: GPL-2.0 OR MIT */
+/*
+ * The test guest's command line (DESIGN.md "Command line" and the team's
+ * contract 3), parsed once by vCPU 0 and read by every vCPU afterwards.
+ * Pure code: also compiled for the host by the unit tests.
+ */
+#ifndef TG_CONFIG_H
+#define TG_CONFIG_H
+
+#include "types.h"
+
+#define TG_MAX_VCPUS 32
+#define TG_MAX_PHASES 8
+
+enum tg_workload {
+	TG_WL_PROBE = 0, /* cyclictest-like RT task woken every interval */
+	TG_WL_BUSY = 1,  /* CPL3 spinner at SCHED_OTHER nice 0 */
+	TG_WL_HOG = 2,   /* asks FIFO hog_prio and never yields */
+	TG_WL_IDLE = 3,  /* halts */
+};
+
+struct tg_config {
+	u32 duration_ms;      /* duration=<s>, decimals allowed (1.5) */
+	u32 interval_us;      /* interval=<us> */
+	s32 probe_policy;     /* PVSCHED_POLICY_RR or _FIFO */
+	u32 probe_prio;
+	u32 hog_prio;
+	u32 pvsched_enabled;  /* pvsched=0 turns the driver off */
+	u32 pvsched_version;  /* what the guest speaks (knob forces it) */
+	u32 pvsched_features; /* what the guest asks for */
+	u32 force_features;   /* pvsched_features= given: ask it unmasked */
+	u32 nr_vcpus;
+	u8 nr_phases[TG_MAX_VCPUS];
+	u8 phases[TG_MAX_VCPUS][TG_MAX_PHASES];
+};
+
+/* Defaults, then parse `cmdline` for nr_vcpus vCPUs.  0, or -1 with a reason in err. */
+int tg_parse_cmdline(const char *cmdline, u32 nr_vcpus, struct tg_config *c,
+		     char *err, u32 errlen);
+
+/* Name of a workload as the command line spells it. */
+const char *tg_workload_name(u32 w);
+
+#endif

@@ -1,0 +1,176 @@
+/* SPDX-License-Identifier: GPL-2.0 OR MIT */
+/*
+ * Test-guest entry (boot contract: 64-bit mode, CPL0, RDI = vCPU id,
+ * RSI = boot_info GPA), identity page tables with the U bit, and the
+ * assembly halves of exceptions, stray interrupts and system calls.
+ * Everything here runs at CPL0, which this machine emulates: few
+ * instructions per path.
+ */
+#define KSTACK_SHIFT 14 /* 16 KiB per vCPU, must match kernel.c */
+#define MAX_VCPUS 32    /* TG_MAX_VCPUS */
+
+	.section .text.entry, "ax"
+	.globl _start
+	.code64
+_start:
+	cli
+	cmp	$MAX_VCPUS, %rdi
+	jae	2f
+	/* rsp = kstacks + (id + 1) * KSTACK: the top of this vCPU's stack. */
+	lea	1(%rdi), %rax
+	shl	$KSTACK_SHIFT, %rax
+	lea	kstacks(%rip), %rsp
+	add	%rax, %rsp
+	xor	%ebp, %ebp
+	call	kmain
+2:	hlt
+	jmp	2b
+
+	.text
+/* enter_user(rip, rsp, arg, cs, ss): iretq to CPL3 with IF=1; never returns. */
+	.globl enter_user
+enter_user:
+	pushq	%r8		/* SS */
+	pushq	%rsi		/* RSP */
+	pushq	$0x202		/* RFLAGS: IF */
+	pushq	%rcx		/* CS */
+	pushq	%rdi		/* RIP */
+	mov	%rdx, %rdi
+	xor	%esi, %esi
+	xor	%edx, %edx
+	xor	%ecx, %ecx
+	xor	%r8d, %r8d
+	xor	%eax, %eax
+	iretq
+
+/*
+ * System calls are `int3` from CPL3 (vector 3, a DPL-3 trap gate): this
+ * machine's KVM (PVM) answers `int $0x80` with #UD and runs `syscall` in
+ * its own supervisor mode rather than at CPL0, while exceptions reach the
+ * IDT as on hardware.  rax = number, rdi/rsi/rdx = arguments, result in
+ * rax; every other register is preserved.
+ */
+	.globl syscall_trap
+syscall_trap:
+	push	%rcx
+	push	%rdx
+	push	%rsi
+	push	%rdi
+	push	%r8
+	push	%r9
+	push	%r10
+	push	%r11
+	sub	$8, %rsp	/* 16-byte alignment for the C call */
+	mov	%rax, %rcx
+	call	syscall_dispatch
+	add	$8, %rsp
+	pop	%r11
+	pop	%r10
+	pop	%r9
+	pop	%r8
+	pop	%rdi
+	pop	%rsi
+	pop	%rdx
+	pop	%rcx
+	iretq
+
+/* Any vector nobody asked for: acknowledge at the LAPIC and go on. */
+	.globl irq_ignore
+irq_ignore:
+	push	%rax
+	mov	$0xfee000b0, %eax
+	movl	$0, (%rax)
+	pop	%rax
+	iretq
+
+/* The LAPIC spurious vector: no EOI. */
+	.globl irq_spurious
+irq_spurious:
+	iretq
+
+/* Exceptions: uniform frame (vector, error code, iret frame), then C. */
+.macro EXC n, haserr
+exc\n:
+	.if \haserr == 0
+	pushq	$0
+	.endif
+	pushq	$\n
+	jmp	exc_common
+.endm
+
+EXC 0, 0
+EXC 1, 0
+EXC 2, 0
+EXC 3, 0
+EXC 4, 0
+EXC 5, 0
+EXC 6, 0
+EXC 7, 0
+EXC 8, 1
+EXC 9, 0
+EXC 10, 1
+EXC 11, 1
+EXC 12, 1
+EXC 13, 1
+EXC 14, 1
+EXC 15, 0
+EXC 16, 0
+EXC 17, 1
+EXC 18, 0
+EXC 19, 0
+EXC 20, 0
+EXC 21, 1
+EXC 22, 0
+EXC 23, 0
+EXC 24, 0
+EXC 25, 0
+EXC 26, 0
+EXC 27, 0
+EXC 28, 0
+EXC 29, 1
+EXC 30, 1
+EXC 31, 0
+
+exc_common:
+	mov	%rsp, %rdi
+	and	$-16, %rsp
+	call	exception_handler
+3:	hlt
+	jmp	3b
+
+	.section .rodata
+	.globl exc_stubs
+	.balign 8
+exc_stubs:
+	.irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+	.quad exc\n
+	.endr
+
+/*
+ * Identity map of the low 4 GiB with 2 MiB pages, every page user
+ * accessible (P|RW|US|PS); the top GiB (PCI window, IOAPIC, LAPIC)
+ * uncached.  Built by the assembler: no CPL0 loop at boot.
+ */
+	.section .data.pagetables, "aw"
+	.balign 4096
+	.globl pml4
+pml4:
+	.quad	pdpt + 0x7
+	.fill	511, 8, 0
+pdpt:
+	.quad	pd + 0x7
+	.quad	pd + 0x1007
+	.quad	pd + 0x2007
+	.quad	pd + 0x3007
+	.fill	508, 8, 0
+pd:
+	.set	pa, 0
+	.rept	1536
+	.quad	pa + 0x87
+	.set	pa, pa + 0x200000
+	.endr
+	.rept	512
+	.quad	pa + 0x9f
+	.set	pa, pa + 0x200000
+	.endr
+	.section .note.GNU-stack, "", @progbits

@@ -1,0 +1,452 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+/*
+ * User half of the test guest (CPL3, runs natively): the workloads of each
+ * vCPU, the latency arithmetic and every JSON record (contract 3).  The
+ * kernel is asked for privileged things only, through int3 (see entry.S).
+ */
+#include "arch.h"
+#include "guest.h"
+#include "stats.h"
+
+#define LINE_MAX 4096
+
+struct phase_result {
+	u32 workload;
+	u64 ms;
+	u64 loops;       /* busy/hog iterations */
+	struct tg_lat lat;
+};
+
+/* Per vCPU, on its own cache lines. */
+static struct vcpu_state {
+	struct phase_result phase[TG_MAX_PHASES];
+} __attribute__((aligned(CACHELINE))) vstate[TG_MAX_VCPUS];
+
+static volatile u64 heap_next __attribute__((aligned(CACHELINE)));
+
+static inline u64 sys3(u64 nr, u64 a, u64 b, u64 c)
+{
+	u64 r;
+
+	__asm__ __volatile__("int3"
+			     : "=a"(r)
+			     : "a"(nr), "D"(a), "S"(b), "d"(c)
+			     : "memory");
+	return r;
+}
+
+static void sys_set_task(s32 policy, u32 prio, s32 nice)
+{
+	sys3(SYS_SET_TASK, (u64)(s64)policy, prio, (u64)(s64)nice);
+}
+
+static void sys_sleep_until(u64 tsc)
+{
+	sys3(SYS_SLEEP_UNTIL, tsc, 0, 0);
+}
+
+static u64 tsc_to_ns(u64 d)
+{
+	return d * 1000000 / tg.tsc_khz;
+}
+
+/* One line to the console, whole (the lock serializes vCPUs). */
+static void emit(struct buf *b)
+{
+	buf_ch(b, '\n');
+	console_lock();
+	sys3(SYS_WRITE, (u64)b->p, b->len, 0);
+	console_unlock();
+}
+
+static void emit_str(const char *s)
+{
+	char line[256];
+	struct buf b;
+
+	buf_init(&b, line, sizeof(line));
+	buf_str(&b, s);
+	emit(&b);
+}
+
+static void __attribute__((noreturn)) fail(u32 code, const char *msg)
+{
+	char line[256];
+	struct buf b;
+
+	buf_init(&b, line, sizeof(line));
+	buf_str(&b, "{\"type\":\"error\",\"message\":");
+	buf_jstr(&b, msg);
+	buf_str(&b, ",\"exit\":");
+	buf_u64(&b, code);
+	buf_ch(&b, '}');
+	tg.failed = 1;
+	emit(&b);
+	sys3(SYS_EXIT, code, 0, 0);
+	for (;;)
+		;
+}
+
+/* Bump allocation of RAM after the image, shared by all vCPUs. */
+static void *heap_alloc(u64 bytes, u64 *got)
+{
+	u64 start = __atomic_fetch_add(&heap_next, (bytes + 63) & ~63ull,
+				       __ATOMIC_RELAXED);
+
+	if (start >= tg.heap_end) {
+		*got = 0;
+		return 0;
+	}
+	*got = start + bytes <= tg.heap_end ? bytes : tg.heap_end - start;
+	return (void *)start;
+}
+
+static const char *policy_name(s32 p)
+{
+	return p == PVSCHED_POLICY_FIFO ? "fifo" : p == PVSCHED_POLICY_RR ? "rr" : "other";
+}
+
+static const char *pv_reason(s32 status)
+{
+	switch (status) {
+	case PVSCHED_STATUS_IDLE: return "IDLE";
+	case PVSCHED_STATUS_BAD_GPA: return "BAD_GPA";
+	case PVSCHED_STATUS_TOO_SMALL: return "TOO_SMALL";
+	case PVSCHED_STATUS_BAD_VERSION: return "BAD_VERSION";
+	case PVSCHED_STATUS_BAD_FEATURE: return "BAD_FEATURE";
+	case PVSCHED_STATUS_BUSY: return "BUSY";
+	}
+	return "UNKNOWN";
+}
+
+/* ---- workloads ---------------------------------------------------------- */
+
+/* cyclictest-like: wake at every deadline, record how late the task runs. */
+static void run_probe(struct phase_result *r, u64 t_start, u64 t_end)
+{
+	u64 period = (u64)tg.cfg.interval_us * tg.tsc_khz / 1000;
+	u64 n = (t_end - t_start) / period + 2, got;
+	u32 *mem = heap_alloc(n * sizeof(u32), &got);
+	u64 next, now;
+
+	lat_init(&r->lat, mem, (u32)(got / sizeof(u32)));
+	sys_set_task(tg.cfg.probe_policy, tg.cfg.probe_prio, 0);
+	now = rdtsc();
+	next = (now > t_start ? now : t_start) + period;
+	while (next <= t_end) {
+		sys_sleep_until(next);
+		now = rdtsc();
+		lat_record(&r->lat, tsc_to_ns(now - next));
+		next += period;
+		if (now >= next) {
+			/* Deadlines that passed while we were late: lost ticks. */
+			u64 k = (now - next) / period + 1;
+
+			r->lat.missed += k;
+			next += k * period;
+		}
+	}
+}
+
+/* A CPU-bound loop at CPL3 until t_end; `policy` is what it asks for. */
+static void run_spin(struct phase_result *r, u64 t_end, s32 policy, u32 prio)
+{
+	u64 x = 1, loops = 0;
+
+	sys_set_task(policy, prio, 0);
+	while (rdtsc() < t_end) {
+		u32 i;
+
+		for (i = 0; i < 4096; i++) {
+			x = x * 6364136223846793005ull + 1442695040888963407ull;
+			__asm__ __volatile__("" : "+r"(x));
+		}
+		loops++;
+	}
+	r->loops = loops;
+}
+
+/* ---- records -------------------------------------------------------------- */
+
+static void emit_config(void)
+{
+	char line[LINE_MAX];
+	struct buf b;
+	u32 v, p;
+
+	buf_init(&b, line, sizeof(line));
+	buf_str(&b, "{\"type\":\"config\",\"vcpus\":");
+	buf_u64(&b, tg.nr_vcpus);
+	buf_str(&b, ",\"duration_ms\":");
+	buf_u64(&b, tg.cfg.duration_ms);
+	buf_str(&b, ",\"interval_us\":");
+	buf_u64(&b, tg.cfg.interval_us);
+	buf_str(&b, ",\"workload\":[");
+	for (v = 0; v < tg.nr_vcpus; v++) {
+		if (v)
+			buf_ch(&b, ',');
+		buf_ch(&b, '"');
+		for (p = 0; p < tg.cfg.nr_phases[v]; p++) {
+			if (p)
+				buf_ch(&b, '+');
+			buf_str(&b, tg_workload_name(tg.cfg.phases[v][p]));
+		}
+		buf_ch(&b, '"');
+	}
+	buf_str(&b, "],\"probe_policy\":\"");
+	buf_str(&b, policy_name(tg.cfg.probe_policy));
+	buf_str(&b, "\",\"probe_prio\":");
+	buf_u64(&b, tg.cfg.probe_prio);
+	buf_str(&b, ",\"hog_prio\":");
+	buf_u64(&b, tg.cfg.hog_prio);
+	buf_str(&b, ",\"timer\":\"");
+	buf_str(&b, tg.timer_tsc_deadline ? "tsc-deadline" : "lapic-oneshot");
+	buf_str(&b, "\",\"tsc_khz\":");
+	buf_u64(&b, tg.tsc_khz);
+	buf_str(&b, ",\"mem_mib\":");
+	buf_u64(&b, tg.mem_size >> 20);
+	buf_ch(&b, '}');
+	emit(&b);
+}
+
+static void emit_pvsched(void)
+{
+	char line[LINE_MAX];
+	struct buf b;
+
+	buf_init(&b, line, sizeof(line));
+	buf_str(&b, "{\"type\":\"pvsched\",\"status\":");
+	switch (tg.pv_state) {
+	case TG_PV_DISABLED:
+		buf_str(&b, "\"disabled\"");
+		break;
+	case TG_PV_ABSENT:
+		buf_str(&b, "\"absent\"");
+		break;
+	case TG_PV_REFUSED:
+		buf_str(&b, "\"refused\",\"code\":");
+		buf_s64(&b, tg.pv_status);
+		buf_str(&b, ",\"reason\":\"");
+		buf_str(&b, pv_reason(tg.pv_status));
+		buf_ch(&b, '"');
+		break;
+	case TG_PV_ACTIVE:
+		buf_str(&b, "\"active\"");
+		break;
+	}
+	if (tg.pv_state == TG_PV_ACTIVE || tg.pv_state == TG_PV_REFUSED) {
+		buf_str(&b, ",\"version\":");
+		buf_u64(&b, tg.pv_version);
+		buf_str(&b, ",\"features\":");
+		buf_u64(&b, tg.pv_features);
+		buf_str(&b, ",\"host_version\":");
+		buf_u64(&b, tg.pv_host_version);
+		buf_str(&b, ",\"host_features\":");
+		buf_u64(&b, tg.pv_host_features);
+		buf_str(&b, ",\"nr_vcpus\":");
+		buf_u64(&b, tg.pv_host_nr_vcpus);
+		buf_str(&b, ",\"bar0\":");
+		buf_u64(&b, tg.pv_bar);
+		buf_str(&b, ",\"shm_gpa\":");
+		buf_u64(&b, tg.pv_shm_gpa);
+		buf_str(&b, ",\"shm_size\":");
+		buf_u64(&b, tg.pv_shm_size);
+	}
+	buf_ch(&b, '}');
+	emit(&b);
+}
+
+static void emit_phase(u32 vcpu, u32 idx, struct phase_result *r)
+{
+	char line[LINE_MAX];
+	struct buf b;
+
+	buf_init(&b, line, sizeof(line));
+	if (r->workload == TG_WL_PROBE) {
+		struct tg_summary s;
+
+		lat_summarize(&r->lat, &s);
+		buf_str(&b, "{\"type\":\"latency\",\"vcpu\":");
+		buf_u64(&b, vcpu);
+		buf_str(&b, ",\"phase\":");
+		buf_u64(&b, idx);
+		buf_str(&b, ",\"workload\":\"probe\",\"policy\":\"");
+		buf_str(&b, policy_name(tg.cfg.probe_policy));
+		buf_str(&b, "\",\"prio\":");
+		buf_u64(&b, tg.cfg.probe_prio);
+		buf_str(&b, ",\"interval_us\":");
+		buf_u64(&b, tg.cfg.interval_us);
+		buf_str(&b, ",\"ms\":");
+		buf_u64(&b, r->ms);
+		buf_ch(&b, ',');
+		lat_json(&b, &r->lat, &s);
+	} else {
+		buf_str(&b, "{\"type\":\"workload\",\"vcpu\":");
+		buf_u64(&b, vcpu);
+		buf_str(&b, ",\"phase\":");
+		buf_u64(&b, idx);
+		buf_str(&b, ",\"workload\":\"");
+		buf_str(&b, tg_workload_name(r->workload));
+		buf_str(&b, "\",\"ms\":");
+		buf_u64(&b, r->ms);
+		if (r->workload == TG_WL_BUSY || r->workload == TG_WL_HOG) {
+			buf_str(&b, ",\"loops\":");
+			buf_u64(&b, r->loops);
+		}
+		if (r->workload == TG_WL_HOG) {
+			buf_str(&b, ",\"prio\":");
+			buf_u64(&b, tg.cfg.hog_prio);
+		}
+	}
+	buf_ch(&b, '}');
+	emit(&b);
+}
+
+/* What the host applied to this vCPU (HOST_FEEDBACK), read under its seqcount. */
+static void emit_host_area(u32 vcpu)
+{
+	struct pvsched_host_area *h, copy;
+	char line[512];
+	struct buf b;
+	int tries;
+
+	if (tg.pv_state != TG_PV_ACTIVE || !(tg.pv_features & PVSCHED_F_HOST_FEEDBACK) ||
+	    vcpu >= tg.pv_host_nr_vcpus)
+		return;
+	h = &((struct pvsched_slot *)((char *)tg.pv_shm + PVSCHED_SLOT_OFFSET +
+				      (u64)vcpu * PVSCHED_SLOT_SIZE))->host;
+	for (tries = 0; tries < 1000; tries++) {
+		u32 s1 = READ_ONCE(h->seq);
+
+		barrier();
+		copy.state = READ_ONCE(h->state);
+		copy.policy = READ_ONCE(h->policy);
+		copy.rt_priority = READ_ONCE(h->rt_priority);
+		copy.nice = READ_ONCE(h->nice);
+		copy.boosts = READ_ONCE(h->boosts);
+		copy.throttles = READ_ONCE(h->throttles);
+		copy.boosted_ns = READ_ONCE(h->boosted_ns);
+		barrier();
+		if (!(s1 & 1) && READ_ONCE(h->seq) == s1)
+			break;
+	}
+	buf_init(&b, line, sizeof(line));
+	buf_str(&b, "{\"type\":\"host\",\"vcpu\":");
+	buf_u64(&b, vcpu);
+	buf_str(&b, ",\"consistent\":");
+	buf_str(&b, tries < 1000 ? "true" : "false");
+	buf_str(&b, ",\"state\":");
+	buf_u64(&b, copy.state);
+	buf_str(&b, ",\"policy\":");
+	buf_s64(&b, copy.policy);
+	buf_str(&b, ",\"rt_priority\":");
+	buf_u64(&b, copy.rt_priority);
+	buf_str(&b, ",\"nice\":");
+	buf_s64(&b, copy.nice);
+	buf_str(&b, ",\"boosts\":");
+	buf_u64(&b, copy.boosts);
+	buf_str(&b, ",\"throttles\":");
+	buf_u64(&b, copy.throttles);
+	buf_str(&b, ",\"boosted_us\":");
+	buf_u64(&b, copy.boosted_ns / 1000);
+	buf_ch(&b, '}');
+	emit(&b);
+}
+
+/* ---- per vCPU ------------------------------------------------------------- */
+
+/* vCPU 0: report the boot, wait for the others, set the common start, say go. */
+static void start_all(void)
+{
+	const char *warn;
+	u64 limit;
+
+	heap_next = tg.heap_start;
+	emit_config();
+	emit_pvsched();
+	warn = tg.cmdline_warning;
+	if (warn[0]) {
+		char line[256];
+		struct buf b;
+
+		buf_init(&b, line, sizeof(line));
+		buf_str(&b, "{\"type\":\"warning\",\"message\":");
+		buf_jstr(&b, warn);
+		buf_ch(&b, '}');
+		emit(&b);
+	}
+	/* Everyone online within 10 s, or the VMM lost a vCPU. */
+	limit = rdtsc() + 10000 * tg.tsc_khz;
+	while (READ_ONCE(tg.nr_online) + 1 < tg.nr_vcpus) {
+		if (rdtsc() > limit)
+			fail(TG_EXIT_VCPU_LOST, "not every vCPU came online");
+		sys_sleep_until(rdtsc() + tg.tsc_khz);
+	}
+	/* Leave the others (polling every 1 ms) time to get going. */
+	tg.start_tsc = rdtsc() + 5 * tg.tsc_khz;
+	__atomic_store_n(&tg.boot_go, 1, __ATOMIC_RELEASE);
+}
+
+static void wait_all_done(void)
+{
+	u64 limit = rdtsc() + 30000 * tg.tsc_khz;
+
+	while (READ_ONCE(tg.nr_done) < tg.nr_vcpus) {
+		if (rdtsc() > limit)
+			fail(TG_EXIT_VCPU_LOST, "a vCPU did not finish its workload");
+		sys_sleep_until(rdtsc() + tg.tsc_khz);
+	}
+}
+
+void user_main(u32 vcpu)
+{
+	struct vcpu_state *st = &vstate[vcpu];
+	u32 np = tg.cfg.nr_phases[vcpu], p;
+	u64 total, t0;
+
+	if (vcpu == 0)
+		start_all();
+	total = (u64)tg.cfg.duration_ms * tg.tsc_khz;
+	t0 = tg.start_tsc;
+	if (rdtsc() < t0)
+		sys_sleep_until(t0);
+	for (p = 0; p < np; p++) {
+		struct phase_result *r = &st->phase[p];
+		u64 a = t0 + total * p / np, e = t0 + total * (p + 1) / np;
+
+		r->workload = tg.cfg.phases[vcpu][p];
+		r->ms = (e - a) / tg.tsc_khz;
+		switch (r->workload) {
+		case TG_WL_PROBE:
+			run_probe(r, a, e);
+			break;
+		case TG_WL_BUSY:
+			run_spin(r, e, PVSCHED_POLICY_OTHER, 0);
+			break;
+		case TG_WL_HOG:
+			run_spin(r, e, PVSCHED_POLICY_FIFO, tg.cfg.hog_prio);
+			break;
+		case TG_WL_IDLE:
+			sys_set_task(PVSCHED_POLICY_OTHER, 0, 0);
+			sys_sleep_until(e);
+			break;
+		}
+	}
+	/* Reporting is ordinary work. */
+	sys_set_task(PVSCHED_POLICY_OTHER, 0, 0);
+	for (p = 0; p < np; p++)
+		emit_phase(vcpu, p, &st->phase[p]);
+	emit_host_area(vcpu);
+	__atomic_fetch_add(&tg.nr_done, 1, __ATOMIC_RELEASE);
+	if (vcpu != 0) {
+		sys3(SYS_HALT, 0, 0, 0);
+		for (;;)
+			;
+	}
+	wait_all_done();
+	emit_str(tg.failed ? "{\"type\":\"done\",\"status\":\"failed\"}" :
+			     "{\"type\":\"done\",\"status\":\"ok\"}");
+	sys3(SYS_EXIT, tg.failed ? TG_EXIT_VCPU_LOST : TG_EXIT_OK, 0, 0);
+	for (;;)
+		;
+}
