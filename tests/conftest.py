@@ -1,0 +1,55 @@
+"""Shared fixtures: run the `pyvmm` CLI as a subprocess that is always killed by PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _kill(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+@pytest.fixture
+def pyvmm():
+    """Run `python -m vmm.cli ARGS...` to completion: pyvmm(*args, timeout=60) -> CompletedProcess (text)."""
+    procs: list[subprocess.Popen] = []
+
+    def run(*args: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
+        p = subprocess.Popen([sys.executable, "-m", "vmm.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+        procs.append(p)
+        try:
+            out, err = p.communicate(timeout=timeout)
+        finally:
+            _kill(p)
+        return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+    yield run
+    for p in procs:
+        _kill(p)
+
+
+@pytest.fixture
+def pyvmm_bg():
+    """Start `python -m vmm.cli ARGS...` in the background; every process is SIGKILLed by PID at teardown."""
+    procs: list[subprocess.Popen] = []
+
+    def start(*args: str, env: dict | None = None) -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, "-m", "vmm.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        _kill(p)

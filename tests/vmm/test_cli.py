@@ -1,0 +1,156 @@
+"""`pyvmm` end to end as a subprocess: guest exit codes, crashes, bad input, timeout, control socket, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from vmm import control
+
+HELLO = r"""
+_start:
+    lea msg(%rip), %rsi
+    mov $0x3f8, %dx
+1:  lodsb
+    test %al, %al
+    jz 2f
+    out %al, %dx
+    jmp 1b
+2:  EXIT 7
+msg: .asciz "hello from the guest\n"
+"""
+
+# Prints a line and a partial line, then halts for good (with interrupts off).
+HANG = r"""
+_start:
+    test %edi, %edi
+    jnz 3f
+    lea msg(%rip), %rsi
+    mov $0x3f8, %dx
+1:  lodsb
+    test %al, %al
+    jz 3f
+    out %al, %dx
+    jmp 1b
+3:  cli
+    hlt
+    jmp 3b
+msg: .asciz "ready\npartial"
+"""
+
+TRIPLE_FAULT = r"""
+_start:
+    ud2                 # #UD with an empty IDT: #GP, #DF, shutdown
+"""
+
+EMULATION_FAILURE = r"""
+_start:
+    lea buf(%rip), %rdi
+    lock cmpxchg16b (%rdi)     # CPL0 code is emulated here; the emulator lacks cmpxchg16b
+    EXIT 0
+.balign 16
+buf: .quad 0, 0
+"""
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in stderr
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_guest_exit_code_and_console(pyvmm, guest):
+    r = pyvmm("boot", "--kernel", str(guest(HELLO)), "--no-pvsched", "--cpus", "1")
+    assert r.returncode == 7, r.stderr
+    assert r.stdout == "hello from the guest\n"
+
+
+def test_triple_fault_ends_with_one_line(pyvmm, guest):
+    r = pyvmm("boot", "--kernel", str(guest(TRIPLE_FAULT)), "--no-pvsched", "--cpus", "1")
+    assert r.returncode == 125
+    line = one_error_line(r.stderr)
+    assert "vCPU 0" in line and "triple fault" in line and "KVM_EXIT_SHUTDOWN" in line and "RIP 0x100000" in line
+
+
+def test_emulation_failure_ends_with_one_line(pyvmm, guest):
+    r = pyvmm("boot", "--kernel", str(guest(EMULATION_FAILURE)), "--no-pvsched", "--cpus", "1")
+    if r.returncode == 0:
+        pytest.skip("this host's KVM runs cmpxchg16b at CPL0 (hardware virtualization)")
+    assert r.returncode == 125
+    line = one_error_line(r.stderr)
+    assert "vCPU 0" in line and "emulation failure" in line and "RIP 0x" in line
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--kvm-device", "/nonexistent/kvm"], "does not exist"),
+    (["--kvm-device", "/dev/null"], "not a KVM device"),
+    (["--cpus", "0"], "--cpus must be at least 1"),
+    (["--mem", "4"], "too small"),
+    (["--cpus", "x"], "invalid int value"),
+    (["--timeout", "0"], "--timeout must be positive"),
+])
+def test_bad_input_is_one_line_and_exit_2(pyvmm, guest, args, expect):
+    r = pyvmm("boot", "--kernel", str(guest(HELLO)), "--no-pvsched", *args)
+    assert r.returncode == 2
+    assert expect in one_error_line(r.stderr)
+
+
+def test_kernel_that_is_not_elf_or_bzimage(pyvmm, tmp_path):
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00" * 4096)
+    r = pyvmm("boot", "--kernel", str(junk), "--no-pvsched")
+    assert r.returncode == 2
+    assert "not an ELF file nor a Linux bzImage" in one_error_line(r.stderr)
+    r = pyvmm("boot", "--kernel", str(tmp_path / "missing"), "--no-pvsched")
+    assert r.returncode == 2 and "no such file" in one_error_line(r.stderr)
+
+
+def test_timeout_exits_124_with_console_flushed(pyvmm, guest):
+    t0 = time.monotonic()
+    r = pyvmm("boot", "--kernel", str(guest(HANG)), "--no-pvsched", "--timeout", "1")
+    assert r.returncode == 124
+    assert time.monotonic() - t0 < 15
+    assert r.stdout == "ready\npartial"  # the partial line is flushed too
+    assert "timeout" in one_error_line(r.stderr)
+
+
+def _wait_for_socket(p, timeout: float = 20) -> None:
+    path = control.socket_path(p.pid)
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() < deadline, "control socket did not appear"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_control_socket_status_and_clean_shutdown_on_signal(pyvmm, pyvmm_bg, guest, sig):
+    p = pyvmm_bg("boot", "--kernel", str(guest(HANG)), "--no-pvsched", "--cpus", "2", "--timeout", "60")
+    _wait_for_socket(p)
+    r = pyvmm("status", str(p.pid), "--json", timeout=20)
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    assert st["pid"] == p.pid and st["nr_vcpus"] == 2 and st["mem"] == 256 << 20
+    tids = [int(t) for t in st["vcpu_tids"].values()]
+    assert len(set(tids)) == 2 and all(os.path.exists(f"/proc/{p.pid}/task/{t}") for t in tids)
+    r = pyvmm("status", str(p.pid), timeout=20)
+    assert r.returncode == 0 and f"VM pid {p.pid}: 2 vCPUs" in r.stdout
+    # No pvsched device: policy commands get a clear error from the VM.
+    r = pyvmm("policy", "show", "--vm", str(p.pid), timeout=20)
+    assert r.returncode == 1 and "unknown command 'policy.show'" in one_error_line(r.stderr)
+    os.kill(p.pid, sig)
+    out, err = p.communicate(timeout=20)
+    assert p.returncode == 128 + sig
+    assert out == "ready\npartial"
+    assert f"stopped by {sig.name}" in one_error_line(err)
+    assert not control.socket_path(p.pid).exists()
+
+
+def test_status_of_a_vm_that_is_not_running(pyvmm):
+    r = pyvmm("status", "999999999")
+    assert r.returncode == 1 and "no VM with pid 999999999" in one_error_line(r.stderr)
