@@ -86,6 +86,7 @@ class PvschedDevice(PciDevice):
         self.vm: Any = None
         self.supervisor: PolicySupervisor | None = None
         self.policy_error: str | None = None
+        self.stop_timeout_s = 3.0  # how long stop() lets the policy process clean up before killing it
         self._lock = threading.Lock()
         self._reset_registers()
         self.active: dict[str, Any] | None = None  # the accepted configuration while ACTIVE
@@ -293,7 +294,7 @@ class PvschedDevice(PciDevice):
         if sup is None or sup.proc is None:
             return
         was_dead = sup.dead
-        rc = sup.stop()
+        rc = sup.stop(self.stop_timeout_s)
         if not was_dead and rc != 0:
             self.log.warning("pvsched: policy process %d ended with %s: restoring vCPU threads", sup.pid, rc)
             self.restore_threads()

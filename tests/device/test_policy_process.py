@@ -11,11 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from conftest import SHM_GPA, C, Running
 
 from pvsched_device import slots
-from vmm.sched_attr import SCHED_FIFO, SCHED_OTHER, SchedAttr, sched_getattr, sched_setattr
+from vmm.sched_attr import SCHED_FIFO, SCHED_OTHER, SCHED_RR, SchedAttr, sched_getattr, sched_setattr
 
 KEPT_CAPS = (1 << 39) | (1 << 38) | (1 << 23) | (1 << 14)  # CAP_BPF, CAP_PERFMON, CAP_SYS_NICE, CAP_IPC_LOCK
 HERE = Path(__file__).parent
@@ -103,24 +102,45 @@ def test_disable_then_enable_reregisters(running: Running) -> None:
     assert {v["id"]: v["tid"] for v in st["vcpus"]} == r.vm.vcpu_tids
 
 
-def test_policy_commands_answer_without_engine_or_forward(running: Running) -> None:
+def test_engine_runs_in_the_sandbox_and_tunables_forward(running: Running) -> None:
     r = running
+    assert r.dev.supervisor.ready["engine"], r.dev.supervisor.ready.get("engine_error")
+    assert os.path.isdir(f"/sys/fs/bpf/pvsched/{os.getpid()}")  # the engine's pins
+    reply = r.vm.control_handlers["policy.set"]({"cmd": "policy.set", "values": {"boost_prio": "9"}})
+    assert reply["tunables"]["boost_prio"] == "9" and "boost_prio = 9" in reply["text"]
+    bad = r.vm.control_handlers["policy.set"]({"cmd": "policy.set", "values": {"boost_prio": "99"}})
+    assert "error" in bad
+    assert "error" in r.vm.control_handlers["policy.set"]({"cmd": "policy.set"})
     show = r.vm.control_handlers["policy.show"]({"cmd": "policy.show"})
-    bad = r.vm.control_handlers["policy.set"]({"cmd": "policy.set"})
-    assert "error" in bad and "values" in bad["error"]
-    if not r.dev.supervisor.ready.get("engine"):
-        assert "no BPF policy engine" in show["error"]
-    else:
-        assert "text" in show and "error" not in show
+    assert "error" not in show and show["text"]
+
+
+def _boosted_by_policy(r: Running, vcpu: int) -> int:
+    """Have the guest slot ask for RR 8 and wait until the policy process applied it; returns the TID."""
+    assert r.bar.negotiate() == C.PVSCHED_STATUS_ACTIVE
+    _write_guest_slot(r, vcpu, seq=2, flags=0, policy=2, prio=8, nice=0, wake_hint=0)
+    tid = r.vm.vcpu_tids[vcpu]
+    _wait_for(lambda: os.sched_getscheduler(tid) == SCHED_RR, what="the policy to boost the vCPU thread")
+    return tid
+
+
+def test_policy_boosts_from_the_slot_and_writes_the_host_area(running: Running) -> None:
+    r = running
+    tid = _boosted_by_policy(r, 0)
+    assert os.sched_getparam(tid).sched_priority == 8
+    host = _wait_for(lambda: (h := r.dev.snapshot()["vcpus"][0]["host"])["state_name"] == "boosted" and h,
+                     what="the host area to show the boost")
+    assert (host["policy_name"], host["rt_priority"]) == ("rr", 8) and host["boosts"] >= 1
+    assert os.sched_getscheduler(r.vm.vcpu_tids[1]) == SCHED_OTHER  # its slot asks for nothing
+    # A clean stop: the policy process restores the thread itself.
+    r.dev.stop()
+    assert r.dev.supervisor.returncode == 0
+    assert sched_getattr(tid) == r.vm.original_sched[tid]
 
 
 def test_policy_death_restores_threads_within_100ms(running: Running) -> None:
     r = running
-    assert r.bar.negotiate() == C.PVSCHED_STATUS_ACTIVE
-    tid = r.vm.vcpu_tids[1]
-    # Boost a vCPU-like thread as the policy would (it is blocked, never spinning: safe at RT).
-    sched_setattr(tid, SchedAttr(SCHED_FIFO, 5))
-    assert os.sched_getscheduler(tid) == SCHED_FIFO
+    tid = _boosted_by_policy(r, 1)  # a real boost by the sandboxed policy (the thread blocks: safe at RT)
     os.kill(r.policy_pid, signal.SIGKILL)
     t0 = time.monotonic()
     while os.sched_getscheduler(tid) != SCHED_OTHER:
@@ -130,9 +150,12 @@ def test_policy_death_restores_threads_within_100ms(running: Running) -> None:
     print(f"restored in {elapsed_ms:.1f} ms")
     assert elapsed_ms < 100
     assert sched_getattr(tid) == r.vm.original_sched[tid]
-    # The VM carries on: the device still negotiates, without a policy process.
+    _wait_for(lambda: not os.path.exists(f"/sys/fs/bpf/pvsched/{os.getpid()}"), what="the VMM to remove the pins")
+    # The VM carries on without boosting: the device still negotiates, nothing boosts any more.
     r.bar.write("CONTROL", C.PVSCHED_CTRL_DISABLE)
     assert r.bar.negotiate() == C.PVSCHED_STATUS_ACTIVE
+    time.sleep(0.05)
+    assert os.sched_getscheduler(tid) == SCHED_OTHER
     reply = r.vm.control_handlers["status"]({"cmd": "status"})
     assert "policy: not running (policy process died (killed by signal 9))" in reply["text"]
     assert "error" in r.vm.control_handlers["policy.show"]({"cmd": "policy.show"})
@@ -152,15 +175,15 @@ def test_stop_is_clean(running: Running) -> None:
 def test_stop_kills_a_stuck_policy_process_and_restores(running: Running) -> None:
     r = running
     tid = r.vm.vcpu_tids[0]
-    sched_setattr(tid, SchedAttr(SCHED_FIFO, 5))
-    os.kill(r.policy_pid, signal.SIGSTOP)  # ignores SIGTERM while stopped
+    sched_setattr(tid, SchedAttr(SCHED_FIFO, 5))  # as if boosted (the thread blocks: safe at RT)
+    os.kill(r.policy_pid, signal.SIGSTOP)  # a stopped process cannot act on SIGTERM
+    r.dev.stop_timeout_s = 0.5
     t0 = time.monotonic()
-    r.dev.supervisor.stop(timeout=0.5)
-    r.dev.stop()  # what the VMM calls; the supervisor has already given up and killed it
+    r.dev.stop()
     assert time.monotonic() - t0 < 3
     assert r.dev.supervisor.returncode == -signal.SIGKILL
-    r.dev.restore_threads()
-    assert os.sched_getscheduler(tid) == SCHED_OTHER
+    assert sched_getattr(tid) == r.vm.original_sched[tid]
+    assert not os.path.exists(f"/sys/fs/bpf/pvsched/{os.getpid()}")
 
 
 def test_killing_the_vmm_ends_the_policy_process(tmp_path: Path) -> None:
@@ -179,6 +202,5 @@ def test_killing_the_vmm_ends_the_policy_process(tmp_path: Path) -> None:
         if vmm.poll() is None:
             vmm.kill()
             vmm.wait()
-    for tid in info["tids"]:
-        if os.path.exists(f"/proc/{tid}"):
-            pytest.fail(f"vCPU thread {tid} survived its VMM")
+    # Its single cleanup path ran: the engine's pins of that VMM are gone.
+    _wait_for(lambda: not os.path.exists(f"/sys/fs/bpf/pvsched/{vmm.pid}"), what="the dead VMM's pins to go")

@@ -1,0 +1,92 @@
+"""BAR0 driven from guest code: the test guest negotiates under real KVM (vmm.boot.run_vm, `pyvmm boot`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import C
+
+boot = pytest.importorskip("vmm.boot", reason="vmm.boot (VMM engineer) not there yet")
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="needs /dev/kvm")
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICK = "duration=1 workload=idle,idle"
+
+
+def _run(cmdline: str = QUICK, **kw) -> dict:
+    """Boot the test guest and return its pvsched record."""
+    res = boot.run_vm(boot.BootConfig(cmdline=cmdline, timeout=60, control_socket=False, **kw))
+    recs = [r for r in res.records if r.get("type") == "pvsched"]
+    assert recs, f"no pvsched record (exit {res.exit_code}, {res.message}):\n{res.console[-2000:]}"
+    return recs[0]
+
+
+def test_guest_negotiates_full_v1() -> None:
+    rec = _run(policy=False)
+    assert rec["status"] == "active"
+    assert (rec["version"], rec["features"]) == (C.PVSCHED_VERSION, C.PVSCHED_F_ALL_V1)
+
+
+def test_guest_takes_the_features_the_host_offers() -> None:
+    rec = _run(policy=False, host_features=C.PVSCHED_F_CRITICAL_SECTIONS | C.PVSCHED_F_TASK_PARAMS)
+    assert rec["status"] == "active" and rec["features"] == 0x3
+
+
+@pytest.mark.parametrize(("cmdline", "kw", "code"), [
+    (f"{QUICK} pvsched_version=20000", {}, C.PVSCHED_STATUS_BAD_VERSION),
+    (f"{QUICK} pvsched_version=10001", {}, C.PVSCHED_STATUS_BAD_VERSION),
+    (QUICK, {"host_version": 0x00020000}, C.PVSCHED_STATUS_BAD_VERSION),
+    (f"{QUICK} pvsched_features=10", {}, C.PVSCHED_STATUS_BAD_FEATURE),
+    (f"{QUICK} pvsched_features=f", {"host_features": 0x1}, C.PVSCHED_STATUS_BAD_FEATURE),
+])
+def test_guest_refusals(cmdline: str, kw: dict, code: int) -> None:
+    rec = _run(cmdline, policy=False, **kw)
+    assert rec["status"] == "refused" and rec["code"] == code
+
+
+def test_status_of_a_running_vm_with_its_policy_process(tmp_path: Path) -> None:
+    """`pyvmm status --json` of a live VM: device active, TIDs, and the sandboxed policy process reading slots."""
+    env = {**os.environ, "PYVMM_RUN_DIR": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    vmm = subprocess.Popen([sys.executable, "-m", "vmm.cli", "boot", "--cmdline", "duration=4 workload=probe,idle",
+                            "--timeout", "60"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        st = None
+        end = time.monotonic() + 30
+        while time.monotonic() < end and vmm.poll() is None:
+            r = subprocess.run([sys.executable, "-m", "vmm.cli", "status", str(vmm.pid), "--json"], env=env,
+                               capture_output=True, text=True, timeout=20, check=False)
+            if r.returncode == 0:
+                st = json.loads(r.stdout)
+                view = st["pvsched"]["policy"].get("process", {})
+                seqs = [v["guest"]["seq"] for v in view.get("vcpus", []) if v.get("guest")]
+                if st["pvsched"]["state"] == "active" and view.get("registered") and any(seqs):
+                    break
+            time.sleep(0.2)
+        assert st is not None, "pyvmm status never answered"
+        pv = st["pvsched"]
+        assert pv["state"] == "active" and pv["version"] == C.PVSCHED_VERSION
+        tids = {v["id"]: v["tid"] for v in pv["vcpus"]}
+        assert len(tids) == 2
+        view = pv["policy"]["process"]
+        assert view["registered"], view
+        assert {v["id"]: v["tid"] for v in view["vcpus"]} == tids
+        assert any(v["guest"] and v["guest"]["seq"] > 0 for v in view["vcpus"]), "no slot write seen by the policy"
+        sb = view["sandbox"]
+        assert sorted(sb["cap_eff"]) == ["CAP_BPF", "CAP_IPC_LOCK", "CAP_PERFMON", "CAP_SYS_NICE"]
+        assert sb["no_new_privs"] and sb["net_ifaces"] == ["lo"]
+        policy_pid = pv["policy"]["pid"]
+        vmm.wait(60)
+    finally:
+        if vmm.poll() is None:
+            vmm.kill()
+            vmm.wait()
+    assert not os.path.exists(f"/proc/{policy_pid}") or "zombie" in Path(f"/proc/{policy_pid}/status").read_text()
+    assert not os.path.exists(f"/sys/fs/bpf/pvsched/{vmm.pid}"), "pins left behind"
