@@ -47,6 +47,25 @@ static inline struct pvsched_slot *pvsched_slot(void *shm, __u32 n)
 }
 
 /*
+ * Fill the header of a zeroed shared area.  pvsched_negotiate() does this
+ * before ENABLE; a guest without the device (the Linux module's self-test)
+ * calls it directly so its area has the same layout.
+ */
+static inline void pvsched_init_header(void *shm, __u32 version,
+				       __u32 features, __u32 nr_vcpus)
+{
+	struct pvsched_shm_header *h = (struct pvsched_shm_header *)shm;
+
+	h->magic = PVSCHED_MAGIC;
+	h->version = version;
+	h->features = features;
+	h->nr_vcpus = nr_vcpus;
+	h->slot_size = PVSCHED_SLOT_SIZE;
+	h->slot_offset = PVSCHED_SLOT_OFFSET;
+	pvsched_wmb();
+}
+
+/*
  * Negotiate and enable: check MAGIC, pick version and features, fill the
  * header of the zeroed area at shm (guest virtual) / shm_gpa (physical),
  * hand over GPA and size, ENABLE, and report STATUS.  version/features are
@@ -58,8 +77,6 @@ static inline void pvsched_negotiate(void *bar, void *shm, __u64 shm_gpa,
 				     __u32 features, int force_features,
 				     struct pvsched_negotiation *n)
 {
-	struct pvsched_shm_header *h = (struct pvsched_shm_header *)shm;
-
 	n->host_version = 0;
 	n->host_features = 0;
 	n->nr_vcpus = 0;
@@ -75,13 +92,7 @@ static inline void pvsched_negotiate(void *bar, void *shm, __u64 shm_gpa,
 	if (!force_features)
 		n->features = features & n->host_features;
 
-	h->magic = PVSCHED_MAGIC;
-	h->version = n->version;
-	h->features = n->features;
-	h->nr_vcpus = n->nr_vcpus;
-	h->slot_size = PVSCHED_SLOT_SIZE;
-	h->slot_offset = PVSCHED_SLOT_OFFSET;
-	pvsched_wmb();
+	pvsched_init_header(shm, n->version, n->features, n->nr_vcpus);
 
 	PVSCHED_BAR_WRITE32(bar, PVSCHED_REG_GUEST_VERSION, n->version);
 	PVSCHED_BAR_WRITE32(bar, PVSCHED_REG_GUEST_FEATURES, n->features);

@@ -1,0 +1,178 @@
+#!/bin/busybox sh
+# SPDX-License-Identifier: GPL-2.0 OR MIT
+#
+# /init of the pvsched Linux test image (busybox).  Mounts the pseudo file
+# systems, loads the pvsched module and runs the workload named on the
+# kernel command line, printing results as one JSON object per line (each
+# with a "type" key, as the test guest does), then powers off.
+#
+# Kernel command line keys:
+#   pvsched.workload=selftest|cyclictest|device|shell   (default selftest)
+#   pvsched.selftest=1     load the module in self-test mode (no device)
+#   pvsched.module=0       do not load the module
+#   pvsched.args="..."     extra module parameters, comma separated
+#   pvsched.duration=<s>   cyclictest duration (default 5)
+#   pvsched.interval=<us>  cyclictest interval (default 1000)
+#   pvsched.spin=<s>       self-test: how long the RT spinner runs (default 2)
+
+/bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin
+/bin/busybox --install -s
+export PATH=/usr/local/bin:/bin:/sbin:/usr/bin:/usr/sbin
+
+mount -t devtmpfs dev /dev
+exec </dev/console >/dev/console 2>&1
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t debugfs debugfs /sys/kernel/debug
+mount -t tmpfs tmp /tmp
+
+MODULE=/lib/modules/pvsched.ko
+DBG=/sys/kernel/debug/pvsched
+
+# Value of pvsched.$1= on the kernel command line, else $2.
+arg() {
+	for w in $(cat /proc/cmdline); do
+		case "$w" in
+		pvsched."$1"=*) v="${w#*=}"; echo "${v//\"/}"; return ;;
+		esac
+	done
+	echo "$2"
+}
+
+# Print `name value` lines of a file as one JSON object of type $1.
+kv_json() {
+	awk -v t="$1" 'BEGIN { printf "{\"type\":\"%s\"", t }
+		{ printf ",\"%s\":%s", $1, ($2 ~ /^-?[0-9]+$/) ? $2 : "\"" $2 "\"" }
+		END { print "}" }' "$2"
+}
+
+# Each slot line of debugfs pvsched/slots, wrapped with a phase label.
+# Read from CPU 0 so that CPU 1 shows what it runs, not this reader.
+slots_json() {
+	taskset -c 0 cat $DBG/slots > /tmp/slots
+	while read -r line; do
+		echo "{\"type\":\"slot\",\"phase\":\"$1\",\"slot\":$line}"
+	done < /tmp/slots
+}
+
+# The raw shared area (debugfs pvsched/shm) as hex, for the host's view.
+shm_json() {
+	hex=$(taskset -c 0 od -A n -t x1 -v $DBG/shm | tr -d ' \n')
+	echo "{\"type\":\"shm\",\"phase\":\"$1\",\"hex\":\"$hex\"}"
+}
+
+load_module() {
+	params=$(echo "$(arg args '' | tr ',' ' ') $*" | sed 's/^ *//; s/ *$//')
+	# shellcheck disable=SC2086 # params are words on purpose
+	insmod $MODULE $params
+	rc=$?
+	echo "{\"type\":\"module\",\"event\":\"load\",\"rc\":$rc,\"params\":\"$params\"}"
+	return $rc
+}
+
+unload_module() {
+	rmmod pvsched
+	echo "{\"type\":\"module\",\"event\":\"unload\",\"rc\":$?}"
+}
+
+dump_dmesg() {
+	echo "=== dmesg begin"
+	dmesg
+	echo "=== dmesg end"
+}
+
+# Self-test: the module's probes on an area allocated without the device.
+workload_selftest() {
+	spin=$(arg spin 2)
+	load_module selftest=1 || return 1
+	kv_json info $DBG/info
+	while read -r name state; do
+		echo "{\"type\":\"tracepoint\",\"name\":\"$name\",\"state\":\"$state\"}"
+	done < $DBG/tracepoints
+	slots_json before
+
+	# An RR 8 spinner pinned to CPU 1 (bounded by timeout); sample CPU 1's
+	# slot from CPU 0 while it runs.
+	taskset -c 1 chrt -r 8 timeout "$spin" sh -c 'while :; do :; done' &
+	spinner=$!
+	sleep 0.5
+	for _ in 1 2 3; do
+		slots_json rt
+		sleep 0.1
+	done
+	shm_json rt
+	wait $spinner
+	sleep 0.3
+	for _ in 1 2 3; do
+		slots_json after
+		sleep 0.1
+	done
+
+	# Cross-CPU RT wakeups: an RR reader on CPU 1 woken by a writer on CPU 0.
+	mkfifo /tmp/fifo
+	taskset -c 1 chrt -r 8 sh -c 'while read -r _; do :; done' < /tmp/fifo &
+	reader=$!
+	taskset -c 0 sh -c 'for i in 1 2 3 4 5 6 7 8 9 10; do echo $i; sleep 0.05; done' > /tmp/fifo
+	wait $reader
+
+	kv_json stats $DBG/stats
+	unload_module
+	[ -e $DBG ] && echo '{"type":"error","what":"debugfs pvsched left after unload"}'
+	dump_dmesg
+}
+
+# cyclictest on every CPU at RR 8 (the seed's guest workload).
+workload_cyclictest() {
+	duration=$(arg duration 5)
+	interval=$(arg interval 1000)
+	if [ "$(arg module 1)" = 1 ]; then
+		if [ "$(arg selftest 0)" = 1 ]; then
+			load_module selftest=1
+		else
+			load_module
+		fi
+	fi
+	cyclictest --mlockall -q -p 8 --policy=rr -i "$interval" -D "$duration" \
+		-t "$(nproc)" -a --json=/tmp/cyclictest.json > /tmp/cyclictest.out 2>&1
+	rc=$?
+	echo "{\"type\":\"cyclictest\",\"rc\":$rc,\"result\":$(tr -d '\n' < /tmp/cyclictest.json 2>/dev/null || echo null)}"
+	[ $rc -ne 0 ] && cat /tmp/cyclictest.out
+	[ -e $DBG/stats ] && kv_json stats $DBG/stats
+	dump_dmesg
+}
+
+# Device mode: bind the pvsched device, report, unbind (negotiation check).
+workload_device() {
+	load_module
+	if [ -e $DBG/info ]; then
+		kv_json info $DBG/info
+		sleep 1
+		slots_json device
+		kv_json stats $DBG/stats
+		unload_module
+	fi
+	dump_dmesg
+}
+
+workload_shell() {
+	if [ "$(arg module 1)" = 1 ]; then
+		if [ "$(arg selftest 0)" = 1 ]; then
+			load_module selftest=1
+		else
+			load_module
+		fi
+	fi
+	setsid cttyhack sh
+}
+
+workload=$(arg workload selftest)
+echo "{\"type\":\"boot\",\"kernel\":\"$(uname -r)\",\"cpus\":$(nproc),\"workload\":\"$workload\"}"
+case "$workload" in
+selftest) workload_selftest ;;
+cyclictest) workload_cyclictest ;;
+device) workload_device ;;
+shell) workload_shell ;;
+*) echo "{\"type\":\"error\",\"what\":\"unknown workload $workload\"}" ;;
+esac
+echo '{"type":"done"}'
+poweroff -f
