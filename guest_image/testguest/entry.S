@@ -43,15 +43,19 @@ enter_user:
 	xor	%eax, %eax
 	iretq
 
+#define SYS_SLEEP_UNTIL 3 /* enum tg_syscall */
+
 /*
- * System calls are `int3` from CPL3 (vector 3, a DPL-3 trap gate): this
- * machine's KVM (PVM) answers `int $0x80` with #UD and runs `syscall` in
- * its own supervisor mode rather than at CPL0, while exceptions reach the
- * IDT as on hardware.  rax = number, rdi/rsi/rdx = arguments, result in
- * rax; every other register is preserved.
+ * System calls are `int3` from CPL3 (vector 3, a DPL-3 interrupt gate):
+ * this machine's KVM (PVM) answers `int $0x80` with #UD and runs `syscall`
+ * in its own supervisor mode rather than at CPL0, while exceptions reach
+ * the IDT as on hardware.  rax = number, rdi/rsi/rdx = arguments, result
+ * in rax; other registers are preserved, except by SYS_SLEEP_UNTIL.
  */
 	.globl syscall_trap
 syscall_trap:
+	cmp	$SYS_SLEEP_UNTIL, %eax
+	je	sleep_fast
 	push	%rcx
 	push	%rdx
 	push	%rsi
@@ -72,6 +76,52 @@ syscall_trap:
 	pop	%rsi
 	pop	%rdx
 	pop	%rcx
+	iretq
+
+/*
+ * SYS_SLEEP_UNTIL(rdi = TSC deadline), the probe's hot path, kept short
+ * because every CPL0 instruction is emulated here: the caller treats all
+ * caller-saved registers as clobbered, so nothing is saved; the timer
+ * interrupt that ends the halt returns from timer_entry straight to CPL3
+ * through this int3 frame.  Any other interrupt just halts again.
+ */
+sleep_fast:
+	sub	$8, %rsp	/* the int3 frame sits at 8(%rsp) while halted */
+	call	sleep_prepare
+1:	sti
+	hlt
+sleep_resume:
+	cli
+	jmp	1b
+
+/* LAPIC timer: fast return to CPL3 when it ends sleep_fast's halt. */
+	.globl timer_entry
+timer_entry:
+	cmpq	$sleep_resume, (%rsp)
+	jne	2f
+	mov	24(%rsp), %rsp	/* drop this frame: back to sleep_fast's stack */
+	call	timer_work
+	add	$8, %rsp
+	iretq			/* the int3 frame: to the task, woken */
+2:	push	%rax
+	push	%rcx
+	push	%rdx
+	push	%rsi
+	push	%rdi
+	push	%r8
+	push	%r9
+	push	%r10
+	push	%r11
+	call	timer_work
+	pop	%r11
+	pop	%r10
+	pop	%r9
+	pop	%r8
+	pop	%rdi
+	pop	%rsi
+	pop	%rdx
+	pop	%rcx
+	pop	%rax
 	iretq
 
 /* Any vector nobody asked for: acknowledge at the LAPIC and go on. */

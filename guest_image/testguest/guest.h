@@ -65,6 +65,13 @@ struct tg_global {
 
 extern struct tg_global tg;
 
+/* Written by the kernel's timer interrupt, read by the probe: one line per vCPU. */
+struct tg_irq_stamp {
+	volatile u64 tsc; /* TSC at the timer interrupt's entry */
+} __attribute__((aligned(CACHELINE)));
+
+extern struct tg_irq_stamp tg_irq[TG_MAX_VCPUS];
+
 /* Take/release the console lock (any CPL: all pages are user-accessible). */
 static inline void console_lock(void)
 {

@@ -43,6 +43,7 @@
 #define SEL_TSS(i) ((GDT_TSS0 + 2 * (i)) * 8)
 
 struct tg_global tg;
+struct tg_irq_stamp tg_irq[TG_MAX_VCPUS];
 
 /* Per vCPU, at the base of its kernel stack (found from %rsp in two instructions). */
 struct percpu {
@@ -98,6 +99,7 @@ extern char _end[];
 extern const u64 exc_stubs[32];
 extern u64 pml4[];
 void syscall_trap(void);
+void timer_entry(void);
 void irq_ignore(void);
 void irq_spurious(void);
 void enter_user(void (*rip)(u32), void *rsp, u64 arg, u64 cs, u64 ss) __attribute__((noreturn));
@@ -112,9 +114,14 @@ static inline struct percpu *this_cpu(void)
 	return (struct percpu *)(sp & ~(u64)(KSTACK_SIZE - 1));
 }
 
+static inline u64 tsc_ns(u64 tsc)
+{
+	return (u64)(((unsigned __int128)tsc * ns_mult) >> 32);
+}
+
 static inline u64 now_ns(void)
 {
-	return (u64)(((unsigned __int128)rdtsc() * ns_mult) >> 32);
+	return tsc_ns(rdtsc());
 }
 
 static inline u32 lapic_read(u32 reg)
@@ -224,21 +231,19 @@ static void arm_timer(struct percpu *pc, u64 deadline)
 }
 
 /*
- * Timer interrupt: the wakeup of the task sleeping on this vCPU.  Slot:
- * IN_HARDIRQ while in here, then the woken task's parameters (flags
- * clear: no longer idle).
+ * Timer interrupt (called from timer_entry in entry.S): the wakeup of the
+ * task sleeping on this vCPU.  Slot: IN_HARDIRQ while in here, then the
+ * woken task's parameters (flags clear: no longer idle).
  */
-struct interrupt_frame;
-__attribute__((interrupt)) static void timer_isr(struct interrupt_frame *f)
+void timer_work(void)
 {
 	struct percpu *pc = this_cpu();
-	u64 ns = now_ns();
+	u64 tsc = rdtsc(), ns = tsc_ns(tsc);
 
-	(void)f;
+	tg_irq[pc->id].tsc = tsc;
 	pvsched_update_flags(pc->slot, PVSCHED_FLAG_IN_HARDIRQ, 0, ns);
 	lapic_write(LAPIC_EOI, 0);
 	pc->woken = 1;
-	pc->timer_irqs++;
 	pvsched_clear_wake_hint(pc->slot);
 	pvsched_set_task(pc->slot, 0, pc->policy, pc->rt_priority, pc->nice, ns);
 }
@@ -247,6 +252,20 @@ static void publish_idle(struct percpu *pc)
 {
 	pvsched_set_task(pc->slot, PVSCHED_FLAG_IDLE, PVSCHED_POLICY_OTHER, 0, 0,
 			 now_ns());
+}
+
+/*
+ * SYS_SLEEP_UNTIL's C half (entry.S sleep_fast halts right after it and
+ * the timer interrupt returns straight to CPL3 from there): slot IDLE,
+ * timer armed.  Interrupts are off.
+ */
+void sleep_prepare(u64 deadline)
+{
+	struct percpu *pc = this_cpu();
+
+	pc->woken = 0;
+	publish_idle(pc);
+	arm_timer(pc, deadline);
 }
 
 /* Halt (slot IDLE) until the TSC reaches `deadline`; interrupts are off on entry. */
@@ -281,9 +300,6 @@ u64 syscall_dispatch(u64 a1, u64 a2, u64 a3, u64 nr)
 	case SYS_SET_TASK:
 		set_task(pc, (s32)a1, (u32)a2, (s32)a3);
 		return 0;
-	case SYS_SLEEP_UNTIL:
-		sleep_until(pc, a1);
-		return 0;
 	case SYS_EXIT:
 		kexit((u32)a1);
 	case SYS_HALT:
@@ -312,8 +328,8 @@ static void build_idt(void)
 		idt_set(v, (u64)irq_ignore, 0x8e);
 	for (v = 0; v < 32; v++)
 		idt_set(v, exc_stubs[v], 0x8e);
-	idt_set(VEC_SYSCALL, (u64)syscall_trap, 0xef); /* trap gate, DPL 3 */
-	idt_set(VEC_TIMER, (u64)timer_isr, 0x8e);
+	idt_set(VEC_SYSCALL, (u64)syscall_trap, 0xee); /* DPL 3, IF off */
+	idt_set(VEC_TIMER, (u64)timer_entry, 0x8e);
 	idt_set(VEC_SPURIOUS, (u64)irq_spurious, 0x8e);
 }
 
