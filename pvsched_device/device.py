@@ -235,7 +235,7 @@ class PvschedDevice(PciDevice):
                    "shm_hva": self.active["hva"], "shm_gpa": gpa, "shm_size": size,
                    "file_offset": self.active["file_offset"], "version": self.guest_version,
                    "features": self.guest_features, "vcpus": vcpus}
-            self.supervisor.post(msg, (memory.fd,)).add_done_callback(self._log_reply("register"))
+            self.supervisor.post(msg, (memory.fd,), coalesce="registration").add_done_callback(self._log_reply("register"))
 
     def _deactivate(self) -> None:
         if self.active is None:
@@ -244,7 +244,7 @@ class PvschedDevice(PciDevice):
         self.log.info("pvsched: disabled")
         if self.supervisor is not None and self.supervisor.alive:
             msg = {"op": "unregister", "vm_id": int(self.vm.vmm_pid)}
-            self.supervisor.post(msg).add_done_callback(self._log_reply("unregister"))
+            self.supervisor.post(msg, coalesce="registration").add_done_callback(self._log_reply("unregister"))
 
     def _log_reply(self, what: str) -> Callable[[Any], None]:
         def done(fut: Any) -> None:

@@ -45,11 +45,13 @@ def decode(data: bytes) -> dict[str, Any]:
     return obj
 
 
-def _ancillary(fds: list[int] | tuple[int, ...]) -> list[tuple[int, int, bytes]]:
+def ancillary(fds: list[int] | tuple[int, ...]) -> list[tuple[int, int, bytes]]:
+    """SCM_RIGHTS control message carrying `fds` (none if empty)."""
     return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
 
 
-def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+def fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """File descriptors received in SCM_RIGHTS control messages (the caller owns them)."""
     fds = array.array("i")
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -59,13 +61,13 @@ def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
 
 async def send(sock: trio.socket.SocketType, obj: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
     """Send one message (and fds) on a trio socket."""
-    await sock.sendmsg([encode(obj)], _ancillary(fds))
+    await sock.sendmsg([encode(obj)], ancillary(fds))
 
 
 async def recv(sock: trio.socket.SocketType) -> tuple[dict[str, Any] | None, list[int]]:
     """Receive one message and its fds; (None, []) at end of stream. The caller owns the fds."""
     data, ancdata, flags, _ = await sock.recvmsg(MAX_MSG, socket.CMSG_SPACE(MAX_FDS * 4))
-    fds = _fds_from(ancdata)
+    fds = fds_from(ancdata)
     if not data:
         for fd in fds:
             socket.close(fd)

@@ -113,17 +113,32 @@ class PolicySupervisor:
 
     # --- requests, from any thread -------------------------------------------------------------------
 
-    def post(self, msg: dict[str, Any], fds: tuple[int, ...] = ()) -> concurrent.futures.Future[dict[str, Any]]:
-        """Queue a request (fds are dup'ed now, closed once sent); returns a future of the reply."""
+    def post(self, msg: dict[str, Any], fds: tuple[int, ...] = (),
+             coalesce: str | None = None) -> concurrent.futures.Future[dict[str, Any]]:
+        """Queue a request (fds are dup'ed now, closed once sent); returns a future of the reply.
+
+        With `coalesce`, a queued, not yet sent request of the same key is replaced: only the latest
+        state matters (register/unregister), so a guest toggling ENABLE/DISABLE cannot grow the queue.
+        """
         fut: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
         if not self.alive:
             fut.set_exception(PolicyUnavailable("policy process is not running"))
             return fut
         dups = tuple(os.dup(fd) for fd in fds)
+        superseded = []
         with self._lock:
             msg = dict(msg, id=next(self._ids))
+            if coalesce is not None:
+                msg["_coalesce"] = coalesce
+                for item in [q for q in self._queue if q[0].get("_coalesce") == coalesce]:
+                    self._queue.remove(item)
+                    superseded.append(item)
             self._queue.append((msg, dups, fut))
             token = self._token
+        for old_msg, old_fds, old_fut in superseded:
+            for fd in old_fds:
+                os.close(fd)
+            old_fut.set_result({"ok": True, "superseded": True, "id": old_msg["id"]})
         if token is not None:
             try:
                 token.run_sync_soon(self._kick)
@@ -204,7 +219,8 @@ class PolicySupervisor:
                 self._pending[msg["id"]] = fut
             try:
                 select.select([], [self._sock], [], 1.0)
-                self._sock.sendmsg([protocol.encode(msg)], protocol._ancillary(fds))
+                wire = {k: v for k, v in msg.items() if k != "_coalesce"}
+                self._sock.sendmsg([protocol.encode(wire)], protocol.ancillary(fds))
             finally:
                 for fd in fds:
                     os.close(fd)
@@ -212,7 +228,7 @@ class PolicySupervisor:
     def _recv_nowait(self) -> dict[str, Any] | None:
         assert self._sock is not None
         data, ancdata, _, _ = self._sock.recvmsg(protocol.MAX_MSG, socket.CMSG_SPACE(protocol.MAX_FDS * 4))
-        for fd in protocol._fds_from(ancdata):
+        for fd in protocol.fds_from(ancdata):
             os.close(fd)
         return protocol.decode(data) if data else None
 
@@ -261,7 +277,7 @@ class PolicySupervisor:
                     msg, fds, fut = self._queue.popleft()
                     self._pending[msg["id"]] = fut
                 try:
-                    await protocol.send(tsock, msg, fds)
+                    await protocol.send(tsock, {k: v for k, v in msg.items() if k != "_coalesce"}, fds)
                 except OSError as e:
                     with self._lock:
                         self._pending.pop(msg["id"], None)

@@ -102,6 +102,35 @@ def test_disable_then_enable_reregisters(running: Running) -> None:
     assert {v["id"]: v["tid"] for v in st["vcpus"]} == r.vm.vcpu_tids
 
 
+def _open_fds() -> dict[str, str]:
+    out = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:
+            pass  # listdir's own fd
+    return out
+
+
+def test_enable_disable_storm_is_coalesced(running: Running) -> None:
+    """A guest toggling ENABLE/DISABLE cannot grow the VMM's queue or leak fds; the last state wins."""
+    r = running
+    sup = r.dev.supervisor
+    time.sleep(0.2)  # let the trio thread set itself up (its own epoll and wakeup fds)
+    fds_before = _open_fds()
+    longest = 0
+    for i in range(2000):
+        assert r.bar.negotiate(gpa=SHM_GPA + (i % 4) * 0x1000) == C.PVSCHED_STATUS_ACTIVE
+        r.bar.write("CONTROL", C.PVSCHED_CTRL_DISABLE)
+        longest = max(longest, len(sup._queue))
+    assert r.bar.negotiate(gpa=SHM_GPA + 0x8000) == C.PVSCHED_STATUS_ACTIVE
+    assert longest <= 2
+    st = _wait_for(lambda: (s := _registered(r)) and s["shm_gpa"] == SHM_GPA + 0x8000 and s, what="last registration")
+    assert {v["id"]: v["tid"] for v in st["vcpus"]} == r.vm.vcpu_tids
+    fds_after = _open_fds()
+    assert len(fds_after) <= len(fds_before) + 1, {k: v for k, v in fds_after.items() if fds_before.get(k) != v}
+
+
 def test_engine_runs_in_the_sandbox_and_tunables_forward(running: Running) -> None:
     r = running
     assert r.dev.supervisor.ready["engine"], r.dev.supervisor.ready.get("engine_error")
