@@ -78,6 +78,8 @@ class Machine:
         self._stop_event: trio.Event | None = None
         self._threads: list[threading.Thread] = []
         self._closed = False
+        self._kick_with_signal = False
+        self._vcpus_done = 0
         self.vm_fd = -1
         self.memory: GuestMemory | None = None
         self.vcpus: list[kvm.Vcpu] = []
@@ -203,6 +205,8 @@ class Machine:
     def _kick_vcpus(self) -> None:
         for v in self.vcpus:
             v.run.immediate_exit = 1
+        if not self._kick_with_signal:
+            return  # without our handler the signal would kill the process
         me = threading.get_ident()
         for t in self._threads:
             if t.ident is not None and t.ident != me and t.is_alive():
@@ -238,6 +242,11 @@ class Machine:
         except Exception as e:  # a VMM bug: one line, the VM ends; details with -v
             log.debug("vCPU %d crashed", v.index, exc_info=True)
             self._vcpu_fail(v, f"VMM error handling an exit: {e!r}")
+        with self._stop_lock:
+            self._vcpus_done += 1
+            all_done = self._vcpus_done == self.nr_vcpus
+        if all_done:
+            self.request_stop(EXIT_OK, "all vCPUs halted")
 
     def _vcpu_loop(self, v: kvm.Vcpu) -> None:
         run, fd, run_map = v.run, v.fd, v.run_map
@@ -323,8 +332,10 @@ class Machine:
         if self._stopping:
             self._stop_event.set()
         old_kick = None
-        if threading.current_thread() is threading.main_thread():
+        main_thread = threading.current_thread() is threading.main_thread()
+        if main_thread:  # signal handlers can only be set there; elsewhere kicks rely on immediate_exit
             old_kick = signal.signal(KICK_SIGNAL, lambda s, f: None)
+            self._kick_with_signal = True
         started: list[PciDevice] = []
         try:
             ready, go = threading.Semaphore(0), threading.Event()
@@ -349,7 +360,8 @@ class Machine:
                         raise VmmError(f"device {d.label} failed to start: {e}") from None
                     if hasattr(d, "run"):
                         nursery.start_soon(self._run_device, d)
-                nursery.start_soon(self._watch_signals)
+                if main_thread:
+                    nursery.start_soon(self._watch_signals)
                 self.started_at = time.monotonic()
                 go.set()
                 with trio.move_on_after(math.inf if timeout is None else timeout) as cs:
@@ -367,6 +379,7 @@ class Machine:
                     log.warning("device %s: stop failed: %s", d.label, e)
             self._join_vcpus()
             if old_kick is not None:
+                self._kick_with_signal = False
                 signal.signal(KICK_SIGNAL, old_kick)
 
     async def _run_device(self, d: PciDevice) -> None:
