@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 import trio
@@ -127,7 +128,8 @@ class PolicyEngine:
         v.vm_id, v.vcpu_id, v.slot_hva = vm_id, vcpu_id, slot_hva
         v.orig.policy, v.orig.rt_priority, v.orig.nice = original.policy, original.priority, original.nice
         v.posted = v.orig
-        v.running = 1 if _thread_running(self.vmm_pid, tid) else 0
+        if _thread_running(self.vmm_pid, tid):
+            v.running, v.run_start_ns = 1, time.monotonic_ns()  # same clock as bpf_ktime_get_ns
         view = memoryview(slot).cast("B")[:slot_size]
         ptr = f.from_buffer(view, require_writable=True)
         h = VcpuHandle(tid=tid, vm_id=vm_id, vcpu_id=vcpu_id, slot=view, slot_ptr=ptr,

@@ -202,20 +202,32 @@ static __always_inline __u32 wanted_from_slot(const struct pvsched_tunables *t, 
 	return PVSCHED_REASON_NORMAL;
 }
 
-/* Add boosted run time up to now; the checkpoint moves so nothing is counted twice. */
+/*
+ * Add boosted run time up to now.  running/run_start_ns are written only by
+ * sched_switch (lock-free: a task switches on one CPU at a time), so a busy
+ * lock can never leave a boosted vCPU unaccounted; counting starts at the
+ * latest of switch-in, last checkpoint and the boost decision.
+ */
 static __always_inline void account(struct pvsched_vcpu *v, const struct pvsched_tunables *t, __u64 now)
 {
+	__u64 from;
+
 	if (now - v->window_start_ns >= t->throttle_window_ns) {
 		v->window_start_ns = now;
 		v->window_boosted_ns = 0;
 	}
-	if (v->run_start_ns && now > v->run_start_ns) {
-		__u64 d = now - v->run_start_ns;
-
-		v->window_boosted_ns += d;
-		v->boosted_ns += d;
-		v->run_start_ns = now;
+	if (!v->running || v->state != PVSCHED_STATE_BOOSTED)
+		return;
+	from = v->run_start_ns;
+	if (v->acct_ns > from)
+		from = v->acct_ns;
+	if (v->boost_since_ns > from)
+		from = v->boost_since_ns;
+	if (now > from) {
+		v->window_boosted_ns += now - from;
+		v->boosted_ns += now - from;
 	}
+	v->acct_ns = now;
 }
 
 /* Post a change to the actuator; on a full ring buffer nothing changes (retried next time). */
@@ -245,7 +257,8 @@ static __always_inline int post(struct pvsched_vcpu *v, __u32 tid, const struct 
 	v->reason = reason;
 	v->gen++;
 	/* boosted run time is counted from the decision on */
-	v->run_start_ns = (v->running && state == PVSCHED_STATE_BOOSTED) ? now : 0;
+	if (state == PVSCHED_STATE_BOOSTED)
+		v->boost_since_ns = now;
 
 	e->ts_ns = now;
 	e->gen = v->gen;
@@ -337,9 +350,14 @@ static __always_inline int pvsched_eval(struct pvsched_vcpu *v, __u32 tid, const
 		if (!s)
 			return 0;
 		if ((s->flags & PVSCHED_FLAG_IDLE) && v->hold) {
-			/* hysteresis: the halt boost is held while the vCPU stays idle */
+			/*
+			 * Hysteresis: the halt boost is held while the vCPU stays
+			 * idle (re-posted only if new tunables changed it).
+			 */
 			stat_inc(PVSCHED_STAT_HOLD);
-			return 0;
+			boost_params(t, v, &want);
+			reason = PVSCHED_REASON_HALT;
+			break;
 		}
 from_slot:
 		if (!s)
@@ -374,13 +392,42 @@ static __always_inline void vcpu_unlock(struct pvsched_vcpu *v)
 	*(volatile __u32 *)&v->lock = 0;
 }
 
+/* vCPU switched out: VMEXIT-like evaluation, or HALT when it blocks with an IDLE slot. */
+static __always_inline void switch_out(struct pvsched_vcpu *v, __u32 tid, const struct pvsched_tunables *t,
+				       bool runnable, __u64 now)
+{
+	struct pvsched_slot_snap snap = {};
+	int err = read_slot(v->slot_hva, &snap, false);
+	__u32 src;
+
+	account(v, t, now);
+	v->running = 0;
+	if (err) {
+		if (err == -EFAULT)
+			stat_inc(PVSCHED_STAT_SLOT_FAULT);
+		return;
+	}
+	if (runnable) {
+		src = PVSCHED_SRC_PREEMPT;
+		stat_inc(PVSCHED_STAT_PREEMPT);
+	} else if (snap.flags & PVSCHED_FLAG_IDLE) {
+		src = PVSCHED_SRC_HALT;
+		stat_inc(PVSCHED_STAT_HALT);
+	} else {
+		src = PVSCHED_SRC_BLOCK;
+		stat_inc(PVSCHED_STAT_BLOCK);
+	}
+	if (t->debug >= 2)
+		bpf_printk("pvsched: out tid %u src %u flags %x policy %d", tid, src, snap.flags, snap.policy);
+	pvsched_eval(v, tid, t, src, &snap, PVSCHED_REASON_NONE, now);
+}
+
 /* vCPU out (VMEXIT-like, or HALT when it blocks with an IDLE slot) and vCPU in (VMENTER-like). */
 SEC("tp_btf/sched_switch")
 int BPF_PROG(pvs_switch, bool preempt, struct task_struct *prev, struct task_struct *next,
 	     unsigned int prev_state)
 {
 	struct pvsched_tunables *t = get_tunables();
-	struct pvsched_slot_snap snap = {};
 	struct pvsched_vcpu *v;
 	__u64 now;
 	__u32 tid;
@@ -393,45 +440,23 @@ int BPF_PROG(pvs_switch, bool preempt, struct task_struct *prev, struct task_str
 		tid = prev->pid;
 		v = bpf_map_lookup_elem(&vcpus, &tid);
 		/* current == prev here: the slot HVA is in this address space */
-		if (v && (bpf_get_current_pid_tgid() >> 32) == t->vmm_pid && vcpu_trylock(v)) {
-			bool runnable = preempt || prev_state == TASK_RUNNING;
-			int err = read_slot(v->slot_hva, &snap, false);
-
-			account(v, t, now);
-			v->running = 0;
-			v->run_start_ns = 0;
-			if (err == -EFAULT)
-				stat_inc(PVSCHED_STAT_SLOT_FAULT);
-			if (!err) {
-				__u32 src;
-
-				if (runnable) {
-					src = PVSCHED_SRC_PREEMPT;
-					stat_inc(PVSCHED_STAT_PREEMPT);
-				} else if (snap.flags & PVSCHED_FLAG_IDLE) {
-					src = PVSCHED_SRC_HALT;
-					stat_inc(PVSCHED_STAT_HALT);
-				} else {
-					src = PVSCHED_SRC_BLOCK;
-					stat_inc(PVSCHED_STAT_BLOCK);
-				}
-				if (t->debug >= 2)
-					bpf_printk("pvsched: out tid %u src %u flags %x policy %d", tid, src,
-						   snap.flags, snap.policy);
-				pvsched_eval(v, tid, t, src, &snap, PVSCHED_REASON_NONE, now);
+		if (v && (bpf_get_current_pid_tgid() >> 32) == t->vmm_pid) {
+			if (vcpu_trylock(v)) {
+				switch_out(v, tid, t, preempt || prev_state == TASK_RUNNING, now);
+				vcpu_unlock(v);
 			}
-			vcpu_unlock(v);
+			v->running = 0; /* even when the lock was busy: never left "running" */
 		}
 	}
 
 	if (next->tgid == t->vmm_pid) {
 		tid = next->pid;
 		v = bpf_map_lookup_elem(&vcpus, &tid);
-		if (v && vcpu_trylock(v)) {
+		if (v) {
 			stat_inc(PVSCHED_STAT_SWITCH_IN);
+			v->run_start_ns = now;
+			asm volatile("" ::: "memory");
 			v->running = 1;
-			v->run_start_ns = v->state == PVSCHED_STATE_BOOSTED ? now : 0;
-			vcpu_unlock(v);
 		}
 	}
 	return 0;
@@ -539,11 +564,9 @@ int BPF_PROG(pvs_kvm_entry)
 	if (!v)
 		return 0;
 	stat_inc(PVSCHED_STAT_KVM_ENTRY);
-	if (vcpu_trylock(v)) {
-		if (v->state == PVSCHED_STATE_BOOSTED && !v->run_start_ns)
-			v->run_start_ns = bpf_ktime_get_ns();
+	if (!v->running) {
+		v->run_start_ns = bpf_ktime_get_ns();
 		v->running = 1;
-		vcpu_unlock(v);
 	}
 	return 0;
 }

@@ -114,11 +114,13 @@ struct pvsched_vcpu {
 	__u32 lock;                         /* try-lock between CPUs, never spun on */
 	__u32 state;                        /* enum pvsched_host_state, as posted */
 	struct pvsched_sched_params posted; /* last params posted to the actuator */
-	__u32 running;                      /* on a CPU now (switch in/out) */
+	__u32 running;                      /* on a CPU now (written only by sched_switch) */
 	__u32 hold;                         /* halt boost held while the slot shows IDLE */
 	__u32 halted;                       /* last switch-out was a halt, not yet seen busy */
 	__u32 reason;                       /* enum pvsched_reason of the last change */
-	__u64 run_start_ns;                 /* running boosted since (0: not) */
+	__u64 run_start_ns;                 /* switched in at (written only by sched_switch) */
+	__u64 acct_ns;                      /* boosted run time counted up to here */
+	__u64 boost_since_ns;               /* BOOSTED since (posting time) */
 	__u64 window_start_ns;
 	__u64 window_boosted_ns;            /* boosted run time in the current window */
 	__u64 throttle_until_ns;
@@ -177,7 +179,7 @@ struct pvsched_backstop_ctx {
 #ifndef PVSCHED_ABI_NO_ASSERTS
 _Static_assert(sizeof(struct pvsched_sched_params) == 16, "params");
 _Static_assert(sizeof(struct pvsched_slot_snap) == 24, "snap");
-_Static_assert(sizeof(struct pvsched_vcpu) == 168, "vcpu");
+_Static_assert(sizeof(struct pvsched_vcpu) == 184, "vcpu");
 _Static_assert(sizeof(struct pvsched_tunables) == 64, "tunables");
 _Static_assert(sizeof(struct pvsched_event) == 88, "event");
 _Static_assert(sizeof(struct pvsched_backstop_ctx) == 16, "backstop ctx");

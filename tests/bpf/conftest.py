@@ -1,0 +1,191 @@
+"""Fixtures for the BPF policy tests: a stand-in VMM with real vCPU-like threads, a sandboxed policy child.
+
+Every RT experiment is bounded: the stand-in VMM runs under
+`chrt -f 50 timeout` (a watchdog above every boost and the actuator), has its
+own alarm(), and is SIGKILLed by PID at teardown; its threads are restored to
+SCHED_OTHER at teardown whatever happened to the policy process.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+BPFFS = Path("/sys/fs/bpf")
+
+
+def _bpffs_mounted() -> bool:
+    try:
+        return any(line.split()[1] == str(BPFFS) and line.split()[2] == "bpf" for line in open("/proc/mounts"))
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def bpf_object() -> Path:
+    """The policy object, built from source if stale (make -C bpf)."""
+    if os.geteuid() != 0:
+        pytest.skip("BPF policy tests need root")
+    if not _bpffs_mounted():
+        pytest.fail("bpffs is not mounted at /sys/fs/bpf (scripts/setup.sh mounts it)")
+    sys.path.insert(0, str(ROOT))
+    from vmm.artifacts import ensure_built
+
+    return ensure_built("bpf", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def fakevmm_bin(tmp_path_factory) -> Path:
+    """tests/bpf/fakevmm.c compiled (gcc)."""
+    out = tmp_path_factory.mktemp("fakevmm") / "fakevmm"
+    subprocess.run(["gcc", "-O2", "-Wall", "-pthread", f"-I{ROOT / 'pvsched_device'}", str(HERE / "fakevmm.c"),
+                    "-o", str(out)], check=True)
+    return out
+
+
+class FakeVmm:
+    """The stand-in VMM process: threads writing slots; commands over a pipe; slot area mapped here too."""
+
+    def __init__(self, binary: Path, nthreads: int, max_s: int):
+        self.proc = subprocess.Popen(
+            ["chrt", "-f", "50", "timeout", "-s", "KILL", str(max_s + 5), "chrt", "-o", "0", str(binary),
+             str(nthreads), str(max_s)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = json.loads(self.proc.stdout.readline())
+        self.pid: int = self.info["pid"]
+        self.tids: list[int] = self.info["tids"]
+        self.memfd_path = f"/proc/{self.pid}/fd/{self.info['memfd']}"
+        fd = os.open(self.memfd_path, os.O_RDWR)
+        self.fd = fd
+        self.map = mmap.mmap(fd, 4096)
+
+    def cmd(self, line: str) -> dict:
+        """Send one command, return its JSON reply."""
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def host_area(self, i: int) -> dict:
+        """The host area of slot i as the guest would read it."""
+        from pvsched_device import abi
+
+        off = self.info["slot_offset"] + 128 * i
+        raw = bytes(self.map[off:off + 128])
+        f = abi.ffi()
+        s = f.cast("struct pvsched_slot *", f.from_buffer(bytearray(raw)))
+        h = s.host
+        return {"seq": h.seq, "state": h.state, "policy": h.policy, "rt_priority": h.rt_priority, "nice": h.nice,
+                "boosts": h.boosts, "throttles": h.throttles, "boosted_ns": h.boosted_ns}
+
+    def stop(self) -> None:
+        """Restore every thread to SCHED_OTHER, then kill the process group leader chain by PID."""
+        for tid in self.tids:
+            try:
+                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+            except OSError:
+                pass
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.kill()  # the watchdog chain (timeout), by its PID
+        self.proc.wait()
+        try:
+            self.map.close()
+        except BufferError:
+            pass
+        os.close(self.fd)
+
+
+@pytest.fixture
+def fake_vmm(fakevmm_bin):
+    """Start stand-in VMMs: fake_vmm(nthreads=1, max_s=30) -> FakeVmm; all stopped at teardown."""
+    vmms: list[FakeVmm] = []
+
+    def start(nthreads: int = 1, max_s: int = 30) -> FakeVmm:
+        v = FakeVmm(fakevmm_bin, nthreads, max_s)
+        vmms.append(v)
+        return v
+
+    yield start
+    for v in vmms:
+        v.stop()
+
+
+class PolicyChild:
+    """The engine in a child process with only CAP_BPF, CAP_PERFMON, CAP_SYS_NICE, CAP_IPC_LOCK."""
+
+    def __init__(self, vmm: FakeVmm, pin_root: Path, tunables: dict | None, keep_caps: bool = False):
+        cfg = {"vmm_pid": vmm.pid, "memfd": vmm.fd, "slot_offset": vmm.info["slot_offset"], "hva": vmm.info["hva"],
+               "tids": vmm.tids, "tunables": tunables or {}, "pin_root": str(pin_root), "keep_caps": keep_caps}
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "policy_child.py"), json.dumps(cfg)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                     pass_fds=(vmm.fd,))
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(timeout=10)
+            raise RuntimeError(f"policy child failed to start (exit {self.proc.returncode})")
+        self.ready = json.loads(line)
+        self.pid = self.proc.pid
+
+    def cmd(self, line: str) -> dict:
+        """One command, its JSON reply."""
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def show(self) -> dict:
+        return self.cmd("show")
+
+    def set(self, **kv) -> dict:
+        return self.cmd("set " + " ".join(f"{k}={v}" for k, v in kv.items()))
+
+    def terminate(self, timeout: float = 10) -> int:
+        """SIGTERM and wait: the engine's cleanup path runs."""
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture
+def pin_root():
+    """A pin root of this test's own under /sys/fs/bpf, removed afterwards."""
+    root = BPFFS / f"pvsched-test-{os.getpid()}-{time.monotonic_ns()}"
+    yield root
+    if root.exists():
+        for d in root.iterdir():
+            for f in d.iterdir() if d.is_dir() else []:
+                f.unlink()
+            d.rmdir() if d.is_dir() else d.unlink()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def policy_child(bpf_object, pin_root):
+    """Start the sandboxed policy engine for a FakeVmm: policy_child(vmm, tunables) -> PolicyChild."""
+    kids: list[PolicyChild] = []
+
+    def start(vmm: FakeVmm, tunables: dict | None = None, keep_caps: bool = False) -> PolicyChild:
+        c = PolicyChild(vmm, pin_root, tunables, keep_caps)
+        kids.append(c)
+        return c
+
+    yield start
+    for c in kids:
+        c.kill()

@@ -1,0 +1,164 @@
+"""The BPF policy on real threads: boosts, caps, throttling, tunables; every class checked from outside.
+
+The stand-in VMM's threads write their slots like a guest would; the policy
+runs in a child with only the sandbox's capabilities.  Assertions look at the
+threads with os.sched_getscheduler and /proc/<tid>/sched, never at the
+policy's own bookkeeping (that is checked separately, against them).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+from sched_observe import observed, proc_sched, runs, sample, wait_for
+
+RR, FIFO, OTHER, BATCH = os.SCHED_RR, os.SCHED_FIFO, os.SCHED_OTHER, os.SCHED_BATCH
+
+
+@pytest.fixture
+def host_load():
+    """The host busy on both cores for a few seconds (bounded by timeout, killed by PID)."""
+    procs = []
+
+    def start(seconds: int = 4) -> None:
+        procs.append(subprocess.Popen(["timeout", "-s", "KILL", str(seconds + 2), "stress-ng", "--cpu", "2",
+                                       "--timeout", f"{seconds}s", "-q"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def test_probe_boosted_at_halt_under_load_then_back_to_normal(fake_vmm, policy_child, host_load):
+    vmm = fake_vmm(1)
+    tid = vmm.tids[0]
+    child = policy_child(vmm)
+    host_load(4)
+    vmm.cmd("mode 0 probe")  # slot: RR 8 task every 1 ms, IDLE (halted) in between
+    assert wait_for(lambda: observed(tid)[0] == RR, 2.0), "probe vCPU never boosted"
+    s = sample(tid, 1.0, 0.002)
+    rr8 = sum(1 for _, pol, prio in s if pol == RR and prio == 8)
+    assert rr8 >= 0.95 * len(s), f"boost not held: RR 8 in {rr8}/{len(s)} samples"
+    assert all(prio <= 10 for _, _, prio in s), "priority above max_rt_prio"
+    assert proc_sched(tid) == {"policy": RR, "prio": 99 - 8}
+    # the guest goes back to plain work: first evaluation drops the boost
+    vmm.cmd("mode 0 busy")
+    assert wait_for(lambda: observed(tid) == (OTHER, 0, 0), 1.0), f"still {observed(tid)}"
+    assert proc_sched(tid) == {"policy": OTHER, "prio": 120}
+    host = vmm.host_area(0)
+    assert host["state"] == 0 and host["policy"] == OTHER and host["boosts"] >= 1 and host["seq"] % 2 == 0
+    child.terminate()
+
+
+def test_fifo99_request_gets_exactly_the_cap_and_tunables_apply_at_run_time(fake_vmm, policy_child):
+    vmm = fake_vmm(1)
+    tid = vmm.tids[0]
+    child = policy_child(vmm)
+    # a vCPU running a FIFO 99 task that blocks (not halted): translated 1:1, capped, FIFO->RR
+    vmm.cmd(f"custom 0 sleep 0 {FIFO} 99 0 0")
+    assert wait_for(lambda: observed(tid)[:2] == (RR, 10), 1.0), f"got {observed(tid)}"
+    assert proc_sched(tid)["prio"] == 99 - 10
+    # allow_fifo: the next decision keeps FIFO
+    assert child.set(allow_fifo="true")["tunables"]["allow_fifo"] == "true"
+    assert wait_for(lambda: observed(tid)[:2] == (FIFO, 10), 1.0), f"got {observed(tid)}"
+    # a lower cap: the next decision follows it
+    child.set(max_rt_prio="5")
+    assert wait_for(lambda: observed(tid)[:2] == (FIFO, 5), 1.0), f"got {observed(tid)}"
+    # refused values change nothing
+    for bad in ("max_rt_prio=31", "boost_prio=40", "nosuch=1", "max_boost_runtime_ms=500"):
+        assert "error" in child.cmd(f"set {bad}"), bad
+    assert child.show()["tunables"]["max_rt_prio"]["value"] == "5"
+    assert observed(tid)[:2] == (FIFO, 5)
+    child.terminate()
+    assert observed(tid) == (OTHER, 0, 0), "not restored on SIGTERM"
+
+
+def test_halt_boost_uses_boost_params_and_follows_set_tunables(fake_vmm, policy_child):
+    vmm = fake_vmm(2)
+    idle, blocked = vmm.tids
+    child = policy_child(vmm)
+    vmm.cmd("mode 0 idle")   # halts: slot IDLE
+    vmm.cmd("mode 1 block")  # blocks with a non-IDLE slot: a lock wait, not a halt
+    assert wait_for(lambda: observed(idle)[:2] == (RR, 8), 1.0), f"got {observed(idle)}"
+    child.set(boost_prio="5", boost_policy="fifo", allow_fifo="true")
+    assert wait_for(lambda: observed(idle)[:2] == (FIFO, 5), 1.0), f"got {observed(idle)}"
+    child.set(boost_on_halt="false")
+    assert wait_for(lambda: observed(idle) == (OTHER, 0, 0), 1.0), f"got {observed(idle)}"
+    assert observed(blocked) == (OTHER, 0, 0), "a blocked (not idle) vCPU was boosted"
+    st = child.show()["stats"]
+    assert st["halt"]["value"] > 0 and st["block"]["value"] > 0
+    child.terminate()
+
+
+def test_hog_is_throttled_and_unthrottled_on_schedule(fake_vmm, policy_child):
+    # a guest FIFO 99 task that never yields: boosted to the cap, then throttled by the backstop
+    vmm = fake_vmm(1)
+    tid = vmm.tids[0]
+    child = policy_child(vmm, {"max_boost_runtime_ms": "20", "throttle_window_ms": "100", "throttle_ms": "60"})
+    vmm.cmd("mode 0 hog")
+    assert wait_for(lambda: observed(tid)[0] == RR, 1.0)
+    s = sample(tid, 2.0, 0.001)
+    boosted = runs(s, lambda pol, prio: pol == RR and prio == 10)
+    normal = runs(s, lambda pol, prio: pol == OTHER)
+    assert all(p == OTHER or (p == RR and q == 10) for _, p, q in s), "a class other than RR 10 / OTHER seen"
+    # cycle: ~20 ms boosted (+ backstop 5 ms + actuator hop), ~60 ms throttled -> ~24 cycles in 2 s
+    diag = {k: v["value"] for k, v in child.show()["stats"].items() if v["value"]}
+    assert 12 <= len(boosted) <= 40, f"{len(boosted)} boosted stretches {[round(b, 3) for b in boosted]} {diag}"
+    assert max(boosted[1:-1]) < 0.060, f"a boost ran {max(boosted):.3f} s despite max_boost_runtime_ms=20 {diag} {child.show()['vcpus']} {child.show()['actuator']}"
+    mid = sorted(normal[1:-1])
+    assert 0.040 < mid[len(mid) // 2] < 0.090, f"throttled stretches median {mid[len(mid) // 2]:.3f} s"
+    host = vmm.host_area(0)
+    assert host["throttles"] >= len(boosted) - 2, host
+    # show() agrees with the outside view (within a couple of cycles)
+    v = child.show()["vcpus"][0]
+    assert v["throttles"] >= 12
+    vmm.cmd("mode 0 idle")
+    child.terminate()
+    assert observed(tid) == (OTHER, 0, 0)
+
+
+def test_clamps_for_nice_batch_and_unknown_policies(fake_vmm, policy_child):
+    vmm = fake_vmm(1)
+    tid = vmm.tids[0]
+    child = policy_child(vmm)
+    vmm.cmd("custom 0 sleep 0 6 0 -15 0")  # SCHED_DEADLINE at nice -15: OTHER at min_nice, never boosted
+    assert wait_for(lambda: observed(tid) == (OTHER, 0, -10), 1.0), f"got {observed(tid)}"
+    vmm.cmd(f"custom 0 sleep 0 {BATCH} 0 5 0")
+    assert wait_for(lambda: observed(tid) == (BATCH, 0, 5), 1.0), f"got {observed(tid)}"
+    vmm.cmd("custom 0 sleep 8 0 0 0 0")  # PREEMPT_DISABLED critical section: urgent -> boost params
+    assert wait_for(lambda: observed(tid)[:2] == (RR, 8), 1.0), f"got {observed(tid)}"
+    vmm.cmd("custom 0 sleep 0 0 0 0 1")  # wake hint: urgent too
+    assert wait_for(lambda: observed(tid)[:2] == (RR, 8), 1.0)
+    vmm.cmd("custom 0 sleep 0 0 0 0 0")
+    assert wait_for(lambda: observed(tid) == (OTHER, 0, 0), 1.0), f"got {observed(tid)}"
+    child.terminate()
+
+
+def test_torn_slot_is_never_acted_on(fake_vmm, policy_child):
+    vmm = fake_vmm(1)
+    tid = vmm.tids[0]
+    child = policy_child(vmm)
+    vmm.cmd("mode 0 torn")  # asks FIFO 5 but its seqcount stays odd
+    assert not wait_for(lambda: observed(tid)[0] != OTHER, 0.5), "acted on a torn slot"
+    assert child.show()["stats"]["slot_torn"]["value"] > 0
+    child.terminate()
+
+
+def test_remove_vcpu_restores_and_thread_exit_is_noticed(fake_vmm, policy_child):
+    vmm = fake_vmm(2)
+    a, b = vmm.tids
+    child = policy_child(vmm)
+    vmm.cmd("mode 0 idle")
+    vmm.cmd("mode 1 idle")
+    assert wait_for(lambda: observed(a)[0] == RR and observed(b)[0] == RR, 1.0)
+    assert child.cmd(f"remove {a}") == {"ok": True}
+    assert observed(a) == (OTHER, 0, 0), "remove_vcpu did not restore"
+    assert not wait_for(lambda: observed(a)[0] != OTHER, 0.3), "removed vCPU boosted again"
+    vmm.cmd("mode 1 exit")
+    assert wait_for(lambda: any(v["gone"] for v in child.show()["vcpus"]), 2.0)
+    assert child.show()["stats"]["exited"]["value"] == 1
+    child.terminate()
