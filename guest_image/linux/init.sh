@@ -14,6 +14,7 @@
 #   pvsched.duration=<s>   cyclictest duration (default 5)
 #   pvsched.interval=<us>  cyclictest interval (default 1000)
 #   pvsched.spin=<s>       self-test: how long the RT spinner runs (default 2)
+#   pvsched.new_id=V:D     device workload: also bind the driver to PCI V:D
 
 /bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
@@ -92,7 +93,10 @@ workload_selftest() {
 	slots_json before
 
 	# An RR 8 spinner pinned to CPU 1 (bounded by timeout); sample CPU 1's
-	# slot from CPU 0 while it runs.
+	# slot from CPU 0 while it runs.  RT throttling off meanwhile: it would
+	# hand CPU 1 to others for 50 ms of each second, at a random sample.
+	rt_runtime=$(cat /proc/sys/kernel/sched_rt_runtime_us)
+	echo -1 > /proc/sys/kernel/sched_rt_runtime_us
 	taskset -c 1 chrt -r 8 timeout "$spin" sh -c 'while :; do :; done' &
 	spinner=$!
 	sleep 0.5
@@ -102,6 +106,7 @@ workload_selftest() {
 	done
 	shm_json rt
 	wait $spinner
+	echo "$rt_runtime" > /proc/sys/kernel/sched_rt_runtime_us
 	sleep 0.3
 	for _ in 1 2 3; do
 		slots_json after
@@ -142,15 +147,23 @@ workload_cyclictest() {
 }
 
 # Device mode: bind the pvsched device, report, unbind (negotiation check).
+# pvsched.new_id=VVVV:DDDD also offers the driver another PCI id (tests of
+# the probe's error unwinding against a device that is not pvsched).
 workload_device() {
-	load_module
+	load_module || { dump_dmesg; return 1; }
+	newid=$(arg new_id '')
+	[ -n "$newid" ] && echo "$newid" | tr ':' ' ' > /sys/bus/pci/drivers/pvsched/new_id
 	if [ -e $DBG/info ]; then
+		echo '{"type":"pvsched","status":"active"}'
 		kv_json info $DBG/info
 		sleep 1
 		slots_json device
 		kv_json stats $DBG/stats
-		unload_module
+	else
+		echo '{"type":"pvsched","status":"unbound"}'
 	fi
+	echo "{\"type\":\"iomem\",\"pvsched_regions\":$(grep -c pvsched /proc/iomem)}"
+	unload_module
 	dump_dmesg
 }
 

@@ -64,7 +64,9 @@ def parse_records(console: str) -> list[dict]:
     return records
 
 
-def qemu_command(image: build_image.Image, cmdline: str, cpus: int = 2, mem_mib: int = 512) -> list[str]:
+def qemu_command(
+    image: build_image.Image, cmdline: str, cpus: int = 2, mem_mib: int = 512, extra_args: list[str] | None = None
+) -> list[str]:
     """The qemu-system-x86_64 command line that boots image with TCG on the serial console."""
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
@@ -73,7 +75,7 @@ def qemu_command(image: build_image.Image, cmdline: str, cpus: int = 2, mem_mib:
         qemu, "-accel", "tcg", "-nographic", "-serial", "stdio", "-monitor", "none",
         "-no-reboot", "-smp", str(cpus), "-m", str(mem_mib), "-nic", "none",
         "-kernel", str(image.kernel), "-initrd", str(image.initrd),
-        "-append", f"console=ttyS0 panic=-1 {cmdline}",
+        "-append", f"console=ttyS0 panic=-1 {cmdline}", *(extra_args or []),
     ]  # fmt: skip
 
 
@@ -84,10 +86,11 @@ def run_qemu(
     cpus: int = 2,
     mem_mib: int = 512,
     timeout: float = 60.0,
+    extra_args: list[str] | None = None,
 ) -> QemuResult:
     """Boot image running workload; return its console once it powers off, killing QEMU (by PID) after timeout."""
     cmdline = f"quiet pvsched.workload={workload} {extra_cmdline}".strip()
-    cmd = qemu_command(image, cmdline, cpus, mem_mib)
+    cmd = qemu_command(image, cmdline, cpus, mem_mib, extra_args)
     t0 = time.monotonic()
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
@@ -116,13 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--mem", type=int, default=512, help="MiB")
     ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--device", action="append", default=[], help="extra QEMU -device (repeatable), e.g. edu")
     args = ap.parse_args(argv)
     try:
         image = build_image.build_image(args.flavor)
         if args.workload == "shell":
-            cmd = qemu_command(image, f"pvsched.workload=shell {args.append}", args.cpus, args.mem)
+            devices = [a for d in args.device for a in ("-device", d)]
+            cmd = qemu_command(image, f"pvsched.workload=shell {args.append}", args.cpus, args.mem, devices)
             return subprocess.call(cmd)
-        res = run_qemu(image, args.workload, args.append, args.cpus, args.mem, args.timeout)
+        devices = [a for d in args.device for a in ("-device", d)]
+        res = run_qemu(image, args.workload, args.append, args.cpus, args.mem, args.timeout, devices)
     except (build_image.ImageBuildError, build_image.kernel.KernelFetchError, QemuError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
