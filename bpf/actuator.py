@@ -25,7 +25,8 @@ from vmm.sched_attr import SchedAttr, sched_getattr, sched_setattr
 
 from . import libbpf
 from .loader import BpfPolicy
-from .policy_types import consts, ffi as pffi
+from .policy_types import consts
+from .policy_types import ffi as pffi
 
 log = logging.getLogger("pvsched.actuator")
 
@@ -80,7 +81,7 @@ class ActuatorStats:
         lat = sorted(self.latency_ns)
         if not lat:
             return {"samples": 0}
-        pick = lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] / 1000, 1)  # noqa: E731
+        pick = lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] / 1000, 1)
         return {"samples": len(lat), "p50": pick(0.50), "p99": pick(0.99), "max": round(lat[-1] / 1000, 1)}
 
 

@@ -19,6 +19,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Self
 
 import trio
 
@@ -27,10 +28,11 @@ from vmm.sched_attr import POLICY_NAMES, SchedAttr, sched_getattr
 from . import libbpf
 from .actuator import Actuator, VcpuHandle
 from .loader import BpfPolicy, enable_stats, remove_pin_dir, stats_enabled
-from .policy_types import consts, enum_name, ffi as pffi, stat_descriptions
+from .policy_types import consts, enum_name, stat_descriptions
+from .policy_types import ffi as pffi
 from .tunables import DESCRIPTIONS, TunableError, parse
 
-__all__ = ["PolicyEngine", "remove_stale_pins", "enable_bpf_stats", "serve", "TunableError", "DEFAULT_PIN_ROOT"]
+__all__ = ["DEFAULT_PIN_ROOT", "PolicyEngine", "TunableError", "enable_bpf_stats", "remove_stale_pins", "serve"]
 
 log = logging.getLogger("pvsched.engine")
 
@@ -39,13 +41,14 @@ BPF_OBJECT = Path(__file__).resolve().parent / "build" / "pvsched.bpf.o"
 
 
 def _pid_alive(pid: int) -> bool:
+    """True while process `pid` exists and is not a zombie (a dead VMM nobody reaped yet)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    except PermissionError:
+    except OSError:
         return True
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def remove_stale_pins(pin_root: str = DEFAULT_PIN_ROOT) -> list[int]:
@@ -184,7 +187,7 @@ class PolicyEngine:
                 os.close(self._own_stats_fd)
                 self._own_stats_fd = None
 
-    def __enter__(self) -> PolicyEngine:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from . import libbpf
 from .libbpf import LibbpfError, check, check_ptr, string
-from .policy_types import consts, ffi as pffi, stat_descriptions
+from .policy_types import consts, stat_descriptions
+from .policy_types import ffi as pffi
 from .tunables import Tunables
 
 log = logging.getLogger("pvsched.bpf")
@@ -185,9 +186,9 @@ class BpfPolicy:
         lib.bpf_map_delete_elem(self.maps["vcpus"], f.new("__u32 *", tid))
         slot = f.new("__u32 *", vcpu_id)
         cur = f.new("__u32 *")
-        if 0 <= vcpu_id < consts().PVSCHED_MAX_VCPUS and lib.bpf_map_lookup_elem(self.maps["apic_tid"], slot, cur) == 0:
-            if cur[0] == tid:
-                lib.bpf_map_update_elem(self.maps["apic_tid"], slot, f.new("__u32 *", 0), libbpf.BPF_ANY)
+        if (0 <= vcpu_id < consts().PVSCHED_MAX_VCPUS and lib.bpf_map_lookup_elem(self.maps["apic_tid"], slot, cur) == 0
+                and cur[0] == tid):
+            lib.bpf_map_update_elem(self.maps["apic_tid"], slot, f.new("__u32 *", 0), libbpf.BPF_ANY)
 
     def vcpu(self, tid: int):
         """A copy of the vCPU entry (cffi struct pvsched_vcpu *), or None if not registered."""

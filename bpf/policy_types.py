@@ -12,7 +12,7 @@ from pvsched_device import abi
 
 POLICY_HEADER = Path(__file__).with_name("pvsched_policy.h")
 
-_STAT_RE = re.compile(r"^\s*PVSCHED_STAT_(\w+)\s*=\s*(\d+),\s*/\*\s*(.*?)\s*\*/", re.M)
+_STAT_RE = re.compile(r"^\s*PVSCHED_STAT_(\w+)\s*=\s*(\d+),\s*/\*\s*(.*?)\s*\*/", re.MULTILINE)
 
 
 @functools.cache

@@ -88,7 +88,9 @@ class FakeVmm:
                 "boosts": h.boosts, "throttles": h.throttles, "boosted_ns": h.boosted_ns}
 
     def stop(self) -> None:
-        """Restore every thread to SCHED_OTHER, then kill the process group leader chain by PID."""
+        """Restore every thread to SCHED_OTHER, then kill the process and its watchdog by PID; idempotent."""
+        if self.fd < 0:
+            return
         for tid in self.tids:
             try:
                 os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
@@ -105,6 +107,7 @@ class FakeVmm:
         except BufferError:
             pass
         os.close(self.fd)
+        self.fd = -1
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import mmap
 import os
 import signal
 import sys
+from pathlib import Path
 
 import trio
 
@@ -37,7 +38,7 @@ class _CapData(ctypes.Structure):
 def drop_caps(keep: tuple[int, ...] = KEEP) -> None:
     """Keep only `keep` (effective/permitted; bounding set too), as the real sandbox does."""
     libc = ctypes.CDLL(None, use_errno=True)
-    last = int(open("/proc/sys/kernel/cap_last_cap").read())
+    last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
     for cap in range(last + 1):
         if cap not in keep and libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), f"PR_CAPBSET_DROP {cap}")
@@ -52,7 +53,7 @@ def drop_caps(keep: tuple[int, ...] = KEEP) -> None:
 
 def cap_eff() -> int:
     """This process's effective capability mask (from /proc)."""
-    for line in open("/proc/self/status"):
+    for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("CapEff:"):
             return int(line.split()[1], 16)
     return -1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def observed(tid: int) -> tuple[int, int, int]:
@@ -15,7 +16,7 @@ def observed(tid: int) -> tuple[int, int, int]:
 def proc_sched(tid: int) -> dict[str, int]:
     """The 'policy' and 'prio' lines of /proc/<tid>/sched (prio: 99 - rt priority for RT, 120 + nice else)."""
     out = {}
-    for line in open(f"/proc/{tid}/sched"):
+    for line in Path(f"/proc/{tid}/sched").read_text().splitlines():
         k, _, v = line.partition(":")
         if k.strip() in ("policy", "prio"):
             out[k.strip()] = int(v.strip())
