@@ -153,10 +153,14 @@ static void run_probe(struct phase_result *r, u32 vcpu, u64 t_start, u64 t_end)
 		lat_record(&r->irq, irq > next ? tsc_to_ns(irq - next) : 0);
 		next += period;
 		if (now >= next) {
-			/* Deadlines that passed while we were late: lost ticks. */
+			/* Deadlines of this phase that passed while we were late: lost ticks. */
 			u64 k = (now - next) / period + 1;
 
-			r->lat.missed += k;
+			if (next <= t_end) {
+				u64 in_phase = (t_end - next) / period + 1;
+
+				r->lat.missed += k < in_phase ? k : in_phase;
+			}
 			next += k * period;
 		}
 	}

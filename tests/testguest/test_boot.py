@@ -1,0 +1,131 @@
+"""The test guest on real KVM through `pyvmm boot`: pvsched negotiation, refusals, workloads, results, exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pvsched_device import abi
+
+C = abi.C
+
+
+def records(stdout: str) -> list[dict]:
+    """The JSON lines of the guest console (contract 3)."""
+    out = []
+    for line in stdout.splitlines():
+        if line.startswith("{"):
+            out.append(json.loads(line))
+    return out
+
+
+def of_type(recs: list[dict], t: str) -> list[dict]:
+    return [r for r in recs if r["type"] == t]
+
+
+def boot(pyvmm, *args: str, timeout: float = 90) -> tuple[int, list[dict], str]:
+    p = pyvmm("boot", "--timeout", str(timeout - 10), *args, timeout=timeout)
+    return p.returncode, records(p.stdout), p.stdout + p.stderr
+
+
+def check_latency(rec: dict, ms: int, interval_us: int) -> None:
+    """A probe phase's summary is complete and self-consistent."""
+    expected = ms * 1000 // interval_us
+    assert rec["samples"] + rec["missed"] in range(expected - 2, expected + 1), rec
+    assert rec["samples"] > expected // 2, rec
+    assert 0 < rec["min"] <= rec["p50"] <= rec["p99"] <= rec["max"]
+    assert rec["min"] <= rec["avg"] <= rec["max"]
+    h = rec["hist"]
+    assert sum(h["counts"]) + h["overflow"] == rec["samples"]
+    assert 0 <= rec["irq"]["min"] <= rec["min"], "the interrupt cannot come after the task ran"
+
+
+def test_default_boot_runs_probe_on_two_vcpus_with_pvsched_active(pyvmm):
+    """Acceptance: `pyvmm boot` with no arguments: 2 vCPUs, device active, 5 s probe, summary, exit 0."""
+    rc, recs, out = boot(pyvmm)
+    assert rc == 0, out
+    (pv,) = of_type(recs, "pvsched")
+    assert pv["status"] == "active" and pv["version"] == C.PVSCHED_VERSION
+    assert pv["features"] == C.PVSCHED_F_ALL_V1 and pv["nr_vcpus"] == 2
+    (cfg,) = of_type(recs, "config")
+    assert (cfg["vcpus"], cfg["duration_ms"], cfg["interval_us"]) == (2, 5000, 1000)
+    lat = sorted(of_type(recs, "latency"), key=lambda r: r["vcpu"])
+    assert [r["vcpu"] for r in lat] == [0, 1]
+    for r in lat:
+        assert (r["workload"], r["policy"], r["prio"]) == ("probe", "rr", 8)
+        check_latency(r, 5000, 1000)
+    assert of_type(recs, "done") == [{"type": "done", "status": "ok"}]
+
+
+def test_phases_and_every_workload(pyvmm):
+    rc, recs, out = boot(pyvmm, "--cmdline", "duration=1 interval=500 workload=probe+busy,hog+idle "
+                                             "probe_policy=fifo probe_prio=5 hog_prio=20")
+    assert rc == 0, out
+    (lat,) = of_type(recs, "latency")
+    assert (lat["vcpu"], lat["phase"], lat["policy"], lat["prio"], lat["interval_us"]) == (0, 0, "fifo", 5, 500)
+    check_latency(lat, 500, 500)
+    work = {(r["vcpu"], r["phase"]): r for r in of_type(recs, "workload")}
+    assert work[(0, 1)]["workload"] == "busy" and work[(0, 1)]["loops"] > 0
+    assert work[(1, 0)]["workload"] == "hog" and work[(1, 0)]["loops"] > 0 and work[(1, 0)]["prio"] == 20
+    assert work[(1, 1)]["workload"] == "idle"
+    assert all(r["ms"] == 500 for r in work.values())
+    # HOST_FEEDBACK: each vCPU reports what the host applied, read consistently.
+    hosts = of_type(recs, "host")
+    assert sorted(r["vcpu"] for r in hosts) == [0, 1] and all(r["consistent"] for r in hosts)
+
+
+@pytest.mark.parametrize("args,code,reason", [
+    (["--cmdline", "duration=0.5 pvsched_features=10"], C.PVSCHED_STATUS_BAD_FEATURE, "BAD_FEATURE"),
+    (["--cmdline", "duration=0.5 pvsched_version=20000"], C.PVSCHED_STATUS_BAD_VERSION, "BAD_VERSION"),
+    (["--pvsched-host-version", "20000", "--cmdline", "duration=0.5"], C.PVSCHED_STATUS_BAD_VERSION, "BAD_VERSION"),
+    (["--pvsched-host-features", "1", "--cmdline", "duration=0.5 pvsched_features=3"],
+     C.PVSCHED_STATUS_BAD_FEATURE, "BAD_FEATURE"),
+], ids=["guest-feature", "guest-version", "host-version", "host-features"])
+def test_refusal_is_reported_and_the_workload_still_runs(pyvmm, args, code, reason):
+    rc, recs, out = boot(pyvmm, *args)
+    assert rc == 0, out
+    (pv,) = of_type(recs, "pvsched")
+    assert (pv["status"], pv["code"], pv["reason"]) == ("refused", code, reason), pv
+    lat = of_type(recs, "latency")
+    assert sorted(r["vcpu"] for r in lat) == [0, 1]
+    for r in lat:
+        check_latency(r, 500, 1000)
+    assert of_type(recs, "host") == []  # no shared area: no host feedback
+    assert of_type(recs, "done")[0]["status"] == "ok"
+
+
+def test_guest_accepts_the_subset_the_host_offers(pyvmm):
+    rc, recs, out = boot(pyvmm, "--pvsched-host-features", "3", "--cmdline", "duration=0.3 workload=idle")
+    assert rc == 0, out
+    (pv,) = of_type(recs, "pvsched")
+    assert (pv["status"], pv["host_features"], pv["features"]) == ("active", 3, 3)
+
+
+@pytest.mark.parametrize("args,status", [(["--no-pvsched"], "absent"), (["--cmdline", "pvsched=0"], "disabled")])
+def test_without_the_device_the_guest_says_so_and_runs(pyvmm, args, status):
+    if "--cmdline" in args:
+        args = ["--cmdline", args[1] + " duration=0.5 workload=probe,idle"]
+    else:
+        args = [*args, "--cmdline", "duration=0.5 workload=probe,idle"]
+    rc, recs, out = boot(pyvmm, *args)
+    assert rc == 0, out
+    assert of_type(recs, "pvsched") == [{"type": "pvsched", "status": status}]
+    (lat,) = of_type(recs, "latency")
+    check_latency(lat, 500, 1000)
+
+
+def test_bad_command_line_is_one_error_and_exit_2(pyvmm):
+    rc, recs, out = boot(pyvmm, "--cmdline", "duration=1 workload=probe,busy,hog")
+    assert rc == 2, out
+    (err,) = of_type(recs, "error")
+    assert "workload" in err["message"] and err["exit"] == 2
+    assert of_type(recs, "latency") == []
+
+
+def test_one_vcpu_and_four_vcpus(pyvmm):
+    for cpus in (1, 4):
+        rc, recs, out = boot(pyvmm, "--cpus", str(cpus), "--cmdline", "duration=0.3 workload=idle")
+        assert rc == 0, out
+        assert of_type(recs, "pvsched")[0]["nr_vcpus"] == cpus
+        assert sorted(r["vcpu"] for r in of_type(recs, "workload")) == list(range(cpus))
