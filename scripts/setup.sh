@@ -27,6 +27,12 @@ if ! $PY -c 'import vmm, pvsched_device, pytest_timeout, hypothesis, elftools' 2
     touch .setup-stamp
 fi
 
+# BPF pins (the policy's maps under /sys/fs/bpf/pvsched/<vmm-pid>/) need bpffs mounted.
+if ! grep -qs ' /sys/fs/bpf bpf ' /proc/mounts; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO mount -t bpf bpf /sys/fs/bpf || echo "setup: cannot mount bpffs at /sys/fs/bpf" >&2
+fi
+
 # Build outputs from source (make skips what is up to date).
 for dir in bpf guest_image/testguest; do
     if [ -f "$dir/Makefile" ]; then
