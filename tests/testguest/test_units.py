@@ -88,7 +88,10 @@ def nearest_rank(sorted_vals: list[int], p: float) -> int:
 def test_stats_match_a_reference(harness, values):
     s = run_stats(harness, values)
     v = sorted(values)
-    us = lambda ns: round(ns / 1000, 3)  # noqa: E731
+
+    def us(ns: int) -> float:
+        return round(ns / 1000, 3)
+
     assert s["samples"] == len(v) and s["missed"] == 0
     assert s["min"] == us(v[0]) and s["max"] == us(v[-1])
     assert s["avg"] == us(sum(v) // len(v))
@@ -116,10 +119,11 @@ def test_stats_keeps_min_avg_max_of_dropped_samples(harness):
 @pytest.mark.parametrize("ns,text", [(0, "0.000"), (12, "0.012"), (12345, "12.345"), (1_000_000, "1000.000"),
                                      (2**64 - 1, "18446744073709551.615")])
 def test_microseconds_with_three_decimals(harness, ns, text):
-    assert subprocess.run([str(harness), "us3", str(ns)], capture_output=True, text=True).stdout.strip() == text
+    out = subprocess.run([str(harness), "us3", str(ns)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == text
 
 
 def test_json_strings_are_escaped(harness):
     raw = 'a"b\\c\n\x01\x7f'
-    out = subprocess.run([str(harness), "jstr", raw], capture_output=True, text=True).stdout.strip()
+    out = subprocess.run([str(harness), "jstr", raw], capture_output=True, text=True, check=True).stdout.strip()
     assert json.loads(out) == raw
