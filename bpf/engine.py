@@ -14,6 +14,7 @@ sandbox, or have kernel.bpf_stats_enabled=1; otherwise it shows 'unavailable'.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -101,6 +102,7 @@ class PolicyEngine:
                 self._own_stats_fd = enable_stats()
             except libbpf.LibbpfError:
                 pass  # no CAP_SYS_ADMIN: program run time is reported as unavailable
+        _require_bpffs(self.pin_root)
         remove_stale_pins(str(self.pin_root))
         self._policy = BpfPolicy(Path(obj_path) if obj_path else _bpf_object(), vmm_pid,
                                  self.pin_root / str(vmm_pid))
@@ -243,6 +245,17 @@ class PolicyEngine:
         }
         out["text"] = format_show(out)
         return out
+
+
+def _require_bpffs(pin_root: Path) -> None:
+    """Refuse early, with the fix in the message, when pin_root is not on a mounted bpffs."""
+    try:
+        mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return  # cannot tell: pinning will say
+    bpf_mounts = [m[1] for m in mounts if len(m) > 2 and m[2] == "bpf"]
+    if not any(str(pin_root) == m or str(pin_root).startswith(m.rstrip("/") + "/") for m in bpf_mounts):
+        raise OSError(errno.ENOENT, f"{pin_root} is not on a mounted bpffs (mount -t bpf bpf /sys/fs/bpf)")
 
 
 def _thread_running(pid: int, tid: int) -> bool:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import time
+from pathlib import Path
 
 from sched_observe import observed, wait_for
 
@@ -40,13 +41,14 @@ def test_sandbox_caps_are_enough(fake_vmm, policy_child):
     # the actuator runs at FIFO 40 with memory locked
     act = show["actuator"]["tid"]
     assert os.sched_getscheduler(act) == os.SCHED_FIFO and os.sched_getparam(act).sched_priority == 40
-    status = open(f"/proc/{child.pid}/status").read()
+    status = Path(f"/proc/{child.pid}/status").read_text()
     vmlck = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmLck:")))
     assert vmlck > 0, "mlockall did not lock memory"
     # maps are pinned where bpftool can inspect them
     pin = child.ready["pin_dir"]
     assert sorted(os.listdir(pin)) == ["apic_tid", "events", "stats", "tunables", "vcpus"]
-    out = subprocess.run(["bpftool", "map", "dump", "pinned", f"{pin}/vcpus"], capture_output=True, text=True)
+    out = subprocess.run(["bpftool", "map", "dump", "pinned", f"{pin}/vcpus"], capture_output=True, text=True,
+                         check=True)
     assert f'"key": {vmm.tids[0]},' in out.stdout and '"vm_id": 1,' in out.stdout, out.stdout[:500]
     child.terminate()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 from sched_observe import observed, proc_sched, runs, sample, wait_for
@@ -162,3 +163,25 @@ def test_remove_vcpu_restores_and_thread_exit_is_noticed(fake_vmm, policy_child)
     assert wait_for(lambda: any(v["gone"] for v in child.show()["vcpus"]), 2.0)
     assert child.show()["stats"]["exited"]["value"] == 1
     child.terminate()
+
+
+def test_show_reports_program_run_time_only_when_stats_are_on(fake_vmm, policy_child):
+    vmm = fake_vmm(1)
+    vmm.cmd("mode 0 probe")
+    # sandboxed: no CAP_SYS_ADMIN, no stats fd given -> 'unavailable' (unless the sysctl is on)
+    sandboxed = policy_child(vmm).show()
+    if Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip() == "0":
+        assert sandboxed["prog_stats"].startswith("unavailable")
+        assert {p["run_cnt"] for p in sandboxed["programs"] if "run_cnt" in p} == {"unavailable"}
+    # with CAP_SYS_ADMIN the engine holds a stats fd itself: real numbers
+    vmm2 = fake_vmm(1)
+    vmm2.cmd("mode 0 probe")
+    root = policy_child(vmm2, keep_caps=True)
+    assert wait_for(lambda: next(p for p in root.show()["programs"] if p["name"] == "pvs_switch")["run_cnt"] > 0, 2.0)
+    sw = next(p for p in root.show()["programs"] if p["name"] == "pvs_switch")
+    assert root.show()["prog_stats"] == "enabled" and 0 < sw["avg_ns"] < 100_000
+    d = root.show()
+    assert d["stats"]["halt"]["description"] and d["tunables"]["boost_prio"] == {
+        "value": "8", "description": d["tunables"]["boost_prio"]["description"]}
+    assert d["vcpus"][0]["observed"]["policy"] == "rr" and "pvsched policy for VMM" in d["text"]
+    root.terminate()

@@ -1,0 +1,70 @@
+"""Pure-logic checks of the BPF policy's userspace: tunable validation, struct layouts, stat descriptions."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from bpf import libbpf
+from bpf.policy_types import consts, ffi, stat_descriptions
+from bpf.tunables import DEFAULTS, TunableError, parse
+
+
+def test_defaults_are_the_design_values():
+    t = parse(None)
+    assert t.as_strings() == DEFAULTS
+    assert (t.boost_prio, t.max_rt_prio, t.allow_fifo, t.min_nice) == (8, 10, False, -10)
+    assert (t.max_boost_runtime_ms, t.throttle_window_ms, t.throttle_ms, t.backstop_ms) == (30, 100, 100, 5)
+
+
+@pytest.mark.parametrize("values", [
+    {"boost_prio": "31"}, {"max_rt_prio": "40"}, {"max_rt_prio": "0"}, {"boost_policy": "deadline"},
+    {"allow_fifo": "maybe"}, {"min_nice": "-21"}, {"backstop_ms": "0"}, {"debug": "3"}, {"nosuch": "1"},
+    {"max_boost_runtime_ms": "200"}, {"boost_prio": "eight"},
+])
+def test_bad_tunables_are_refused_with_a_reason(values):
+    with pytest.raises(TunableError) as e:
+        parse(values)
+    assert next(iter(values)) in str(e.value)
+
+
+def test_set_is_relative_to_current_and_canonical():
+    cur = parse({"boost_prio": "5"}).as_strings()
+    t = parse({"allow_fifo": "YES", "boost_policy": "FIFO"}, base=cur)
+    assert (t.boost_prio, t.allow_fifo, t.as_strings()["boost_policy"]) == (5, True, "fifo")
+
+
+def test_ms_become_ns_in_the_map_value():
+    v = ffi().new("struct pvsched_tunables *")
+    parse({"throttle_ms": "7"}).fill(v, vmm_pid=1234)
+    assert (v.vmm_pid, v.throttle_ns, v.max_boost_runtime_ns, v.boost_policy) == (1234, 7_000_000, 30_000_000, 2)
+
+
+def test_every_stat_has_a_description():
+    d = stat_descriptions()
+    assert len(d) == consts().PVSCHED_STAT_NR
+    assert all(len(text) > 10 for text in d.values())
+
+
+def test_prog_info_layout_matches_the_kernel_header(tmp_path):
+    # libbpf.py declares struct bpf_prog_info by hand (cffi cannot read linux/bpf.h): check it against C
+    src = tmp_path / "off.c"
+    src.write_text('#include <stddef.h>\n#include <stdio.h>\n#include <linux/bpf.h>\nint main(void){'
+                   'printf("%zu %zu %zu\\n", offsetof(struct bpf_prog_info, run_time_ns),'
+                   ' offsetof(struct bpf_prog_info, run_cnt), offsetof(struct bpf_prog_info, name));}\n')
+    subprocess.run(["cc", str(src), "-o", str(tmp_path / "off")], check=True)
+    want = tuple(int(x) for x in subprocess.run([str(tmp_path / "off")], capture_output=True, text=True,
+                                                 check=True).stdout.split())
+    f = libbpf.ffi()
+    assert (f.offsetof("struct bpf_prog_info", "run_time_ns"), f.offsetof("struct bpf_prog_info", "run_cnt"),
+            f.offsetof("struct bpf_prog_info", "name")) == want
+
+
+def test_test_run_opts_size_matches_libbpf_header(tmp_path):
+    src = tmp_path / "sz.c"
+    src.write_text('#include <stdio.h>\n#include <bpf/bpf.h>\nint main(void){printf("%zu\\n",'
+                   ' sizeof(struct bpf_test_run_opts));}\n')
+    subprocess.run(["cc", str(src), "-o", str(tmp_path / "sz")], check=True)
+    out = subprocess.run([str(tmp_path / "sz")], capture_output=True, text=True, check=True).stdout
+    assert int(out) == libbpf.ffi().sizeof("struct bpf_test_run_opts")
