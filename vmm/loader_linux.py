@@ -4,7 +4,8 @@ What firmware and a boot loader would leave behind, in guest memory (layout
 in vmm/x86.py): the protected-mode kernel at 1 MiB, a zero page (struct
 boot_params) at 0x7000 with the image's setup header, an e820 map, the
 command line at 0x90000 and the initramfs at the top of low RAM; an MP table
-at 0xF0000 so an SMP kernel finds its CPUs and the IOAPIC without ACPI.  The
+at 0xF0000 and an ACPI MADT (RSDP at 0xE0000, see vmm/acpi.py) so an SMP
+kernel finds its CPUs and the IOAPIC whether or not it parses MP tables.  The
 boot vCPU starts at load address + 0x200 (startup_64) in 64-bit mode with
 RSI = zero page; the other vCPUs wait for INIT/SIPI in the in-kernel LAPIC.
 References: Documentation/arch/x86/boot.rst (64-bit boot protocol),
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import struct
 
-from vmm import x86
+from vmm import acpi, x86
 from vmm.loader_elf import ImageError
 from vmm.memory import LOW_RAM_END, GuestMemory
 
@@ -142,6 +143,7 @@ def setup_linux(machine, data: bytes, cmdline: str, initrd: bytes | None, name: 
         struct.pack_into("<QQI", zp, BP_E820_TABLE + 20 * i, addr, size, typ)
     mem.write(x86.ZERO_PAGE_ADDR, bytes(zp))
     mem.write(x86.MPTABLE_ADDR, mp_table(machine.nr_vcpus))
+    mem.write(acpi.RSDP_ADDR, acpi.acpi_tables(machine.nr_vcpus))
     x86.write_boot_tables(mem)
 
     bsp = machine.vcpus[0]

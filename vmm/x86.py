@@ -13,7 +13,7 @@ or above 0x80000, so nothing here can collide with them):
 | 0x10000 | PML4, then the PDPT, then one page directory per GiB mapped (2 MiB pages) |
 | 0x60000-0x80000 | test guest: boot stacks, 4 KiB per vCPU (RSP of vCPU n = 0x80000 - n * 4 KiB) |
 | 0x90000 | Linux: command line |
-| 0x9FC00-0x100000 | reserved in e820 (EBDA/BIOS area); MP table at 0xF0000 |
+| 0x9FC00-0x100000 | reserved in e820 (EBDA/BIOS area); ACPI RSDP/XSDT/MADT at 0xE0000, MP table at 0xF0000 |
 
 The page tables identity-map [0, max(4 GiB, end of RAM)) with 2 MiB pages,
 which covers RAM, the PCI MMIO window, the IOAPIC and the LAPIC at 0xFEE00000.

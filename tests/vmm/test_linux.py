@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from vmm import x86
+from vmm import acpi, x86
 from vmm.boot import BootConfig, run_vm
 from vmm.loader_elf import ImageError
 from vmm.loader_linux import e820_map, mp_table, setup_linux
@@ -42,6 +42,26 @@ def test_mp_table_is_well_formed():
     assert [c[0] for c in cpus] == [0, 0, 0] and [c[1] for c in cpus] == [0, 1, 2]
     assert cpus[0][3] == 3 and cpus[1][3] == 1  # BSP flag only on CPU 0
     assert count == 3 + 1 + 1 + 16 + 2
+
+
+def test_acpi_rsdp_xsdt_madt_are_well_formed():
+    blob = acpi.acpi_tables(2)
+    rsdp = blob[:36]
+    assert rsdp[:8] == b"RSD PTR " and sum(rsdp[:20]) % 256 == 0 and sum(rsdp) % 256 == 0 and rsdp[15] == 2
+    xsdt_addr = struct.unpack_from("<Q", rsdp, 24)[0]
+    xsdt = blob[xsdt_addr - acpi.RSDP_ADDR:]
+    xsdt = xsdt[:struct.unpack_from("<I", xsdt, 4)[0]]
+    assert xsdt[:4] == b"XSDT" and sum(xsdt) % 256 == 0 and len(xsdt) == 44
+    madt_addr = struct.unpack_from("<Q", xsdt, 36)[0]
+    madt = blob[madt_addr - acpi.RSDP_ADDR:]
+    assert madt[:4] == b"APIC" and struct.unpack_from("<I", madt, 4)[0] == len(madt) and sum(madt) % 256 == 0
+    entries, off = [], 44
+    while off < len(madt):
+        entries.append((madt[off], madt[off + 2:off + madt[off + 1]]))
+        off += madt[off + 1]
+    assert [e[0] for e in entries] == [0, 0, 1, 4]
+    assert entries[1][1][:2] == bytes([1, 1])  # processor UID 1, APIC id 1
+    assert struct.unpack_from("<I", entries[2][1], 2)[0] == 0xFEC00000
 
 
 def test_e820_splits_around_the_bios_hole_and_the_mmio_hole():
