@@ -205,6 +205,16 @@ def _newest_cached(parent: Path, pattern: str) -> Path | None:
     return found[-1] if found else None
 
 
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename a finished tmp tree to out atomically; if a concurrent caller got there first, keep theirs."""
+    tmp.chmod(0o755)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if not out.is_dir():
+            raise
+
+
 def fetch_kernel(flavor: str = "cloud") -> Path:
     """Path of the current Debian kernel's vmlinuz (a bzImage) for flavor, downloaded and cached on first use."""
     flavor = canonical_flavor(flavor)
@@ -222,20 +232,17 @@ def fetch_kernel(flavor: str = "cloud") -> Path:
     found = sorted(out.glob("vmlinuz-*"))
     if found:
         return found[0]
-    debs = BUILD_DIR / "debs"
-    deb = download(pkg, debs)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache))
     try:
+        deb = download(pkg, tmp / "deb")
         _extract_boot(deb, tmp)
         if not list(tmp.glob("vmlinuz-*")):
             raise KernelFetchError(f"{deb.name} holds no boot/vmlinuz-*")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.chmod(0o755)
-        os.replace(tmp, out)  # atomic: concurrent callers see all or nothing
+        shutil.rmtree(tmp / "deb")  # the unpacked kernel is all we keep
+        _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    deb.unlink(missing_ok=True)  # the unpacked kernel is all we keep
     return min(out.glob("vmlinuz-*"))
 
 
@@ -257,25 +264,25 @@ def fetch_headers(flavor: str = "cloud") -> Path:
     kdir = root / "usr" / "src" / f"linux-headers-{release}"
     if (kdir / "Makefile").exists() and f"include {root}/" in (kdir / "Makefile").read_text():
         return kdir  # unpacked here before (a moved checkout re-unpacks)
-    debs = BUILD_DIR / "debs"
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache))
     try:
         for pkg in pkgs:
-            deb = download(pkg, debs)
+            deb = download(pkg, tmp / "deb")
             r = _run(["dpkg-deb", "-x", str(deb), str(tmp)])
             if r.returncode != 0:
                 raise KernelFetchError(f"dpkg-deb -x {deb.name}: {r.stderr.strip()}")
             deb.unlink()  # unpacked; the tree is the cache
+        (tmp / "deb").rmdir()
         makefile = tmp / kdir.relative_to(root) / "Makefile"
         if not makefile.exists():
             raise KernelFetchError(f"headers for {release} unpacked without a Makefile")
         # Debian's arch Makefile includes the common tree by absolute path
         # (/usr/src/...); point it into this unpacked root instead.
         makefile.write_text(makefile.read_text().replace("include /usr/src/", f"include {root}/usr/src/"))
-        shutil.rmtree(root, ignore_errors=True)
-        tmp.chmod(0o755)
-        os.replace(tmp, root)
+        if root.exists():  # from a checkout that lived elsewhere
+            shutil.rmtree(root, ignore_errors=True)
+        _publish(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return kdir

@@ -56,20 +56,22 @@
 static bool selftest;
 module_param(selftest, bool, 0444);
 MODULE_PARM_DESC(selftest,
-		 "Run the probes on an area allocated without the device (debugfs pvsched/shm)");
+		 "Run the probes on an area allocated without the device");
 
 static uint guest_version = PVSCHED_VERSION;
 module_param(guest_version, uint, 0444);
-MODULE_PARM_DESC(guest_version, "Protocol version the guest speaks (major << 16 | minor)");
+MODULE_PARM_DESC(guest_version,
+		 "Version the guest speaks (major << 16 | minor)");
 
 static uint guest_features = PVSCHED_F_ALL_V1;
 module_param(guest_features, uint, 0444);
-MODULE_PARM_DESC(guest_features, "Feature bits the guest wants (masked with the host's offer)");
+MODULE_PARM_DESC(guest_features,
+		 "Feature bits the guest wants (masked by the host's)");
 
 static bool force_features;
 module_param(force_features, bool, 0444);
 MODULE_PARM_DESC(force_features,
-		 "Ask for guest_features even where the host does not offer them (refusal tests)");
+		 "Ask for guest_features even if not offered (refusal tests)");
 
 /* One shared area: the device's, or the self-test's. */
 struct pvsched_area {
@@ -143,8 +145,8 @@ static const char *const pvsched_stat_names[PVSCHED_NR_STATS][2] = {
 	{ "softirq_seen_set", "IN_SOFTIRQ read back set after entry" },
 	{ "softirq_seen_clear", "IN_SOFTIRQ read back clear after exit" },
 	{ "preempt_entry", "outermost preempt_disable events" },
-	{ "unbalanced_exit", "exits without an entry (probes registered mid-way)" },
-	{ "readback_mismatch", "slot flags read back differing from what was written" },
+	{ "unbalanced_exit", "exits without entry (probes added mid-way)" },
+	{ "readback_mismatch", "slot flags read back unlike the write" },
 	{ "nmi", "NMI handlers run (counted, never written)" },
 	{ "no_slot", "events on a CPU beyond the host's vCPU count" },
 };
@@ -166,7 +168,8 @@ static DEFINE_MUTEX(pvsched_lock); /* serialises activate/deactivate */
 static struct dentry *pvsched_debugfs;
 
 /* This CPU's guest area, or NULL when the host gave it no slot. */
-static inline struct pvsched_guest_area *pvsched_this_slot(struct pvsched_area *a)
+static inline struct pvsched_guest_area *
+pvsched_this_slot(struct pvsched_area *a)
 {
 	unsigned int cpu = smp_processor_id();
 
@@ -278,10 +281,12 @@ static void pvsched_ctx_event(enum pvsched_ctx ctx, bool enter)
 		PVSCHED_STAT_HARDIRQ_ENTRY, PVSCHED_STAT_SOFTIRQ_ENTRY,
 		PVSCHED_STAT_PREEMPT_ENTRY,
 	};
-	/* [ctx][enter]: the flag read back clear after exit / set after entry */
+	/* [ctx][enter]: flag read back clear after exit / set after entry */
 	static const enum pvsched_stat seen_stat[PVSCHED_NR_CTX][2] = {
-		{ PVSCHED_STAT_HARDIRQ_SEEN_CLEAR, PVSCHED_STAT_HARDIRQ_SEEN_SET },
-		{ PVSCHED_STAT_SOFTIRQ_SEEN_CLEAR, PVSCHED_STAT_SOFTIRQ_SEEN_SET },
+		{ PVSCHED_STAT_HARDIRQ_SEEN_CLEAR,
+		  PVSCHED_STAT_HARDIRQ_SEEN_SET },
+		{ PVSCHED_STAT_SOFTIRQ_SEEN_CLEAR,
+		  PVSCHED_STAT_SOFTIRQ_SEEN_SET },
 		{ PVSCHED_NR_STATS, PVSCHED_NR_STATS },
 	};
 	struct pvsched_area *a = READ_ONCE(pvsched_active);
@@ -313,7 +318,8 @@ static void pvsched_ctx_event(enum pvsched_ctx ctx, bool enter)
 	g = pvsched_this_slot(a);
 	if (!g)
 		goto out;
-	pvsched_update_flags(g, enter ? bit : 0, enter ? 0 : bit, local_clock());
+	pvsched_update_flags(g, enter ? bit : 0, enter ? 0 : bit,
+			     local_clock());
 	/* Read the slot back: the self-test counts what a host would see. */
 	now = READ_ONCE(g->flags);
 	if (enter != !!(now & bit))
@@ -557,7 +563,8 @@ static int pvsched_info_show(struct seq_file *m, void *v)
 {
 	struct pvsched_area *a = m->private;
 
-	seq_printf(m, "mode %s\nversion 0x%08x\nfeatures 0x%x\nslots %u\nsize %zu\n",
+	seq_printf(m,
+		   "mode %s\nversion 0x%08x\nfeatures 0x%x\nslots %u\nsize %zu\n",
 		   selftest ? "selftest" : "device", a->version, a->features,
 		   a->nr_slots, a->size);
 	return 0;
@@ -814,5 +821,5 @@ static void __exit pvsched_exit(void)
 module_init(pvsched_init);
 module_exit(pvsched_exit);
 
-MODULE_DESCRIPTION("pvsched: paravirtualized vCPU scheduling hints (guest driver)");
+MODULE_DESCRIPTION("pvsched guest driver: vCPU scheduling hints for the host");
 MODULE_LICENSE("Dual MIT/GPL");
