@@ -147,9 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s", stream=sys.stderr)
-    if args.command == "boot":
-        return _boot(args)
-    return _client(args)
+    try:
+        if args.command == "boot":
+            return _boot(args)
+        return _client(args)
+    except KeyboardInterrupt:  # Ctrl-C before the VM's own signal handling is in place
+        print("pyvmm: interrupted", file=sys.stderr)
+        return 128 + 2
 
 
 if __name__ == "__main__":

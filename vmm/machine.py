@@ -222,6 +222,18 @@ class Machine:
         if value & 0xFF == I8042_RESET:
             self.request_stop(EXIT_OK, "guest reset the machine (i8042)")
 
+    @staticmethod
+    def _describe_exit(v: kvm.Vcpu) -> str:
+        run = v.run  # still holds the exit being handled: no KVM_RUN since
+        reason = run.exit_reason
+        if reason == kvm.KVM_EXIT_IO:
+            way = "out" if run.io.direction == kvm.KVM_EXIT_IO_OUT else "in"
+            return f"{kvm.exit_name(reason)} ({way} port {run.io.port:#x}, {run.io.size} bytes)"
+        if reason == kvm.KVM_EXIT_MMIO:
+            way = "write" if run.mmio.is_write else "read"
+            return f"{kvm.exit_name(reason)} ({way} at {run.mmio.phys_addr:#x}, {run.mmio.len} bytes)"
+        return kvm.exit_name(reason)
+
     def _vcpu_fail(self, v: kvm.Vcpu, what: str) -> None:
         try:
             rip = f"{v.get_regs().rip:#x}"
@@ -241,7 +253,7 @@ class Machine:
                 self._vcpu_loop(v)
         except Exception as e:  # a VMM bug: one line, the VM ends; details with -v
             log.debug("vCPU %d crashed", v.index, exc_info=True)
-            self._vcpu_fail(v, f"VMM error handling an exit: {e!r}")
+            self._vcpu_fail(v, f"VMM error handling {self._describe_exit(v)}: {e!r}")
         with self._stop_lock:
             self._vcpus_done += 1
             all_done = self._vcpus_done == self.nr_vcpus

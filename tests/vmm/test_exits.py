@@ -208,3 +208,21 @@ def test_uart_output_reaches_the_console_and_records(guest):
     assert r.exit_code == 0
     assert "plain line\n" in r.console
     assert r.records == [{"type": "hello", "vcpu": 0}]
+
+
+BAD_PORT_GUEST = r"""
+_start:
+    mov $0x540, %dx
+    out %al, %dx
+    EXIT 0
+"""
+
+
+def test_a_vmm_bug_in_an_exit_handler_ends_the_vm_with_one_line(guest):
+    def setup(m: Machine) -> None:
+        m.pio.register(0x540, 1, lambda o, s: 0, lambda o, s, v: 1 // 0, "buggy")
+
+    r = run_vm(cfg(guest(BAD_PORT_GUEST), [setup]))
+    assert r.exit_code == 125
+    assert r.message.startswith("vCPU 0: VMM error handling KVM_EXIT_IO (out port 0x540, 1 bytes)")
+    assert "ZeroDivisionError" in r.message and "RIP 0x" in r.message and "\n" not in r.message
