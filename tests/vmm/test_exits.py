@@ -226,3 +226,82 @@ def test_a_vmm_bug_in_an_exit_handler_ends_the_vm_with_one_line(guest):
     assert r.exit_code == 125
     assert r.message.startswith("vCPU 0: VMM error handling KVM_EXIT_IO (out port 0x540, 1 bytes)")
     assert "ZeroDivisionError" in r.message and "RIP 0x" in r.message and "\n" not in r.message
+
+
+UART_IRQ_GUEST = r"""
+_start:
+    lea handler(%rip), %rax
+    lea idt(%rip), %rdi
+    add $0x310, %rdi            # vector 0x31
+    mov %ax, (%rdi)
+    movw $0x10, 2(%rdi)
+    movw $0x8e00, 4(%rdi)
+    shr $16, %rax
+    mov %ax, 6(%rdi)
+    shr $16, %rax
+    mov %eax, 8(%rdi)
+    lidt idtr(%rip)
+    mov $0xff, %al
+    out %al, $0x21
+    out %al, $0xa1
+    mov $0xfee000f0, %edi
+    movl $0x1ff, (%rdi)
+    mov $0xfec00000, %edi       # IOAPIC pin 4 (COM1) -> vector 0x31
+    movl $0x18, (%rdi)
+    movl $0x31, 0x10(%rdi)
+    movl $0x19, (%rdi)
+    movl $0, 0x10(%rdi)
+    mov $0x3f9, %dx             # IER: RX data interrupts
+    mov $0x01, %al
+    out %al, %dx
+    mov $0x550, %dx
+    out %al, %dx                # host: feed a byte
+1:  sti
+    hlt
+    jmp 1b
+handler:
+    incl count(%rip)
+    cmpl $1, count(%rip)
+    jne second
+    mov $0x3fa, %dx
+    in %dx, %al
+    cmp $0x04, %al              # IIR: RX data
+    jne fail11
+    mov $0x3f8, %dx
+    in %dx, %al
+    cmp $'Z', %al
+    jne fail12
+    mov $0x3fa, %dx
+    in %dx, %al
+    cmp $0x01, %al              # IIR: nothing pending
+    jne fail13
+    mov $0xfee000b0, %edi       # EOI
+    movl $0, (%rdi)
+    mov $0x3f9, %dx             # IER: THR empty interrupts -> fires at once
+    mov $0x02, %al
+    out %al, %dx
+    iretq
+second:
+    mov $0x3fa, %dx
+    in %dx, %al
+    cmp $0x02, %al              # IIR: THR empty
+    jne fail14
+    EXIT 42
+fail11: EXIT 11
+fail12: EXIT 12
+fail13: EXIT 13
+fail14: EXIT 14
+count: .long 0
+.balign 16
+idt: .fill 256*16, 1, 0
+idtr: .word 256*16-1
+      .quad idt
+"""
+
+
+def test_uart_rx_and_thre_interrupts_arrive_on_irq4(guest):
+    def setup(m: Machine) -> None:
+        m.pio.register(0x550, 1, lambda o, s: 0, lambda o, s, v: m.uart.feed(b"Z"), "feed")
+
+    r = run_vm(cfg(guest(UART_IRQ_GUEST), [setup]))
+    assert r.exit_code == 42, r.message
