@@ -168,13 +168,14 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
     per_vcpu = [{k: r.get(k) for k in ("vcpu", "workload", "samples", "min", "avg", "p50", "p99", "max")}
                 for r in out.records if r.get("type") == "latency"]
     extra = {"duration_s": args.duration, "interval_us": args.interval, "vm_wall_s": out.wall_s,
-             "tids_after_s": out.tids_after_s, "vcpu_sched": {str(k): v for k, v in out.vcpu_sched.items()},
+             "tids_after_s": out.tids_after_s, "uptime_at_tids_s": out.uptime_at_tids_s, "vcpu_sched": {str(k): v for k, v in out.vcpu_sched.items()},
              "pvsched_status": pv.get("status") if pv else None,
              "guest_per_vcpu": per_vcpu}
     if cell.host == "busy" and not stress_rates:
         extra["note"] = "stress-ng printed no metrics"
     rec = make_record(cell.config, cell.host, cell.workload, cell.rep, guest, host_cyclictest=ct_summary,
-                      stress=stress_rates, vcpu_runqlat=rq, policy=policy_stats(out.policy_reply, out.status_reply), extra=extra)
+                      stress=stress_rates, vcpu_runqlat=rq, policy=policy_stats(out.policy_reply, out.status_reply, out.records)
+                      if cell.config == "pvsched" else None, extra=extra)
     return rec, None
 
 
@@ -232,8 +233,8 @@ def bench(args: argparse.Namespace) -> int:
             if rec:
                 records.append(rec)
                 g = rec["guest"]
-                rq = (rec.get("vcpu_runqlat") or {}).get("all") or {}
-                _progress(f"{what}: guest p99 {g['p99']:.0f} us max {g['max']:.0f} us, vCPU runq p99 "
+                rq = (rec.get("vcpu_runqlat") or {}).get("wakeup") or {}
+                _progress(f"{what}: guest p99 {g['p99']:.0f} us max {g['max']:.0f} us, vCPU wake-to-run p99 "
                           f"{rq.get('p99', '-')} us ({took:.1f} s, ~{eta:.0f} s left)")
             else:
                 meta["failures"].append(f"{cell.config} {cell.host} {cell.workload} rep {cell.rep}: {why}")

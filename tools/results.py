@@ -76,12 +76,14 @@ def _host_areas(status: dict | None) -> list[dict]:
     return [v["host"] for v in vcpus if isinstance(v, dict) and isinstance(v.get("host"), dict)]
 
 
-def policy_stats(reply: dict | None, status: dict | None = None) -> dict | None:
+def policy_stats(reply: dict | None, status: dict | None = None, guest_records: list[dict] | None = None
+                 ) -> dict | None:
     """Boosts, throttles, boosted ms, BPF ns per event and event-to-apply latency (None without a policy).
 
-    Boosts and throttles come from the slots' host areas in "status" when present (the counters the policy
-    writes for the guest), else from policy.show."""
-    if not reply and not _host_areas(status):
+    Boosts and throttles are the counters the policy writes into each slot's host area: as the guest read
+    them at its end ({"type":"host"} records), else from the last "status", else from policy.show."""
+    guest_host = [r for r in guest_records or [] if r.get("type") == "host" and "boosts" in r]
+    if not reply and not _host_areas(status) and not guest_host:
         return None
     reply = reply or {}
     found: dict[str, list[float]] = {}
@@ -98,7 +100,7 @@ def policy_stats(reply: dict | None, status: dict | None = None) -> dict | None:
             if len(path) >= 2 and path[-1] == "value":  # stats as {"name": {"value": n, "desc": ...}}
                 found.setdefault(path[-2], []).append(obj)
 
-    walk({k: v for k, v in reply.items() if k not in ("text", "tunables")}, ())
+    walk({k: v for k, v in reply.items() if k not in ("text", "tunables", "actuator")}, ())
 
     def first(*names: str) -> float | None:
         for n in names:
@@ -116,10 +118,18 @@ def policy_stats(reply: dict | None, status: dict | None = None) -> dict | None:
            "bpf_ns_per_event": first("bpf_ns_per_event", "ns_per_event", "avg_run_ns"),
            "apply_latency_us": first("apply_latency_us", "event_to_apply_us", "apply_p50_us")}
     hosts = _host_areas(status)
-    if hosts:
+    if guest_host:
+        res["boosts"] = sum(int(h.get("boosts") or 0) for h in guest_host)
+        res["throttles"] = sum(int(h.get("throttles") or 0) for h in guest_host)
+        res["boosted_ms"] = round(sum(int(h.get("boosted_us") or 0) for h in guest_host) / 1e3, 1)
+    elif hosts:
         res["boosts"] = sum(int(h.get("boosts") or 0) for h in hosts)
         res["throttles"] = sum(int(h.get("throttles") or 0) for h in hosts)
         res["boosted_ms"] = round(sum(int(h.get("boosted_ns") or 0) for h in hosts) / 1e6, 1)
+    lat = (reply.get("actuator") or {}).get("latency_us")
+    if isinstance(lat, dict) and lat.get("p50") is not None:
+        res["apply_latency_us"] = lat.get("p50")
+        res["apply_latency_p99_us"] = lat.get("p99")
     run_ns, run_cnt = total("run_time_ns"), total("run_cnt")
     if res["bpf_ns_per_event"] is None and run_ns is not None and run_cnt:
         res["bpf_ns_per_event"] = round(run_ns / run_cnt, 1)
@@ -166,7 +176,8 @@ def get(rec: dict, path: str) -> float | None:
     return cur if isinstance(cur, (int, float)) and not isinstance(cur, bool) else None
 
 
-METRICS = ("guest.p50", "guest.p99", "guest.max", "guest.avg", "vcpu_runqlat.all.p99", "vcpu_runqlat.all.max",
+METRICS = ("guest.p50", "guest.p99", "guest.max", "guest.avg", "vcpu_runqlat.wakeup.p99", "vcpu_runqlat.wakeup.max",
+           "vcpu_runqlat.all.p99", "vcpu_runqlat.all.max", "guest_missed",
            "host_cyclictest.max", "host_cyclictest.avg", "stress_bogo_ops_s", "stress_rel", "policy.boosts",
            "policy.throttles", "policy.bpf_ns_per_event", "policy.apply_latency_us")
 

@@ -29,6 +29,9 @@ STATIC_ATTRS = {"static-rt": SchedAttr(SCHED_FIFO, 10, 0), "static-nice": SchedA
 # The watchdog (`timeout`) runs at SCHED_FIFO 50 with reset-on-fork, so it can always kill a livelocked VM
 # while the VMM itself starts at SCHED_OTHER.
 WATCHDOG_PRIO = 50
+# The benchmark's own polling thread, while a VM runs: it must find the vCPU threads at once even on a busy
+# host (static settings apply from then on).  It only sleeps and polls; below the watchdog, above the actuator.
+POLLER_ATTR = SchedAttr(SCHED_FIFO, 45, 0)
 _VCPU_COMM = re.compile(r"vcpu[\s_-]*(\d+)", re.IGNORECASE)
 
 
@@ -54,6 +57,7 @@ class VmOutcome:
     policy_reply: dict | None = None
     status_reply: dict | None = None
     tids_after_s: float | None = None
+    uptime_at_tids_s: float | None = None  # how long the guest may have run before the static setting
     vcpu_sched: dict[int, str] = field(default_factory=dict)
     wall_s: float = 0.0
     error: str | None = None
@@ -137,16 +141,19 @@ def _child_pid(pid: int) -> int | None:
     return int(kids[0]) if kids else None
 
 
-def _find_tids(vmm_pid: int, nr: int) -> dict[int, int]:
-    for cmd in ("vm", "status"):
+def _find_tids(vmm_pid: int, nr: int) -> tuple[dict[int, int], float | None]:
+    """vCPU TIDs and the VM's uptime (s since its vCPUs were let go) when the VMM answered."""
+    for cmd in ("status", "vm"):  # status also tells the uptime
         try:
-            tids = extract_vcpu_tids(control.request(vmm_pid, {"cmd": cmd}, timeout=0.5))
+            reply = control.request(vmm_pid, {"cmd": cmd}, timeout=0.5)
         except control.ControlError:
             continue
+        tids = extract_vcpu_tids(reply)
         if len(tids) >= nr:
-            return tids
+            up = reply.get("uptime_s")
+            return tids, float(up) if isinstance(up, (int, float)) else None
     tids = tids_from_proc(vmm_pid)
-    return tids if len(tids) >= nr else {}
+    return (tids if len(tids) >= nr else {}), None
 
 
 def _kill(pid: int | None, sig: int) -> None:
@@ -172,13 +179,15 @@ def run_vm(spec: RunSpec, on_tids=None, poll_policy_s: float = 0.5) -> VmOutcome
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
     vmm_pid = None
+    own = sched_getattr(0)
     try:
+        sched_setattr(0, POLLER_ATTR)
         last_poll = 0.0
         while proc.poll() is None:
             if vmm_pid is None:
                 vmm_pid = _child_pid(proc.pid)
             if vmm_pid and not out.vcpu_tids:
-                out.vcpu_tids = _find_tids(vmm_pid, spec.cpus)
+                out.vcpu_tids, out.uptime_at_tids_s = _find_tids(vmm_pid, spec.cpus)
                 if out.vcpu_tids:
                     out.tids_after_s = round(time.monotonic() - t0, 3)
                     attr = STATIC_ATTRS.get(spec.config)
@@ -206,6 +215,7 @@ def run_vm(spec: RunSpec, on_tids=None, poll_policy_s: float = 0.5) -> VmOutcome
     except (OSError, TimeoutError) as e:
         out.error = f"{type(e).__name__}: {e}"
     finally:
+        sched_setattr(0, own)
         if proc.poll() is None:
             _kill(proc.pid, signal.SIGTERM)  # timeout forwards it to the VMM
             try:

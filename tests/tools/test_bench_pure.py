@@ -110,13 +110,21 @@ def test_policy_stats_from_a_show_reply():
                                     {"id": 1, "host": {"boosts": 1, "throttles": 0, "boosted_ns": 500_000}}]}}
     s = policy_stats(reply, status)
     assert (s["boosts"], s["throttles"], s["boosted_ms"], s["bpf_ns_per_event"]) == (10, 2, 3.5, 500.0)
+    # what the guest read from its slots at the end wins; the actuator's latency is taken as reported
+    guest = [{"type": "host", "vcpu": 0, "boosts": 5, "throttles": 1, "boosted_us": 2500},
+             {"type": "host", "vcpu": 1, "boosts": 6, "throttles": 0, "boosted_us": 500}]
+    reply["actuator"] = {"events": 8, "latency_us": {"samples": 8, "p50": 121.7, "p99": 807.2, "max": 807.2}}
+    s = policy_stats(reply, status, guest)
+    assert (s["boosts"], s["throttles"], s["boosted_ms"]) == (11, 1, 3.0)
+    assert (s["apply_latency_us"], s["apply_latency_p99_us"]) == (121.7, 807.2)
 
 
 def _rec(config, host, p99, mx, *, wl="probe,probe", rep=0, ct=100, cpu=1000.0):
     g = {"min": 1.0, "avg": p99 / 3, "p50": p99 / 2, "p99": p99, "max": mx}
     return make_record(config, host, wl, rep, g, host_cyclictest={"min": 1, "avg": 10, "max": ct},
                        stress={"cpu": cpu, "vm": 10.0} if host == "busy" else None,
-                       vcpu_runqlat={"all": {"count": 5, "avg": 1, "p50": 1, "p99": 3, "max": 9}},
+                       vcpu_runqlat={"all": {"count": 5, "avg": 1, "p50": 1, "p99": 3, "max": 9},
+                                     "wakeup": {"count": 5, "avg": 1, "p50": 1, "p99": 3, "max": 9}},
                        policy={"boosts": 10, "throttles": 0, "bpf_ns_per_event": 800, "apply_latency_us": None}
                        if config == "pvsched" else None)
 
