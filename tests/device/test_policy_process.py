@@ -14,6 +14,7 @@ from pathlib import Path
 from conftest import SHM_GPA, C, Running
 
 from pvsched_device import slots
+from pvsched_device.device import PvschedDevice
 from vmm.sched_attr import SCHED_FIFO, SCHED_OTHER, SCHED_RR, SchedAttr, sched_getattr, sched_setattr
 
 KEPT_CAPS = (1 << 39) | (1 << 38) | (1 << 23) | (1 << 14)  # CAP_BPF, CAP_PERFMON, CAP_SYS_NICE, CAP_IPC_LOCK
@@ -57,6 +58,7 @@ def test_sandbox_from_proc(running: Running) -> None:
     assert st["NoNewPrivs"] == "1"
     assert st["Seccomp"] == "2"  # filter mode (libseccomp deny list)
     assert int(st["PPid"]) == os.getpid()  # a child of the VMM
+    assert int(st["VmLck"].split()[0]) > 0  # mlockall: the policy path never page-faults
     assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
     with open(f"/proc/{pid}/net/dev") as f:
         ifaces = [line.split(":")[0].strip() for line in f.readlines()[2:]]
@@ -116,7 +118,7 @@ def test_enable_disable_storm_is_coalesced(running: Running) -> None:
     """A guest toggling ENABLE/DISABLE cannot grow the VMM's queue or leak fds; the last state wins."""
     r = running
     sup = r.dev.supervisor
-    time.sleep(0.2)  # let the trio thread set itself up (its own epoll and wakeup fds)
+    _wait_for(lambda: sup._token is not None, what="run() to start")  # trio's own epoll and wakeup fds exist
     fds_before = _open_fds()
     longest = 0
     for i in range(2000):
@@ -213,6 +215,23 @@ def test_stop_kills_a_stuck_policy_process_and_restores(running: Running) -> Non
     assert r.dev.supervisor.returncode == -signal.SIGKILL
     assert sched_getattr(tid) == r.vm.original_sched[tid]
     assert not os.path.exists(f"/sys/fs/bpf/pvsched/{os.getpid()}")
+
+
+def test_stale_pins_of_dead_vmms_are_removed_at_start(vm) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = Path(f"/sys/fs/bpf/pvsched/{dead.pid}")
+    stale.mkdir(parents=True, exist_ok=True)
+    dev = PvschedDevice()
+    vm.add_pci_device(dev)
+    dev.start(vm)
+    try:
+        assert dev.supervisor is not None and dev.supervisor.alive
+        assert not stale.exists()
+    finally:
+        dev.stop()
+        if stale.exists():
+            stale.rmdir()
 
 
 def test_killing_the_vmm_ends_the_policy_process(tmp_path: Path) -> None:
