@@ -123,6 +123,8 @@ workload_selftest() {
 	kv_json stats $DBG/stats
 	unload_module
 	[ -e $DBG ] && echo '{"type":"error","what":"debugfs pvsched left after unload"}'
+	# A second load/unload cycle: unload must have left nothing behind.
+	load_module selftest=1 && sleep 0.2 && unload_module
 	dump_dmesg
 }
 
