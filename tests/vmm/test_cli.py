@@ -154,3 +154,13 @@ def test_control_socket_status_and_clean_shutdown_on_signal(pyvmm, pyvmm_bg, gue
 def test_status_of_a_vm_that_is_not_running(pyvmm):
     r = pyvmm("status", "999999999")
     assert r.returncode == 1 and "no VM with pid 999999999" in one_error_line(r.stderr)
+
+
+def test_help_explains_every_boot_option_and_bench_is_delegated(pyvmm):
+    r = pyvmm("boot", "--help")
+    assert r.returncode == 0
+    for opt in ("--kernel", "--initrd", "--cmdline", "--cpus", "--mem", "--timeout", "--no-pvsched", "--no-policy",
+                "--policy-set", "--pvsched-host-version", "--pvsched-host-features", "--kvm-device"):
+        assert opt in r.stdout
+    r = pyvmm("bench", "--help")
+    assert r.returncode == 0 and "usage: pyvmm bench" in r.stdout
