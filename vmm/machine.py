@@ -44,6 +44,7 @@ KICK_SIGNAL = signal.SIGUSR1
 TSS_ADDR = 0xFFFBD000       # three pages below the BIOS area; needed by VMX for real mode (APs)
 IDENTITY_MAP_ADDR = 0xFFFBC000
 MAX_MEM = 64 << 30
+CONSOLE_FLUSH_S = 0.1
 
 
 class VmmError(Exception):
@@ -374,6 +375,7 @@ class Machine:
                         nursery.start_soon(self._run_device, d)
                 if main_thread:
                     nursery.start_soon(self._watch_signals)
+                nursery.start_soon(self._flush_console)
                 self.started_at = time.monotonic()
                 go.set()
                 with trio.move_on_after(math.inf if timeout is None else timeout) as cs:
@@ -401,6 +403,12 @@ class Machine:
             raise
         except Exception as e:  # noqa: BLE001
             log.warning("device %s: run() failed: %s", d.label, e)
+
+    async def _flush_console(self) -> None:
+        # A prompt or progress dots without a newline still show up promptly.
+        while True:
+            await trio.sleep(CONSOLE_FLUSH_S)
+            self.console.flush()
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:

@@ -164,3 +164,16 @@ def test_help_explains_every_boot_option_and_bench_is_delegated(pyvmm):
         assert opt in r.stdout
     r = pyvmm("bench", "--help")
     assert r.returncode == 0 and "usage: pyvmm bench" in r.stdout
+
+
+def test_partial_line_reaches_stdout_while_the_vm_runs(pyvmm_bg, guest):
+    import select
+
+    p = pyvmm_bg("boot", "--kernel", str(guest(HANG)), "--no-pvsched", "--cpus", "1", "--timeout", "30")
+    got = b""
+    deadline = time.monotonic() + 15
+    while not got.endswith(b"partial") and time.monotonic() < deadline:
+        ready, _, _ = select.select([p.stdout], [], [], 1)
+        if ready:
+            got += os.read(p.stdout.fileno(), 100)
+    assert got == b"ready\npartial" and p.poll() is None
