@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from conftest import C
+
+from vmm.sched_attr import SCHED_OTHER, SCHED_RR
 
 boot = pytest.importorskip("vmm.boot", reason="vmm.boot (VMM engineer) not there yet")
 
@@ -51,20 +54,67 @@ def test_guest_refusals(cmdline: str, kw: dict, code: int) -> None:
     assert rec["status"] == "refused" and rec["code"] == code
 
 
+def _status(pid: int, env: dict) -> dict | None:
+    r = subprocess.run([sys.executable, "-m", "vmm.cli", "status", str(pid), "--json"], env=env,
+                       capture_output=True, text=True, timeout=20, check=False)
+    return json.loads(r.stdout) if r.returncode == 0 else None
+
+
+def _env(tmp_path: Path) -> dict:
+    return {**os.environ, "PYVMM_RUN_DIR": str(tmp_path),
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_policy_death_in_a_live_vm(tmp_path: Path) -> None:
+    """Kill -9 the policy process of a running VM whose vCPUs it boosted: the VMM restores them within 100 ms."""
+    env = _env(tmp_path)
+    vmm = subprocess.Popen([sys.executable, "-m", "vmm.cli", "boot", "--cmdline", "duration=4 workload=idle,idle",
+                            "--timeout", "60"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        tids: list[int] = []
+        end = time.monotonic() + 30
+        while time.monotonic() < end and vmm.poll() is None:
+            st = _status(vmm.pid, env)
+            if st and st["pvsched"]["state"] == "active":
+                tids = [v["tid"] for v in st["pvsched"]["vcpus"]]
+                if all(os.sched_getscheduler(t) == SCHED_RR for t in tids):  # halt boosts (idle guest)
+                    break
+            time.sleep(0.1)
+        assert tids and all(os.sched_getscheduler(t) == SCHED_RR for t in tids), "the policy never boosted the vCPUs"
+        os.kill(st["pvsched"]["policy"]["pid"], signal.SIGKILL)
+        t0 = time.monotonic()
+        while any(os.sched_getscheduler(t) != SCHED_OTHER for t in tids):
+            assert time.monotonic() - t0 < 1.0, "vCPU threads still boosted 1 s after the policy process died"
+            time.sleep(0.0005)
+        elapsed_ms = (time.monotonic() - t0) * 1000
+        print(f"live VM: vCPU threads restored {elapsed_ms:.1f} ms after SIGKILL of the policy process")
+        assert elapsed_ms < 100, f"restored after {elapsed_ms:.1f} ms"
+        time.sleep(0.3)  # the VM goes on, and nothing boosts any more
+        assert vmm.poll() is None
+        assert all(os.sched_getscheduler(t) == SCHED_OTHER for t in tids)
+        st = _status(vmm.pid, env)
+        assert st is not None and not st["pvsched"]["policy"]["running"]
+        assert vmm.wait(60) == 0
+    finally:
+        if vmm.poll() is None:
+            vmm.kill()
+            vmm.wait()
+    err = vmm.stderr.read()
+    assert err.count("died (killed by signal 9)") == 1, err
+    assert not os.path.exists(f"/sys/fs/bpf/pvsched/{vmm.pid}"), "pins left behind"
+
+
 def test_status_of_a_running_vm_with_its_policy_process(tmp_path: Path) -> None:
     """`pyvmm status --json` of a live VM: device active, TIDs, and the sandboxed policy process reading slots."""
-    env = {**os.environ, "PYVMM_RUN_DIR": str(tmp_path),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = _env(tmp_path)
     vmm = subprocess.Popen([sys.executable, "-m", "vmm.cli", "boot", "--cmdline", "duration=4 workload=probe,idle",
                             "--timeout", "60"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         st = None
         end = time.monotonic() + 30
         while time.monotonic() < end and vmm.poll() is None:
-            r = subprocess.run([sys.executable, "-m", "vmm.cli", "status", str(vmm.pid), "--json"], env=env,
-                               capture_output=True, text=True, timeout=20, check=False)
-            if r.returncode == 0:
-                st = json.loads(r.stdout)
+            st = _status(vmm.pid, env) or st
+            if st is not None:
                 view = st["pvsched"]["policy"].get("process", {})
                 seqs = [v["guest"]["seq"] for v in view.get("vcpus", []) if v.get("guest")]
                 if st["pvsched"]["state"] == "active" and view.get("registered") and any(seqs):
