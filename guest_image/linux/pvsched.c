@@ -534,6 +534,7 @@ static int pvsched_slots_show(struct seq_file *m, void *v)
 
 	for (i = 0; i < a->nr_slots; i++) {
 		struct pvsched_guest_area *g = &pvsched_slot(a->shm, i)->guest;
+		struct pvsched_host_area *h = &pvsched_slot(a->shm, i)->host;
 		struct pvsched_guest_area c;
 		unsigned int tries = 0;
 		u32 seq;
@@ -550,10 +551,16 @@ static int pvsched_slots_show(struct seq_file *m, void *v)
 		} while (((seq & 1) || READ_ONCE(g->seq) != seq) &&
 			 ++tries < 1000);
 		seq_printf(m,
-			   "{\"cpu\":%u,\"seq\":%u,\"consistent\":%s,\"flags\":%u,\"policy\":%d,\"rt_priority\":%u,\"nice\":%d,\"wake_hint\":%u,\"guest_ns\":%llu}\n",
+			   "{\"cpu\":%u,\"seq\":%u,\"consistent\":%s,\"flags\":%u,\"policy\":%d,\"rt_priority\":%u,\"nice\":%d,\"wake_hint\":%u,\"guest_ns\":%llu,",
 			   i, seq, tries < 1000 ? "true" : "false", c.flags,
 			   c.policy, c.rt_priority, c.nice,
 			   READ_ONCE(g->wake_hint), c.guest_ns);
+		/* What the host says it applied (HOST_FEEDBACK; 0 in self-test). */
+		seq_printf(m,
+			   "\"host_state\":%u,\"host_policy\":%d,\"host_rt_priority\":%u,\"host_boosts\":%llu,\"host_throttles\":%llu}\n",
+			   READ_ONCE(h->state), READ_ONCE(h->policy),
+			   READ_ONCE(h->rt_priority), READ_ONCE(h->boosts),
+			   READ_ONCE(h->throttles));
 	}
 	return 0;
 }
