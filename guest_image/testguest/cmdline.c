@@ -12,6 +12,8 @@ static const char *const wl_names[] = {
 	[TG_WL_BUSY] = "busy",
 	[TG_WL_HOG] = "hog",
 	[TG_WL_IDLE] = "idle",
+	[TG_WL_WAKER] = "waker",
+	[TG_WL_WAKEE] = "wakee",
 };
 
 const char *tg_workload_name(u32 w)
@@ -154,7 +156,7 @@ static int parse_workloads(const char *s, const char *e, struct tg_config *c,
 			}
 			if (parse_workload_name(s, pe, &c->phases[n][np])) {
 				set_err(err, errlen,
-					"workload: expected probe|busy|hog|idle, got", s, pe);
+					"workload: expected probe|busy|hog|idle|waker|wakee, got", s, pe);
 				return -1;
 			}
 			np++;

@@ -17,6 +17,8 @@ enum tg_workload {
 	TG_WL_BUSY = 1,  /* CPL3 spinner at SCHED_OTHER nice 0 */
 	TG_WL_HOG = 2,   /* asks FIFO hog_prio and never yields */
 	TG_WL_IDLE = 3,  /* halts */
+	TG_WL_WAKER = 4, /* a probe that also wakes the wakee tasks of other vCPUs */
+	TG_WL_WAKEE = 5, /* RT task woken from another vCPU (IPI + wake_hint) */
 };
 
 struct tg_config {

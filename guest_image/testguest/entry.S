@@ -88,19 +88,31 @@ syscall_trap:
 sleep_fast:
 	sub	$8, %rsp	/* the int3 frame sits at 8(%rsp) while halted */
 	call	sleep_prepare
+	test	%eax, %eax
+	jnz	3f		/* a wake IPI was pending: back at once */
 1:	sti
 	hlt
 sleep_resume:
 	cli
 	jmp	1b
+3:	add	$8, %rsp
+	iretq
 
-/* LAPIC timer: fast return to CPL3 when it ends sleep_fast's halt. */
-	.globl timer_entry
-timer_entry:
+/*
+ * The LAPIC timer and the wake IPI: when they end sleep_fast's halt,
+ * return straight to CPL3 through the int3 frame; otherwise save the
+ * caller-saved registers around the C half and return where we were.
+ */
+.macro WAKE_ENTRY name, work, has_arg
+	.globl \name
+\name:
 	cmpq	$sleep_resume, (%rsp)
 	jne	2f
 	mov	24(%rsp), %rsp	/* drop this frame: back to sleep_fast's stack */
-	call	timer_work
+	.if \has_arg
+	xor	%edi, %edi	/* the wait ended: nothing pending */
+	.endif
+	call	\work
 	add	$8, %rsp
 	iretq			/* the int3 frame: to the task, woken */
 2:	push	%rax
@@ -112,7 +124,10 @@ timer_entry:
 	push	%r9
 	push	%r10
 	push	%r11
-	call	timer_work
+	.if \has_arg
+	mov	$1, %edi	/* not waiting: keep it pending */
+	.endif
+	call	\work
 	pop	%r11
 	pop	%r10
 	pop	%r9
@@ -123,6 +138,10 @@ timer_entry:
 	pop	%rcx
 	pop	%rax
 	iretq
+.endm
+
+WAKE_ENTRY timer_entry, timer_work, 0
+WAKE_ENTRY wake_entry, ipi_work, 1
 
 /* Any vector nobody asked for: acknowledge at the LAPIC and go on. */
 	.globl irq_ignore

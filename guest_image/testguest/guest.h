@@ -13,9 +13,11 @@
 enum tg_syscall {
 	SYS_WRITE = 1,       /* (buf, len): bytes to COM1 */
 	SYS_SET_TASK = 2,    /* (policy, rt_priority, nice): publish the running task */
-	SYS_SLEEP_UNTIL = 3, /* (tsc): slot IDLE, halt until the timer at tsc */
+	SYS_SLEEP_UNTIL = 3, /* (tsc, ipi): slot IDLE, halt until the timer at tsc
+			      * (or, with ipi, a wake IPI: pending ones return at once) */
 	SYS_EXIT = 4,        /* (code): end the VM through the exit port */
 	SYS_HALT = 5,        /* (): slot IDLE, halt for good */
+	SYS_WAKE = 6,        /* (vcpu): set its wake_hint, send it the wake IPI */
 };
 
 enum tg_exit_code {
@@ -71,6 +73,14 @@ struct tg_irq_stamp {
 } __attribute__((aligned(CACHELINE)));
 
 extern struct tg_irq_stamp tg_irq[TG_MAX_VCPUS];
+
+/* A waker's message to the wakee of a vCPU: the deadline it served, under a count. */
+struct tg_wake_msg {
+	volatile u64 seq;
+	volatile u64 deadline;
+} __attribute__((aligned(CACHELINE)));
+
+extern struct tg_wake_msg tg_wake[TG_MAX_VCPUS];
 
 /* Take/release the console lock (any CPL: all pages are user-accessible). */
 static inline void console_lock(void)

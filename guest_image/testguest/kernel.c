@@ -22,6 +22,9 @@
 #define LAPIC_LVT_LINT0 0x350
 #define LAPIC_LVT_LINT1 0x360
 #define LAPIC_LVT_ERROR 0x370
+#define LAPIC_ICR_LO 0x300
+#define LAPIC_ICR_HI 0x310
+#define ICR_ASSERT (1u << 14)
 #define LAPIC_TIMER_INIT 0x380
 #define LAPIC_TIMER_DIV 0x3e0
 #define LVT_MASKED (1u << 16)
@@ -31,6 +34,7 @@
 
 #define VEC_SYSCALL 3 /* int3 */
 #define VEC_TIMER 0x20
+#define VEC_WAKE 0x21
 #define VEC_SPURIOUS 0xff
 
 /* Linux's GDT layout (this machine's KVM, PVM, knows the host's user selectors). */
@@ -44,12 +48,14 @@
 
 struct tg_global tg;
 struct tg_irq_stamp tg_irq[TG_MAX_VCPUS];
+struct tg_wake_msg tg_wake[TG_MAX_VCPUS];
 
 /* Per vCPU, at the base of its kernel stack (found from %rsp in two instructions). */
 struct percpu {
 	struct pvsched_guest_area *slot; /* shared slot, or the dummy below */
 	u32 id;
 	volatile u32 woken;
+	u32 ipi_pending; /* a wake IPI came while not waiting for one */
 	s32 policy; /* the task running on this vCPU, published on wakeup */
 	u32 rt_priority;
 	s32 nice;
@@ -100,6 +106,7 @@ extern const u64 exc_stubs[32];
 extern u64 pml4[];
 void syscall_trap(void);
 void timer_entry(void);
+void wake_entry(void);
 void irq_ignore(void);
 void irq_spurious(void);
 void enter_user(void (*rip)(u32), void *rsp, u64 arg, u64 cs, u64 ss) __attribute__((noreturn));
@@ -231,13 +238,12 @@ static void arm_timer(struct percpu *pc, u64 deadline)
 }
 
 /*
- * Timer interrupt (called from timer_entry in entry.S): the wakeup of the
- * task sleeping on this vCPU.  Slot: IN_HARDIRQ while in here, then the
- * woken task's parameters (flags clear: no longer idle).
+ * A wakeup of the task on this vCPU, from its timer or a wake IPI (called
+ * by timer_entry / wake_entry in entry.S).  Slot: IN_HARDIRQ while in
+ * here, then the woken task's parameters (flags clear: no longer idle).
  */
-void timer_work(void)
+static inline void wake_task(struct percpu *pc)
 {
-	struct percpu *pc = this_cpu();
 	u64 tsc = rdtsc(), ns = tsc_ns(tsc);
 
 	tg_irq[pc->id].tsc = tsc;
@@ -248,6 +254,32 @@ void timer_work(void)
 	pvsched_set_task(pc->slot, 0, pc->policy, pc->rt_priority, pc->nice, ns);
 }
 
+void timer_work(void)
+{
+	wake_task(this_cpu());
+}
+
+/* pending: the IPI did not end a wait (the task was running): keep it for the next wait. */
+void ipi_work(u32 pending)
+{
+	struct percpu *pc = this_cpu();
+
+	if (pending)
+		pc->ipi_pending = 1;
+	wake_task(pc);
+}
+
+/* SYS_WAKE: the hint first (the host may boost before the IPI lands), then the IPI. */
+static void wake_vcpu(u32 target)
+{
+	if (target >= tg.nr_vcpus)
+		return;
+	if (tg.pv_state == TG_PV_ACTIVE && target < tg.pv_host_nr_vcpus)
+		pvsched_set_wake_hint(&pvsched_slot(tg.pv_shm, target)->guest);
+	lapic_write(LAPIC_ICR_HI, target << 24); /* APIC id = vCPU id under pyvmm */
+	lapic_write(LAPIC_ICR_LO, ICR_ASSERT | VEC_WAKE);
+}
+
 static void publish_idle(struct percpu *pc)
 {
 	pvsched_set_task(pc->slot, PVSCHED_FLAG_IDLE, PVSCHED_POLICY_OTHER, 0, 0,
@@ -256,16 +288,22 @@ static void publish_idle(struct percpu *pc)
 
 /*
  * SYS_SLEEP_UNTIL's C half (entry.S sleep_fast halts right after it and
- * the timer interrupt returns straight to CPL3 from there): slot IDLE,
- * timer armed.  Interrupts are off.
+ * the timer or wake interrupt returns straight to CPL3 from there): slot
+ * IDLE, timer armed; 1 when a wake IPI is already pending (no halt).
+ * Interrupts are off.
  */
-void sleep_prepare(u64 deadline)
+u32 sleep_prepare(u64 deadline, u64 ipi)
 {
 	struct percpu *pc = this_cpu();
 
+	if (ipi && pc->ipi_pending) {
+		pc->ipi_pending = 0;
+		return 1; /* woken already: do not halt */
+	}
 	pc->woken = 0;
 	publish_idle(pc);
 	arm_timer(pc, deadline);
+	return 0;
 }
 
 /* Halt (slot IDLE) until the TSC reaches `deadline`; interrupts are off on entry. */
@@ -300,6 +338,9 @@ u64 syscall_dispatch(u64 a1, u64 a2, u64 a3, u64 nr)
 	case SYS_SET_TASK:
 		set_task(pc, (s32)a1, (u32)a2, (s32)a3);
 		return 0;
+	case SYS_WAKE:
+		wake_vcpu((u32)a1);
+		return 0;
 	case SYS_EXIT:
 		kexit((u32)a1);
 	case SYS_HALT:
@@ -330,6 +371,7 @@ static void build_idt(void)
 		idt_set(v, exc_stubs[v], 0x8e);
 	idt_set(VEC_SYSCALL, (u64)syscall_trap, 0xee); /* DPL 3, IF off */
 	idt_set(VEC_TIMER, (u64)timer_entry, 0x8e);
+	idt_set(VEC_WAKE, (u64)wake_entry, 0x8e);
 	idt_set(VEC_SPURIOUS, (u64)irq_spurious, 0x8e);
 }
 

@@ -14,6 +14,7 @@ struct phase_result {
 	u32 workload;
 	u64 ms;
 	u64 loops;       /* busy/hog iterations */
+	u64 wakes;       /* waker: remote wakeups sent */
 	struct tg_lat lat;
 	struct tg_lat irq; /* deadline to the timer interrupt (min/avg/max only) */
 };
@@ -41,19 +42,23 @@ static void sys_set_task(s32 policy, u32 prio, s32 nice)
 	sys3(SYS_SET_TASK, (u64)(s64)policy, prio, (u64)(s64)nice);
 }
 
+/* One SYS_SLEEP_UNTIL; its fast path saves no register: all caller-saved are clobbered. */
+static inline void sys_sleep_once(u64 tsc, u64 ipi)
+{
+	u64 nr = SYS_SLEEP_UNTIL, a = tsc, b = ipi;
+
+	__asm__ __volatile__("int3"
+			     : "+a"(nr), "+D"(a), "+S"(b)
+			     :
+			     : "rcx", "rdx", "r8", "r9", "r10", "r11", "memory", "cc");
+}
+
 /* Halt until the TSC reaches `tsc` (a timer that fires early just sleeps again). */
 static void sys_sleep_until(u64 tsc)
 {
-	do {
-		u64 nr = SYS_SLEEP_UNTIL, a = tsc;
-
-		/* The kernel's fast path saves no register: all caller-saved are clobbered. */
-		__asm__ __volatile__("int3"
-				     : "+a"(nr), "+D"(a)
-				     :
-				     : "rcx", "rdx", "rsi", "r8", "r9", "r10", "r11",
-				       "memory", "cc");
-	} while (rdtsc() < tsc);
+	do
+		sys_sleep_once(tsc, 0);
+	while (rdtsc() < tsc);
 }
 
 static u64 tsc_to_ns(u64 d)
@@ -132,37 +137,112 @@ static const char *pv_reason(s32 status)
 
 /* ---- workloads ---------------------------------------------------------- */
 
-/* cyclictest-like: wake at every deadline, record how late the task runs. */
-static void run_probe(struct phase_result *r, u32 vcpu, u64 t_start, u64 t_end)
+static struct tg_lat *start_lat(struct phase_result *r, u64 n)
 {
-	u64 period = (u64)tg.cfg.interval_us * tg.tsc_khz / 1000;
-	u64 n = (t_end - t_start) / period + 2, got;
+	u64 got;
 	u32 *mem = heap_alloc(n * sizeof(u32), &got);
-	u64 next, now, irq;
 
 	lat_init(&r->lat, mem, (u32)(got / sizeof(u32)));
 	lat_init(&r->irq, 0, 0);
+	return &r->lat;
+}
+
+/* vCPUs whose workload has a wakee phase: what a waker wakes. */
+static u32 wakee_targets(u32 self, u32 *t)
+{
+	u32 v, p, n = 0;
+
+	for (v = 0; v < tg.nr_vcpus; v++) {
+		if (v == self)
+			continue;
+		for (p = 0; p < tg.cfg.nr_phases[v]; p++) {
+			if (tg.cfg.phases[v][p] == TG_WL_WAKEE) {
+				t[n++] = v;
+				break;
+			}
+		}
+	}
+	return n;
+}
+
+/*
+ * The first deadline from `next` on that is still ahead of `now`; those
+ * of this phase that already passed count as missed (lost ticks).
+ */
+static u64 skip_missed(struct phase_result *r, u64 next, u64 now, u64 period, u64 t_end)
+{
+	u64 k, in_phase;
+
+	if (now < next)
+		return next;
+	k = (now - next) / period + 1;
+	if (next <= t_end) {
+		in_phase = (t_end - next) / period + 1;
+		r->lat.missed += k < in_phase ? k : in_phase;
+	}
+	return next + k * period;
+}
+
+/*
+ * cyclictest-like: wake at every deadline, record how late the task runs.
+ * A waker then hands the same deadline to each wakee and wakes it (wake_hint
+ * + IPI), so the wakee's latency includes the remote wakeup.
+ */
+static void run_probe(struct phase_result *r, u32 vcpu, u64 t_start, u64 t_end,
+		      int waker)
+{
+	u64 period = (u64)tg.cfg.interval_us * tg.tsc_khz / 1000;
+	u64 next, now, irq;
+	u32 targets[TG_MAX_VCPUS], nt = waker ? wakee_targets(vcpu, targets) : 0, i;
+
+	start_lat(r, (t_end - t_start) / period + 2);
 	sys_set_task(tg.cfg.probe_policy, tg.cfg.probe_prio, 0);
-	now = rdtsc();
-	next = (now > t_start ? now : t_start) + period;
+	/* Deadlines on a fixed grid from the phase start: a late start misses some. */
+	next = skip_missed(r, t_start + period, rdtsc(), period, t_end);
 	while (next <= t_end) {
 		sys_sleep_until(next);
 		now = rdtsc();
 		lat_record(&r->lat, tsc_to_ns(now - next));
 		irq = tg_irq[vcpu].tsc;
 		lat_record(&r->irq, irq > next ? tsc_to_ns(irq - next) : 0);
-		next += period;
-		if (now >= next) {
-			/* Deadlines of this phase that passed while we were late: lost ticks. */
-			u64 k = (now - next) / period + 1;
+		for (i = 0; i < nt; i++) {
+			struct tg_wake_msg *m = &tg_wake[targets[i]];
 
-			if (next <= t_end) {
-				u64 in_phase = (t_end - next) / period + 1;
-
-				r->lat.missed += k < in_phase ? k : in_phase;
-			}
-			next += k * period;
+			m->deadline = next;
+			__atomic_store_n(&m->seq, m->seq + 1, __ATOMIC_RELEASE);
+			sys3(SYS_WAKE, targets[i], 0, 0);
+			r->wakes++;
 		}
+		next = skip_missed(r, next + period, now, period, t_end);
+	}
+}
+
+/* RT task woken by a waker on another vCPU; latency from the waker's deadline. */
+static void run_wakee(struct phase_result *r, u32 vcpu, u64 t_start, u64 t_end)
+{
+	u64 period = (u64)tg.cfg.interval_us * tg.tsc_khz / 1000;
+	struct tg_wake_msg *m = &tg_wake[vcpu];
+	u64 last = __atomic_load_n(&m->seq, __ATOMIC_ACQUIRE), now;
+
+	start_lat(r, (t_end - t_start) / period + 2);
+	sys_set_task(tg.cfg.probe_policy, tg.cfg.probe_prio, 0);
+	while ((now = rdtsc()) < t_end) {
+		u64 s1, s2, d, irq;
+
+		sys_sleep_once(t_end, 1);
+		now = rdtsc();
+		do {
+			s1 = __atomic_load_n(&m->seq, __ATOMIC_ACQUIRE);
+			d = m->deadline;
+			s2 = __atomic_load_n(&m->seq, __ATOMIC_ACQUIRE);
+		} while (s1 != s2);
+		if (s1 == last)
+			continue; /* the phase-end timer, or a wake already counted */
+		r->lat.missed += s1 - last - 1;
+		last = s1;
+		lat_record(&r->lat, now > d ? tsc_to_ns(now - d) : 0);
+		irq = tg_irq[vcpu].tsc;
+		lat_record(&r->irq, irq > d ? tsc_to_ns(irq - d) : 0);
 	}
 }
 
@@ -280,7 +360,8 @@ static void emit_phase(u32 vcpu, u32 idx, struct phase_result *r)
 	struct buf b;
 
 	buf_init(&b, line, sizeof(line));
-	if (r->workload == TG_WL_PROBE) {
+	if (r->workload == TG_WL_PROBE || r->workload == TG_WL_WAKER ||
+	    r->workload == TG_WL_WAKEE) {
 		struct tg_summary s;
 
 		lat_summarize(&r->lat, &s);
@@ -288,7 +369,9 @@ static void emit_phase(u32 vcpu, u32 idx, struct phase_result *r)
 		buf_u64(&b, vcpu);
 		buf_str(&b, ",\"phase\":");
 		buf_u64(&b, idx);
-		buf_str(&b, ",\"workload\":\"probe\",\"policy\":\"");
+		buf_str(&b, ",\"workload\":\"");
+		buf_str(&b, tg_workload_name(r->workload));
+		buf_str(&b, "\",\"policy\":\"");
 		buf_str(&b, policy_name(tg.cfg.probe_policy));
 		buf_str(&b, "\",\"prio\":");
 		buf_u64(&b, tg.cfg.probe_prio);
@@ -296,6 +379,10 @@ static void emit_phase(u32 vcpu, u32 idx, struct phase_result *r)
 		buf_u64(&b, tg.cfg.interval_us);
 		buf_str(&b, ",\"ms\":");
 		buf_u64(&b, r->ms);
+		if (r->workload == TG_WL_WAKER) {
+			buf_str(&b, ",\"wakes\":");
+			buf_u64(&b, r->wakes);
+		}
 		buf_ch(&b, ',');
 		lat_json(&b, &r->lat, &s);
 		/* The part of the latency before the guest kernel ran (host + KVM). */
@@ -444,7 +531,11 @@ void user_main(u32 vcpu)
 		r->ms = (e - a) / tg.tsc_khz;
 		switch (r->workload) {
 		case TG_WL_PROBE:
-			run_probe(r, vcpu, a, e);
+		case TG_WL_WAKER:
+			run_probe(r, vcpu, a, e, r->workload == TG_WL_WAKER);
+			break;
+		case TG_WL_WAKEE:
+			run_wakee(r, vcpu, a, e);
 			break;
 		case TG_WL_BUSY:
 			run_spin(r, e, PVSCHED_POLICY_OTHER, 0);

@@ -75,6 +75,21 @@ def test_phases_and_every_workload(pyvmm):
     assert sorted(r["vcpu"] for r in hosts) == [0, 1] and all(r["consistent"] for r in hosts)
 
 
+def test_remote_wakeups_waker_and_wakee(pyvmm):
+    """A waker probe on vCPU 0 wakes an RT wakee on vCPU 1 (wake_hint + IPI); both report latencies."""
+    rc, recs, out = boot(pyvmm, "--cmdline", "duration=1 workload=waker,wakee")
+    assert rc == 0, out
+    lat = {r["workload"]: r for r in of_type(recs, "latency")}
+    assert (lat["waker"]["vcpu"], lat["wakee"]["vcpu"]) == (0, 1)
+    check_latency(lat["waker"], 1000, 1000)
+    # Every wake is a sample or was coalesced with the next one (counted missed).
+    assert lat["wakee"]["samples"] + lat["wakee"]["missed"] in range(lat["waker"]["wakes"] - 2,
+                                                                     lat["waker"]["wakes"] + 1)
+    assert lat["wakee"]["samples"] > 500
+    # The wakee's deadline is the waker's: it cannot run before the waker did.
+    assert lat["wakee"]["min"] > lat["waker"]["min"]
+
+
 @pytest.mark.parametrize("args,code,reason", [
     (["--cmdline", "duration=0.5 pvsched_features=10"], C.PVSCHED_STATUS_BAD_FEATURE, "BAD_FEATURE"),
     (["--cmdline", "duration=0.5 pvsched_version=20000"], C.PVSCHED_STATUS_BAD_VERSION, "BAD_VERSION"),

@@ -55,6 +55,7 @@ class SlotSampler:
         self.seqs: list[list[int]] = [[] for _ in range(nr_vcpus)]
         self.odd = [0] * nr_vcpus
         self.torn = [0] * nr_vcpus
+        self.hints = [0] * nr_vcpus
         self.thread = threading.Thread(target=self.run, daemon=True)
 
     def on_line(self, line: str) -> None:
@@ -79,6 +80,7 @@ class SlotSampler:
             self.torn[v] += 1
             return
         flags, policy, prio, nice = struct.unpack_from("<IiIi", area, off("flags"))
+        self.hints[v] += struct.unpack_from("<I", area, off("wake_hint"))[0] != 0
         assert struct.unpack_from("<I", area, off("seq"))[0] == s1
         key = (flags, policy, prio, nice)
         self.states[v][key] = self.states[v].get(key, 0) + 1
@@ -94,16 +96,16 @@ class SlotSampler:
                 self.snapshot(mem, v)
 
 
-def test_host_sees_slots_switch_between_rt_probe_and_idle():
-    """Acceptance: each vCPU's slot alternates RT probe params / IDLE, with consistent, growing seqcounts."""
+def run_sampled(cmdline: str) -> SlotSampler:
+    """Boot the test guest in-process on 2 vCPUs while a SlotSampler reads the shared area."""
     sampler = SlotSampler(2)
 
     def attach(machine) -> None:
         sampler.machine = machine
         sampler.thread.start()
 
-    cfg = BootConfig(cmdline="duration=2 interval=500 probe_policy=fifo probe_prio=9", cpus=2, timeout=60,
-                     console_stream=LineTap(sampler.on_line), setup=[attach], control_socket=False)
+    cfg = BootConfig(cmdline=cmdline, cpus=2, timeout=60, console_stream=LineTap(sampler.on_line),
+                     setup=[attach], control_socket=False)
     try:
         result = run_vm(cfg)
     finally:
@@ -111,6 +113,12 @@ def test_host_sees_slots_switch_between_rt_probe_and_idle():
         sampler.thread.join(10)
     assert result.exit_code == 0, result.console[-2000:]
     assert sampler.shm_gpa is not None, "the guest did not report an active shared area"
+    return sampler
+
+
+def test_host_sees_slots_switch_between_rt_probe_and_idle():
+    """Acceptance: each vCPU's slot alternates RT probe params / IDLE, with consistent, growing seqcounts."""
+    sampler = run_sampled("duration=2 interval=500 probe_policy=fifo probe_prio=9")
 
     magic, version, features, nr, slot_size, slot_offset = struct.unpack_from("<6I", sampler.header)
     assert (magic, version, features, nr) == (C.PVSCHED_MAGIC, C.PVSCHED_VERSION, C.PVSCHED_F_ALL_V1, 2)
@@ -130,3 +138,14 @@ def test_host_sees_slots_switch_between_rt_probe_and_idle():
         assert all(a <= b for a, b in itertools.pairwise(seqs)), "seqcount went backwards"
         # 2 s at 500 us: ~4000 wakeups, each three slot writes (idle, irq, task) = two seq steps each.
         assert seqs[-1] - seqs[0] > 2 * 2000, (v, seqs[0], seqs[-1])
+
+
+def test_waker_sets_the_wakees_wake_hint_and_the_wakee_clears_it():
+    """A remote wakeup raises wake_hint on the target's slot only, and the woken vCPU clears it."""
+    sampler = run_sampled("duration=2 workload=waker,wakee probe_prio=7")
+    assert sampler.hints[1] > 0, "vCPU 1's wake_hint was never seen set"
+    assert sampler.hints[0] == 0, "nobody wakes vCPU 0: its hint must stay clear"
+    wakee_running = (0, C.PVSCHED_POLICY_RR, 7, 0)
+    assert sampler.states[1].get(wakee_running, 0) > 0
+    # Cleared on wakeup: most of the time (halted, waiting) the hint is down.
+    assert sampler.hints[1] < sum(sampler.states[1].values()) // 2

@@ -49,6 +49,10 @@ def test_cmdline_every_key(harness):
     assert (c["version"], c["features"], c["force_features"], c["pvsched"]) == (0x10001, 0x1F, 1, 0)
 
 
+def test_cmdline_remote_wakeup_workloads(harness):
+    assert parse(harness, "workload=waker,wakee+idle", 2)["workload"] == ["waker", "wakee+idle"]
+
+
 def test_cmdline_last_workload_repeats(harness):
     assert parse(harness, "workload=probe,busy", 4)["workload"] == ["probe", "busy", "busy", "busy"]
     assert parse(harness, "workload=hog", 3)["workload"] == ["hog"] * 3
