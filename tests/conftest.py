@@ -21,15 +21,17 @@ def _kill(p: subprocess.Popen) -> None:
 
 @pytest.fixture
 def pyvmm():
-    """Run `python -m vmm.cli ARGS...` to completion: pyvmm(*args, timeout=60) -> CompletedProcess (text)."""
+    """Run `python -m vmm.cli ARGS...` to completion: pyvmm(*args, timeout=60, input=None) -> CompletedProcess."""
     procs: list[subprocess.Popen] = []
 
-    def run(*args: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
+    def run(*args: str, timeout: float = 60, env: dict | None = None,
+            input: str | None = None) -> subprocess.CompletedProcess:
         p = subprocess.Popen([sys.executable, "-m", "vmm.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
+                             text=True, env={**os.environ, **(env or {})})
         procs.append(p)
         try:
-            out, err = p.communicate(timeout=timeout)
+            out, err = p.communicate(input, timeout=timeout)
         finally:
             _kill(p)
         return subprocess.CompletedProcess(p.args, p.returncode, out, err)
@@ -45,8 +47,9 @@ def pyvmm_bg():
     procs: list[subprocess.Popen] = []
 
     def start(*args: str, env: dict | None = None) -> subprocess.Popen:
-        p = subprocess.Popen([sys.executable, "-m", "vmm.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+        p = subprocess.Popen([sys.executable, "-m", "vmm.cli", *args], cwd=ROOT, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, **(env or {})})
         procs.append(p)
         return p
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from vmm.console import Console, parse_records
+from vmm.console import Console, ConsoleInput, parse_records
 from vmm.machine import EXIT_TIMEOUT, Machine, VmmError
 
 log = logging.getLogger("pyvmm")
@@ -43,6 +43,7 @@ class BootConfig:
     host_features: int | None = None
     kvm_device: str = "/dev/kvm"
     console_stream: BinaryIO | None = None    # where console output goes live (None: only collected)
+    console_input: int | None = None          # fd whose bytes go to the guest's UART (the CLI: stdin)
     control_socket: bool = True
     setup: list[Callable[[Machine], None]] = field(default_factory=list)  # extra devices, for tests
 
@@ -145,7 +146,11 @@ def run_vm(cfg: BootConfig) -> BootResult:
     t0 = time.monotonic()
     m = build_machine(cfg, console)
     try:
-        code = m.run(cfg.timeout, cfg.control_socket)
+        if cfg.console_input is not None and ConsoleInput.usable(cfg.console_input):
+            with ConsoleInput(cfg.console_input, m.uart.feed):
+                code = m.run(cfg.timeout, cfg.control_socket)
+        else:
+            code = m.run(cfg.timeout, cfg.control_socket)
     finally:
         m.close()
     text = console.text()

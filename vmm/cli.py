@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="version the pvsched device offers (default: this build's), to test refusals")
     b.add_argument("--pvsched-host-features", type=_hex, metavar="HEX",
                    help="feature bits the pvsched device offers (default: all v1 features)")
+    b.add_argument("--no-console-input", action="store_true",
+                   help="do not forward stdin to the guest's serial port (default: forward it, "
+                        "unless stdin is a terminal of a background job)")
     b.add_argument("--kvm-device", default=os.environ.get("PYVMM_KVM_DEVICE", "/dev/kvm"), metavar="PATH",
                    help="KVM device node (default /dev/kvm, or $PYVMM_KVM_DEVICE)")
 
@@ -100,7 +103,8 @@ def _boot(args: argparse.Namespace) -> int:
                      mem_mib=args.mem, timeout=args.timeout, pvsched=not args.no_pvsched,
                      policy=not args.no_policy, tunables=dict(args.policy_set),
                      host_version=args.pvsched_host_version, host_features=args.pvsched_host_features,
-                     kvm_device=args.kvm_device, console_stream=sys.stdout.buffer)
+                     kvm_device=args.kvm_device, console_stream=sys.stdout.buffer,
+                     console_input=None if args.no_console_input else sys.stdin.fileno())
     try:
         result = run_vm(cfg)
     except VmmError as e:

@@ -8,8 +8,12 @@ feeds BootResult.console and the JSON records the test guest prints.
 from __future__ import annotations
 
 import json
+import os
+import termios
 import threading
-from typing import BinaryIO
+import tty
+from collections.abc import Callable
+from typing import BinaryIO, Self
 
 MAX_KEEP = 64 << 20  # bytes kept for BootResult; a runaway guest cannot eat the host's memory
 
@@ -68,3 +72,47 @@ def parse_records(text: str) -> list[dict]:
         if isinstance(obj, dict) and "type" in obj:
             records.append(obj)
     return records
+
+
+class ConsoleInput:
+    """Feeds bytes read from a file descriptor (the CLI's stdin) to the guest's UART, from a daemon thread.
+
+    A terminal is put in cbreak mode (no line editing or local echo: the guest
+    echoes; Ctrl-C still stops pyvmm) and restored on exit.  Reading stops at EOF.
+    """
+
+    def __init__(self, fd: int, feed: Callable[[bytes], None]):
+        self.fd, self.feed = fd, feed
+        self._saved: list | None = None
+
+    @staticmethod
+    def usable(fd: int) -> bool:
+        """False for a terminal we do not own (a background job would be stopped by SIGTTIN)."""
+        try:
+            if os.isatty(fd):
+                return os.tcgetpgrp(fd) == os.getpgrp()
+            os.fstat(fd)
+        except OSError:
+            return False
+        return True
+
+    def __enter__(self) -> Self:
+        if os.isatty(self.fd):
+            self._saved = termios.tcgetattr(self.fd)
+            tty.setcbreak(self.fd)
+        threading.Thread(target=self._pump, name="console-input", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._saved is not None:
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+
+    def _pump(self) -> None:
+        while True:
+            try:
+                data = os.read(self.fd, 1024)
+            except OSError:
+                return
+            if not data:
+                return
+            self.feed(data)

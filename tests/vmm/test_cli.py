@@ -177,3 +177,24 @@ def test_partial_line_reaches_stdout_while_the_vm_runs(pyvmm_bg, guest):
         if ready:
             got += os.read(p.stdout.fileno(), 100)
     assert got == b"ready\npartial" and p.poll() is None
+
+
+ECHO = r"""
+_start:
+    mov $0x3fd, %dx         # LSR: wait for data
+1:  in %dx, %al
+    test $1, %al
+    jz 1b
+    mov $0x3f8, %dx
+    in %dx, %al
+    mov $0x3f8, %dx
+    out %al, %dx            # echo it
+    mov $0xf4, %dx
+    out %al, %dx            # and exit with it
+"""
+
+
+def test_stdin_reaches_the_guest_uart(pyvmm, guest):
+    r = pyvmm("boot", "--kernel", str(guest(ECHO)), "--no-pvsched", "--cpus", "1", "--timeout", "30", input="A")
+    assert r.returncode == ord("A"), r.stderr
+    assert r.stdout == "A"
