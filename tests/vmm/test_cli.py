@@ -198,3 +198,33 @@ def test_stdin_reaches_the_guest_uart(pyvmm, guest):
     r = pyvmm("boot", "--kernel", str(guest(ECHO)), "--no-pvsched", "--cpus", "1", "--timeout", "30", input="A")
     assert r.returncode == ord("A"), r.stderr
     assert r.stdout == "A"
+
+
+def test_no_permission_on_the_kvm_device_is_one_clear_line():
+    """A real EACCES: a child drops root and opens /dev/kvm (mode 0600 root) itself."""
+    from vmm.machine import Machine, VmmError
+
+    if os.stat("/dev/kvm").st_mode & 0o006:
+        pytest.skip("/dev/kvm is world-accessible here")
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: no pytest machinery from here on, just report and _exit
+        msg = "opened"
+        try:
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            Machine(1, 16)
+        except VmmError as e:
+            msg = str(e)
+        except BaseException as e:  # noqa: BLE001 - the child must always report and exit
+            msg = f"unexpected {e!r}"
+        os.write(wfd, msg.encode())
+        os._exit(0)
+    os.close(wfd)
+    try:
+        msg = os.read(rfd, 4096).decode()
+    finally:
+        os.close(rfd)
+        os.waitpid(pid, 0)
+    assert msg == "no permission to open /dev/kvm (need read/write access, e.g. the kvm group)"
