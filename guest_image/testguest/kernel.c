@@ -61,7 +61,6 @@ struct percpu {
 	s32 nice;
 	u32 tsc_deadline;
 	u64 tsc_khz;
-	u64 timer_irqs;
 	struct pvsched_slot dummy __attribute__((aligned(CACHELINE)));
 };
 
@@ -129,11 +128,6 @@ static inline u64 tsc_ns(u64 tsc)
 static inline u64 now_ns(void)
 {
 	return tsc_ns(rdtsc());
-}
-
-static inline u32 lapic_read(u32 reg)
-{
-	return mmio_read32(LAPIC_BASE + reg);
 }
 
 static inline void lapic_write(u32 reg, u32 v)
@@ -433,7 +427,6 @@ static void lapic_init(struct percpu *pc)
 	lapic_write(LAPIC_TIMER_DIV, 0xb); /* divide by 1 */
 	lapic_write(LAPIC_LVT_TIMER,
 		    VEC_TIMER | (pc->tsc_deadline ? LVT_TSC_DEADLINE : 0));
-	(void)lapic_read;
 }
 
 /* ---- boot -------------------------------------------------------------- */
