@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tools import report
-from tools.results import HOSTS, MIXED, PRIMARY, guest_summary, make_record, policy_stats, summarize, validate_record
+from tools.results import MIXED, PRIMARY, guest_summary, make_record, policy_stats, summarize, validate_record
 
 CONFIGS = ("vanilla", "static-rt", "static-nice", "pvsched")
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -42,12 +42,15 @@ class Cell:
     rep: int
 
 
-def plan(configs: list[str], hosts: list[str], reps: int, mixed: bool) -> list[Cell]:
-    """Runs in order; repetitions outermost so slow drifts of the machine spread over every configuration."""
-    groups = [(PRIMARY, h) for h in hosts]
-    if mixed and "busy" in hosts:
-        groups.append((MIXED, "busy"))
-    return [Cell(c, h, wl, rep) for rep in range(reps) for wl, h in groups for c in configs]
+GROUPS = {"idle": (PRIMARY, "idle"), "busy": (PRIMARY, "busy"), "mixed": (MIXED, "busy")}
+
+
+def plan(configs: list[str], groups: list[str], reps: int) -> list[Cell]:
+    """Runs in order; repetitions outermost so slow drifts of the machine spread over every configuration.
+
+    Groups: "idle" and "busy" run the probe on both vCPUs on an idle / busy host; "mixed" runs the probe on
+    vCPU 0 and normal-priority busy work on vCPU 1 on a busy host (what boost-on-halt costs the host)."""
+    return [Cell(c, GROUPS[g][1], GROUPS[g][0], rep) for rep in range(reps) for g in groups for c in configs]
 
 
 def _csv(choices: tuple[str, ...]):
@@ -77,8 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, help="guest probe seconds per run (default 5, --quick 2)")
     p.add_argument("--interval", type=int, default=1000, help="guest probe interval in us (default 1000)")
     p.add_argument("--configs", type=_csv(CONFIGS), default=list(CONFIGS), help="comma-separated subset")
-    p.add_argument("--hosts", type=_csv(HOSTS), default=list(HOSTS), help="comma-separated: idle,busy")
-    p.add_argument("--no-mixed", action="store_true", help="skip the mixed guest workload (probe,busy)")
+    p.add_argument("--groups", type=_csv(tuple(GROUPS)), default=list(GROUPS),
+                   help="comma-separated subset of idle,busy,mixed (mixed: guest probe,busy on a busy host)")
     p.add_argument("--no-runqlat", action="store_true", help="do not measure the vCPU threads' runqueue latency")
     p.add_argument("--report-only", action="store_true", help="redo results.md/.png from OUT/results.json")
     a = p.parse_args(argv)
@@ -167,7 +170,8 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
     pv = next((r for r in out.records if r.get("type") == "pvsched"), None)
     per_vcpu = [{k: r.get(k) for k in ("vcpu", "workload", "samples", "min", "avg", "p50", "p99", "max")}
                 for r in out.records if r.get("type") == "latency"]
-    extra = {"duration_s": args.duration, "interval_us": args.interval, "vm_wall_s": out.wall_s,
+    loops = [r["loops"] for r in out.records if r.get("type") == "workload" and isinstance(r.get("loops"), int)]
+    extra = {"guest_busy_loops": sum(loops) if loops else None, "duration_s": args.duration, "interval_us": args.interval, "vm_wall_s": out.wall_s,
              "tids_after_s": out.tids_after_s, "uptime_at_tids_s": out.uptime_at_tids_s, "vcpu_sched": {str(k): v for k, v in out.vcpu_sched.items()},
              "pvsched_status": pv.get("status") if pv else None,
              "guest_per_vcpu": per_vcpu}
@@ -207,7 +211,7 @@ def _bpf_stats_on() -> str | None:
 def bench(args: argparse.Namespace) -> int:
     """Run the plan, write the outputs, print the table and the targets; 0 when every run worked."""
     preflight(not args.no_runqlat)
-    cells = plan(args.configs, args.hosts, args.reps, not args.no_mixed)
+    cells = plan(args.configs, args.groups, args.reps)
     meta = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine(), "reps": args.reps, "duration_s": args.duration, "interval_us": args.interval,
             "cpus": 2, "quick": args.quick, "failures": []}

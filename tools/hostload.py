@@ -24,11 +24,41 @@ _YAML_RATE = re.compile(r"bogo-ops-per-second-real-time:\s*([0-9.eE+-]+)")
 _TEXT_METRIC = re.compile(r"metrc:\s*\[\d+\]\s+(\S+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)")
 
 
+def _hash_row(text: str, label: str) -> list[int]:
+    m = re.search(rf"^# {label}:\s*([\d ]+)$", text, re.MULTILINE)
+    return [int(x) for x in m.group(1).split()] if m else []
+
+
+def parse_cyclictest_hist(text: str) -> dict | None:
+    """Summary of `cyclictest -q -h N` output: {"min","avg","p99","max","samples","threads","overflows"} (us)."""
+    tot, mins, avgs, maxs = (_hash_row(text, k) for k in ("Total", "Min Latencies", "Avg Latencies",
+                                                           "Max Latencies"))
+    if not tot or not maxs:
+        return None
+    over = _hash_row(text, "Histogram Overflows") or [0] * len(tot)
+    merged: list[tuple[int, int]] = []
+    for line in text.splitlines():
+        if line[:1].isdigit():
+            cols = [int(x) for x in line.split()]
+            if len(cols) > 1 and sum(cols[1:]):
+                merged.append((cols[0], sum(cols[1:])))
+    samples = sum(tot)
+    need, seen, p99 = 0.99 * samples, 0, max(maxs)
+    for us, n in merged:  # already in bucket order; overflows lie past the last bucket
+        seen += n
+        if seen >= need:
+            p99 = us
+            break
+    avg = sum(a * n for a, n in zip(avgs, tot)) / samples if samples else float(avgs[0] if avgs else 0)
+    return {"min": min(mins) if mins else None, "avg": round(avg, 1), "p99": p99, "max": max(maxs),
+            "samples": samples, "threads": len(tot), "overflows": sum(over)}
+
+
 def parse_cyclictest(text: str) -> dict | None:
     """Summary of cyclictest -q output: {"min","avg","max"} in us over all threads, "samples", "threads", "prio"."""
     rows = [tuple(int(x) for x in m.groups()) for m in _CT_LINE.finditer(text)]
     if not rows:
-        return None
+        return parse_cyclictest_hist(text)
     samples = sum(r[3] for r in rows)
     avg = sum(r[6] * r[3] for r in rows) / samples if samples else float(rows[0][6])
     return {"min": min(r[4] for r in rows), "avg": round(avg, 1), "max": max(r[7] for r in rows),
@@ -100,13 +130,30 @@ class StressLoad:
 
 
 class HostCyclictest:
-    """cyclictest at normal priority (SCHED_OTHER), one thread per CPU, 1000 us: the host's own latency."""
+    """cyclictest at normal priority (SCHED_OTHER), one thread per CPU, 1000 us: the host's own latency.
+
+    With a histogram of 1-us buckets up to HIST_US, so the summary has a p99 next to the (noisy) max."""
+
+    HIST_US = 10000
 
     def __init__(self, limit_s: float, interval_us: int = 1000) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="pyvmm-bench-ct-")
         # -p 0 must come before --policy=other, else cyclictest picks RT priority 3.
-        argv = ["cyclictest", "-q", "-m", "-p", "0", "--policy=other", "-S", "-d", "0", "-i", str(interval_us)]
+        argv = ["cyclictest", "-q", "-m", "-p", "0", "--policy=other", "-S", "-d", "0", "-i", str(interval_us),
+                "-h", str(self.HIST_US)]
         self._p = _Bounded(argv, limit_s, Path(self._tmp.name))
+
+    def thread_policies(self) -> list[int]:
+        """Scheduling policy numbers of cyclictest's threads now (0 = SCHED_OTHER), to check it runs unboosted."""
+        try:
+            child = Path(f"/proc/{self._p.proc.pid}/task/{self._p.proc.pid}/children").read_text().split()[0]
+            out = []
+            for t in os.listdir(f"/proc/{child}/task"):
+                stat = Path(f"/proc/{child}/task/{t}/stat").read_text()
+                out.append(int(stat[stat.rfind(")") + 2:].split()[38]))
+            return out
+        except (OSError, IndexError):
+            return []
 
     def stop(self) -> dict | None:
         """Stop it; its summary (see parse_cyclictest) or None if it printed none."""

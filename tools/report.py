@@ -29,7 +29,7 @@ def _spread(stat: dict | None, digits: int = 0) -> str:
 def table(rows: list[dict]) -> str:
     """Markdown table of the summary rows (medians, with min-max over repetitions in parentheses)."""
     head = ("| guest workload | host | config | guest p50 us | guest p99 us | guest max us | vCPU wake-to-run p99 us "
-            "| vCPU wake-to-run max us | host cyclictest max us | host stress-ng vs vanilla | boosts / throttles "
+            "| vCPU wake-to-run max us | host cyclictest p99 us | host cyclictest max us | host stress-ng vs vanilla | boosts / throttles "
             "| BPF ns/event | event to setattr p50 us | reps |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -42,7 +42,7 @@ def table(rows: list[dict]) -> str:
             f"| {r['workload']} | {r['host']} | {r['config']} | {_spread(r.get('guest.p50'))} "
             f"| {_spread(r.get('guest.p99'))} | {_spread(r.get('guest.max'))} "
             f"| {_spread(r.get('vcpu_runqlat.wakeup.p99'))} | {_spread(r.get('vcpu_runqlat.wakeup.max'))} "
-            f"| {_spread(r.get('host_cyclictest.max'))} | {_spread(rel, 3) if rel else '-'} | {pol} "
+            f"| {_spread(r.get('host_cyclictest.p99'))} | {_spread(r.get('host_cyclictest.max'))} | {_spread(rel, 3) if rel else '-'} | {pol} "
             f"| {_fmt((r.get('policy.bpf_ns_per_event') or {}).get('median'))} "
             f"| {_fmt((r.get('policy.apply_latency_us') or {}).get('median'))} | {r['reps']} |")
     return "\n".join(lines)

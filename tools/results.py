@@ -178,7 +178,7 @@ def get(rec: dict, path: str) -> float | None:
 
 METRICS = ("guest.p50", "guest.p99", "guest.max", "guest.avg", "vcpu_runqlat.wakeup.p99", "vcpu_runqlat.wakeup.max",
            "vcpu_runqlat.all.p99", "vcpu_runqlat.all.max", "guest_missed",
-           "host_cyclictest.max", "host_cyclictest.avg", "stress_bogo_ops_s", "stress_rel", "policy.boosts",
+           "host_cyclictest.max", "host_cyclictest.p99", "host_cyclictest.avg", "stress_bogo_ops_s", "stress_rel", "policy.boosts",
            "policy.throttles", "policy.bpf_ns_per_event", "policy.apply_latency_us")
 
 

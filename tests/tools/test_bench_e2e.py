@@ -18,15 +18,15 @@ pytestmark = [
 
 
 def test_tiny_bench_writes_schema_records_table_and_plot(tmp_path, capsys):
-    rc = main(["--out", str(tmp_path), "--configs", "vanilla,static-rt", "--hosts", "idle", "--reps", "1",
-               "--duration", "1", "--no-mixed"])
+    rc = main(["--out", str(tmp_path), "--configs", "vanilla,static-rt", "--groups", "idle", "--reps", "1",
+               "--duration", "1"])
     assert rc == 0, capsys.readouterr().err[-2000:]
     records = json.loads((tmp_path / "results.json").read_text())
     assert [r["config"] for r in records] == ["vanilla", "static-rt"]
     for r in records:
         assert validate_record(r) == [], r
         assert r["host"] == "idle" and r["guest_samples"] > 100  # 1 s at 1000 us on two vCPUs
-        assert r["host_cyclictest"]["prio"] == 0 and r["host_cyclictest"]["samples"] > 0
+        assert r["host_cyclictest"]["samples"] > 0 and r["host_cyclictest"]["p99"] <= r["host_cyclictest"]["max"]
         assert r["vcpu_runqlat"]["wakeup"]["count"] > 0  # the halted vCPUs were woken by their timer
     # static RT really ran the vCPU threads at SCHED_FIFO 10; vanilla left them at SCHED_OTHER
     assert set(records[1]["vcpu_sched"].values()) == {"fifo:10"}

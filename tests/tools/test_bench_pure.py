@@ -78,6 +78,14 @@ def test_parse_cyclictest_summary():
     assert parse_cyclictest("nothing") is None
 
 
+def test_parse_cyclictest_histogram_summary():
+    text = ("# Histogram\n000000 000000\t000000\n000010 000090\t000050\n000020 000009\t000040\n"
+            "000030 000000\t000005\n# Total: 000000100 000000100\n# Min Latencies: 00010 00010\n"
+            "# Avg Latencies: 00012 00018\n# Max Latencies: 00025 09000\n# Histogram Overflows: 00000 00001\n")
+    s = parse_cyclictest(text)
+    assert (s["min"], s["avg"], s["p99"], s["max"], s["samples"], s["overflows"]) == (10, 15.0, 30, 9000, 200, 1)
+
+
 def test_parse_stress_metrics_yaml_then_log_fallback():
     assert parse_stress_metrics(STRESS_YAML) == {"cpu": 1418.761131, "iomix": 86004.948238}
     assert parse_stress_metrics("", STRESS_LOG) == {"cpu": 1418.76, "vm": 544.33}
@@ -186,7 +194,7 @@ def test_table_targets_and_plot(tmp_path):
 def test_plan_and_args():
     a = parse_args(["--quick"])
     assert (a.reps, a.duration) == (1, 2.0)
-    cells = plan(["vanilla", "pvsched"], ["idle", "busy"], 2, True)
+    cells = plan(["vanilla", "pvsched"], ["idle", "busy", "mixed"], 2)
     assert len(cells) == 2 * (2 + 2 + 2)
     assert cells[0].rep == 0 and cells[-1].rep == 1
     assert {c.workload for c in cells if c.host == "idle"} == {"probe,probe"}
