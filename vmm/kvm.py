@@ -250,6 +250,25 @@ SYSTEM_EVENT_NAMES = {1: "shutdown", 2: "reset", 3: "crash", 4: "wakeup", 5: "su
 SYSTEM_EVENT_SHUTDOWN, SYSTEM_EVENT_RESET = 1, 2
 
 
+KVM_INTERNAL_ERROR_EMULATION = 1
+KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES = 1
+
+
+def internal_error_detail(run: kvm_run) -> str:
+    """", instruction f0 48 .." for an emulation failure that carries the bytes, else ", data 0x..", else ""."""
+    ie = run.internal
+    nd = min(ie.ndata, 16)
+    if ie.suberror == KVM_INTERNAL_ERROR_EMULATION and nd >= 3 and \
+            ie.data[0] & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+        # struct kvm_run.emulation_failure: u64 flags, u8 insn_size, u8 insn_bytes[15]
+        raw = b"".join(ie.data[i].to_bytes(8, "little") for i in (1, 2))
+        size = min(raw[0], 15)
+        return ", instruction " + " ".join(f"{b:02x}" for b in raw[1:1 + size])
+    if nd:
+        return ", data " + " ".join(f"{ie.data[i]:#x}" for i in range(nd))
+    return ""
+
+
 def exit_name(reason: int) -> str:
     """KVM_EXIT_* name of an exit reason, for messages."""
     return "KVM_EXIT_" + EXIT_NAMES.get(reason, str(reason))

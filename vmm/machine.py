@@ -307,9 +307,7 @@ class Machine:
             elif reason == kvm.KVM_EXIT_INTERNAL_ERROR:
                 sub = run.internal.suberror
                 what = kvm.INTERNAL_ERROR_NAMES.get(sub, f"suberror {sub}")
-                nd = min(run.internal.ndata, 16)
-                extra = (" data " + " ".join(f"{run.internal.data[i]:#x}" for i in range(nd))) if nd else ""
-                self._vcpu_fail(v, f"KVM internal error, {what} (KVM_EXIT_INTERNAL_ERROR{extra})")
+                self._vcpu_fail(v, f"KVM internal error, {what} (KVM_EXIT_INTERNAL_ERROR{kvm.internal_error_detail(run)})")
                 return
             elif reason == kvm.KVM_EXIT_FAIL_ENTRY:
                 fe = run.fail_entry

@@ -84,6 +84,7 @@ def test_emulation_failure_ends_with_one_line(pyvmm, guest):
     assert r.returncode == 125
     line = one_error_line(r.stderr)
     assert "vCPU 0" in line and "emulation failure" in line and "RIP 0x" in line
+    assert "instruction f0 48 0f c7" in line  # the lock cmpxchg16b it stopped at
 
 
 @pytest.mark.parametrize("args, expect", [
