@@ -434,6 +434,9 @@ int BPF_PROG(pvs_switch, bool preempt, struct task_struct *prev, struct task_str
 
 	if (!t || !t->vmm_pid)
 		return 0;
+	/* fast path: most switches on the host involve no thread of our VMM */
+	if (prev->tgid != t->vmm_pid && next->tgid != t->vmm_pid)
+		return 0;
 	now = bpf_ktime_get_ns();
 
 	if (prev->tgid == t->vmm_pid) {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -24,34 +25,44 @@ def proc_sched(tid: int) -> dict[str, int]:
 
 
 def wait_for(pred: Callable[[], bool], timeout: float, interval: float = 0.002) -> bool:
-    """Poll `pred` until true or `timeout` seconds pass."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(interval)
-    return pred()
+    """Poll `pred` (at the observer's RT priority) until true or `timeout` seconds pass."""
+    with observer_rt():
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if pred():
+                return True
+            time.sleep(interval)
+        return pred()
 
 
 SAMPLER_PRIO = 20  # RT ladder: above boosted vCPUs (<= 10 here), below the actuator (40) and watchdogs (50)
 
 
-def sample(tid: int, seconds: float, interval: float = 0.001) -> list[tuple[float, int, int]]:
-    """(time, policy, rt priority) of `tid` every `interval` for `seconds`, sampled at SCHED_FIFO 20.
+@contextlib.contextmanager
+def observer_rt():
+    """Run the observer at SCHED_FIFO 20 (reset on fork) so a boosted spinner or host load cannot starve it.
 
-    A boosted spinner or host load must not starve the observer; it sleeps
-    between samples, so it never starves anything itself.
+    The observer sleeps between looks, so it never starves anything itself.
     """
-    out = []
     old = os.sched_getscheduler(0), os.sched_getparam(0)
-    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(SAMPLER_PRIO))
+    if old[0] == os.SCHED_FIFO:
+        yield  # nested
+        return
+    os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(SAMPLER_PRIO))
     try:
+        yield
+    finally:
+        os.sched_setscheduler(0, old[0], old[1])
+
+
+def sample(tid: int, seconds: float, interval: float = 0.001) -> list[tuple[float, int, int]]:
+    """(time, policy, rt priority) of `tid` every `interval` for `seconds`, observed at SCHED_FIFO 20."""
+    out = []
+    with observer_rt():
         end = time.monotonic() + seconds
         while (now := time.monotonic()) < end:
             out.append((now, os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority))
             time.sleep(interval)
-    finally:
-        os.sched_setscheduler(0, old[0], old[1])
     return out
 
 

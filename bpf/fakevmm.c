@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0 OR MIT
 /*
- * Stand-in "VMM" for the BPF policy tests: N real threads ("vCPUs") that
+ * Stand-in "VMM" for the BPF policy tests and benchmark (bpf/bench.py): N real threads ("vCPUs") that
  * write pvsched slots in a memfd exactly as a guest would (seqcount, flags,
  * task policy) and behave like the test guest's workloads (probe: an RR task
  * that wakes every millisecond; idle: halted; busy/hog: never blocks).
@@ -9,7 +9,8 @@
  *        chrt -f 50 timeout S chrt -o 0 fakevmm ...)
  * Prints one JSON line {"pid","memfd","hva","tids":[...]} then reads
  * commands on stdin, one per line:
- *   mode I idle|probe|busy|hog|block|torn|exit
+ *   mode I idle|probe|busy|hog|block|torn|alt|burst|exit
+ *        (alt: RR 5 / OTHER every 0.5 ms, blocking; burst: RR 8 runs 8 ms, halts 2 ms)
  *   custom I spin|sleep FLAGS POLICY PRIO NICE WAKE   (fixed slot contents)
  *   lat I        -> {"vcpu":I,"samples":N,"p50":us,"p99":us,"max":us}, resets
  *   quit
@@ -32,9 +33,9 @@ typedef uint16_t __u16;
 typedef uint32_t __u32;
 typedef uint64_t __u64;
 typedef int32_t __s32;
-#include "pvsched_abi.h"
+#include "../pvsched_device/pvsched_abi.h"
 
-enum mode { M_IDLE, M_PROBE, M_BUSY, M_HOG, M_BLOCK, M_TORN, M_CUSTOM_SPIN, M_CUSTOM_SLEEP, M_EXIT };
+enum mode { M_IDLE, M_PROBE, M_BUSY, M_HOG, M_BLOCK, M_TORN, M_CUSTOM_SPIN, M_CUSTOM_SLEEP, M_EXIT, M_ALT, M_BURST };
 
 #define MAX_THREADS 8
 #define MAX_SAMPLES 20000
@@ -148,6 +149,18 @@ static void *vcpu_main(void *arg)
 			}
 			usleep(1000);
 			break;
+		case M_ALT: /* a request that changes at every block: one decision per switch-out */
+			slot_write(s, 0, PVSCHED_POLICY_RR, 5, 0, 0);
+			usleep(500);
+			slot_write(s, 0, PVSCHED_POLICY_OTHER, 0, 0, 0);
+			usleep(500);
+			break;
+		case M_BURST: /* an RT task that halts briefly between long runs */
+			slot_write(s, 0, PVSCHED_POLICY_RR, 8, 0, 0);
+			spin_us(8000);
+			slot_write(s, PVSCHED_FLAG_IDLE, PVSCHED_POLICY_OTHER, 0, 0, 0);
+			usleep(2000);
+			break;
 		case M_CUSTOM_SPIN:
 		case M_CUSTOM_SLEEP:
 			slot_write(s, atomic_load(&v->c_flags), atomic_load(&v->c_policy), atomic_load(&v->c_prio),
@@ -164,7 +177,7 @@ static void *vcpu_main(void *arg)
 
 static int parse_mode(const char *s)
 {
-	static const char *names[] = { "idle", "probe", "busy", "hog", "block", "torn", "", "", "exit" };
+	static const char *names[] = { "idle", "probe", "busy", "hog", "block", "torn", "", "", "exit", "alt", "burst" };
 
 	for (unsigned i = 0; i < sizeof(names) / sizeof(names[0]); i++)
 		if (names[i][0] && !strcmp(s, names[i]))

@@ -1,0 +1,100 @@
+"""End to end: `pyvmm boot` with the test guest, its pvsched device and the sandboxed policy process.
+
+The vCPU threads' classes are read from outside (os.sched_getscheduler) while
+the guest runs; the VMM runs under an RT watchdog (`chrt -f 50 timeout`)
+because the hog workload spins at a guest FIFO 99 request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sched_observe import runs, sample, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+RR, OTHER = os.SCHED_RR, os.SCHED_OTHER
+
+
+def _vmm_pid(watchdog_pid: int, timeout: float = 10) -> int:
+    """The pyvmm process under `timeout` (its only child)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            kids = Path(f"/proc/{watchdog_pid}/task/{watchdog_pid}/children").read_text().split()
+        except OSError:
+            kids = []
+        if kids:
+            return int(kids[0])
+        time.sleep(0.02)
+    raise AssertionError("pyvmm did not start")
+
+
+def _status(pid: int) -> dict | None:
+    r = subprocess.run([sys.executable, "-m", "vmm.cli", "status", str(pid), "--json"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=10, check=False)
+    return json.loads(r.stdout) if r.returncode == 0 and r.stdout.startswith("{") else None
+
+
+@pytest.fixture
+def vm(bpf_object):
+    """Boot the test guest with pvsched under a watchdog; vm(cmdline) -> (popen, vmm_pid, {vcpu: tid})."""
+    procs: list[subprocess.Popen] = []
+
+    def boot(cmdline: str, seconds: int = 4) -> tuple[subprocess.Popen, int, dict[int, int]]:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        p = subprocess.Popen(["chrt", "-f", "50", "timeout", "-s", "KILL", str(seconds + 30), "chrt", "-o", "0",
+                              sys.executable, "-m", "vmm.cli", "boot", "--cpus", "2", "--cmdline", cmdline,
+                              "--timeout", str(seconds + 20)], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(p)
+        pid = _vmm_pid(p.pid)
+        st: dict = {}
+
+        def active() -> bool:
+            nonlocal st
+            st = _status(pid) or {}
+            pv = st.get("pvsched", {})
+            return pv.get("state") == "active" and pv.get("policy", {}).get("process", {}).get("registered")
+
+        assert wait_for(active, 15, 0.1), f"pvsched never active: {st}"
+        return p, pid, {int(k): v for k, v in st["vcpu_tids"].items()}
+
+    yield boot
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.communicate()
+
+
+def test_e2e_probe_and_idle_vcpus_are_boosted_and_pins_go_with_the_vm(vm):
+    p, pid, tids = vm("duration=3 workload=probe,idle")
+    s0, s1 = sample(tids[0], 1.0, 0.002), sample(tids[1], 0.5, 0.002)
+    for s, what in ((s0, "probe"), (s1, "idle")):
+        boosted = sum(1 for _, pol, prio in s if pol == RR and prio == 8)
+        assert boosted >= 0.9 * len(s), f"{what} vCPU at RR 8 in only {boosted}/{len(s)} samples"
+    out, err = p.communicate(timeout=40)
+    assert p.returncode == 0, err[-2000:]
+    hosts = [json.loads(line) for line in out.splitlines() if line.startswith('{"type":"host"')]
+    assert hosts and all(h["boosts"] >= 1 for h in hosts), hosts
+    # everything of ours is gone with the VM: pins and programs
+    assert not Path(f"/sys/fs/bpf/pvsched/{pid}").exists()
+
+
+def test_e2e_guest_fifo99_hog_is_capped_and_throttled(vm):
+    p, _, tids = vm("duration=3 workload=hog,idle")
+    s = sample(tids[0], 1.5, 0.001)
+    assert all(pol == OTHER or (pol == RR and prio == 10) for _, pol, prio in s), "not capped at RR 10"
+    boosted = runs(s, lambda pol, prio: pol == RR)
+    # defaults: 30 ms boosted per 100 ms window, then 100 ms throttled -> a cycle of ~135 ms
+    assert 6 <= len(boosted) <= 20, f"{len(boosted)} boosted stretches in 1.5 s"
+    assert max(boosted[1:-1]) < 0.080, f"boost held {max(boosted):.3f} s"
+    out, err = p.communicate(timeout=40)
+    assert p.returncode == 0, err[-2000:]
+    host0 = next(json.loads(line) for line in out.splitlines() if line.startswith('{"type":"host","vcpu":0'))
+    assert host0["throttles"] >= 10, host0
