@@ -19,6 +19,7 @@ from typing import Any
 
 from pvsched_device import abi, slots
 from pvsched_device.supervisor import PolicySupervisor, PolicyUnavailable
+from vmm.machine import VmmError
 from vmm.memory import HIGH_RAM_START, PCI_MMIO_START, GuestMemoryError
 from vmm.pci_device import BarSpec, PciDevice
 from vmm.sched_attr import SchedAttr, sched_getattr, sched_setattr
@@ -46,6 +47,10 @@ FEATURE_NAMES = {
     C.PVSCHED_F_CRITICAL_SECTIONS: "critical_sections", C.PVSCHED_F_TASK_PARAMS: "task_params",
     C.PVSCHED_F_HOST_FEEDBACK: "host_feedback", C.PVSCHED_F_WAKE_HINT: "wake_hint",
 }
+
+
+class PvschedConfigError(VmmError, ValueError):
+    """A bad device option (host version/features, initial tunables); the CLI prints it as one line."""
 
 
 def feature_names(bits: int) -> list[str]:
@@ -77,12 +82,14 @@ class PvschedDevice(PciDevice):
         self.host_version = C.PVSCHED_VERSION if host_version is None else host_version
         self.host_features = C.PVSCHED_F_ALL_V1 if host_features is None else host_features
         if not 0 <= self.host_version <= U32:
-            raise ValueError(f"pvsched host version {self.host_version:#x} does not fit 32 bits")
+            raise PvschedConfigError(f"pvsched host version {self.host_version:#x} does not fit 32 bits")
         if self.host_features & ~C.PVSCHED_F_ALL_V1 or self.host_features < 0:
-            raise ValueError(f"pvsched host features {self.host_features:#x}: this device knows only "
-                             f"{C.PVSCHED_F_ALL_V1:#x}")
+            raise PvschedConfigError(f"pvsched host features {self.host_features:#x}: this device knows only "
+                                     f"{C.PVSCHED_F_ALL_V1:#x}")
         self.policy = policy
         self.tunables = dict(tunables or {})
+        if policy and self.tunables:
+            _check_tunables(self.tunables)
         self.vm: Any = None
         self.supervisor: PolicySupervisor | None = None
         self.policy_error: str | None = None
@@ -460,6 +467,18 @@ class PvschedDevice(PciDevice):
         if self.supervisor is None:
             raise PolicyUnavailable("no policy process")
         return self.supervisor.request({"op": "status"}, timeout)
+
+
+def _check_tunables(tunables: dict[str, str]) -> None:
+    """Refuse bad initial tunables before boot (the policy process would otherwise run without its policy)."""
+    try:
+        from bpf.tunables import TunableError, parse
+    except ImportError:
+        return  # no policy engine here: the policy process will say so
+    try:
+        parse({str(k): str(v) for k, v in tunables.items()})
+    except TunableError as e:
+        raise PvschedConfigError(f"--policy-set: {e}") from None
 
 
 def _policy_view(reply: dict[str, Any]) -> dict[str, Any]:

@@ -60,6 +60,7 @@ class PolicySupervisor:
         self._sock: socket.socket | None = None
         self._pidfd = -1
         self._lock = threading.Lock()
+        self._io_lock = threading.Lock()  # a synchronous exchange (no run() yet) vs run() taking the socket
         self._queue: deque[tuple[dict[str, Any], tuple[int, ...], concurrent.futures.Future[dict[str, Any]]]] = deque()
         self._pending: dict[int, concurrent.futures.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
@@ -150,8 +151,11 @@ class PolicySupervisor:
         """Send a request and wait for its reply; works from a worker thread and from the trio thread."""
         if not self.alive:
             raise PolicyUnavailable("policy process is not running")
-        if self._in_trio_thread():
-            return self._request_blocking(msg, timeout)
+        with self._io_lock:
+            # On the trio thread the loop cannot run our tasks; before run() nobody reads the socket:
+            # either way, do the exchange here. (run() takes _io_lock once at start, so they never overlap.)
+            if self._token is None or self._in_trio_thread():
+                return self._request_blocking(msg, timeout)
         try:
             return self.post(msg).result(timeout)
         except concurrent.futures.TimeoutError as e:
@@ -189,8 +193,7 @@ class PolicySupervisor:
             return False
 
     def _request_blocking(self, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
-        # Called synchronously on the trio thread (e.g. a synchronous control handler): the loop cannot
-        # run our tasks meanwhile, so do the exchange here, delivering any other replies as they come.
+        # Synchronous exchange (see request()), delivering any other replies as they come.
         assert self._sock is not None
         self._flush_queue_blocking()
         with self._lock:
@@ -250,7 +253,8 @@ class PolicySupervisor:
         """Send queued requests, deliver replies, and report the child's death (once) via on_death."""
         if self.proc is None or self._sock is None:
             return
-        self._token = trio.lowlevel.current_trio_token()
+        with self._io_lock:
+            self._token = trio.lowlevel.current_trio_token()
         self._wake = trio.Event()
         tsock = trio.socket.from_stdlib_socket(self._sock)
         self._running = True

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from standin import StandinVm
 
-from pvsched_device.device import REG, PvschedDevice
+from pvsched_device.device import REG, PvschedConfigError, PvschedDevice
 from vmm.memory import GIB, HIGH_RAM_START, MIB, PCI_MMIO_START
 
 
@@ -163,9 +163,16 @@ def test_concurrent_vcpu_accesses(bar: Bar) -> None:
     assert bar.negotiate() == C.PVSCHED_STATUS_ACTIVE
 
 
-def test_constructor_refuses_unknown_host_features() -> None:
-    with pytest.raises(ValueError, match="host features"):
+def test_constructor_refuses_bad_options() -> None:
+    with pytest.raises(PvschedConfigError, match="host features"):
         PvschedDevice(host_features=0x10)
+    with pytest.raises(PvschedConfigError, match="host version"):
+        PvschedDevice(host_version=1 << 32)
+    with pytest.raises(PvschedConfigError, match="boost_prio"):
+        PvschedDevice(tunables={"boost_prio": "99"})
+    with pytest.raises(PvschedConfigError, match="no_such_tunable"):
+        PvschedDevice(tunables={"no_such_tunable": "1"})
+    assert PvschedDevice(tunables={"boost_prio": "9"}).tunables == {"boost_prio": "9"}
 
 
 @pytest.fixture(scope="module")

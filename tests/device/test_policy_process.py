@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from conftest import SHM_GPA, C, Running
+from standin import StandinVm
 
 from pvsched_device import slots
 from pvsched_device.device import PvschedDevice
@@ -215,6 +216,18 @@ def test_stop_kills_a_stuck_policy_process_and_restores(running: Running) -> Non
     assert r.dev.supervisor.returncode == -signal.SIGKILL
     assert sched_getattr(tid) == r.vm.original_sched[tid]
     assert not os.path.exists(f"/sys/fs/bpf/pvsched/{os.getpid()}")
+
+
+def test_initial_tunables_reach_the_engine(vm: StandinVm) -> None:
+    dev = PvschedDevice(tunables={"boost_prio": "9", "backstop_ms": "7"})
+    vm.add_pci_device(dev)
+    dev.start(vm)
+    try:
+        show = dev.handle_policy_show({"cmd": "policy.show"})
+        assert "error" not in show, show
+        assert "boost_prio = 9" in show["text"] and "backstop_ms = 7" in show["text"]
+    finally:
+        dev.stop()
 
 
 def test_stale_pins_of_dead_vmms_are_removed_at_start(vm) -> None:
