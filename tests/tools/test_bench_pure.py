@@ -79,7 +79,7 @@ def test_parse_cyclictest_summary():
 
 
 def test_parse_cyclictest_histogram_summary():
-    text = ("# Histogram\n000000 000000\t000000\n000010 000090\t000050\n000020 000009\t000040\n"
+    text = ("# Histogram\n000000 000000\t000000\n000010 000090\t000050\n000020 000009\t000045\n"
             "000030 000000\t000005\n# Total: 000000100 000000100\n# Min Latencies: 00010 00010\n"
             "# Avg Latencies: 00012 00018\n# Max Latencies: 00025 09000\n# Histogram Overflows: 00000 00001\n")
     s = parse_cyclictest(text)
