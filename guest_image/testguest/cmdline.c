@@ -234,6 +234,13 @@ static int parse_pair(const char *k, const char *ke, const char *v,
 		if (parse_hex32(v, e, &c->pvsched_features))
 			goto bad;
 		c->force_features = 1;
+	} else if (tok_eq(k, ke, "timer")) {
+		if (tok_eq(v, e, "oneshot"))
+			c->timer_oneshot = 1;
+		else if (tok_eq(v, e, "auto"))
+			c->timer_oneshot = 0;
+		else
+			goto bad;
 	} else if (tok_eq(k, ke, "pvsched")) {
 		if (tok_eq(v, e, "0"))
 			c->pvsched_enabled = 0;

@@ -31,6 +31,7 @@ struct tg_config {
 	u32 pvsched_version;  /* what the guest speaks (knob forces it) */
 	u32 pvsched_features; /* what the guest asks for */
 	u32 force_features;   /* pvsched_features= given: ask it unmasked */
+	u32 timer_oneshot;    /* timer=oneshot: LAPIC one-shot even with TSC-deadline */
 	u32 nr_vcpus;
 	u8 nr_phases[TG_MAX_VCPUS];
 	u8 phases[TG_MAX_VCPUS][TG_MAX_PHASES];

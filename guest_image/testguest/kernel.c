@@ -505,14 +505,20 @@ void __attribute__((noreturn)) kmain(u64 id, const struct pvsched_boot_info *bi)
 	lapic_init(pc);
 	if (id == 0) {
 		tg.tsc_khz = khz;
-		tg.timer_tsc_deadline = pc->tsc_deadline;
 		boot_cpu0(bi);
+		if (tg.cfg.timer_oneshot)
+			pc->tsc_deadline = 0;
+		tg.timer_tsc_deadline = pc->tsc_deadline;
 	} else {
 		__atomic_fetch_add(&tg.nr_online, 1, __ATOMIC_RELEASE);
 		/* Wait for vCPU 0's user half to say go, halted, polling every 1 ms. */
 		while (!READ_ONCE(tg.boot_go))
 			sleep_until(pc, rdtsc() + khz);
+		if (tg.cfg.timer_oneshot)
+			pc->tsc_deadline = 0;
 	}
+	/* The timer mode is final now (timer=oneshot may have turned TSC-deadline off). */
+	lapic_write(LAPIC_LVT_TIMER, VEC_TIMER | (pc->tsc_deadline ? LVT_TSC_DEADLINE : 0));
 	if (tg.pv_state == TG_PV_ACTIVE && id < tg.pv_host_nr_vcpus)
 		pc->slot = &pvsched_slot(tg.pv_shm, (u32)id)->guest;
 	enter_user(user_main, &ustacks[id][USTACK_SIZE], id, SEL_UCODE, SEL_UDATA);

@@ -75,6 +75,15 @@ def test_phases_and_every_workload(pyvmm):
     assert sorted(r["vcpu"] for r in hosts) == [0, 1] and all(r["consistent"] for r in hosts)
 
 
+def test_lapic_oneshot_timer_fallback(pyvmm):
+    """timer=oneshot: the LAPIC one-shot path (hosts without TSC-deadline) keeps the same deadlines."""
+    rc, recs, out = boot(pyvmm, "--cmdline", "duration=0.5 timer=oneshot")
+    assert rc == 0, out
+    assert of_type(recs, "config")[0]["timer"] == "lapic-oneshot"
+    for r in of_type(recs, "latency"):
+        check_latency(r, 500, 1000)
+
+
 def test_remote_wakeups_waker_and_wakee(pyvmm):
     """A waker probe on vCPU 0 wakes an RT wakee on vCPU 1 (wake_hint + IPI); both report latencies."""
     rc, recs, out = boot(pyvmm, "--cmdline", "duration=1 workload=waker,wakee")

@@ -36,17 +36,19 @@ def test_cmdline_defaults(harness):
     assert (c["duration_ms"], c["interval_us"]) == (5000, 1000)
     assert (c["probe_policy"], c["probe_prio"], c["hog_prio"]) == (2, 8, 99)  # SCHED_RR 8, hog FIFO 99
     assert (c["pvsched"], c["version"], c["features"], c["force_features"]) == (1, 0x10000, 0xF, 0)
+    assert c["timer_oneshot"] == 0
     assert c["workload"] == ["probe", "probe"]
 
 
 def test_cmdline_every_key(harness):
     c = parse(harness, "  duration=1.25 interval=250\tworkload=probe+busy,hog+idle+probe probe_policy=fifo "
-                       "probe_prio=12 hog_prio=40 pvsched_version=0x10001 pvsched_features=1f pvsched=0 ", 2)
+                       "probe_prio=12 hog_prio=40 pvsched_version=0x10001 pvsched_features=1f pvsched=0 timer=oneshot ", 2)
     assert c["rc"] == 0
     assert (c["duration_ms"], c["interval_us"]) == (1250, 250)
     assert c["workload"] == ["probe+busy", "hog+idle+probe"]
     assert (c["probe_policy"], c["probe_prio"], c["hog_prio"]) == (1, 12, 40)
     assert (c["version"], c["features"], c["force_features"], c["pvsched"]) == (0x10001, 0x1F, 1, 0)
+    assert c["timer_oneshot"] == 1
 
 
 def test_cmdline_remote_wakeup_workloads(harness):
@@ -70,7 +72,7 @@ def test_cmdline_unknown_key_is_a_warning(harness):
     "workload=probe,busy,hog", "workload=probe+", "workload=", "workload=probe,", "workload=fast",
     "workload=probe+probe+probe+probe+probe+probe+probe+probe+probe",
     "probe_prio=0", "probe_prio=100", "hog_prio=abc", "probe_policy=deadline",
-    "pvsched_version=xyz", "pvsched_features=0x123456789", "pvsched=2", "noequals",
+    "pvsched_version=xyz", "pvsched_features=0x123456789", "pvsched=2", "noequals", "timer=hpet",
 ])
 def test_cmdline_bad_values_are_errors(harness, bad):
     c = parse(harness, f"duration=1 {bad}", 2)
