@@ -82,11 +82,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--configs", type=_csv(CONFIGS), default=list(CONFIGS), help="comma-separated subset")
     p.add_argument("--groups", type=_csv(tuple(GROUPS)), default=list(GROUPS),
                    help="comma-separated subset of idle,busy,mixed (mixed: guest probe,busy on a busy host)")
+    p.add_argument("--pvsched-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="policy tunable for the pvsched runs (repeatable), e.g. boost_on_halt=false")
     p.add_argument("--no-runqlat", action="store_true", help="do not measure the vCPU threads' runqueue latency")
     p.add_argument("--report-only", action="store_true", help="redo results.md/.png from OUT/results.json")
     a = p.parse_args(argv)
     a.reps = a.reps if a.reps is not None else (1 if a.quick else 3)
     a.duration = a.duration if a.duration is not None else (2.0 if a.quick else 5.0)
+    if any("=" not in kv or kv.startswith("=") for kv in a.pvsched_set):
+        p.error("--pvsched-set takes KEY=VALUE")
     if a.reps < 1 or not 0.5 <= a.duration <= 120 or not 100 <= a.interval <= 100000:
         p.error("--reps >= 1, --duration in 0.5..120 s, --interval in 100..100000 us")
     return a
@@ -139,7 +143,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
     from tools.hostload import HostCyclictest, StressLoad
     from tools.vmrun import RunSpec, run_vm
 
-    spec = RunSpec(cell.config, cell.workload, args.duration, args.interval)
+    spec = RunSpec(cell.config, cell.workload, args.duration, args.interval, policy_set=tuple(args.pvsched_set))
     limit = args.duration + 90
     stress = ct = None
     ct_summary = stress_rates = None
@@ -171,7 +175,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
     per_vcpu = [{k: r.get(k) for k in ("vcpu", "workload", "samples", "min", "avg", "p50", "p99", "max")}
                 for r in out.records if r.get("type") == "latency"]
     loops = [r["loops"] for r in out.records if r.get("type") == "workload" and isinstance(r.get("loops"), int)]
-    extra = {"guest_busy_loops": sum(loops) if loops else None, "duration_s": args.duration, "interval_us": args.interval, "vm_wall_s": out.wall_s,
+    extra = {"policy_set": list(args.pvsched_set) if cell.config == "pvsched" else [], "guest_busy_loops": sum(loops) if loops else None, "duration_s": args.duration, "interval_us": args.interval, "vm_wall_s": out.wall_s,
              "tids_after_s": out.tids_after_s, "uptime_at_tids_s": out.uptime_at_tids_s, "vcpu_sched": {str(k): v for k, v in out.vcpu_sched.items()},
              "pvsched_status": pv.get("status") if pv else None,
              "guest_per_vcpu": per_vcpu}
@@ -214,7 +218,7 @@ def bench(args: argparse.Namespace) -> int:
     cells = plan(args.configs, args.groups, args.reps)
     meta = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine(), "reps": args.reps, "duration_s": args.duration, "interval_us": args.interval,
-            "cpus": 2, "quick": args.quick, "failures": []}
+            "cpus": 2, "quick": args.quick, "pvsched_set": args.pvsched_set, "failures": []}
     records: list[dict] = []
     probe = None
     old_stats = _bpf_stats_on()

@@ -44,6 +44,7 @@ class RunSpec:
     duration_s: float = 5.0
     interval_us: int = 1000
     cpus: int = 2
+    policy_set: tuple[str, ...] = ()  # KEY=VALUE tunables for the pvsched policy (pyvmm boot --policy-set)
 
 
 @dataclass
@@ -71,6 +72,9 @@ def boot_argv(spec: RunSpec, limit_s: float) -> list[str]:
             "--timeout", f"{limit_s - 2:.0f}"]
     if spec.config != "pvsched":
         argv.append("--no-policy")
+    else:
+        for kv in spec.policy_set:
+            argv += ["--policy-set", kv]
     return argv
 
 

@@ -104,7 +104,8 @@ def test_boot_argv_vanilla_has_no_policy_and_a_watchdog():
     argv = boot_argv(RunSpec("vanilla", "probe,busy", 2, 1000), 60)
     assert argv[:5] == ["chrt", "-f", "-R", "50", "timeout"]
     assert "--no-policy" in argv and "duration=2 interval=1000 workload=probe,busy" in argv
-    assert "--no-policy" not in boot_argv(RunSpec("pvsched"), 60)
+    argv = boot_argv(RunSpec("pvsched", policy_set=("boost_on_halt=false",)), 60)
+    assert "--no-policy" not in argv and argv[-2:] == ["--policy-set", "boost_on_halt=false"]
 
 
 def test_policy_stats_from_a_show_reply():
