@@ -1,55 +1,19 @@
-"""Fixtures for the pvsched device tests: a stand-in machine and a BAR0 driver."""
+"""Fixtures for the pvsched device tests: a stand-in machine and a device with its policy process."""
 
 from __future__ import annotations
 
 import os
 import sys
-import threading
 from collections.abc import Iterator
 
 import pytest
-import trio
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from device_harness import Running
 from standin import StandinVm
 
-from pvsched_device import abi
-from pvsched_device.device import REG, PvschedDevice
-
-C = abi.C
-SHM_GPA = 0x200000
-
-
-class Bar:
-    """Drives BAR0 the way the guest does (32-bit accesses)."""
-
-    def __init__(self, dev: PvschedDevice) -> None:
-        self.dev = dev
-
-    def read(self, reg: str) -> int:
-        """32-bit read of a named register."""
-        return self.dev.read_bar(0, REG[reg], 4)
-
-    def write(self, reg: str, value: int) -> None:
-        """32-bit write of a named register."""
-        self.dev.write_bar(0, REG[reg], 4, value)
-
-    def status(self) -> int:
-        """STATUS as the guest reads it (s32)."""
-        v = self.read("STATUS")
-        return v - (1 << 32) if v & 0x80000000 else v
-
-    def negotiate(self, gpa: int = SHM_GPA, size: int = 4096, version: int | None = None,
-                  features: int = C.PVSCHED_F_ALL_V1) -> int:
-        """Full guest negotiation: version, features, GPA, size, ENABLE; returns STATUS."""
-        self.write("GUEST_VERSION", C.PVSCHED_VERSION if version is None else version)
-        self.write("GUEST_FEATURES", features)
-        self.write("SHM_GPA_LO", gpa & 0xFFFFFFFF)
-        self.write("SHM_GPA_HI", gpa >> 32)
-        self.write("SHM_SIZE", size)
-        self.write("CONTROL", C.PVSCHED_CTRL_ENABLE)
-        return self.status()
+from pvsched_device.device import PvschedDevice
 
 
 @pytest.fixture
@@ -58,20 +22,6 @@ def vm() -> Iterator[StandinVm]:
     m = StandinVm(2)
     yield m
     m.close()
-
-
-class Running:
-    """A device with its policy process, supervised by `run()` in a trio thread like the VMM's."""
-
-    def __init__(self, vm: StandinVm, dev: PvschedDevice) -> None:
-        self.vm, self.dev, self.bar = vm, dev, Bar(dev)
-        self.thread = threading.Thread(target=trio.run, args=(dev.run, vm), name="trio-vmm", daemon=True)
-
-    @property
-    def policy_pid(self) -> int:
-        """PID of the policy process."""
-        assert self.dev.supervisor is not None and self.dev.supervisor.pid is not None
-        return self.dev.supervisor.pid
 
 
 @pytest.fixture

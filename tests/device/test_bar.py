@@ -6,7 +6,7 @@ import logging
 import threading
 
 import pytest
-from conftest import SHM_GPA, Bar, C
+from device_harness import SHM_GPA, Bar, C
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from standin import StandinVm

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import C
+from device_harness import C
 
 from vmm.sched_attr import SCHED_OTHER, SCHED_RR
 

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import SHM_GPA, C, Running
+from device_harness import SHM_GPA, C, Running
 from standin import StandinVm
 
 from pvsched_device import slots
