@@ -109,37 +109,32 @@ static __always_inline bool same_params(const struct pvsched_sched_params *a,
  */
 static __always_inline int read_slot(__u64 addr, struct pvsched_slot_snap *out, bool sleepable)
 {
-	struct pvsched_guest_area g = {};
-	__u32 seq1 = 0, seq2 = 0;
+	/* the guest area's first 24 bytes: seq, flags, policy, rt_priority, nice, wake_hint */
+	struct pvsched_slot_snap g = {};
+	__u32 seq2 = 0;
 	int i, err;
 
 	for (i = 0; i < PVSCHED_SLOT_READ_TRIES; i++) {
-		if (sleepable)
-			err = bpf_copy_from_user(&seq1, sizeof(seq1), (void *)addr);
-		else
-			err = bpf_probe_read_user(&seq1, sizeof(seq1), (void *)addr);
-		if (err)
-			return -EFAULT;
-		if (seq1 & 1)
-			continue;
 		if (sleepable)
 			err = bpf_copy_from_user(&g, sizeof(g), (void *)addr);
 		else
 			err = bpf_probe_read_user(&g, sizeof(g), (void *)addr);
 		if (err)
 			return -EFAULT;
+		if (g.seq & 1)
+			continue;
 		if (sleepable)
 			err = bpf_copy_from_user(&seq2, sizeof(seq2), (void *)addr);
 		else
 			err = bpf_probe_read_user(&seq2, sizeof(seq2), (void *)addr);
 		if (err)
 			return -EFAULT;
-		if (seq2 != seq1 || g.seq != seq1)
+		if (seq2 != g.seq)
 			continue;
 		if (i)
 			stat_inc(PVSCHED_STAT_SLOT_RETRY);
 		/* hostile input: validate and clamp every field */
-		out->seq = seq1;
+		out->seq = g.seq;
 		out->flags = g.flags & PVSCHED_FLAGS_ALL;
 		out->wake_hint = g.wake_hint;
 		out->policy = g.policy;

@@ -93,7 +93,7 @@ struct pvsched_sched_params {
 	__u32 pad;
 };
 
-/* A validated copy of a slot's guest area. */
+/* A validated copy of a slot's guest area (its first 24 bytes, same layout). */
 struct pvsched_slot_snap {
 	__u32 seq;
 	__u32 flags;
@@ -179,6 +179,8 @@ struct pvsched_backstop_ctx {
 #ifndef PVSCHED_ABI_NO_ASSERTS
 _Static_assert(sizeof(struct pvsched_sched_params) == 16, "params");
 _Static_assert(sizeof(struct pvsched_slot_snap) == 24, "snap");
+_Static_assert(__builtin_offsetof(struct pvsched_slot_snap, wake_hint) ==
+	       __builtin_offsetof(struct pvsched_guest_area, wake_hint), "snap mirrors the guest area");
 _Static_assert(sizeof(struct pvsched_vcpu) == 184, "vcpu");
 _Static_assert(sizeof(struct pvsched_tunables) == 64, "tunables");
 _Static_assert(sizeof(struct pvsched_event) == 88, "event");
