@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(clang llvm libbpf-dev bpftool gcc make binutils stress-ng rt-tests
-              qemu-system-x86 busybox-static cpio libcap2-bin iproute2 kmod procps)
+              qemu-system-x86 busybox-static cpio libcap2-bin iproute2 kmod procps libseccomp2)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
