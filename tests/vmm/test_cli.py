@@ -229,3 +229,20 @@ def test_no_permission_on_the_kvm_device_is_one_clear_line():
         os.close(rfd)
         os.waitpid(pid, 0)
     assert msg == "no permission to open /dev/kvm (need read/write access, e.g. the kvm group)"
+
+
+def test_status_without_pid_finds_the_only_vm(pyvmm, pyvmm_bg, guest, tmp_path):
+    env = {"PYVMM_RUN_DIR": str(tmp_path / "run")}  # a private socket dir: other VMs on the host are not seen
+    r = pyvmm("status", env=env)
+    assert r.returncode == 1 and "no VM is running" in one_error_line(r.stderr)
+    p = pyvmm_bg("boot", "--kernel", str(guest(HANG)), "--no-pvsched", "--cpus", "1", "--timeout", "60", env=env)
+    sock = tmp_path / "run" / f"{p.pid}.sock"
+    deadline = time.monotonic() + 20
+    while not sock.exists():
+        assert p.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    r = pyvmm("status", env=env)
+    assert r.returncode == 0 and f"VM pid {p.pid}: 1 vCPUs" in r.stdout
+    os.kill(p.pid, signal.SIGTERM)
+    p.communicate(timeout=20)
+    assert not sock.exists()
