@@ -239,6 +239,8 @@ def run_vm(spec: RunSpec, on_tids=None, poll_policy_s: float = 0.5) -> VmOutcome
         guest_err = [r.get("message", "") for r in out.records if r.get("type") == "error"]
         why = guest_err[-1:] or stderr_tail[-2:] or [ln.strip() for ln in lines[-2:]]
         out.error = f"pyvmm boot exited {out.exit_code}: " + " | ".join(why)
+    if out.error is None and spec.config == "pvsched" and out.policy_reply is None:
+        out.error = "the pvsched policy never answered policy.show: the run would not measure pvsched"
     if out.error is None and not out.vcpu_tids and spec.config in STATIC_ATTRS:
         out.error = "could not find the vCPU thread ids (control socket {'cmd':'vm'} or /proc thread names)"
     return out
