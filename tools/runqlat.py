@@ -96,12 +96,16 @@ def const(name: str) -> int:
 
 
 def bucket_bounds_us(index: int) -> tuple[float, float]:
-    """[low, high) microseconds covered by histogram bucket `index` (1-us linear part, then powers of two)."""
+    """[low, high) microseconds of histogram bucket `index`: 1 us wide below RUNQLAT_LINEAR_US, then 1/64 of
+    a power of two (the inverse of bucket_of in runqlat.bpf.c)."""
     linear = const("RUNQLAT_LINEAR_US")
     if index < linear:
         return float(index), float(index + 1)
+    subs, sub_bits = const("RUNQLAT_SUBS"), const("RUNQLAT_SUB_BITS")
     k = index - linear
-    return float(linear << k), float(linear << (k + 1))
+    e = const("RUNQLAT_LINEAR_BITS") + k // subs
+    lo = (subs + k % subs) << (e - sub_bits)
+    return float(lo), float(lo + (1 << (e - sub_bits)))
 
 
 def summarize(count: int, sum_ns: int, max_ns: int, buckets: list[int]) -> dict:

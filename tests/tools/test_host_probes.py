@@ -17,7 +17,8 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (BPF, mloc
 def test_runqlat_buckets_and_summary():
     linear = const("RUNQLAT_LINEAR_US")
     assert bucket_bounds_us(5) == (5.0, 6.0)
-    assert bucket_bounds_us(linear) == (linear, 2 * linear)
+    assert bucket_bounds_us(linear) == (linear, linear + linear / 64)  # 1/64 of a power of two past it
+    assert bucket_bounds_us(linear + 64) == (2 * linear, 2 * linear + 2 * linear / 64)
     counts = [0] * const("RUNQLAT_NR_BUCKETS")
     counts[3], counts[40] = 98, 2
     s = summarize(100, 100 * 4000, 40500, counts)

@@ -45,21 +45,26 @@ static __always_inline int mark(__u32 tid, __u32 kind)
 	return 0;
 }
 
+/* Log-linear bucket of a wait (see runqlat.h); userspace inverts it. */
 static __always_inline __u64 bucket_of(__u64 delta_ns)
 {
-	__u64 us = delta_ns / 1000;
-	__u64 i;
+	__u64 us = delta_ns / 1000, v;
+	__u32 e = 0, i;
 
 	if (us < RUNQLAT_LINEAR_US)
 		return us;
-	us /= RUNQLAT_LINEAR_US;
-	/* bounded loop: the log2 of a value below 2^RUNQLAT_LOG_SLOTS */
-	for (i = 0; i < RUNQLAT_LOG_SLOTS - 1; i++) {
-		us >>= 1;
-		if (!us)
+	/* e = floor(log2(us)), a bounded loop for the verifier */
+	v = us;
+	for (i = 0; i < 63; i++) {
+		if (v <= 1)
 			break;
+		v >>= 1;
+		e++;
 	}
-	return RUNQLAT_LINEAR_US + i;
+	if (e > RUNQLAT_MAX_EXP)
+		return RUNQLAT_NR_BUCKETS - 1;
+	return RUNQLAT_LINEAR_US + (__u64)(e - RUNQLAT_LINEAR_BITS) * RUNQLAT_SUBS +
+	       ((us >> (e - RUNQLAT_SUB_BITS)) & (RUNQLAT_SUBS - 1));
 }
 
 SEC("tp_btf/sched_wakeup")

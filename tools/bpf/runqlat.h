@@ -8,12 +8,18 @@
 #ifndef RUNQLAT_H
 #define RUNQLAT_H
 
+/*
+ * Log-linear histogram (like HdrHistogram): 1-us buckets below
+ * RUNQLAT_LINEAR_US, then each power of two [2^e, 2^(e+1)) us split in
+ * 2^RUNQLAT_SUB_BITS equal buckets (1.6% wide), up to 2^(RUNQLAT_MAX_EXP+1) us.
+ */
 enum runqlat_const {
-	/* 1-us buckets below this many microseconds: exact enough for p99 */
-	RUNQLAT_LINEAR_US = 2048,
-	/* then one bucket per power of two: [2048 << i, 2048 << (i+1)) us */
-	RUNQLAT_LOG_SLOTS = 20,
-	RUNQLAT_NR_BUCKETS = 2068, /* RUNQLAT_LINEAR_US + RUNQLAT_LOG_SLOTS */
+	RUNQLAT_LINEAR_BITS = 10,
+	RUNQLAT_LINEAR_US = 1024,  /* 1 << RUNQLAT_LINEAR_BITS */
+	RUNQLAT_SUB_BITS = 6,
+	RUNQLAT_SUBS = 64,         /* 1 << RUNQLAT_SUB_BITS */
+	RUNQLAT_MAX_EXP = 30,      /* about 18 minutes: anything longer lands in the last bucket */
+	RUNQLAT_NR_BUCKETS = 2368, /* RUNQLAT_LINEAR_US + (RUNQLAT_MAX_EXP - RUNQLAT_LINEAR_BITS + 1) * RUNQLAT_SUBS */
 	RUNQLAT_MAX_TIDS = 256,
 };
 
@@ -40,7 +46,9 @@ struct runqlat_start {
 };
 
 #ifndef RUNQLAT_NO_ASSERTS
-_Static_assert(RUNQLAT_NR_BUCKETS == RUNQLAT_LINEAR_US + RUNQLAT_LOG_SLOTS, "bucket count");
+_Static_assert(RUNQLAT_LINEAR_US == 1 << RUNQLAT_LINEAR_BITS && RUNQLAT_SUBS == 1 << RUNQLAT_SUB_BITS, "bits");
+_Static_assert(RUNQLAT_NR_BUCKETS ==
+	       RUNQLAT_LINEAR_US + (RUNQLAT_MAX_EXP - RUNQLAT_LINEAR_BITS + 1) * RUNQLAT_SUBS, "bucket count");
 _Static_assert(sizeof(struct runqlat_hist) == 8 * (3 + RUNQLAT_NR_BUCKETS), "hist layout");
 _Static_assert(sizeof(struct runqlat_start) == 16, "start layout");
 #endif
