@@ -227,6 +227,12 @@ static int parse_pair(const char *k, const char *ke, const char *v,
 		if (parse_uint(v, e, 99, &x) || x < 1)
 			goto bad;
 		c->hog_prio = (u32)x;
+	} else if (tok_eq(k, ke, "busy_nice")) {
+		int neg = v < e && *v == '-';
+
+		if (parse_uint(v + neg, e, neg ? 20 : 19, &x))
+			goto bad;
+		c->busy_nice = neg ? -(s32)x : (s32)x;
 	} else if (tok_eq(k, ke, "pvsched_version")) {
 		if (parse_hex32(v, e, &c->pvsched_version))
 			goto bad;

@@ -27,6 +27,7 @@ struct tg_config {
 	s32 probe_policy;     /* PVSCHED_POLICY_RR or _FIFO */
 	u32 probe_prio;
 	u32 hog_prio;
+	s32 busy_nice;        /* nice of the busy task (-20..19) */
 	u32 pvsched_enabled;  /* pvsched=0 turns the driver off */
 	u32 pvsched_version;  /* what the guest speaks (knob forces it) */
 	u32 pvsched_features; /* what the guest asks for */

@@ -247,11 +247,11 @@ static void run_wakee(struct phase_result *r, u32 vcpu, u64 t_start, u64 t_end)
 }
 
 /* A CPU-bound loop at CPL3 until t_end; `policy` is what it asks for. */
-static void run_spin(struct phase_result *r, u64 t_end, s32 policy, u32 prio)
+static void run_spin(struct phase_result *r, u64 t_end, s32 policy, u32 prio, s32 nice)
 {
 	u64 x = 1, loops = 0;
 
-	sys_set_task(policy, prio, 0);
+	sys_set_task(policy, prio, nice);
 	while (rdtsc() < t_end) {
 		u32 i;
 
@@ -297,6 +297,8 @@ static void emit_config(void)
 	buf_u64(&b, tg.cfg.probe_prio);
 	buf_str(&b, ",\"hog_prio\":");
 	buf_u64(&b, tg.cfg.hog_prio);
+	buf_str(&b, ",\"busy_nice\":");
+	buf_s64(&b, tg.cfg.busy_nice);
 	buf_str(&b, ",\"timer\":\"");
 	buf_str(&b, tg.timer_tsc_deadline ? "tsc-deadline" : "lapic-oneshot");
 	buf_str(&b, "\",\"tsc_khz\":");
@@ -409,6 +411,10 @@ static void emit_phase(u32 vcpu, u32 idx, struct phase_result *r)
 		if (r->workload == TG_WL_HOG) {
 			buf_str(&b, ",\"prio\":");
 			buf_u64(&b, tg.cfg.hog_prio);
+		}
+		if (r->workload == TG_WL_BUSY) {
+			buf_str(&b, ",\"nice\":");
+			buf_s64(&b, tg.cfg.busy_nice);
 		}
 	}
 	buf_ch(&b, '}');
@@ -538,10 +544,10 @@ void user_main(u32 vcpu)
 			run_wakee(r, vcpu, a, e);
 			break;
 		case TG_WL_BUSY:
-			run_spin(r, e, PVSCHED_POLICY_OTHER, 0);
+			run_spin(r, e, PVSCHED_POLICY_OTHER, 0, tg.cfg.busy_nice);
 			break;
 		case TG_WL_HOG:
-			run_spin(r, e, PVSCHED_POLICY_FIFO, tg.cfg.hog_prio);
+			run_spin(r, e, PVSCHED_POLICY_FIFO, tg.cfg.hog_prio, 0);
 			break;
 		case TG_WL_IDLE:
 			sys_set_task(PVSCHED_POLICY_OTHER, 0, 0);

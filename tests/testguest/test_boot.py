@@ -60,13 +60,13 @@ def test_default_boot_runs_probe_on_two_vcpus_with_pvsched_active(pyvmm):
 
 def test_phases_and_every_workload(pyvmm):
     rc, recs, out = boot(pyvmm, "--cmdline", "duration=1 interval=500 workload=probe+busy,hog+idle "
-                                             "probe_policy=fifo probe_prio=5 hog_prio=20")
+                                             "probe_policy=fifo probe_prio=5 hog_prio=20 busy_nice=-3")
     assert rc == 0, out
     (lat,) = of_type(recs, "latency")
     assert (lat["vcpu"], lat["phase"], lat["policy"], lat["prio"], lat["interval_us"]) == (0, 0, "fifo", 5, 500)
     check_latency(lat, 500, 500)
     work = {(r["vcpu"], r["phase"]): r for r in of_type(recs, "workload")}
-    assert work[(0, 1)]["workload"] == "busy" and work[(0, 1)]["loops"] > 0
+    assert work[(0, 1)]["workload"] == "busy" and work[(0, 1)]["loops"] > 0 and work[(0, 1)]["nice"] == -3
     assert work[(1, 0)]["workload"] == "hog" and work[(1, 0)]["loops"] > 0 and work[(1, 0)]["prio"] == 20
     assert work[(1, 1)]["workload"] == "idle"
     assert all(r["ms"] == 500 for r in work.values())

@@ -65,8 +65,8 @@ class SlotSampler:
         if rec["type"] == "pvsched" and rec["status"] == "active":
             self.shm_gpa = rec["shm_gpa"]
             self.ready.set()
-        elif rec["type"] in ("latency", "error", "done"):
-            self.stop.set()  # the probe phase is over (or the guest failed)
+        elif rec["type"] in ("latency", "workload", "error", "done"):
+            self.stop.set()  # the (first) phase is over, or the guest failed
 
     def snapshot(self, mem, v: int) -> None:
         base = self.shm_gpa + C.PVSCHED_SLOT_OFFSET + v * C.PVSCHED_SLOT_SIZE
@@ -149,3 +149,12 @@ def test_waker_sets_the_wakees_wake_hint_and_the_wakee_clears_it():
     assert sampler.states[1].get(wakee_running, 0) > 0
     # Cleared on wakeup: most of the time (halted, waiting) the hint is down.
     assert sampler.hints[1] < sum(sampler.states[1].values()) // 2
+
+
+def test_busy_and_hog_publish_their_nice_and_rt_request():
+    """TASK_PARAMS: a busy task's nice and a hog's FIFO request are what the host reads while they run."""
+    sampler = run_sampled("duration=1 workload=busy,hog busy_nice=-5 hog_prio=20")
+    busy = (0, C.PVSCHED_POLICY_OTHER, 0, -5)
+    hog = (0, C.PVSCHED_POLICY_FIFO, 20, 0)
+    assert max(sampler.states[0], key=sampler.states[0].get) == busy, sampler.states[0]
+    assert max(sampler.states[1], key=sampler.states[1].get) == hog, sampler.states[1]

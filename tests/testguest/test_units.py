@@ -42,13 +42,14 @@ def test_cmdline_defaults(harness):
 
 def test_cmdline_every_key(harness):
     c = parse(harness, "  duration=1.25 interval=250\tworkload=probe+busy,hog+idle+probe probe_policy=fifo "
-                       "probe_prio=12 hog_prio=40 pvsched_version=0x10001 pvsched_features=1f pvsched=0 timer=oneshot ", 2)
+                       "probe_prio=12 hog_prio=40 busy_nice=-7 pvsched_version=0x10001 pvsched_features=1f pvsched=0 timer=oneshot ", 2)
     assert c["rc"] == 0
     assert (c["duration_ms"], c["interval_us"]) == (1250, 250)
     assert c["workload"] == ["probe+busy", "hog+idle+probe"]
     assert (c["probe_policy"], c["probe_prio"], c["hog_prio"]) == (1, 12, 40)
     assert (c["version"], c["features"], c["force_features"], c["pvsched"]) == (0x10001, 0x1F, 1, 0)
-    assert c["timer_oneshot"] == 1
+    assert c["timer_oneshot"] == 1 and c["busy_nice"] == -7
+    assert parse(harness, "busy_nice=19")["busy_nice"] == 19
 
 
 def test_cmdline_remote_wakeup_workloads(harness):
@@ -71,7 +72,7 @@ def test_cmdline_unknown_key_is_a_warning(harness):
     "interval=10", "interval=x", "interval=1000001",
     "workload=probe,busy,hog", "workload=probe+", "workload=", "workload=probe,", "workload=fast",
     "workload=probe+probe+probe+probe+probe+probe+probe+probe+probe",
-    "probe_prio=0", "probe_prio=100", "hog_prio=abc", "probe_policy=deadline",
+    "probe_prio=0", "probe_prio=100", "hog_prio=abc", "probe_policy=deadline", "busy_nice=20", "busy_nice=-21", "busy_nice=-",
     "pvsched_version=xyz", "pvsched_features=0x123456789", "pvsched=2", "noequals", "timer=hpet",
 ])
 def test_cmdline_bad_values_are_errors(harness, bad):
