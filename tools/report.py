@@ -121,6 +121,8 @@ def plot(rows: list[dict], path: Path) -> Path:
         ax.set_ylabel(label)
         if log and any(r.get(metric) for r in rows):
             ax.set_yscale("log")
+        if metric == "stress_rel":
+            ax.axhline(0.95, color="grey", linestyle="--", linewidth=1)  # the 5% budget
         ax.grid(axis="y", alpha=0.3)
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("pyvmm bench: guest latency and host cost per vCPU scheduling configuration")
