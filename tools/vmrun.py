@@ -206,9 +206,9 @@ def run_vm(spec: RunSpec, on_tids=None, poll_policy_s: float = 0.5) -> VmOutcome
             if spec.config == "pvsched" and vmm_pid and out.vcpu_tids and now - last_poll >= poll_policy_s:
                 last_poll = now
                 # keep the last good replies: counters are cumulative, the VM may end any moment
-                for cmd, attr in (("policy.show", "policy_reply"), ("status", "status_reply")):
+                for cmd, slot in (("policy.show", "policy_reply"), ("status", "status_reply")):
                     try:
-                        setattr(out, attr, control.request(vmm_pid, {"cmd": cmd}, timeout=1.0))
+                        setattr(out, slot, control.request(vmm_pid, {"cmd": cmd}, timeout=1.0))
                     except control.ControlError:
                         pass
             if now - t0 > limit_s + 10:
