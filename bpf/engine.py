@@ -281,7 +281,9 @@ def format_show(d: dict) -> str:
     lines += [f"  {k:<18} {s['value']:>10}  {s['description']}" for k, s in d["stats"].items()]
     lines.append(f"programs ({d['prog_stats']}):")
     for p in d["programs"]:
-        lines.append(f"  {p['name']:<16} {p['status']:<10} runs {p.get('run_cnt', '-')}, avg ns {p.get('avg_ns', '-')}")
+        avg = p.get("avg_ns")
+        lines.append(f"  {p['name']:<16} {p['status']:<10} runs {p.get('run_cnt', '-')}, avg ns "
+                     f"{'-' if avg is None else avg}")
     a = d["actuator"]
     lines.append(f"actuator: events {a['events']}, applied {a['applied']}, errors {a['errors']},"
                  f" latency {a['latency_us']}")
