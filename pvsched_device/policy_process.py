@@ -285,6 +285,18 @@ def setup_privileged(vmm_pid: int, pin_root: str) -> int | None:
     return stats_fd
 
 
+def _bpffs_of(path: str) -> str | None:
+    """Mount point of the bpf filesystem holding `path` (kept writable for the pins), if any."""
+    best = None
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _, mnt, fstype = line.split()[:3]
+            inside = path == mnt or path.startswith(mnt.rstrip("/") + "/")
+            if fstype == "bpf" and inside and (best is None or len(mnt) > len(best)):
+                best = mnt
+    return best
+
+
 def make_engine(vmm_pid: int, tunables: dict[str, str], pin_root: str,
                 stats_fd: int | None = None) -> tuple[Any | None, str | None]:
     """The BPF policy engine, or (None, reason) if bpf.engine is missing or fails to start."""
@@ -328,8 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(tunables, dict):
             raise TypeError("--tunables is not a JSON object")
         sock = socket.socket(fileno=args.fd)
+        abi.ffi()  # preprocesses the ABI header with cc: before mounts go read-only and exec is forbidden
         stats_fd = setup_privileged(args.vmm_pid, args.pin_root)
-        abi.ffi()  # preprocesses the ABI header with cc: must happen before exec is forbidden
+        bpffs = _bpffs_of(args.pin_root)
+        sandbox.readonly_filesystem(writable=(bpffs,) if bpffs else ())
         sandbox.drop_capabilities()
         sandbox.set_no_new_privs()
         sandbox.mlockall()
@@ -344,8 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         elif not sandbox.install_seccomp():
             log.warning("libseccomp not found: running without a seccomp filter")
         trio.run(serve, trio.socket.from_stdlib_socket(sock), service)
-    except Exception as e:  # noqa: BLE001 - one line in the VMM's log; the VMM restores the threads
-        log.error("policy process failed: %s: %s", type(e).__name__, e)
+    except Exception as e:  # one line in the VMM's log (traceback with -v); the VMM restores the threads
+        log.error("policy process failed: %s: %s", type(e).__name__, e, exc_info=args.verbose)
         return 1
     finally:
         service.close()

@@ -3,14 +3,13 @@
 Python's os module has none of capset/PR_CAPBSET_DROP/PR_SET_NO_NEW_PRIVS, and no maintained
 libseccomp binding installs into this interpreter from the package index (the official one ships
 only with the distribution's own Python), so libseccomp's stable C API is called through ctypes.
-Order matters: privileged setup first (unshare, bpf stats), then drop, then no_new_privs, then
-seccomp (which needs no_new_privs when CAP_SYS_ADMIN is gone).
+Order matters: privileged setup first (network and mount namespaces, read-only mounts, bpf stats),
+then drop, then no_new_privs, then seccomp (which needs no_new_privs when CAP_SYS_ADMIN is gone).
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import signal
@@ -39,6 +38,12 @@ SECUREBITS = (SECBIT_NOROOT | SECBIT_NOROOT_LOCKED | SECBIT_NO_SETUID_FIXUP | SE
               | SECBIT_KEEP_CAPS_LOCKED | SECBIT_NO_CAP_AMBIENT_RAISE | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED)
 
 CLONE_NEWNET = 0x40000000
+CLONE_NEWNS = 0x00020000
+SYS_mount_setattr = 442  # x86_64
+AT_FDCWD = -100
+AT_RECURSIVE = 0x8000
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
+MS_PRIVATE = 1 << 18
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 SYS_bpf = 321  # x86_64
 BPF_ENABLE_STATS = 32
@@ -74,6 +79,29 @@ def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
 def unshare_network() -> None:
     """Move into a fresh network namespace: only a down loopback interface, no route anywhere."""
     _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64), ("propagation", ctypes.c_uint64),
+                ("userns_fd", ctypes.c_uint64)]
+
+
+def _mount_setattr(path: str, flags: int, attr: _MountAttr) -> None:
+    rc = _libc.syscall(SYS_mount_setattr, AT_FDCWD, path.encode(), flags, ctypes.byref(attr), ctypes.sizeof(attr))
+    _check(rc, f"mount_setattr({path})")
+
+
+def readonly_filesystem(writable: tuple[str, ...] = ()) -> None:
+    """Private mount namespace with every mount read-only (and nosuid, nodev) except `writable` mounts.
+
+    Dropping capabilities leaves uid 0, which still owns (and may write) root's files, /proc/sys
+    included, and may open /proc/<pid>/mem of other root processes; read-only mounts close that.
+    """
+    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _mount_setattr("/", AT_RECURSIVE, _MountAttr(
+        attr_set=MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, propagation=MS_PRIVATE))
+    for path in writable:
+        _mount_setattr(path, 0, _MountAttr(attr_clr=MOUNT_ATTR_RDONLY))
 
 
 def enable_bpf_stats() -> int:
@@ -168,7 +196,7 @@ DENIED_SYSCALLS = (
     "finit_module", "delete_module", "reboot", "swapon", "swapoff", "open_by_handle_at", "name_to_handle_at",
     "keyctl", "add_key", "request_key", "userfaultfd", "acct", "settimeofday", "clock_settime", "clock_adjtime",
     "adjtimex", "sethostname", "setdomainname", "iopl", "ioperm", "fsopen", "fsmount", "fsconfig", "move_mount",
-    "open_tree", "fspick", "tkill", "pidfd_send_signal", "pidfd_getfd",
+    "open_tree", "fspick", "mount_setattr", "tkill", "pidfd_send_signal", "pidfd_getfd",
 )
 # Signals only to itself: as uid 0 it could otherwise signal every root process even without CAP_KILL.
 SELF_ONLY_SIGNAL_SYSCALLS = ("kill", "tgkill")
@@ -176,9 +204,8 @@ SELF_ONLY_SIGNAL_SYSCALLS = ("kill", "tgkill")
 
 def install_seccomp() -> bool:
     """Install a deny-list seccomp filter (EPERM); False if libseccomp is not installed."""
-    name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
     try:
-        lib = ctypes.CDLL(name, use_errno=True)
+        lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)  # the soname: find_library would exec gcc
     except OSError:
         return False
     lib.seccomp_init.restype = ctypes.c_void_p

@@ -81,6 +81,7 @@ class PolicySupervisor:
 
     def spawn(self) -> dict[str, Any]:
         """Start the policy process (from the VMM's main thread: PDEATHSIG follows that thread) and await ready."""
+        _ensure_bpf_built()  # the sandbox's file system is read-only: build the BPF object here if stale
         parent, child = protocol.socketpair()
         cmd = [sys.executable, "-m", "pvsched_device.policy_process", "--fd", str(child.fileno()),
                "--vmm-pid", str(self.vmm_pid), "--tunables", json.dumps(self.tunables),
@@ -367,3 +368,15 @@ class PolicySupervisor:
             shutil.rmtree(path, ignore_errors=True)
             if os.path.exists(path):
                 log.warning("could not remove %s", path)
+
+
+def _ensure_bpf_built() -> None:
+    """Run bpf/'s Makefile if its object is stale (where the sources are); failures are the engine's to report."""
+    try:
+        from vmm.artifacts import BuildError, ensure_built
+    except ImportError:
+        return
+    try:
+        ensure_built("bpf", quiet=True)
+    except (BuildError, OSError, KeyError) as e:
+        log.warning("pvsched: BPF policy not built: %s", e)

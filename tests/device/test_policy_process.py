@@ -64,6 +64,12 @@ def test_sandbox_from_proc(running: Running) -> None:
     with open(f"/proc/{pid}/net/dev") as f:
         ifaces = [line.split(":")[0].strip() for line in f.readlines()[2:]]
     assert ifaces == ["lo"]
+    # Its own mount namespace: everything read-only except the bpf file system (pins).
+    assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    with open(f"/proc/{pid}/mountinfo") as f:
+        mounts = {fields[4]: fields[5].split(",") for fields in (line.split() for line in f)}
+    assert "ro" in mounts["/"] and "ro" in mounts["/proc"]
+    assert "rw" in mounts["/sys/fs/bpf"]
 
 
 def test_registration_tids_and_slots(running: Running) -> None:
