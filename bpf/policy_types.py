@@ -11,6 +11,7 @@ import cffi
 from pvsched_device import abi
 
 POLICY_HEADER = Path(__file__).with_name("pvsched_policy.h")
+PREPROCESSED = Path(__file__).parent / "build" / "pvsched_policy.cdef"  # made by bpf/Makefile
 
 _STAT_RE = re.compile(r"^\s*PVSCHED_STAT_(\w+)\s*=\s*(\d+),\s*/\*\s*(.*?)\s*\*/", re.MULTILINE)
 
@@ -19,7 +20,9 @@ _STAT_RE = re.compile(r"^\s*PVSCHED_STAT_(\w+)\s*=\s*(\d+),\s*/\*\s*(.*?)\s*\*/"
 def ffi() -> cffi.FFI:
     """One FFI with the ABI header and the policy header declared (the latter includes the former)."""
     f = cffi.FFI()
-    f.cdef(abi.preprocess(POLICY_HEADER))
+    fresh = PREPROCESSED.exists() and all(PREPROCESSED.stat().st_mtime >= h.stat().st_mtime
+                                          for h in (POLICY_HEADER, abi.ABI_HEADER))
+    f.cdef(PREPROCESSED.read_text() if fresh else abi.preprocess(POLICY_HEADER))
     return f
 
 
