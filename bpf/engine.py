@@ -128,6 +128,8 @@ class PolicyEngine:
             raise ValueError(f"slot view of vCPU {vcpu_id} is {len(slot)} bytes, expected {slot_size}")
         if tid in self._actuator.vcpus:
             raise ValueError(f"vCPU thread {tid} is already registered")
+        if not Path(f"/proc/{self.vmm_pid}/task/{tid}").exists():
+            raise ValueError(f"thread {tid} is not a thread of VMM {self.vmm_pid}")
         f = pffi()
         v = f.new("struct pvsched_vcpu *")
         v.vm_id, v.vcpu_id, v.slot_hva = vm_id, vcpu_id, slot_hva

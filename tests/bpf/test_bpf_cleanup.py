@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from sched_observe import observed, wait_for
 
 RR, OTHER = os.SCHED_RR, os.SCHED_OTHER
@@ -105,3 +106,30 @@ def test_next_start_removes_stale_pins(fake_vmm, policy_child, pin_root):
     assert not os.path.exists(stale), "stale pins of a dead VMM survived the next start"
     assert os.path.isdir(second.ready["pin_dir"])
     second.terminate()
+
+
+def test_add_vcpu_refuses_threads_outside_the_vmm_and_bad_input(fake_vmm, bpf_object, pin_root):
+    from bpf.engine import PolicyEngine
+    from bpf.tunables import TunableError
+    from vmm.sched_attr import sched_getattr
+
+    vmm = fake_vmm(1)
+    with pytest.raises(TunableError, match="boost_prio"):
+        PolicyEngine(vmm.pid, {"boost_prio": "50"}, str(pin_root), realtime=False)
+    with pytest.raises(OSError, match="bpffs"):
+        PolicyEngine(vmm.pid, {}, "/tmp/not-bpffs", realtime=False)
+    eng = PolicyEngine(vmm.pid, {}, str(pin_root), realtime=False)
+    try:
+        off = vmm.info["slot_offset"]
+        view = memoryview(vmm.map)[off:off + 128]
+        with pytest.raises(ValueError, match="not a thread of VMM"):
+            eng.add_vcpu(1, 0, os.getpid(), vmm.info["hva"] + off, view, sched_getattr(0))
+        with pytest.raises(ValueError, match="expected 128"):
+            eng.add_vcpu(1, 0, vmm.tids[0], vmm.info["hva"] + off, view[:64], sched_getattr(vmm.tids[0]))
+        eng.add_vcpu(1, 0, vmm.tids[0], vmm.info["hva"] + off, view, sched_getattr(vmm.tids[0]))
+        with pytest.raises(ValueError, match="already registered"):
+            eng.add_vcpu(1, 0, vmm.tids[0], vmm.info["hva"] + off, view, sched_getattr(vmm.tids[0]))
+    finally:
+        eng.close()
+        eng.close()  # idempotent
+    assert not (pin_root / str(vmm.pid)).exists()
