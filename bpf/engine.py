@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Self
@@ -33,7 +32,7 @@ from .policy_types import consts, enum_name, stat_descriptions
 from .policy_types import ffi as pffi
 from .tunables import DESCRIPTIONS, TunableError, parse
 
-__all__ = ["DEFAULT_PIN_ROOT", "PolicyEngine", "TunableError", "enable_bpf_stats", "remove_stale_pins", "serve"]
+__all__ = ["DEFAULT_PIN_ROOT", "PolicyEngine", "TunableError", "enable_bpf_stats", "remove_stale_pins"]
 
 log = logging.getLogger("pvsched.engine")
 
@@ -290,16 +289,3 @@ def format_show(d: dict) -> str:
     lines.append(f"actuator: events {a['events']}, applied {a['applied']}, errors {a['errors']},"
                  f" latency {a['latency_us']}")
     return "\n".join(lines)
-
-
-async def serve(engine: PolicyEngine) -> None:
-    """Run `engine` until SIGTERM/SIGINT, then close it (restore, detach, unpin): the one exit path."""
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(engine.run)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-                async for _ in sigs:
-                    nursery.cancel_scope.cancel()
-                    break
-    finally:
-        engine.close()

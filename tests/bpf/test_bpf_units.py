@@ -41,6 +41,13 @@ def test_ms_become_ns_in_the_map_value():
     assert (v.vmm_pid, v.throttle_ns, v.max_boost_runtime_ns, v.boost_policy) == (1234, 7_000_000, 30_000_000, 2)
 
 
+def test_rt_ladder_constants_agree_with_the_header():
+    from bpf.tunables import RT_PRIO_LIMIT
+
+    assert RT_PRIO_LIMIT == consts().PVSCHED_RT_PRIO_LIMIT == 30
+    assert RT_PRIO_LIMIT < consts().PVSCHED_ACTUATOR_PRIO == 40
+
+
 def test_every_stat_has_a_description():
     d = stat_descriptions()
     assert len(d) == consts().PVSCHED_STAT_NR
