@@ -50,6 +50,10 @@ def test_probe_boosted_at_halt_under_load_then_back_to_normal(fake_vmm, policy_c
     applied = child.show()["actuator"]["applied"]
     sample(tid, 0.5, 0.005)
     assert child.show()["actuator"]["applied"] - applied <= 2, "boost flipped per event"
+    # a lower admin cap applies to the probe's request and the halt boost alike
+    child.set(max_rt_prio="4")
+    assert wait_for(lambda: observed(tid)[:2] == (RR, 4), 1.0), f"got {observed(tid)}"
+    assert all(prio == 4 for _, pol, prio in sample(tid, 0.3, 0.002) if pol == RR)
     # the guest goes back to plain work: first evaluation drops the boost
     vmm.cmd("mode 0 busy")
     assert wait_for(lambda: observed(tid) == (OTHER, 0, 0), 1.0), f"still {observed(tid)}"
