@@ -364,6 +364,9 @@ from_slot:
 		break;
 	}
 	cap(t, v, &want);
+	/* an admin's RT thread is never pulled below its own attributes by a boost or a request */
+	if (is_rt(v->orig.policy) && rank(&want) < rank(&v->orig))
+		want = v->orig;
 	state = rank(&want) > rank(&v->orig) ? PVSCHED_STATE_BOOSTED : PVSCHED_STATE_NORMAL;
 	/* a forced re-evaluation (unthrottle, new tunables) names itself when params stay */
 	if (force_reason != PVSCHED_REASON_NONE && same_params(&want, &v->posted))

@@ -208,3 +208,18 @@ def test_show_reports_program_run_time_only_when_stats_are_on(fake_vmm, policy_c
     assert "pvsched policy for VMM" in d["text"] and "pvs_switch" in d["text"]
     assert wait_for(lambda: root.show()["vcpus"][0]["observed"]["policy"] == "rr", 1.0)
     root.terminate()
+
+
+def test_a_thread_already_above_the_boost_is_never_lowered(fake_vmm, policy_child):
+    vmm = fake_vmm(1)
+    tid = vmm.tids[0]
+    os.sched_setscheduler(tid, FIFO, os.sched_param(20))  # the admin runs this vCPU at FIFO 20
+    child = policy_child(vmm)
+    vmm.cmd("mode 0 idle")  # halt boost would be RR 8
+    assert not wait_for(lambda: observed(tid)[:2] != (FIFO, 20), 0.3), f"lowered to {observed(tid)}"
+    vmm.cmd(f"custom 0 sleep 0 {FIFO} 99 0 0")  # capped request: RR 10
+    assert not wait_for(lambda: observed(tid)[:2] != (FIFO, 20), 0.3), f"lowered to {observed(tid)}"
+    assert child.show()["stats"]["halt"]["value"] > 0
+    child.terminate()
+    assert observed(tid)[:2] == (FIFO, 20), "original attributes not restored"
+    os.sched_setscheduler(tid, OTHER, os.sched_param(0))
