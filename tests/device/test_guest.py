@@ -69,6 +69,7 @@ def test_policy_death_in_a_live_vm(tmp_path: Path) -> None:
     """Kill -9 the policy process of a running VM whose vCPUs it boosted: the VMM restores them within 100 ms."""
     env = _env(tmp_path)
     vmm = subprocess.Popen([sys.executable, "-m", "vmm.cli", "boot", "--cmdline", "duration=4 workload=idle,idle",
+                            "--policy-set", "boost_on_halt=true",
                             "--timeout", "60"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         tids: list[int] = []
