@@ -152,7 +152,7 @@ class PvschedDevice(PciDevice):
                 return self.status & U32
             if offset == REG["CONTROL"]:
                 return 0  # write-only
-        self.warn_once(f"r{offset:#x}", f"read of unknown offset {offset:#x} (returns 0)")
+        self.warn_once("r-unknown", f"read of unknown offset {offset:#x} (returns 0; further ones not logged)")
         return 0
 
     def write_bar(self, bar: int, offset: int, size: int, value: int) -> None:
@@ -171,9 +171,9 @@ class PvschedDevice(PciDevice):
             elif offset == REG["CONTROL"]:
                 warn = self._control(value)
             elif offset in REG.values():
-                warn = (f"ro{offset:#x}", f"write to read-only register at {offset:#x} ignored")
+                warn = ("w-readonly", f"write to read-only register at {offset:#x} ignored (further ones not logged)")
             else:
-                warn = (f"w{offset:#x}", f"write to unknown offset {offset:#x} ignored")
+                warn = ("w-unknown", f"write to unknown offset {offset:#x} ignored (further ones not logged)")
         if warn:
             self.warn_once(*warn)
 
@@ -193,7 +193,7 @@ class PvschedDevice(PciDevice):
             self._deactivate()
             self._reset_registers()
         else:
-            return (f"ctl{value:#x}", f"unknown CONTROL value {value:#x} ignored")
+            return ("ctl-unknown", f"unknown CONTROL value {value:#x} ignored (further ones not logged)")
         return None
 
     def _validate(self) -> int:
