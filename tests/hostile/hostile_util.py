@@ -1,4 +1,4 @@
-"""Helpers of the hostile-guest and fault tests: real `pyvmm boot` VMs under an RT watchdog, watched from outside the policy.
+"""Helpers of the hostile-guest and fault tests: real `pyvmm boot` VMs under an RT watchdog, seen from outside.
 
 Reused: tests/bpf/sched_observe.py (the observer at SCHED_FIFO 20, below the
 actuator at 40 and the watchdog at 50) and the VMM's own control-socket client.
@@ -8,6 +8,7 @@ SIGKILLed by PID (VMM, watchdog, policy process) at teardown.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import signal
@@ -17,17 +18,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests" / "bpf"))
-
-import itertools
 from typing import Self
-
-from sched_observe import observer_rt, wait_for
 
 from vmm import control
 from vmm.sched_attr import SCHED_FIFO, SCHED_RR, SchedAttr, sched_getattr
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "bpf"))
+from sched_observe import observer_rt, wait_for  # tests/bpf: the observer at SCHED_FIFO 20
 
 PIN_ROOT = Path("/sys/fs/bpf/pvsched")
 WATCHDOG_PRIO = 50

@@ -28,7 +28,7 @@ from pvsched_device.device import REG, STATUS_NAMES, PvschedDevice
 from vmm.memory import HIGH_RAM_START, PCI_MMIO_END, PCI_MMIO_START, GuestMemoryError
 
 sys.path.insert(0, str(ROOT / "tests" / "device"))
-from standin import StandinVm
+from standin import StandinVm  # tests/device: a machine-shaped stand-in with real threads
 
 
 def _tiny_guests():
@@ -37,6 +37,7 @@ def _tiny_guests():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
 
 C = abi.C
 U32 = 0xFFFFFFFF
