@@ -98,3 +98,28 @@ def test_e2e_guest_fifo99_hog_is_capped_and_throttled(vm):
     assert p.returncode == 0, err[-2000:]
     host0 = next(json.loads(line) for line in out.splitlines() if line.startswith('{"type":"host","vcpu":0'))
     assert host0["throttles"] >= 10, host0
+
+
+def test_e2e_sigkill_of_the_policy_process_restores_and_detaches(vm):
+    p, pid, tids = vm("duration=3 workload=idle,idle")
+    assert wait_for(lambda: all(os.sched_getscheduler(t) == RR for t in tids.values()), 2.0)
+    st = _status(pid)
+    policy_pid = st["pvsched"]["policy"]["pid"]
+    # this VM's programs: those using the vcpus map pinned for this VMM
+    m = subprocess.run(["bpftool", "-j", "map", "show", "pinned", f"/sys/fs/bpf/pvsched/{pid}/vcpus"],
+                       capture_output=True, text=True, check=True).stdout
+    map_id = json.loads(m)["id"]
+    progs = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
+    ids = {prog["id"] for prog in json.loads(progs) if map_id in prog.get("map_ids", [])}
+    assert len(ids) >= 3, "bpftool names no program of this VM's policy"
+    os.kill(policy_pid, 9)
+    # the VMM's supervisor restores the threads (DESIGN.md: within 100 ms)
+    assert wait_for(lambda: all(os.sched_getscheduler(t) == OTHER for t in tids.values()), 0.5)
+
+    def gone() -> bool:
+        out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
+        return not ids & {prog["id"] for prog in json.loads(out)}
+
+    assert wait_for(gone, 2.0, 0.05), "programs outlived the policy process"
+    _, err = p.communicate(timeout=40)
+    assert p.returncode == 0, err[-2000:]
