@@ -1,0 +1,84 @@
+"""Host protection: a guest that asks for FIFO 99 and spins forever gets no more RT time than the throttle allows.
+
+The bound, from the policy code (bpf/pvsched.bpf.c, account() and pvsched_eval()):
+a spinner never switches out, so it is evaluated by the backstop every S =
+backstop_ms (and when the actuator preempts it).  After an unthrottle the
+window restarts and the same evaluation boosts it again (the slot still asks
+FIFO 99); it is throttled at the first evaluation that finds more than
+B = max_boost_runtime_ms boosted in the window (so after at most B + S, if
+B + S < W = throttle_window_ms), then runs with its original attributes for
+T = throttle_ms, and is re-boosted at the first evaluation after that.  So
+per cycle RT time <= B + S + a (a: the actuator's hop, well under 1 ms here),
+non-RT time >= T, and
+
+    RT share <= (B + S + a) / (B + S + a + T)      (defaults: 37/137 = 27%)
+
+not B / (W + T) (the window restarts at each unthrottle).  Measured: the vCPU
+thread's run time from /proc/<pid>/task/<tid>/schedstat, counted as RT when the
+thread was RT at either end of a ~1 ms sampling interval (an upper bound),
+while a host CPU hog is pinned to the same CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from hostile_util import RT, Sampler, kill_pid, wait_active
+
+HOG_CPU, SAMPLER_CPU = 1, 0
+WINDOW_S = 2.0
+ACTUATOR_HOP_MS = 2.0  # allowance for the ring-buffer hop + sched_setattr (p99 well under 1 ms measured)
+
+
+def rt_share_bound(b_ms: float, s_ms: float, t_ms: float) -> float:
+    """Upper bound of the RT share of a FIFO spinner under the throttle (see the module docstring)."""
+    on = b_ms + s_ms + ACTUATOR_HOP_MS
+    return on / (on + t_ms)
+
+
+@pytest.mark.skipif(os.cpu_count() < 2, reason="pins the vCPU and a host hog to CPU 1, the sampler to CPU 0")
+@pytest.mark.parametrize("tunables", [
+    {},  # the shipped defaults: B 30, W 100, T 100, S 5
+    {"max_boost_runtime_ms": "10", "throttle_window_ms": "50", "throttle_ms": "40", "backstop_ms": "2"},
+], ids=["defaults", "tight"])
+def test_rt_spinner_gets_no_more_than_the_throttle_allows(vms, tunables: dict[str, str]) -> None:
+    args = sum((("--policy-set", f"{k}={v}") for k, v in tunables.items()), ())
+    vm = wait_active(vms("duration=8 workload=hog", cpus=1, seconds=8, args=args))
+    tun = {k: int(v["value"]) for k, v in vm.show()["tunables"].items() if v["value"].isdigit()}
+    b, s, t = tun["max_boost_runtime_ms"], tun["backstop_ms"], tun["throttle_ms"]
+    assert b + s < tun["throttle_window_ms"], "the bound below assumes B + S < W"
+    bound = rt_share_bound(b, s, t)
+    tid = vm.tids[0]
+    os.sched_setaffinity(tid, {HOG_CPU})
+    hog = subprocess.Popen(["timeout", "-s", "KILL", "20", "taskset", "-c", str(HOG_CPU), sys.executable, "-c",
+                            "while True: pass"], start_new_session=True)
+    try:
+        time.sleep(0.3)  # the hog is on its CPU, a cycle or two have passed
+        hog_pid = next(int(c) for c in open(f"/proc/{hog.pid}/task/{hog.pid}/children").read().split())
+        with Sampler(vm.pid, [tid], cpu=SAMPLER_CPU) as vcpu, Sampler(hog_pid, [hog_pid], cpu=SAMPLER_CPU) as host:
+            time.sleep(WINDOW_S)
+        assert vm.watchdog.poll() is None, "the VM ended during the measurement"
+    finally:
+        kill_pid(hog.pid)  # timeout's child dies with its session's SIGKILL below
+        try:
+            os.killpg(hog.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        hog.wait()
+    span = vcpu.span_s()
+    rt_s, run_s, host_s = vcpu.rt_run_s(tid), vcpu.run_s(tid), host.run_s(hog_pid)
+    rt_samples = sum(1 for _, a, _ in vcpu.of(tid) if a.policy in RT)
+    print(f"{tunables or 'defaults'}: over {span:.2f} s the vCPU ran {run_s:.3f} s, {rt_s:.3f} s of it at RT "
+          f"({rt_s / span:.1%}; bound {bound:.1%}), the host hog on the same CPU ran {host_s:.3f} s "
+          f"({host_s / span:.1%}); {rt_samples}/{len(vcpu.of(tid))} samples RT")
+    assert span > 0.9 * WINDOW_S and len(vcpu.of(tid)) > 500, "the sampler did not keep up"
+    assert rt_s <= (bound + 0.04) * span, f"RT run time {rt_s:.3f} s above the throttle's bound {bound:.1%}"
+    # meaningful: the spinner really was boosted (else the bound holds trivially), and the host kept its CPU
+    assert rt_s >= 0.5 * b / (b + s + t) * span, f"only {rt_s:.3f} s at RT: the hog was never boosted?"
+    assert host_s >= 0.5 * (1 - bound) * span * 0.6, f"the host hog got only {host_s:.3f} s of its CPU"
+    assert vm.show()["vcpus"][0]["throttles"] >= 5
