@@ -98,6 +98,8 @@ class PolicyService:
                 return {"ok": True}
             if op == "status":
                 return self.status()
+            if op == "ping":
+                return {"ok": True}
             if op == "policy.show":
                 return {"ok": True, **self._engine().show()}
             if op == "policy.set":

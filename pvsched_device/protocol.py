@@ -8,7 +8,7 @@ Ops (device -> policy process):
   register    vm_id, nr_vcpus, shm_hva, shm_gpa, shm_size, file_offset, version, features,
               vcpus: [{id, tid, original: {policy, priority, nice}}], one fd (memfd)
   unregister  vm_id
-  policy.show / policy.set (values) / status / shutdown
+  policy.show / policy.set (values) / status / ping (the VMM's heartbeat) / shutdown
 """
 
 from __future__ import annotations

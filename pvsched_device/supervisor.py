@@ -35,6 +35,8 @@ log = logging.getLogger("pyvmm.pvsched.supervisor")
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 20.0  # Python start-up, ABI preprocessing and BPF load on a busy 2-core host
 STOP_TIMEOUT_S = 3.0
+HEARTBEAT_S = 2.0  # ping period
+HEARTBEAT_TIMEOUT_S = 5.0  # a policy process silent this long is hung: killed, threads restored
 PIN_ROOT = "/sys/fs/bpf/pvsched"
 
 
@@ -68,6 +70,8 @@ class PolicySupervisor:
         self._wake: trio.Event | None = None
         self._stopping = False
         self._running = False
+        self.heartbeat_s = HEARTBEAT_S
+        self.heartbeat_timeout_s = HEARTBEAT_TIMEOUT_S
 
     @property
     def pid(self) -> int | None:
@@ -263,6 +267,7 @@ class PolicySupervisor:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._sender, tsock)
                 nursery.start_soon(self._receiver, tsock)
+                nursery.start_soon(self._heartbeat)
                 await trio.lowlevel.wait_readable(self._pidfd)
                 nursery.cancel_scope.cancel()
             self._reap()
@@ -271,6 +276,24 @@ class PolicySupervisor:
             self._token = None
             if self.dead:
                 self._close()
+
+    async def _heartbeat(self) -> None:
+        # A hung policy process (deadlock, SIGSTOP) would leave boosted threads boosted: ping it, and
+        # kill it when it stops answering, so that the death path restores the threads.
+        while True:
+            await trio.sleep(self.heartbeat_s)
+            if not self.alive:
+                return
+            try:
+                await self.arequest({"op": "ping"}, self.heartbeat_timeout_s)
+            except PolicyUnavailable:
+                if not self.alive:
+                    return
+                log.error("pvsched: policy process %d did not answer for %.1f s: killing it", self.pid,
+                          self.heartbeat_timeout_s)
+                assert self.proc is not None
+                self.proc.kill()  # the pidfd wakes run(), which reaps it and calls on_death
+                return
 
     async def _sender(self, tsock: trio.socket.SocketType) -> None:
         while True:

@@ -199,6 +199,30 @@ def test_policy_death_restores_threads_within_100ms(running: Running) -> None:
     assert "error" in r.vm.control_handlers["policy.show"]({"cmd": "policy.show"})
 
 
+def test_hung_policy_process_is_killed_and_threads_restored() -> None:
+    """A policy process that stops answering (here: SIGSTOP) is killed by the heartbeat; its boosts undone."""
+    vm = StandinVm(2)
+    dev = PvschedDevice()
+    vm.add_pci_device(dev)
+    dev.start(vm)
+    dev.supervisor.heartbeat_s, dev.supervisor.heartbeat_timeout_s = 0.2, 0.5
+    r = Running(vm, dev)
+    r.thread.start()
+    try:
+        tid = _boosted_by_policy(r, 0)
+        os.kill(r.policy_pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        _wait_for(lambda: os.sched_getscheduler(tid) == SCHED_OTHER, timeout=5, what="the heartbeat to restore")
+        assert time.monotonic() - t0 < 2.0
+        assert dev.supervisor.returncode == -signal.SIGKILL
+        assert sched_getattr(tid) == vm.original_sched[tid]
+    finally:
+        dev.stop()
+        r.thread.join(10)
+        dev.restore_threads()
+        vm.close()
+
+
 def test_stop_is_clean(running: Running) -> None:
     r = running
     assert r.bar.negotiate() == C.PVSCHED_STATUS_ACTIVE
