@@ -28,7 +28,7 @@ import sys
 import time
 
 import pytest
-from hostile_util import RT, Sampler, kill_pid, wait_active
+from hostile_util import RT, Sampler, children, kill_pid, wait_active
 
 HOG_CPU, SAMPLER_CPU = 1, 0
 WINDOW_S = 2.0
@@ -59,7 +59,7 @@ def test_rt_spinner_gets_no_more_than_the_throttle_allows(vms, tunables: dict[st
                             "while True: pass"], start_new_session=True)
     try:
         time.sleep(0.3)  # the hog is on its CPU, a cycle or two have passed
-        hog_pid = next(int(c) for c in open(f"/proc/{hog.pid}/task/{hog.pid}/children").read().split())
+        hog_pid = children(hog.pid)[0]  # timeout -> taskset exec'd into the hog
         with Sampler(vm.pid, [tid], cpu=SAMPLER_CPU) as vcpu, Sampler(hog_pid, [hog_pid], cpu=SAMPLER_CPU) as host:
             time.sleep(WINDOW_S)
         assert vm.watchdog.poll() is None, "the VM ended during the measurement"
