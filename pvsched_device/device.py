@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from pvsched_device import abi, slots
+from pvsched_device import abi, sandbox, slots
 from pvsched_device.supervisor import PolicySupervisor, PolicyUnavailable
 from vmm.machine import VmmError
 from vmm.memory import HIGH_RAM_START, PCI_MMIO_START, GuestMemoryError
@@ -90,6 +90,10 @@ class PvschedDevice(PciDevice):
         self.tunables = dict(tunables or {})
         if policy and self.tunables:
             _check_tunables(self.tunables)
+        if policy and (missing := sandbox.missing_capabilities()):
+            # A researcher who asked for pvsched must not get a silent "vanilla" run: refuse, say what is missing.
+            raise PvschedConfigError(f"the pvsched host policy needs {', '.join(missing)}, which pyvmm lacks "
+                                     "(run it as root, or boot with --no-policy or --no-pvsched)")
         self.vm: Any = None
         self.supervisor: PolicySupervisor | None = None
         self.policy_error: str | None = None

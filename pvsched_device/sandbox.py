@@ -21,13 +21,16 @@ PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 
+CAP_SETPCAP = 8
 CAP_IPC_LOCK = 14
 CAP_SYS_ADMIN = 21
 CAP_SYS_NICE = 23
 CAP_PERFMON = 38
 CAP_BPF = 39
 KEEP_CAPS = (CAP_BPF, CAP_PERFMON, CAP_SYS_NICE, CAP_IPC_LOCK)
-CAP_NAMES = {CAP_IPC_LOCK: "CAP_IPC_LOCK", CAP_SYS_ADMIN: "CAP_SYS_ADMIN", CAP_SYS_NICE: "CAP_SYS_NICE",
+# What start-up needs before dropping to KEEP_CAPS: a network namespace (SYS_ADMIN), bounding-set drops (SETPCAP).
+START_CAPS = (CAP_SYS_ADMIN, CAP_SETPCAP, *KEEP_CAPS)
+CAP_NAMES = {CAP_SETPCAP: "CAP_SETPCAP", CAP_IPC_LOCK: "CAP_IPC_LOCK", CAP_SYS_ADMIN: "CAP_SYS_ADMIN", CAP_SYS_NICE: "CAP_SYS_NICE",
              CAP_PERFMON: "CAP_PERFMON", CAP_BPF: "CAP_BPF"}
 
 # Root keeps no implicit powers (no caps regained on exec or setuid), and the bits are locked.
@@ -166,6 +169,12 @@ def proc_status(pid: int | str = "self") -> dict[str, str]:
             key, _, value = line.partition(":")
             out[key] = value.strip()
     return out
+
+
+def missing_capabilities(caps: tuple[int, ...] = START_CAPS, pid: int | str = "self") -> list[str]:
+    """Names of `caps` missing from `pid`'s effective set: what the policy process would fail on at start."""
+    eff = int(proc_status(pid)["CapEff"], 16)
+    return [CAP_NAMES.get(c, f"cap{c}") for c in caps if not eff >> c & 1]
 
 
 def cap_names(mask: int) -> list[str]:
