@@ -27,6 +27,7 @@ from vmm.sched_attr import SchedAttr, sched_getattr, sched_setattr
 C = abi.C
 U32 = 0xFFFFFFFF
 STATUS_TIMEOUT_S = 2.0
+MAX_LOGGED_TRANSITIONS = 8
 REG = {
     "MAGIC": C.PVSCHED_REG_MAGIC, "HOST_VERSION": C.PVSCHED_REG_HOST_VERSION,
     "HOST_FEATURES": C.PVSCHED_REG_HOST_FEATURES, "GUEST_FEATURES": C.PVSCHED_REG_GUEST_FEATURES,
@@ -101,6 +102,7 @@ class PvschedDevice(PciDevice):
         self._lock = threading.Lock()
         self._reset_registers()
         self.active: dict[str, Any] | None = None  # the accepted configuration while ACTIVE
+        self._transitions = 0
 
     # --- registers -----------------------------------------------------------------------------------
 
@@ -232,9 +234,9 @@ class PvschedDevice(PciDevice):
             "gpa": gpa, "size": size, "hva": memory.hva(gpa, size), "file_offset": memory.file_offset(gpa, size),
             "version": self.guest_version, "features": self.guest_features,
         }
-        self.log.info("pvsched: active, version %s, features %#x (%s), shared area GPA %#x size %d",
-                      version_str(self.guest_version), self.guest_features,
-                      ",".join(feature_names(self.guest_features)) or "none", gpa, size)
+        self._log_transition("pvsched: active, version %s, features %#x (%s), shared area GPA %#x size %d",
+                             version_str(self.guest_version), self.guest_features,
+                             ",".join(feature_names(self.guest_features)) or "none", gpa, size)
         if self.supervisor is not None and self.supervisor.alive:
             vm = self.vm
             vcpus = []
@@ -252,10 +254,20 @@ class PvschedDevice(PciDevice):
         if self.active is None:
             return
         self.active = None
-        self.log.info("pvsched: disabled")
+        self._log_transition("pvsched: disabled")
         if self.supervisor is not None and self.supervisor.alive:
             msg = {"op": "unregister", "vm_id": int(self.vm.vmm_pid)}
             self.supervisor.post(msg, coalesce="registration").add_done_callback(self._log_reply("unregister"))
+
+    def _log_transition(self, msg: str, *args: Any) -> None:
+        # A guest toggling ENABLE/DISABLE must not flood the log: the first few at INFO, the rest at DEBUG.
+        self._transitions += 1
+        if self._transitions <= MAX_LOGGED_TRANSITIONS:
+            self.log.info(msg, *args)
+            if self._transitions == MAX_LOGGED_TRANSITIONS:
+                self.log.info("pvsched: further ENABLE/DISABLE transitions are logged at debug level")
+        else:
+            self.log.debug(msg, *args)
 
     def _log_reply(self, what: str) -> Callable[[Any], None]:
         def done(fut: Any) -> None:

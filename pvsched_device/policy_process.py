@@ -31,6 +31,7 @@ log = logging.getLogger("pvsched.policy")
 
 PIN_ROOT = "/sys/fs/bpf/pvsched"
 MAX_VCPUS = 1024
+MAX_LOGGED_REGISTRATIONS = 8
 
 
 @dataclass
@@ -84,6 +85,7 @@ class PolicyService:
         self.engine = engine
         self.engine_error = engine_error
         self.reg: Registration | None = None
+        self._registrations = 0
 
     def handle(self, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         """Dispatch one request; errors become {"error": ...}, never an exception."""
@@ -154,8 +156,8 @@ class PolicyService:
                 self.engine.add_vcpu(self.reg.vm_id, v.id, v.tid, self.reg.shm_hva + slots.slot_offset(v.id),
                                      self.reg.slot(v.id), v.original)
             self.reg.vcpus.append(v)
-        log.info("registered VM %d: %d vCPUs (TIDs %s), shared area GPA %#x size %d", self.reg.vm_id, nr,
-                 ",".join(str(v.tid) for v in vcpus), self.reg.shm_gpa, size)
+        self._log("registered VM %d: %d vCPUs (TIDs %s), shared area GPA %#x size %d", self.reg.vm_id, nr,
+                  ",".join(str(v.tid) for v in vcpus), self.reg.shm_gpa, size)
         return {"ok": True, "vcpus": len(vcpus), "engine": self.engine is not None}
 
     def unregister(self) -> None:
@@ -174,7 +176,12 @@ class PolicyService:
             reg.area.close()
         except BufferError:
             pass  # the engine still holds a slot view; the mapping goes with it
-        log.info("unregistered VM %d", reg.vm_id)
+        self._log("unregistered VM %d", reg.vm_id)
+
+    def _log(self, msg: str, *args: Any) -> None:
+        # The guest decides how often it re-registers: the first few at INFO, the rest at DEBUG.
+        self._registrations += 1
+        log.log(logging.INFO if self._registrations <= MAX_LOGGED_REGISTRATIONS else logging.DEBUG, msg, *args)
 
     def status(self) -> dict[str, Any]:
         """What this process sees: sandbox, engine, and every slot read through its own mapping."""

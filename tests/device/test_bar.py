@@ -144,6 +144,14 @@ def test_unknown_offsets_and_sizes_ignored_and_logged_once(bar: Bar, caplog: pyt
     assert bar.negotiate() == C.PVSCHED_STATUS_ACTIVE
 
 
+def test_enable_disable_storm_does_not_flood_the_log(bar: Bar, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pyvmm.pvsched")
+    for _ in range(500):
+        assert bar.negotiate() == C.PVSCHED_STATUS_ACTIVE
+        bar.write("CONTROL", C.PVSCHED_CTRL_DISABLE)
+    assert len([r for r in caplog.records if r.levelno >= logging.INFO]) <= 10
+
+
 def test_concurrent_vcpu_accesses(bar: Bar) -> None:
     """vCPU threads hammer BAR0 together; every ENABLE/DISABLE lands in a consistent state."""
     errors: list[BaseException] = []
