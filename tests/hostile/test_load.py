@@ -1,0 +1,77 @@
+"""Load: three VMs of two vCPUs each on this 2-core host, each with its own policy process and pin directory.
+
+No ring-buffer drops, every vCPU's real attributes equal what its policy
+applied, each policy's map holds only its own VM's threads, and ending one VM
+leaves the others' pins, links and boosts untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+from hostile_util import RT, Sampler, alive, link_prog_ids, wait_active, wait_for
+
+from vmm.sched_attr import SchedAttr, sched_getattr
+
+WORKLOADS = ("probe,idle", "idle,probe", "probe,busy")
+
+
+def _attr(d: dict) -> SchedAttr:
+    names = {"other": 0, "fifo": 1, "rr": 2, "batch": 3, "idle": 5}
+    return SchedAttr(names[d["policy"]], d["priority"], d["nice"])
+
+
+def _map_tids(pin_dir) -> set[int]:
+    out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", f"{pin_dir}/vcpus"], capture_output=True,
+                         text=True, check=True).stdout
+    # with BTF each entry has "formatted"; else the key is a list of hex bytes (a little-endian u32)
+    return {e["formatted"]["key"] if "formatted" in e else int.from_bytes(bytes(int(x, 16) for x in e["key"]), "little")
+            for e in json.loads(out)}
+
+
+def _applied_matches_observed(vm) -> bool:
+    return all(v["observed"] is not None and _attr(v["observed"]) == _attr(v["applied"]) for v in vm.show()["vcpus"])
+
+
+def test_three_vms_on_two_cores(vms) -> None:
+    started = [vms(f"duration=6 workload={w}", seconds=6) for w in WORKLOADS]
+    a, b, c = (wait_active(vm) for vm in started)
+    assert len({vm.policy_pid for vm in (a, b, c)}) == 3 and len({vm.pin_dir for vm in (a, b, c)}) == 3
+    for vm in (a, b, c):
+        assert vm.pin_dir.is_dir() and _map_tids(vm.pin_dir) == set(vm.tids.values()), "a map holds foreign TIDs"
+    time.sleep(1.0)
+    for vm in (a, b, c):
+        assert wait_for(lambda vm=vm: _applied_matches_observed(vm), 2), f"VM {vm.pid}: {vm.show()['vcpus']}"
+    attached = {vm.pid: {p["id"] for p in vm.show()["programs"] if p.get("status") == "attached"} for vm in (b, c)}
+    assert all(attached.values()) and attached[b.pid] <= link_prog_ids()
+    # end A; B and C must not notice
+    b_idle = b.tids[0]  # workload idle: halt-boosted while idle
+    assert wait_for(lambda: sched_getattr(b_idle).policy in RT, 2), "B's idle vCPU never boosted"
+    os.kill(a.pid, signal.SIGTERM)
+    _, err = a.finish(timeout=20)
+    assert a.watchdog.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert wait_for(lambda: not a.pin_dir.exists() and not alive(a.policy_pid), 5)
+    with Sampler(b.pid, [b_idle]) as s:
+        time.sleep(0.3)
+    boosted = sum(1 for _, _, at, _ in s.samples if at is not None and at.policy in RT)
+    assert boosted >= 0.9 * len(s.samples), f"B's idle vCPU lost its boost when A ended ({boosted}/{len(s.samples)})"
+    linked = link_prog_ids()
+    for vm in (b, c):
+        assert vm.pin_dir.is_dir() and alive(vm.policy_pid), f"VM {vm.pid} lost its pins or policy when A ended"
+        assert attached[vm.pid] <= linked, f"VM {vm.pid}'s programs were detached when A ended"
+        assert wait_for(lambda vm=vm: _applied_matches_observed(vm), 2), f"VM {vm.pid}: {vm.show()['vcpus']}"
+    stats = {vm.pid: vm.stats() for vm in (b, c)}
+    for vm in (b, c):
+        out, err = vm.finish(timeout=30)
+        assert vm.watchdog.returncode == 0, err[-2000:]
+        hosts = [json.loads(line) for line in out.splitlines() if line.startswith('{"type":"host"')]
+        assert len(hosts) == 2 and all(h["consistent"] for h in hosts), hosts
+        assert not vm.pin_dir.exists()
+    print({pid: {k: v for k, v in st.items() if k in ("posted", "boost", "rb_drop", "lock_busy", "slot_torn")}
+           for pid, st in stats.items()})
+    for pid, st in stats.items():
+        assert st["rb_drop"] == 0, f"VM {pid} dropped ring-buffer events: {st}"
