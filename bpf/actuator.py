@@ -59,10 +59,10 @@ class VcpuHandle:
     gone: bool = False
     errors: int = 0
     counters: tuple[int, int, int] = (0, 0, 0)
+    slot_uaddr: int = 0        # address of `slot` here: what the backstop program reads
 
-    @property
-    def slot_uaddr(self) -> int:
-        return int(pffi().cast("uintptr_t", self.slot_ptr))
+    def __post_init__(self) -> None:
+        self.slot_uaddr = int(pffi().cast("uintptr_t", self.slot_ptr))
 
 
 @dataclass
