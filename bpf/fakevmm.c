@@ -9,8 +9,9 @@
  *        chrt -f 50 timeout S chrt -o 0 fakevmm ...)
  * Prints one JSON line {"pid","memfd","hva","tids":[...]} then reads
  * commands on stdin, one per line:
- *   mode I idle|probe|busy|hog|block|torn|alt|burst|exit
- *        (alt: RR 5 / OTHER every 0.5 ms, blocking; burst: RR 8 runs 8 ms, halts 2 ms)
+ *   mode I idle|probe|busy|hog|block|torn|alt|burst|wake|exit
+ *        (alt: RR 5 / OTHER every 0.5 ms, blocking; burst: RR 8 runs 8 ms, halts 2 ms;
+ *         wake: plain OTHER work 300 us, halts 700 us: the halt-boost cost case)
  *   custom I spin|sleep FLAGS POLICY PRIO NICE WAKE   (fixed slot contents)
  *   lat I        -> {"vcpu":I,"samples":N,"p50":us,"p99":us,"max":us}, resets
  *   quit
@@ -35,7 +36,7 @@ typedef uint64_t __u64;
 typedef int32_t __s32;
 #include "../pvsched_device/pvsched_abi.h"
 
-enum mode { M_IDLE, M_PROBE, M_BUSY, M_HOG, M_BLOCK, M_TORN, M_CUSTOM_SPIN, M_CUSTOM_SLEEP, M_EXIT, M_ALT, M_BURST };
+enum mode { M_IDLE, M_PROBE, M_BUSY, M_HOG, M_BLOCK, M_TORN, M_CUSTOM_SPIN, M_CUSTOM_SLEEP, M_EXIT, M_ALT, M_BURST, M_WAKE };
 
 #define MAX_THREADS 8
 #define MAX_SAMPLES 20000
@@ -161,6 +162,12 @@ static void *vcpu_main(void *arg)
 			slot_write(s, PVSCHED_FLAG_IDLE, PVSCHED_POLICY_OTHER, 0, 0, 0);
 			usleep(2000);
 			break;
+		case M_WAKE: /* normal-priority work that wakes often */
+			slot_write(s, 0, PVSCHED_POLICY_OTHER, 0, 0, 0);
+			spin_us(300);
+			slot_write(s, PVSCHED_FLAG_IDLE, PVSCHED_POLICY_OTHER, 0, 0, 0);
+			usleep(700);
+			break;
 		case M_CUSTOM_SPIN:
 		case M_CUSTOM_SLEEP:
 			slot_write(s, atomic_load(&v->c_flags), atomic_load(&v->c_policy), atomic_load(&v->c_prio),
@@ -177,7 +184,7 @@ static void *vcpu_main(void *arg)
 
 static int parse_mode(const char *s)
 {
-	static const char *names[] = { "idle", "probe", "busy", "hog", "block", "torn", "", "", "exit", "alt", "burst" };
+	static const char *names[] = { "idle", "probe", "busy", "hog", "block", "torn", "", "", "exit", "alt", "burst", "wake" };
 
 	for (unsigned i = 0; i < sizeof(names) / sizeof(names[0]); i++)
 		if (names[i][0] && !strcmp(s, names[i]))
