@@ -669,10 +669,12 @@ int pvs_backstop(struct pvsched_backstop_ctx *ctx)
 	if (vcpu_trylock(v)) {
 		__u64 now = bpf_ktime_get_ns();
 
-		if (err)
-			account(v, t, now);
-		else
-			ret = pvsched_eval(v, tid, t, PVSCHED_SRC_BACKSTOP, &snap, ctx->reason, now);
+		/*
+		 * An unreadable slot (odd seq forever, fault) decides nothing, but the
+		 * throttle still runs: else a boosted guest escapes it by never
+		 * finishing a slot write.
+		 */
+		ret = pvsched_eval(v, tid, t, PVSCHED_SRC_BACKSTOP, err ? NULL : &snap, ctx->reason, now);
 		vcpu_unlock(v);
 	}
 	return ret;
