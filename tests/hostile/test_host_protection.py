@@ -23,12 +23,19 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
-from hostile_util import RT, Sampler, children, kill_pid, wait_active
+from hostile_util import RT, Sampler, children, kill_pid, shm_map, wait_active, wait_for
+
+from pvsched_device import abi
+from vmm.sched_attr import sched_getattr
+
+C = abi.C
 
 HOG_CPU, SAMPLER_CPU = 1, 0
 WINDOW_S = 2.0
@@ -82,3 +89,43 @@ def test_rt_spinner_gets_no_more_than_the_throttle_allows(vms, tunables: dict[st
     assert rt_s >= 0.5 * b / (b + s + t) * span, f"only {rt_s:.3f} s at RT: the hog was never boosted?"
     assert host_s >= 0.5 * (1 - bound) * span * 0.6, f"the host hog got only {host_s:.3f} s of its CPU"
     assert vm.show()["vcpus"][0]["throttles"] >= 5
+
+
+def test_boosted_spinner_that_never_finishes_a_slot_write_is_still_throttled(vms) -> None:
+    """Once boosted, a guest keeps its seqcount odd forever (no evaluation can read its slot) and spins at RT.
+
+    The slot decides nothing while unreadable, but the throttle must still end the boost: before the fix in
+    pvs_backstop (throttle checked only after a good read) this ran at RT ~97% of the time.
+    """
+    vm = wait_active(vms("duration=6 workload=hog", cpus=1, seconds=6))
+    tid = vm.tids[0]
+    area = shm_map(vm)
+    seq_off = C.PVSCHED_SHM_HEADER_SIZE  # slot 0's guest seq
+    stop = threading.Event()
+
+    def keep_odd() -> None:
+        while not stop.is_set():
+            seq = struct.unpack_from("<I", area, seq_off)[0]
+            if not seq & 1:
+                struct.pack_into("<I", area, seq_off, seq | 1)
+            time.sleep(0.0003)
+
+    writer = threading.Thread(target=keep_odd, daemon=True)
+    try:
+        assert wait_for(lambda: sched_getattr(tid).policy in RT, 3), "the hog was never boosted"
+        writer.start()
+        with Sampler(vm.pid, [tid]) as s:
+            time.sleep(WINDOW_S)
+    finally:
+        stop.set()
+        if writer.is_alive():
+            writer.join(2)
+        area.close()
+    tun = {k: int(v["value"]) for k, v in vm.show()["tunables"].items() if v["value"].isdigit()}
+    bound = rt_share_bound(tun["max_boost_runtime_ms"], tun["backstop_ms"], tun["throttle_ms"])
+    rt_s, span = s.rt_run_s(tid), s.span_s()
+    stats = vm.stats()
+    print(f"odd seqcount forever: RT {rt_s:.3f} s of {span:.2f} s ({rt_s / span:.1%}, bound {bound:.1%}), "
+          f"slot_torn {stats['slot_torn']}, throttles {stats['throttle']}")
+    assert stats["slot_torn"] > 100, "the slot was not unreadable: the test did not test anything"
+    assert rt_s <= (bound + 0.04) * span, f"RT {rt_s:.3f} s of {span:.2f} s with an unreadable slot: throttle evaded"
