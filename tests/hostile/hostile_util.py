@@ -295,6 +295,7 @@ __all__ = [
     "kill_pid",
     "link_prog_ids",
     "loaded_prog_ids",
+    "observer_rt",
     "shm_map",
     "start_vm",
     "wait_active",

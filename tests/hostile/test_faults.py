@@ -18,7 +18,7 @@ import signal
 import time
 
 import pytest
-from hostile_util import RT, Sampler, alive, link_prog_ids, loaded_prog_ids, wait_active, wait_for
+from hostile_util import RT, Sampler, alive, link_prog_ids, loaded_prog_ids, observer_rt, wait_active, wait_for
 
 from vmm.sched_attr import SchedAttr, sched_getattr
 
@@ -54,6 +54,47 @@ def test_policy_killed_while_an_rt_spinner_is_boosted(vms) -> None:
     assert '{"type":"done","status":"ok"}' in out
     assert err.count("died (killed by signal 9)") == 1, err
     assert not vm.prog_ids & link_prog_ids()
+
+
+@pytest.mark.xfail(strict=True, reason="known gap (reported): the VMM restores from Python, which needs the GIL; "
+                   "with boosted vCPUs on every CPU the GIL holder is a starved SCHED_OTHER thread, so even an RT "
+                   "restore thread waits ~1 s (the fair server's period); needs a restorer outside the VMM's "
+                   "interpreter, or the VMM's threads above the boosts")
+def test_policy_killed_while_every_cpu_runs_a_boosted_spinner(vms) -> None:
+    """Two FIFO-99 spinners boosted on this 2-core host, then kill -9 of the policy: restored within 100 ms?
+
+    Nothing at SCHED_OTHER can run meanwhile (the boosted vCPUs hold both CPUs): measured ~1000 ms.
+    """
+    vm = wait_active(vms("duration=3 workload=hog,hog", seconds=3))
+    tids = list(vm.tids.values())
+    with observer_rt():
+        assert wait_for(lambda: all(sched_getattr(t).policy in RT for t in tids), 3, 0.0005), "never both boosted"
+        os.kill(vm.policy_pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        assert wait_for(lambda: all(sched_getattr(t) == SchedAttr() for t in tids), 3, 0.0005), "never restored"
+        ms = (time.monotonic() - t0) * 1000
+    print(f"two boosted spinners restored {ms:.1f} ms after SIGKILL of the policy process")
+    assert ms < 100, f"restored only after {ms:.1f} ms"
+    _, err = vm.finish()
+    assert vm.watchdog.returncode == 0, err[-2000:]
+
+
+@pytest.mark.xfail(strict=True, reason="known gap (reported): the VMM watches only for the policy process's death; "
+                   "a hung (here SIGSTOPped) policy leaves a boosted spinner at RT with no throttle (measured 97%)")
+def test_policy_hung_while_an_rt_spinner_is_boosted(vms) -> None:
+    """The policy process stops answering (SIGSTOP) while the hog vCPU is boosted: the boost must not outlive it."""
+    vm = wait_active(vms("duration=4 workload=hog", cpus=1, seconds=4))
+    tid = vm.tids[0]
+    assert wait_for(lambda: sched_getattr(tid).policy in RT, 3), "never boosted"
+    os.kill(vm.policy_pid, signal.SIGSTOP)
+    try:
+        with Sampler(vm.pid, [tid]) as s:
+            time.sleep(1.0)
+    finally:
+        os.kill(vm.policy_pid, signal.SIGCONT)
+    share = s.rt_run_s(tid) / s.span_s()
+    print(f"policy process stopped: the spinner ran at RT {share:.1%} of 1 s")
+    assert share < 0.5, f"a hung policy process left the spinner at RT {share:.1%} of the time"
 
 
 def test_vmm_killed_policy_exits_links_detach_pins_go(vms) -> None:
