@@ -89,7 +89,7 @@ def write_host_area(slot: memoryview, state: int, attr: SchedAttr, counters: tup
     """Publish what the host applied in the slot's host area, under the host seqcount."""
     o = _OFF
     seq = struct.unpack_from("<I", slot, o["seq"])[0]
-    seq = (seq + 1) | 1  # odd: writing
+    seq = ((seq + 1) | 1) & 0xFFFFFFFF  # odd: writing (the guest can write any seq here: wrap, never overflow)
     struct.pack_into("<I", slot, o["seq"], seq)
     struct.pack_into("<I", slot, o["state"], state)
     struct.pack_into("<i", slot, o["policy"], attr.policy)
