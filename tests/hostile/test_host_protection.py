@@ -91,26 +91,33 @@ def test_rt_spinner_gets_no_more_than_the_throttle_allows(vms, tunables: dict[st
     assert vm.show()["vcpus"][0]["throttles"] >= 5
 
 
-def test_boosted_spinner_that_never_finishes_a_slot_write_is_still_throttled(vms) -> None:
-    """Once boosted, a guest keeps its seqcount odd forever (no evaluation can read its slot) and spins at RT.
+@pytest.mark.parametrize("poison", ["guest_seq_odd", "host_seq_max"])
+def test_boosted_spinner_that_scribbles_on_its_slot_is_still_throttled(vms, poison: str) -> None:
+    """Once boosted, a guest scribbles on its slot without end while it spins at RT; the throttle must still bite.
 
-    The slot decides nothing while unreadable, but the throttle must still end the boost: before the fix in
-    pvs_backstop (throttle checked only after a good read) this ran at RT ~97% of the time.
+    guest_seq_odd: its guest seqcount stays odd (no evaluation can read the slot).  Before the fix in
+    pvs_backstop (throttle checked only after a good read) the spinner ran at RT ~97% of the time.
+    host_seq_max: it writes 0xFFFFFFFF into the host area's seq (guest memory, though the host's to write).
+    Before the fix in actuator.write_host_area that overflowed the next seq, killed the actuator thread (no
+    more backstop, no throttle) while the policy process stayed alive: RT ~93%, nothing restored.
     """
     vm = wait_active(vms("duration=6 workload=hog", cpus=1, seconds=6))
     tid = vm.tids[0]
+    actuator = f"/proc/{vm.policy_pid}/task/{vm.show()['actuator']['tid']}"
     area = shm_map(vm)
-    seq_off = C.PVSCHED_SHM_HEADER_SIZE  # slot 0's guest seq
+    off = C.PVSCHED_SHM_HEADER_SIZE + (0 if poison == "guest_seq_odd" else C.PVSCHED_SLOT_SIZE // 2)
     stop = threading.Event()
 
-    def keep_odd() -> None:
+    def scribble() -> None:
         while not stop.is_set():
-            seq = struct.unpack_from("<I", area, seq_off)[0]
-            if not seq & 1:
-                struct.pack_into("<I", area, seq_off, seq | 1)
+            seq = struct.unpack_from("<I", area, off)[0]
+            if poison == "host_seq_max":
+                struct.pack_into("<I", area, off, 0xFFFFFFFF)
+            elif not seq & 1:
+                struct.pack_into("<I", area, off, seq | 1)
             time.sleep(0.0003)
 
-    writer = threading.Thread(target=keep_odd, daemon=True)
+    writer = threading.Thread(target=scribble, daemon=True)
     try:
         assert wait_for(lambda: sched_getattr(tid).policy in RT, 3), "the hog was never boosted"
         writer.start()
@@ -121,11 +128,13 @@ def test_boosted_spinner_that_never_finishes_a_slot_write_is_still_throttled(vms
         if writer.is_alive():
             writer.join(2)
         area.close()
+    assert os.path.exists(actuator), "the policy's actuator thread died"
     tun = {k: int(v["value"]) for k, v in vm.show()["tunables"].items() if v["value"].isdigit()}
     bound = rt_share_bound(tun["max_boost_runtime_ms"], tun["backstop_ms"], tun["throttle_ms"])
     rt_s, span = s.rt_run_s(tid), s.span_s()
     stats = vm.stats()
-    print(f"odd seqcount forever: RT {rt_s:.3f} s of {span:.2f} s ({rt_s / span:.1%}, bound {bound:.1%}), "
+    print(f"{poison}: RT {rt_s:.3f} s of {span:.2f} s ({rt_s / span:.1%}, bound {bound:.1%}), "
           f"slot_torn {stats['slot_torn']}, throttles {stats['throttle']}")
-    assert stats["slot_torn"] > 100, "the slot was not unreadable: the test did not test anything"
-    assert rt_s <= (bound + 0.04) * span, f"RT {rt_s:.3f} s of {span:.2f} s with an unreadable slot: throttle evaded"
+    if poison == "guest_seq_odd":
+        assert stats["slot_torn"] > 100, "the slot was not unreadable: the test did not test anything"
+    assert rt_s <= (bound + 0.04) * span, f"RT {rt_s:.3f} s of {span:.2f} s: the throttle was evaded"

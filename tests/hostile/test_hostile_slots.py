@@ -12,6 +12,7 @@ through it all.
 
 from __future__ import annotations
 
+import os
 import random
 import struct
 import time
@@ -48,7 +49,11 @@ write = st.fixed_dictionaries({
 storm = st.fixed_dictionaries({"op": st.just("storm"), "vcpu": st.integers(0, 1), "seed": u32,
                                "ms": st.integers(5, 25)})
 header = st.fixed_dictionaries({"op": st.just("header"), "data": st.binary(min_size=HDR, max_size=HDR)})
-ops = st.lists(st.one_of(write, write, storm, header), min_size=1, max_size=5)
+# the host area is the host's to write, but it is guest memory: a guest can scribble on it too
+host_area = st.fixed_dictionaries({"op": st.just("host_area"), "vcpu": st.integers(0, 1),
+                                   "seq": st.one_of(st.sampled_from([0xFFFFFFFF, 0xFFFFFFFE, 1]), u32),
+                                   "rest": st.binary(min_size=SLOT // 2 - 4, max_size=SLOT // 2 - 4)})
+ops = st.lists(st.one_of(write, write, storm, header, host_area), min_size=1, max_size=5)
 
 
 class HostileVm:
@@ -61,6 +66,7 @@ class HostileVm:
         self.original = {tid: SchedAttr() for tid in self.vm.tids.values()}  # `chrt -o 0`: SCHED_OTHER nice 0
         self.sampler = Sampler(self.vm.pid, list(self.vm.tids.values()))
         self.checked = 0
+        self.actuator = f"/proc/{self.vm.policy_pid}/task/{self.vm.show()['actuator']['tid']}"
         self.rng = random.Random(0)
 
     def guest_write(self, vcpu: int, seq: int, fl: int, pol: int, prio: int, nice: int, hint: int) -> None:
@@ -73,6 +79,10 @@ class HostileVm:
     def apply(self, op: dict) -> None:
         if op["op"] == "header":
             self.area[:HDR] = op["data"]
+        elif op["op"] == "host_area":
+            off = HDR + SLOT * op["vcpu"] + SLOT // 2
+            self.area[off:off + SLOT // 2] = struct.pack("<I", op["seq"]) + op["rest"]
+            time.sleep(0.006)  # let the actuator write over it at least once
         elif op["op"] == "storm":
             # rapidly changing values and a wake_hint storm, as fast as Python writes
             r = random.Random(op["seed"])
@@ -105,6 +115,7 @@ class HostileVm:
         bad = [f"{a} tid {tid}" for _, tid, a, _ in new if a is not None and CAPS.violation(a, self.original[tid])]
         assert not bad, f"outside the caps: {bad[:5]}"
         assert alive(self.vm.policy_pid), "the policy process died"
+        assert os.path.exists(self.actuator), "the policy's actuator thread died (no more throttling)"
         assert alive(self.vm.pid), "the VMM died"
 
     def close(self) -> None:
@@ -146,10 +157,13 @@ def test_after_the_storm_the_policy_is_intact_and_acted_on_the_hostile_input(hos
     assert len(samples) > 1000, f"only {len(samples)} samples: the sampler did not keep up"
     capped = [a for a in samples if a.policy == 2 and a.priority == CAPS.max_rt_prio]
     assert capped, "no RT request was ever applied at the cap: the hostile input never reached the policy"
+    show = hostile.vm.show()
+    rounds = show["actuator"]["backstop_rounds"]
+    time.sleep(0.1)
+    assert hostile.vm.show()["actuator"]["backstop_rounds"] >= rounds + 5, "the actuator thread stopped"
     stats = hostile.vm.stats()
     assert stats["slot_torn"] > 0, stats   # odd-forever seqcounts were seen and ignored
     assert stats["backstop"] > 0 and stats["posted"] > 0, stats
-    show = hostile.vm.show()
     assert show["actuator"]["errors"] == 0, show["actuator"]
     assert hostile.vm.status()["pvsched"]["policy"]["pid"] == hostile.vm.policy_pid  # the same process all along
     print(f"hostile slots: {len(samples)} samples over {hostile.sampler.span_s():.1f} s, "
