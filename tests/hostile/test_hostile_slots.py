@@ -1,13 +1,15 @@
 """Hostile shared area: garbage written into a live VM's slots through its memfd never escapes the admin caps.
 
-A real VM (test guest, 2 idle vCPUs, real BPF policy with tighter-than-default
-caps) runs while hypothesis writes its slots and header the way a hostile
-guest could: odd seqcounts left forever, torn writes under an even seq,
-policies 6/7/99/-1, priority 1000, nice -100, garbage flags, wake_hint
-storms, rapidly changing values.  A sampler independent of the policy reads
-the vCPU threads' real attributes (sched_getattr) every ~1 ms over the whole
-run; every sample must be within the caps, and the policy process must live
-through it all.
+A real VM (test guest: vCPU 0 busy, so the BPF programs read its slot at
+every preemption, vCPU 1 idle; the real BPF policy with tighter-than-default
+caps) runs while hypothesis writes its slots, their host areas and the header
+the way a hostile guest could: odd seqcounts left forever, torn writes under
+an even seq, policies 6/7/99/-1, priority 1000, nice -100, garbage flags,
+wake_hint storms, rapidly changing values, host seq 0xFFFFFFFF.  A sampler
+independent of the policy reads the vCPU threads' real attributes
+(sched_getattr) every ~1 ms over the whole run; every sample must be within
+the caps, and the policy process and its actuator thread must live through
+it all.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class HostileVm:
     """The VM, its shared area mapped here, and the independent sampler."""
 
     def __init__(self) -> None:
-        self.vm = wait_active(start_vm("duration=30 workload=idle,idle interval=20000", cpus=2, seconds=30,
+        self.vm = wait_active(start_vm("duration=30 workload=busy,idle interval=20000", cpus=2, seconds=30,
                                        args=sum((("--policy-set", t) for t in TUNABLES), ())))
         self.area = shm_map(self.vm)
         self.original = {tid: SchedAttr() for tid in self.vm.tids.values()}  # `chrt -o 0`: SCHED_OTHER nice 0
