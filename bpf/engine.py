@@ -23,7 +23,7 @@ from typing import Self
 
 import trio
 
-from vmm.sched_attr import POLICY_NAMES, SchedAttr, sched_getattr
+from vmm.sched_attr import POLICY_NAMES, SCHED_FIFO, SCHED_RR, SchedAttr, sched_getattr, sched_setattr
 
 from . import libbpf
 from .actuator import Actuator, VcpuHandle
@@ -92,6 +92,7 @@ class PolicyEngine:
         self.tunables = parse(tunables)
         self.pin_root = Path(pin_root)
         self._stats_fd = stats_fd
+        self._realtime = realtime
         self._own_stats_fd: int | None = None
         self._closed = False
         self._policy: BpfPolicy | None = None
@@ -167,13 +168,22 @@ class PolicyEngine:
 
     # --- running -----------------------------------------------------------------
     async def run(self) -> None:
-        """Run the actuator thread (ring buffer, backstop, sched_setattr) until cancelled."""
+        """Run the actuator thread (ring buffer, backstop, sched_setattr) until cancelled.
+
+        With `realtime`, the calling (trio) thread also runs at SCHED_FIFO 35
+        meanwhile: the actuator needs the GIL, and a SCHED_OTHER thread holding
+        it could be starved by boosted vCPUs on every CPU (priority inversion),
+        delaying the very throttle that would free a CPU. It only ever blocks.
+        """
+        caller = _raise_caller(self._realtime)
         self._actuator.start()
         try:
             await trio.sleep_forever()
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._actuator.stop)
+            if caller is not None:
+                sched_setattr(0, caller)
 
     def close(self) -> None:
         """Restore every thread, detach every program, unpin and remove the pin directory; idempotent."""
@@ -246,6 +256,24 @@ class PolicyEngine:
         }
         out["text"] = format_show(out)
         return out
+
+
+CALLER_PRIO = 35  # RT ladder: above boosts (<= 30), below the actuator (40) and watchdogs (>= 50)
+
+
+def _raise_caller(realtime: bool) -> SchedAttr | None:
+    """Put the calling thread at SCHED_FIFO CALLER_PRIO; its previous attributes, or None if unchanged."""
+    if not realtime:
+        return None
+    try:
+        before = sched_getattr(0)
+        if before.policy in (SCHED_FIFO, SCHED_RR) and before.priority >= CALLER_PRIO:
+            return None
+        sched_setattr(0, SchedAttr(SCHED_FIFO, CALLER_PRIO, before.nice))
+        return before
+    except OSError as e:
+        log.warning("pvsched: policy thread stays %s: %s (need CAP_SYS_NICE)", "unchanged", e)
+        return None
 
 
 def _require_bpffs(pin_root: Path) -> None:

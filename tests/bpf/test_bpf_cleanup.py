@@ -42,6 +42,8 @@ def test_sandbox_caps_are_enough(fake_vmm, policy_child):
     # the actuator runs at FIFO 40 with memory locked
     act = show["actuator"]["tid"]
     assert os.sched_getscheduler(act) == os.SCHED_FIFO and os.sched_getparam(act).sched_priority == 40
+    # and the thread that runs the engine sits above the boosts too (no GIL priority inversion)
+    assert os.sched_getscheduler(child.pid) == os.SCHED_FIFO and os.sched_getparam(child.pid).sched_priority == 35
     status = Path(f"/proc/{child.pid}/status").read_text()
     vmlck = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmLck:")))
     assert vmlck > 0, "mlockall did not lock memory"
