@@ -90,6 +90,7 @@ def test_halt_boost_uses_boost_params_and_follows_set_tunables(fake_vmm, policy_
     vmm = fake_vmm(2)
     idle, blocked = vmm.tids
     child = policy_child(vmm)
+    assert child.set(debug="2")["tunables"]["debug"] == "2"  # bpf_printk per event: decisions unchanged
     vmm.cmd("mode 0 idle")   # halts: slot IDLE
     vmm.cmd("mode 1 block")  # blocks with a non-IDLE slot: a lock wait, not a halt
     assert wait_for(lambda: observed(idle)[:2] == (RR, 8), 1.0), f"got {observed(idle)}"
