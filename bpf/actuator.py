@@ -194,19 +194,35 @@ class Actuator:
 
     def _main(self) -> None:
         self._go_realtime()
-        lib = libbpf.lib()
         next_backstop = time.monotonic()
         while not self._stop.is_set():
-            now = time.monotonic()
-            if now >= next_backstop:
-                self.backstop_round()
-                lib.ring_buffer__consume(self._rb)
-                next_backstop = now + self.backstop_ms / 1000
-            timeout_ms = max(1, int((next_backstop - time.monotonic()) * 1000 + 0.999))
-            rc = lib.ring_buffer__poll(self._rb, timeout_ms)  # blocks; GIL released by cffi
-            if rc < 0 and rc != -errno.EINTR:
-                log.error("pvsched: ring buffer poll failed: %s", os.strerror(-rc))
-                self._stop.wait(self.backstop_ms / 1000)  # never spin on a broken ring buffer
+            try:
+                next_backstop = self._iteration(next_backstop)
+            except Exception:  # the thread must outlive any bad input: it is what throttles
+                self.stats.errors += 1
+                log.exception("pvsched: actuator iteration failed; continuing")
+                self._stop.wait(self.backstop_ms / 1000)  # never spin on a repeating error
+                next_backstop = time.monotonic()
+
+    def _iteration(self, next_backstop: float) -> float:
+        """One backstop round if due, then block in the ring buffer until the next; returns the next due time."""
+        lib = libbpf.lib()
+        now = time.monotonic()
+        if now >= next_backstop:
+            self.backstop_round()
+            lib.ring_buffer__consume(self._rb)
+            next_backstop = now + self.backstop_ms / 1000
+        timeout_ms = max(1, int((next_backstop - time.monotonic()) * 1000 + 0.999))
+        rc = lib.ring_buffer__poll(self._rb, timeout_ms)  # blocks; GIL released by cffi
+        if rc < 0 and rc != -errno.EINTR:
+            log.error("pvsched: ring buffer poll failed: %s", os.strerror(-rc))
+            self._stop.wait(self.backstop_ms / 1000)  # never spin on a broken ring buffer
+        return next_backstop
+
+    @property
+    def alive(self) -> bool:
+        """True while the actuator thread runs."""
+        return self._thread is not None and self._thread.is_alive()
 
     def backstop_round(self, reason: int = 0) -> None:
         """Run the BPF backstop for every vCPU and refresh host-area counters."""

@@ -178,7 +178,10 @@ class PolicyEngine:
         caller = _raise_caller(self._realtime)
         self._actuator.start()
         try:
-            await trio.sleep_forever()
+            while True:
+                await trio.sleep(0.2)
+                if not self._actuator.alive:  # fail loudly: the VMM restores the threads
+                    raise RuntimeError("pvsched: the actuator thread died")
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._actuator.stop)

@@ -135,3 +135,48 @@ def test_add_vcpu_refuses_threads_outside_the_vmm_and_bad_input(fake_vmm, bpf_ob
         eng.close()
         eng.close()  # idempotent
     assert not (pin_root / str(vmm.pid)).exists()
+
+
+def test_actuator_survives_errors_and_a_hostile_host_seq(fake_vmm, bpf_object, pin_root):
+    import struct
+
+    import trio
+
+    from bpf.engine import PolicyEngine
+    from pvsched_device import abi
+    from vmm.sched_attr import sched_getattr
+
+    vmm = fake_vmm(1)
+    tid = vmm.tids[0]
+    off = vmm.info["slot_offset"]
+    # the host area is guest memory: a guest may leave any seq there
+    struct.pack_into("<I", vmm.map, off + abi.offsetof("struct pvsched_slot", "host", "seq"), 0xFFFFFFFF)
+    eng = PolicyEngine(vmm.pid, {}, str(pin_root), realtime=False)
+    real = eng._policy.backstop
+    failures = []
+
+    def flaky(*a):
+        if len(failures) < 3:
+            failures.append(1)
+            raise ValueError("injected")
+        return real(*a)
+
+    eng._policy.backstop = flaky
+    try:
+        eng.add_vcpu(1, 0, tid, vmm.info["hva"] + off, memoryview(vmm.map)[off:off + 128], sched_getattr(tid))
+        vmm.cmd("mode 0 idle")
+
+        async def main() -> None:
+            async with trio.open_nursery() as n:
+                n.start_soon(eng.run)
+                await trio.sleep(0.5)
+                assert eng._actuator.alive
+                n.cancel_scope.cancel()
+
+        trio.run(main)
+        assert len(failures) == 3 and eng.show()["actuator"]["errors"] >= 3
+        assert observed(tid)[0] == RR, "no boost after the actuator's errors"
+        assert vmm.host_area(0)["seq"] % 2 == 0 and vmm.host_area(0)["state"] == 1
+    finally:
+        eng.close()
+    assert observed(tid) == (OTHER, 0, 0)
