@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -75,6 +76,10 @@ def run(seconds: float, workloads: list[str], load: bool, pin_root: str) -> dict
     finally:
         if engine is not None:
             engine.close()
+        try:
+            os.rmdir(pin_root)  # only when empty: this run's own root
+        except OSError:
+            pass
         if stress is not None:
             stress.kill()
             stress.wait()
