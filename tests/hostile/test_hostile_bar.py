@@ -107,7 +107,8 @@ class Device:
             was_active = self.dev.active is not None
             st_ = self.negotiate(a, b) if c else None
             if st_ is not None and not was_active:
-                assert st_ != C.PVSCHED_STATUS_ACTIVE, f"hostile GPA {a:#x}+{b:#x} accepted"
+                ok = self.acceptable(a, b)
+                assert (st_ == C.PVSCHED_STATUS_ACTIVE) == ok, f"GPA {a:#x}+{b:#x}: STATUS {st_}, acceptable {ok}"
         elif kind == "ctl":
             for _ in range(b):
                 self.w(REG["CONTROL"], a)
@@ -115,6 +116,18 @@ class Device:
             if self.dev.active is None:
                 assert self.negotiate(a, b) == C.PVSCHED_STATUS_ACTIVE
         self.longest_queue = max(self.longest_queue, len(self.dev.supervisor._queue))
+
+    def acceptable(self, gpa: int, size: int) -> bool:
+        """DESIGN.md's BAR0 table: page aligned, big enough, wholly in RAM, not in the MMIO hole, not wrapping."""
+        if gpa % 4096 or size % 4096 or size < slots.min_shm_size(2) or gpa + size > 2**64:
+            return False
+        if gpa < HIGH_RAM_START and gpa + size > PCI_MMIO_START:
+            return False
+        try:
+            self.vm.memory.region_of(gpa, size)
+        except GuestMemoryError:
+            return False
+        return True
 
     def check(self) -> None:
         """The device's invariants: identity intact, a known status, an accepted area only ever inside RAM."""
