@@ -280,6 +280,11 @@ class Sampler:
         s = self.of(tid)
         return (s[-1][2] - s[0][2]) / 1e9 if len(s) > 1 else 0.0
 
+    def max_gap_s(self) -> float:
+        """Longest time between two consecutive sampling rounds (the sampler's own delays)."""
+        times = sorted({t for t, _, _, _ in self.samples})
+        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
+
     def span_s(self) -> float:
         return self.samples[-1][0] - self.samples[0][0] if self.samples else 0.0
 

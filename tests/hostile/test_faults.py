@@ -115,7 +115,7 @@ def test_stale_pins_of_a_crashed_run_are_removed_at_the_next_start(vms) -> None:
     assert wait_for(lambda: not alive(crashed.policy_pid), 5, 0.01)
     pins = sorted(os.listdir(crashed.pin_dir))
     assert pins, "expected the crashed run's pins to be left behind"
-    assert not crashed.prog_ids & link_prog_ids(), "links must go with the process even without cleanup"
+    assert wait_for(lambda: not crashed.prog_ids & link_prog_ids(), 5, 0.05), "links must go with the process"
     nxt = wait_active(vms("duration=2 workload=idle,idle", seconds=2))
     assert not crashed.pin_dir.exists(), f"stale pins {pins} of dead VMM {crashed.pid} survived the next start"
     assert nxt.pin_dir.is_dir()
