@@ -49,21 +49,23 @@ def rt_share_bound(b_ms: float, s_ms: float, t_ms: float) -> float:
 
 
 @pytest.mark.skipif(os.cpu_count() < 2, reason="pins the vCPU and a host hog to CPU 1, the sampler to CPU 0")
-@pytest.mark.parametrize("tunables", [
-    {},  # the shipped defaults: B 30, W 100, T 100, S 5
-    {"max_boost_runtime_ms": "10", "throttle_window_ms": "50", "throttle_ms": "40", "backstop_ms": "2"},
-], ids=["defaults", "tight"])
-def test_rt_spinner_gets_no_more_than_the_throttle_allows(vms, tunables: dict[str, str]) -> None:
+@pytest.mark.parametrize(("tunables", "window_s"), [
+    pytest.param({}, WINDOW_S, id="defaults"),  # the shipped defaults: B 30, W 100, T 100, S 5
+    pytest.param({"max_boost_runtime_ms": "10", "throttle_window_ms": "50", "throttle_ms": "40", "backstop_ms": "2"},
+                 WINDOW_S, id="tight"),
+    pytest.param({}, 20.0, id="defaults-20s", marks=pytest.mark.slow),
+])
+def test_rt_spinner_gets_no_more_than_the_throttle_allows(vms, tunables: dict[str, str], window_s: float) -> None:
     args = sum((("--policy-set", f"{k}={v}") for k, v in tunables.items()), ())
-    vm = wait_active(vms("duration=8 workload=hog", cpus=1, seconds=8, args=args))
+    vm = wait_active(vms(f"duration={int(window_s) + 6} workload=hog", cpus=1, seconds=window_s + 6, args=args))
     tun = {k: int(v["value"]) for k, v in vm.show()["tunables"].items() if v["value"].isdigit()}
     b, s, t = tun["max_boost_runtime_ms"], tun["backstop_ms"], tun["throttle_ms"]
     assert b + s < tun["throttle_window_ms"], "the bound below assumes B + S < W"
     bound = rt_share_bound(b, s, t)
     tid = vm.tids[0]
     os.sched_setaffinity(tid, {HOG_CPU})
-    hog = subprocess.Popen(["timeout", "-s", "KILL", "20", "taskset", "-c", str(HOG_CPU), sys.executable, "-c",
-                            "while True: pass"], start_new_session=True)
+    hog = subprocess.Popen(["timeout", "-s", "KILL", str(int(window_s) + 20), "taskset", "-c", str(HOG_CPU),
+                            sys.executable, "-c", "while True: pass"], start_new_session=True)
     try:
         time.sleep(0.3)  # the hog is on its CPU, a cycle or two have passed
         hog_pid = children(hog.pid)[0]  # timeout -> taskset exec'd into the hog
@@ -71,7 +73,7 @@ def test_rt_spinner_gets_no_more_than_the_throttle_allows(vms, tunables: dict[st
         # the samplers
         with observer_rt(), Sampler(vm.pid, [tid], cpu=SAMPLER_CPU) as vcpu, \
                 Sampler(hog_pid, [hog_pid], cpu=SAMPLER_CPU) as host:
-            time.sleep(WINDOW_S)
+            time.sleep(window_s)
         assert vm.watchdog.poll() is None, "the VM ended during the measurement"
     finally:
         kill_pid(hog.pid)  # timeout's child dies with its session's SIGKILL below
@@ -86,7 +88,7 @@ def test_rt_spinner_gets_no_more_than_the_throttle_allows(vms, tunables: dict[st
     print(f"{tunables or 'defaults'}: over {span:.2f} s the vCPU ran {run_s:.3f} s, {rt_s:.3f} s of it at RT "
           f"({rt_s / span:.1%}; bound {bound:.1%}), the host hog on the same CPU ran {host_s:.3f} s "
           f"({host_s / span:.1%}); {rt_samples}/{len(vcpu.of(tid))} samples RT")
-    assert span > 0.9 * WINDOW_S and len(vcpu.of(tid)) > 500, \
+    assert span > 0.9 * window_s and len(vcpu.of(tid)) > 250 * window_s, \
         f"the sampler did not keep up: span {span:.3f} s, longest gap {vcpu.max_gap_s():.3f} s, {len(vcpu.of(tid))}"
     assert rt_s <= (bound + 0.04) * span, f"RT run time {rt_s:.3f} s above the throttle's bound {bound:.1%}"
     # meaningful: the spinner really was boosted (else the bound holds trivially), and the host kept its CPU
