@@ -144,7 +144,11 @@ class PolicyService:
                 raise ValueError("vcpus: duplicate vCPU id")
             if self.reg is not None:
                 self.unregister()
-            area = mmap.mmap(fds[0], size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+            # Only the header and the slots: SHM_SIZE has no upper bound, and under mlockall(MCL_FUTURE) mapping
+            # all of a huge area would populate and lock that much host memory (a guest's choice).
+            used = -(-slots.min_shm_size(nr) // mmap.PAGESIZE) * mmap.PAGESIZE
+            area = mmap.mmap(fds[0], min(size, used), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                             offset=offset)
         finally:
             for fd in fds:
                 os.close(fd)
