@@ -377,3 +377,67 @@ def test_guest_driven_bar_storm(tmp_path: Path) -> None:
     assert warnings and max(warnings.values()) == 1, f"a guest misbehaviour logged more than once: {warnings}"
     assert len(warnings) <= 6, "\n".join(warnings)
     assert "registered VM" in err and "died" not in err, err[-3000:]
+
+
+BIG_AREA_GUEST = r"""
+.macro CFG_R reg
+    mov %r12d, %eax
+    or $\reg, %eax
+    mov $0xcf8, %dx
+    out %eax, %dx
+    mov $0xcfc, %dx
+    in %dx, %eax
+.endm
+_start:
+    test %rdi, %rdi
+    jnz 99f
+    xor %ebx, %ebx
+scan:
+    mov %ebx, %r12d
+    shl $11, %r12d
+    or $0x80000000, %r12d
+    CFG_R 0
+    cmp $0x70731234, %eax
+    je found
+    inc %ebx
+    cmp $32, %ebx
+    jne scan
+    EXIT 2
+found:
+    CFG_R 0x10
+    and $0xfffffff0, %eax
+    mov %eax, %edi
+    movl $0x10000, 0x10(%rdi)
+    movl $0xf, 0x0c(%rdi)
+    movl $0x200000, 0x18(%rdi)
+    movl $0, 0x1c(%rdi)
+    movl $0x20000000, 0x20(%rdi)  # 512 MiB: valid (in RAM, aligned), far more than 2 slots need
+    movl $1, 0x24(%rdi)
+99: cli
+    hlt
+    jmp 99b
+"""
+
+
+def test_a_huge_shared_area_does_not_make_the_host_lock_guest_ram(tmp_path: Path) -> None:
+    """SHM_SIZE has no upper limit, and the policy process runs with mlockall(MCL_FUTURE): mapping the whole area
+    populated and locked it (a 512 MiB area: +512 MiB locked host RAM; a big VM's guest could lock it all)."""
+    from hostile_util import Vm, _vmm_pid, wait_active
+
+    elf = _tiny_guests().build_guest(tmp_path, BIG_AREA_GUEST, "big")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen(["chrt", "-f", "50", "timeout", "-s", "KILL", "60", "chrt", "-o", "0", sys.executable,
+                          "-m", "vmm.cli", "boot", "--no-console-input", "--kernel", str(elf), "--cpus", "2",
+                          "--mem", "1024", "--timeout", "40"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    vm = Vm(p)
+    try:
+        vm.pid = _vmm_pid(p)
+        st = wait_active(vm).st
+        assert st["pvsched"]["shm_size"] == 0x20000000
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{vm.policy_pid}/status").read_text().splitlines())
+        locked_mib, rss_mib = (int(fields[k].split()[0]) >> 10 for k in ("VmLck", "VmRSS"))
+        print(f"policy process with a 512 MiB shared area: VmLck {locked_mib} MiB, VmRSS {rss_mib} MiB")
+        assert locked_mib < 400 and rss_mib < 400, f"VmLck {locked_mib} MiB, VmRSS {rss_mib} MiB"
+    finally:
+        vm.kill()
