@@ -58,8 +58,8 @@ def test_policy_killed_while_an_rt_spinner_is_boosted(vms) -> None:
 
 @pytest.mark.xfail(strict=False, reason="known gap (reported; drop this mark once fixed): the VMM restores from "
                    "Python, which needs the GIL; with boosted vCPUs on every CPU the GIL holder is a starved "
-                   "SCHED_OTHER thread, so even an RT restore thread waits ~1 s (the fair server's period); needs a restorer outside the VMM's "
-                   "interpreter, or the VMM's threads above the boosts")
+                   "SCHED_OTHER thread, so even an RT restore thread waits ~1 s (the fair server's period); needs "
+                   "a restorer outside the VMM's interpreter, or the VMM's threads above the boosts")
 def test_policy_killed_while_every_cpu_runs_a_boosted_spinner(vms) -> None:
     """Two FIFO-99 spinners boosted on this 2-core host, then kill -9 of the policy: restored within 100 ms?
 
