@@ -166,6 +166,7 @@ def test_after_the_storm_the_policy_is_intact_and_acted_on_the_hostile_input(hos
     stats = hostile.vm.stats()
     assert stats["slot_torn"] > 0, stats   # odd-forever seqcounts were seen and ignored
     assert stats["backstop"] > 0 and stats["posted"] > 0, stats
+    assert stats["preempt"] > 100, stats  # the busy vCPU's slot was read in BPF at its preemptions, not only polled
     assert show["actuator"]["errors"] == 0, show["actuator"]
     assert hostile.vm.status()["pvsched"]["policy"]["pid"] == hostile.vm.policy_pid  # the same process all along
     print(f"hostile slots: {len(samples)} samples over {hostile.sampler.span_s():.1f} s, "
