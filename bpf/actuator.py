@@ -2,10 +2,11 @@
 
 One dedicated thread at SCHED_FIFO 40 (RT ladder: above every boosted vCPU,
 <= 30, below watchdogs, >= 50) blocks in ring_buffer__poll (cffi releases the
-GIL) with a timeout of the time left to the next backstop round; it never
-spins.  Each backstop round runs the BPF backstop program per vCPU, so a vCPU
-that never leaves its CPU is evaluated by the same code as every event.
-Restoring a thread's original attributes happens here too, under one lock.
+GIL) with a timeout of the time left to the next backstop round, at most
+LIVENESS_MS (so on_tick, the policy process's heartbeat, keeps beating
+whatever backstop_ms is); it never spins.  Each backstop round runs the BPF
+backstop program per vCPU, so a vCPU that never leaves its CPU is evaluated
+by the same code as every event.  Restoring a thread's original attributes happens here too, under one lock.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pvsched_device import abi
@@ -33,6 +35,7 @@ log = logging.getLogger("pvsched.actuator")
 SCHED_FIFO = 1
 MCL_CURRENT, MCL_FUTURE = 1, 2
 LATENCY_SAMPLES = 20000
+LIVENESS_MS = 20  # longest block between on_tick calls: the VMM's guardian kills a policy silent for 100 ms
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -113,6 +116,7 @@ class Actuator:
         self.stats = ActuatorStats()
         self.lock = threading.Lock()
         self.thread_tid: int | None = None
+        self.on_tick: Callable[[], None] | None = None  # called every iteration: the policy process's heartbeat
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         f = libbpf.ffi()
@@ -197,11 +201,13 @@ class Actuator:
         next_backstop = time.monotonic()
         while not self._stop.is_set():
             try:
+                if self.on_tick is not None:
+                    self.on_tick()
                 next_backstop = self._iteration(next_backstop)
             except Exception:  # the thread must outlive any bad input: it is what throttles
                 self.stats.errors += 1
                 log.exception("pvsched: actuator iteration failed; continuing")
-                self._stop.wait(self.backstop_ms / 1000)  # never spin on a repeating error
+                self._stop.wait(min(self.backstop_ms, LIVENESS_MS) / 1000)  # never spin on a repeating error
                 next_backstop = time.monotonic()
 
     def _iteration(self, next_backstop: float) -> float:
@@ -212,11 +218,11 @@ class Actuator:
             self.backstop_round()
             lib.ring_buffer__consume(self._rb)
             next_backstop = now + self.backstop_ms / 1000
-        timeout_ms = max(1, int((next_backstop - time.monotonic()) * 1000 + 0.999))
+        timeout_ms = min(LIVENESS_MS, max(1, int((next_backstop - time.monotonic()) * 1000 + 0.999)))
         rc = lib.ring_buffer__poll(self._rb, timeout_ms)  # blocks; GIL released by cffi
         if rc < 0 and rc != -errno.EINTR:
             log.error("pvsched: ring buffer poll failed: %s", os.strerror(-rc))
-            self._stop.wait(self.backstop_ms / 1000)  # never spin on a broken ring buffer
+            self._stop.wait(min(self.backstop_ms, LIVENESS_MS) / 1000)  # never spin on a broken ring buffer
         return next_backstop
 
     @property

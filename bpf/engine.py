@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Self
 
@@ -165,6 +166,10 @@ class PolicyEngine:
         self._actuator.backstop_ms = t.backstop_ms
         self._actuator.backstop_round(reason=consts().PVSCHED_REASON_TUNABLES)
         return t.as_strings()
+
+    def set_heartbeat(self, beat: Callable[[], None] | None) -> None:
+        """Have the actuator thread call `beat` at every iteration (<= 20 ms apart): a liveness sign for the VMM."""
+        self._actuator.on_tick = beat
 
     # --- running -----------------------------------------------------------------
     async def run(self) -> None:

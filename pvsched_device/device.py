@@ -14,10 +14,13 @@ import errno
 import inspect
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from pvsched_device import abi, sandbox, slots
+from pvsched_device.guardian import Guardian, GuardianError
+from pvsched_device.guardian import constants as guardian_constants
 from pvsched_device.supervisor import PolicySupervisor, PolicyUnavailable
 from vmm.machine import VmmError
 from vmm.memory import HIGH_RAM_START, PCI_MMIO_START, GuestMemoryError
@@ -99,6 +102,8 @@ class PvschedDevice(PciDevice):
         self.supervisor: PolicySupervisor | None = None
         self.policy_error: str | None = None
         self.stop_timeout_s = 3.0  # how long stop() lets the policy process clean up before killing it
+        self.guardian: Guardian | None = None
+        self.guardian_stale_ms = int(guardian_constants().PVSCHED_GUARDIAN_STALE_MS)  # hung after this much silence
         self._lock = threading.Lock()
         self._reset_registers()
         self.active: dict[str, Any] | None = None  # the accepted configuration while ACTIVE
@@ -295,16 +300,44 @@ class PvschedDevice(PciDevice):
         if not self.policy:
             return
         verbose = self.log.isEnabledFor(logging.DEBUG)
-        self.supervisor = PolicySupervisor(int(vm.vmm_pid), self.tunables, self._policy_died, verbose=verbose)
+        self.guardian = self._new_guardian(vm)
+        self.supervisor = PolicySupervisor(int(vm.vmm_pid), self.tunables, self._policy_died, verbose=verbose,
+                                           heartbeat_fd=self.guardian.heartbeat_fd if self.guardian else None)
         try:
             ready = self.supervisor.spawn()
         except (PolicyUnavailable, OSError) as e:
             self.policy_error = str(e)
             self.log.error("pvsched: %s; running without the policy", e)
             self.supervisor = None
+            self._close_guardian()
             return
+        if self.guardian is not None:
+            try:
+                self.guardian.start(self.supervisor.pid, self.supervisor.pidfd, stale_ms=self.guardian_stale_ms)
+            except GuardianError as e:
+                self.log.warning("pvsched: %s; restores after a policy death rely on Python", e)
+                self._close_guardian()
         self.log.info("pvsched: policy process %d started (%s)", self.supervisor.pid,
                       "BPF policy loaded" if ready.get("engine") else f"no BPF: {ready.get('engine_error')}")
+
+    def _new_guardian(self, vm: Any) -> Guardian | None:
+        """A guardian for the vCPU threads' original attributes (not started), or None if it is unavailable."""
+        try:
+            g = Guardian()
+        except GuardianError as e:
+            self.log.warning("pvsched: no guardian (%s); restores after a policy death rely on Python", e)
+            return None
+        try:
+            g.set_threads(dict(getattr(vm, "original_sched", {}) or {}))
+        except GuardianError as e:
+            self.log.warning("pvsched: no guardian (%s); restores after a policy death rely on Python", e)
+            g.close()
+            return None
+        return g
+
+    def _close_guardian(self) -> None:
+        if self.guardian is not None:
+            self.guardian.close()  # joins its thread; info() keeps the last view for status
 
     async def run(self, vm: Any) -> None:
         """Supervise the policy process until it ends (the VMM cancels this at shutdown)."""
@@ -315,20 +348,34 @@ class PvschedDevice(PciDevice):
         """End the policy process cleanly (bounded wait, then kill); restore threads if it could not."""
         sup = self.supervisor
         if sup is None or sup.proc is None:
+            self._close_guardian()
             return
+        if self.guardian is not None:
+            self.guardian.disarm()  # it stops beating while it cleans up: not a hang (its death still restores)
         was_dead = sup.dead
         rc = sup.stop(self.stop_timeout_s)
+        self._close_guardian()
         if not was_dead and rc != 0:
             self.log.warning("pvsched: policy process %d ended with %s: restoring vCPU threads", sup.pid, rc)
             self.restore_threads()
 
     def _policy_died(self, returncode: int) -> None:
-        """The policy process died under us: restore every vCPU thread at once, unpin, carry on unboosted."""
-        n = self.restore_threads()
+        """The policy process died under us: restore every vCPU thread (again, after the guardian), unpin, go on."""
+        pid = self.supervisor.pid if self.supervisor else "?"
+        g = self.guardian.info() if self.guardian is not None else {}
+        if g.get("cause") == "stale":
+            self.log.error("pvsched: policy process %s stopped beating: the guardian killed it after %d ms of "
+                           "silence and restored the vCPU threads", pid, g["silent_ms"])
+        n = self.restore_threads()  # the second line: idempotent, and the only one without a guardian
         how = f"killed by signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
         self.policy_error = f"policy process died ({how})"
-        self.log.error("pvsched: policy process %s died (%s); restored %d vCPU threads' original scheduling, "
-                       "VM continues without boosting", self.supervisor.pid if self.supervisor else "?", how, n)
+        if g.get("cause") == "stale":
+            self.policy_error += f": hung, no heartbeat for {g['silent_ms']} ms"
+        early = ""
+        if g.get("restore_s"):
+            early = f" (the guardian did {max(0.0, time.monotonic() - g['restore_s']) * 1000:.1f} ms earlier)"
+        self.log.error("pvsched: policy process %s died (%s); restored %d vCPU threads' original scheduling%s, "
+                       "VM continues without boosting", pid, how, n, early)
         if self.supervisor is not None:
             self.supervisor.remove_pins()
 
@@ -389,11 +436,12 @@ class PvschedDevice(PciDevice):
         sup = self.supervisor
         if not self.policy:
             return {"enabled": False}
+        guardian = self.guardian.info() if self.guardian is not None else None
         if sup is None:
-            return {"enabled": True, "running": False, "error": self.policy_error}
+            return {"enabled": True, "running": False, "error": self.policy_error, "guardian": guardian}
         return {"enabled": True, "running": sup.alive, "pid": sup.pid, "engine": bool(sup.ready.get("engine")),
                 "engine_error": sup.ready.get("engine_error"), "error": self.policy_error,
-                "returncode": sup.returncode}
+                "returncode": sup.returncode, "guardian": guardian}
 
     def handle_status(self, req: dict[str, Any], previous: Callable[[dict], Any] | None = None) -> Any:
         """Control command "status": the VMM's own status, the device, and the policy process's own view.
@@ -528,14 +576,31 @@ def format_status(d: dict[str, Any]) -> str:
                          + ("VM registered" if view.get("registered") else "VM not registered"))
         elif "error" in view:
             lines.append(f"    (no answer: {view['error']})")
+        lines.append("    " + format_guardian(p.get("guardian")))
     else:
         lines.append(f"  policy: not running ({p.get('error') or 'stopped'}); vCPUs at their original scheduling")
+        if p.get("guardian"):
+            lines.append("    " + format_guardian(p["guardian"]))
     for v in d["vcpus"]:
         lines.append(f"  vCPU {v['id']}: TID {v['tid']}, now {v.get('sched')}, original {v.get('original')}")
         if "guest" in v:
             lines.append("    " + slots.format_guest(v["guest"]))
             lines.append("    " + slots.format_host(v["host"]))
     return "\n".join(lines)
+
+
+def format_guardian(g: dict[str, Any] | None) -> str:
+    """One line on the guardian thread (guardian.py's info())."""
+    if not g:
+        return "guardian: none (restores after a policy death rely on Python)"
+    prio = f"FIFO {g['prio']}" if g["prio"] else "not real-time"
+    live = f"heartbeat {g['beats']}" + (", checked" if g["armed"] else ", not checked")
+    text = f"guardian: {g['state']}, {prio}, memory {'locked' if g['locked'] else 'not locked'}, {live}"
+    if g.get("cause"):
+        text += f"; {g['cause']}: restored {g['restored']} threads"
+    if g.get("errors"):
+        text += f"; {g['errors']} errors (last: {g['last_error']})"
+    return text
 
 
 def format_policy_show(d: dict[str, Any]) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 import trio
 
 from pvsched_device import abi, protocol, sandbox, slots
+from pvsched_device.guardian import Heartbeat
 from vmm.sched_attr import SchedAttr, sched_setattr
 
 log = logging.getLogger("pvsched.policy")
@@ -336,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vmm-pid", type=int, required=True)
     p.add_argument("--tunables", default="{}", help="initial tunables as a JSON object of strings")
     p.add_argument("--pin-root", default=PIN_ROOT)
+    p.add_argument("--heartbeat-fd", type=int, help="the VMM guardian's heartbeat memfd (guardian.py)")
     p.add_argument("--no-seccomp", action="store_true", help="debugging only")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -353,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(tunables, dict):
             raise TypeError("--tunables is not a JSON object")
         sock = socket.socket(fileno=args.fd)
+        heartbeat = _heartbeat(args.heartbeat_fd)
         abi.ffi()  # preprocesses the ABI header with cc: before mounts go read-only and exec is forbidden
         stats_fd = setup_privileged(args.vmm_pid, args.pin_root)
         bpffs = _bpffs_of(args.pin_root)
@@ -364,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("sandbox setup failed: %s", e)
         return 1
     engine, engine_error = make_engine(args.vmm_pid, tunables, args.pin_root, stats_fd)
+    if engine is not None and heartbeat is not None and hasattr(engine, "set_heartbeat"):
+        engine.set_heartbeat(heartbeat.beat)  # the actuator thread beats: the guardian sees the throttler live
     service = PolicyService(args.vmm_pid, engine, engine_error, os.path.join(args.pin_root, str(args.vmm_pid)))
     try:
         if args.no_seccomp:
@@ -376,7 +381,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         service.close()
+        if heartbeat is not None:
+            if engine is not None and hasattr(engine, "set_heartbeat"):
+                engine.set_heartbeat(None)
+            heartbeat.close()
     return 0
+
+
+def _heartbeat(fd: int | None) -> Heartbeat | None:
+    """Map the VMM guardian's heartbeat memfd (if given) and close the descriptor."""
+    if fd is None:
+        return None
+    try:
+        return Heartbeat(fd)
+    finally:
+        os.close(fd)
 
 
 if __name__ == "__main__":

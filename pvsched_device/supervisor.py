@@ -48,8 +48,10 @@ class PolicySupervisor:
     """Owns one policy process: its socket, its request queue and its lifetime."""
 
     def __init__(self, vmm_pid: int, tunables: dict[str, str] | None, on_death: Callable[[int], None],
-                 pin_root: str = PIN_ROOT, verbose: bool = False, extra_args: tuple[str, ...] = ()) -> None:
+                 pin_root: str = PIN_ROOT, verbose: bool = False, extra_args: tuple[str, ...] = (),
+                 heartbeat_fd: int | None = None) -> None:
         self.vmm_pid = vmm_pid
+        self.heartbeat_fd = heartbeat_fd  # the guardian's memfd, handed to the child (its actuator beats there)
         self.tunables = dict(tunables or {})
         self.on_death = on_death
         self.pin_root = pin_root
@@ -79,6 +81,11 @@ class PolicySupervisor:
         return self.proc.pid if self.proc else None
 
     @property
+    def pidfd(self) -> int:
+        """A pidfd of the policy process (-1 before spawn and once closed); dup it to keep it."""
+        return self._pidfd
+
+    @property
     def alive(self) -> bool:
         """True while the policy process runs and has not been stopped."""
         return self.proc is not None and not self.dead and not self._stopping
@@ -90,13 +97,17 @@ class PolicySupervisor:
         cmd = [sys.executable, "-m", "pvsched_device.policy_process", "--fd", str(child.fileno()),
                "--vmm-pid", str(self.vmm_pid), "--tunables", json.dumps(self.tunables),
                "--pin-root", self.pin_root, *self.extra_args]
+        pass_fds = [child.fileno()]
+        if self.heartbeat_fd is not None:
+            cmd += ["--heartbeat-fd", str(self.heartbeat_fd)]
+            pass_fds.append(self.heartbeat_fd)
         if self.verbose:
             cmd.append("-v")
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         try:
             # Own session: a terminal's Ctrl-C reaches the VMM, which then ends the child in order.
-            self.proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen(cmd, pass_fds=pass_fds, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, env=env, start_new_session=True)
         finally:
             child.close()

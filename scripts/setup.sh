@@ -34,7 +34,7 @@ if ! grep -qs ' /sys/fs/bpf bpf ' /proc/mounts; then
 fi
 
 # Build outputs from source (make skips what is up to date).
-for dir in bpf guest_image/testguest; do
+for dir in bpf guest_image/testguest pvsched_device; do
     if [ -f "$dir/Makefile" ]; then
         make -s -C "$dir" >&2
     fi

@@ -1,4 +1,4 @@
-"""Build outputs (test guest, BPF objects) made from source on first use.
+"""Build outputs (test guest, BPF objects, the guardian library) made from source on first use.
 
 Each component keeps a Makefile in its own folder that writes into a
 `build/` subfolder; this module runs `make` when an output is missing or
@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPONENTS = {
     "testguest": (ROOT / "guest_image" / "testguest", "build/testguest.elf"),
     "bpf": (ROOT / "bpf", "build/pvsched.bpf.o"),
+    "guardian": (ROOT / "pvsched_device", "build/libpvsched_guardian.so"),
 }
 
 

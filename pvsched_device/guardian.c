@@ -1,0 +1,555 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+/*
+ * The guardian: one native thread in the VMM that undoes the policy process's boosts when that
+ * process dies or hangs, without Python.
+ *
+ * Why native: with boosted vCPU threads on every CPU, whatever thread of the VMM holds the GIL
+ * may be a starved SCHED_OTHER thread, so a restore written in Python waits for the fair
+ * server (~1 s) however high its own priority. This thread never takes the GIL. It runs at
+ * SCHED_FIFO PVSCHED_GUARDIAN_PRIO (above every boost and the actuator, below the watchdogs),
+ * locks its own pages, blocks all signals, and sleeps in poll() on:
+ *   - a pidfd of the policy process: readable once it is gone;
+ *   - a PIDFD_THREAD pidfd of its main thread: readable once that thread is a zombie;
+ *   - an eventfd: stop requests;
+ * with a timeout of period_ms.
+ *
+ * Dying, not dead: a killed policy process is not gone until its last thread has closed its BPF
+ * links, and that waits for an RCU grace period (measured: a thread in D state in
+ * synchronize_rcu_expedited) which the boosted vCPUs themselves hold up, for ~1 s. So the
+ * guardian acts when every thread of the process is exiting (PF_EXITING in /proc/<pid>/task/
+ * <tid>/stat: set by each thread at the start of do_exit, after its last system call, so no
+ * sched_setattr of the policy can land later). It looks when the main thread's pidfd fires and,
+ * in case the main thread is the one still stuck, at every timeout through its stat flags.
+ *
+ * Hung, not dying: at every wake-up it reads the heartbeat page (a sealed memfd the policy
+ * process's actuator increments every few ms). A heartbeat seen moving that then stays still
+ * for stale_ms means a hung (deadlocked, stopped) policy process: the guardian SIGKILLs it
+ * through the pidfd and restores at once, and again when it is dying and when it is gone.
+ * The Python supervisor then sees the death as usual; its own restore is the second line
+ * (every restore is idempotent).
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <link.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "guardian.h"
+
+#define HEARTBEAT_SIZE 4096
+#define STACK_SIZE (64 * 1024)
+#define PIDFD_THREAD O_EXCL      /* <linux/pidfd.h>, Linux 6.9: a pidfd for one thread */
+#define FAST_MS 1                /* poll timeout while the main thread exits before the others */
+#define FAST_WINDOW_NS 50000000  /* ... for this long (a main thread ending alone must not cost more) */
+#define PF_EXITING 0x00000004    /* <linux/sched.h>: the task is in do_exit (field 9 of /proc/.../stat) */
+
+/* uapi struct sched_attr (SCHED_ATTR_SIZE_VER0): <linux/sched/types.h> clashes with glibc's sched.h. */
+struct kernel_sched_attr {
+	uint32_t size;
+	uint32_t sched_policy;
+	uint64_t sched_flags;
+	int32_t sched_nice;
+	uint32_t sched_priority;
+	uint64_t sched_runtime;
+	uint64_t sched_deadline;
+	uint64_t sched_period;
+};
+_Static_assert(sizeof(struct kernel_sched_attr) == 48, "SCHED_ATTR_SIZE_VER0");
+
+struct thread_attr {
+	int32_t tid, policy, priority, nice;
+};
+
+struct pvsched_guardian {
+	pthread_mutex_t lock;          /* priority inheritance: a starved holder gets the guardian's priority */
+	struct pvsched_guardian_info info;
+	struct thread_attr threads[PVSCHED_GUARDIAN_MAX_THREADS];
+	int nr_threads;
+	int hb_fd;                     /* the memfd; the policy process gets a copy */
+	volatile struct pvsched_heartbeat *hb;
+	int pid;                       /* the policy process, pinned by pidfd until we close it */
+	int pidfd;
+	int leader_fd;                 /* PIDFD_THREAD pidfd of its main thread, -1 if unsupported */
+	int stat_fd;                   /* /proc/<pid>/stat, read again with pread at every wake-up */
+	int stopfd;
+	int period_ms;
+	int64_t stale_ns;
+	int disarmed;                  /* atomic: clean shutdown, no more stale kills */
+	int started;
+	pthread_t thread;
+};
+
+static int64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);  /* Python's time.monotonic() clock */
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+struct pvsched_guardian *pvsched_guardian_new(void)
+{
+	struct pvsched_guardian *g;
+	pthread_mutexattr_t ma;
+	void *hb;
+
+	/* Page-aligned and separately mapped, so the thread can lock exactly its own state. */
+	g = mmap(NULL, sizeof(*g), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (g == MAP_FAILED)
+		return NULL;
+	memset(g, 0, sizeof(*g));
+	g->pidfd = g->stopfd = g->hb_fd = g->leader_fd = g->stat_fd = -1;
+	pthread_mutexattr_init(&ma);
+	pthread_mutexattr_setprotocol(&ma, PTHREAD_PRIO_INHERIT);
+	pthread_mutex_init(&g->lock, &ma);
+	pthread_mutexattr_destroy(&ma);
+
+	g->hb_fd = memfd_create("pvsched-heartbeat", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	if (g->hb_fd < 0)
+		goto out_free;
+	if (ftruncate(g->hb_fd, HEARTBEAT_SIZE) < 0)
+		goto out_close;
+	/* Sealed size: the policy process (which writes the page) cannot truncate it under us (SIGBUS). */
+	if (fcntl(g->hb_fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0)
+		goto out_close;
+	hb = mmap(NULL, HEARTBEAT_SIZE, PROT_READ, MAP_SHARED, g->hb_fd, 0);
+	if (hb == MAP_FAILED)
+		goto out_close;
+	g->hb = hb;
+	g->stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (g->stopfd < 0)
+		goto out_unmap;
+	return g;
+
+out_unmap:
+	munmap(hb, HEARTBEAT_SIZE);
+out_close:
+	close(g->hb_fd);
+out_free:
+	munmap(g, sizeof(*g));
+	return NULL;
+}
+
+int pvsched_guardian_heartbeat_fd(struct pvsched_guardian *g)
+{
+	return g->hb_fd;
+}
+
+int pvsched_guardian_set_threads(struct pvsched_guardian *g, int n, const int32_t *tids, const int32_t *policies,
+				 const int32_t *priorities, const int32_t *nices)
+{
+	if (n < 0 || n > PVSCHED_GUARDIAN_MAX_THREADS)
+		return -EINVAL;
+	pthread_mutex_lock(&g->lock);
+	for (int i = 0; i < n; i++)
+		g->threads[i] = (struct thread_attr){ tids[i], policies[i], priorities[i], nices[i] };
+	g->nr_threads = n;
+	g->info.nr_threads = n;
+	pthread_mutex_unlock(&g->lock);
+	return 0;
+}
+
+/* Every guarded thread back to its recorded attributes; lock held. Returns how many were set. */
+static int restore_locked(struct pvsched_guardian *g)
+{
+	int n = 0;
+
+	for (int i = 0; i < g->nr_threads; i++) {
+		const struct thread_attr *t = &g->threads[i];
+		struct kernel_sched_attr a;
+
+		memset(&a, 0, sizeof(a));
+		a.size = sizeof(a);
+		a.sched_policy = (uint32_t)t->policy;
+		a.sched_priority = (uint32_t)t->priority;
+		a.sched_nice = t->nice;
+		if (syscall(SYS_sched_setattr, t->tid, &a, 0) == 0) {
+			n++;
+		} else if (errno != ESRCH) {  /* a thread that already ended needs nothing */
+			g->info.errors++;
+			g->info.last_errno = errno;
+		}
+	}
+	g->info.restores++;
+	return n;
+}
+
+int pvsched_guardian_restore(struct pvsched_guardian *g)
+{
+	int n;
+
+	pthread_mutex_lock(&g->lock);
+	n = restore_locked(g);
+	pthread_mutex_unlock(&g->lock);
+	return n;
+}
+
+/* The event (death or stale kill) happened at `t`: restore and record it (first time only). */
+static void on_event(struct pvsched_guardian *g, int64_t t, int cause, int64_t silent_ns)
+{
+	int n;
+
+	pthread_mutex_lock(&g->lock);
+	n = restore_locked(g);
+	if (g->info.cause == PVSCHED_GUARDIAN_CAUSE_NONE) {
+		g->info.cause = cause;
+		g->info.event_ns = t;
+		g->info.restore_ns = now_ns();
+		g->info.restored = n;
+		g->info.silent_ms = silent_ns / 1000000;
+	}
+	pthread_mutex_unlock(&g->lock);
+}
+
+struct own_object {
+	uintptr_t base;  /* load address of this library */
+	int failed;
+};
+
+static int lock_own_code(struct dl_phdr_info *info, size_t size, void *arg)
+{
+	struct own_object *me = arg;
+	long page = sysconf(_SC_PAGESIZE);
+
+	(void)size;
+	if (info->dlpi_addr != me->base)
+		return 0;
+	for (int i = 0; i < info->dlpi_phnum; i++) {
+		const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+		uintptr_t start, end;
+
+		if (ph->p_type != PT_LOAD)
+			continue;
+		start = (info->dlpi_addr + ph->p_vaddr) & ~(uintptr_t)(page - 1);
+		end = info->dlpi_addr + ph->p_vaddr + ph->p_memsz;
+		if (mlock((void *)start, end - start) < 0)
+			me->failed = 1;
+	}
+	return 1;
+}
+
+/* Lock what the loop touches (not mlockall: that would pin all of guest RAM). 1 if all of it. */
+static int lock_memory(struct pvsched_guardian *g)
+{
+	struct own_object me = { 0, 0 };
+	pthread_attr_t attr;
+	void *stack;
+	size_t stack_size;
+	Dl_info dl;
+	int ok = 1;
+
+	if (mlock(g, sizeof(*g)) < 0 || mlock((void *)g->hb, HEARTBEAT_SIZE) < 0)
+		ok = 0;
+	if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+		if (pthread_attr_getstack(&attr, &stack, &stack_size) != 0 || mlock(stack, stack_size) < 0)
+			ok = 0;
+		pthread_attr_destroy(&attr);
+	} else {
+		ok = 0;
+	}
+	if (dladdr((void *)pvsched_guardian_new, &dl) != 0 && dl.dli_fbase) {
+		me.base = (uintptr_t)dl.dli_fbase;
+		if (!dl_iterate_phdr(lock_own_code, &me) || me.failed)
+			ok = 0;
+	} else {
+		ok = 0;
+	}
+	return ok;
+}
+
+/* Task flags (field 9) from the text of a /proc stat file, 0 if it does not parse. */
+static unsigned int stat_flags(const char *buf)
+{
+	const char *p = strrchr(buf, ')');  /* comm may contain anything, even ')' */
+	unsigned int flags = 0;
+
+	if (!p || sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %u", &flags) != 1)
+		return 0;
+	return flags;
+}
+
+static int read_text(int fd, char *buf, size_t size)
+{
+	ssize_t n = pread(fd, buf, size - 1, 0);
+
+	if (n <= 0)
+		return -1;
+	buf[n] = 0;
+	return 0;
+}
+
+/* 1 if the main thread is in do_exit (or its stat is unreadable: gone). */
+static int leader_exiting(struct pvsched_guardian *g)
+{
+	char buf[512];
+
+	if (g->stat_fd < 0)
+		return 0;
+	if (read_text(g->stat_fd, buf, sizeof(buf)) < 0)
+		return 1;
+	return !!(stat_flags(buf) & PF_EXITING);
+}
+
+struct linux_dirent64 {  /* getdents64(2): no opendir, so no malloc on this thread */
+	uint64_t d_ino;
+	int64_t d_off;
+	unsigned short reclen;
+	unsigned char d_type;
+	char name[];
+};
+
+/* 1 if every thread of the policy process is in do_exit or gone: it can no longer change a thread. */
+static int all_exiting(struct pvsched_guardian *g)
+{
+	char path[64], buf[512], dents[4096];
+	int dir, all = 1;
+	long n;
+
+	snprintf(path, sizeof(path), "/proc/%d/task", g->pid);
+	dir = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (dir < 0)
+		return 1;  /* no task directory: reaped (the pidfd says so too) */
+	while (all && (n = syscall(SYS_getdents64, dir, dents, sizeof(dents))) > 0) {
+		for (long off = 0; off < n;) {
+			struct linux_dirent64 *d = (void *)(dents + off);
+			int fd;
+
+			off += d->reclen;
+			if (d->name[0] < '0' || d->name[0] > '9')
+				continue;
+			snprintf(path, sizeof(path), "%s/stat", d->name);
+			fd = openat(dir, path, O_RDONLY | O_CLOEXEC);
+			if (fd < 0)
+				continue;  /* that thread is gone */
+			if (read_text(fd, buf, sizeof(buf)) == 0 && !(stat_flags(buf) & PF_EXITING))
+				all = 0;
+			close(fd);
+			if (!all)
+				break;
+		}
+	}
+	close(dir);
+	return all;
+}
+
+static void close_fds(struct pvsched_guardian *g)
+{
+	int *fds[] = { &g->pidfd, &g->leader_fd, &g->stat_fd };
+
+	for (unsigned int i = 0; i < sizeof(fds) / sizeof(fds[0]); i++) {
+		if (*fds[i] >= 0)
+			close(*fds[i]);
+		*fds[i] = -1;
+	}
+}
+
+static void set_state(struct pvsched_guardian *g, int state)
+{
+	pthread_mutex_lock(&g->lock);
+	g->info.state = state;
+	pthread_mutex_unlock(&g->lock);
+}
+
+static void *guardian_main(void *arg)
+{
+	struct pvsched_guardian *g = arg;
+	struct pollfd pfd[3] = {
+		{ .fd = g->pidfd, .events = POLLIN },
+		{ .fd = g->stopfd, .events = POLLIN },
+		{ .fd = g->leader_fd, .events = POLLIN },  /* poll() skips it when -1 */
+	};
+	uint64_t last = g->hb->beats;
+	int64_t last_change = now_ns(), fast_until = 0;
+	int armed = 0, killed = 0, dying = 0, locked;
+	struct sched_param sp;
+	int policy;
+
+	pthread_setname_np(pthread_self(), "pvsched-guard");
+	locked = lock_memory(g);
+	pthread_mutex_lock(&g->lock);
+	g->info.locked = locked;
+	if (pthread_getschedparam(pthread_self(), &policy, &sp) == 0 && policy == SCHED_FIFO)
+		g->info.prio = sp.sched_priority;
+	g->info.state = PVSCHED_GUARDIAN_WATCHING;
+	pthread_mutex_unlock(&g->lock);
+
+	for (;;) {
+		int n = poll(pfd, 3, now_ns() < fast_until ? FAST_MS : g->period_ms);
+		int64_t t = now_ns();
+		uint64_t beats;
+
+		if (n < 0) {
+			struct timespec ts = { 0, (long)g->period_ms * 1000000 };
+
+			if (errno == EINTR)
+				continue;
+			pthread_mutex_lock(&g->lock);
+			g->info.errors++;
+			g->info.last_errno = errno;
+			pthread_mutex_unlock(&g->lock);
+			nanosleep(&ts, NULL);  /* never spin on a failing poll */
+			continue;
+		}
+		if (n > 0 && pfd[0].revents) {  /* gone (POLLIN), or a broken pidfd: restoring is always safe */
+			on_event(g, t, PVSCHED_GUARDIAN_CAUSE_DIED, 0);
+			set_state(g, PVSCHED_GUARDIAN_DONE);
+			break;
+		}
+		if (n > 0 && pfd[1].revents) {
+			set_state(g, PVSCHED_GUARDIAN_STOPPED);
+			break;
+		}
+		if (dying)
+			continue;  /* restored; only its final death is left to see */
+		if ((n > 0 && pfd[2].revents) || leader_exiting(g)) {
+			if (all_exiting(g)) {
+				dying = 1;
+				on_event(g, t, PVSCHED_GUARDIAN_CAUSE_DIED, 0);  /* a stale kill keeps its own cause */
+				set_state(g, PVSCHED_GUARDIAN_DYING);
+				continue;
+			}
+			/* The others follow within microseconds in a group exit: look again soon, for a while. */
+			if (!fast_until)
+				fast_until = t + FAST_WINDOW_NS;
+			if (pfd[2].revents)
+				pfd[2].fd = -1;  /* stop polling it (it stays readable); the stat flags tell the rest */
+		}
+		beats = __atomic_load_n(&g->hb->beats, __ATOMIC_RELAXED);
+		if (beats != last) {
+			last = beats;
+			last_change = t;
+			armed = 1;  /* the actuator runs: from now on its silence means a hang */
+		} else if (armed && !killed && !__atomic_load_n(&g->disarmed, __ATOMIC_RELAXED)
+			   && t - last_change > g->stale_ns) {
+			killed = 1;
+			syscall(SYS_pidfd_send_signal, g->pidfd, SIGKILL, NULL, 0);
+			on_event(g, t, PVSCHED_GUARDIAN_CAUSE_STALE, t - last_change);
+			set_state(g, PVSCHED_GUARDIAN_KILLED);
+		}
+		pthread_mutex_lock(&g->lock);
+		g->info.beats = beats;
+		g->info.armed = armed && !killed && !__atomic_load_n(&g->disarmed, __ATOMIC_RELAXED);
+		pthread_mutex_unlock(&g->lock);
+	}
+	return NULL;
+}
+
+/* 0 if `pidfd` refers to process `pid` (its fdinfo's Pid line), else -ESRCH. */
+static int check_pidfd(int pidfd, int pid)
+{
+	char path[64], buf[1024], *p;
+	int fd, n = -1;
+
+	snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", pidfd);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	if (read_text(fd, buf, sizeof(buf)) == 0 && (p = strstr(buf, "\nPid:")) != NULL)
+		sscanf(p + 5, "%d", &n);
+	close(fd);
+	return n == pid ? 0 : -ESRCH;
+}
+
+int pvsched_guardian_start(struct pvsched_guardian *g, int pid, int pidfd, int prio, int period_ms, int stale_ms)
+{
+	pthread_attr_t attr;
+	struct sched_param sp = { .sched_priority = prio };
+	char path[64];
+	sigset_t all, old;
+	int rc;
+
+	if (g->started)
+		return -EBUSY;
+	if (pid <= 0 || period_ms < 1 || stale_ms < period_ms || prio < 0 || prio > 99)
+		return -EINVAL;
+	rc = check_pidfd(pidfd, pid);
+	if (rc < 0)
+		return rc;
+	g->pid = pid;
+	g->pidfd = fcntl(pidfd, F_DUPFD_CLOEXEC, 0);  /* our own: the caller may close theirs any time */
+	if (g->pidfd < 0)
+		return -errno;
+	/* The pidfd pins the pid (we are the parent and have not reaped it): these name the same process. */
+	g->leader_fd = syscall(SYS_pidfd_open, pid, PIDFD_THREAD);  /* -1 before Linux 6.9: timeouts only */
+	snprintf(path, sizeof(path), "/proc/%d/stat", pid);
+	g->stat_fd = open(path, O_RDONLY | O_CLOEXEC);
+	g->period_ms = period_ms;
+	g->stale_ns = (int64_t)stale_ms * 1000000;
+	g->info.state = PVSCHED_GUARDIAN_IDLE;
+
+	/* Signals stay with the VMM's own threads: the guardian inherits a full mask. */
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);
+	pthread_attr_init(&attr);
+	pthread_attr_setstacksize(&attr, STACK_SIZE);
+	rc = EINVAL;
+	if (prio > 0) {
+		pthread_attr_setinheritsched(&attr, PTHREAD_EXPLICIT_SCHED);
+		pthread_attr_setschedpolicy(&attr, SCHED_FIFO);
+		pthread_attr_setschedparam(&attr, &sp);
+		rc = pthread_create(&g->thread, &attr, guardian_main, g);
+	}
+	if (rc != 0) {  /* no CAP_SYS_NICE: still better than nothing at the caller's policy */
+		pthread_attr_setinheritsched(&attr, PTHREAD_INHERIT_SCHED);
+		rc = pthread_create(&g->thread, &attr, guardian_main, g);
+	}
+	pthread_attr_destroy(&attr);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	if (rc != 0) {
+		close_fds(g);
+		return -rc;
+	}
+	g->started = 1;
+	return 0;
+}
+
+void pvsched_guardian_disarm(struct pvsched_guardian *g)
+{
+	__atomic_store_n(&g->disarmed, 1, __ATOMIC_RELAXED);
+}
+
+int pvsched_guardian_stop(struct pvsched_guardian *g)
+{
+	uint64_t one = 1;
+
+	if (!g->started)
+		return 0;
+	if (write(g->stopfd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+		return -errno;
+	pthread_join(g->thread, NULL);
+	g->started = 0;
+	close_fds(g);
+	return 0;
+}
+
+void pvsched_guardian_info(struct pvsched_guardian *g, struct pvsched_guardian_info *out)
+{
+	pthread_mutex_lock(&g->lock);
+	*out = g->info;
+	pthread_mutex_unlock(&g->lock);
+}
+
+void pvsched_guardian_free(struct pvsched_guardian *g)
+{
+	if (!g)
+		return;
+	pvsched_guardian_stop(g);
+	close(g->stopfd);
+	munmap((void *)g->hb, HEARTBEAT_SIZE);
+	close(g->hb_fd);
+	pthread_mutex_destroy(&g->lock);
+	munlock(g, sizeof(*g));
+	munmap(g, sizeof(*g));
+}
