@@ -12,6 +12,7 @@ test guest and its RT spinner.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -56,14 +57,11 @@ def test_policy_killed_while_an_rt_spinner_is_boosted(vms) -> None:
     assert not vm.prog_ids & link_prog_ids()
 
 
-@pytest.mark.xfail(strict=False, reason="known gap (reported; drop this mark once fixed): the VMM restores from "
-                   "Python, which needs the GIL; with boosted vCPUs on every CPU the GIL holder is a starved "
-                   "SCHED_OTHER thread, so even an RT restore thread waits ~1 s (the fair server's period); needs "
-                   "a restorer outside the VMM's interpreter, or the VMM's threads above the boosts")
 def test_policy_killed_while_every_cpu_runs_a_boosted_spinner(vms) -> None:
-    """Two FIFO-99 spinners boosted on this 2-core host, then kill -9 of the policy: restored within 100 ms?
+    """Two FIFO-99 spinners boosted on this 2-core host, then kill -9 of the policy: restored within 100 ms.
 
-    Nothing at SCHED_OTHER can run meanwhile (the boosted vCPUs hold both CPUs): measured ~1000 ms.
+    Nothing at SCHED_OTHER can run meanwhile (the boosted vCPUs hold both CPUs), so Python in the VMM cannot
+    restore (it waited ~1 s for a starved GIL holder): the VMM's native guardian thread does.
     """
     vm = wait_active(vms("duration=3 workload=hog,hog", seconds=3))
     tids = list(vm.tids.values())
@@ -79,11 +77,11 @@ def test_policy_killed_while_every_cpu_runs_a_boosted_spinner(vms) -> None:
     assert vm.watchdog.returncode == 0, err[-2000:]
 
 
-@pytest.mark.xfail(strict=False, reason="known gap (reported; drop this mark once fixed): the VMM watches only "
-                   "for the policy process's death; a hung (here SIGSTOPped) policy leaves a boosted spinner at "
-                   "RT with no throttle (measured 97%)")
 def test_policy_hung_while_an_rt_spinner_is_boosted(vms) -> None:
-    """The policy process stops answering (SIGSTOP) while the hog vCPU is boosted: the boost must not outlive it."""
+    """The policy process stops answering (SIGSTOP) while the hog vCPU is boosted: the boost must not outlive it.
+
+    (Without the guardian's heartbeat check the spinner stayed at RT 97% of the time.)
+    """
     vm = wait_active(vms("duration=4 workload=hog", cpus=1, seconds=4))
     tid = vm.tids[0]
     assert wait_for(lambda: sched_getattr(tid).policy in RT, 3), "never boosted"
@@ -92,10 +90,14 @@ def test_policy_hung_while_an_rt_spinner_is_boosted(vms) -> None:
         with Sampler(vm.pid, [tid]) as s:
             time.sleep(1.0)
     finally:
-        os.kill(vm.policy_pid, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):  # the guardian killed it (and the VMM reaped it)
+            os.kill(vm.policy_pid, signal.SIGCONT)
     share = s.rt_run_s(tid) / s.span_s()
     print(f"policy process stopped: the spinner ran at RT {share:.1%} of 1 s")
     assert share < 0.5, f"a hung policy process left the spinner at RT {share:.1%} of the time"
+    _, err = vm.finish()  # the VM carries on without boosting
+    assert vm.watchdog.returncode == 0, err[-2000:]
+    assert "stopped beating: the guardian killed it" in err and err.count("died (killed by signal 9)") == 1, err
 
 
 def test_vmm_killed_policy_exits_links_detach_pins_go(vms) -> None:
