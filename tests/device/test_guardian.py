@@ -1,0 +1,187 @@
+"""The guardian (pvsched_device/guardian.c) on its own: a real child process, real threads, real priorities.
+
+The guarded "vCPU" threads here block (StandinVm), so putting them at RT is safe. The live-VM cases
+(boosted spinners on every CPU, a SIGSTOPped policy process) are in tests/hostile/test_faults.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from device_harness import Running
+from standin import StandinVm
+
+from pvsched_device.guardian import Guardian, Heartbeat, constants
+from vmm.sched_attr import SCHED_FIFO, SchedAttr, sched_getattr, sched_setattr
+
+STALE_MS = 100
+GONE_TID = 2**22 + 12345  # above the default pid_max: no such thread (sched_setattr: ESRCH, not an error)
+
+
+def _wait(pred, timeout: float, interval: float = 0.0005) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(interval)
+    return bool(pred())
+
+
+def _guardian_thread() -> int | None:
+    """TID of the guardian thread in this process, if there is one."""
+    for tid in os.listdir("/proc/self/task"):
+        if Path(f"/proc/self/task/{tid}/comm").read_text().strip() == "pvsched-guard":
+            return int(tid)
+    return None
+
+
+class Watched:
+    """A child process (the policy process stand-in), a guardian on it, and a blocking thread to guard."""
+
+    def __init__(self, vm: StandinVm) -> None:
+        self.vm = vm
+        self.tid = vm.vcpu_tids[0]
+        self.child = subprocess.Popen(["sleep", "60"])
+        self.pidfd = os.pidfd_open(self.child.pid)
+        self.g = Guardian()
+        self.g.set_threads({self.tid: vm.original_sched[self.tid], GONE_TID: SchedAttr()})
+        self.hb = Heartbeat(os.dup(self.g.heartbeat_fd))
+
+    def start(self) -> None:
+        self.g.start(self.child.pid, self.pidfd, stale_ms=STALE_MS)
+        assert _wait(lambda: self.g.info()["state"] == "watching", 2), self.g.info()
+
+    def boost(self) -> None:
+        """What the actuator does to a vCPU thread."""
+        sched_setattr(self.tid, SchedAttr(SCHED_FIFO, 5))
+
+    def restored(self) -> bool:
+        return sched_getattr(self.tid) == self.vm.original_sched[self.tid]
+
+    def close(self) -> None:
+        self.g.close()
+        self.hb.close()
+        if self.child.poll() is None:
+            self.child.kill()
+        self.child.wait()
+        os.close(self.pidfd)
+        sched_setattr(self.tid, self.vm.original_sched[self.tid])
+
+
+@pytest.fixture
+def watched(vm: StandinVm) -> Iterator[Watched]:
+    w = Watched(vm)
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def test_death_restores_at_once_from_a_locked_fifo_45_thread(watched: Watched) -> None:
+    w = watched
+    w.start()
+    tid = _guardian_thread()
+    assert tid is not None, "no pvsched-guard thread"
+    assert os.sched_getscheduler(tid) == SCHED_FIFO
+    assert os.sched_getparam(tid).sched_priority == constants().PVSCHED_GUARDIAN_PRIO == 45
+    info = w.g.info()
+    assert info["prio"] == 45 and info["locked"], info
+    w.boost()
+    os.kill(w.child.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    assert _wait(w.restored, 1.0), "not restored 1 s after the death"
+    ms = (time.monotonic() - t0) * 1000
+    print(f"restored {ms:.2f} ms after SIGKILL")
+    assert ms < 20
+    assert _wait(lambda: w.g.info()["state"] == "done", 1)
+    info = w.g.info()
+    assert info["cause"] == "died" and info["restored"] == 1 and info["errors"] == 0, info  # the gone TID: ESRCH
+    assert _guardian_thread() is None, "the guardian thread outlived its job"
+
+
+def test_a_stale_heartbeat_gets_the_process_killed_and_the_threads_restored(watched: Watched) -> None:
+    w = watched
+    w.start()
+    w.boost()
+    for _ in range(5):  # the actuator's beats: from now on, silence means a hang
+        w.hb.beat()
+        time.sleep(0.005)
+    t0 = time.monotonic()
+    assert _wait(w.restored, 2.0), "a silent heartbeat left the thread boosted"
+    ms = (time.monotonic() - t0) * 1000
+    assert STALE_MS - 10 <= ms < STALE_MS + 50, ms
+    w.child.wait(2)
+    assert w.child.returncode == -signal.SIGKILL
+    info = w.g.info()
+    assert info["cause"] == "stale" and info["silent_ms"] >= STALE_MS and info["beats"] == 5, info
+    assert _wait(lambda: w.g.info()["state"] == "done", 1), w.g.info()
+
+
+def test_a_heartbeat_that_keeps_beating_is_left_alone_and_the_thread_sleeps(watched: Watched) -> None:
+    w = watched
+    w.start()
+    gtid = _guardian_thread()
+    cpu0 = int(Path(f"/proc/self/task/{gtid}/schedstat").read_text().split()[0])
+    end = time.monotonic() + 3 * STALE_MS / 1000
+    while time.monotonic() < end:
+        w.hb.beat()
+        time.sleep(0.005)
+    cpu_ms = (int(Path(f"/proc/self/task/{gtid}/schedstat").read_text().split()[0]) - cpu0) / 1e6
+    print(f"guardian CPU time: {cpu_ms:.2f} ms in {3 * STALE_MS} ms")
+    assert cpu_ms < 3 * STALE_MS * 0.02, "the guardian busy-waits"
+    assert w.child.poll() is None
+    info = w.g.info()
+    assert info["state"] == "watching" and info["armed"] and info["cause"] is None, info
+
+
+def test_never_beating_or_disarmed_is_not_a_hang(watched: Watched) -> None:
+    """No beat yet (no engine, or before the actuator starts) and a clean shutdown's silence: no kill."""
+    w = watched
+    w.start()
+    time.sleep(3 * STALE_MS / 1000)
+    assert w.child.poll() is None and not w.g.info()["armed"]
+    w.hb.beat()
+    time.sleep(0.02)
+    assert w.g.info()["armed"]
+    w.g.disarm()
+    time.sleep(3 * STALE_MS / 1000)
+    assert w.child.poll() is None, "killed after disarm"
+    t0 = time.monotonic()
+    w.g.stop()
+    assert time.monotonic() - t0 < 0.1, "stop() waited for a poll timeout"
+    assert w.g.info()["state"] == "stopped" and _guardian_thread() is None
+
+
+def test_the_heartbeat_memfd_is_sealed(watched: Watched) -> None:
+    """The policy process writes the page but cannot shrink it under the VMM (that would be SIGBUS in the VMM)."""
+    fd = watched.g.heartbeat_fd
+    with pytest.raises(PermissionError):
+        os.ftruncate(fd, 0)
+    with pytest.raises(PermissionError):
+        os.ftruncate(fd, 1 << 20)
+
+
+def test_start_refuses_a_pidfd_of_another_process(watched: Watched) -> None:
+    with pytest.raises(OSError):
+        watched.g.start(os.getpid(), watched.pidfd)
+
+
+def test_the_device_runs_one_and_status_shows_it(running: Running) -> None:
+    """The real policy process beats (its actuator), the device's guardian watches it; `pyvmm status` says so."""
+    g = running.dev.guardian
+    assert g is not None, "the device started no guardian"
+    assert _wait(lambda: g.info()["armed"], 5, 0.01), g.info()
+    beats = g.info()["beats"]
+    time.sleep(0.1)
+    assert g.info()["beats"] > beats, "the actuator's heartbeat does not move"
+    text = running.vm.control_handlers["status"]({"cmd": "status"})["text"]
+    assert "guardian: watching, FIFO 45, memory locked, heartbeat" in text, text
+    running.dev.stop()  # clean: disarmed first, so the policy's shutdown is not taken for a hang
+    assert running.dev.supervisor.returncode == 0
+    assert g.info()["cause"] in (None, "died") and g.info()["state"] in ("done", "stopped"), g.info()
