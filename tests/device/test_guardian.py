@@ -17,10 +17,13 @@ import pytest
 from device_harness import Running
 from standin import StandinVm
 
+from bpf.policy_types import consts
+from bpf.tunables import RT_PRIO_LIMIT
 from pvsched_device.guardian import Guardian, Heartbeat, constants
 from vmm.sched_attr import SCHED_FIFO, SchedAttr, sched_getattr, sched_setattr
 
 STALE_MS = 100
+WATCHDOG_PRIO = 50  # tests' and benchmarks' watchdogs (shared DESIGN.md, RT ladder)
 GONE_TID = 2**22 + 12345  # above the default pid_max: no such thread (sched_setattr: ESRCH, not an error)
 
 
@@ -90,6 +93,8 @@ def test_death_restores_at_once_from_a_locked_fifo_45_thread(watched: Watched) -
     assert tid is not None, "no pvsched-guard thread"
     assert os.sched_getscheduler(tid) == SCHED_FIFO
     assert os.sched_getparam(tid).sched_priority == constants().PVSCHED_GUARDIAN_PRIO == 45
+    # RT ladder: boosts (<= 30) < policy process (35, actuator 40) < guardian < watchdogs (>= 50)
+    assert RT_PRIO_LIMIT < consts().PVSCHED_ACTUATOR_PRIO < constants().PVSCHED_GUARDIAN_PRIO < WATCHDOG_PRIO
     info = w.g.info()
     assert info["prio"] == 45 and info["locked"], info
     w.boost()
