@@ -9,7 +9,8 @@
  * SCHED_FIFO PVSCHED_GUARDIAN_PRIO (above every boost and the actuator, below the watchdogs),
  * locks its own pages, blocks all signals, and sleeps in poll() on:
  *   - a pidfd of the policy process: readable once it is gone;
- *   - a PIDFD_THREAD pidfd of its main thread: readable once that thread is a zombie;
+ *   - a PIDFD_THREAD pidfd of each of its threads (Linux 6.9+): readable once that thread has
+ *     exited (the list is read again from /proc when its thread count changes);
  *   - an eventfd: stop requests;
  * with a timeout of period_ms.
  *
@@ -18,8 +19,8 @@
  * synchronize_rcu_expedited) which the boosted vCPUs themselves hold up, for ~1 s. So the
  * guardian acts when every thread of the process is exiting (PF_EXITING in /proc/<pid>/task/
  * <tid>/stat: set by each thread at the start of do_exit, after its last system call, so no
- * sched_setattr of the policy can land later). It looks when the main thread's pidfd fires and,
- * in case the main thread is the one still stuck, at every timeout through its stat flags.
+ * sched_setattr of the policy can land later). It looks when any of its threads has exited
+ * (the first one to finish), and at every timeout if the main thread's stat shows PF_EXITING.
  *
  * Hung, not dying: at every wake-up it reads the heartbeat page (a sealed memfd the policy
  * process's actuator increments every few ms). A heartbeat seen moving that then stays still
@@ -39,6 +40,7 @@
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
@@ -51,8 +53,8 @@
 #define HEARTBEAT_SIZE 4096
 #define STACK_SIZE (64 * 1024)
 #define PIDFD_THREAD O_EXCL      /* <linux/pidfd.h>, Linux 6.9: a pidfd for one thread */
-#define FAST_MS 1                /* poll timeout while the main thread exits before the others */
-#define FAST_WINDOW_NS 50000000  /* ... for this long (a main thread ending alone must not cost more) */
+#define FAST_MS 1                /* poll timeout once one of its threads exits before the others */
+#define FAST_WINDOW_NS 50000000  /* ... for this long (a thread that ends alone must not cost more) */
 #define PF_EXITING 0x00000004    /* <linux/sched.h>: the task is in do_exit (field 9 of /proc/.../stat) */
 
 /* uapi struct sched_attr (SCHED_ATTR_SIZE_VER0): <linux/sched/types.h> clashes with glibc's sched.h. */
@@ -72,6 +74,13 @@ struct thread_attr {
 	int32_t tid, policy, priority, nice;
 };
 
+#define MAX_WATCHED 16  /* threads of the policy process with a pidfd (it has 2-3; more are seen by timeouts) */
+
+struct watched_thread {
+	int tid;
+	int fd;        /* PIDFD_THREAD pidfd; -1 once it fired (or could not be opened): not polled */
+};
+
 struct pvsched_guardian {
 	pthread_mutex_t lock;          /* priority inheritance: a starved holder gets the guardian's priority */
 	struct pvsched_guardian_info info;
@@ -81,7 +90,9 @@ struct pvsched_guardian {
 	volatile struct pvsched_heartbeat *hb;
 	int pid;                       /* the policy process, pinned by pidfd until we close it */
 	int pidfd;
-	int leader_fd;                 /* PIDFD_THREAD pidfd of its main thread, -1 if unsupported */
+	struct watched_thread watched[MAX_WATCHED];
+	int nr_watched;
+	int nr_threads_seen;           /* the policy process's thread count when `watched` was made */
 	int stat_fd;                   /* /proc/<pid>/stat, read again with pread at every wake-up */
 	int stopfd;
 	int period_ms;
@@ -110,7 +121,7 @@ struct pvsched_guardian *pvsched_guardian_new(void)
 	if (g == MAP_FAILED)
 		return NULL;
 	memset(g, 0, sizeof(*g));
-	g->pidfd = g->stopfd = g->hb_fd = g->leader_fd = g->stat_fd = -1;
+	g->pidfd = g->stopfd = g->hb_fd = g->stat_fd = -1;
 	pthread_mutexattr_init(&ma);
 	pthread_mutexattr_setprotocol(&ma, PTHREAD_PRIO_INHERIT);
 	pthread_mutex_init(&g->lock, &ma);
@@ -269,14 +280,18 @@ static int lock_memory(struct pvsched_guardian *g)
 	return ok;
 }
 
-/* Task flags (field 9) from the text of a /proc stat file, 0 if it does not parse. */
-static unsigned int stat_flags(const char *buf)
+/* Task flags (field 9) from the text of a /proc stat file, 0 if it does not parse; num_threads (field 20). */
+static unsigned int stat_flags(const char *buf, int *nr_threads)
 {
 	const char *p = strrchr(buf, ')');  /* comm may contain anything, even ')' */
 	unsigned int flags = 0;
+	int n = 0;
 
-	if (!p || sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %u", &flags) != 1)
+	if (!p || sscanf(p + 1, " %*c %*s %*s %*s %*s %*s %u %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %d",
+			 &flags, &n) < 1)
 		return 0;
+	if (nr_threads)
+		*nr_threads = n;
 	return flags;
 }
 
@@ -290,16 +305,17 @@ static int read_text(int fd, char *buf, size_t size)
 	return 0;
 }
 
-/* 1 if the main thread is in do_exit (or its stat is unreadable: gone). */
-static int leader_exiting(struct pvsched_guardian *g)
+/* 1 if the main thread is in do_exit (or its stat is unreadable: gone); the process's thread count. */
+static int leader_exiting(struct pvsched_guardian *g, int *nr_threads)
 {
 	char buf[512];
 
+	*nr_threads = 0;
 	if (g->stat_fd < 0)
 		return 0;
 	if (read_text(g->stat_fd, buf, sizeof(buf)) < 0)
 		return 1;
-	return !!(stat_flags(buf) & PF_EXITING);
+	return !!(stat_flags(buf, nr_threads) & PF_EXITING);
 }
 
 struct linux_dirent64 {  /* getdents64(2): no opendir, so no malloc on this thread */
@@ -333,7 +349,7 @@ static int all_exiting(struct pvsched_guardian *g)
 			fd = openat(dir, path, O_RDONLY | O_CLOEXEC);
 			if (fd < 0)
 				continue;  /* that thread is gone */
-			if (read_text(fd, buf, sizeof(buf)) == 0 && !(stat_flags(buf) & PF_EXITING))
+			if (read_text(fd, buf, sizeof(buf)) == 0 && !(stat_flags(buf, NULL) & PF_EXITING))
 				all = 0;
 			close(fd);
 			if (!all)
@@ -344,15 +360,63 @@ static int all_exiting(struct pvsched_guardian *g)
 	return all;
 }
 
+/*
+ * Rebuild the list of the policy process's threads to poll: keep what is known (a fired pidfd
+ * stays at -1, so a zombie main thread is not polled again), open a PIDFD_THREAD pidfd for
+ * new ones, drop those no longer listed. Our pidfd pins the process, so its task directory is
+ * its own; a thread that exits meanwhile is simply not found or reports at once.
+ */
+static void watch_threads(struct pvsched_guardian *g)
+{
+	struct watched_thread next[MAX_WATCHED];
+	char path[64], dents[4096];
+	int nr = 0, dir, keep[MAX_WATCHED] = { 0 };
+	long n;
+
+	snprintf(path, sizeof(path), "/proc/%d/task", g->pid);
+	dir = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (dir < 0)
+		return;
+	while (nr < MAX_WATCHED && (n = syscall(SYS_getdents64, dir, dents, sizeof(dents))) > 0) {
+		for (long off = 0; off < n && nr < MAX_WATCHED;) {
+			struct linux_dirent64 *d = (void *)(dents + off);
+			int tid, i;
+
+			off += d->reclen;
+			if (d->name[0] < '0' || d->name[0] > '9')
+				continue;
+			tid = atoi(d->name);
+			for (i = 0; i < g->nr_watched && g->watched[i].tid != tid; i++)
+				;
+			if (i < g->nr_watched) {
+				keep[i] = 1;
+				next[nr++] = g->watched[i];
+			} else {
+				next[nr++] = (struct watched_thread){ tid, (int)syscall(SYS_pidfd_open, tid, PIDFD_THREAD) };
+			}
+		}
+	}
+	close(dir);
+	for (int i = 0; i < g->nr_watched; i++)
+		if (!keep[i] && g->watched[i].fd >= 0)
+			close(g->watched[i].fd);
+	memcpy(g->watched, next, sizeof(next[0]) * nr);
+	g->nr_watched = nr;
+}
+
 static void close_fds(struct pvsched_guardian *g)
 {
-	int *fds[] = { &g->pidfd, &g->leader_fd, &g->stat_fd };
+	int *fds[] = { &g->pidfd, &g->stat_fd };
 
 	for (unsigned int i = 0; i < sizeof(fds) / sizeof(fds[0]); i++) {
 		if (*fds[i] >= 0)
 			close(*fds[i]);
 		*fds[i] = -1;
 	}
+	for (int i = 0; i < g->nr_watched; i++)
+		if (g->watched[i].fd >= 0)
+			close(g->watched[i].fd);
+	g->nr_watched = 0;
 }
 
 static void set_state(struct pvsched_guardian *g, int state)
@@ -365,10 +429,9 @@ static void set_state(struct pvsched_guardian *g, int state)
 static void *guardian_main(void *arg)
 {
 	struct pvsched_guardian *g = arg;
-	struct pollfd pfd[3] = {
+	struct pollfd pfd[2 + MAX_WATCHED] = {
 		{ .fd = g->pidfd, .events = POLLIN },
 		{ .fd = g->stopfd, .events = POLLIN },
-		{ .fd = g->leader_fd, .events = POLLIN },  /* poll() skips it when -1 */
 	};
 	uint64_t last = g->hb->beats;
 	int64_t last_change = now_ns(), fast_until = 0;
@@ -384,11 +447,18 @@ static void *guardian_main(void *arg)
 		g->info.prio = sp.sched_priority;
 	g->info.state = PVSCHED_GUARDIAN_WATCHING;
 	pthread_mutex_unlock(&g->lock);
+	leader_exiting(g, &g->nr_threads_seen);
+	watch_threads(g);
 
 	for (;;) {
-		int n = poll(pfd, 3, now_ns() < fast_until ? FAST_MS : g->period_ms);
-		int64_t t = now_ns();
+		int n, exited = 0, nr_threads;
+		int64_t t;
 		uint64_t beats;
+
+		for (int i = 0; i < g->nr_watched; i++)
+			pfd[2 + i] = (struct pollfd){ .fd = g->watched[i].fd, .events = POLLIN };  /* -1: skipped */
+		n = poll(pfd, 2 + g->nr_watched, now_ns() < fast_until ? FAST_MS : g->period_ms);
+		t = now_ns();
 
 		if (n < 0) {
 			struct timespec ts = { 0, (long)g->period_ms * 1000000 };
@@ -413,7 +483,14 @@ static void *guardian_main(void *arg)
 		}
 		if (dying)
 			continue;  /* restored; only its final death is left to see */
-		if ((n > 0 && pfd[2].revents) || leader_exiting(g)) {
+		for (int i = 0; n > 0 && i < g->nr_watched; i++) {
+			if (pfd[2 + i].fd >= 0 && pfd[2 + i].revents) {
+				exited = 1;
+				close(g->watched[i].fd);
+				g->watched[i].fd = -1;  /* stays readable: not polled again */
+			}
+		}
+		if (leader_exiting(g, &nr_threads) || exited) {
 			if (all_exiting(g)) {
 				dying = 1;
 				on_event(g, t, PVSCHED_GUARDIAN_CAUSE_DIED, 0);  /* a stale kill keeps its own cause */
@@ -421,10 +498,12 @@ static void *guardian_main(void *arg)
 				continue;
 			}
 			/* The others follow within microseconds in a group exit: look again soon, for a while. */
-			if (!fast_until)
+			if (t >= fast_until)
 				fast_until = t + FAST_WINDOW_NS;
-			if (pfd[2].revents)
-				pfd[2].fd = -1;  /* stop polling it (it stays readable); the stat flags tell the rest */
+		}
+		if (nr_threads != g->nr_threads_seen) {
+			g->nr_threads_seen = nr_threads;
+			watch_threads(g);
 		}
 		beats = __atomic_load_n(&g->hb->beats, __ATOMIC_RELAXED);
 		if (beats != last) {
@@ -439,6 +518,9 @@ static void *guardian_main(void *arg)
 			set_state(g, PVSCHED_GUARDIAN_KILLED);
 		}
 		pthread_mutex_lock(&g->lock);
+		g->info.watched = 0;
+		for (int i = 0; i < g->nr_watched; i++)
+			g->info.watched += g->watched[i].fd >= 0;
 		g->info.beats = beats;
 		g->info.armed = armed && !killed && !__atomic_load_n(&g->disarmed, __ATOMIC_RELAXED);
 		pthread_mutex_unlock(&g->lock);
@@ -481,8 +563,7 @@ int pvsched_guardian_start(struct pvsched_guardian *g, int pid, int pidfd, int p
 	g->pidfd = fcntl(pidfd, F_DUPFD_CLOEXEC, 0);  /* our own: the caller may close theirs any time */
 	if (g->pidfd < 0)
 		return -errno;
-	/* The pidfd pins the pid (we are the parent and have not reaped it): these name the same process. */
-	g->leader_fd = syscall(SYS_pidfd_open, pid, PIDFD_THREAD);  /* -1 before Linux 6.9: timeouts only */
+	/* The pidfd pins the pid (we are the parent and have not reaped it): /proc/<pid> is that process. */
 	snprintf(path, sizeof(path), "/proc/%d/stat", pid);
 	g->stat_fd = open(path, O_RDONLY | O_CLOEXEC);
 	g->period_ms = period_ms;

@@ -46,6 +46,8 @@ struct pvsched_guardian_info {
 	int32_t errors;         /* sched_setattr failures other than ESRCH (thread gone), all restores */
 	int32_t last_errno;
 	int32_t restores;       /* restore passes run */
+	int32_t watched;        /* threads of the policy process with a PIDFD_THREAD pidfd polled */
+	int32_t reserved0;
 	uint64_t beats;         /* last heartbeat value seen */
 	int64_t silent_ms;      /* stale kill: how long the heartbeat had not moved */
 	int64_t event_ns;       /* CLOCK_MONOTONIC: dying or death noticed, or stale kill sent */

@@ -126,7 +126,7 @@ class Guardian:
         return {
             "state": STATES.get(i.state, str(i.state)), "cause": CAUSES.get(i.cause, str(i.cause)),
             "prio": i.prio, "locked": bool(i.locked), "armed": bool(i.armed), "threads": i.nr_threads,
-            "restored": i.restored, "restores": i.restores, "errors": i.errors,
+            "restored": i.restored, "restores": i.restores, "watched": i.watched, "errors": i.errors,
             "last_error": os.strerror(i.last_errno) if i.last_errno else None, "beats": i.beats,
             "silent_ms": i.silent_ms, "event_s": i.event_ns / 1e9 if i.event_ns else None,
             "restore_s": i.restore_ns / 1e9 if i.restore_ns else None,
