@@ -7,6 +7,8 @@ parent-death signal, network namespace, BPF stats and pin directories while stil
 then only CAP_BPF/CAP_PERFMON/CAP_SYS_NICE/CAP_IPC_LOCK, no_new_privs, the engine, seccomp.
 Every way out (SIGTERM from the parent's death, "shutdown", end of the socket, an error)
 goes through one cleanup path: unregister (restores threads) and PolicyEngine.close() (unpins).
+With --heartbeat-fd, the engine's actuator thread bumps a counter in that memfd at every
+iteration: the VMM's guardian (guardian.c) kills this process when it stops moving.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 The device posts messages from any thread (vCPU threads on ENABLE/DISABLE, the control
 socket for status/policy commands); `run()`, a trio task in the VMM's nursery, sends them
 in order over the socketpair, matches replies to requests, and watches the child through a
-pidfd so that its death is seen at once (the device then restores the vCPU threads).
+pidfd so that its death is seen at once (the device then restores the vCPU threads, as the
+second line after its guardian, guardian.c, which does not need this thread's GIL).
 """
 
 from __future__ import annotations
