@@ -8,6 +8,7 @@ guest physical address into a host address; it refuses anything outside RAM.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap
 import os
 from dataclasses import dataclass
@@ -50,8 +51,11 @@ class GuestMemory:
         if size % mmap.PAGESIZE:
             raise GuestMemoryError("guest memory must be a multiple of the page size")
         self.size = size
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, size)
+        # The policy process gets a dup of this fd: sealed, it cannot shrink RAM
+        # under the VMM's mapping (which would SIGBUS the VMM) nor grow it.
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
         self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
         low = min(size, LOW_RAM_END)
