@@ -22,6 +22,7 @@ def test_defaults_are_the_design_values():
     {"boost_prio": "31"}, {"max_rt_prio": "40"}, {"max_rt_prio": "0"}, {"boost_policy": "deadline"},
     {"allow_fifo": "maybe"}, {"min_nice": "-21"}, {"backstop_ms": "0"}, {"debug": "3"}, {"nosuch": "1"},
     {"max_boost_runtime_ms": "200"}, {"boost_prio": "eight"},
+    {"max_boost_runtime_ms": "95"},  # 95 + backstop 5 reaches the 100 ms window: a spinner would escape
 ])
 def test_bad_tunables_are_refused_with_a_reason(values):
     with pytest.raises(TunableError) as e:
