@@ -86,8 +86,9 @@ class _Bounded:
     def __init__(self, argv: list[str], limit_s: float, workdir: Path) -> None:
         self.log = workdir / "log.txt"
         self._logf = open(self.log, "w")  # noqa: SIM115 - closed in stop(), outlives __init__
-        # timeout forwards any signal it gets as SIGINT, the signal both tools summarise on.
-        cmd = ["timeout", "-s", "INT", "-k", "5", f"{limit_s:.0f}", *argv]
+        # timeout forwards any signal it gets as SIGINT, the signal both tools summarise on; chrt -o 0 because
+        # the benchmark may start these from its SCHED_FIFO polling thread: they must run as ordinary tasks.
+        cmd = ["chrt", "-o", "0", "timeout", "-s", "INT", "-k", "5", f"{limit_s:.0f}", *argv]
         self.proc = subprocess.Popen(cmd, stdout=self._logf, stderr=subprocess.STDOUT, cwd=workdir,
                                      stdin=subprocess.DEVNULL)
 
@@ -111,12 +112,13 @@ class _Bounded:
 class StressLoad:
     """The seed's stress-ng load in a temporary folder (iomix writes files there)."""
 
-    def __init__(self, limit_s: float) -> None:
+    def __init__(self, limit_s: float, run_s: float | None = None) -> None:
+        """Start it: for run_s seconds (default: until stop()), killed after limit_s in any case."""
         self._tmp = tempfile.TemporaryDirectory(prefix="pyvmm-bench-stress-")
         d = Path(self._tmp.name)
         self._yaml = d / "stress.yaml"
         argv = ["stress-ng", *STRESS_ARGS, "--temp-path", str(d), "--metrics-brief",
-                "--yaml", str(self._yaml), "-t", f"{limit_s:.0f}"]
+                "--yaml", str(self._yaml), "-t", str(max(1, round(run_s or limit_s)))]
         self._p = _Bounded(argv, limit_s + 10, d)
 
     def stop(self) -> dict[str, float]:
