@@ -183,7 +183,7 @@ METRICS = ("guest.p50", "guest.p99", "guest.max", "guest.avg", "vcpu_runqlat.wak
 
 
 def _stress_rel(records: list[dict]) -> None:
-    """Give each busy record "stress_rel": mean over stressors of its bogo-ops/s over vanilla's median."""
+    """Give each busy record "stress_rel": median over stressors of its bogo-ops/s over vanilla's median."""
     base: dict[tuple[str, str], dict[str, float]] = {}
     for host, wl in {(r["host"], r["workload"]) for r in records}:
         van = [r["stress_metrics"] for r in records if r["config"] == "vanilla" and r["host"] == host
@@ -195,7 +195,7 @@ def _stress_rel(records: list[dict]) -> None:
         b = base.get((r["host"], r["workload"]))
         m = r.get("stress_metrics")
         ratios = [m[n] / b[n] for n in b if m and n in m and b[n] > 0] if b else []
-        r["stress_rel"] = round(statistics.fmean(ratios), 4) if ratios else None
+        r["stress_rel"] = round(statistics.median(ratios), 4) if ratios else None
 
 
 def summarize(records: Iterable[dict]) -> list[dict]:
