@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import selectors
+import signal
 import struct
+import subprocess
+import sys
 import time
 
 import pytest
@@ -139,3 +144,36 @@ def test_debian_cloud_kernel_prints_its_banner():
                           setup=[setup]))
     assert "Linux version" in r.console, (r.message, r.console[-2000:])
     print(f"banner after {seen.get('t', 0):.1f} s")
+
+
+@pytest.mark.slow
+def test_pyvmm_boot_cli_with_debian_kernel_and_initrd_reaches_the_banner():
+    """`pyvmm boot --kernel <debian bzImage> --initrd <image>` with pvsched on: the banner on stdout."""
+    build_image = pytest.importorskip("guest_image.linux.build_image")
+    img = build_image.build_image("cloud")
+    cmd = [sys.executable, "-m", "vmm.cli", "boot", "--kernel", str(img.kernel), "--initrd", str(img.initrd),
+           "--cmdline", "console=ttyS0 earlyprintk=serial pvsched.workload=selftest", "--mem", "512",
+           "--timeout", "600"]
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = b""
+    try:
+        sel = selectors.DefaultSelector()
+        sel.register(p.stdout, selectors.EVENT_READ)
+        while time.monotonic() - t0 < 600 and b"Linux version" not in out:
+            if sel.select(timeout=1.0):
+                chunk = os.read(p.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                out += chunk
+        assert b"Linux version" in out, (p.poll(), out[-2000:], p.stderr.read(4000) if p.poll() is not None else b"")
+        print(f"banner after {time.monotonic() - t0:.1f} s with --initrd {img.initrd.name} and pvsched")
+    finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    assert p.returncode in (128 + signal.SIGTERM, 125), p.returncode  # stopped by us, or the known emulation failure
