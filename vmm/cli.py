@@ -56,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--initrd", metavar="PATH", help="initramfs for a Linux kernel")
     b.add_argument("--cmdline", default="", metavar="STR",
                    help="guest command line; for the test guest: duration=<s> (default 5), interval=<us> "
-                        "(default 1000), workload=<w>[,<w>...] one per vCPU (probe|busy|hog|idle)")
+                        "(default 1000), workload=<w>[,<w>...] one per vCPU (probe|busy|hog|idle|waker|wakee, "
+                        "phases joined by '+', e.g. probe+busy), probe_policy=rr|fifo, probe_prio=8, hog_prio=99, "
+                        "busy_nice=0, pvsched=0 (ignore the device); see guest_image/testguest/README.md")
     b.add_argument("--cpus", type=int, default=2, metavar="N", help="number of vCPUs (default 2)")
     b.add_argument("--mem", type=int, default=256, metavar="MIB", help="guest RAM in MiB (default 256)")
     b.add_argument("--timeout", type=float, metavar="S",
