@@ -178,7 +178,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
         tail = " | ".join(out.console_tail[-3:])
         return None, f"the guest printed no probe latency record (console: {tail})"
     pv = next((r for r in out.records if r.get("type") == "pvsched"), None)
-    per_vcpu = [{k: r.get(k) for k in ("vcpu", "workload", "samples", "min", "avg", "p50", "p99", "max")}
+    per_vcpu = [{k: r.get(k) for k in ("vcpu", "workload", "samples", "min", "avg", "p50", "p99", "max", "max_at")}
                 for r in out.records if r.get("type") == "latency"]
     loops = [r["loops"] for r in out.records if r.get("type") == "workload" and isinstance(r.get("loops"), int)]
     extra = {"policy_set": list(args.pvsched_set) if cell.config == "pvsched" else [], "guest_busy_loops": sum(loops) if loops else None, "duration_s": args.duration, "interval_us": args.interval, "vm_wall_s": out.wall_s,

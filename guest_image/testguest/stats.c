@@ -121,6 +121,8 @@ void lat_json(struct buf *b, const struct tg_lat *l, const struct tg_summary *s)
 	buf_us3(b, s->p999_ns);
 	buf_str(b, ",\"max\":");
 	buf_us3(b, s->max_ns);
+	buf_str(b, ",\"max_at\":");
+	buf_u64(b, l->max_at);
 	buf_str(b, ",\"hist\":{\"bucket_us\":");
 	buf_u64(b, s->bucket_us);
 	buf_str(b, ",\"counts\":[");

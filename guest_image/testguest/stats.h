@@ -18,6 +18,7 @@ struct tg_lat {
 	u32 n;
 	u32 min_ns;
 	u32 max_ns;
+	u32 max_at;   /* index of the first sample equal to max_ns (counting dropped ones) */
 	u64 sum_ns;
 	u64 missed;   /* deadlines that passed without their own wakeup */
 	u64 dropped;  /* samples beyond cap (counted in min/avg/max only) */
@@ -39,8 +40,10 @@ static inline void lat_record(struct tg_lat *l, u64 ns)
 
 	if (l->n + l->dropped == 0 || v < l->min_ns)
 		l->min_ns = v;
-	if (v > l->max_ns)
+	if (v > l->max_ns || l->n + l->dropped == 0) {
 		l->max_ns = v;
+		l->max_at = l->n + (u32)l->dropped;
+	}
 	l->sum_ns += v;
 	if (l->n < l->cap)
 		l->samples[l->n++] = v;
@@ -60,7 +63,8 @@ void lat_summarize(struct tg_lat *l, struct tg_summary *s);
 /*
  * Append the latency fields of a summarized phase as JSON members:
  * "samples":..,"missed":..,"min":..,"avg":..,"p50":..,"p90":..,"p99":..,
- * "p999":..,"max":.. (microseconds) and "hist":{"bucket_us":B,"counts":[..],
+ * "p999":..,"max":.. (microseconds), "max_at":I (0-based index of the
+ * max's sample, which tells when in the run it happened) and "hist":{"bucket_us":B,"counts":[..],
  * "overflow":N} where counts[i] holds samples in [i*B, (i+1)*B) us.
  */
 void lat_json(struct buf *b, const struct tg_lat *l, const struct tg_summary *s);

@@ -101,6 +101,7 @@ def test_stats_match_a_reference(harness, values):
 
     assert s["samples"] == len(v) and s["missed"] == 0
     assert s["min"] == us(v[0]) and s["max"] == us(v[-1])
+    assert s["max_at"] == values.index(v[-1])  # when in the run the max happened
     assert s["avg"] == us(sum(v) // len(v))
     for key, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999)):
         assert s[key] == us(nearest_rank(v, p)), key
@@ -121,6 +122,7 @@ def test_stats_keeps_min_avg_max_of_dropped_samples(harness):
     s = json.loads(out.stdout)
     assert s["samples"] == 1 and s["dropped"] == 2
     assert (s["min"], s["avg"], s["max"]) == (1.0, 5.0, 9.0)
+    assert s["max_at"] == 2  # a dropped sample still counts in the index
 
 
 @pytest.mark.parametrize("ns,text", [(0, "0.000"), (12, "0.012"), (12345, "12.345"), (1_000_000, "1000.000"),
