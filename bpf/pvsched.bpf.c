@@ -344,14 +344,20 @@ static __always_inline int pvsched_eval(struct pvsched_vcpu *v, __u32 tid, const
 	default:
 		if (!s)
 			return 0;
-		if ((s->flags & PVSCHED_FLAG_IDLE) && v->hold) {
+		if ((s->flags & PVSCHED_FLAG_IDLE) &&
+		    (v->hold || (t->boost_on_halt && v->state == PVSCHED_STATE_BOOSTED))) {
 			/*
 			 * Hysteresis: the halt boost is held while the vCPU stays
-			 * idle (re-posted only if new tunables changed it).
+			 * idle (re-posted only if new tunables changed it).  A
+			 * boosted vCPU that published IDLE but was preempted or
+			 * checked before its halt keeps its boost too: dropping it
+			 * there left it at SCHED_OTHER behind host load until it
+			 * reached the halt (ms on a busy host, the guest's max).
 			 */
 			stat_inc(PVSCHED_STAT_HOLD);
 			boost_params(t, v, &want);
 			reason = PVSCHED_REASON_HALT;
+			v->hold = 1;
 			break;
 		}
 from_slot:

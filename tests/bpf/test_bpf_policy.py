@@ -131,6 +131,28 @@ def test_hog_is_throttled_and_unthrottled_on_schedule(fake_vmm, policy_child):
     assert observed(tid) == (OTHER, 0, 0)
 
 
+def test_a_boosted_vcpu_on_its_way_to_halt_keeps_its_boost(fake_vmm, policy_child):
+    # The guest's RT task sleeps: the slot shows IDLE a moment before the vCPU halts.  A preemption or a
+    # backstop in that moment must not drop the boost (it left the vCPU at SCHED_OTHER behind host load
+    # until it reached the halt: the busy-host guest max of the benchmark).
+    vmm = fake_vmm(1)
+    tid = vmm.tids[0]
+    child = policy_child(vmm)
+    child.set(throttle_window_ms="1000", max_boost_runtime_ms="900")  # no throttle within this test
+    vmm.cmd(f"custom 0 spin 0 {RR} 8 0 0")
+    assert wait_for(lambda: observed(tid)[:2] == (RR, 8), 1.0), f"got {observed(tid)}"
+    vmm.cmd("custom 0 spin 16 0 0 0 0")  # IDLE published, still running: backstops and preemptions see it
+    s = sample(tid, 0.3, 0.002)
+    dropped = [pol for _, pol, _ in s if pol != RR]
+    assert not dropped, f"boost dropped in {len(dropped)}/{len(s)} samples before the halt"
+    vmm.cmd("custom 0 spin 0 0 0 0 0")  # plain work: the first evaluation drops it
+    assert wait_for(lambda: observed(tid) == (OTHER, 0, 0), 1.0), f"still {observed(tid)}"
+    vmm.cmd("custom 0 spin 16 0 0 0 0")  # an unboosted vCPU is not boosted by an IDLE slot before it halts
+    assert not wait_for(lambda: observed(tid)[0] != OTHER, 0.3), f"boosted: {observed(tid)}"
+    vmm.cmd("mode 0 idle")
+    child.terminate()
+
+
 def test_a_halt_does_not_reset_the_throttle_count(fake_vmm, policy_child):
     # an RT task that runs 8 ms and halts 2 ms: 80% boosted; halts must not hide that from the throttle
     vmm = fake_vmm(1)
