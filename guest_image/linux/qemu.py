@@ -11,7 +11,6 @@ as records next to the raw console.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -21,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from guest_image.linux import build_image
+from vmm.console import parse_records
 
 
 class QemuError(RuntimeError):
@@ -46,22 +46,6 @@ class QemuResult:
         start = text.find("=== dmesg begin\n")
         end = text.find("=== dmesg end", start)
         return text[start + len("=== dmesg begin\n") : end] if start >= 0 and end >= 0 else ""
-
-
-def parse_records(console: str) -> list[dict]:
-    """JSON objects with a "type" key, one per console line."""
-    records = []
-    for line in console.splitlines():
-        line = line.strip()
-        if not line.startswith("{"):
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(obj, dict) and "type" in obj:
-            records.append(obj)
-    return records
 
 
 def qemu_command(
