@@ -427,6 +427,16 @@ static __always_inline void switch_out(struct pvsched_vcpu *v, __u32 tid, const 
 }
 
 /* vCPU out (VMEXIT-like, or HALT when it blocks with an IDLE slot) and vCPU in (VMENTER-like). */
+/* Task p is a registered vCPU thread of our VMM: its entry (and TID), else NULL. */
+static __always_inline struct pvsched_vcpu *task_vcpu(const struct pvsched_tunables *t,
+						      const struct task_struct *p, __u32 *tid)
+{
+	if (p->tgid != t->vmm_pid)
+		return NULL;
+	*tid = p->pid;
+	return bpf_map_lookup_elem(&vcpus, tid);
+}
+
 SEC("tp_btf/sched_switch")
 int BPF_PROG(pvs_switch, bool preempt, struct task_struct *prev, struct task_struct *next,
 	     unsigned int prev_state)
@@ -443,28 +453,22 @@ int BPF_PROG(pvs_switch, bool preempt, struct task_struct *prev, struct task_str
 		return 0;
 	now = bpf_ktime_get_ns();
 
-	if (prev->tgid == t->vmm_pid) {
-		tid = prev->pid;
-		v = bpf_map_lookup_elem(&vcpus, &tid);
-		/* current == prev here: the slot HVA is in this address space */
-		if (v && (bpf_get_current_pid_tgid() >> 32) == t->vmm_pid) {
-			if (vcpu_trylock(v)) {
-				switch_out(v, tid, t, preempt || prev_state == TASK_RUNNING, now);
-				vcpu_unlock(v);
-			}
-			v->running = 0; /* even when the lock was busy: never left "running" */
+	v = task_vcpu(t, prev, &tid);
+	/* current == prev here: the slot HVA is in this address space */
+	if (v && (bpf_get_current_pid_tgid() >> 32) == t->vmm_pid) {
+		if (vcpu_trylock(v)) {
+			switch_out(v, tid, t, preempt || prev_state == TASK_RUNNING, now);
+			vcpu_unlock(v);
 		}
+		v->running = 0; /* even when the lock was busy: never left "running" */
 	}
 
-	if (next->tgid == t->vmm_pid) {
-		tid = next->pid;
-		v = bpf_map_lookup_elem(&vcpus, &tid);
-		if (v) {
-			stat_inc(PVSCHED_STAT_SWITCH_IN);
-			v->run_start_ns = now;
-			asm volatile("" ::: "memory");
-			v->running = 1;
-		}
+	v = task_vcpu(t, next, &tid);
+	if (v) {
+		stat_inc(PVSCHED_STAT_SWITCH_IN);
+		v->run_start_ns = now;
+		asm volatile("" ::: "memory");
+		v->running = 1;
 	}
 	return 0;
 }
@@ -477,10 +481,9 @@ int BPF_PROG(pvs_wakeup, struct task_struct *p)
 	struct pvsched_vcpu *v;
 	__u32 tid;
 
-	if (!t || !t->vmm_pid || p->tgid != t->vmm_pid)
+	if (!t || !t->vmm_pid)
 		return 0;
-	tid = p->pid;
-	v = bpf_map_lookup_elem(&vcpus, &tid);
+	v = task_vcpu(t, p, &tid);
 	if (!v)
 		return 0;
 	stat_inc(PVSCHED_STAT_WAKEUP);
@@ -500,10 +503,9 @@ int BPF_PROG(pvs_exit, struct task_struct *p)
 	struct pvsched_vcpu *v;
 	__u32 tid;
 
-	if (!t || !t->vmm_pid || p->tgid != t->vmm_pid)
+	if (!t || !t->vmm_pid)
 		return 0;
-	tid = p->pid;
-	v = bpf_map_lookup_elem(&vcpus, &tid);
+	v = task_vcpu(t, p, &tid);
 	if (!v)
 		return 0;
 	stat_inc(PVSCHED_STAT_EXITED);
