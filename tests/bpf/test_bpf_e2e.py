@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from sched_observe import runs, sample, wait_for
+from sched_observe import observed, observer_rt, runs, sample, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 RR, OTHER = os.SCHED_RR, os.SCHED_OTHER
@@ -123,3 +123,30 @@ def test_e2e_sigkill_of_the_policy_process_restores_and_detaches(vm):
     assert wait_for(gone, 2.0, 0.05), "programs outlived the policy process"
     _, err = p.communicate(timeout=40)
     assert p.returncode == 0, err[-2000:]
+
+
+def test_e2e_probe_under_host_load_is_boosted_then_returns_to_normal_with_the_guest(vm):
+    """Host busy with CPU hogs; vCPU 0 runs the RT probe for 3 s, then normal work: boosted, capped, then OTHER/0."""
+    hogs = [subprocess.Popen(["timeout", "-s", "KILL", "30", sys.executable, "-c", "while True: pass"])
+            for _ in range(os.cpu_count() or 2)]
+    try:
+        p, _, tids = vm("duration=6 workload=probe+busy,idle", seconds=6)
+        t0 = time.monotonic()  # the guest is at most ~1 s into its 3 s probe phase here
+        samples = []
+        with observer_rt():
+            while (now := time.monotonic()) < t0 + 4.6:
+                samples.append((now - t0, *observed(tids[0])))
+                time.sleep(0.002)
+        probe = [s for s in samples if s[0] < 1.0]
+        normal = [s for s in samples if s[0] > 3.6]
+        assert all(pol == OTHER or (pol == RR and prio <= 10) for _, pol, prio, _ in samples), "above the cap"
+        boosted = sum(1 for _, pol, prio, _ in probe if pol == RR and prio == 8)
+        assert boosted >= 0.8 * len(probe), f"probe vCPU at RR 8 in only {boosted}/{len(probe)} samples under load"
+        plain = sum(1 for _, pol, _, nice in normal if pol == OTHER and nice == 0)
+        assert plain >= 0.95 * len(normal), f"back to OTHER nice 0 in only {plain}/{len(normal)} samples"
+        _, err = p.communicate(timeout=40)
+        assert p.returncode == 0, err[-2000:]
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
