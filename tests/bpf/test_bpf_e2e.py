@@ -150,3 +150,20 @@ def test_e2e_probe_under_host_load_is_boosted_then_returns_to_normal_with_the_gu
         for h in hogs:
             h.kill()
             h.wait()
+
+
+def test_e2e_pyvmm_policy_set_changes_the_next_decision(vm):
+    """`pyvmm policy set boost_prio=5` on a running VM: the halted vCPUs' held boosts follow (RR 8 -> RR 5)."""
+    p, pid, tids = vm("duration=4 workload=idle,idle", seconds=4)
+    assert wait_for(lambda: all(observed(t)[:2] == (RR, 8) for t in tids.values()), 2.0), "idle vCPUs not at RR 8"
+    r = subprocess.run([sys.executable, "-m", "vmm.cli", "policy", "set", "boost_prio=5", "--vm", str(pid)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=10, check=False)
+    assert r.returncode == 0, r.stderr
+    assert wait_for(lambda: all(observed(t)[:2] == (RR, 5) for t in tids.values()), 1.0), \
+        f"still {[observed(t) for t in tids.values()]} after policy set"
+    bad = subprocess.run([sys.executable, "-m", "vmm.cli", "policy", "set", "boost_prio=99", "--vm", str(pid)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=10, check=False)
+    assert bad.returncode != 0 and "boost_prio" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert all(observed(t)[:2] == (RR, 5) for t in tids.values()), "a refused set changed something"
+    _, err = p.communicate(timeout=40)
+    assert p.returncode == 0, err[-2000:]
