@@ -113,6 +113,7 @@ def summarize(count: int, sum_ns: int, max_ns: int, buckets: list[int]) -> dict:
     if count <= 0 or not any(buckets):
         return {"count": 0, "avg": None, "p50": None, "p99": None, "max": None}
     total = sum(buckets)
+    max_us = round(max_ns / 1000.0, 1)  # percentiles never exceed the max as reported
 
     def pct(q: float) -> float:
         need = q * total
@@ -121,11 +122,11 @@ def summarize(count: int, sum_ns: int, max_ns: int, buckets: list[int]) -> dict:
             seen += n
             if n and seen >= need:
                 lo, hi = bucket_bounds_us(i)
-                return min(hi, max_ns / 1000.0) if hi - lo > 1 else lo
-        return max_ns / 1000.0
+                return min(hi if hi - lo > 1 else lo, max_us)
+        return max_us
 
     return {"count": count, "avg": round(sum_ns / count / 1000.0, 2), "p50": pct(0.50),
-            "p99": pct(0.99), "max": round(max_ns / 1000.0, 1)}
+            "p99": pct(0.99), "max": max_us}
 
 
 class Runqlat:

@@ -209,3 +209,16 @@ def test_report_only_regenerates_outputs(tmp_path, capsys):
     assert (tmp_path / "results.md").exists() and (tmp_path / "results.png").exists()
     assert "PASS" in capsys.readouterr().out
     assert main(["--report-only", "--out", str(tmp_path / "nope")]) == 2
+
+
+def test_runqlat_percentiles_never_exceed_the_reported_max():
+    """A max of 3721.017 us is reported as 3721.0: the p99 of its bucket must not come out above it."""
+    from tools import runqlat
+
+    n = runqlat.const("RUNQLAT_NR_BUCKETS")
+    i = next(k for k in range(n) if runqlat.bucket_bounds_us(k)[0] <= 3721.017 < runqlat.bucket_bounds_us(k)[1])
+    buckets = [0] * n
+    buckets[10], buckets[i] = 98, 2
+    s = runqlat.summarize(100, 100 * 50_000, 3_721_017, buckets)
+    assert s["max"] == 3721.0
+    assert s["p50"] <= s["p99"] <= s["max"]
