@@ -30,6 +30,7 @@ from vmm.sched_attr import SchedAttr, sched_getattr, sched_setattr
 C = abi.C
 U32 = 0xFFFFFFFF
 STATUS_TIMEOUT_S = 2.0
+FINAL_SHOW_TIMEOUT_S = 1.0  # the policy's last policy.show at shutdown: short, the VM is ending
 MAX_LOGGED_TRANSITIONS = 8
 REG = {
     "MAGIC": C.PVSCHED_REG_MAGIC, "HOST_VERSION": C.PVSCHED_REG_HOST_VERSION,
@@ -108,6 +109,7 @@ class PvschedDevice(PciDevice):
         self._reset_registers()
         self.active: dict[str, Any] | None = None  # the accepted configuration while ACTIVE
         self._transitions = 0
+        self.final_stats: dict[str, Any] | None = None  # set at stop(): device snapshot and policy.show
 
     # --- registers -----------------------------------------------------------------------------------
 
@@ -347,6 +349,7 @@ class PvschedDevice(PciDevice):
     def stop(self) -> None:
         """End the policy process cleanly (bounded wait, then kill); restore threads if it could not."""
         sup = self.supervisor
+        self._take_final_stats(sup)
         if sup is None or sup.proc is None:
             self._close_guardian()
             return
@@ -358,6 +361,17 @@ class PvschedDevice(PciDevice):
         if not was_dead and rc != 0:
             self.log.warning("pvsched: policy process %d ended with %s: restoring vCPU threads", sup.pid, rc)
             self.restore_threads()
+
+    def _take_final_stats(self, sup: PolicySupervisor | None) -> None:
+        # What the run did, kept for `pyvmm boot --stats-out` before the policy process goes: a benchmark
+        # then needs no polling while it measures.
+        self.final_stats = {"device": self.snapshot()}
+        if sup is not None and sup.alive and not sup.dead:
+            try:
+                reply = self._clean(sup.request({"op": "policy.show"}, FINAL_SHOW_TIMEOUT_S))
+            except PolicyUnavailable as e:
+                reply = {"error": str(e)}
+            self.final_stats["policy"] = {k: v for k, v in reply.items() if k != "text"}
 
     def _policy_died(self, returncode: int) -> None:
         """The policy process died under us: restore every vCPU thread (again, after the guardian), unpin, go on."""

@@ -145,7 +145,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
     spec = RunSpec(cell.config, cell.workload, args.duration, args.interval, policy_set=tuple(args.pvsched_set))
     limit = args.duration + 90
     loads: dict = {}
-    ct_summary = stress_rates = None
+    ct_summary = stress_rates = cpu = None
 
     def guest_starts(tids: list[int]) -> None:
         # The vCPU threads exist and the guest is being let go: the host load and the host's own latency
@@ -154,20 +154,29 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
         if probe:
             probe.track(tids)
         if cell.host == "busy":
-            loads["stress"] = StressLoad(limit, run_s=args.duration)
+            # until stopped at the VM's end (a -t of the guest's duration could end before the guest does)
+            loads["stress"] = StressLoad(limit)
         loads["ct"] = HostCyclictest(limit, args.interval)
+        loads["cpu"] = cpu_meter(tids, loads.get("stress"))
+
+    def guest_ended() -> None:
+        # Same window for every configuration: what the VMM's teardown costs is not part of the run.
+        nonlocal ct_summary, stress_rates, cpu
+        try:
+            if "cpu" in loads:
+                cpu = loads.pop("cpu").stop()
+            if "ct" in loads:
+                ct_summary = loads.pop("ct").stop()
+        finally:
+            if "stress" in loads:
+                stress_rates = loads.pop("stress").stop()
 
     try:
         if probe:
             probe.reset()
-        out = run_vm(spec, on_tids=guest_starts)
+        out = run_vm(spec, on_tids=guest_starts, on_end=guest_ended)
     finally:
-        try:
-            if "ct" in loads:
-                ct_summary = loads["ct"].stop()
-        finally:
-            if "stress" in loads:
-                stress_rates = loads["stress"].stop()
+        guest_ended()  # a no-op when run_vm called it; else (an error) the loads must not outlive the run
     rq = None
     if probe and out.vcpu_tids:
         rq = probe.read()
@@ -183,7 +192,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
     loops = [r["loops"] for r in out.records if r.get("type") == "workload" and isinstance(r.get("loops"), int)]
     extra = {"policy_set": list(args.pvsched_set) if cell.config == "pvsched" else [], "guest_busy_loops": sum(loops) if loops else None, "duration_s": args.duration, "interval_us": args.interval, "vm_wall_s": out.wall_s,
              "tids_after_s": out.tids_after_s, "uptime_at_tids_s": out.uptime_at_tids_s, "vcpu_sched": {str(k): v for k, v in out.vcpu_sched.items()},
-             "pvsched_status": pv.get("status") if pv else None,
+             "pvsched_status": pv.get("status") if pv else None, "cpu": cpu,
              "guest_per_vcpu": per_vcpu}
     if cell.host == "busy" and not stress_rates:
         extra["note"] = "stress-ng printed no metrics"
@@ -191,6 +200,31 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
                       stress=stress_rates, vcpu_runqlat=rq, policy=policy_stats(out.policy_reply, out.status_reply, out.records)
                       if cell.config == "pvsched" else None, extra=extra)
     return rec, None
+
+
+def cpu_meter(tids: list[int], stress) -> "CpuMeter":
+    """CPU time of the vCPU threads, the whole VMM (vCPUs, main loop, policy process), its policy process and
+    the host load, sampled from the guest's start (see tools/cpuacct.py)."""
+    from tools.cpuacct import CpuMeter, children_cpu_s, threads_cpu_s, tree_cpu_s
+
+    vmm = _tgid(tids[0])
+    counters = {"vcpus": lambda: threads_cpu_s(tids)}
+    if vmm:
+        counters["vmm"] = lambda: tree_cpu_s(vmm)
+        counters["policy"] = lambda: children_cpu_s(vmm)
+    if stress is not None:
+        counters["host_load"] = lambda: tree_cpu_s(stress.pid)
+    return CpuMeter(counters)
+
+
+def _tgid(tid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{tid}/status").read_text().splitlines():
+            if line.startswith("Tgid:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def write_outputs(out_dir: Path, records: list[dict], meta: dict) -> list[dict]:
@@ -268,6 +302,9 @@ def bench(args: argparse.Namespace) -> int:
     (args.out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     print(report.table(rows))
     print()
+    if cpu := report.cpu_table(rows):
+        print(cpu)
+        print()
     print("\n".join(report.target_lines(rows)))
     print(f"\nwrote {args.out}/results.json, results.md, results.png")
     if meta["failures"]:

@@ -121,6 +121,11 @@ class StressLoad:
                 "--yaml", str(self._yaml), "-t", str(max(1, round(run_s or limit_s)))]
         self._p = _Bounded(argv, limit_s + 10, d)
 
+    @property
+    def pid(self) -> int:
+        """PID of the load's root process (its watchdog; stress-ng and its workers are below it)."""
+        return self._p.proc.pid
+
     def stop(self) -> dict[str, float]:
         """Stop the load; bogo-ops/s per stressor over its lifetime ({} if stress-ng printed none)."""
         try:

@@ -57,6 +57,7 @@ class BootResult:
     records: list[dict]
     message: str | None = None   # one line when the VM did not end by the guest's own exit code
     elapsed_s: float = 0.0
+    device_stats: dict = field(default_factory=dict)  # label -> what a device kept at stop (final_stats)
 
     @property
     def timed_out(self) -> bool:
@@ -154,4 +155,5 @@ def run_vm(cfg: BootConfig) -> BootResult:
     finally:
         m.close()
     text = console.text()
-    return BootResult(code, text, parse_records(text), m.exit_message, time.monotonic() - t0)
+    stats = {d.label: d.final_stats for d in m.devices if getattr(d, "final_stats", None) is not None}
+    return BootResult(code, text, parse_records(text), m.exit_message, time.monotonic() - t0, stats)

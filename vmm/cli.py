@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from vmm.machine import EXIT_BAD_INPUT
 
@@ -75,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-console-input", action="store_true",
                    help="do not forward stdin to the guest's serial port (default: forward it, "
                         "unless stdin is a terminal of a background job)")
+    b.add_argument("--stats-out", type=Path, metavar="FILE",
+                   help="at the end, write JSON of what the run did: exit code, and the pvsched device's state "
+                        "and the policy's final policy.show (boosts, throttles, BPF ns per event, event-to-"
+                        "sched_setattr latency), so a script need not poll the control socket")
     b.add_argument("--kvm-device", default=os.environ.get("PYVMM_KVM_DEVICE", "/dev/kvm"), metavar="PATH",
                    help="KVM device node (default /dev/kvm, or $PYVMM_KVM_DEVICE)")
 
@@ -101,6 +106,9 @@ def _boot(args: argparse.Namespace) -> int:
     from vmm.boot import BootConfig, run_vm
     from vmm.machine import VmmError
 
+    if args.stats_out is not None and not args.stats_out.parent.is_dir():
+        print(f"pyvmm: --stats-out {args.stats_out}: no such directory {args.stats_out.parent}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     cfg = BootConfig(kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline, cpus=args.cpus,
                      mem_mib=args.mem, timeout=args.timeout, pvsched=not args.no_pvsched,
                      policy=not args.no_policy, tunables=dict(args.policy_set),
@@ -114,6 +122,14 @@ def _boot(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     if result.message:
         print(f"pyvmm: {result.message}", file=sys.stderr)
+    if args.stats_out:
+        try:
+            args.stats_out.write_text(json.dumps({"exit_code": result.exit_code, "message": result.message,
+                                                  "elapsed_s": round(result.elapsed_s, 3),
+                                                  "devices": result.device_stats}, indent=1, default=str) + "\n")
+        except OSError as e:
+            print(f"pyvmm: cannot write --stats-out {args.stats_out}: {e.strerror}", file=sys.stderr)
+            return result.exit_code or EXIT_BAD_INPUT
     return result.exit_code
 
 

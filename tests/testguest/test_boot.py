@@ -153,3 +153,26 @@ def test_one_vcpu_and_four_vcpus(pyvmm):
         assert rc == 0, out
         assert of_type(recs, "pvsched")[0]["nr_vcpus"] == cpus
         assert sorted(r["vcpu"] for r in of_type(recs, "workload")) == list(range(cpus))
+
+
+def test_stats_out_keeps_the_policys_final_counters_and_the_devices_state(pyvmm, tmp_path):
+    """`--stats-out`: what the policy did over the whole run, written at the end (no polling needed)."""
+    out_file = tmp_path / "stats.json"
+    rc, _, out = boot(pyvmm, "--cmdline", "duration=1 interval=1000 workload=probe,probe", "--stats-out", str(out_file))
+    assert rc == 0, out
+    st = json.loads(out_file.read_text())
+    assert st["exit_code"] == 0 and st["elapsed_s"] > 1
+    dev = st["devices"]["pvsched"]
+    assert dev["device"]["state"] == "active" and len(dev["device"]["vcpus"]) == 2
+    stats = dev["policy"]["stats"]
+    # 1 s of a 1000 us probe on two vCPUs: about 2000 halts and wake-ups, each seen by the BPF programs
+    assert stats["halt"]["value"] > 500 and stats["wakeup"]["value"] > 500
+    assert {v["vcpu"] for v in dev["policy"]["vcpus"]} == {0, 1}
+
+    rc, _, out = boot(pyvmm, "--no-policy", "--cmdline", "duration=0.5", "--stats-out", str(out_file))
+    assert rc == 0, out
+    dev = json.loads(out_file.read_text())["devices"]["pvsched"]
+    assert "policy" not in dev and dev["device"]["policy"] == {"enabled": False}
+
+    rc, _, out = boot(pyvmm, "--stats-out", str(tmp_path / "missing" / "s.json"))
+    assert rc == 2 and out.strip().splitlines()[-1].startswith("pyvmm: --stats-out")

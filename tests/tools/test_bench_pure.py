@@ -222,3 +222,23 @@ def test_runqlat_percentiles_never_exceed_the_reported_max():
     s = runqlat.summarize(100, 100 * 50_000, 3_721_017, buckets)
     assert s["max"] == 3721.0
     assert s["p50"] <= s["p99"] <= s["max"]
+
+
+def test_host_cpu_split_relative_load_table_and_targets():
+    def with_cpu(rec, vcpus, vmm, policy, load):
+        return {**rec, "cpu": {"window_s": 5.0, "vcpus": vcpus, "vmm": vmm, "policy": policy, "host_load": load}}
+
+    recs = [with_cpu(_rec("vanilla", "busy", 4000, 12000), 0.17, 0.175, 0.0, 1.70),
+            with_cpu(_rec("vanilla", "busy", 4000, 12000, rep=1), 0.17, 0.175, 0.0, 1.72),
+            with_cpu(_rec("pvsched", "busy", 62, 800), 0.23, 0.26, 0.02, 1.62),
+            with_cpu(_rec("static-rt", "busy", 60, 700), 0.22, 0.225, 0.0, 1.50)]
+    rows = summarize(recs)
+    pv = next(r for r in rows if r["config"] == "pvsched")
+    assert pv["host_load_rel"]["median"] == pytest.approx(1.62 / 1.71, abs=1e-4)
+    assert pv["cpu.vmm_other"]["median"] == pytest.approx(0.01)  # the VMM minus its vCPUs and the policy process
+    t = {x["name"]: x for x in targets(rows)}
+    assert t["busy pvsched host load CPU time >= 0.95 x vanilla"]["ok"] is False  # 0.947
+    table = report.cpu_table(rows)
+    assert "| probe,probe | busy | pvsched | - | 0.230 | 0.010 | 0.020 | 1.620 | 0.947 | 1.000 |" in table
+    assert "host load CPU time" in report.markdown(rows, {})
+    assert report.cpu_table(summarize(_records())) == ""  # records without CPU figures: no table

@@ -1,13 +1,16 @@
-"""The benchmark's host-side probes on the real machine: the BPF runqueue-latency program, cyclictest, stress-ng."""
+"""The benchmark's host-side probes on the real machine: the BPF runqueue-latency program, cyclictest, stress-ng,
+the CPU-time meter."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 
 import pytest
 
+from tools.cpuacct import CpuMeter, threads_cpu_s, tree_cpu_s
 from tools.hostload import HostCyclictest, StressLoad
 from tools.runqlat import Runqlat, bucket_bounds_us, const, summarize
 
@@ -69,3 +72,23 @@ def test_host_cyclictest_runs_at_normal_priority_and_stress_reports_rates():
     assert summary is not None and summary["samples"] > 500 and summary["threads"] == os.cpu_count()
     assert summary["min"] <= summary["avg"] <= summary["max"] and summary["min"] <= summary["p99"] <= summary["max"]
     assert {"cpu", "iomix", "vm", "fork"} <= set(rates) and rates["cpu"] > 0
+
+
+def test_cpu_meter_sums_a_process_tree_and_ends_its_window_with_it():
+    # A shell with two bounded spinners below it (SCHED_OTHER, 2 s), next to this test's sleeping thread.
+    spin = "timeout 2 sh -c 'while :; do :; done'"
+    root = subprocess.Popen(["sh", "-c", f"{spin} & {spin}; wait"])
+    t0 = time.monotonic()
+    try:
+        meter = CpuMeter({"tree": lambda: tree_cpu_s(root.pid), "me": lambda: threads_cpu_s([threading.get_native_id()])},
+                         period_s=0.05)
+        root.wait(10)
+        time.sleep(0.5)  # the meter keeps running; its window must have ended with the tree
+        res = meter.stop()
+    finally:
+        if root.poll() is None:
+            root.kill()
+    assert res is not None and res["window_s"] < time.monotonic() - t0 - 0.3
+    assert 0.5 < res["tree"] <= os.cpu_count() + 0.1  # two spinners: busy CPUs, never more than the host has
+    assert res["me"] < 0.1  # a sleeping thread
+    assert tree_cpu_s(root.pid) is None  # gone: no figure rather than a wrong one
