@@ -122,8 +122,10 @@ class PolicyEngine:
 
     # --- vCPUs -------------------------------------------------------------------
     def add_vcpu(self, vm_id: int, vcpu_id: int, tid: int, slot_hva: int, slot: memoryview,
-                 original: SchedAttr) -> None:
-        """Register a vCPU thread of the VMM: BPF reads its slot at slot_hva, the actuator uses `slot`."""
+                 original: SchedAttr, features: int = 0) -> None:
+        """Register a vCPU thread of the VMM: BPF reads its slot at slot_hva, the actuator uses `slot`.
+
+        `features` are the guest's negotiated pvsched features (F_RT_WAITER changes the halt boost)."""
         slot_size = consts().PVSCHED_SLOT_SIZE
         if len(slot) < slot_size:
             raise ValueError(f"slot view of vCPU {vcpu_id} is {len(slot)} bytes, expected {slot_size}")
@@ -133,7 +135,7 @@ class PolicyEngine:
             raise ValueError(f"thread {tid} is not a thread of VMM {self.vmm_pid}")
         f = pffi()
         v = f.new("struct pvsched_vcpu *")
-        v.vm_id, v.vcpu_id, v.slot_hva = vm_id, vcpu_id, slot_hva
+        v.vm_id, v.vcpu_id, v.slot_hva, v.features = vm_id, vcpu_id, slot_hva, features
         v.orig.policy, v.orig.rt_priority, v.orig.nice = original.policy, original.priority, original.nice
         v.posted = v.orig
         if _thread_running(self.vmm_pid, tid):

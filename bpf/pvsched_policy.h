@@ -22,6 +22,13 @@ enum pvsched_policy_limits {
 	PVSCHED_RINGBUF_BYTES = 256 * 1024,
 };
 
+/* Tunable boost_on_halt: when a halting vCPU gets the halt boost. */
+enum pvsched_halt_boost {
+	PVSCHED_HALT_BOOST_NEVER = 0,
+	PVSCHED_HALT_BOOST_ALWAYS = 1, /* every halt (the seed's policy) */
+	PVSCHED_HALT_BOOST_AUTO = 2,   /* guests with F_RT_WAITER: only a halt with RT_WAITING; others: always */
+};
+
 /* Where an evaluation comes from (debug output and the event's reason). */
 enum pvsched_source {
 	PVSCHED_SRC_PREEMPT = 0,  /* switched out while runnable: VMEXIT-like */
@@ -108,6 +115,8 @@ struct pvsched_vcpu {
 	/* written by userspace once, at registration */
 	__u32 vm_id;
 	__u32 vcpu_id;
+	__u32 features;                     /* the guest's negotiated pvsched features */
+	__u32 pad0;
 	__u64 slot_hva;                     /* slot address in the VMM process */
 	struct pvsched_sched_params orig;   /* attributes restored for NORMAL */
 	/* owned by the BPF programs after registration */
@@ -117,6 +126,8 @@ struct pvsched_vcpu {
 	__u32 running;                      /* on a CPU now (written only by sched_switch) */
 	__u32 hold;                         /* halt boost held while the slot shows IDLE */
 	__u32 halted;                       /* last switch-out was a halt, not yet seen busy */
+	__u32 halt_boost;                   /* that halt wanted the boost (boost_on_halt) */
+	__u32 pad1;
 	__u32 reason;                       /* enum pvsched_reason of the last change */
 	__u64 run_start_ns;                 /* switched in at (written only by sched_switch) */
 	__u64 acct_ns;                      /* boosted run time counted up to here */
@@ -143,7 +154,7 @@ struct pvsched_tunables {
 	__u32 max_rt_prio;           /* cap on every RT priority (<= 30) */
 	__u32 allow_fifo;            /* 0: FIFO requests become RR */
 	__s32 min_nice;              /* floor for translated nice values */
-	__u32 boost_on_halt;
+	__u32 boost_on_halt;         /* enum pvsched_halt_boost */
 	__u32 debug;                 /* 0 off, 1 decisions, 2 every event (bpf_printk) */
 	__u64 max_boost_runtime_ns;
 	__u64 throttle_window_ns;
@@ -181,7 +192,7 @@ _Static_assert(sizeof(struct pvsched_sched_params) == 16, "params");
 _Static_assert(sizeof(struct pvsched_slot_snap) == 24, "snap");
 _Static_assert(__builtin_offsetof(struct pvsched_slot_snap, wake_hint) ==
 	       __builtin_offsetof(struct pvsched_guest_area, wake_hint), "snap mirrors the guest area");
-_Static_assert(sizeof(struct pvsched_vcpu) == 184, "vcpu");
+_Static_assert(sizeof(struct pvsched_vcpu) == 200, "vcpu");
 _Static_assert(sizeof(struct pvsched_tunables) == 64, "tunables");
 _Static_assert(sizeof(struct pvsched_event) == 88, "event");
 _Static_assert(sizeof(struct pvsched_backstop_ctx) == 16, "backstop ctx");

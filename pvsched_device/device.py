@@ -51,6 +51,7 @@ _RW_ATTR = {
 FEATURE_NAMES = {
     C.PVSCHED_F_CRITICAL_SECTIONS: "critical_sections", C.PVSCHED_F_TASK_PARAMS: "task_params",
     C.PVSCHED_F_HOST_FEEDBACK: "host_feedback", C.PVSCHED_F_WAKE_HINT: "wake_hint",
+    C.PVSCHED_F_RT_WAITER: "rt_waiter",
 }
 
 

@@ -161,7 +161,7 @@ class PolicyService:
         for v in vcpus:
             if self.engine is not None:
                 self.engine.add_vcpu(self.reg.vm_id, v.id, v.tid, self.reg.shm_hva + slots.slot_offset(v.id),
-                                     self.reg.slot(v.id), v.original)
+                                     self.reg.slot(v.id), v.original, features=self.reg.features)
             self.reg.vcpus.append(v)
         self._log("registered VM %d: %d vCPUs (TIDs %s), shared area GPA %#x size %d", self.reg.vm_id, nr,
                   ",".join(str(v.tid) for v in vcpus), self.reg.shm_gpa, size)

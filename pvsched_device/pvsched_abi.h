@@ -53,7 +53,13 @@ enum pvsched_feature {
 	PVSCHED_F_TASK_PARAMS = 1 << 1,
 	PVSCHED_F_HOST_FEEDBACK = 1 << 2,
 	PVSCHED_F_WAKE_HINT = 1 << 3,
-	PVSCHED_F_ALL_V1 = 0xf,
+	/*
+	 * The guest sets PVSCHED_FLAG_RT_WAITING with IDLE when an RT task
+	 * sleeps on the vCPU; the host may then boost a halting vCPU only
+	 * then (a guest without it gets the halt boost at every halt).
+	 */
+	PVSCHED_F_RT_WAITER = 1 << 4,
+	PVSCHED_F_ALL_V1 = 0x1f,
 };
 
 enum pvsched_control {
@@ -79,8 +85,9 @@ enum pvsched_slot_flag {
 	PVSCHED_FLAG_IN_SOFTIRQ = 1 << 2,
 	PVSCHED_FLAG_PREEMPT_DISABLED = 1 << 3,
 	PVSCHED_FLAG_IDLE = 1 << 4,
+	PVSCHED_FLAG_RT_WAITING = 1 << 5, /* with IDLE: an RT task sleeps here (F_RT_WAITER) */
 	PVSCHED_FLAGS_CRITICAL = 0xf, /* NMI | HARDIRQ | SOFTIRQ | PREEMPT_DISABLED */
-	PVSCHED_FLAGS_ALL = 0x1f,
+	PVSCHED_FLAGS_ALL = 0x3f,
 };
 
 /* Linux SCHED_* numbers as they appear in a slot (prefixed: no clash). */

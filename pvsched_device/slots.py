@@ -18,6 +18,7 @@ _FLAG_NAMES = (
     ("PVSCHED_FLAG_IN_SOFTIRQ", "softirq"),
     ("PVSCHED_FLAG_PREEMPT_DISABLED", "preempt_disabled"),
     ("PVSCHED_FLAG_IDLE", "idle"),
+    ("PVSCHED_FLAG_RT_WAITING", "rt_waiting"),
 )
 _POLICY_NAMES = {0: "other", 1: "fifo", 2: "rr", 3: "batch", 5: "idle", 6: "deadline", 7: "ext"}
 _STATE_NAMES = {0: "normal", 1: "boosted", 2: "throttled"}

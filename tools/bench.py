@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tools import report
-from tools.results import MIXED, PRIMARY, guest_summary, make_record, policy_stats, summarize, validate_record
+from tools.results import MIXED, PRIMARY, TICKING, guest_summary, make_record, policy_stats, summarize, validate_record
 
 CONFIGS = ("vanilla", "static-rt", "static-nice", "pvsched")
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -41,14 +41,15 @@ class Cell:
     rep: int
 
 
-GROUPS = {"idle": (PRIMARY, "idle"), "busy": (PRIMARY, "busy"), "mixed": (MIXED, "busy")}
+GROUPS = {"idle": (PRIMARY, "idle"), "busy": (PRIMARY, "busy"), "mixed": (MIXED, "busy"), "tick": (TICKING, "busy")}
 
 
 def plan(configs: list[str], groups: list[str], reps: int) -> list[Cell]:
     """Runs in order; repetitions outermost so slow drifts of the machine spread over every configuration.
 
     Groups: "idle" and "busy" run the probe on both vCPUs on an idle / busy host; "mixed" runs the probe on
-    vCPU 0 and normal-priority busy work on vCPU 1 on a busy host (what boost-on-halt costs the host)."""
+    vCPU 0 and normal-priority busy work on vCPU 1 on a busy host; "tick" the probe next to a normal-priority
+    task that wakes every interval (what boost-on-halt costs the host: that vCPU halts ~1000 times a second)."""
     return [Cell(c, GROUPS[g][1], GROUPS[g][0], rep) for rep in range(reps) for g in groups for c in configs]
 
 
@@ -80,7 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--interval", type=int, default=1000, help="guest probe interval in us (default 1000)")
     p.add_argument("--configs", type=_csv(CONFIGS), default=list(CONFIGS), help="comma-separated subset")
     p.add_argument("--groups", type=_csv(tuple(GROUPS)), default=list(GROUPS),
-                   help="comma-separated subset of idle,busy,mixed (mixed: guest probe,busy on a busy host)")
+                   help="comma-separated subset of idle,busy,mixed,tick (mixed: guest probe,busy on a busy host; "
+                        "tick: guest probe,tick, a normal-priority task woken every interval, on a busy host)")
     p.add_argument("--pvsched-set", action="append", default=[], metavar="KEY=VALUE",
                    help="policy tunable for the pvsched runs (repeatable), e.g. boost_on_halt=false")
     p.add_argument("--no-runqlat", action="store_true", help="do not measure the vCPU threads' runqueue latency")

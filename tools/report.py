@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tools.results import MIXED, PRIMARY, static_rt_harm, targets
+from tools.results import MIXED, PRIMARY, TICKING, static_rt_harm, targets
 
 CONFIG_ORDER = ("vanilla", "static-rt", "static-nice", "pvsched")
 
@@ -74,7 +74,8 @@ def target_lines(rows: list[dict]) -> list[str]:
     harm = static_rt_harm(rows)
     for wl, h in harm.items():
         if h["stress_rel"] is not None or h["host_cyclictest_max"] is not None:
-            out.append(f"info  static-rt host cost, guest {wl}: stress-ng {_fmt(h['stress_rel'], 3)} x vanilla, "
+            out.append(f"info  static-rt host cost, guest {wl}: stress-ng {_fmt(h['stress_rel'], 3)} x vanilla "
+                       f"(CPU time {_fmt(h.get('host_load_rel'), 3)} x), "
                        f"host cyclictest max {_fmt(h['host_cyclictest_max'])} us "
                        f"(vanilla {_fmt(h['vanilla_host_cyclictest_max'])} us)")
     return out
@@ -116,7 +117,7 @@ def plot(rows: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     groups = [(PRIMARY, "idle", "idle host"), (PRIMARY, "busy", "busy host"),
-              (MIXED, "busy", "busy host, guest probe,busy")]
+              (MIXED, "busy", "busy host, guest probe,busy"), (TICKING, "busy", "busy host, guest probe,tick")]
     groups = [g for g in groups if any(r["workload"] == g[0] and r["host"] == g[1] for r in rows)]
     configs = [c for c in CONFIG_ORDER if any(r["config"] == c for r in rows)]
     panels = [("guest.p99", "guest p99 (us)", True), ("guest.max", "guest max (us)", True),

@@ -63,7 +63,8 @@ module_param(guest_version, uint, 0444);
 MODULE_PARM_DESC(guest_version,
 		 "Version the guest speaks (major << 16 | minor)");
 
-static uint guest_features = PVSCHED_F_ALL_V1;
+/* Not F_RT_WAITER: the module does not track sleeping RT tasks yet, so the host boosts every halt. */
+static uint guest_features = PVSCHED_F_ALL_V1 & ~PVSCHED_F_RT_WAITER;
 module_param(guest_features, uint, 0444);
 MODULE_PARM_DESC(guest_features,
 		 "Feature bits the guest wants (masked by the host's)");

@@ -14,6 +14,7 @@ static const char *const wl_names[] = {
 	[TG_WL_IDLE] = "idle",
 	[TG_WL_WAKER] = "waker",
 	[TG_WL_WAKEE] = "wakee",
+	[TG_WL_TICK] = "tick",
 };
 
 const char *tg_workload_name(u32 w)
@@ -186,6 +187,7 @@ static void defaults(struct tg_config *c, u32 nr_vcpus)
 	c->probe_policy = PVSCHED_POLICY_RR;
 	c->probe_prio = 8;
 	c->hog_prio = 99;
+	c->tick_us = 200;
 	c->pvsched_enabled = 1;
 	c->pvsched_version = PVSCHED_VERSION;
 	c->pvsched_features = PVSCHED_F_ALL_V1;
@@ -233,6 +235,10 @@ static int parse_pair(const char *k, const char *ke, const char *v,
 		if (parse_uint(v + neg, e, neg ? 20 : 19, &x))
 			goto bad;
 		c->busy_nice = neg ? -(s32)x : (s32)x;
+	} else if (tok_eq(k, ke, "tick_us")) {
+		if (parse_uint(v, e, 1000000, &x))
+			goto bad;
+		c->tick_us = (u32)x;
 	} else if (tok_eq(k, ke, "pvsched_version")) {
 		if (parse_hex32(v, e, &c->pvsched_version))
 			goto bad;

@@ -19,6 +19,7 @@ enum tg_workload {
 	TG_WL_IDLE = 3,  /* halts */
 	TG_WL_WAKER = 4, /* a probe that also wakes the wakee tasks of other vCPUs */
 	TG_WL_WAKEE = 5, /* RT task woken from another vCPU (IPI + wake_hint) */
+	TG_WL_TICK = 6,  /* SCHED_OTHER task woken every interval, works tick_us, sleeps again */
 };
 
 struct tg_config {
@@ -28,6 +29,7 @@ struct tg_config {
 	u32 probe_prio;
 	u32 hog_prio;
 	s32 busy_nice;        /* nice of the busy task (-20..19) */
+	u32 tick_us;          /* work of the tick task after each wakeup */
 	u32 pvsched_enabled;  /* pvsched=0 turns the driver off */
 	u32 pvsched_version;  /* what the guest speaks (knob forces it) */
 	u32 pvsched_features; /* what the guest asks for */

@@ -274,10 +274,18 @@ static void wake_vcpu(u32 target)
 	lapic_write(LAPIC_ICR_LO, ICR_ASSERT | VEC_WAKE);
 }
 
+/*
+ * Idle, and RT_WAITING when the task sleeping here is RT (it wakes on this
+ * vCPU): with F_RT_WAITER the host boosts only such a halt.
+ */
 static void publish_idle(struct percpu *pc)
 {
-	pvsched_set_task(pc->slot, PVSCHED_FLAG_IDLE, PVSCHED_POLICY_OTHER, 0, 0,
-			 now_ns());
+	u32 flags = PVSCHED_FLAG_IDLE;
+
+	if ((tg.pv_features & PVSCHED_F_RT_WAITER) &&
+	    (pc->policy == PVSCHED_POLICY_FIFO || pc->policy == PVSCHED_POLICY_RR))
+		flags |= PVSCHED_FLAG_RT_WAITING;
+	pvsched_set_task(pc->slot, flags, PVSCHED_POLICY_OTHER, 0, 0, now_ns());
 }
 
 /*

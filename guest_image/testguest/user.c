@@ -186,17 +186,23 @@ static u64 skip_missed(struct phase_result *r, u64 next, u64 now, u64 period, u6
 /*
  * cyclictest-like: wake at every deadline, record how late the task runs.
  * A waker then hands the same deadline to each wakee and wakes it (wake_hint
- * + IPI), so the wakee's latency includes the remote wakeup.
+ * + IPI), so the wakee's latency includes the remote wakeup.  The tick
+ * workload is the same loop at SCHED_OTHER with `work` TSC cycles of CPL3
+ * work after each wakeup: a guest that wakes often at normal priority.
  */
 static void run_probe(struct phase_result *r, u32 vcpu, u64 t_start, u64 t_end,
-		      int waker)
+		      int waker, int tick)
 {
 	u64 period = (u64)tg.cfg.interval_us * tg.tsc_khz / 1000;
+	u64 work = tick ? (u64)tg.cfg.tick_us * tg.tsc_khz / 1000 : 0;
 	u64 next, now, irq;
 	u32 targets[TG_MAX_VCPUS], nt = waker ? wakee_targets(vcpu, targets) : 0, i;
 
 	start_lat(r, (t_end - t_start) / period + 2);
-	sys_set_task(tg.cfg.probe_policy, tg.cfg.probe_prio, 0);
+	if (tick)
+		sys_set_task(PVSCHED_POLICY_OTHER, 0, 0);
+	else
+		sys_set_task(tg.cfg.probe_policy, tg.cfg.probe_prio, 0);
 	/* Deadlines on a fixed grid from the phase start: a late start misses some. */
 	next = skip_missed(r, t_start + period, rdtsc(), period, t_end);
 	while (next <= t_end) {
@@ -213,6 +219,8 @@ static void run_probe(struct phase_result *r, u32 vcpu, u64 t_start, u64 t_end,
 			sys3(SYS_WAKE, targets[i], 0, 0);
 			r->wakes++;
 		}
+		while (work && rdtsc() - now < work)
+			r->loops++;
 		next = skip_missed(r, next + period, now, period, t_end);
 	}
 }
@@ -299,6 +307,8 @@ static void emit_config(void)
 	buf_u64(&b, tg.cfg.hog_prio);
 	buf_str(&b, ",\"busy_nice\":");
 	buf_s64(&b, tg.cfg.busy_nice);
+	buf_str(&b, ",\"tick_us\":");
+	buf_u64(&b, tg.cfg.tick_us);
 	buf_str(&b, ",\"timer\":\"");
 	buf_str(&b, tg.timer_tsc_deadline ? "tsc-deadline" : "lapic-oneshot");
 	buf_str(&b, "\",\"tsc_khz\":");
@@ -363,7 +373,8 @@ static void emit_phase(u32 vcpu, u32 idx, struct phase_result *r)
 
 	buf_init(&b, line, sizeof(line));
 	if (r->workload == TG_WL_PROBE || r->workload == TG_WL_WAKER ||
-	    r->workload == TG_WL_WAKEE) {
+	    r->workload == TG_WL_WAKEE || r->workload == TG_WL_TICK) {
+		int tick = r->workload == TG_WL_TICK;
 		struct tg_summary s;
 
 		lat_summarize(&r->lat, &s);
@@ -374,9 +385,13 @@ static void emit_phase(u32 vcpu, u32 idx, struct phase_result *r)
 		buf_str(&b, ",\"workload\":\"");
 		buf_str(&b, tg_workload_name(r->workload));
 		buf_str(&b, "\",\"policy\":\"");
-		buf_str(&b, policy_name(tg.cfg.probe_policy));
+		buf_str(&b, policy_name(tick ? PVSCHED_POLICY_OTHER : tg.cfg.probe_policy));
 		buf_str(&b, "\",\"prio\":");
-		buf_u64(&b, tg.cfg.probe_prio);
+		buf_u64(&b, tick ? 0 : tg.cfg.probe_prio);
+		if (tick) {
+			buf_str(&b, ",\"tick_us\":");
+			buf_u64(&b, tg.cfg.tick_us);
+		}
 		buf_str(&b, ",\"interval_us\":");
 		buf_u64(&b, tg.cfg.interval_us);
 		buf_str(&b, ",\"ms\":");
@@ -538,7 +553,9 @@ void user_main(u32 vcpu)
 		switch (r->workload) {
 		case TG_WL_PROBE:
 		case TG_WL_WAKER:
-			run_probe(r, vcpu, a, e, r->workload == TG_WL_WAKER);
+		case TG_WL_TICK:
+			run_probe(r, vcpu, a, e, r->workload == TG_WL_WAKER,
+				  r->workload == TG_WL_TICK);
 			break;
 		case TG_WL_WAKEE:
 			run_wakee(r, vcpu, a, e);

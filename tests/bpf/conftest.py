@@ -70,9 +70,11 @@ def fake_vmm(fakevmm_bin):
 class PolicyChild:
     """The engine in a child process with only CAP_BPF, CAP_PERFMON, CAP_SYS_NICE, CAP_IPC_LOCK."""
 
-    def __init__(self, vmm: FakeVmm, pin_root: Path, tunables: dict | None, keep_caps: bool = False):
+    def __init__(self, vmm: FakeVmm, pin_root: Path, tunables: dict | None, keep_caps: bool = False,
+                 features: int = 0):
         cfg = {"vmm_pid": vmm.pid, "memfd": vmm.fd, "slot_offset": vmm.info["slot_offset"], "hva": vmm.info["hva"],
-               "tids": vmm.tids, "tunables": tunables or {}, "pin_root": str(pin_root), "keep_caps": keep_caps}
+               "tids": vmm.tids, "tunables": tunables or {}, "pin_root": str(pin_root), "keep_caps": keep_caps,
+               "features": features}
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen([sys.executable, str(HERE / "policy_child.py"), json.dumps(cfg)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
@@ -123,11 +125,13 @@ def pin_root():
 
 @pytest.fixture
 def policy_child(bpf_object, pin_root):
-    """Start the sandboxed policy engine for a FakeVmm: policy_child(vmm, tunables) -> PolicyChild."""
+    """Start the sandboxed policy engine for a FakeVmm: policy_child(vmm, tunables, features=...) -> PolicyChild.
+
+    `features`: the guest's negotiated pvsched features the vCPUs are registered with (default none)."""
     kids: list[PolicyChild] = []
 
-    def start(vmm: FakeVmm, tunables: dict | None = None, keep_caps: bool = False) -> PolicyChild:
-        c = PolicyChild(vmm, pin_root, tunables, keep_caps)
+    def start(vmm: FakeVmm, tunables: dict | None = None, keep_caps: bool = False, features: int = 0) -> PolicyChild:
+        c = PolicyChild(vmm, pin_root, tunables, keep_caps, features)
         kids.append(c)
         return c
 

@@ -74,7 +74,7 @@ async def main(cfg: dict) -> None:
         for i, tid in enumerate(cfg["tids"]):
             off = cfg["slot_offset"] + 128 * i
             engine.add_vcpu(cfg.get("vm_id", 1), i, tid, cfg["hva"] + off, memoryview(m)[off:off + 128],
-                            sched_getattr(tid))
+                            sched_getattr(tid), features=cfg.get("features", 0))
         emit({"ready": True, "pid": os.getpid(), "caps": cap_eff(), "pin_dir": str(engine.pin_dir)})
         async with trio.open_nursery() as nursery:
             nursery.start_soon(engine.run)

@@ -104,6 +104,35 @@ def test_halt_boost_uses_boost_params_and_follows_set_tunables(fake_vmm, policy_
     child.terminate()
 
 
+def test_auto_halt_boost_waits_for_an_rt_waiter_when_the_guest_reports_them(fake_vmm, policy_child):
+    from pvsched_device.abi import C
+
+    vmm = fake_vmm(2)
+    rt_waits, normal = vmm.tids
+    child = policy_child(vmm, features=C.PVSCHED_F_ALL_V1)  # the guest reports its sleeping RT tasks
+    assert child.show()["tunables"]["boost_on_halt"]["value"] == "auto"
+    vmm.cmd(f"custom 0 sleep {C.PVSCHED_FLAG_IDLE | C.PVSCHED_FLAG_RT_WAITING} 0 0 0 0")  # halts, RT task waits
+    vmm.cmd(f"custom 1 sleep {C.PVSCHED_FLAG_IDLE} 0 0 0 0")  # halts with only normal work to come back to
+    assert wait_for(lambda: observed(rt_waits)[:2] == (RR, 8), 1.0), f"got {observed(rt_waits)}"
+    s = sample(normal, 0.5)
+    assert s and all(p == OTHER for _, p, _ in s), "a halt without an RT waiter was boosted"
+    assert child.show()["stats"]["halt"]["value"] > 100  # both halt ~1000 times a second
+    child.set(boost_on_halt="always")  # the seed's policy: every halt
+    assert wait_for(lambda: observed(normal)[:2] == (RR, 8), 1.0), f"got {observed(normal)}"
+    child.terminate()
+
+
+def test_auto_halt_boost_boosts_every_halt_of_a_guest_that_does_not_report_rt_waiters(fake_vmm, policy_child):
+    vmm = fake_vmm(1)
+    (tid,) = vmm.tids
+    child = policy_child(vmm, features=0xf)  # a guest without F_RT_WAITER (the Linux module today)
+    vmm.cmd("mode 0 idle")  # halts: slot IDLE, no RT_WAITING (it cannot say)
+    assert wait_for(lambda: observed(tid)[:2] == (RR, 8), 1.0), f"got {observed(tid)}"
+    child.set(boost_on_halt="never")
+    assert wait_for(lambda: observed(tid) == (OTHER, 0, 0), 1.0), f"got {observed(tid)}"
+    child.terminate()
+
+
 def test_hog_is_throttled_and_unthrottled_on_schedule(fake_vmm, policy_child):
     # a guest FIFO 99 task that never yields: boosted to the cap, then throttled by the backstop
     vmm = fake_vmm(1)

@@ -23,6 +23,7 @@ def test_defaults_are_the_design_values():
     {"allow_fifo": "maybe"}, {"min_nice": "-21"}, {"backstop_ms": "0"}, {"debug": "3"}, {"nosuch": "1"},
     {"max_boost_runtime_ms": "200"}, {"boost_prio": "eight"},
     {"max_boost_runtime_ms": "95"},  # 95 + backstop 5 reaches the 100 ms window: a spinner would escape
+    {"boost_on_halt": "sometimes"},
 ])
 def test_bad_tunables_are_refused_with_a_reason(values):
     with pytest.raises(TunableError) as e:
@@ -34,6 +35,20 @@ def test_set_is_relative_to_current_and_canonical():
     cur = parse({"boost_prio": "5"}).as_strings()
     t = parse({"allow_fifo": "YES", "boost_policy": "FIFO"}, base=cur)
     assert (t.boost_prio, t.allow_fifo, t.as_strings()["boost_policy"]) == (5, True, "fifo")
+
+
+def test_boost_on_halt_modes_match_the_header_and_booleans_stay_accepted():
+    from bpf.tunables import HALT_BOOST
+
+    c = consts()
+    assert HALT_BOOST == {"never": c.PVSCHED_HALT_BOOST_NEVER, "always": c.PVSCHED_HALT_BOOST_ALWAYS,
+                          "auto": c.PVSCHED_HALT_BOOST_AUTO}
+    assert parse(None).boost_on_halt == "auto"
+    assert parse({"boost_on_halt": "true"}).boost_on_halt == "always"  # the seed's behaviour, as before
+    assert parse({"boost_on_halt": "False"}).as_strings()["boost_on_halt"] == "never"
+    v = ffi().new("struct pvsched_tunables *")
+    parse({"boost_on_halt": "always"}).fill(v, 1)
+    assert v.boost_on_halt == c.PVSCHED_HALT_BOOST_ALWAYS
 
 
 def test_ms_become_ns_in_the_map_value():

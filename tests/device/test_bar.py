@@ -64,7 +64,7 @@ REFUSALS = {
     "newer major": ({"version": 0x00020000}, C.PVSCHED_STATUS_BAD_VERSION),
     "newer minor": ({"version": 0x00010001}, C.PVSCHED_STATUS_BAD_VERSION),
     "version never written": ({"version": 0}, C.PVSCHED_STATUS_BAD_VERSION),
-    "unknown feature bit": ({"features": 1 << 4}, C.PVSCHED_STATUS_BAD_FEATURE),
+    "unknown feature bit": ({"features": 1 << 6}, C.PVSCHED_STATUS_BAD_FEATURE),
     "high feature bit": ({"features": 0x80000000 | 1}, C.PVSCHED_STATUS_BAD_FEATURE),
     "unaligned GPA": ({"gpa": SHM_GPA + 8}, C.PVSCHED_STATUS_BAD_GPA),
     "outside RAM": ({"gpa": 64 * MIB}, C.PVSCHED_STATUS_BAD_GPA),
@@ -178,7 +178,7 @@ def test_concurrent_vcpu_accesses(bar: Bar) -> None:
 
 def test_constructor_refuses_bad_options() -> None:
     with pytest.raises(PvschedConfigError, match="host features"):
-        PvschedDevice(host_features=0x10)
+        PvschedDevice(host_features=0x40)
     with pytest.raises(PvschedConfigError, match="host version"):
         PvschedDevice(host_version=1 << 32)
     with pytest.raises(PvschedConfigError, match="boost_prio"):

@@ -46,7 +46,7 @@ def test_guest_takes_the_features_the_host_offers() -> None:
     (f"{QUICK} pvsched_version=20000", {}, C.PVSCHED_STATUS_BAD_VERSION),
     (f"{QUICK} pvsched_version=10001", {}, C.PVSCHED_STATUS_BAD_VERSION),
     (QUICK, {"host_version": 0x00020000}, C.PVSCHED_STATUS_BAD_VERSION),
-    (f"{QUICK} pvsched_features=10", {}, C.PVSCHED_STATUS_BAD_FEATURE),
+    (f"{QUICK} pvsched_features=40", {}, C.PVSCHED_STATUS_BAD_FEATURE),
     (f"{QUICK} pvsched_features=f", {"host_features": 0x1}, C.PVSCHED_STATUS_BAD_FEATURE),
 ])
 def test_guest_refusals(cmdline: str, kw: dict, code: int) -> None:

@@ -109,7 +109,7 @@ STEPS: list[tuple[str, list[tuple[int, int]], int]] = [
     ("in the MMIO hole", _negotiation(gpa=PCI_MMIO_START), C.PVSCHED_STATUS_BAD_GPA),
     ("wraps", _negotiation(gpa=(1 << 64) - 4096, size=8192), C.PVSCHED_STATUS_BAD_GPA),
     ("too small", _negotiation(size=64), C.PVSCHED_STATUS_TOO_SMALL),
-    ("unknown feature", _negotiation(features=1 << 4), C.PVSCHED_STATUS_BAD_FEATURE),
+    ("unknown feature", _negotiation(features=1 << 6), C.PVSCHED_STATUS_BAD_FEATURE),
     ("unknown version", _negotiation(version=0x00020000), C.PVSCHED_STATUS_BAD_VERSION),
     ("full negotiation", _negotiation(), C.PVSCHED_STATUS_ACTIVE),
     ("ENABLE while active", [(REG["CONTROL"], C.PVSCHED_CTRL_ENABLE), (STATUS_MARK, 0)], C.PVSCHED_STATUS_BUSY),

@@ -35,7 +35,7 @@ def _gone(vm, timeout: float = 10) -> None:
 
 def test_policy_killed_while_an_rt_spinner_is_boosted(vms) -> None:
     """kill -9 of the policy process while the hog vCPU is boosted: restored within 100 ms, and it stays so."""
-    vm = wait_active(vms("duration=6 workload=hog,idle", seconds=6))
+    vm = wait_active(vms("duration=6 workload=hog,probe", seconds=6))
     tids = list(vm.tids.values())
     assert wait_for(lambda: all(sched_getattr(t).policy in RT for t in tids), 5), "never both boosted"
     os.kill(vm.policy_pid, signal.SIGKILL)
@@ -45,7 +45,7 @@ def test_policy_killed_while_an_rt_spinner_is_boosted(vms) -> None:
     ms = (time.monotonic() - t0) * 1000
     with Sampler(vm.pid, tids) as s:  # the spinner keeps asking FIFO 99: nobody may boost it again
         time.sleep(0.5)
-    print(f"hog + idle vCPUs restored {ms:.1f} ms after SIGKILL of the policy process")
+    print(f"hog + probe vCPUs restored {ms:.1f} ms after SIGKILL of the policy process")
     assert ms < 100, f"restored after {ms:.1f} ms"
     assert all(a == SchedAttr() for _, _, a, _ in s.samples if a is not None), "boosted again after the death"
     assert vm.watchdog.poll() is None, "the VM died with its policy process"

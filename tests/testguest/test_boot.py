@@ -100,7 +100,7 @@ def test_remote_wakeups_waker_and_wakee(pyvmm):
 
 
 @pytest.mark.parametrize("args,code,reason", [
-    (["--cmdline", "duration=0.5 pvsched_features=10"], C.PVSCHED_STATUS_BAD_FEATURE, "BAD_FEATURE"),
+    (["--cmdline", "duration=0.5 pvsched_features=40"], C.PVSCHED_STATUS_BAD_FEATURE, "BAD_FEATURE"),
     (["--cmdline", "duration=0.5 pvsched_version=20000"], C.PVSCHED_STATUS_BAD_VERSION, "BAD_VERSION"),
     (["--pvsched-host-version", "20000", "--cmdline", "duration=0.5"], C.PVSCHED_STATUS_BAD_VERSION, "BAD_VERSION"),
     (["--pvsched-host-features", "1", "--cmdline", "duration=0.5 pvsched_features=3"],

@@ -136,17 +136,21 @@ def test_host_sees_slots_switch_between_rt_probe_and_idle(prober: int) -> None:
     probe = (0, C.PVSCHED_POLICY_FIFO, 9, 0)
     idle = (C.PVSCHED_FLAG_IDLE, C.PVSCHED_POLICY_OTHER, 0, 0)
     in_irq = (C.PVSCHED_FLAG_IDLE | C.PVSCHED_FLAG_IN_HARDIRQ, C.PVSCHED_POLICY_OTHER, 0, 0)
+    # the probe (RT) sleeping: idle with RT_WAITING (F_RT_WAITER), also while its timer interrupt runs
+    rt_idle = (C.PVSCHED_FLAG_IDLE | C.PVSCHED_FLAG_RT_WAITING, C.PVSCHED_POLICY_OTHER, 0, 0)
+    rt_in_irq = (rt_idle[0] | C.PVSCHED_FLAG_IN_HARDIRQ, C.PVSCHED_POLICY_OTHER, 0, 0)
     other = (0, C.PVSCHED_POLICY_OTHER, 0, 0)  # boot and reporting code around the probe phase
     for v in range(2):
         seen = sampler.states[v]
-        assert seen.get(idle, 0) > 0, (v, seen)
+        assert seen.get(idle, 0) + seen.get(rt_idle, 0) > 0, (v, seen)
         # Nothing else is ever seen (a torn read would mix two states, e.g. IDLE with FIFO 9).
-        assert set(seen) <= {probe, idle, in_irq, other}, (v, seen)
+        assert set(seen) <= {probe, idle, in_irq, rt_idle, rt_in_irq, other}, (v, seen)
         seqs = sampler.seqs[v]
         assert all(s % 2 == 0 for s in seqs)
         assert all(a <= b for a, b in itertools.pairwise(seqs)), "seqcount went backwards"
     seen = sampler.states[prober]
-    assert seen.get(probe, 0) > 0, (prober, seen)
+    assert seen.get(probe, 0) > 0 and seen.get(rt_idle, 0) > 0, (prober, seen)
+    assert rt_idle not in sampler.states[1 - prober], "the vCPU without an RT task reported an RT waiter"
     seqs = sampler.seqs[prober]
     # 2 s at 500 us: ~4000 wakeups, each three slot writes (idle, irq, task) = two seq steps each.
     assert seqs[-1] - seqs[0] > 2 * 2000, (prober, seqs[0], seqs[-1])

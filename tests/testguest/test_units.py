@@ -35,7 +35,7 @@ def test_cmdline_defaults(harness):
     assert c["rc"] == 0
     assert (c["duration_ms"], c["interval_us"]) == (5000, 1000)
     assert (c["probe_policy"], c["probe_prio"], c["hog_prio"]) == (2, 8, 99)  # SCHED_RR 8, hog FIFO 99
-    assert (c["pvsched"], c["version"], c["features"], c["force_features"]) == (1, 0x10000, 0xF, 0)
+    assert (c["pvsched"], c["version"], c["features"], c["force_features"]) == (1, 0x10000, 0x1F, 0)
     assert c["timer_oneshot"] == 0
     assert c["workload"] == ["probe", "probe"]
 
@@ -50,6 +50,8 @@ def test_cmdline_every_key(harness):
     assert (c["version"], c["features"], c["force_features"], c["pvsched"]) == (0x10001, 0x1F, 1, 0)
     assert c["timer_oneshot"] == 1 and c["busy_nice"] == -7
     assert parse(harness, "busy_nice=19")["busy_nice"] == 19
+    assert parse(harness, "")["tick_us"] == 200 and parse(harness, "tick_us=0")["tick_us"] == 0
+    assert parse(harness, "workload=probe,tick tick_us=350", 2)["workload"] == ["probe", "tick"]
 
 
 def test_cmdline_remote_wakeup_workloads(harness):
@@ -72,7 +74,7 @@ def test_cmdline_unknown_key_is_a_warning(harness):
     "interval=10", "interval=x", "interval=1000001",
     "workload=probe,busy,hog", "workload=probe+", "workload=", "workload=probe,", "workload=fast",
     "workload=probe+probe+probe+probe+probe+probe+probe+probe+probe",
-    "probe_prio=0", "probe_prio=100", "hog_prio=abc", "probe_policy=deadline", "busy_nice=20", "busy_nice=-21", "busy_nice=-",
+    "probe_prio=0", "probe_prio=100", "hog_prio=abc", "probe_policy=deadline", "busy_nice=20", "busy_nice=-21", "busy_nice=-", "tick_us=-1",
     "pvsched_version=xyz", "pvsched_features=0x123456789", "pvsched=2", "noequals", "timer=hpet",
 ])
 def test_cmdline_bad_values_are_errors(harness, bad):

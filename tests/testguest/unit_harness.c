@@ -25,11 +25,11 @@ static int do_cmdline(u32 nr, const char *s)
 		return 0;
 	}
 	printf("{\"rc\":%d,\"warning\":\"%s\",\"duration_ms\":%u,\"interval_us\":%u,"
-	       "\"probe_policy\":%d,\"probe_prio\":%u,\"hog_prio\":%u,\"busy_nice\":%d,\"pvsched\":%u,"
+	       "\"probe_policy\":%d,\"probe_prio\":%u,\"hog_prio\":%u,\"busy_nice\":%d,\"tick_us\":%u,\"pvsched\":%u,"
 	       "\"version\":%u,\"features\":%u,\"force_features\":%u,\"timer_oneshot\":%u,"
 	       "\"workload\":[",
 	       r, r ? err : "", c.duration_ms, c.interval_us, c.probe_policy, c.probe_prio,
-	       c.hog_prio, c.busy_nice, c.pvsched_enabled, c.pvsched_version, c.pvsched_features,
+	       c.hog_prio, c.busy_nice, c.tick_us, c.pvsched_enabled, c.pvsched_version, c.pvsched_features,
 	       c.force_features, c.timer_oneshot);
 	for (v = 0; v < c.nr_vcpus; v++) {
 		printf("%s\"", v ? "," : "");
