@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -144,8 +145,9 @@ def test_e2e_sigkill_of_the_policy_process_restores_and_detaches(vm):
 
 def test_e2e_probe_under_host_load_is_boosted_then_returns_to_normal_with_the_guest(vm):
     """Host busy with CPU hogs; vCPU 0 runs the RT probe for 3 s, then normal work: boosted, capped, then OTHER/0."""
-    hogs = [subprocess.Popen(["timeout", "-s", "KILL", "30", sys.executable, "-c", "while True: pass"])
-            for _ in range(os.cpu_count() or 2)]
+    # each in its own session: killing `timeout` alone would orphan its spinning child
+    hogs = [subprocess.Popen(["timeout", "-s", "KILL", "30", sys.executable, "-c", "while True: pass"],
+                             start_new_session=True) for _ in range(os.cpu_count() or 2)]
     try:
         p, _, tids = vm("duration=6 workload=probe+busy,idle", seconds=6)
         t0 = time.monotonic()  # the guest is at most ~1 s into its 3 s probe phase here
@@ -165,7 +167,7 @@ def test_e2e_probe_under_host_load_is_boosted_then_returns_to_normal_with_the_gu
         assert p.returncode == 0, err[-2000:]
     finally:
         for h in hogs:
-            h.kill()
+            os.killpg(h.pid, signal.SIGKILL)  # timeout and the spinner: the group we started
             h.wait()
 
 

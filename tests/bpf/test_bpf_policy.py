@@ -9,6 +9,7 @@ policy's own bookkeeping (that is checked separately, against them).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -26,11 +27,11 @@ def host_load():
     def start(seconds: int = 4) -> None:
         procs.append(subprocess.Popen(["timeout", "-s", "KILL", str(seconds + 2), "stress-ng", "--cpu", "2",
                                        "--timeout", f"{seconds}s", "-q"],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
 
     yield start
     for p in procs:
-        p.kill()
+        os.killpg(p.pid, signal.SIGKILL)  # timeout, stress-ng and its workers: the group we started
         p.wait()
 
 
