@@ -3,6 +3,7 @@
 # Fast when everything is already there; safe to run again at any time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PWD_REPO="$(pwd -P)"
 
 APT_PACKAGES=(clang llvm libbpf-dev bpftool gcc make binutils stress-ng rt-tests
               qemu-system-x86 busybox-static cpio libcap2-bin iproute2 kmod procps libseccomp2)
@@ -19,8 +20,11 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 PY=${PYTHON:-python3}
-# Editable install: build outputs live next to their sources.
-if ! $PY -c 'import vmm, pvsched_device, pytest_timeout, hypothesis, elftools' 2>/dev/null \
+# Editable install: build outputs live next to their sources.  Checked from / (not from here, where
+# python finds the packages anyway) and against this checkout: another clone's editable install must not
+# pass for this one's.
+if ! (cd / && REPO="$PWD_REPO" $PY -c 'import os, vmm, pvsched_device, tools, bpf, pytest_timeout, hypothesis, elftools
+raise SystemExit(not vmm.__file__.startswith(os.environ["REPO"] + "/"))') 2>/dev/null \
    || [ pyproject.toml -nt .setup-stamp ]; then
     echo "setup: pip install -e .[test]" >&2
     $PY -m pip install -q -e '.[test]' >&2

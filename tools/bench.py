@@ -205,12 +205,12 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
 
 
 def cpu_meter(tids: list[int], stress) -> "CpuMeter":
-    """CPU time of the vCPU threads, the whole VMM (vCPUs, main loop, policy process), its policy process and
-    the host load, sampled from the guest's start (see tools/cpuacct.py)."""
-    from tools.cpuacct import CpuMeter, children_cpu_s, threads_cpu_s, tree_cpu_s
+    """CPU time of the vCPU threads, the whole VMM (vCPUs, main loop, policy process), its policy process, the
+    host load and the hypervisor's steal, sampled from the guest's start (see tools/cpuacct.py)."""
+    from tools.cpuacct import CpuMeter, children_cpu_s, steal_s, threads_cpu_s, tree_cpu_s
 
     vmm = _tgid(tids[0])
-    counters = {"vcpus": lambda: threads_cpu_s(tids)}
+    counters = {"vcpus": lambda: threads_cpu_s(tids), "steal": steal_s}
     if vmm:
         counters["vmm"] = lambda: tree_cpu_s(vmm)
         counters["policy"] = lambda: children_cpu_s(vmm)

@@ -85,6 +85,18 @@ def threads_cpu_s(tids: list[int]) -> float | None:
     return total / 1e9
 
 
+def steal_s() -> float | None:
+    """CPU seconds this machine's CPUs were ready but not run by the hypervisor below it (/proc/stat steal).
+
+    Counted in ticks (USER_HZ), so only stalls of 10 ms and more show; on a VM host they stall every task,
+    RT or not, vCPU threads included."""
+    try:
+        f = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(f[8]) / _TICK
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class CpuMeter:
     """Samples cumulative CPU-second counters in a thread; `stop()` gives each one's rate over the window.
 

@@ -51,7 +51,7 @@ def table(rows: list[dict]) -> str:
 def cpu_table(rows: list[dict]) -> str:
     """Markdown table of where the host's CPU went (in CPUs over the guest's window), for rows that measured it."""
     head = ("| guest workload | host | config | guest samples | vCPU threads | VMM other threads | policy process "
-            "| host load (stress-ng) | host load CPU vs vanilla | stress-ng bogo-ops vs vanilla |")
+            "| host load (stress-ng) | host load CPU vs vanilla | stress-ng bogo-ops vs vanilla | hypervisor steal ms |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if not r.get("cpu.vcpus"):
@@ -60,7 +60,8 @@ def cpu_table(rows: list[dict]) -> str:
             f"| {r['workload']} | {r['host']} | {r['config']} | {_spread(r.get('guest_samples'))} "
             f"| {_spread(r.get('cpu.vcpus'), 3)} | {_spread(r.get('cpu.vmm_other'), 3)} "
             f"| {_spread(r.get('cpu.policy'), 3)} | {_spread(r.get('cpu.host_load'), 3)} "
-            f"| {_spread(r.get('host_load_rel'), 3)} | {_spread(r.get('stress_rel'), 3)} |")
+            f"| {_spread(r.get('host_load_rel'), 3)} | {_spread(r.get('stress_rel'), 3)} "
+            f"| {_spread(r.get('cpu.steal_ms'))} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 

@@ -181,7 +181,8 @@ METRICS = ("guest.p50", "guest.p99", "guest.max", "guest.avg", "vcpu_runqlat.wak
            "vcpu_runqlat.all.p99", "vcpu_runqlat.all.max", "guest_missed",
            "host_cyclictest.max", "host_cyclictest.p99", "host_cyclictest.avg", "stress_bogo_ops_s", "stress_rel", "policy.boosts",
            "policy.throttles", "policy.bpf_ns_per_event", "policy.apply_latency_us",
-           "guest_samples", "cpu.vcpus", "cpu.vmm_other", "cpu.policy", "cpu.host_load", "host_load_rel")
+           "guest_samples", "cpu.vcpus", "cpu.vmm_other", "cpu.policy", "cpu.host_load", "host_load_rel",
+           "cpu.steal_ms")
 
 
 def _stress_rel(records: list[dict]) -> None:
@@ -206,7 +207,9 @@ def _cpu_split(records: list[dict]) -> None:
     for r in records:
         c = r.get("cpu")
         if isinstance(c, dict) and all(isinstance(c.get(k), (int, float)) for k in ("vmm", "vcpus")):
-            r["cpu"] = {**c, "vmm_other": round(max(c["vmm"] - c["vcpus"] - (c.get("policy") or 0.0), 0.0), 3)}
+            r["cpu"] = c = {**c, "vmm_other": round(max(c["vmm"] - c["vcpus"] - (c.get("policy") or 0.0), 0.0), 3)}
+        if isinstance(c, dict) and isinstance(c.get("steal"), (int, float)) and c.get("window_s"):
+            r["cpu"] = {**c, "steal_ms": round(c["steal"] * c["window_s"] * 1000)}
     base = {}
     for host, wl in {(r["host"], r["workload"]) for r in records}:
         van = [v for r in records if r["config"] == "vanilla" and (r["host"], r["workload"]) == (host, wl)

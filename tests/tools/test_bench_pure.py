@@ -226,7 +226,8 @@ def test_runqlat_percentiles_never_exceed_the_reported_max():
 
 def test_host_cpu_split_relative_load_table_and_targets():
     def with_cpu(rec, vcpus, vmm, policy, load):
-        return {**rec, "cpu": {"window_s": 5.0, "vcpus": vcpus, "vmm": vmm, "policy": policy, "host_load": load}}
+        return {**rec, "cpu": {"window_s": 5.0, "vcpus": vcpus, "vmm": vmm, "policy": policy, "host_load": load,
+                               "steal": 0.002}}
 
     recs = [with_cpu(_rec("vanilla", "busy", 4000, 12000), 0.17, 0.175, 0.0, 1.70),
             with_cpu(_rec("vanilla", "busy", 4000, 12000, rep=1), 0.17, 0.175, 0.0, 1.72),
@@ -239,6 +240,6 @@ def test_host_cpu_split_relative_load_table_and_targets():
     t = {x["name"]: x for x in targets(rows)}
     assert t["busy pvsched host load CPU time >= 0.95 x vanilla"]["ok"] is False  # 0.947
     table = report.cpu_table(rows)
-    assert "| probe,probe | busy | pvsched | - | 0.230 | 0.010 | 0.020 | 1.620 | 0.947 | 1.000 |" in table
+    assert "| probe,probe | busy | pvsched | - | 0.230 | 0.010 | 0.020 | 1.620 | 0.947 | 1.000 | 10 |" in table
     assert "host load CPU time" in report.markdown(rows, {})
     assert report.cpu_table(summarize(_records())) == ""  # records without CPU figures: no table
