@@ -63,8 +63,7 @@ module_param(guest_version, uint, 0444);
 MODULE_PARM_DESC(guest_version,
 		 "Version the guest speaks (major << 16 | minor)");
 
-/* Not F_RT_WAITER: the module does not track sleeping RT tasks yet, so the host boosts every halt. */
-static uint guest_features = PVSCHED_F_ALL_V1 & ~PVSCHED_F_RT_WAITER;
+static uint guest_features = PVSCHED_F_ALL_V1;
 module_param(guest_features, uint, 0444);
 MODULE_PARM_DESC(guest_features,
 		 "Feature bits the guest wants (masked by the host's)");
@@ -108,6 +107,14 @@ static const u32 pvsched_ctx_flag[PVSCHED_NR_CTX] = {
 struct pvsched_cpu {
 	u32 depth[PVSCHED_NR_CTX];
 	u32 flags; /* critical-section flags the probes track */
+	/*
+	 * An RT task blocked here and no RT task has run here since: it will
+	 * most likely wake here, so an idle slot shows RT_WAITING (F_RT_WAITER).
+	 * A heuristic: a sleeper that wakes on another CPU leaves it set (the
+	 * host then boosts the halt as it would without the feature), and a
+	 * second RT task running here clears it for the first.
+	 */
+	u32 rt_sleeper;
 };
 
 static DEFINE_PER_CPU(struct pvsched_cpu, pvsched_cpu);
@@ -117,6 +124,7 @@ enum pvsched_stat {
 	PVSCHED_STAT_SWITCHES,
 	PVSCHED_STAT_SWITCH_IDLE,
 	PVSCHED_STAT_SWITCH_RT,
+	PVSCHED_STAT_SWITCH_IDLE_RT_WAITING,
 	PVSCHED_STAT_WAKE_HINT_SET,
 	PVSCHED_STAT_WAKE_HINT_CLEARED,
 	PVSCHED_STAT_HARDIRQ_ENTRY,
@@ -137,6 +145,7 @@ static const char *const pvsched_stat_names[PVSCHED_NR_STATS][2] = {
 	{ "switches", "sched_switch events written to a slot" },
 	{ "switch_idle", "switches to the idle task (IDLE set)" },
 	{ "switch_rt", "switches to a FIFO/RR task" },
+	{ "switch_idle_rt_waiting", "switches to idle with an RT task asleep here (RT_WAITING set)" },
 	{ "wake_hint_set", "RT wakeups onto another vCPU (its wake_hint set)" },
 	{ "wake_hint_cleared", "wake hints cleared by their owner" },
 	{ "hardirq_entry", "outermost hard interrupt entries" },
@@ -201,6 +210,10 @@ static void pvsched_publish_task(struct pvsched_area *a,
 	if (is_idle_task(p)) {
 		flags |= PVSCHED_FLAG_IDLE;
 		pvsched_count(PVSCHED_STAT_SWITCH_IDLE);
+		if ((a->features & PVSCHED_F_RT_WAITER) && this_cpu_read(pvsched_cpu.rt_sleeper)) {
+			flags |= PVSCHED_FLAG_RT_WAITING;
+			pvsched_count(PVSCHED_STAT_SWITCH_IDLE_RT_WAITING);
+		}
 	} else if (a->features & PVSCHED_F_TASK_PARAMS) {
 		policy = p->policy;
 		nice = task_nice(p);
@@ -218,6 +231,11 @@ static void pvsched_publish_task(struct pvsched_area *a,
 	pvsched_count(PVSCHED_STAT_SWITCHES);
 }
 
+static inline bool pvsched_is_user_rt(const struct task_struct *p)
+{
+	return pvsched_is_rt(p->policy) && !(p->flags & PF_KTHREAD);
+}
+
 static void notrace pvsched_probe_sched_switch(void *data, bool preempt,
 					       struct task_struct *prev,
 					       struct task_struct *next,
@@ -229,6 +247,16 @@ static void notrace pvsched_probe_sched_switch(void *data, bool preempt,
 	if (!a)
 		return;
 	raw_local_irq_save(irqflags);
+	/*
+	 * A user RT task that blocked (not preempted, not exiting) sleeps here.
+	 * Kernel threads do not count: migration/N shows as FIFO 99 and would
+	 * keep the flag set for good.
+	 */
+	if (pvsched_is_user_rt(prev) && !preempt && prev_state != TASK_RUNNING &&
+	    !(prev_state & (TASK_DEAD | EXIT_DEAD | EXIT_ZOMBIE)))
+		this_cpu_write(pvsched_cpu.rt_sleeper, 1);
+	if (pvsched_is_user_rt(next))
+		this_cpu_write(pvsched_cpu.rt_sleeper, 0);
 	pvsched_publish_task(a, next);
 	raw_local_irq_restore(irqflags);
 }

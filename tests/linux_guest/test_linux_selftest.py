@@ -60,6 +60,14 @@ def test_slot_shows_idle_after_the_rr_task(selftest):
     after = _slots(selftest, "after", 1)
     assert any(s["flags"] & C.PVSCHED_FLAG_IDLE and s["policy"] == C.PVSCHED_POLICY_OTHER for s in after), after
     assert all(s["rt_priority"] == 0 for s in after)
+    # the RT tasks have exited: no RT task sleeps on CPU 1 any more
+    assert not any(s["flags"] & C.PVSCHED_FLAG_RT_WAITING for s in after), after
+
+
+def test_idle_shows_rt_waiting_while_an_rt_task_sleeps_on_that_cpu(selftest):
+    """F_RT_WAITER: the RR reader pinned to CPU 1 blocks on its FIFO; CPU 1 idles with RT_WAITING meanwhile."""
+    st = _stats(selftest)
+    assert 1 <= st["switch_idle_rt_waiting"] <= st["switch_idle"], st
 
 
 def test_shared_area_reads_back_through_the_abi(selftest):
@@ -70,7 +78,7 @@ def test_shared_area_reads_back_through_the_abi(selftest):
     ffi = abi.ffi()
     hdr = ffi.from_buffer("struct pvsched_shm_header *", raw)
     assert hdr.magic == C.PVSCHED_MAGIC
-    assert (hdr.version, hdr.features, hdr.nr_vcpus) == (C.PVSCHED_VERSION, C.PVSCHED_F_ALL_V1 & ~C.PVSCHED_F_RT_WAITER, 2)
+    assert (hdr.version, hdr.features, hdr.nr_vcpus) == (C.PVSCHED_VERSION, C.PVSCHED_F_ALL_V1, 2)
     assert (hdr.slot_size, hdr.slot_offset) == (C.PVSCHED_SLOT_SIZE, C.PVSCHED_SLOT_OFFSET)
     slot1 = ffi.from_buffer("struct pvsched_slot *", raw[C.PVSCHED_SLOT_OFFSET + C.PVSCHED_SLOT_SIZE :])
     assert (slot1.guest.policy, slot1.guest.rt_priority) == (C.PVSCHED_POLICY_RR, 8)

@@ -76,7 +76,7 @@ def test_pyvmm_boots_linux_and_the_module_negotiates(linux_image):
         check=False,
     )
     console = r.stdout + r.stderr
-    assert re.search(r"pvsched 0000:[0-9a-f:.]+: active: version 0x10000 features 0xf", console), console[-3000:]
+    assert re.search(r"pvsched 0000:[0-9a-f:.]+: active: version 0x10000 features 0x1f", console), console[-3000:]
     info = [rec for rec in qemu.parse_records(console) if rec["type"] == "info"]
     assert info and info[0]["mode"] == "device"
     assert {"type": "module", "event": "unload", "rc": 0} in qemu.parse_records(console)
