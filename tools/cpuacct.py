@@ -1,5 +1,5 @@
 """Where the host's CPU time goes during a benchmark run: vCPU threads, the rest of the VMM, its policy
-process and the host load (stress-ng).
+process, the host load (stress-ng), and what the hypervisor below this machine took (steal).
 
 A host-throughput ratio (stress-ng bogo-ops/s against vanilla) mixes two things: the CPU a configuration
 gives the guest (a guest served on time does more work) and what the mechanism itself costs. Sampling CPU
@@ -21,7 +21,7 @@ from pathlib import Path
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _proc_cpu_s(pid: int, with_children: bool = True) -> float | None:
+def _proc_cpu_s(pid: int) -> float | None:
     """CPU seconds of a process (all its threads), plus its reaped children's; None when it has ended."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -31,7 +31,7 @@ def _proc_cpu_s(pid: int, with_children: bool = True) -> float | None:
     if f[0] in ("Z", "X"):
         return None
     # fields 14-17 of proc(5): utime stime cutime cstime, here at 11-14 after dropping pid and comm
-    ticks = int(f[11]) + int(f[12]) + ((int(f[13]) + int(f[14])) if with_children else 0)
+    ticks = int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
     return ticks / _TICK
 
 

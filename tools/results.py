@@ -202,8 +202,9 @@ def _stress_rel(records: list[dict]) -> None:
 
 
 def _cpu_split(records: list[dict]) -> None:
-    """Give each record's "cpu" a "vmm_other" (the VMM's threads besides the vCPUs, and the policy process) and
-    each busy record "host_load_rel": the host load's CPU time over vanilla's median (same host and guest)."""
+    """Give each record's "cpu" a "vmm_other" (the VMM's threads besides the vCPUs and the policy process) and a
+    "steal_ms" (the hypervisor's steal over the window), and each busy record "host_load_rel": the host load's
+    CPU time over vanilla's median (same host and guest)."""
     for r in records:
         c = r.get("cpu")
         if isinstance(c, dict) and all(isinstance(c.get(k), (int, float)) for k in ("vmm", "vcpus")):
