@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
 from device_harness import SHM_GPA, C
+from tiny_guest import build_guest
 
 from pvsched_device.device import REG
 from vmm.boot import BootConfig, run_vm
@@ -25,24 +25,8 @@ MEM_MIB = 64
 STATUS_MARK = 0xFFF  # table entry "read STATUS and report it"
 END_MARK = 0xFFFFFFFF
 
+# EXIT, PCI_FIND, CFG_W, CFG_R: from the tiny guests' prelude (tests/tiny_guest.py).
 GUEST = r"""
-.code64
-.globl _start
-.macro EXIT code
-    mov $\code, %al
-    mov $0xf4, %dx
-    out %al, %dx
-99: cli
-    hlt
-    jmp 99b
-.endm
-.macro CFG_ADDR reg
-    mov %r12d, %eax
-    or $\reg, %eax
-    mov $0xcf8, %dx
-    out %eax, %dx
-    mov $0xcfc, %dx
-.endm
 _start:
     test %edi, %edi                 # RDI = vCPU id: only vCPU 0 drives the device
     jz vcpu0
@@ -51,25 +35,9 @@ park:
     hlt
     jmp park
 vcpu0:
-    xor %ebx, %ebx
-scan:                               # find vendor 0x1234 device 0x7073 on bus 0
-    mov %ebx, %r12d
-    shl $11, %r12d
-    or $0x80000000, %r12d
-    CFG_ADDR 0
-    in %dx, %eax
-    cmp $0x70731234, %eax
-    je found
-    inc %ebx
-    cmp $32, %ebx
-    jne scan
-    EXIT 2
-found:
-    CFG_ADDR 0x4
-    mov $2, %eax                    # memory decoding on
-    out %eax, %dx
-    CFG_ADDR 0x10
-    in %dx, %eax
+    PCI_FIND 0x70731234             # vendor 0x1234 device 0x7073 on bus 0
+    CFG_W 0x4, 2                    # memory decoding on
+    CFG_R 0x10
     and $0xfffffff0, %eax
     mov %eax, %edi                  # BAR0 as placed by the VMM
     lea table(%rip), %rsi
@@ -121,11 +89,7 @@ STEPS: list[tuple[str, list[tuple[int, int]], int]] = [
 
 def _build(tmp_path: Path) -> Path:
     table = "".join(f"    .long {off:#x}, {val & 0xFFFFFFFF:#x}\n" for _, pairs, _ in STEPS for off, val in pairs)
-    src, elf = tmp_path / "bar_guest.S", tmp_path / "bar_guest.elf"
-    src.write_text(GUEST + table + f"    .long {END_MARK:#x}, 0\n")
-    subprocess.run(["gcc", "-nostdlib", "-static", "-no-pie", "-Wl,-N", "-Wl,-Ttext=0x100000", "-Wl,--build-id=none",
-                    "-Wl,--no-warn-rwx-segments", "-o", str(elf), str(src)], check=True, capture_output=True, text=True)
-    return elf
+    return build_guest(tmp_path, GUEST + table + f"    .long {END_MARK:#x}, 0\n", "bar_guest")
 
 
 @pytest.mark.parametrize("policy", [False, True], ids=["no-policy", "policy"])

@@ -8,7 +8,6 @@ and a tiny guest does the same from guest code under real KVM through
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -29,15 +28,7 @@ from vmm.memory import HIGH_RAM_START, PCI_MMIO_END, PCI_MMIO_START, GuestMemory
 
 sys.path.insert(0, str(ROOT / "tests" / "device"))
 from standin import StandinVm  # tests/device: a machine-shaped stand-in with real threads
-
-
-def _tiny_guests():
-    """tests/vmm/conftest.py (tiny guests by the boot contract), under a name of its own."""
-    spec = importlib.util.spec_from_file_location("vmm_tiny_guests", ROOT / "tests" / "vmm" / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+from tiny_guest import build_guest  # tests/: tiny guests by the boot contract
 
 C = abi.C
 U32 = 0xFFFFFFFF
@@ -200,14 +191,6 @@ def test_after_the_hostile_accesses_the_device_is_usable(device: Device) -> None
 # every size at random offsets with random values, and finally negotiates properly: it exits with STATUS
 # (1 = ACTIVE), or with the number of the check that failed (>= 10).
 STORM_GUEST = r"""
-.macro CFG_R reg
-    mov %r12d, %eax
-    or $\reg, %eax
-    mov $0xcf8, %dx
-    out %eax, %dx
-    mov $0xcfc, %dx
-    in %dx, %eax
-.endm
 .macro W off, val
     movl $\val, \off(%rdi)
 .endm
@@ -238,19 +221,7 @@ STORM_GUEST = r"""
 _start:
     test %rdi, %rdi               # vCPU 1 stays out of the way (halted, interrupts off)
     jnz 99f
-    xor %ebx, %ebx
-scan:
-    mov %ebx, %r12d
-    shl $11, %r12d
-    or $0x80000000, %r12d
-    CFG_R 0
-    cmp $0x70731234, %eax
-    je found
-    inc %ebx
-    cmp $32, %ebx
-    jne scan
-    EXIT 2
-found:
+    PCI_FIND 0x70731234
     CFG_R 0x10
     and $0xfffffff0, %eax
     mov %eax, %edi
@@ -357,7 +328,7 @@ random:
 
 
 def test_guest_driven_bar_storm(tmp_path: Path) -> None:
-    elf = _tiny_guests().build_guest(tmp_path, STORM_GUEST.replace("NRAND", "20000"), "storm")
+    elf = build_guest(tmp_path, STORM_GUEST.replace("NRAND", "20000"), "storm")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYVMM_RUN_DIR": str(tmp_path)}
     p = subprocess.Popen(["chrt", "-f", "50", "timeout", "-s", "KILL", "120", "chrt", "-o", "0", sys.executable,
                           "-m", "vmm.cli", "boot", "--no-console-input", "--kernel", str(elf), "--cpus", "2",
@@ -380,30 +351,10 @@ def test_guest_driven_bar_storm(tmp_path: Path) -> None:
 
 
 BIG_AREA_GUEST = r"""
-.macro CFG_R reg
-    mov %r12d, %eax
-    or $\reg, %eax
-    mov $0xcf8, %dx
-    out %eax, %dx
-    mov $0xcfc, %dx
-    in %dx, %eax
-.endm
 _start:
     test %rdi, %rdi
     jnz 99f
-    xor %ebx, %ebx
-scan:
-    mov %ebx, %r12d
-    shl $11, %r12d
-    or $0x80000000, %r12d
-    CFG_R 0
-    cmp $0x70731234, %eax
-    je found
-    inc %ebx
-    cmp $32, %ebx
-    jne scan
-    EXIT 2
-found:
+    PCI_FIND 0x70731234
     CFG_R 0x10
     and $0xfffffff0, %eax
     mov %eax, %edi
@@ -424,7 +375,7 @@ def test_a_huge_shared_area_does_not_make_the_host_lock_guest_ram(tmp_path: Path
     populated and locked it (a 512 MiB area: +512 MiB locked host RAM; a big VM's guest could lock it all)."""
     from hostile_util import Vm, _vmm_pid, wait_active
 
-    elf = _tiny_guests().build_guest(tmp_path, BIG_AREA_GUEST, "big")
+    elf = build_guest(tmp_path, BIG_AREA_GUEST, "big")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.Popen(["chrt", "-f", "50", "timeout", "-s", "KILL", "60", "chrt", "-o", "0", sys.executable,
                           "-m", "vmm.cli", "boot", "--no-console-input", "--kernel", str(elf), "--cpus", "2",

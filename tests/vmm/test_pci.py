@@ -37,38 +37,10 @@ class ProbeDevice(PciDevice):
         self.accesses.append(("w", bar, offset, size, value))
 
 
-# CFG_W reg, value / CFG_R reg: config mechanism #1 for the slot in %r12d (0x80000000 | slot << 11).
+# PCI_FIND, CFG_R, CFG_W: config mechanism #1, from the tiny guests' prelude (tests/tiny_guest.py).
 PCI_GUEST = r"""
-.macro CFG_ADDR reg
-    mov %r12d, %eax
-    or $\reg, %eax
-    mov $0xcf8, %dx
-    out %eax, %dx
-    mov $0xcfc, %dx
-.endm
-.macro CFG_W reg, value
-    CFG_ADDR \reg
-    mov $\value, %eax
-    out %eax, %dx
-.endm
-.macro CFG_R reg
-    CFG_ADDR \reg
-    in %dx, %eax
-.endm
 _start:
-    xor %ebx, %ebx
-scan:
-    mov %ebx, %r12d
-    shl $11, %r12d
-    or $0x80000000, %r12d
-    CFG_R 0
-    cmp $0xbeef1234, %eax
-    je found
-    inc %ebx
-    cmp $32, %ebx
-    jne scan
-    EXIT 2
-found:
+    PCI_FIND 0xbeef1234
     CFG_R 0x8
     shr $24, %eax
     cmp $0xff, %eax             # class code
