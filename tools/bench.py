@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tools import report
+from tools.cpuacct import CpuMeter, children_cpu_s, steal_s, threads_cpu_s, tree_cpu_s
 from tools.results import MIXED, PRIMARY, TICKING, guest_summary, make_record, policy_stats, summarize, validate_record
 
 CONFIGS = ("vanilla", "static-rt", "static-nice", "pvsched")
@@ -149,7 +150,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
     loads: dict = {}
     ct_summary = stress_rates = cpu = None
 
-    def guest_starts(tids: list[int]) -> None:
+    def guest_starts(tids: list[int], vmm_pid: int) -> None:
         # The vCPU threads exist and the guest is being let go: the host load and the host's own latency
         # are measured from here to the VM's end, the guest's window, the same for every configuration
         # (the VMM's and the policy process's start-up, outside it, differ a lot under load).
@@ -159,7 +160,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
             # until stopped at the VM's end (a -t of the guest's duration could end before the guest does)
             loads["stress"] = StressLoad(limit)
         loads["ct"] = HostCyclictest(limit, args.interval)
-        loads["cpu"] = cpu_meter(tids, loads.get("stress"))
+        loads["cpu"] = cpu_meter(tids, vmm_pid, loads.get("stress"))
 
     def guest_ended() -> None:
         # Same window for every configuration: what the VMM's teardown costs is not part of the run.
@@ -204,29 +205,14 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
     return rec, None
 
 
-def cpu_meter(tids: list[int], stress) -> "CpuMeter":
+def cpu_meter(tids: list[int], vmm: int, stress) -> CpuMeter:
     """CPU time of the vCPU threads, the whole VMM (vCPUs, main loop, policy process), its policy process, the
     host load and the hypervisor's steal, sampled from the guest's start (see tools/cpuacct.py)."""
-    from tools.cpuacct import CpuMeter, children_cpu_s, steal_s, threads_cpu_s, tree_cpu_s
-
-    vmm = _tgid(tids[0])
-    counters = {"vcpus": lambda: threads_cpu_s(tids), "steal": steal_s}
-    if vmm:
-        counters["vmm"] = lambda: tree_cpu_s(vmm)
-        counters["policy"] = lambda: children_cpu_s(vmm)
+    counters = {"vcpus": lambda: threads_cpu_s(tids), "steal": steal_s, "vmm": lambda: tree_cpu_s(vmm),
+                "policy": lambda: children_cpu_s(vmm)}
     if stress is not None:
         counters["host_load"] = lambda: tree_cpu_s(stress.pid)
     return CpuMeter(counters)
-
-
-def _tgid(tid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{tid}/status").read_text().splitlines():
-            if line.startswith("Tgid:"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 def write_outputs(out_dir: Path, records: list[dict], meta: dict) -> list[dict]:

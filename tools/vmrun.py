@@ -201,7 +201,8 @@ def _vm_ending(watchdog_pid: int | None, on_end) -> None:
 def run_vm(spec: RunSpec, on_tids=None, on_end=None) -> VmOutcome:
     """Boot, apply the configuration to the vCPU threads as soon as they exist, collect; never leaves the VM behind.
 
-    `on_tids(tids)` is called once with the vCPU TIDs (the benchmark starts its runqueue probe there), and
+    `on_tids(tids, vmm_pid)` is called once with the vCPU TIDs and the VMM's pid (the benchmark starts its
+    runqueue probe and CPU accounting there), and
     `on_end()` once when the first vCPU thread has ended (or the VM ended without any): the guest's window.
     Nothing polls the VM while it runs: the policy's counters come from `pyvmm boot --stats-out` at its end.
     """
@@ -235,7 +236,7 @@ def run_vm(spec: RunSpec, on_tids=None, on_end=None) -> VmOutcome:
                         # read back: the record shows what the threads really ran with
                         out.vcpu_sched[vcpu] = str(sched_getattr(tid))
                     if on_tids:
-                        on_tids(list(out.vcpu_tids.values()))
+                        on_tids(list(out.vcpu_tids.values()), vmm_pid)
             if out.vcpu_tids and not ended and not all(os.path.exists(f"/proc/{vmm_pid}/task/{t}")
                                                       for t in out.vcpu_tids.values()):
                 ended = True
