@@ -164,6 +164,7 @@ class PolicyEngine:
         """Validate and apply at run time (all or nothing); every vCPU is re-evaluated at once."""
         t = parse(values, base=self.tunables.as_strings())
         self._policy.set_tunables(t)
+        self._policy.start_clock()  # a new clock_ms takes effect now, not after the old period
         self.tunables = t
         self._actuator.backstop_ms = t.backstop_ms
         self._actuator.backstop_round(reason=consts().PVSCHED_REASON_TUNABLES)

@@ -1,7 +1,9 @@
 """Open, load, attach and pin the BPF policy object; map access; per-program run-time stats; one cleanup.
 
-Works with CAP_BPF + CAP_PERFMON (no CAP_SYS_ADMIN): tp_btf programs, a
-syscall program for the backstop, maps pinned under <pin_root>/<vmm-pid>/.
+Works with CAP_BPF + CAP_PERFMON (no CAP_SYS_ADMIN): tp_btf programs, syscall
+programs for the backstop and for starting the throttle clock (a BPF timer),
+maps pinned under <pin_root>/<vmm-pid>/ (the clock's map is not: its timer
+stops with the process).
 Links are never pinned: when the process dies, even by SIGKILL, its links
 close and every program detaches; only map pins can outlive it, and
 remove_stale_pins() clears those at the next start.
@@ -25,7 +27,7 @@ from .tunables import Tunables
 log = logging.getLogger("pvsched.bpf")
 
 # Programs without which there is no policy; the rest are attached where the kernel has them.
-REQUIRED_PROGS = ("pvs_switch", "pvs_wakeup", "pvs_exit", "pvs_backstop")
+REQUIRED_PROGS = ("pvs_switch", "pvs_wakeup", "pvs_exit", "pvs_backstop", "pvs_clock_start")
 PINNED_MAPS = ("vcpus", "tunables", "stats", "events", "apic_tid")
 KVM_BTF_MODULES = ("kvm", "kvm_intel", "kvm_amd", "kvm_pvm")
 BPF_STATS_ENABLED = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -139,7 +141,7 @@ class BpfPolicy:
             p.fd = lib.bpf_program__fd(p.ptr)
             p.status = "loaded"
             if p.section == "syscall":
-                continue  # run on demand (backstop), never attached
+                continue  # run on demand (backstop, clock start), never attached
             link = lib.bpf_program__attach(p.ptr)
             if link == f.NULL:
                 err = f.errno or errno.EIO
@@ -151,6 +153,7 @@ class BpfPolicy:
             p.link, p.status = link, "attached"
         if self.pin_dir is not None:
             self._pin()
+        self.start_clock()
 
     def _pin(self) -> None:
         lib = libbpf.lib()
@@ -210,6 +213,17 @@ class BpfPolicy:
             else:
                 out[name] = 0
         return out
+
+    def start_clock(self) -> None:
+        """(Re)start the in-kernel throttle clock at the tunables' clock period."""
+        lf = libbpf.ffi()
+        opts = lf.new("struct bpf_test_run_opts *")
+        opts.sz = lf.sizeof("struct bpf_test_run_opts")
+        check(libbpf.lib().bpf_prog_test_run_opts(self.programs["pvs_clock_start"].fd, opts),
+              "starting the throttle clock")
+        rc = lf.cast("int32_t", opts.retval)
+        if rc != 0:
+            raise LibbpfError(-rc if rc < 0 else errno.EINVAL, f"starting the throttle clock: {os.strerror(-rc)}")
 
     def backstop(self, tid: int, slot_uaddr: int, reason: int = 0) -> int:
         """Run the backstop program for one vCPU (same decision code as the tracepoints)."""

@@ -38,6 +38,7 @@ enum pvsched_source {
 	PVSCHED_SRC_IRQ = 4,      /* interrupt injected (kvm_inj_virq, accept_irq) */
 	PVSCHED_SRC_KVM_EXIT = 5, /* kvm:kvm_exit, where it fires */
 	PVSCHED_SRC_BACKSTOP = 6, /* the policy process's periodic check */
+	PVSCHED_SRC_CLOCK = 7,    /* the in-kernel throttle clock (BPF timer) */
 };
 
 /* Why a change was posted. */
@@ -89,7 +90,8 @@ enum pvsched_stat {
 	PVSCHED_STAT_RB_DROP = 23,      /* ring buffer full: change not posted (retried later) */
 	PVSCHED_STAT_LOCK_BUSY = 24,    /* evaluation skipped: another CPU held the vCPU entry */
 	PVSCHED_STAT_EXITED = 25,       /* vCPU threads that exited */
-	PVSCHED_STAT_NR = 26,
+	PVSCHED_STAT_CLOCK = 26,        /* throttle-clock checks of a boosted or throttled vCPU (BPF timer) */
+	PVSCHED_STAT_NR = 27,
 };
 
 /* Scheduling parameters as sched_setattr takes them. */
@@ -159,7 +161,8 @@ struct pvsched_tunables {
 	__u64 max_boost_runtime_ns;
 	__u64 throttle_window_ns;
 	__u64 throttle_ns;
-	__u64 backstop_ns;           /* userspace timer period, kept here for show() */
+	__u64 backstop_ns;           /* the policy process's slot re-read period, kept here for show() */
+	__u64 clock_ns;              /* throttle clock period (BPF timer): read at every tick */
 };
 
 /* Ring-buffer record: one change for the actuator to apply. */
@@ -193,7 +196,7 @@ _Static_assert(sizeof(struct pvsched_slot_snap) == 24, "snap");
 _Static_assert(__builtin_offsetof(struct pvsched_slot_snap, wake_hint) ==
 	       __builtin_offsetof(struct pvsched_guest_area, wake_hint), "snap mirrors the guest area");
 _Static_assert(sizeof(struct pvsched_vcpu) == 200, "vcpu");
-_Static_assert(sizeof(struct pvsched_tunables) == 64, "tunables");
+_Static_assert(sizeof(struct pvsched_tunables) == 72, "tunables");
 _Static_assert(sizeof(struct pvsched_event) == 88, "event");
 _Static_assert(sizeof(struct pvsched_backstop_ctx) == 16, "backstop ctx");
 #endif

@@ -15,7 +15,10 @@ struct pvsched_heartbeat {
 
 enum {
 	PVSCHED_GUARDIAN_PRIO = 45,       /* SCHED_FIFO: above boosts (<= 30) and the actuator (40), below watchdogs (>= 50) */
-	PVSCHED_GUARDIAN_PERIOD_MS = 10,  /* wake-up period for the heartbeat check (it never spins) */
+	/* wake-up period for the heartbeat and PF_EXITING checks (it never spins; deaths also wake it
+	 * through pidfds).  Each wake preempts a boosted vCPU for ~30 us under load (a /proc read), so
+	 * not more often than the 100 ms restore bound needs. */
+	PVSCHED_GUARDIAN_PERIOD_MS = 25,
 	PVSCHED_GUARDIAN_STALE_MS = 100,  /* a heartbeat silent this long means a hung policy process */
 	PVSCHED_GUARDIAN_MAX_THREADS = 1024,
 };

@@ -135,7 +135,7 @@ def test_auto_halt_boost_boosts_every_halt_of_a_guest_that_does_not_report_rt_wa
 
 
 def test_hog_is_throttled_and_unthrottled_on_schedule(fake_vmm, policy_child):
-    # a guest FIFO 99 task that never yields: boosted to the cap, then throttled by the backstop
+    # a guest FIFO 99 task that never yields: boosted to the cap, then throttled by the throttle clock
     vmm = fake_vmm(1)
     tid = vmm.tids[0]
     child = policy_child(vmm, {"max_boost_runtime_ms": "20", "throttle_window_ms": "100", "throttle_ms": "60"})
@@ -145,7 +145,8 @@ def test_hog_is_throttled_and_unthrottled_on_schedule(fake_vmm, policy_child):
     boosted = runs(s, lambda pol, prio: pol == RR and prio == 10)
     normal = runs(s, lambda pol, prio: pol == OTHER)
     assert all(p == OTHER or (p == RR and q == 10) for _, p, q in s), "a class other than RR 10 / OTHER seen"
-    # cycle: ~20 ms boosted (+ backstop 5 ms + actuator hop), ~60 ms throttled -> ~24 cycles in 2 s
+    # cycle: ~20 ms boosted (+ clock 5 ms + actuator hop), ~60 ms throttled (+ up to the 20 ms backstop before
+    # the slot is read again) -> 20-24 cycles in 2 s
     diag = {k: v["value"] for k, v in child.show()["stats"].items() if v["value"]}
     assert 12 <= len(boosted) <= 40, f"{len(boosted)} boosted stretches {[round(b, 3) for b in boosted]} {diag}"
     assert max(boosted[1:-1]) < 0.060, f"a boost ran {max(boosted):.3f} s despite max_boost_runtime_ms=20 {diag} {child.show()['vcpus']} {child.show()['actuator']}"
@@ -156,6 +157,28 @@ def test_hog_is_throttled_and_unthrottled_on_schedule(fake_vmm, policy_child):
     # show() agrees with the outside view (within a couple of cycles)
     v = child.show()["vcpus"][0]
     assert v["throttles"] >= 12
+    vmm.cmd("mode 0 idle")
+    child.terminate()
+    assert observed(tid) == (OTHER, 0, 0)
+
+
+def test_the_throttle_clock_ends_a_boost_in_the_kernel_without_the_backstop(fake_vmm, policy_child):
+    # backstop (the policy process's slot re-read) every 60 ms, clock every 2 ms: a boost that the backstop
+    # ended would last up to 20 + 60 ms; the clock ends it within 20 + 2 ms plus the actuator's hop
+    vmm = fake_vmm(1)
+    tid = vmm.tids[0]
+    child = policy_child(vmm, {"max_boost_runtime_ms": "20", "throttle_window_ms": "100", "throttle_ms": "40",
+                               "clock_ms": "2", "backstop_ms": "60"})
+    vmm.cmd("mode 0 hog")
+    assert wait_for(lambda: observed(tid)[0] == RR, 2.0)
+    s = sample(tid, 2.0, 0.001)
+    boosted = runs(s, lambda pol, prio: pol == RR and prio == 10)
+    show = child.show()
+    diag = {k: v["value"] for k, v in show["stats"].items() if v["value"]}
+    assert len(boosted) >= 10, f"{len(boosted)} boosted stretches {[round(b, 3) for b in boosted]} {diag}"
+    assert max(boosted[1:-1]) < 0.030, f"boosts {[round(b, 3) for b in boosted]} outlived budget + clock {diag}"
+    assert diag.get("clock", 0) > 0 and show["vcpus"][0]["throttles"] >= 10, diag
+    assert show["actuator"]["backstop_rounds"] < 2.0 / 0.060 + 15, show["actuator"]  # the backstop stayed slow
     vmm.cmd("mode 0 idle")
     child.terminate()
     assert observed(tid) == (OTHER, 0, 0)

@@ -15,14 +15,16 @@ def test_defaults_are_the_design_values():
     t = parse(None)
     assert t.as_strings() == DEFAULTS
     assert (t.boost_prio, t.max_rt_prio, t.allow_fifo, t.min_nice) == (8, 10, False, -10)
-    assert (t.max_boost_runtime_ms, t.throttle_window_ms, t.throttle_ms, t.backstop_ms) == (30, 100, 100, 5)
+    assert (t.max_boost_runtime_ms, t.throttle_window_ms, t.throttle_ms) == (30, 100, 100)
+    # the throttle's period stays DESIGN.md's 5 ms (now the in-kernel clock); the slot re-read is 20 ms
+    assert (t.clock_ms, t.backstop_ms) == (5, 20)
 
 
 @pytest.mark.parametrize("values", [
     {"boost_prio": "31"}, {"max_rt_prio": "40"}, {"max_rt_prio": "0"}, {"boost_policy": "deadline"},
-    {"allow_fifo": "maybe"}, {"min_nice": "-21"}, {"backstop_ms": "0"}, {"debug": "3"}, {"nosuch": "1"},
+    {"allow_fifo": "maybe"}, {"min_nice": "-21"}, {"backstop_ms": "0"}, {"clock_ms": "0"}, {"debug": "3"}, {"nosuch": "1"},
     {"max_boost_runtime_ms": "200"}, {"boost_prio": "eight"},
-    {"max_boost_runtime_ms": "95"},  # 95 + backstop 5 reaches the 100 ms window: a spinner would escape
+    {"max_boost_runtime_ms": "95"},  # 95 + clock 5 reaches the 100 ms window: a spinner would escape
     {"boost_on_halt": "sometimes"},
 ])
 def test_bad_tunables_are_refused_with_a_reason(values):

@@ -1,15 +1,15 @@
 """Host protection: a guest that asks for FIFO 99 and spins forever gets no more RT time than the throttle allows.
 
 The bound, from the policy code (bpf/pvsched.bpf.c, account() and pvsched_eval()):
-a spinner never switches out, so it is evaluated by the backstop every S =
-backstop_ms (and when the actuator preempts it).  After an unthrottle the
-window restarts and the same evaluation boosts it again (the slot still asks
-FIFO 99); it is throttled at the first evaluation that finds more than
+a spinner never switches out, so it is checked by the in-kernel throttle
+clock every S = clock_ms (and its slot re-read by the backstop every
+backstop_ms, or when the actuator preempts it).  After an unthrottle the
+window restarts and the next slot read boosts it again (the slot still asks
+FIFO 99); it is throttled at the first check that finds more than
 B = max_boost_runtime_ms boosted in the window (so after at most B + S, if
 B + S < W = throttle_window_ms), then runs with its original attributes for
-T = throttle_ms, and is re-boosted at the first evaluation after that.  So
-per cycle RT time <= B + S + a (a: the actuator's hop, well under 1 ms here),
-non-RT time >= T, and
+at least T = throttle_ms.  So per cycle RT time <= B + S + a (a: the
+actuator's hop, well under 1 ms here), non-RT time >= T, and
 
     RT share <= (B + S + a) / (B + S + a + T)      (defaults: 37/137 = 27%)
 
@@ -51,7 +51,7 @@ def rt_share_bound(b_ms: float, s_ms: float, t_ms: float) -> float:
 @pytest.mark.skipif(os.cpu_count() < 2, reason="pins the vCPU and a host hog to CPU 1, the sampler to CPU 0")
 @pytest.mark.parametrize(("tunables", "window_s"), [
     pytest.param({}, WINDOW_S, id="defaults"),  # the shipped defaults: B 30, W 100, T 100, S 5
-    pytest.param({"max_boost_runtime_ms": "10", "throttle_window_ms": "50", "throttle_ms": "40", "backstop_ms": "2"},
+    pytest.param({"max_boost_runtime_ms": "10", "throttle_window_ms": "50", "throttle_ms": "40", "clock_ms": "2"},
                  WINDOW_S, id="tight"),
     pytest.param({}, 20.0, id="defaults-20s", marks=pytest.mark.slow),
 ])
@@ -59,7 +59,7 @@ def test_rt_spinner_gets_no_more_than_the_throttle_allows(vms, tunables: dict[st
     args = sum((("--policy-set", f"{k}={v}") for k, v in tunables.items()), ())
     vm = wait_active(vms(f"duration={int(window_s) + 6} workload=hog", cpus=1, seconds=window_s + 6, args=args))
     tun = {k: int(v["value"]) for k, v in vm.show()["tunables"].items() if v["value"].isdigit()}
-    b, s, t = tun["max_boost_runtime_ms"], tun["backstop_ms"], tun["throttle_ms"]
+    b, s, t = tun["max_boost_runtime_ms"], tun["clock_ms"], tun["throttle_ms"]
     assert b + s < tun["throttle_window_ms"], "the bound below assumes B + S < W"
     bound = rt_share_bound(b, s, t)
     tid = vm.tids[0]
@@ -105,7 +105,7 @@ def test_boosted_spinner_that_scribbles_on_its_slot_is_still_throttled(vms, pois
     pvs_backstop (throttle checked only after a good read) the spinner ran at RT ~97% of the time.
     host_seq_max: it writes 0xFFFFFFFF into the host area's seq (guest memory, though the host's to write).
     Before the fix in actuator.write_host_area that overflowed the next seq, killed the actuator thread (no
-    more backstop, no throttle) while the policy process stayed alive: RT ~93%, nothing restored.
+    more backstop, then the only throttle) while the policy process stayed alive: RT ~93%, nothing restored.
     """
     vm = wait_active(vms("duration=6 workload=hog", cpus=1, seconds=6))
     tid = vm.tids[0]
@@ -136,7 +136,7 @@ def test_boosted_spinner_that_scribbles_on_its_slot_is_still_throttled(vms, pois
         area.close()
     assert os.path.exists(actuator), "the policy's actuator thread died"
     tun = {k: int(v["value"]) for k, v in vm.show()["tunables"].items() if v["value"].isdigit()}
-    bound = rt_share_bound(tun["max_boost_runtime_ms"], tun["backstop_ms"], tun["throttle_ms"])
+    bound = rt_share_bound(tun["max_boost_runtime_ms"], tun["clock_ms"], tun["throttle_ms"])
     rt_s, span = s.rt_run_s(tid), s.span_s()
     stats = vm.stats()
     print(f"{poison}: RT {rt_s:.3f} s of {span:.2f} s ({rt_s / span:.1%}, bound {bound:.1%}), "
