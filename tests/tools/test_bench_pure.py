@@ -243,3 +243,21 @@ def test_host_cpu_split_relative_load_table_and_targets():
     assert "| probe,probe | busy | pvsched | - | 0.230 | 0.010 | 0.020 | 1.620 | 0.947 | 1.000 | 10 |" in table
     assert "host load CPU time" in report.markdown(rows, {})
     assert report.cpu_table(summarize(_records())) == ""  # records without CPU figures: no table
+
+
+def test_max_targets_on_runs_without_hypervisor_steal():
+    # a pvsched run hit by a 40 ms hypervisor stall has a 41 ms max; the calm runs show what the scheduling did
+    def with_steal(rec, steal_cpus):
+        return {**rec, "cpu": {"window_s": 5.0, "vcpus": 0.2, "vmm": 0.2, "host_load": 1.6, "steal": steal_cpus}}
+
+    recs = [with_steal(_rec("vanilla", "busy", 4000, 20000), 0.0), with_steal(_rec("vanilla", "busy", 4000, 18000, rep=1), 0.0),
+            with_steal(_rec("pvsched", "busy", 200, 41000), 0.008), with_steal(_rec("pvsched", "busy", 200, 41000, rep=1), 0.004),
+            with_steal(_rec("pvsched", "busy", 200, 900, rep=2), 0.0)]
+    t = {x["name"]: x for x in targets(summarize(recs))}
+    assert t["busy pvsched guest max <= 1/10 x vanilla busy max"]["ok"] is False  # median 41 ms
+    calm = t["busy pvsched guest max <= 1/10 x vanilla busy max, runs without steal"]
+    assert (calm["value"], calm["limit"], calm["ok"]) == (900, 1900, True)
+    # no calm run at all: not measurable, never a pass
+    noisy = [r for r in recs if r["config"] == "vanilla"] + recs[2:4]
+    t = {x["name"]: x for x in targets(summarize(noisy))}
+    assert t["busy pvsched guest max <= 1/10 x vanilla busy max, runs without steal"]["ok"] is None
