@@ -171,7 +171,7 @@ class PolicyEngine:
         return t.as_strings()
 
     def set_heartbeat(self, beat: Callable[[], None] | None) -> None:
-        """Have the actuator thread call `beat` at every iteration (<= 40 ms apart): a liveness sign for the VMM."""
+        """Have the actuator thread call `beat` at every iteration (<= 50 ms apart): a liveness sign for the VMM."""
         self._actuator.on_tick = beat
 
     # --- running -----------------------------------------------------------------
@@ -263,6 +263,7 @@ class PolicyEngine:
             "prog_stats": "enabled" if enabled else "unavailable (BPF stats off: needs CAP_SYS_ADMIN or a stats fd)",
             "actuator": {"tid": self._actuator.thread_tid, "events": a.events, "applied": a.applied,
                          "errors": a.errors, "stale": a.stale, "backstop_rounds": a.backstop_rounds,
+                         "rechecks": a.rechecks,
                          "latency_us": a.latency_summary()},
         }
         out["text"] = format_show(out)

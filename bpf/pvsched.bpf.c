@@ -324,8 +324,10 @@ static __always_inline int pvsched_eval(struct pvsched_vcpu *v, __u32 tid, const
 	__u32 reason, state;
 
 	v->last_eval_ns = now;
-	if (s)
+	if (s) {
 		v->last_slot = *s;
+		v->slot_read_ns = now;
+	}
 	account(v, t, now);
 
 	if (v->state == PVSCHED_STATE_THROTTLED) {
@@ -733,6 +735,37 @@ int pvs_backstop(struct pvsched_backstop_ctx *ctx)
  * The throttle needs no slot read, so a BPF timer does it in softirq context
  * for about a microsecond; user space wakes only when a change is posted.
  */
+/*
+ * A vCPU that runs on boosted, unread for a clock period, may have ended its
+ * request without leaving its CPU (RT work, then plain work): ask the policy
+ * process to read its slot now, so the boost ends there rather than in a
+ * throttle (which would then ignore its requests for throttle_ms).  A vCPU
+ * that halts between short RT bursts, the latency case, is never asked about.
+ */
+static __always_inline void ask_recheck(struct pvsched_vcpu *v, __u32 tid, const struct pvsched_tunables *t,
+					__u64 now)
+{
+	struct pvsched_event *e;
+
+	if (v->state != PVSCHED_STATE_BOOSTED || !v->running || now - v->run_start_ns < t->clock_ns ||
+	    now - v->slot_read_ns < t->clock_ns)
+		return;
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		stat_inc(PVSCHED_STAT_RB_DROP);
+		return;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->ts_ns = now;
+	e->kind = PVSCHED_EV_RECHECK;
+	e->tid = tid;
+	e->vm_id = v->vm_id;
+	e->vcpu_id = v->vcpu_id;
+	e->source = PVSCHED_SRC_CLOCK;
+	bpf_ringbuf_submit(e, 0);
+	stat_inc(PVSCHED_STAT_RECHECK);
+}
+
 static long clock_vcpu(struct bpf_map *map, __u32 *tid, struct pvsched_vcpu *v, void *ctx)
 {
 	struct pvsched_tunables *t = get_tunables();
@@ -746,6 +779,7 @@ static long clock_vcpu(struct bpf_map *map, __u32 *tid, struct pvsched_vcpu *v, 
 	stat_inc(PVSCHED_STAT_CLOCK);
 	if (vcpu_trylock(v)) {
 		pvsched_eval(v, *tid, t, PVSCHED_SRC_CLOCK, NULL, PVSCHED_REASON_NONE, now);
+		ask_recheck(v, *tid, t, now);
 		vcpu_unlock(v);
 	}
 	return 0;

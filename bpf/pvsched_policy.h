@@ -57,6 +57,7 @@ enum pvsched_reason {
 enum pvsched_event_kind {
 	PVSCHED_EV_APPLY = 0,  /* apply params + state to the TID */
 	PVSCHED_EV_EXITED = 1, /* the vCPU thread exited */
+	PVSCHED_EV_RECHECK = 2, /* re-read this vCPU's slot now (the clock saw it run boosted for clock_ms unread) */
 };
 
 /*
@@ -91,7 +92,8 @@ enum pvsched_stat {
 	PVSCHED_STAT_LOCK_BUSY = 24,    /* evaluation skipped: another CPU held the vCPU entry */
 	PVSCHED_STAT_EXITED = 25,       /* vCPU threads that exited */
 	PVSCHED_STAT_CLOCK = 26,        /* throttle-clock checks of a boosted or throttled vCPU (BPF timer) */
-	PVSCHED_STAT_NR = 27,
+	PVSCHED_STAT_RECHECK = 27,      /* slot re-reads the clock asked of the policy process (boosted, running, unread) */
+	PVSCHED_STAT_NR = 28,
 };
 
 /* Scheduling parameters as sched_setattr takes them. */
@@ -142,6 +144,7 @@ struct pvsched_vcpu {
 	__u64 boosted_ns;                   /* total boosted run time */
 	__u64 gen;                          /* changes posted */
 	__u64 last_eval_ns;
+	__u64 slot_read_ns;                 /* last evaluation with a valid slot read */
 	struct pvsched_slot_snap last_slot; /* last valid slot read, for show() */
 };
 
@@ -195,7 +198,7 @@ _Static_assert(sizeof(struct pvsched_sched_params) == 16, "params");
 _Static_assert(sizeof(struct pvsched_slot_snap) == 24, "snap");
 _Static_assert(__builtin_offsetof(struct pvsched_slot_snap, wake_hint) ==
 	       __builtin_offsetof(struct pvsched_guest_area, wake_hint), "snap mirrors the guest area");
-_Static_assert(sizeof(struct pvsched_vcpu) == 200, "vcpu");
+_Static_assert(sizeof(struct pvsched_vcpu) == 208, "vcpu");
 _Static_assert(sizeof(struct pvsched_tunables) == 72, "tunables");
 _Static_assert(sizeof(struct pvsched_event) == 88, "event");
 _Static_assert(sizeof(struct pvsched_backstop_ctx) == 16, "backstop ctx");

@@ -55,8 +55,8 @@
 #define PIDFD_THREAD O_EXCL      /* <linux/pidfd.h>, Linux 6.9: a pidfd for one thread */
 #define FAST_MS 1                /* poll timeout once one of its threads exits before the others */
 #define FAST_WINDOW_NS 50000000  /* ... for this long (a thread that ends alone must not cost more) */
+#define SUSPECT_MS 5               /* poll timeout after a thread's exit until the heartbeat moves again */
 #define LATE_NS 20000000LL        /* a poll() this late means the guardian itself did not run */
-#define LOOK_NS 1000000000LL      /* /proc is read at least this often, even for a healthy process */
 #define PF_EXITING 0x00000004    /* <linux/sched.h>: the task is in do_exit (field 9 of /proc/.../stat) */
 
 /* uapi struct sched_attr (SCHED_ATTR_SIZE_VER0): <linux/sched/types.h> clashes with glibc's sched.h. */
@@ -436,8 +436,9 @@ static void *guardian_main(void *arg)
 		{ .fd = g->stopfd, .events = POLLIN },
 	};
 	uint64_t last = g->hb->beats;
-	int64_t last_change = now_ns(), fast_until = 0, last_look = 0;
-	const int64_t period_ns = (int64_t)g->period_ms * 1000000;
+	int64_t last_change = now_ns(), fast_until = 0;
+	uint64_t suspect_beats = 0;
+	int suspect = 0;  /* a thread exited and the heartbeat has not moved since */
 	int armed = 0, killed = 0, dying = 0, locked;
 	struct sched_param sp;
 	int policy;
@@ -454,13 +455,13 @@ static void *guardian_main(void *arg)
 	watch_threads(g);
 
 	for (;;) {
-		int n, exited = 0, nr_threads, look, timeout_ms;
+		int n, exited = 0, nr_threads, timeout_ms;
 		int64_t t, before;
 		uint64_t beats;
 
 		for (int i = 0; i < g->nr_watched; i++)
 			pfd[2 + i] = (struct pollfd){ .fd = g->watched[i].fd, .events = POLLIN };  /* -1: skipped */
-		timeout_ms = now_ns() < fast_until ? FAST_MS : g->period_ms;
+		timeout_ms = now_ns() < fast_until ? FAST_MS : suspect ? SUSPECT_MS : g->period_ms;
 		before = now_ns();
 		n = poll(pfd, 2 + g->nr_watched, timeout_ms);
 		t = now_ns();
@@ -503,28 +504,32 @@ static void *guardian_main(void *arg)
 			}
 		}
 		/*
-		 * /proc is read only when it can tell something: a thread exited, the heartbeat has
-		 * been still for two periods (a dying process's actuator no longer beats), in the
-		 * fast window after a thread's exit, or once a second (a thread added since).  A healthy process's beat is all a wake-up reads:
-		 * each wake preempts a boosted vCPU, and the read of /proc/<pid>/stat made the
-		 * guardian's wake-ups cost 50-90 us instead of ~20.
+		 * Every wake-up reads /proc/<pid>/stat (~40 us here), even while the heartbeat moves:
+		 * a killed process's last thread can stay in do_exit for 100 ms and more (closing its
+		 * BPF links waits for an RCU grace period the boosted vCPUs hold up), with no pidfd
+		 * readable meanwhile, so PF_EXITING seen here is the only early sign of its death.
 		 */
 		beats = __atomic_load_n(&g->hb->beats, __ATOMIC_RELAXED);
-		look = exited || !armed || t < fast_until || (beats == last && t - last_change >= 2 * period_ns) ||
-		       t - last_look >= LOOK_NS;
-		nr_threads = g->nr_threads_seen;
-		if (look)
-			last_look = t;
-		if ((look && leader_exiting(g, &nr_threads)) || exited) {
+		if (suspect && beats != suspect_beats)
+			suspect = 0;  /* the actuator beats on: that thread ended alone */
+		if (leader_exiting(g, &nr_threads) || exited) {
 			if (all_exiting(g)) {
 				dying = 1;
 				on_event(g, t, PVSCHED_GUARDIAN_CAUSE_DIED, 0);  /* a stale kill keeps its own cause */
 				set_state(g, PVSCHED_GUARDIAN_DYING);
 				continue;
 			}
-			/* The others follow within microseconds in a group exit: look again soon, for a while. */
+			/*
+			 * The others follow within microseconds in a group exit: look again soon, for a
+			 * while.  Then keep looking every SUSPECT_MS until the heartbeat moves: with boosted
+			 * spinners on every CPU, a killed process's SCHED_OTHER threads reach do_exit only
+			 * when the RT throttle or the fair server lets them run (tens of ms).
+			 */
 			if (t >= fast_until)
 				fast_until = t + FAST_WINDOW_NS;
+			if (!suspect)
+				suspect_beats = beats;
+			suspect = 1;
 		}
 		if (nr_threads != g->nr_threads_seen) {
 			g->nr_threads_seen = nr_threads;
