@@ -37,9 +37,9 @@ SCHED_FIFO = 1
 MCL_CURRENT, MCL_FUTURE = 1, 2
 LATENCY_SAMPLES = 20000
 # Longest block between on_tick calls.  The VMM's guardian kills a policy whose beat it has not seen move for
-# 100 ms, so this leaves 50 ms for a late wake-up.  Every wake-up of this thread costs 100-170 us of
-# CPU here (a cold Python interpreter), taken from a boosted vCPU: the busy-host guest p99 showed it.
-LIVENESS_MS = 50
+# 250 ms.  Every wake-up of this thread costs 100-170 us of CPU here (a cold Python interpreter), taken from a
+# boosted vCPU: the busy-host guest p99 showed it.
+LIVENESS_MS = 100
 COUNTERS_EVERY = 2  # backstop rounds between host-area counter refreshes (40 ms at backstop_ms 20)
 
 _libc = ctypes.CDLL(None, use_errno=True)

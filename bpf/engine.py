@@ -171,7 +171,7 @@ class PolicyEngine:
         return t.as_strings()
 
     def set_heartbeat(self, beat: Callable[[], None] | None) -> None:
-        """Have the actuator thread call `beat` at every iteration (<= 50 ms apart): a liveness sign for the VMM."""
+        """Have the actuator thread call `beat` at every iteration (<= 100 ms apart): a liveness sign for the VMM."""
         self._actuator.on_tick = beat
 
     # --- running -----------------------------------------------------------------

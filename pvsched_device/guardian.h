@@ -18,9 +18,11 @@ enum {
 	/* wake-up period of the PF_EXITING and heartbeat checks (it never spins; a thread's exit also
 	 * wakes it, through pidfds).  Each wake-up preempts a boosted vCPU (~90 us of CPU here), and the
 	 * busy-host guest p99 showed it, so as rarely as the 100 ms restore bound allows: a death whose
-	 * threads are stuck in do_exit is seen within 50 ms, a hang 100-150 ms after the last beat. */
+	 * threads are stuck in do_exit is seen within 50 ms, a hang 250-300 ms after the last beat. */
 	PVSCHED_GUARDIAN_PERIOD_MS = 50,
-	PVSCHED_GUARDIAN_STALE_MS = 100,  /* a heartbeat silent this long means a hung policy process */
+	/* a heartbeat not seen moving this long means a hung policy process: 2.5 of the actuator's beats
+	 * (100 ms apart), so a late beat is never taken for a hang */
+	PVSCHED_GUARDIAN_STALE_MS = 250,
 	PVSCHED_GUARDIAN_MAX_THREADS = 1024,
 };
 

@@ -146,21 +146,21 @@ def test_hog_is_throttled_and_unthrottled_on_schedule(fake_vmm, policy_child):
     boosted = runs(s, lambda pol, prio: pol == RR and prio == 10)
     normal = runs(s, lambda pol, prio: pol == OTHER)
     assert all(p == OTHER or (p == RR and q == 10) for _, p, q in s), "a class other than RR 10 / OTHER seen"
-    # cycle: ~20 ms boosted (+ clock 5 ms + actuator hop), ~60 ms throttled (+ up to the 50 ms backstop before
-    # the slot is read again) -> 16-24 cycles in 2 s
+    # cycle: ~20 ms boosted (+ clock 5 ms + actuator hop), ~60 ms throttled (+ until the slot is read again: the
+    # next preemption, or the 100 ms backstop) -> 12-24 cycles in 2 s
     diag = {k: v["value"] for k, v in child.show()["stats"].items() if v["value"]}
-    assert 12 <= len(boosted) <= 40, f"{len(boosted)} boosted stretches {[round(b, 3) for b in boosted]} {diag}"
+    assert 10 <= len(boosted) <= 40, f"{len(boosted)} boosted stretches {[round(b, 3) for b in boosted]} {diag}"
     # stretches of the RT class, not of RT run time: a stretch in which the thread also blocked (seen once in
     # a few hundred: blocked 50 ms, cause not found) is longer than its boosted run time: the 90th percentile
     inner = sorted(boosted[1:-1])
     assert inner[int(0.9 * len(inner))] < 0.060, f"boosts {[round(b, 3) for b in boosted]} despite max_boost_runtime_ms=20 {diag}"
     mid = sorted(normal[1:-1])
-    assert 0.040 < mid[len(mid) // 2] < 0.110, f"throttled stretches median {mid[len(mid) // 2]:.3f} s"
+    assert 0.040 < mid[len(mid) // 2] < 0.160, f"throttled stretches median {mid[len(mid) // 2]:.3f} s"
     host = vmm.host_area(0)
     assert host["throttles"] >= len(boosted) - 2, host
     # show() agrees with the outside view (within a couple of cycles)
     v = child.show()["vcpus"][0]
-    assert v["throttles"] >= 12
+    assert v["throttles"] >= 10
     vmm.cmd("mode 0 idle")
     child.terminate()
     assert observed(tid) == (OTHER, 0, 0)
