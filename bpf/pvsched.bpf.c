@@ -727,15 +727,6 @@ int pvs_backstop(struct pvsched_backstop_ctx *ctx)
 }
 
 /*
- * The throttle clock.  A boosted vCPU that never switches out (a FIFO/RR
- * spinner in the guest) produces no event, so something must look at it
- * periodically.  The policy process's backstop did that every 5 ms: about
- * 200 wake-ups a second of a SCHED_FIFO 40 Python thread, 70-80 us each under
- * load, and the task boosted vCPUs most often waited behind (perf sched).
- * The throttle needs no slot read, so a BPF timer does it in softirq context
- * for about a microsecond; user space wakes only when a change is posted.
- */
-/*
  * A vCPU that runs on boosted, unread for a clock period, may have ended its
  * request without leaving its CPU (RT work, then plain work): ask the policy
  * process to read its slot now, so the boost ends there rather than in a
@@ -766,6 +757,15 @@ static __always_inline void ask_recheck(struct pvsched_vcpu *v, __u32 tid, const
 	stat_inc(PVSCHED_STAT_RECHECK);
 }
 
+/*
+ * The throttle clock.  A boosted vCPU that never switches out (a FIFO/RR
+ * spinner in the guest) produces no event, so something must look at it
+ * periodically.  The policy process's backstop did that every 5 ms: about
+ * 200 wake-ups a second of a SCHED_FIFO 40 Python thread, 70-80 us each under
+ * load, and the task boosted vCPUs most often waited behind (perf sched).
+ * The throttle needs no slot read, so a BPF timer does it in softirq context
+ * for about a microsecond; user space wakes only when a change is posted.
+ */
 static long clock_vcpu(struct bpf_map *map, __u32 *tid, struct pvsched_vcpu *v, void *ctx)
 {
 	struct pvsched_tunables *t = get_tunables();

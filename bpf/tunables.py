@@ -25,7 +25,7 @@ Defaults and their reasons (shared/DESIGN.md, "Host policy"):
   (100-170 us of CPU a time here), which boosted vCPUs then wait behind: at
   5 ms (the throttle's period before the clock) that was the most frequent
   task they waited for (perf sched); at 50 ms, with the guardian's wake-ups,
-  the busy-host guest p99 was still 24% above that without both.  The
+  the busy-host guest p99 was still up to 24% above that without both.  The
   clock asks for a read at once of a vCPU that runs boosted for clock_ms
   (RECHECK), and a switch-out reads the slot too, so what is left to the
   backstop is rare.  100 ms is also the heartbeat's period.
