@@ -40,18 +40,37 @@ class Cell:
     host: str
     workload: str
     rep: int
+    variant: str = ""  # a named pvsched variant (--variant), "" for the configuration itself
+
+    @property
+    def label(self) -> str:
+        """The configuration as tables show it: "pvsched bs5" for variant bs5."""
+        return f"{self.config} {self.variant}" if self.variant else self.config
 
 
 GROUPS = {"idle": (PRIMARY, "idle"), "busy": (PRIMARY, "busy"), "mixed": (MIXED, "busy"), "tick": (TICKING, "busy")}
 
 
-def plan(configs: list[str], groups: list[str], reps: int) -> list[Cell]:
+def plan(configs: list[str], groups: list[str], reps: int, variants: tuple[str, ...] = ()) -> list[Cell]:
     """Runs in order; repetitions outermost so slow drifts of the machine spread over every configuration.
 
     Groups: "idle" and "busy" run the probe on both vCPUs on an idle / busy host; "mixed" runs the probe on
     vCPU 0 and normal-priority busy work on vCPU 1 on a busy host; "tick" the probe next to a normal-priority
-    task that wakes every interval (what boost-on-halt costs the host: that vCPU halts ~1000 times a second)."""
-    return [Cell(c, GROUPS[g][1], GROUPS[g][0], rep) for rep in range(reps) for g in groups for c in configs]
+    task that wakes every interval (what boost-on-halt costs the host: that vCPU halts ~1000 times a second).
+    `variants` (names) run as extra pvsched cells right after the configurations, interleaved the same way."""
+    return [Cell(c, GROUPS[g][1], GROUPS[g][0], rep, v) for rep in range(reps) for g in groups
+            for c, v in [(c, "") for c in configs] + [("pvsched", v) for v in variants]]
+
+
+def _variant(text: str) -> tuple[str, list[str]]:
+    """NAME:KEY=VALUE[,KEY=VALUE...] -> (NAME, ["KEY=VALUE", ...])."""
+    name, _, kvs = text.partition(":")
+    items = [kv.strip() for kv in kvs.split(",") if kv.strip()]
+    if not name.strip() or not name.strip().replace("-", "").replace("_", "").isalnum() or not items \
+            or any("=" not in kv or kv.startswith("=") for kv in items):
+        raise argparse.ArgumentTypeError(f"expected NAME:KEY=VALUE[,KEY=VALUE...] with a NAME of letters, digits, "
+                                         f"- or _ (got {text!r})")
+    return name.strip(), items
 
 
 def _csv(choices: tuple[str, ...]):
@@ -86,6 +105,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "tick: guest probe,tick, a normal-priority task woken every interval, on a busy host)")
     p.add_argument("--pvsched-set", action="append", default=[], metavar="KEY=VALUE",
                    help="policy tunable for the pvsched runs (repeatable), e.g. boost_on_halt=false")
+    p.add_argument("--variant", action="append", default=[], type=_variant, metavar="NAME:KEY=VALUE[,...]",
+                   help="an extra pvsched configuration with these tunables (on top of --pvsched-set), run "
+                        "interleaved with the others and shown as 'pvsched NAME' (repeatable), e.g. "
+                        "bs5:backstop_ms=5; compare policy variants within one run, as the machine drifts "
+                        "between runs")
     p.add_argument("--no-runqlat", action="store_true", help="do not measure the vCPU threads' runqueue latency")
     p.add_argument("--report-only", action="store_true", help="redo results.md/.png from OUT/results.json")
     a = p.parse_args(argv)
@@ -93,6 +117,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.duration = a.duration if a.duration is not None else (2.0 if a.quick else 5.0)
     if any("=" not in kv or kv.startswith("=") for kv in a.pvsched_set):
         p.error("--pvsched-set takes KEY=VALUE")
+    a.variants = dict(a.variant)
+    if len(a.variants) != len(a.variant):
+        p.error("--variant names must differ")
+    from bpf.tunables import TunableError, parse
+
+    for name, kvs in [("--pvsched-set", [])] + [(f"--variant {n}", v) for n, v in a.variants.items()]:
+        try:  # every pvsched run would fail on it: say so now, once
+            parse(dict(kv.split("=", 1) for kv in [*a.pvsched_set, *kvs]))
+        except TunableError as e:
+            p.error(f"{name}: {e}")
     if a.reps < 1 or not 0.5 <= a.duration <= 120 or not 100 <= a.interval <= 100000:
         p.error("--reps >= 1, --duration in 0.5..120 s, --interval in 100..100000 us")
     return a
@@ -145,7 +179,8 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
     from tools.hostload import HostCyclictest, StressLoad
     from tools.vmrun import RunSpec, run_vm
 
-    spec = RunSpec(cell.config, cell.workload, args.duration, args.interval, policy_set=tuple(args.pvsched_set))
+    policy_set = tuple(args.pvsched_set) + tuple(args.variants.get(cell.variant, ()))
+    spec = RunSpec(cell.config, cell.workload, args.duration, args.interval, policy_set=policy_set)
     limit = args.duration + 90
     loads: dict = {}
     ct_summary = stress_rates = cpu = None
@@ -193,10 +228,12 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
     per_vcpu = [{k: r.get(k) for k in ("vcpu", "workload", "samples", "min", "avg", "p50", "p99", "max", "max_at")}
                 for r in out.records if r.get("type") == "latency"]
     loops = [r["loops"] for r in out.records if r.get("type") == "workload" and isinstance(r.get("loops"), int)]
-    extra = {"policy_set": list(args.pvsched_set) if cell.config == "pvsched" else [], "guest_busy_loops": sum(loops) if loops else None, "duration_s": args.duration, "interval_us": args.interval, "vm_wall_s": out.wall_s,
+    extra = {"policy_set": list(policy_set) if cell.config == "pvsched" else [], "guest_busy_loops": sum(loops) if loops else None, "duration_s": args.duration, "interval_us": args.interval, "vm_wall_s": out.wall_s,
              "tids_after_s": out.tids_after_s, "uptime_at_tids_s": out.uptime_at_tids_s, "vcpu_sched": {str(k): v for k, v in out.vcpu_sched.items()},
              "pvsched_status": pv.get("status") if pv else None, "cpu": cpu,
              "guest_per_vcpu": per_vcpu}
+    if cell.variant:
+        extra["variant"] = cell.variant
     if cell.host == "busy" and not stress_rates:
         extra["note"] = "stress-ng printed no metrics"
     rec = make_record(cell.config, cell.host, cell.workload, cell.rep, guest, host_cyclictest=ct_summary,
@@ -243,10 +280,10 @@ def _bpf_stats_on() -> str | None:
 def bench(args: argparse.Namespace) -> int:
     """Run the plan, write the outputs, print the table and the targets; 0 when every run worked."""
     preflight(not args.no_runqlat)
-    cells = plan(args.configs, args.groups, args.reps)
+    cells = plan(args.configs, args.groups, args.reps, tuple(args.variants))
     meta = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine(), "reps": args.reps, "duration_s": args.duration, "interval_us": args.interval,
-            "cpus": 2, "quick": args.quick, "pvsched_set": args.pvsched_set, "failures": []}
+            "cpus": 2, "quick": args.quick, "pvsched_set": args.pvsched_set, "variants": args.variants, "failures": []}
     records: list[dict] = []
     probe = None
     old_stats = _bpf_stats_on()
@@ -265,7 +302,7 @@ def bench(args: argparse.Namespace) -> int:
             rec, why = run_cell(cell, args, probe)
             took = time.monotonic() - t
             eta = (time.monotonic() - t0) / i * (len(cells) - i)
-            what = f"[{i:>2}/{len(cells)}] {cell.config:<11} {cell.host:<4} {cell.workload:<11} rep {cell.rep}"
+            what = f"[{i:>2}/{len(cells)}] {cell.label:<11} {cell.host:<4} {cell.workload:<11} rep {cell.rep}"
             if rec:
                 records.append(rec)
                 g = rec["guest"]
@@ -273,7 +310,7 @@ def bench(args: argparse.Namespace) -> int:
                 _progress(f"{what}: guest p99 {g['p99']:.0f} us max {g['max']:.0f} us, vCPU wake-to-run p99 "
                           f"{rq.get('p99', '-')} us ({took:.1f} s, ~{eta:.0f} s left)")
             else:
-                meta["failures"].append(f"{cell.config} {cell.host} {cell.workload} rep {cell.rep}: {why}")
+                meta["failures"].append(f"{cell.label} {cell.host} {cell.workload} rep {cell.rep}: {why}")
                 _progress(f"{what}: FAILED: {why}")
     finally:
         if probe:

@@ -6,8 +6,6 @@ from pathlib import Path
 
 from tools.results import MIXED, PRIMARY, TICKING, static_rt_harm, targets
 
-CONFIG_ORDER = ("vanilla", "static-rt", "static-nice", "pvsched")
-
 
 def _fmt(v: float | None, digits: int = 0) -> str:
     if v is None:
@@ -120,7 +118,7 @@ def plot(rows: list[dict], path: Path) -> Path:
     groups = [(PRIMARY, "idle", "idle host"), (PRIMARY, "busy", "busy host"),
               (MIXED, "busy", "busy host, guest probe,busy"), (TICKING, "busy", "busy host, guest probe,tick")]
     groups = [g for g in groups if any(r["workload"] == g[0] and r["host"] == g[1] for r in rows)]
-    configs = [c for c in CONFIG_ORDER if any(r["config"] == c for r in rows)]
+    configs = list(dict.fromkeys(r["config"] for r in rows))  # summarize()'s order, variants after pvsched
     panels = [("guest.p99", "guest p99 (us)", True), ("guest.max", "guest max (us)", True),
               ("vcpu_runqlat.wakeup.p99", "vCPU wake-to-run p99 (us)", True),
               ("host_cyclictest.max", "host cyclictest max (us)", True),

@@ -230,17 +230,26 @@ def _cpu_split(records: list[dict]) -> None:
 
 
 def summarize(records: Iterable[dict]) -> list[dict]:
-    """One row per (workload, host, config): median, min and max over repetitions of every metric."""
+    """One row per (workload, host, config): median, min and max over repetitions of every metric.
+
+    A record of a pvsched variant (bench --variant) gets its own row, config "pvsched NAME"; the targets
+    read the plain "pvsched" row only."""
     recs = [dict(r) for r in records]
     _stress_rel(recs)
     _cpu_split(recs)
     cells: dict[tuple[str, str, str], list[dict]] = {}
     for r in recs:
-        cells.setdefault((r.get("workload", PRIMARY), r["host"], r["config"]), []).append(r)
+        label = f"{r['config']} {r['variant']}" if r.get("variant") else r["config"]
+        cells.setdefault((r.get("workload", PRIMARY), r["host"], label), []).append(r)
     order = {c: i for i, c in enumerate(("vanilla", "static-rt", "static-nice", "pvsched"))}
+
+    def key(kv):
+        wl, host, label = kv[0]
+        base, _, variant = label.partition(" ")
+        return wl != PRIMARY, wl, HOSTS.index(host), order.get(base, len(order)), variant
+
     rows = []
-    for (wl, host, config), rs in sorted(cells.items(), key=lambda kv: (kv[0][0] != PRIMARY, kv[0][0],
-                                                                         HOSTS.index(kv[0][1]), order[kv[0][2]])):
+    for (wl, host, config), rs in sorted(cells.items(), key=key):
         row: dict = {"workload": wl, "host": host, "config": config, "reps": len(rs)}
         for m in METRICS:
             vals = [v for r in rs if (v := get(r, m)) is not None]

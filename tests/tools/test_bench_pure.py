@@ -203,6 +203,27 @@ def test_plan_and_args():
         parse_args(["--configs", "qemu"])
 
 
+def test_variants_run_interleaved_and_get_their_own_rows_outside_the_targets(tmp_path):
+    a = parse_args(["--variant", "bs5:backstop_ms=5,clock_ms=2", "--variant", "never:boost_on_halt=never"])
+    assert a.variants == {"bs5": ["backstop_ms=5", "clock_ms=2"], "never": ["boost_on_halt=never"]}
+    for bad in ("bs5", "bs5:", ":backstop_ms=5", "b s:x=1", "bs5:backstop_ms"):
+        with pytest.raises(SystemExit):
+            parse_args(["--variant", bad])
+    for argv in (["--variant", "a:clock_ms=1", "--variant", "a:clock_ms=2"],  # the same name twice
+                 ["--variant", "a:nosuch=1"], ["--variant", "a:backstop_ms=0"], ["--pvsched-set", "clock_ms=-1"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+    cells = plan(["static-rt", "pvsched"], ["busy"], 2, ("bs5",))
+    assert [c.label for c in cells] == ["static-rt", "pvsched", "pvsched bs5"] * 2  # interleaved per repetition
+    recs = _records() + [{**_rec("pvsched", "busy", 900, 5000), "variant": "bs5"}]
+    rows = summarize(recs)
+    labels = [r["config"] for r in rows if (r["workload"], r["host"]) == ("probe,probe", "busy")]
+    assert labels == ["vanilla", "static-rt", "static-nice", "pvsched", "pvsched bs5"]
+    assert {x["name"]: x for x in targets(rows)} == {x["name"]: x for x in targets(summarize(_records()))}
+    assert "| probe,probe | busy | pvsched bs5 | 450 |" in report.table(rows)
+    assert report.plot(rows, tmp_path / "v.png").stat().st_size > 10000
+
+
 def test_report_only_regenerates_outputs(tmp_path, capsys):
     (tmp_path / "results.json").write_text(json.dumps(_records()))
     assert main(["--report-only", "--out", str(tmp_path)]) == 0
