@@ -93,7 +93,8 @@ enum pvsched_stat {
 	PVSCHED_STAT_EXITED = 25,       /* vCPU threads that exited */
 	PVSCHED_STAT_CLOCK = 26,        /* throttle-clock checks of a boosted or throttled vCPU (BPF timer) */
 	PVSCHED_STAT_RECHECK = 27,      /* slot re-reads the clock asked of the policy process (boosted, running, unread) */
-	PVSCHED_STAT_NR = 28,
+	PVSCHED_STAT_CLOCK_LATE = 28,   /* clock ticks more than clock_ms late (softirqs deferred to a starved ksoftirqd) */
+	PVSCHED_STAT_NR = 29,
 };
 
 /* Scheduling parameters as sched_setattr takes them. */

@@ -19,16 +19,15 @@ Defaults and their reasons (shared/DESIGN.md, "Host policy"):
 - clock_ms 5: period of the in-kernel throttle clock (a BPF timer), which
   catches a boosted vCPU that never switches out (a guest RT spinner): it may
   overrun its budget by up to clock_ms.
-- backstop_ms 100: period of the policy process's re-read of every slot; bounds
-  how long a vCPU that never exits keeps a boost its guest no longer asks for
-  (the throttle bounds it too).  It wakes a SCHED_FIFO 40 Python thread
-  (100-170 us of CPU a time here), which boosted vCPUs then wait behind: at
-  5 ms (the throttle's period before the clock) that was the most frequent
-  task they waited for (perf sched); at 50 ms, with the guardian's wake-ups,
-  the busy-host guest p99 was still up to 24% above that without both.  The
-  clock asks for a read at once of a vCPU that runs boosted for clock_ms
-  (RECHECK), and a switch-out reads the slot too, so what is left to the
-  backstop is rare.  100 ms is also the heartbeat's period.
+- backstop_ms 20: period of the policy process's re-read of every slot, at
+  SCHED_FIFO 40: bounds how long a vCPU that never exits keeps a boost its
+  guest no longer asks for, and is the throttle's fallback when the clock runs
+  late (its softirq deferred to a starved ksoftirqd: tens of ms under the
+  bench's load, stat clock_late).  Each of its wake-ups costs a boosted vCPU
+  100-170 us here (a cold Python thread); at 5 ms (the throttle's period
+  before the clock) it was the task boosted vCPUs most often waited behind
+  (perf sched).  100 ms was tried: 10 wake-ups a second, but with the clock
+  late a guest that ended its RT work kept its boost 50-100 ms.
 """
 
 from __future__ import annotations
@@ -50,7 +49,7 @@ DEFAULTS: dict[str, str] = {
     "throttle_ms": "100",
     "boost_on_halt": "auto",
     "clock_ms": "5",
-    "backstop_ms": "100",
+    "backstop_ms": "20",
     "debug": "0",
 }
 

@@ -147,7 +147,7 @@ def test_hog_is_throttled_and_unthrottled_on_schedule(fake_vmm, policy_child):
     normal = runs(s, lambda pol, prio: pol == OTHER)
     assert all(p == OTHER or (p == RR and q == 10) for _, p, q in s), "a class other than RR 10 / OTHER seen"
     # cycle: ~20 ms boosted (+ clock 5 ms + actuator hop), ~60 ms throttled (+ until the slot is read again: the
-    # next preemption, or the 100 ms backstop) -> 12-24 cycles in 2 s
+    # next preemption, or the 20 ms backstop) -> 16-24 cycles in 2 s
     diag = {k: v["value"] for k, v in child.show()["stats"].items() if v["value"]}
     assert 10 <= len(boosted) <= 40, f"{len(boosted)} boosted stretches {[round(b, 3) for b in boosted]} {diag}"
     # stretches of the RT class, not of RT run time: a stretch in which the thread also blocked (seen once in
@@ -197,15 +197,31 @@ def test_a_boost_no_longer_asked_for_ends_at_a_clock_recheck_not_in_a_throttle(f
     vmm = fake_vmm(1)
     tid = vmm.tids[0]
     child = policy_child(vmm, {"backstop_ms": "500", "throttle_window_ms": "1000", "max_boost_runtime_ms": "900"})
-    for _ in range(3):
+    # rounds in which the stand-in's thread blocked or the clock ran late say nothing about the recheck
+    blocks = lambda: sum(child.show()["stats"][k]["value"] for k in ("block", "clock_late"))
+    good = 0
+    for _ in range(6):
         vmm.cmd(f"custom 0 spin 0 {RR} 8 0 0")
         assert wait_for(lambda: observed(tid)[:2] == (RR, 8), 1.0), f"got {observed(tid)}"
+        b0 = blocks()
         vmm.cmd("custom 0 spin 0 0 0 0 0")
         t0 = time.monotonic()
         assert wait_for(lambda: observed(tid) == (OTHER, 0, 0), 1.0, 0.0005), f"still {observed(tid)}"
         ms = (time.monotonic() - t0) * 1000
-        assert ms < 25, f"the boost outlived the request by {ms:.1f} ms (budget 30 ms: a throttle was near)"
+        if ms >= 25 and blocks() > b0:
+            # the stand-in's thread blocked meanwhile (seen now and then, for up to 50 ms: a blocked vCPU runs
+            # no boosted time and needs no recheck), or the clock's softirq was deferred (under load)
+            print(f"round skipped: the spinner blocked or the clock was late; its boost ended after {ms:.1f} ms")
+            continue
+        if ms >= 25:
+            show = child.show()
+            pytest.fail(f"the boost outlived the request by {ms:.1f} ms: {show['actuator']} {show['vcpus'][0]} "
+                        f"{ {k: v['value'] for k, v in show['stats'].items() if v['value']} }")
+        good += 1
+        if good == 3:
+            break
     show = child.show()
+    assert good == 3, f"only {good} rounds without the spinner blocking or the clock late"
     assert show["vcpus"][0]["throttles"] == 0 and show["actuator"]["rechecks"] >= 3, show["actuator"]
     vmm.cmd("mode 0 idle")
     child.terminate()
