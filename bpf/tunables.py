@@ -65,7 +65,8 @@ DESCRIPTIONS: dict[str, str] = {
     "boost_on_halt": "boost a halting vCPU and hold it while idle: auto (where an RT task waits, if the guest "
                      "reports it; else every halt), always (every halt, the seed's policy; also true), never (false)",
     "clock_ms": "period of the in-kernel throttle clock (catches a boosted vCPU that never switches out)",
-    "backstop_ms": "period of the policy process's re-read of every slot (drops a boost no longer asked for)",
+    "backstop_ms": "period of the policy process's re-read of every slot (drops a boost no longer asked for; "
+                   "the throttle's fallback when the clock runs late)",
     "debug": "0 off, 1 bpf_printk per decision, 2 per event (trace_pipe)",
 }
 
