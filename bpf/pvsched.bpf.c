@@ -789,9 +789,9 @@ static long clock_vcpu(struct bpf_map *map, __u32 *tid, struct pvsched_vcpu *v, 
 /*
  * The timer's callback runs in softirq context; under softirq-heavy load the
  * kernel defers softirqs to ksoftirqd, a SCHED_OTHER thread, and the clock
- * then runs late (seen: tens of ms on the busy host).  The policy process's
- * backstop (backstop_ms, at FIFO 40) is what bounds a boost then; lateness
- * is counted so it shows.
+ * then runs late (seen: 1 tick in 6 s under the bench's load).  The policy
+ * process's backstop (backstop_ms, at FIFO 40) bounds a boost then; late
+ * ticks are counted so they show.
  */
 static int clock_tick(void *map, __u32 *key, struct pvsched_clock *c)
 {

@@ -22,12 +22,13 @@ Defaults and their reasons (shared/DESIGN.md, "Host policy"):
 - backstop_ms 20: period of the policy process's re-read of every slot, at
   SCHED_FIFO 40: bounds how long a vCPU that never exits keeps a boost its
   guest no longer asks for, and is the throttle's fallback when the clock runs
-  late (its softirq deferred to a starved ksoftirqd: tens of ms under the
-  bench's load, stat clock_late).  Each of its wake-ups costs a boosted vCPU
-  100-170 us here (a cold Python thread); at 5 ms (the throttle's period
-  before the clock) it was the task boosted vCPUs most often waited behind
-  (perf sched).  100 ms was tried: 10 wake-ups a second, but with the clock
-  late a guest that ended its RT work kept its boost 50-100 ms.
+  late (its softirq deferred to ksoftirqd, a SCHED_OTHER thread: stat
+  clock_late, 1 tick in 6 s under the bench's load).  Each of its wake-ups
+  costs a boosted vCPU 100-170 us here (a cold Python thread); at 5 ms (the
+  throttle's period before the clock) it was the task boosted vCPUs most
+  often waited behind (perf sched).  100 ms was tried: 10 wake-ups a second,
+  but then only the clock ends a boost no longer asked for, and in one
+  loaded test run that took 100 ms.
 """
 
 from __future__ import annotations
