@@ -40,7 +40,6 @@ LATENCY_SAMPLES = 20000
 # 250 ms.  Every wake-up of this thread costs 100-170 us of CPU here (a cold Python interpreter), taken from a
 # boosted vCPU: the busy-host guest p99 showed it.
 LIVENESS_MS = 100
-COUNTERS_EVERY = 1  # backstop rounds between host-area counter refreshes (every round: 100 ms apart by default)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -237,14 +236,13 @@ class Actuator:
         return self._thread is not None and self._thread.is_alive()
 
     def backstop_round(self, reason: int = 0) -> None:
-        """Run the BPF backstop for every vCPU; refresh host-area counters every COUNTERS_EVERY rounds.
+        """Run the BPF backstop for every vCPU and refresh its host-area counters.
 
-        The counters (boosts, throttles, boosted time) are feedback for the guest: tens of ms old is fine,
-        and each refresh is a map lookup per vCPU. This thread preempts the vCPUs it serves (SCHED_FIFO 40),
+        The counters (boosts, throttles, boosted time) are feedback for the guest: a backstop period old is
+        fine, and each refresh is a map lookup per vCPU. This thread preempts the vCPUs it serves (SCHED_FIFO 40),
         taking 70-80 us a time under load (at a 5 ms period, `perf sched` found it the most frequent task a
         boosted vCPU waited behind), so every iteration is kept short."""
         self.stats.backstop_rounds += 1
-        refresh = reason != 0 or self.stats.backstop_rounds % COUNTERS_EVERY == 0
         with self.lock:
             handles = list(self.vcpus.values())
         for h in handles:
@@ -254,8 +252,6 @@ class Actuator:
                 self.policy.backstop(h.tid, h.slot_uaddr, reason)
             except OSError as e:
                 log.warning("pvsched: backstop for tid %d failed: %s", h.tid, e)
-                continue
-            if not refresh:
                 continue
             v = self.policy.vcpu(h.tid)
             if v is not None:

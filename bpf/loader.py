@@ -214,28 +214,28 @@ class BpfPolicy:
                 out[name] = 0
         return out
 
-    def start_clock(self) -> None:
-        """(Re)start the in-kernel throttle clock at the tunables' clock period."""
+    def _run(self, name: str, what: str, ctx=None, ctx_size: int = 0) -> int:
+        """Run syscall program `name` once (BPF_PROG_TEST_RUN) with `ctx`; its return value."""
         lf = libbpf.ffi()
         opts = lf.new("struct bpf_test_run_opts *")
         opts.sz = lf.sizeof("struct bpf_test_run_opts")
-        check(libbpf.lib().bpf_prog_test_run_opts(self.programs["pvs_clock_start"].fd, opts),
-              "starting the throttle clock")
-        rc = lf.cast("int32_t", opts.retval)
+        if ctx is not None:
+            opts.ctx_in, opts.ctx_size_in = ctx, ctx_size
+        check(libbpf.lib().bpf_prog_test_run_opts(self.programs[name].fd, opts), what)
+        return lf.cast("int32_t", opts.retval)
+
+    def start_clock(self) -> None:
+        """(Re)start the in-kernel throttle clock at the tunables' clock period."""
+        rc = self._run("pvs_clock_start", "starting the throttle clock")
         if rc != 0:
             raise LibbpfError(-rc if rc < 0 else errno.EINVAL, f"starting the throttle clock: {os.strerror(-rc)}")
 
     def backstop(self, tid: int, slot_uaddr: int, reason: int = 0) -> int:
         """Run the backstop program for one vCPU (same decision code as the tracepoints)."""
-        lf, pf = libbpf.ffi(), pffi()
+        pf = pffi()
         ctx = pf.new("struct pvsched_backstop_ctx *")
         ctx.tid, ctx.reason, ctx.slot_uaddr = tid, reason, slot_uaddr
-        opts = lf.new("struct bpf_test_run_opts *")
-        opts.sz = lf.sizeof("struct bpf_test_run_opts")
-        opts.ctx_in = ctx
-        opts.ctx_size_in = pf.sizeof("struct pvsched_backstop_ctx")
-        check(libbpf.lib().bpf_prog_test_run_opts(self.programs["pvs_backstop"].fd, opts), "running backstop")
-        return lf.cast("int32_t", opts.retval)
+        return self._run("pvs_backstop", "running backstop", ctx, pf.sizeof("struct pvsched_backstop_ctx"))
 
     # --- introspection ----------------------------------------------------
     def program_stats(self) -> list[dict]:

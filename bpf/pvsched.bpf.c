@@ -533,12 +533,31 @@ int BPF_PROG(pvs_wakeup, struct task_struct *p)
 	return 0;
 }
 
+/* Post a record that carries no decision (kind EXITED or RECHECK); false when the ring buffer is full. */
+static __always_inline bool post_notice(const struct pvsched_vcpu *v, __u32 tid, __u32 kind, __u32 source, __u64 now)
+{
+	struct pvsched_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+
+	if (!e) {
+		stat_inc(PVSCHED_STAT_RB_DROP);
+		return false;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->ts_ns = now;
+	e->kind = kind;
+	e->tid = tid;
+	e->vm_id = v->vm_id;
+	e->vcpu_id = v->vcpu_id;
+	e->source = source;
+	bpf_ringbuf_submit(e, 0);
+	return true;
+}
+
 /* A vCPU thread that exits: tell the actuator to forget it. */
 SEC("tp_btf/sched_process_exit")
 int BPF_PROG(pvs_exit, struct task_struct *p)
 {
 	struct pvsched_tunables *t = get_tunables();
-	struct pvsched_event *e;
 	struct pvsched_vcpu *v;
 	__u32 tid;
 
@@ -548,18 +567,7 @@ int BPF_PROG(pvs_exit, struct task_struct *p)
 	if (!v)
 		return 0;
 	stat_inc(PVSCHED_STAT_EXITED);
-	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-	if (!e) {
-		stat_inc(PVSCHED_STAT_RB_DROP);
-		return 0;
-	}
-	__builtin_memset(e, 0, sizeof(*e));
-	e->ts_ns = bpf_ktime_get_ns();
-	e->kind = PVSCHED_EV_EXITED;
-	e->tid = tid;
-	e->vm_id = v->vm_id;
-	e->vcpu_id = v->vcpu_id;
-	bpf_ringbuf_submit(e, 0);
+	post_notice(v, tid, PVSCHED_EV_EXITED, 0, bpf_ktime_get_ns());
 	return 0;
 }
 
@@ -737,25 +745,11 @@ int pvs_backstop(struct pvsched_backstop_ctx *ctx)
 static __always_inline void ask_recheck(struct pvsched_vcpu *v, __u32 tid, const struct pvsched_tunables *t,
 					__u64 now)
 {
-	struct pvsched_event *e;
-
 	if (v->state != PVSCHED_STATE_BOOSTED || !v->running || now - v->run_start_ns < t->clock_ns ||
 	    now - v->slot_read_ns < t->clock_ns)
 		return;
-	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-	if (!e) {
-		stat_inc(PVSCHED_STAT_RB_DROP);
-		return;
-	}
-	__builtin_memset(e, 0, sizeof(*e));
-	e->ts_ns = now;
-	e->kind = PVSCHED_EV_RECHECK;
-	e->tid = tid;
-	e->vm_id = v->vm_id;
-	e->vcpu_id = v->vcpu_id;
-	e->source = PVSCHED_SRC_CLOCK;
-	bpf_ringbuf_submit(e, 0);
-	stat_inc(PVSCHED_STAT_RECHECK);
+	if (post_notice(v, tid, PVSCHED_EV_RECHECK, PVSCHED_SRC_CLOCK, now))
+		stat_inc(PVSCHED_STAT_RECHECK);
 }
 
 /*

@@ -22,7 +22,17 @@ from pathlib import Path
 
 from tools import report
 from tools.cpuacct import CpuMeter, children_cpu_s, steal_s, threads_cpu_s, tree_cpu_s
-from tools.results import MIXED, PRIMARY, TICKING, guest_summary, make_record, policy_stats, summarize, validate_record
+from tools.results import (
+    MIXED,
+    PRIMARY,
+    TICKING,
+    config_label,
+    guest_summary,
+    make_record,
+    policy_stats,
+    summarize,
+    validate_record,
+)
 
 CONFIGS = ("vanilla", "static-rt", "static-nice", "pvsched")
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -45,7 +55,7 @@ class Cell:
     @property
     def label(self) -> str:
         """The configuration as tables show it: "pvsched bs5" for variant bs5."""
-        return f"{self.config} {self.variant}" if self.variant else self.config
+        return config_label(self.config, self.variant)
 
 
 GROUPS = {"idle": (PRIMARY, "idle"), "busy": (PRIMARY, "busy"), "mixed": (MIXED, "busy"), "tick": (TICKING, "busy")}
@@ -62,12 +72,17 @@ def plan(configs: list[str], groups: list[str], reps: int, variants: tuple[str, 
             for c, v in [(c, "") for c in configs] + [("pvsched", v) for v in variants]]
 
 
+def _bad_kv(items: list[str]) -> bool:
+    """True when an item is not KEY=VALUE."""
+    return any("=" not in kv or kv.startswith("=") for kv in items)
+
+
 def _variant(text: str) -> tuple[str, list[str]]:
     """NAME:KEY=VALUE[,KEY=VALUE...] -> (NAME, ["KEY=VALUE", ...])."""
     name, _, kvs = text.partition(":")
     items = [kv.strip() for kv in kvs.split(",") if kv.strip()]
     if not name.strip() or not name.strip().replace("-", "").replace("_", "").isalnum() or not items \
-            or any("=" not in kv or kv.startswith("=") for kv in items):
+            or _bad_kv(items):
         raise argparse.ArgumentTypeError(f"expected NAME:KEY=VALUE[,KEY=VALUE...] with a NAME of letters, digits, "
                                          f"- or _ (got {text!r})")
     return name.strip(), items
@@ -115,7 +130,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.reps = a.reps if a.reps is not None else (1 if a.quick else 3)
     a.duration = a.duration if a.duration is not None else (2.0 if a.quick else 5.0)
-    if any("=" not in kv or kv.startswith("=") for kv in a.pvsched_set):
+    if _bad_kv(a.pvsched_set):
         p.error("--pvsched-set takes KEY=VALUE")
     a.variants = dict(a.variant)
     if len(a.variants) != len(a.variant):

@@ -229,6 +229,11 @@ def _cpu_split(records: list[dict]) -> None:
         r["host_load_rel"] = round(v / b, 4) if b and v is not None else None
 
 
+def config_label(config: str, variant: str | None) -> str:
+    """A configuration as tables show it: "pvsched bs5" for the pvsched variant bs5 (bench --variant)."""
+    return f"{config} {variant}" if variant else config
+
+
 def summarize(records: Iterable[dict]) -> list[dict]:
     """One row per (workload, host, config): median, min and max over repetitions of every metric.
 
@@ -239,7 +244,7 @@ def summarize(records: Iterable[dict]) -> list[dict]:
     _cpu_split(recs)
     cells: dict[tuple[str, str, str], list[dict]] = {}
     for r in recs:
-        label = f"{r['config']} {r['variant']}" if r.get("variant") else r["config"]
+        label = config_label(r["config"], r.get("variant"))
         cells.setdefault((r.get("workload", PRIMARY), r["host"], label), []).append(r)
     order = {c: i for i, c in enumerate(("vanilla", "static-rt", "static-nice", "pvsched"))}
 

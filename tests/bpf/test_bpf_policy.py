@@ -135,25 +135,37 @@ def test_auto_halt_boost_boosts_every_halt_of_a_guest_that_does_not_report_rt_wa
     child.terminate()
 
 
+def _hog_boosts(vmm, child) -> tuple[list, list[float], dict]:
+    """vCPU 0 runs a guest FIFO 99 task that never yields for 2 s: (samples, RR 10 stretches in s, BPF stats)."""
+    tid = vmm.tids[0]
+    vmm.cmd("mode 0 hog")
+    assert wait_for(lambda: observed(tid)[0] == RR, 2.0)
+    s = sample(tid, 2.0, 0.001)
+    boosted = runs(s, lambda pol, prio: pol == RR and prio == 10)
+    return s, boosted, {k: v["value"] for k, v in child.show()["stats"].items() if v["value"]}
+
+
+def _p90_inner(stretches: list[float]) -> float:
+    """90th percentile of the stretches between the first and the last (which the sampling window cuts).
+
+    They are stretches of the RT class, not of RT run time: one in which the thread also blocked (seen once in
+    a few hundred: blocked 50 ms, cause not found) is longer than its boosted run time, hence not the max."""
+    inner = sorted(stretches[1:-1])
+    return inner[int(0.9 * len(inner))]
+
+
 def test_hog_is_throttled_and_unthrottled_on_schedule(fake_vmm, policy_child):
     # a guest FIFO 99 task that never yields: boosted to the cap, then throttled by the throttle clock
     vmm = fake_vmm(1)
     tid = vmm.tids[0]
     child = policy_child(vmm, {"max_boost_runtime_ms": "20", "throttle_window_ms": "100", "throttle_ms": "60"})
-    vmm.cmd("mode 0 hog")
-    assert wait_for(lambda: observed(tid)[0] == RR, 2.0)
-    s = sample(tid, 2.0, 0.001)
-    boosted = runs(s, lambda pol, prio: pol == RR and prio == 10)
+    s, boosted, diag = _hog_boosts(vmm, child)
     normal = runs(s, lambda pol, prio: pol == OTHER)
     assert all(p == OTHER or (p == RR and q == 10) for _, p, q in s), "a class other than RR 10 / OTHER seen"
     # cycle: ~20 ms boosted (+ clock 5 ms + actuator hop), ~60 ms throttled (+ until the slot is read again: the
     # next preemption, or the 20 ms backstop) -> 16-24 cycles in 2 s
-    diag = {k: v["value"] for k, v in child.show()["stats"].items() if v["value"]}
     assert 10 <= len(boosted) <= 40, f"{len(boosted)} boosted stretches {[round(b, 3) for b in boosted]} {diag}"
-    # stretches of the RT class, not of RT run time: a stretch in which the thread also blocked (seen once in
-    # a few hundred: blocked 50 ms, cause not found) is longer than its boosted run time: the 90th percentile
-    inner = sorted(boosted[1:-1])
-    assert inner[int(0.9 * len(inner))] < 0.060, f"boosts {[round(b, 3) for b in boosted]} despite max_boost_runtime_ms=20 {diag}"
+    assert _p90_inner(boosted) < 0.060, f"boosts {[round(b, 3) for b in boosted]} despite max_boost_runtime_ms=20 {diag}"
     mid = sorted(normal[1:-1])
     assert 0.040 < mid[len(mid) // 2] < 0.160, f"throttled stretches median {mid[len(mid) // 2]:.3f} s"
     host = vmm.host_area(0)
@@ -173,15 +185,10 @@ def test_the_throttle_clock_ends_a_boost_in_the_kernel_without_the_backstop(fake
     tid = vmm.tids[0]
     child = policy_child(vmm, {"max_boost_runtime_ms": "20", "throttle_window_ms": "100", "throttle_ms": "40",
                                "clock_ms": "2", "backstop_ms": "60"})
-    vmm.cmd("mode 0 hog")
-    assert wait_for(lambda: observed(tid)[0] == RR, 2.0)
-    s = sample(tid, 2.0, 0.001)
-    boosted = runs(s, lambda pol, prio: pol == RR and prio == 10)
+    _, boosted, diag = _hog_boosts(vmm, child)
     show = child.show()
-    diag = {k: v["value"] for k, v in show["stats"].items() if v["value"]}
     assert len(boosted) >= 10, f"{len(boosted)} boosted stretches {[round(b, 3) for b in boosted]} {diag}"
-    inner = sorted(boosted[1:-1])  # the 90th percentile: see test_hog_is_throttled_and_unthrottled_on_schedule
-    assert inner[int(0.9 * len(inner))] < 0.030, f"boosts {[round(b, 3) for b in boosted]} outlived budget + clock {diag}"
+    assert _p90_inner(boosted) < 0.030, f"boosts {[round(b, 3) for b in boosted]} outlived budget + clock {diag}"
     assert diag.get("clock", 0) > 0 and show["vcpus"][0]["throttles"] >= 10, diag
     assert show["actuator"]["backstop_rounds"] < 2.0 / 0.060 + 15, show["actuator"]  # the backstop stayed slow
     vmm.cmd("mode 0 idle")
