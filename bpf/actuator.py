@@ -1,13 +1,14 @@
 """The actuator: applies the BPF policy's decisions to vCPU threads and writes each slot's host area.
 
 One dedicated thread at SCHED_FIFO 40 (RT ladder: above every boosted vCPU,
-<= 30, below watchdogs, >= 50) blocks in ring_buffer__poll (cffi releases the
-GIL) with a timeout of the time left to the next backstop round, at most
-LIVENESS_MS (so on_tick, the policy process's heartbeat, keeps beating
-whatever backstop_ms is); it never spins.  Each backstop round runs the BPF
-backstop program per vCPU, so a vCPU that never leaves its CPU has its slot
-re-read by the same code as every event (its throttle is the kernel clock's
-job: bpf/pvsched.bpf.c).  Restoring a thread's original attributes happens here too, under one lock.
+<= 30, below watchdogs, >= 50) blocks in poll() on the ring buffer's epoll fd
+and a stop eventfd (the GIL released) for at most LIVENESS_MS, so on_tick, the
+policy process's heartbeat, keeps beating; it never spins.  The periodic
+re-read of every slot (backstop_ms) is a native thread's (bpf/backstop_loop.c,
+same priority): it runs the same BPF backstop program, so a vCPU that never
+leaves its CPU has its slot re-read by the same code as every event (its
+throttle is the kernel clock's job: bpf/pvsched.bpf.c), and it wakes no Python.
+Restoring a thread's original attributes happens here too, under one lock.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import ctypes
 import errno
 import logging
 import os
+import select
 import struct
 import threading
 import time
@@ -27,6 +29,7 @@ from pvsched_device import abi
 from vmm.sched_attr import SchedAttr, sched_getattr, sched_setattr
 
 from . import libbpf
+from .backstop_loop import BackstopLoop
 from .loader import BpfPolicy
 from .policy_types import consts
 from .policy_types import ffi as pffi
@@ -36,9 +39,9 @@ log = logging.getLogger("pvsched.actuator")
 SCHED_FIFO = 1
 MCL_CURRENT, MCL_FUTURE = 1, 2
 LATENCY_SAMPLES = 20000
-# Longest block between on_tick calls.  The VMM's guardian kills a policy whose beat it has not seen move for
-# 250 ms.  Every wake-up of this thread costs 100-170 us of CPU here (a cold Python interpreter), taken from a
-# boosted vCPU: the busy-host guest p99 showed it.
+# Longest block between on_tick calls, and the period of the guest's counter refresh.  The VMM's guardian kills
+# a policy whose beat it has not seen move for 250 ms.  Every wake-up of this thread costs 100-170 us of CPU here
+# (a cold Python interpreter), taken from a boosted vCPU: the busy-host guest p99 showed it.
 LIVENESS_MS = 100
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -80,7 +83,8 @@ class ActuatorStats:
     events: int = 0            # ring-buffer records consumed
     stale: int = 0             # records for a vCPU no longer registered, or out of order
     errors: int = 0            # sched_setattr failures
-    backstop_rounds: int = 0
+    iterations: int = 0        # wake-ups of the actuator thread
+    backstop_rounds: int = 0   # rounds run from Python (set_tunables); the periodic ones are the native loop's
     rechecks: int = 0          # slot re-reads the kernel clock asked for (a vCPU running boosted, unread)
     latency_ns: collections.deque = field(default_factory=lambda: collections.deque(maxlen=LATENCY_SAMPLES))
 
@@ -124,10 +128,16 @@ class Actuator:
         self.on_tick: Callable[[], None] | None = None  # called every iteration: the policy process's heartbeat
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._next_refresh = 0.0
         f = libbpf.ffi()
         self._sample_cb = f.callback("int(void *, void *, size_t)", self._on_sample)
         self._rb = libbpf.check_ptr(
             libbpf.lib().ring_buffer__new(policy.maps["events"], self._sample_cb, f.NULL, f.NULL), "ring_buffer__new")
+        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._poller = select.poll()
+        self._poller.register(libbpf.lib().ring_buffer__epoll_fd(self._rb), select.POLLIN)
+        self._poller.register(self._wake_fd, select.POLLIN)
+        self.loop = BackstopLoop(policy.programs["pvs_backstop"].fd)
 
     # --- registration (called from the engine's thread) ---------------------
     def register(self, h: VcpuHandle) -> None:
@@ -135,6 +145,7 @@ class Actuator:
         with self.lock:
             self.vcpus[h.tid] = h
             write_host_area(h.slot, 0, h.original, (0, 0, 0))
+            self._loop_vcpus()
 
     def unregister(self, tid: int, restore: bool = True) -> None:
         """Forget a vCPU and give its thread back its original attributes."""
@@ -142,6 +153,7 @@ class Actuator:
             h = self.vcpus.pop(tid, None)
             if h is None:
                 return
+            self._loop_vcpus()
             if restore and not h.gone:
                 self._restore(h)
             try:
@@ -149,6 +161,10 @@ class Actuator:
             except (ValueError, TypeError):
                 pass
             h.slot.release()
+
+    def _loop_vcpus(self) -> None:
+        """Hand the native backstop loop the vCPUs it re-reads (under self.lock)."""
+        self.loop.set_vcpus([(h.tid, h.slot_uaddr) for h in self.vcpus.values() if not h.gone])
 
     def restore_all(self) -> None:
         """Every registered thread back to its original attributes (the single cleanup path)."""
@@ -172,12 +188,17 @@ class Actuator:
         if self._thread is not None:
             return
         self._stop.clear()
+        try:
+            os.eventfd_read(self._wake_fd)  # a previous stop's wake-up
+        except BlockingIOError:
+            pass
         self._thread = threading.Thread(target=self._main, name="pvsched-actuator", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop the thread; it notices within one poll timeout (backstop_ms)."""
+        """Stop the thread (woken at once through an eventfd) and with it the native backstop loop."""
         self._stop.set()
+        os.eventfd_write(self._wake_fd, 1)
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
@@ -185,10 +206,13 @@ class Actuator:
     def close(self) -> None:
         """Stop, restore every thread, free the ring buffer."""
         self.stop()
+        self.loop.stop()  # stopped with the thread; again here in case that join timed out
         self.restore_all()
+        self.loop.close()
         if self._rb is not None:
             libbpf.lib().ring_buffer__free(self._rb)
             self._rb = None
+            os.close(self._wake_fd)
 
     def _go_realtime(self) -> None:
         self.thread_tid = threading.get_native_id()
@@ -202,46 +226,52 @@ class Actuator:
             log.warning("pvsched: actuator stays SCHED_OTHER: %s (need CAP_SYS_NICE)", e)
 
     def _main(self) -> None:
-        self._go_realtime()
-        next_backstop = time.monotonic()
-        while not self._stop.is_set():
-            try:
-                if self.on_tick is not None:
-                    self.on_tick()
-                next_backstop = self._iteration(next_backstop)
-            except Exception:  # the thread must outlive any bad input: it is what throttles
-                self.stats.errors += 1
-                log.exception("pvsched: actuator iteration failed; continuing")
-                self._stop.wait(min(self.backstop_ms, LIVENESS_MS) / 1000)  # never spin on a repeating error
-                next_backstop = time.monotonic()
+        self._go_realtime()  # first: mlockall covers the native loop's stack too
+        self.loop.start(self.backstop_ms, consts().PVSCHED_ACTUATOR_PRIO if self.realtime else 0)
+        try:
+            while not self._stop.is_set():
+                try:
+                    if self.on_tick is not None:
+                        self.on_tick()
+                    self._iteration()
+                except Exception:  # the thread must outlive any bad input: it applies the throttle
+                    self.stats.errors += 1
+                    log.exception("pvsched: actuator iteration failed; continuing")
+                    self._stop.wait(LIVENESS_MS / 1000)  # never spin on a repeating error
+        finally:
+            self.loop.stop()
 
-    def _iteration(self, next_backstop: float) -> float:
-        """One backstop round if due, then block in the ring buffer until the next; returns the next due time."""
-        lib = libbpf.lib()
+    def _iteration(self) -> None:
+        """Consume the ring buffer; refresh the guests' counters every LIVENESS_MS; block until either is due."""
+        self.stats.iterations += 1
+        rc = libbpf.lib().ring_buffer__consume(self._rb)
+        if rc < 0:
+            log.error("pvsched: ring buffer consume failed: %s", os.strerror(-rc))
+            self._stop.wait(LIVENESS_MS / 1000)  # never spin on a broken ring buffer
         now = time.monotonic()
-        if now >= next_backstop:
-            self.backstop_round()
-            lib.ring_buffer__consume(self._rb)
-            next_backstop = now + self.backstop_ms / 1000
-        timeout_ms = min(LIVENESS_MS, max(1, int((next_backstop - time.monotonic()) * 1000 + 0.999)))
-        rc = lib.ring_buffer__poll(self._rb, timeout_ms)  # blocks; GIL released by cffi
-        if rc < 0 and rc != -errno.EINTR:
-            log.error("pvsched: ring buffer poll failed: %s", os.strerror(-rc))
-            self._stop.wait(min(self.backstop_ms, LIVENESS_MS) / 1000)  # never spin on a broken ring buffer
-        return next_backstop
+        if now >= self._next_refresh:
+            self.refresh_counters()
+            self._next_refresh = now + LIVENESS_MS / 1000
+        self._poller.poll(max(1, int((self._next_refresh - time.monotonic()) * 1000 + 0.999)))  # GIL released
+
+    def join(self) -> None:
+        """Block until the actuator thread ends: when stopped, or broken (a watcher's wait)."""
+        t = self._thread
+        if t is not None:
+            t.join()
 
     @property
     def alive(self) -> bool:
         """True while the actuator thread runs."""
         return self._thread is not None and self._thread.is_alive()
 
-    def backstop_round(self, reason: int = 0) -> None:
-        """Run the BPF backstop for every vCPU and refresh its host-area counters.
+    def set_backstop_ms(self, ms: int) -> None:
+        """A new period for the native backstop loop, in effect at once."""
+        self.backstop_ms = ms
+        self.loop.set_period(ms)
 
-        The counters (boosts, throttles, boosted time) are feedback for the guest: a backstop period old is
-        fine, and each refresh is a map lookup per vCPU. This thread preempts the vCPUs it serves (SCHED_FIFO 40),
-        taking 70-80 us a time under load (at a 5 ms period, `perf sched` found it the most frequent task a
-        boosted vCPU waited behind), so every iteration is kept short."""
+    def backstop_round(self, reason: int = 0) -> None:
+        """Run the BPF backstop for every vCPU now (with `reason` forced), then refresh the guests' counters."""
         self.stats.backstop_rounds += 1
         with self.lock:
             handles = list(self.vcpus.values())
@@ -252,6 +282,17 @@ class Actuator:
                 self.policy.backstop(h.tid, h.slot_uaddr, reason)
             except OSError as e:
                 log.warning("pvsched: backstop for tid %d failed: %s", h.tid, e)
+        self.refresh_counters()
+
+    def refresh_counters(self) -> None:
+        """Copy each vCPU's boosts, throttles and boosted time into its host area, where they changed.
+
+        They are feedback for the guest: LIVENESS_MS old is fine (events carry them too), and each refresh is a
+        map lookup per vCPU.  This thread preempts the vCPUs it serves (SCHED_FIFO 40), so it wakes rarely."""
+        with self.lock:
+            handles = list(self.vcpus.values())
+        for h in handles:
+            if h.gone:
                 continue
             v = self.policy.vcpu(h.tid)
             if v is not None:
@@ -293,6 +334,7 @@ class Actuator:
                 return
             if ev.kind == consts().PVSCHED_EV_EXITED:
                 h.gone = True
+                self._loop_vcpus()
                 self.policy.remove_vcpu(tid, h.vcpu_id)
                 log.info("pvsched: vCPU %d (tid %d) exited", h.vcpu_id, tid)
                 return

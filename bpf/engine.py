@@ -166,7 +166,7 @@ class PolicyEngine:
         self._policy.set_tunables(t)
         self._policy.start_clock()  # a new clock_ms takes effect now, not after the old period
         self.tunables = t
-        self._actuator.backstop_ms = t.backstop_ms
+        self._actuator.set_backstop_ms(t.backstop_ms)
         self._actuator.backstop_round(reason=consts().PVSCHED_REASON_TUNABLES)
         return t.as_strings()
 
@@ -186,10 +186,11 @@ class PolicyEngine:
         caller = _raise_caller(self._realtime)
         self._actuator.start()
         try:
-            while True:
-                await trio.sleep(0.2)
-                if not self._actuator.alive:  # fail loudly: the VMM restores the threads
-                    raise RuntimeError("pvsched: the actuator thread died")
+            # A worker blocks in join, so this thread (SCHED_FIFO 35) does not wake while all is well: polling
+            # every 200 ms cost ~3 ms of CPU a second here, taken from boosted vCPUs.  A dead actuator also
+            # stops the heartbeat, so the VMM's guardian restores the threads even if this wakes late.
+            await trio.to_thread.run_sync(self._actuator.join, cancellable=True)
+            raise RuntimeError("pvsched: the actuator thread died")  # fail loudly: the VMM restores the threads
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._actuator.stop)
@@ -253,6 +254,7 @@ class PolicyEngine:
                         p[k] = "unavailable"
         tun = self.tunables.as_strings()
         a = self._actuator.stats
+        loop = self._actuator.loop.info()
         out = {
             "vmm_pid": self.vmm_pid,
             "pin_dir": str(self.pin_dir),
@@ -262,8 +264,9 @@ class PolicyEngine:
             "programs": progs,
             "prog_stats": "enabled" if enabled else "unavailable (BPF stats off: needs CAP_SYS_ADMIN or a stats fd)",
             "actuator": {"tid": self._actuator.thread_tid, "events": a.events, "applied": a.applied,
-                         "errors": a.errors, "stale": a.stale, "backstop_rounds": a.backstop_rounds,
-                         "rechecks": a.rechecks,
+                         "errors": a.errors, "stale": a.stale, "iterations": a.iterations,
+                         "backstop_rounds": loop["rounds"] + a.backstop_rounds, "rechecks": a.rechecks,
+                         "backstop_loop": loop,
                          "latency_us": a.latency_summary()},
         }
         out["text"] = format_show(out)
@@ -327,5 +330,9 @@ def format_show(d: dict) -> str:
                      f"{'-' if avg is None else avg}")
     a = d["actuator"]
     lines.append(f"actuator: events {a['events']}, applied {a['applied']}, errors {a['errors']},"
-                 f" latency {a['latency_us']}")
+                 f" latency {a['latency_us']}, wake-ups {a['iterations']}, rechecks {a['rechecks']}")
+    b = a["backstop_loop"]
+    lines.append(f"backstop loop: rounds {b['rounds']} over {b['nr_vcpus']} vCPUs, late {b['late']},"
+                 f" longest {b['max_round_ns'] / 1000:.1f} us, errors {b['errors']},"
+                 f" {'SCHED_FIFO ' + str(b['prio']) if b['prio'] else 'SCHED_OTHER'}")
     return "\n".join(lines)

@@ -152,7 +152,7 @@ def test_actuator_survives_errors_and_a_hostile_host_seq(fake_vmm, bpf_object, p
     # the host area is guest memory: a guest may leave any seq there
     struct.pack_into("<I", vmm.map, off + abi.offsetof("struct pvsched_slot", "host", "seq"), 0xFFFFFFFF)
     eng = PolicyEngine(vmm.pid, {}, str(pin_root), realtime=False)
-    real = eng._policy.backstop
+    real = eng._policy.vcpu  # what the actuator thread calls at every counter refresh
     failures = []
 
     def flaky(*a):
@@ -161,7 +161,7 @@ def test_actuator_survives_errors_and_a_hostile_host_seq(fake_vmm, bpf_object, p
             raise ValueError("injected")
         return real(*a)
 
-    eng._policy.backstop = flaky
+    eng._policy.vcpu = flaky
     try:
         eng.add_vcpu(1, 0, tid, vmm.info["hva"] + off, memoryview(vmm.map)[off:off + 128], sched_getattr(tid))
         vmm.cmd("mode 0 idle")
@@ -180,3 +180,29 @@ def test_actuator_survives_errors_and_a_hostile_host_seq(fake_vmm, bpf_object, p
     finally:
         eng.close()
     assert observed(tid) == (OTHER, 0, 0)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_engine_run_fails_loudly_when_the_actuator_thread_dies(fake_vmm, bpf_object, pin_root):
+    import trio
+
+    from bpf.engine import PolicyEngine
+
+    vmm = fake_vmm(1)
+    eng = PolicyEngine(vmm.pid, {}, str(pin_root), realtime=False)
+
+    def die() -> None:
+        raise SystemExit("injected")  # not an Exception: the thread's catch-all lets it end
+
+    eng._actuator._iteration = die
+
+    async def main() -> None:
+        with trio.fail_after(3):  # run() must notice by itself, not hang
+            await eng.run()
+
+    try:
+        with pytest.raises(RuntimeError, match="actuator thread died"):
+            trio.run(main)
+        assert eng._actuator.loop.info()["running"] == 0, "the native backstop loop outlived its actuator"
+    finally:
+        eng.close()

@@ -1,0 +1,247 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+/*
+ * The backstop loop: one native thread in the policy process that runs the
+ * BPF backstop program (pvs_backstop, through BPF_PROG_TEST_RUN) for every
+ * vCPU every period, without Python.
+ *
+ * The backstop re-reads every slot, so a boost that is no longer asked for
+ * ends even when no event comes (the vCPU never leaves its CPU), and it is
+ * the throttle's fallback when the kernel clock's softirq is deferred to
+ * ksoftirqd.  It runs at SCHED_FIFO (the actuator's priority, above every
+ * boosted vCPU), so each wake-up preempts a vCPU it serves.  From Python
+ * (the actuator thread) a wake-up cost 100-170 us of CPU here, mostly a cold
+ * interpreter: the same work takes 12 us hot.  Here it is two system calls
+ * per vCPU.  Python keeps what is event-driven or slow: the ring buffer,
+ * sched_setattr, the heartbeat and the guest's counters.
+ *
+ * The thread blocks every signal (they are Python's), sleeps on a condition
+ * variable against CLOCK_MONOTONIC (so a new period or a stop takes effect at
+ * once), and never catches up: a round that starts more than a period late
+ * restarts the schedule from now, counted in `late`.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <linux/bpf.h>
+#include <linux/types.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "pvsched_policy.h"
+#include "backstop_loop.h"
+
+#define STACK_SIZE (64 * 1024) /* the policy process is mlockall'ed: a default 8 MiB stack would be resident */
+#define NSEC 1000000000LL
+
+struct pvsched_backstop_loop {
+	pthread_mutex_t lock;
+	pthread_cond_t wake;        /* CLOCK_MONOTONIC */
+	pthread_t thread;
+	int prog_fd;
+	int started;
+	int stop;
+	int reschedule;             /* the period changed: restart the schedule from now */
+	int prio;                   /* requested SCHED_FIFO priority, 0 for none */
+	int64_t period_ns;
+	int n;
+	struct pvsched_backstop_ctx ctx[PVSCHED_MAX_VCPUS];
+	struct pvsched_backstop_loop_info info;
+};
+
+static int64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * NSEC + ts.tv_nsec;
+}
+
+static struct timespec to_ts(int64_t ns)
+{
+	return (struct timespec){ .tv_sec = ns / NSEC, .tv_nsec = ns % NSEC };
+}
+
+/* One run of the backstop program for one vCPU; 0 or -errno. */
+static int backstop_run(int prog_fd, struct pvsched_backstop_ctx *ctx)
+{
+	union bpf_attr attr;
+
+	memset(&attr, 0, sizeof(attr));
+	attr.test.prog_fd = prog_fd;
+	attr.test.ctx_in = (__u64)(uintptr_t)ctx;
+	attr.test.ctx_size_in = sizeof(*ctx);
+	return syscall(__NR_bpf, BPF_PROG_TEST_RUN, &attr, sizeof(attr)) < 0 ? -errno : 0;
+}
+
+static void *loop_main(void *arg)
+{
+	struct pvsched_backstop_loop *l = arg;
+	struct pvsched_backstop_ctx ctx[PVSCHED_MAX_VCPUS];
+	struct sched_param sp = { .sched_priority = l->prio };
+	int64_t due, start, took;
+	int n, i, rc, errs, last;
+	sigset_t all;
+
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, NULL);
+	pthread_mutex_lock(&l->lock);
+	l->info.prio = l->prio > 0 && pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp) == 0 ? l->prio : 0;
+	due = now_ns();
+	for (;;) {
+		struct timespec ts;
+
+		due += l->period_ns;
+		ts = to_ts(due);
+		rc = 0;
+		while (!l->stop && !l->reschedule && rc != ETIMEDOUT)
+			rc = pthread_cond_timedwait(&l->wake, &l->lock, &ts);
+		if (l->stop)
+			break;
+		if (l->reschedule) {
+			l->reschedule = 0;
+			due = now_ns();
+			continue;
+		}
+		n = l->n;
+		memcpy(ctx, l->ctx, n * sizeof(ctx[0]));
+		pthread_mutex_unlock(&l->lock);
+
+		start = now_ns();
+		for (i = errs = last = 0; i < n; i++) {
+			rc = backstop_run(l->prog_fd, &ctx[i]);
+			if (rc < 0) {
+				errs++;
+				last = -rc;
+			}
+		}
+		took = now_ns() - start;
+
+		pthread_mutex_lock(&l->lock);
+		l->info.rounds++;
+		l->info.runs += n;
+		l->info.errors += errs;
+		if (errs)
+			l->info.last_errno = last;
+		if (took > (int64_t)l->info.max_round_ns)
+			l->info.max_round_ns = took;
+		if (start - due > l->period_ns) {
+			l->info.late++;
+			due = start;
+		}
+	}
+	l->info.running = 0;
+	pthread_mutex_unlock(&l->lock);
+	return NULL;
+}
+
+struct pvsched_backstop_loop *pvsched_backstop_loop_new(int prog_fd)
+{
+	struct pvsched_backstop_loop *l = calloc(1, sizeof(*l));
+	pthread_condattr_t ca;
+
+	if (!l)
+		return NULL;
+	l->prog_fd = prog_fd;
+	l->period_ns = NSEC / 50;
+	pthread_mutex_init(&l->lock, NULL);
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&l->wake, &ca);
+	pthread_condattr_destroy(&ca);
+	return l;
+}
+
+int pvsched_backstop_loop_set_vcpus(struct pvsched_backstop_loop *l, int n, const uint32_t *tids,
+				    const uint64_t *slot_uaddrs)
+{
+	int i;
+
+	if (n < 0 || n > PVSCHED_MAX_VCPUS)
+		return -EINVAL;
+	pthread_mutex_lock(&l->lock);
+	for (i = 0; i < n; i++)
+		l->ctx[i] = (struct pvsched_backstop_ctx){ .tid = tids[i], .reason = PVSCHED_REASON_NONE,
+							   .slot_uaddr = slot_uaddrs[i] };
+	l->n = n;
+	l->info.nr_vcpus = n;
+	pthread_mutex_unlock(&l->lock);
+	return 0;
+}
+
+void pvsched_backstop_loop_set_period(struct pvsched_backstop_loop *l, int period_ms)
+{
+	pthread_mutex_lock(&l->lock);
+	if (period_ms > 0 && (int64_t)period_ms * 1000000 != l->period_ns) {
+		l->period_ns = (int64_t)period_ms * 1000000;
+		l->reschedule = 1;
+		pthread_cond_signal(&l->wake);
+	}
+	pthread_mutex_unlock(&l->lock);
+}
+
+int pvsched_backstop_loop_start(struct pvsched_backstop_loop *l, int period_ms, int prio)
+{
+	pthread_attr_t attr;
+	int rc;
+
+	if (period_ms <= 0)
+		return -EINVAL;
+	pthread_mutex_lock(&l->lock);
+	if (l->started) {
+		pthread_mutex_unlock(&l->lock);
+		return -EALREADY;
+	}
+	l->period_ns = (int64_t)period_ms * 1000000;
+	l->prio = prio;
+	l->stop = 0;
+	l->reschedule = 0;
+	l->info.running = 1;
+	pthread_attr_init(&attr);
+	pthread_attr_setstacksize(&attr, STACK_SIZE);
+	rc = pthread_create(&l->thread, &attr, loop_main, l);
+	pthread_attr_destroy(&attr);
+	l->started = rc == 0;
+	if (rc)
+		l->info.running = 0;
+	pthread_mutex_unlock(&l->lock);
+	return -rc;
+}
+
+void pvsched_backstop_loop_stop(struct pvsched_backstop_loop *l)
+{
+	pthread_mutex_lock(&l->lock);
+	if (!l->started) {
+		pthread_mutex_unlock(&l->lock);
+		return;
+	}
+	l->stop = 1;
+	pthread_cond_signal(&l->wake);
+	pthread_mutex_unlock(&l->lock);
+	pthread_join(l->thread, NULL);
+	pthread_mutex_lock(&l->lock);
+	l->started = 0;
+	pthread_mutex_unlock(&l->lock);
+}
+
+void pvsched_backstop_loop_info(struct pvsched_backstop_loop *l, struct pvsched_backstop_loop_info *out)
+{
+	pthread_mutex_lock(&l->lock);
+	*out = l->info;
+	pthread_mutex_unlock(&l->lock);
+}
+
+void pvsched_backstop_loop_free(struct pvsched_backstop_loop *l)
+{
+	if (!l)
+		return;
+	pvsched_backstop_loop_stop(l);
+	pthread_cond_destroy(&l->wake);
+	pthread_mutex_destroy(&l->lock);
+	free(l);
+}

@@ -1,0 +1,90 @@
+"""The backstop loop from Python: backstop_loop.c's native thread, which re-reads every slot each backstop_ms.
+
+The policy process loads build/libpvsched_backstop.so with cffi in ABI mode (dlopen; the
+header is the cdef, so nothing is declared twice).  The thread runs the same BPF backstop
+program as the actuator's event-driven re-reads, without the GIL and without waking Python:
+a Python wake-up costs 100-170 us of CPU here, the native one two system calls per vCPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import cffi
+
+HEADER = Path(__file__).with_name("backstop_loop.h")
+LIBRARY = Path(__file__).resolve().parent / "build" / "libpvsched_backstop.so"
+
+
+class BackstopLoopError(OSError):
+    """The backstop-loop library is missing, or its thread could not start."""
+
+
+@functools.cache
+def ffi() -> cffi.FFI:
+    """The loop's API, parsed from backstop_loop.h (plain declarations, no compiler)."""
+    f = cffi.FFI()
+    f.cdef(HEADER.read_text())
+    return f
+
+
+@functools.cache
+def _lib() -> Any:
+    if not LIBRARY.exists():
+        raise BackstopLoopError(f"{LIBRARY.name} is not built: run `make -C bpf` (scripts/setup.sh does)")
+    return ffi().dlopen(str(LIBRARY))
+
+
+class BackstopLoop:
+    """One native thread that runs the backstop program `prog_fd` for every registered vCPU, periodically."""
+
+    def __init__(self, prog_fd: int) -> None:
+        self._lib = _lib()
+        self._loop = self._lib.pvsched_backstop_loop_new(prog_fd)
+        if self._loop == ffi().NULL:
+            raise BackstopLoopError("pvsched_backstop_loop_new: out of memory")
+
+    def set_vcpus(self, vcpus: list[tuple[int, int]]) -> None:
+        """The vCPUs to re-read, as (TID, slot address in this process); replaces the previous list."""
+        if self._loop is None:
+            return
+        f = ffi()
+        tids = f.new("uint32_t[]", [t for t, _ in vcpus] or [0])
+        addrs = f.new("uint64_t[]", [a for _, a in vcpus] or [0])
+        rc = self._lib.pvsched_backstop_loop_set_vcpus(self._loop, len(vcpus), tids, addrs)
+        if rc < 0:
+            raise BackstopLoopError(-rc, f"backstop loop: {len(vcpus)} vCPUs: {os.strerror(-rc)}")
+
+    def set_period(self, period_ms: int) -> None:
+        """A new period, in effect at once (the schedule restarts from now)."""
+        if self._loop is None:
+            return
+        self._lib.pvsched_backstop_loop_set_period(self._loop, period_ms)
+
+    def start(self, period_ms: int, prio: int) -> None:
+        """Start the thread at SCHED_FIFO `prio` (0: stay SCHED_OTHER; also when RT is refused, see info)."""
+        rc = self._lib.pvsched_backstop_loop_start(self._loop, period_ms, prio)
+        if rc < 0:
+            raise BackstopLoopError(-rc, f"starting the backstop loop: {os.strerror(-rc)}")
+
+    def stop(self) -> None:
+        """Stop and join the thread (at once: it sleeps on a condition variable); idempotent."""
+        if self._loop is None:
+            return
+        self._lib.pvsched_backstop_loop_stop(self._loop)
+
+    def info(self) -> dict[str, int]:
+        """The thread's counters: rounds, runs, errors, late rounds, longest round, its RT priority."""
+        out = ffi().new("struct pvsched_backstop_loop_info *")
+        self._lib.pvsched_backstop_loop_info(self._loop, out)
+        return {k: int(getattr(out, k)) for k in ("rounds", "runs", "errors", "late", "max_round_ns", "prio",
+                                                   "last_errno", "nr_vcpus", "running")}
+
+    def close(self) -> None:
+        """Stop the thread and free the loop."""
+        if self._loop is not None:
+            self._lib.pvsched_backstop_loop_free(self._loop)
+            self._loop = None
