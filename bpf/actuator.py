@@ -2,12 +2,13 @@
 
 One dedicated thread at SCHED_FIFO 40 (RT ladder: above every boosted vCPU,
 <= 30, below watchdogs, >= 50) blocks in poll() on the ring buffer's epoll fd
-and a stop eventfd (the GIL released) for at most LIVENESS_MS, so on_tick, the
-policy process's heartbeat, keeps beating; it never spins.  The periodic
-re-read of every slot (backstop_ms) is a native thread's (bpf/backstop_loop.c,
-same priority): it runs the same BPF backstop program, so a vCPU that never
-leaves its CPU has its slot re-read by the same code as every event (its
-throttle is the kernel clock's job: bpf/pvsched.bpf.c), and it wakes no Python.
+and a stop eventfd (the GIL released); it wakes for records, and every
+COUNTERS_MS to refresh the guests' counters, and never spins.  What is
+periodic is a native thread's (bpf/backstop_loop.c, same priority): the
+re-read of every slot each backstop_ms, with the same BPF backstop program, so
+a vCPU that never leaves its CPU has its slot re-read by the same code as
+every event (its throttle is the kernel clock's job: bpf/pvsched.bpf.c), and
+the policy process's heartbeat, written while this thread keeps up.
 Restoring a thread's original attributes happens here too, under one lock.
 """
 
@@ -22,7 +23,6 @@ import select
 import struct
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pvsched_device import abi
@@ -39,10 +39,10 @@ log = logging.getLogger("pvsched.actuator")
 SCHED_FIFO = 1
 MCL_CURRENT, MCL_FUTURE = 1, 2
 LATENCY_SAMPLES = 20000
-# Longest block between on_tick calls, and the period of the guest's counter refresh.  The VMM's guardian kills
-# a policy whose beat it has not seen move for 250 ms.  Every wake-up of this thread costs 100-170 us of CPU here
-# (a cold Python interpreter), taken from a boosted vCPU: the busy-host guest p99 showed it.
-LIVENESS_MS = 100
+# Period of the guests' counter refresh (boosted time moves without records; the rest comes with them).  Every
+# wake-up of this thread costs 100-450 us of CPU here (a cold Python interpreter), taken from a boosted vCPU: the
+# busy-host guest p99 showed it.  So it wakes for records, and for this once a second.
+COUNTERS_MS = 1000
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -125,7 +125,6 @@ class Actuator:
         self.stats = ActuatorStats()
         self.lock = threading.Lock()
         self.thread_tid: int | None = None
-        self.on_tick: Callable[[], None] | None = None  # called every iteration: the policy process's heartbeat
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_refresh = 0.0
@@ -231,27 +230,25 @@ class Actuator:
         try:
             while not self._stop.is_set():
                 try:
-                    if self.on_tick is not None:
-                        self.on_tick()
                     self._iteration()
                 except Exception:  # the thread must outlive any bad input: it applies the throttle
                     self.stats.errors += 1
                     log.exception("pvsched: actuator iteration failed; continuing")
-                    self._stop.wait(LIVENESS_MS / 1000)  # never spin on a repeating error
+                    self._stop.wait(0.1)  # never spin on a repeating error
         finally:
             self.loop.stop()
 
     def _iteration(self) -> None:
-        """Consume the ring buffer; refresh the guests' counters every LIVENESS_MS; block until either is due."""
+        """Consume the ring buffer; refresh the guests' counters every COUNTERS_MS; block until either is due."""
         self.stats.iterations += 1
         rc = libbpf.lib().ring_buffer__consume(self._rb)
         if rc < 0:
             log.error("pvsched: ring buffer consume failed: %s", os.strerror(-rc))
-            self._stop.wait(LIVENESS_MS / 1000)  # never spin on a broken ring buffer
+            self._stop.wait(0.1)  # never spin on a broken ring buffer
         now = time.monotonic()
         if now >= self._next_refresh:
             self.refresh_counters()
-            self._next_refresh = now + LIVENESS_MS / 1000
+            self._next_refresh = now + COUNTERS_MS / 1000
         self._poller.poll(max(1, int((self._next_refresh - time.monotonic()) * 1000 + 0.999)))  # GIL released
 
     def join(self) -> None:
@@ -287,7 +284,7 @@ class Actuator:
     def refresh_counters(self) -> None:
         """Copy each vCPU's boosts, throttles and boosted time into its host area, where they changed.
 
-        They are feedback for the guest: LIVENESS_MS old is fine (events carry them too), and each refresh is a
+        They are feedback for the guest: COUNTERS_MS old is fine (records carry them too), and each refresh is a
         map lookup per vCPU.  This thread preempts the vCPUs it serves (SCHED_FIFO 40), so it wakes rarely."""
         with self.lock:
             handles = list(self.vcpus.values())

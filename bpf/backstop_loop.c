@@ -9,10 +9,19 @@
  * the throttle's fallback when the kernel clock's softirq is deferred to
  * ksoftirqd.  It runs at SCHED_FIFO (the actuator's priority, above every
  * boosted vCPU), so each wake-up preempts a vCPU it serves.  From Python
- * (the actuator thread) a wake-up cost 100-170 us of CPU here, mostly a cold
- * interpreter: the same work takes 12 us hot.  Here it is two system calls
- * per vCPU.  Python keeps what is event-driven or slow: the ring buffer,
- * sched_setattr, the heartbeat and the guest's counters.
+ * (the actuator thread) a wake-up cost 100-450 us of CPU here, mostly a cold
+ * interpreter: the same work takes 12 us hot.  Here it is about 40 us for two
+ * vCPUs.  Python keeps what is event-driven: the ring buffer and
+ * sched_setattr (and, once a second, the guest's counters).
+ *
+ * The heartbeat.  The VMM's guardian kills a policy process whose heartbeat
+ * stops for 250 ms.  This thread writes it (at least every
+ * PVSCHED_BACKSTOP_BEAT_MS), so the Python actuator need not wake just to
+ * beat, but it beats only while the actuator keeps up: when a ring-buffer
+ * record has waited unconsumed for PVSCHED_BACKSTOP_HANG_MS (the consumer
+ * position has not moved), the actuator is stuck and the beat is withheld.
+ * An actuator with nothing to apply is idle, not hung: whatever the policy
+ * decides (a throttle, a recheck) is a record.
  *
  * The thread blocks every signal (they are Python's), sleeps on a condition
  * variable against CLOCK_MONOTONIC (so a new period or a stop takes effect at
@@ -29,6 +38,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -46,9 +56,16 @@ struct pvsched_backstop_loop {
 	int prog_fd;
 	int started;
 	int stop;
-	int reschedule;             /* the period changed: restart the schedule from now */
+	int reschedule;             /* the period or the heartbeat changed: restart the schedule from now */
 	int prio;                   /* requested SCHED_FIFO priority, 0 for none */
 	int64_t period_ns;
+	uint64_t *beats;            /* the heartbeat word, or NULL */
+	const unsigned long *cons;  /* the ring buffer's consumer and producer positions (read-only mapping) */
+	const unsigned long *prod;
+	void *rb_map;
+	size_t rb_len;
+	unsigned long last_cons;
+	int64_t pending_since;      /* a record has been waiting since then (0: none waiting) */
 	int n;
 	struct pvsched_backstop_ctx ctx[PVSCHED_MAX_VCPUS];
 	struct pvsched_backstop_loop_info info;
@@ -79,12 +96,34 @@ static int backstop_run(int prog_fd, struct pvsched_backstop_ctx *ctx)
 	return syscall(__NR_bpf, BPF_PROG_TEST_RUN, &attr, sizeof(attr)) < 0 ? -errno : 0;
 }
 
+/* Beat, unless a ring-buffer record has waited unconsumed for PVSCHED_BACKSTOP_HANG_MS (under l->lock). */
+static void heartbeat(struct pvsched_backstop_loop *l, int64_t now)
+{
+	unsigned long cons, prod;
+
+	if (!l->beats)
+		return;
+	cons = __atomic_load_n(l->cons, __ATOMIC_ACQUIRE);
+	prod = __atomic_load_n(l->prod, __ATOMIC_ACQUIRE);
+	if (cons == prod)
+		l->pending_since = 0;
+	else if (cons != l->last_cons || !l->pending_since)
+		l->pending_since = now;
+	l->last_cons = cons;
+	if (l->pending_since && now - l->pending_since >= PVSCHED_BACKSTOP_HANG_MS * 1000000LL) {
+		l->info.withheld++;
+		return;
+	}
+	__atomic_add_fetch(l->beats, 1, __ATOMIC_RELAXED);
+	l->info.beats++;
+}
+
 static void *loop_main(void *arg)
 {
 	struct pvsched_backstop_loop *l = arg;
 	struct pvsched_backstop_ctx ctx[PVSCHED_MAX_VCPUS];
 	struct sched_param sp = { .sched_priority = l->prio };
-	int64_t due, start, took;
+	int64_t due, start, took, wake;
 	int n, i, rc, errs, last;
 	sigset_t all;
 
@@ -92,12 +131,14 @@ static void *loop_main(void *arg)
 	pthread_sigmask(SIG_BLOCK, &all, NULL);
 	pthread_mutex_lock(&l->lock);
 	l->info.prio = l->prio > 0 && pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp) == 0 ? l->prio : 0;
-	due = now_ns();
+	due = now_ns() + l->period_ns;
 	for (;;) {
 		struct timespec ts;
 
-		due += l->period_ns;
-		ts = to_ts(due);
+		wake = due;
+		if (l->beats && now_ns() + PVSCHED_BACKSTOP_BEAT_MS * 1000000LL < wake)
+			wake = now_ns() + PVSCHED_BACKSTOP_BEAT_MS * 1000000LL;
+		ts = to_ts(wake);
 		rc = 0;
 		while (!l->stop && !l->reschedule && rc != ETIMEDOUT)
 			rc = pthread_cond_timedwait(&l->wake, &l->lock, &ts);
@@ -105,35 +146,39 @@ static void *loop_main(void *arg)
 			break;
 		if (l->reschedule) {
 			l->reschedule = 0;
-			due = now_ns();
+			due = now_ns() + l->period_ns;
 			continue;
 		}
-		n = l->n;
-		memcpy(ctx, l->ctx, n * sizeof(ctx[0]));
-		pthread_mutex_unlock(&l->lock);
-
 		start = now_ns();
-		for (i = errs = last = 0; i < n; i++) {
-			rc = backstop_run(l->prog_fd, &ctx[i]);
-			if (rc < 0) {
-				errs++;
-				last = -rc;
-			}
-		}
-		took = now_ns() - start;
+		if (start >= due) {
+			n = l->n;
+			memcpy(ctx, l->ctx, n * sizeof(ctx[0]));
+			pthread_mutex_unlock(&l->lock);
 
-		pthread_mutex_lock(&l->lock);
-		l->info.rounds++;
-		l->info.runs += n;
-		l->info.errors += errs;
-		if (errs)
-			l->info.last_errno = last;
-		if (took > (int64_t)l->info.max_round_ns)
-			l->info.max_round_ns = took;
-		if (start - due > l->period_ns) {
-			l->info.late++;
-			due = start;
+			for (i = errs = last = 0; i < n; i++) {
+				rc = backstop_run(l->prog_fd, &ctx[i]);
+				if (rc < 0) {
+					errs++;
+					last = -rc;
+				}
+			}
+			took = now_ns() - start;
+
+			pthread_mutex_lock(&l->lock);
+			l->info.rounds++;
+			l->info.runs += n;
+			l->info.errors += errs;
+			if (errs)
+				l->info.last_errno = last;
+			if (took > (int64_t)l->info.max_round_ns)
+				l->info.max_round_ns = took;
+			if (start - due > l->period_ns) {
+				l->info.late++;
+				due = start;
+			}
+			due += l->period_ns;
 		}
+		heartbeat(l, now_ns());
 	}
 	l->info.running = 0;
 	pthread_mutex_unlock(&l->lock);
@@ -171,6 +216,35 @@ int pvsched_backstop_loop_set_vcpus(struct pvsched_backstop_loop *l, int n, cons
 	l->n = n;
 	l->info.nr_vcpus = n;
 	pthread_mutex_unlock(&l->lock);
+	return 0;
+}
+
+int pvsched_backstop_loop_set_heartbeat(struct pvsched_backstop_loop *l, uint64_t *beats, int ringbuf_fd)
+{
+	size_t page = sysconf(_SC_PAGESIZE), len = 2 * page;
+	void *map = NULL, *old;
+	size_t old_len;
+
+	if (beats) {
+		/* consumer page, then producer page: read-only (libbpf's own mapping is the consumer) */
+		map = mmap(NULL, len, PROT_READ, MAP_SHARED, ringbuf_fd, 0);
+		if (map == MAP_FAILED)
+			return -errno;
+	}
+	pthread_mutex_lock(&l->lock);
+	old = l->rb_map;
+	old_len = l->rb_len;
+	l->beats = beats;
+	l->rb_map = map;
+	l->rb_len = beats ? len : 0;
+	l->cons = beats ? (const unsigned long *)map : NULL;
+	l->prod = beats ? (const unsigned long *)((char *)map + page) : NULL;
+	l->pending_since = 0;
+	l->reschedule = 1; /* re-plan the sleep: at most PVSCHED_BACKSTOP_BEAT_MS from now on */
+	pthread_cond_signal(&l->wake);
+	pthread_mutex_unlock(&l->lock);
+	if (old)
+		munmap(old, old_len);
 	return 0;
 }
 
@@ -241,6 +315,7 @@ void pvsched_backstop_loop_free(struct pvsched_backstop_loop *l)
 	if (!l)
 		return;
 	pvsched_backstop_loop_stop(l);
+	pvsched_backstop_loop_set_heartbeat(l, NULL, -1);
 	pthread_cond_destroy(&l->wake);
 	pthread_mutex_destroy(&l->lock);
 	free(l);

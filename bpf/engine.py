@@ -18,9 +18,8 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 import trio
 
@@ -32,6 +31,9 @@ from .loader import BpfPolicy, enable_stats, remove_pin_dir, stats_enabled
 from .policy_types import consts, enum_name, stat_descriptions
 from .policy_types import ffi as pffi
 from .tunables import DESCRIPTIONS, TunableError, parse
+
+if TYPE_CHECKING:
+    from pvsched_device.guardian import Heartbeat
 
 __all__ = ["DEFAULT_PIN_ROOT", "PolicyEngine", "TunableError", "enable_bpf_stats", "remove_stale_pins"]
 
@@ -170,9 +172,15 @@ class PolicyEngine:
         self._actuator.backstop_round(reason=consts().PVSCHED_REASON_TUNABLES)
         return t.as_strings()
 
-    def set_heartbeat(self, beat: Callable[[], None] | None) -> None:
-        """Have the actuator thread call `beat` at every iteration (<= 100 ms apart): a liveness sign for the VMM."""
-        self._actuator.on_tick = beat
+    def set_heartbeat(self, heartbeat: Heartbeat | None) -> None:
+        """Beat `heartbeat` (the VMM guardian's) at least every 100 ms while the actuator keeps up; None: stop.
+
+        The native backstop loop beats, so Python never wakes just to say it lives; it withholds the beat when
+        a ring-buffer record has waited 100 ms (bpf/backstop_loop.c), so a stuck actuator is still seen."""
+        if heartbeat is None:
+            self._actuator.loop.set_heartbeat(0, -1)
+        else:
+            self._actuator.loop.set_heartbeat(heartbeat.address, self._policy.maps["events"])
 
     # --- running -----------------------------------------------------------------
     async def run(self) -> None:
@@ -333,6 +341,7 @@ def format_show(d: dict) -> str:
                  f" latency {a['latency_us']}, wake-ups {a['iterations']}, rechecks {a['rechecks']}")
     b = a["backstop_loop"]
     lines.append(f"backstop loop: rounds {b['rounds']} over {b['nr_vcpus']} vCPUs, late {b['late']},"
-                 f" longest {b['max_round_ns'] / 1000:.1f} us, errors {b['errors']},"
+                 f" longest {b['max_round_ns'] / 1000:.1f} us, errors {b['errors']}, heartbeats {b['beats']}"
+                 f" (withheld {b['withheld']}),"
                  f" {'SCHED_FIFO ' + str(b['prio']) if b['prio'] else 'SCHED_OTHER'}")
     return "\n".join(lines)

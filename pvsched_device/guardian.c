@@ -23,7 +23,8 @@
  * (the first one to finish), and at every timeout if the main thread's stat shows PF_EXITING.
  *
  * Hung, not dying: at every wake-up it reads the heartbeat page (a sealed memfd the policy
- * process's actuator increments every few ms). A heartbeat seen moving that then stays still
+ * process's backstop loop increments at least every 100 ms while its actuator keeps up with the
+ * ring buffer, see bpf/backstop_loop.c). A heartbeat seen moving that then stays still
  * for stale_ms means a hung (deadlocked, stopped) policy process: the guardian SIGKILLs it
  * through the pidfd and restores at once, and again when it is dying and when it is gone.
  * The Python supervisor then sees the death as usual; its own restore is the second line

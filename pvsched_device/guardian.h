@@ -20,8 +20,8 @@ enum {
 	 * busy-host guest p99 showed it, so as rarely as the 100 ms restore bound allows: a death whose
 	 * threads are stuck in do_exit is seen within 50 ms, a hang 250-300 ms after the last beat. */
 	PVSCHED_GUARDIAN_PERIOD_MS = 50,
-	/* a heartbeat not seen moving this long means a hung policy process: 2.5 of the actuator's beats
-	 * (100 ms apart), so a late beat is never taken for a hang */
+	/* a heartbeat not seen moving this long means a hung policy process: 2.5 of its beats (at most
+	 * 100 ms apart: PVSCHED_BACKSTOP_BEAT_MS), so a late beat is never taken for a hang */
 	PVSCHED_GUARDIAN_STALE_MS = 250,
 	PVSCHED_GUARDIAN_MAX_THREADS = 1024,
 };

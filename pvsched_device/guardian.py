@@ -3,7 +3,7 @@
 The VMM loads build/libpvsched_guardian.so with cffi in ABI mode (dlopen; the header is
 the cdef, so nothing is declared twice) and starts one native thread per policy process
 that restores the vCPU threads' original attributes the moment that process dies, and
-kills it (then restores) when its actuator's heartbeat stops, all without the GIL: with
+kills it (then restores) when its heartbeat stops, all without the GIL: with
 boosted vCPUs on every CPU, Python in the VMM can wait ~1 s for a starved GIL holder.
 The policy process maps the heartbeat memfd and bumps a counter in it (Heartbeat.beat).
 """
@@ -143,7 +143,7 @@ class Guardian:
 
 
 class Heartbeat:
-    """The policy process's side: its own mapping of the heartbeat memfd, bumped by the actuator thread."""
+    """The policy process's side: its own mapping of the heartbeat memfd, bumped by the policy's backstop loop."""
 
     def __init__(self, fd: int) -> None:
         size = os.fstat(fd).st_size
@@ -152,9 +152,15 @@ class Heartbeat:
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._words = memoryview(self._map).cast("Q")
         self._i = ffi().offsetof("struct pvsched_heartbeat", "beats") // 8
+        self._buf = ffi().from_buffer(self._map)
+
+    @property
+    def address(self) -> int:
+        """Where the counter is in this process: the policy's native backstop loop beats there."""
+        return int(ffi().cast("uintptr_t", self._buf)) + self._i * 8
 
     def beat(self) -> None:
-        """One sign of life (only the actuator thread calls this: no lock needed)."""
+        """One sign of life from Python (tests; the policy's own beats are native: Heartbeat.address)."""
         self._words[self._i] = (self._words[self._i] + 1) & _U64
 
     @property
@@ -163,6 +169,7 @@ class Heartbeat:
         return int(self._words[self._i])
 
     def close(self) -> None:
-        """Unmap (the actuator must no longer call beat())."""
+        """Unmap (nobody may beat any more: the policy's backstop loop is stopped or told so first)."""
+        ffi().release(self._buf)
         self._words.release()
         self._map.close()

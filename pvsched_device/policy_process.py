@@ -7,8 +7,9 @@ parent-death signal, network namespace, BPF stats and pin directories while stil
 then only CAP_BPF/CAP_PERFMON/CAP_SYS_NICE/CAP_IPC_LOCK, no_new_privs, the engine, seccomp.
 Every way out (SIGTERM from the parent's death, "shutdown", end of the socket, an error)
 goes through one cleanup path: unregister (restores threads) and PolicyEngine.close() (unpins).
-With --heartbeat-fd, the engine's actuator thread bumps a counter in that memfd at every
-iteration: the VMM's guardian (guardian.c) kills this process when it stops moving.
+With --heartbeat-fd, the engine's native backstop loop bumps a counter in that memfd at least
+every 100 ms while the actuator keeps up with the ring buffer: the VMM's guardian (guardian.c)
+kills this process when it stops moving.
 """
 
 from __future__ import annotations
@@ -370,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     engine, engine_error = make_engine(args.vmm_pid, tunables, args.pin_root, stats_fd)
     if engine is not None and heartbeat is not None and hasattr(engine, "set_heartbeat"):
-        engine.set_heartbeat(heartbeat.beat)  # the actuator thread beats: the guardian sees the throttler live
+        engine.set_heartbeat(heartbeat)  # beats while the actuator keeps up: the guardian sees the throttler live
     service = PolicyService(args.vmm_pid, engine, engine_error, os.path.join(args.pin_root, str(args.vmm_pid)))
     try:
         if args.no_seccomp:

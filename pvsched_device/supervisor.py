@@ -52,7 +52,7 @@ class PolicySupervisor:
                  pin_root: str = PIN_ROOT, verbose: bool = False, extra_args: tuple[str, ...] = (),
                  heartbeat_fd: int | None = None) -> None:
         self.vmm_pid = vmm_pid
-        self.heartbeat_fd = heartbeat_fd  # the guardian's memfd, handed to the child (its actuator beats there)
+        self.heartbeat_fd = heartbeat_fd  # the guardian's memfd, handed to the child (it beats there)
         self.tunables = dict(tunables or {})
         self.on_death = on_death
         self.pin_root = pin_root

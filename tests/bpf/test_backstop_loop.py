@@ -1,0 +1,112 @@
+"""The native backstop loop (bpf/backstop_loop.c) in a real engine: it re-reads slots and beats without Python."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import trio
+from sched_observe import observed, wait_for
+
+from bpf.engine import PolicyEngine
+from pvsched_device.guardian import Heartbeat
+from vmm.sched_attr import sched_getattr
+
+RR = os.SCHED_RR
+
+
+@pytest.fixture
+def engine(fake_vmm, bpf_object, pin_root):
+    """A PolicyEngine for a one-thread stand-in VMM, its vCPU registered, a heartbeat memfd attached."""
+    vmm = fake_vmm(1)
+    tid = vmm.tids[0]
+    off = vmm.info["slot_offset"]
+    eng = PolicyEngine(vmm.pid, {}, str(pin_root), realtime=False)
+    fd = os.memfd_create("heartbeat")
+    os.ftruncate(fd, 4096)
+    hb = Heartbeat(fd)
+    os.close(fd)
+    eng.set_heartbeat(hb)
+    eng.add_vcpu(1, 0, tid, vmm.info["hva"] + off, memoryview(vmm.map)[off:off + 128], sched_getattr(tid))
+    try:
+        yield vmm, eng, hb
+    finally:
+        eng.close()
+        eng.set_heartbeat(None)
+        hb.close()
+
+
+def _running(eng: PolicyEngine, body) -> None:
+    """Run the engine (actuator and loop threads) while `body()` runs in a worker thread."""
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            n.start_soon(eng.run)
+            await trio.to_thread.run_sync(body)
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_the_loop_rereads_slots_and_beats_while_python_sleeps(engine):
+    _, eng, hb = engine
+    eng.set_tunables({"backstop_ms": "10"})
+    seen = {}
+
+    def body() -> None:
+        time.sleep(0.3)  # started, and the first counter refresh done
+        a0, b0, l0 = eng._actuator.stats.iterations, hb.beats, eng.show()["actuator"]["backstop_loop"]
+        time.sleep(1.0)
+        a1, b1, l1 = eng._actuator.stats.iterations, hb.beats, eng.show()["actuator"]["backstop_loop"]
+        seen.update(python=a1 - a0, beats=b1 - b0, rounds=l1["rounds"] - l0["rounds"], runs=l1["runs"] - l0["runs"],
+                    errors=l1["errors"], nr=l1["nr_vcpus"])
+
+    _running(eng, body)
+    # every 10 ms for its one vCPU; Python woke for the counter refresh only (once a second, and maybe a record)
+    assert 60 <= seen["rounds"] <= 110 and seen["runs"] == seen["rounds"] and seen["nr"] == 1, seen
+    assert seen["errors"] == 0 and seen["beats"] >= seen["rounds"] - 1, seen
+    assert seen["python"] <= 3, f"the Python actuator woke {seen['python']} times in 1 s with nothing to apply"
+    assert eng.show()["stats"]["backstop"]["value"] >= seen["runs"], "the BPF program did not count the runs"
+
+
+def test_a_stuck_actuator_stops_the_heartbeat_and_a_recovered_one_restarts_it(engine):
+    vmm, eng, hb = engine
+    tid = vmm.tids[0]
+    release = threading.Event()
+    real = eng._actuator._apply
+
+    def stuck(ev) -> None:  # the actuator hangs on its next record
+        release.wait(10)
+        real(ev)
+
+    seen = {}
+
+    def body() -> None:
+        time.sleep(0.3)
+        b0 = hb.beats
+        time.sleep(0.3)
+        seen["idle"] = hb.beats - b0  # nothing to apply: an idle actuator is not a hung one
+        eng._actuator._apply = stuck
+        vmm.cmd(f"custom 0 spin 0 {RR} 8 0 0")  # a boost request: a record the actuator will not finish
+        time.sleep(0.3)
+        b1 = hb.beats
+        time.sleep(0.4)
+        seen["stuck"] = hb.beats - b1
+        seen["withheld"] = eng._actuator.loop.info()["withheld"]
+        eng._actuator._apply = real
+        release.set()
+        seen["boosted"] = wait_for(lambda: observed(tid)[:2] == (RR, 8), 2.0)
+        b2 = hb.beats
+        time.sleep(0.3)
+        seen["after"] = hb.beats - b2
+        vmm.cmd("custom 0 spin 0 0 0 0 0")
+
+    try:
+        _running(eng, body)
+    finally:
+        release.set()
+    assert seen["idle"] >= 2, seen  # >= every 100 ms (the backstop's 20 ms rounds beat too)
+    assert seen["stuck"] == 0 and seen["withheld"] > 0, seen
+    assert seen["boosted"] and seen["after"] >= 2, seen
