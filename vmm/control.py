@@ -91,19 +91,24 @@ async def serve(handlers: dict, path: Path, task_status=trio.TASK_STATUS_IGNORED
     except FileNotFoundError:
         pass
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    staging = path.with_name(path.name + ".new")
     try:
-        await sock.bind(str(path))
-        os.chmod(path, 0o600)
+        # Bound and listening under another name, then renamed: a client that sees the path can connect
+        # (between bind and listen a connect is refused), and the mode is 0600 from the first moment.
+        await sock.bind(str(staging))
+        os.chmod(staging, 0o600)
         sock.listen(16)
+        os.rename(staging, path)
         listener = trio.SocketListener(sock)
         task_status.started()
         await trio.serve_listeners(lambda s: _serve_client(handlers, s), [listener])
     finally:
         sock.close()
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
+        for p in (staging, path):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
 
 
 # --- client ------------------------------------------------------------------------
