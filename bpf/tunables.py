@@ -19,16 +19,16 @@ Defaults and their reasons (shared/DESIGN.md, "Host policy"):
 - clock_ms 5: period of the in-kernel throttle clock (a BPF timer), which
   catches a boosted vCPU that never switches out (a guest RT spinner): it may
   overrun its budget by up to clock_ms.
-- backstop_ms 20: period of the policy process's re-read of every slot, at
-  SCHED_FIFO 40: bounds how long a vCPU that never exits keeps a boost its
-  guest no longer asks for, and is the throttle's fallback when the clock runs
-  late (its softirq deferred to ksoftirqd, a SCHED_OTHER thread: stat
-  clock_late, 1 tick in 6 s under the bench's load).  Each of its wake-ups
-  costs a boosted vCPU 100-170 us here (a cold Python thread); at 5 ms (the
-  throttle's period before the clock) it was the task boosted vCPUs most
-  often waited behind (perf sched).  100 ms was tried: 10 wake-ups a second,
-  but then only the clock ends a boost no longer asked for, and in one
-  loaded test run that took 100 ms.
+- backstop_ms 20: period of the policy process's re-read of every slot (a
+  native thread at SCHED_FIFO 40, bpf/backstop_loop.c): bounds how long a vCPU
+  that never exits keeps a boost its guest no longer asks for, and is the
+  throttle's fallback when the clock runs late (its softirq deferred to
+  ksoftirqd, a SCHED_OTHER thread: stat clock_late, 1 tick in 6 s under the
+  bench's load).  Each wake-up costs a boosted vCPU ~50 us here (it cost
+  100-170 us when the loop was Python, and at 5 ms it was then the task
+  boosted vCPUs most often waited behind: perf sched).  100 ms was tried: then
+  only the clock ends a boost no longer asked for, and in one loaded test run
+  that took 100 ms.
 """
 
 from __future__ import annotations
