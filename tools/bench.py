@@ -14,7 +14,9 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -36,6 +38,8 @@ from tools.results import (
 
 CONFIGS = ("vanilla", "static-rt", "static-nice", "pvsched")
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+THP_MODES = ("always", "madvise", "never")
 
 
 class BenchError(RuntimeError):
@@ -125,6 +129,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "interleaved with the others and shown as 'pvsched NAME' (repeatable), e.g. "
                         "bs5:backstop_ms=5; compare policy variants within one run, as the machine drifts "
                         "between runs")
+    p.add_argument("--thp", choices=THP_MODES,
+                   help="the host's transparent huge pages for the run, restored after (default: as they are). "
+                        "On a kernel without full preemption, khugepaged's collapses of stress-ng's --vm memory "
+                        "run for milliseconds without a scheduling point, ahead of RT tasks too: 'never' takes "
+                        "that out of the guest max (README, Latest results)")
     p.add_argument("--no-runqlat", action="store_true", help="do not measure the vCPU threads' runqueue latency")
     p.add_argument("--report-only", action="store_true", help="redo results.md/.png from OUT/results.json")
     a = p.parse_args(argv)
@@ -292,17 +301,40 @@ def _bpf_stats_on() -> str | None:
         return None
 
 
+def thp_mode() -> str | None:
+    """The host's transparent-huge-page mode (always, madvise, never), None without THP."""
+    try:
+        m = re.search(r"\[(\w+)\]", THP.read_text())
+    except OSError:
+        return None
+    return m.group(1) if m else None
+
+
+def _set_thp(mode: str) -> None:
+    try:
+        THP.write_text(mode)
+    except OSError as e:
+        raise BenchError(f"cannot set {THP} to {mode}: {e.strerror}") from None
+
+
 def bench(args: argparse.Namespace) -> int:
     """Run the plan, write the outputs, print the table and the targets; 0 when every run worked."""
     preflight(not args.no_runqlat)
     cells = plan(args.configs, args.groups, args.reps, tuple(args.variants))
+    old_thp = thp_mode()
+    if args.thp and old_thp is None:
+        raise BenchError(f"--thp {args.thp}: this kernel has no transparent huge pages ({THP} is missing)")
     meta = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine(), "reps": args.reps, "duration_s": args.duration, "interval_us": args.interval,
-            "cpus": 2, "quick": args.quick, "pvsched_set": args.pvsched_set, "variants": args.variants, "failures": []}
+            "cpus": 2, "quick": args.quick, "pvsched_set": args.pvsched_set, "variants": args.variants,
+            "thp": args.thp or old_thp, "failures": []}
     records: list[dict] = []
     probe = None
     old_stats = _bpf_stats_on()
     try:
+        if args.thp and args.thp != old_thp:
+            _set_thp(args.thp)
+            _progress(f"bench: transparent huge pages {args.thp} for this run (were {old_thp})")
         if not args.no_runqlat:
             from tools.runqlat import Runqlat, RunqlatError
 
@@ -330,6 +362,8 @@ def bench(args: argparse.Namespace) -> int:
     finally:
         if probe:
             probe.close()
+        if args.thp and old_thp and thp_mode() != old_thp:
+            _set_thp(old_thp)
         if old_stats is not None:
             try:
                 BPF_STATS.write_text(old_stats)
@@ -368,9 +402,14 @@ def report_only(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `pyvmm bench`: returns the exit code; errors become one line on stderr."""
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # clean up (VMs, load, host settings) as on Ctrl-C
     try:
         return report_only(args) if args.report_only else bench(args)
     except BenchError as e:

@@ -90,7 +90,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
          f"{m.get('duration_s', '?')} s per cell, guest probe interval {m.get('interval_us', '?')} us, "
          f"{m.get('cpus', 2)} vCPUs. Latencies in microseconds: median over repetitions, (min-max) when "
          "there are several.")
-        + (f" pvsched tunables: {' '.join(m['pvsched_set'])}." if m.get("pvsched_set") else ""),
+        + (f" pvsched tunables: {' '.join(m['pvsched_set'])}." if m.get("pvsched_set") else "")
+        + (f" Host transparent huge pages: {m['thp']}." if m.get("thp") else ""),
         "",
         table(rows),
         "",

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from tools.bench import main
+from tools.bench import main, thp_mode
 from tools.results import validate_record
 
 pytestmark = [
@@ -18,9 +18,15 @@ pytestmark = [
 
 
 def test_tiny_bench_writes_schema_records_table_and_plot(tmp_path, capsys):
+    before = thp_mode()
+    other = [] if before is None else ["--thp", "never" if before != "never" else "madvise"]
     rc = main(["--out", str(tmp_path), "--configs", "vanilla,static-rt", "--groups", "idle", "--reps", "1",
-               "--duration", "1"])
+               "--duration", "1", *other])
     assert rc == 0, capsys.readouterr().err[-2000:]
+    if other:  # the run's THP mode is recorded and said, and the host's is back
+        assert thp_mode() == before
+        assert json.loads((tmp_path / "meta.json").read_text())["thp"] == other[1]
+        assert f"Host transparent huge pages: {other[1]}." in (tmp_path / "results.md").read_text()
     records = json.loads((tmp_path / "results.json").read_text())
     assert [r["config"] for r in records] == ["vanilla", "static-rt"]
     for r in records:
