@@ -47,6 +47,7 @@ class BackstopLoop:
         self._loop = self._lib.pvsched_backstop_loop_new(prog_fd)
         if self._loop == ffi().NULL:
             raise BackstopLoopError("pvsched_backstop_loop_new: out of memory")
+        self._last: dict[str, int] = {}
 
     def set_vcpus(self, vcpus: list[tuple[int, int]]) -> None:
         """The vCPUs to re-read, as (TID, slot address in this process); replaces the previous list."""
@@ -78,6 +79,8 @@ class BackstopLoop:
 
     def start(self, period_ms: int, prio: int) -> None:
         """Start the thread at SCHED_FIFO `prio` (0: stay SCHED_OTHER; also when RT is refused, see info)."""
+        if self._loop is None:
+            raise BackstopLoopError("starting the backstop loop: it is closed")
         rc = self._lib.pvsched_backstop_loop_start(self._loop, period_ms, prio)
         if rc < 0:
             raise BackstopLoopError(-rc, f"starting the backstop loop: {os.strerror(-rc)}")
@@ -90,6 +93,8 @@ class BackstopLoop:
 
     def info(self) -> dict[str, int]:
         """The thread's counters: rounds, runs, errors, late rounds, longest round, beats, its RT priority."""
+        if self._loop is None:
+            return dict(self._last)  # as they were when it closed
         out = ffi().new("struct pvsched_backstop_loop_info *")
         self._lib.pvsched_backstop_loop_info(self._loop, out)
         return {k: int(getattr(out, k)) for k in ("rounds", "runs", "errors", "late", "max_round_ns", "beats",
@@ -98,5 +103,7 @@ class BackstopLoop:
     def close(self) -> None:
         """Stop the thread and free the loop."""
         if self._loop is not None:
+            self._lib.pvsched_backstop_loop_stop(self._loop)
+            self._last = self.info()
             self._lib.pvsched_backstop_loop_free(self._loop)
             self._loop = None
