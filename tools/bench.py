@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -409,7 +410,8 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `pyvmm bench`: returns the exit code; errors become one line on stderr."""
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)  # clean up (VMs, load, host settings) as on Ctrl-C
+    main_thread = threading.current_thread() is threading.main_thread()  # only there can handlers be set
+    old = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # clean up as on Ctrl-C
     try:
         return report_only(args) if args.report_only else bench(args)
     except BenchError as e:
@@ -418,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pyvmm bench: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if main_thread and old is not None:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":
