@@ -5,7 +5,8 @@ the cdef, so nothing is declared twice) and starts one native thread per policy 
 that restores the vCPU threads' original attributes the moment that process dies, and
 kills it (then restores) when its heartbeat stops, all without the GIL: with
 boosted vCPUs on every CPU, Python in the VMM can wait ~1 s for a starved GIL holder.
-The policy process maps the heartbeat memfd and bumps a counter in it (Heartbeat.beat).
+The policy process maps the heartbeat memfd, and its native backstop loop bumps a counter in it
+(at Heartbeat.address).
 """
 
 from __future__ import annotations
