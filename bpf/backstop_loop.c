@@ -135,9 +135,9 @@ static void *loop_main(void *arg)
 	for (;;) {
 		struct timespec ts;
 
-		wake = due;
-		if (l->beats && now_ns() + PVSCHED_BACKSTOP_BEAT_MS * 1000000LL < wake)
-			wake = now_ns() + PVSCHED_BACKSTOP_BEAT_MS * 1000000LL;
+		wake = l->beats ? now_ns() + PVSCHED_BACKSTOP_BEAT_MS * 1000000LL : due;
+		if (due < wake)
+			wake = due;
 		ts = to_ts(wake);
 		rc = 0;
 		while (!l->stop && !l->reschedule && rc != ETIMEDOUT)

@@ -242,20 +242,18 @@ def summarize(records: Iterable[dict]) -> list[dict]:
     recs = [dict(r) for r in records]
     _stress_rel(recs)
     _cpu_split(recs)
-    cells: dict[tuple[str, str, str], list[dict]] = {}
+    cells: dict[tuple[str, str, str, str], list[dict]] = {}
     for r in recs:
-        label = config_label(r["config"], r.get("variant"))
-        cells.setdefault((r.get("workload", PRIMARY), r["host"], label), []).append(r)
+        cells.setdefault((r.get("workload", PRIMARY), r["host"], r["config"], r.get("variant") or ""), []).append(r)
     order = {c: i for i, c in enumerate(("vanilla", "static-rt", "static-nice", "pvsched"))}
 
     def key(kv):
-        wl, host, label = kv[0]
-        base, _, variant = label.partition(" ")
-        return wl != PRIMARY, wl, HOSTS.index(host), order.get(base, len(order)), variant
+        wl, host, config, variant = kv[0]
+        return wl != PRIMARY, wl, HOSTS.index(host), order.get(config, len(order)), variant
 
     rows = []
-    for (wl, host, config), rs in sorted(cells.items(), key=key):
-        row: dict = {"workload": wl, "host": host, "config": config, "reps": len(rs)}
+    for (wl, host, config, variant), rs in sorted(cells.items(), key=key):
+        row: dict = {"workload": wl, "host": host, "config": config_label(config, variant), "reps": len(rs)}
         for m in METRICS:
             vals = [v for r in rs if (v := get(r, m)) is not None]
             row[m] = ({"median": statistics.median(vals), "min": min(vals), "max": max(vals)} if vals else None)
