@@ -154,6 +154,10 @@ class BpfPolicy:
         if self.pin_dir is not None:
             self._pin()
         self.start_clock()
+        attached = [p.name for p in self.programs.values() if p.status == "attached"]
+        absent = [p.name for p in self.programs.values() if p.status.startswith("unavailable")]
+        log.info("pvsched: attached %s%s", ", ".join(attached) or "nothing",
+                 f"; not on this kernel: {', '.join(absent)}" if absent else "")
 
     def _pin(self) -> None:
         lib = libbpf.lib()

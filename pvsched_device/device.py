@@ -72,6 +72,10 @@ def version_str(v: int) -> str:
     return f"{v >> 16}.{v & 0xFFFF}"
 
 
+class PolicyLoadError(RuntimeError):
+    """The host policy was asked for and could not be started; the VM must not run as if it were."""
+
+
 class PvschedDevice(PciDevice):
     """pvsched on pyvmm's PCI bus: BAR0 registers plus the policy process it supervises."""
 
@@ -310,10 +314,13 @@ class PvschedDevice(PciDevice):
             ready = self.supervisor.spawn()
         except (PolicyUnavailable, OSError) as e:
             self.policy_error = str(e)
-            self.log.error("pvsched: %s; running without the policy", e)
             self.supervisor = None
             self._close_guardian()
-            return
+            raise PolicyLoadError(f"{e} (--no-policy runs without it)") from None
+        if not ready.get("engine"):
+            # Asked for and absent is an error: a run without BPF would pass for a pvsched run.
+            self.policy_error = f"the BPF policy did not load: {ready.get('engine_error')}"
+            raise PolicyLoadError(f"{self.policy_error} (--no-policy runs without it)")
         if self.guardian is not None:
             try:
                 self.guardian.start(self.supervisor.pid, self.supervisor.pidfd, stale_ms=self.guardian_stale_ms)

@@ -363,13 +363,23 @@ def main(argv: list[str] | None = None) -> int:
         stats_fd = setup_privileged(args.vmm_pid, args.pin_root)
         bpffs = _bpffs_of(args.pin_root)
         sandbox.readonly_filesystem(writable=(bpffs,) if bpffs else ())
+    except (OSError, ValueError, TypeError) as e:
+        log.error("sandbox setup failed: %s", e)
+        return 1
+    # The policy is loaded before CAP_SYS_ADMIN goes: libbpf finds the BTF of tracepoints in modules
+    # (kvm_exit where KVM is a module, as on every Debian host) by iterating BTF objects, which the
+    # kernel allows only with CAP_SYS_ADMIN.  Nothing hostile is read yet: only the installed object
+    # and the admin's tunables; the VMM's socket is read after the drop, and no thread exists before it.
+    engine, engine_error = make_engine(args.vmm_pid, tunables, args.pin_root, stats_fd)
+    try:
         sandbox.drop_capabilities()
         sandbox.set_no_new_privs()
         sandbox.mlockall()
     except (OSError, ValueError, TypeError) as e:
         log.error("sandbox setup failed: %s", e)
+        if engine is not None:
+            engine.close()
         return 1
-    engine, engine_error = make_engine(args.vmm_pid, tunables, args.pin_root, stats_fd)
     if engine is not None and heartbeat is not None and hasattr(engine, "set_heartbeat"):
         engine.set_heartbeat(heartbeat)  # beats while the actuator keeps up: the guardian sees the throttler live
     service = PolicyService(args.vmm_pid, engine, engine_error, os.path.join(args.pin_root, str(args.vmm_pid)))

@@ -137,6 +137,11 @@ def _cap_last() -> int:
 
 def drop_capabilities(keep: tuple[int, ...] = KEEP_CAPS) -> None:
     """Keep only `keep` (bounding, permitted, effective), clear inheritable/ambient, lock root's powers."""
+    # capset() and the securebits change only the calling thread: another thread would keep everything.
+    threads = os.listdir("/proc/self/task")
+    if len(threads) != 1:
+        raise SandboxError(errno.EBUSY, f"dropping capabilities with {len(threads)} threads: only this one "
+                                        "would lose them")
     for cap in range(_cap_last() + 1):
         if cap not in keep:
             rc = _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)

@@ -30,6 +30,7 @@ from tools.results import (
     PRIMARY,
     TICKING,
     config_label,
+    cyclictest_summary,
     guest_summary,
     make_record,
     policy_stats,
@@ -38,6 +39,9 @@ from tools.results import (
 )
 
 CONFIGS = ("vanilla", "static-rt", "static-nice", "pvsched")
+GUEST_KINDS = ("testguest", "linux")
+LINUX_GROUPS = ("idle", "busy")
+LINUX_WORKLOAD = "cyclictest"
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 THP_MODES = ("always", "madvise", "never")
@@ -66,14 +70,16 @@ class Cell:
 GROUPS = {"idle": (PRIMARY, "idle"), "busy": (PRIMARY, "busy"), "mixed": (MIXED, "busy"), "tick": (TICKING, "busy")}
 
 
-def plan(configs: list[str], groups: list[str], reps: int, variants: tuple[str, ...] = ()) -> list[Cell]:
+def plan(configs: list[str], groups: list[str], reps: int, variants: tuple[str, ...] = (),
+         guest: str = "testguest") -> list[Cell]:
     """Runs in order; repetitions outermost so slow drifts of the machine spread over every configuration.
 
     Groups: "idle" and "busy" run the probe on both vCPUs on an idle / busy host; "mixed" runs the probe on
     vCPU 0 and normal-priority busy work on vCPU 1 on a busy host; "tick" the probe next to a normal-priority
     task that wakes every interval (what boost-on-halt costs the host: that vCPU halts ~1000 times a second).
     `variants` (names) run as extra pvsched cells right after the configurations, interleaved the same way."""
-    return [Cell(c, GROUPS[g][1], GROUPS[g][0], rep, v) for rep in range(reps) for g in groups
+    return [Cell(c, GROUPS[g][1], LINUX_WORKLOAD if guest == "linux" else GROUPS[g][0], rep, v)
+            for rep in range(reps) for g in groups
             for c, v in [(c, "") for c in configs] + [("pvsched", v) for v in variants]]
 
 
@@ -135,9 +141,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "On a kernel without full preemption, khugepaged's collapses of stress-ng's --vm memory "
                         "run for milliseconds without a scheduling point, ahead of RT tasks too: 'never' takes "
                         "that out of the guest max (README, Latest results)")
+    p.add_argument("--guest", choices=GUEST_KINDS, default="testguest",
+                   help="testguest (default: the bundled test guest's RT probe) or linux: the seed's "
+                        "`cyclictest -p 8 --policy=rr` in the Debian cloud kernel's image with the pvsched "
+                        "module, one thread per vCPU (idle and busy groups only; needs VMX/SVM: inside "
+                        "`pyvmm lab` on hosts without them)")
     p.add_argument("--no-runqlat", action="store_true", help="do not measure the vCPU threads' runqueue latency")
     p.add_argument("--report-only", action="store_true", help="redo results.md/.png from OUT/results.json")
     a = p.parse_args(argv)
+    if a.guest == "linux":
+        bad = [g for g in a.groups if g not in LINUX_GROUPS]
+        if bad and a.groups != list(GROUPS):
+            p.error(f"--guest linux runs the groups {','.join(LINUX_GROUPS)} only (got {','.join(bad)})")
+        a.groups = [g for g in a.groups if g in LINUX_GROUPS]
     a.reps = a.reps if a.reps is not None else (1 if a.quick else 3)
     a.duration = a.duration if a.duration is not None else (2.0 if a.quick else 5.0)
     if _bad_kv(a.pvsched_set):
@@ -169,6 +185,16 @@ def machine() -> str:
         pass
     backend = "KVM (PVM backend)" if Path("/sys/module/kvm_pvm").exists() else "KVM"
     return f"{model}, {os.cpu_count()} CPUs, Linux {platform.release()}, {backend}"
+
+
+def linux_image():
+    """The Linux guest image (Debian cloud kernel + initramfs with the pvsched module), built if stale."""
+    from guest_image.linux import build_image, kernel
+
+    try:
+        return build_image.build_image("cloud")
+    except (kernel.KernelFetchError, build_image.ImageBuildError) as e:
+        raise BenchError(f"cannot build the Linux guest image: {e}") from None
 
 
 def preflight(runqlat_wanted: bool) -> None:
@@ -205,8 +231,10 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
     from tools.vmrun import RunSpec, run_vm
 
     policy_set = tuple(args.pvsched_set) + tuple(args.variants.get(cell.variant, ()))
-    spec = RunSpec(cell.config, cell.workload, args.duration, args.interval, policy_set=policy_set)
-    limit = args.duration + 90
+    image = getattr(args, "image", None)
+    spec = RunSpec(cell.config, cell.workload, args.duration, args.interval, policy_set=policy_set,
+                   kernel=str(image.kernel) if image else None, initrd=str(image.initrd) if image else None)
+    limit = spec.limit_s + 50
     loads: dict = {}
     ct_summary = stress_rates = cpu = None
 
@@ -245,10 +273,11 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
         rq = probe.read()
     if out.error:
         return None, out.error
-    guest = guest_summary(out.records)
+    guest = cyclictest_summary(out.records) if image else guest_summary(out.records)
     if guest is None:
         tail = " | ".join(out.console_tail[-3:])
-        return None, f"the guest printed no probe latency record (console: {tail})"
+        what = "complete cyclictest record" if image else "probe latency record"
+        return None, f"the guest printed no {what} (console: {tail})"
     pv = next((r for r in out.records if r.get("type") == "pvsched"), None)
     per_vcpu = [{k: r.get(k) for k in ("vcpu", "workload", "samples", "min", "avg", "p50", "p99", "max", "max_at")}
                 for r in out.records if r.get("type") == "latency"]
@@ -256,7 +285,8 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
     extra = {"policy_set": list(policy_set) if cell.config == "pvsched" else [], "guest_busy_loops": sum(loops) if loops else None, "duration_s": args.duration, "interval_us": args.interval, "vm_wall_s": out.wall_s,
              "tids_after_s": out.tids_after_s, "uptime_at_tids_s": out.uptime_at_tids_s, "vcpu_sched": {str(k): v for k, v in out.vcpu_sched.items()},
              "pvsched_status": pv.get("status") if pv else None, "cpu": cpu,
-             "guest_per_vcpu": per_vcpu}
+             "guest_per_vcpu": per_vcpu, "guest_kind": "linux" if image else "testguest",
+             "init_after_s": out.init_after_s}
     if cell.variant:
         extra["variant"] = cell.variant
     if cell.host == "busy" and not stress_rates:
@@ -265,6 +295,50 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
                       stress=stress_rates, vcpu_runqlat=rq, policy=policy_stats(out.policy_reply, out.status_reply, out.records)
                       if cell.config == "pvsched" else None, extra=extra)
     return rec, None
+
+
+def run_peers(args: argparse.Namespace) -> list[dict]:
+    """QEMU/KVM booting the same image with the same cyclictest, once per host state (tools/qemu_peer.py)."""
+    from tools.hostload import StressLoad
+    from tools.qemu_peer import run_peer
+
+    peers = []
+    for host in args.groups:
+        load = StressLoad(600) if host == "busy" else None
+        try:
+            r = run_peer(host, str(args.image.kernel), str(args.image.initrd), args.duration, args.interval)
+        finally:
+            if load is not None:
+                load.stop()
+        g = r.guest or {}
+        _progress(f"[peer] qemu -accel kvm {host:<4}: " + (f"FAILED: {r.error}" if r.error else
+                  f"/init after {r.init_after_s} s, guest p99 {g.get('p99', 0):.0f} us max {g.get('max', 0):.0f} us"))
+        peers.append({"peer": "qemu-kvm", "host": host, "init_after_s": r.init_after_s, "guest": r.guest,
+                      "wall_s": r.wall_s, "error": r.error})
+    return peers
+
+
+def peer_table(peers: list[dict], records: list[dict]) -> str:
+    """Markdown: QEMU/KVM against pyvmm's vanilla runs of the same image (medians over repetitions)."""
+    lines = ["| VMM | host | time to /init (s) | guest p50 (us) | p99 (us) | max (us) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+
+    def med(xs: list[float]) -> float | None:
+        xs = sorted(x for x in xs if x is not None)
+        return xs[len(xs) // 2] if xs else None
+
+    def fmt(v: float | None, digits: int = 0) -> str:
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    for p in peers:
+        van = [r for r in records if r["config"] == "vanilla" and r["host"] == p["host"]]
+        rows = [("pyvmm (vanilla)", med([r.get("init_after_s") for r in van]),
+                 *(med([r["guest"][k] for r in van]) for k in ("p50", "p99", "max")))]
+        g = p.get("guest") or {}
+        rows.append(("qemu -accel kvm", p.get("init_after_s"), g.get("p50"), g.get("p99"), g.get("max")))
+        for name, init, p50, p99, mx in rows:
+            lines.append(f"| {name} | {p['host']} | {fmt(init, 1)} | {fmt(p50)} | {fmt(p99)} | {fmt(mx)} |")
+    return "\n".join(lines)
 
 
 def cpu_meter(tids: list[int], vmm: int, stress) -> CpuMeter:
@@ -321,14 +395,18 @@ def _set_thp(mode: str) -> None:
 def bench(args: argparse.Namespace) -> int:
     """Run the plan, write the outputs, print the table and the targets; 0 when every run worked."""
     preflight(not args.no_runqlat)
-    cells = plan(args.configs, args.groups, args.reps, tuple(args.variants))
+    args.image = linux_image() if args.guest == "linux" else None
+    cells = plan(args.configs, args.groups, args.reps, tuple(args.variants), args.guest)
     old_thp = thp_mode()
     if args.thp and old_thp is None:
         raise BenchError(f"--thp {args.thp}: this kernel has no transparent huge pages ({THP} is missing)")
     meta = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine(), "reps": args.reps, "duration_s": args.duration, "interval_us": args.interval,
             "cpus": 2, "quick": args.quick, "pvsched_set": args.pvsched_set, "variants": args.variants,
-            "thp": args.thp or old_thp, "failures": []}
+            "thp": args.thp or old_thp, "guest_kind": args.guest, "in_lab": bool(os.environ.get("PYVMM_IN_LAB")),
+            "failures": []}
+    if args.image:
+        meta["linux_kernel"] = args.image.release
     records: list[dict] = []
     probe = None
     old_stats = _bpf_stats_on()
@@ -360,6 +438,8 @@ def bench(args: argparse.Namespace) -> int:
             else:
                 meta["failures"].append(f"{cell.label} {cell.host} {cell.workload} rep {cell.rep}: {why}")
                 _progress(f"{what}: FAILED: {why}")
+        if args.image:
+            meta["peer"] = run_peers(args)
     finally:
         if probe:
             probe.close()
@@ -374,6 +454,9 @@ def bench(args: argparse.Namespace) -> int:
     if bad:
         meta["failures"].append("schema: " + "; ".join(bad[:5]))
     rows = write_outputs(args.out, records, meta)
+    if meta.get("peer"):
+        with open(args.out / "results.md", "a") as f:
+            f.write("\n## A peer: QEMU with -accel kvm, the same image\n\n" + peer_table(meta["peer"], records) + "\n")
     (args.out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     print(report.table(rows))
     print()
@@ -381,6 +464,8 @@ def bench(args: argparse.Namespace) -> int:
         print(cpu)
         print()
     print("\n".join(report.target_lines(rows)))
+    if meta.get("peer"):
+        print("\n" + peer_table(meta["peer"], records))
     print(f"\nwrote {args.out}/results.json, results.md, results.png")
     if meta["failures"]:
         _progress(f"bench: {len(meta['failures'])} run(s) failed, see {args.out}/results.md")

@@ -134,7 +134,43 @@ def policy_stats(reply: dict | None, status: dict | None = None, guest_records: 
     run_ns, run_cnt = total("run_time_ns"), total("run_cnt")
     if res["bpf_ns_per_event"] is None and run_ns is not None and run_cnt:
         res["bpf_ns_per_event"] = round(run_ns / run_cnt, 1)
+    if programs := program_stats(reply):
+        res["programs"] = programs
     return res
+
+
+def program_stats(reply: dict | None) -> dict[str, dict]:
+    """BPF program name -> {"runs": N, "ns_per_run": x} from policy.show (attached and loaded programs)."""
+    out = {}
+    for p in (reply or {}).get("programs") or []:
+        if isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("run_cnt"), int):
+            out[p["name"]] = {"runs": p["run_cnt"], "ns_per_run": p.get("avg_ns"), "status": p.get("status")}
+    return out
+
+
+def cyclictest_summary(records: list[dict]) -> dict | None:
+    """The Linux guest's cyclictest run as {"min","avg","p50","p99","max","samples","vcpus"} (us), all threads
+    merged: percentiles from the 1-us histograms (-h), overflows counted at the run's max."""
+    rec = next((r for r in records if r.get("type") == "cyclictest"), None)
+    result = rec.get("result") if rec else None
+    threads = (result or {}).get("thread") if isinstance(result, dict) else None
+    if rec is None or rec.get("rc") != 0 or not isinstance(threads, dict) or not threads:
+        return None
+    ts = [t for t in threads.values() if isinstance(t, dict) and isinstance(t.get("cycles"), int) and t["cycles"] > 0]
+    if not ts:
+        return None
+    mx = max(float(t["max"]) for t in ts)
+    points: list[tuple[float, int]] = []
+    for t in ts:
+        hist = {int(k): int(v) for k, v in (t.get("histogram") or {}).items()}
+        points += [(float(k + 1), n) for k, n in hist.items()]
+        overflow = t["cycles"] - sum(hist.values())
+        if overflow > 0:
+            points.append((mx, overflow))
+    total = sum(t["cycles"] for t in ts)
+    return {"min": min(float(t["min"]) for t in ts), "avg": round(sum(t["avg"] * t["cycles"] for t in ts) / total, 2),
+            "p50": min(_pct(points, 0.50), mx), "p99": min(_pct(points, 0.99), mx), "max": mx, "samples": total,
+            "missed": 0, "vcpus": sorted(int(t.get("cpu", -1)) for t in ts)}
 
 
 def make_record(config: str, host: str, workload: str, rep: int, guest: dict, *, host_cyclictest: dict | None = None,

@@ -45,6 +45,14 @@ class RunSpec:
     interval_us: int = 1000
     cpus: int = 2
     policy_set: tuple[str, ...] = ()  # KEY=VALUE tunables for the pvsched policy (pyvmm boot --policy-set)
+    kernel: str | None = None          # a Linux bzImage with `initrd`: the image's cyclictest workload instead
+    initrd: str | None = None
+
+    @property
+    def limit_s(self) -> float:
+        """Wall-clock bound of the run: the guest's duration plus boot and teardown (Linux boots for long
+        inside the lab's emulation)."""
+        return self.duration_s + (40 if self.kernel is None else 400)
 
 
 @dataclass
@@ -61,14 +69,21 @@ class VmOutcome:
     uptime_at_tids_s: float | None = None  # how long the guest may have run before the static setting
     vcpu_sched: dict[int, str] = field(default_factory=dict)
     wall_s: float = 0.0
+    init_after_s: float | None = None  # Linux: seconds from `pyvmm boot` to /init's first record
     error: str | None = None
 
 
 def boot_argv(spec: RunSpec, limit_s: float, stats_out: Path | None = None) -> list[str]:
     """The watchdog-wrapped `pyvmm boot` command line for a run (writing its end-of-run stats to stats_out)."""
-    cmdline = f"duration={spec.duration_s:g} interval={spec.interval_us} workload={spec.workload}"
+    if spec.kernel is None:
+        cmdline = f"duration={spec.duration_s:g} interval={spec.interval_us} workload={spec.workload}"
+        guest = []
+    else:  # the seed's cyclictest (guest_image/linux/init.sh), one RR 8 thread per vCPU
+        cmdline = (f"console=ttyS0 quiet pvsched.workload=cyclictest pvsched.duration={spec.duration_s:g} "
+                   f"pvsched.interval={spec.interval_us}")
+        guest = ["--kernel", spec.kernel, "--initrd", str(spec.initrd), "--mem", "512"]
     argv = ["chrt", "-f", "-R", str(WATCHDOG_PRIO), "timeout", "-s", "TERM", "-k", "3", f"{limit_s:.0f}",
-            sys.executable, "-m", "vmm.cli", "boot", "--cpus", str(spec.cpus), "--cmdline", cmdline,
+            sys.executable, "-m", "vmm.cli", "boot", "--cpus", str(spec.cpus), *guest, "--cmdline", cmdline,
             "--timeout", f"{limit_s - 2:.0f}"]
     if stats_out is not None:
         argv += ["--stats-out", str(stats_out)]
@@ -207,7 +222,7 @@ def run_vm(spec: RunSpec, on_tids=None, on_end=None) -> VmOutcome:
     Nothing polls the VM while it runs: the policy's counters come from `pyvmm boot --stats-out` at its end.
     """
     out = VmOutcome()
-    limit_s = spec.duration_s + 40
+    limit_s = spec.limit_s
     lines: list[str] = []
     err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in the finally below
     stats_dir = tempfile.TemporaryDirectory(prefix="pyvmm-bench-run-")
@@ -215,7 +230,13 @@ def run_vm(spec: RunSpec, on_tids=None, on_end=None) -> VmOutcome:
     t0 = time.monotonic()
     proc = subprocess.Popen(boot_argv(spec, limit_s, stats_out), stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
                             text=True, errors="replace")
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    def read() -> None:
+        for line in proc.stdout:
+            if out.init_after_s is None and '"type":"boot"' in line:  # the Linux image's /init is running
+                out.init_after_s = round(time.monotonic() - t0, 2)
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
     vmm_pid = None
     own = sched_getattr(0)

@@ -99,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
 
     # Listed here for --help only: main() hands `pyvmm bench ...` to tools.bench, which has its own options.
     sub.add_parser("bench", add_help=False, help="benchmark vCPU scheduling configurations (pyvmm bench --help)")
+    sub.add_parser("lab", add_help=False,
+                   help="run a command inside a VM with nested hardware virtualization (pyvmm lab --help)")
     return p
 
 
@@ -166,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         from tools.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["lab"]:
+        from tools.lab import main as lab_main
+
+        return lab_main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s", stream=sys.stderr)

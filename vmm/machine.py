@@ -23,7 +23,8 @@ from typing import Any
 
 import trio
 
-from vmm import kvm, x86
+from vmm import acpi, kvm, x86
+from vmm.acpi_pm import AcpiPm
 from vmm.bus import Bus
 from vmm.console import Console
 from vmm.memory import MIB, GuestMemory, GuestMemoryError
@@ -141,6 +142,8 @@ class Machine:
         self.pio.register(EXIT_PORT, 1, lambda o, s: 0, self._exit_port_write, "debug-exit")
         self.pio.register(I8042_CMD_PORT, 1, lambda o, s: 0, self._i8042_write, "i8042")
         self.pio.register(0x60, 1, lambda o, s: 0, lambda o, s, v: None, "i8042-data")
+        self.acpi_pm = AcpiPm(self._acpi_power)
+        self.pio.register(acpi.PM_BASE, acpi.PM_BLOCK_LEN, self.acpi_pm.io_read, self.acpi_pm.io_write, "acpi-pm")
         self.pci = PciBus(self.pio, self.mmio)
 
     # --- the device-facing contract ---
@@ -218,6 +221,10 @@ class Machine:
 
     def _exit_port_write(self, offset: int, size: int, value: int) -> None:
         self.request_stop(value & 0xFF)
+
+    def _acpi_power(self, kind: str) -> None:
+        what = "powered off (ACPI S5)" if kind == "poweroff" else "reset the machine (ACPI reset register)"
+        self.request_stop(EXIT_OK, f"guest {what}")
 
     def _i8042_write(self, offset: int, size: int, value: int) -> None:
         if value & 0xFF == I8042_RESET:

@@ -130,14 +130,63 @@ def set_lint(vcpu: kvm.Vcpu) -> None:
     vcpu.set_lapic(st)
 
 
+CPUID_1_ECX_AVX, CPUID_1_ECX_HYPERVISOR = 1 << 28, 1 << 31
+CPUID_7_EBX_MPX, CPUID_7_EBX_AVX512F, CPUID_7_ECX_PKU = 1 << 14, 1 << 16, 1 << 3
+XSAVE_LEGACY_SIZE = 576  # the FXSAVE area (512) plus the XSAVE header (64): XCR0 = x87 | SSE
+# XCR0 bits -> the CPUID bit (leaf, register, mask) without which Linux does not enable that state.
+XFEATURE_NEEDS = {2: (1, "ecx", CPUID_1_ECX_AVX), 3: (7, "ebx", CPUID_7_EBX_MPX), 4: (7, "ebx", CPUID_7_EBX_MPX),
+                  5: (7, "ebx", CPUID_7_EBX_AVX512F), 6: (7, "ebx", CPUID_7_EBX_AVX512F),
+                  7: (7, "ebx", CPUID_7_EBX_AVX512F), 9: (7, "ecx", CPUID_7_ECX_PKU)}
+
+
+def _leaf(c: object, function: int, index: int = 0) -> object | None:
+    for i in range(c.nent):
+        e = c.entries[i]
+        if e.function == function and e.index == index:
+            return e
+    return None
+
+
+def _fix_xsave_leaf(c: object) -> None:
+    """Make leaf 0xD agree with the rest: offer only the XCR0 states whose feature bits are offered, and
+    give EBX (the size for the states enabled in XCR0) the size of all of them.
+
+    Linux enables every state it is offered and whose feature bit it sees, then checks EBX against the
+    size it computed from the sub-leaves; it WARNs at boot ("XSAVE consistency problem") on a mismatch.
+    Nested under SVM (6.1 as L1) KVM did not refresh EBX after the guest's XSETBV, so EBX must already
+    hold the full size; a guest that enables fewer states only over-reads the size."""
+    d0 = _leaf(c, 0xD, 0)
+    if d0 is None:
+        return
+    mask = d0.eax | d0.edx << 32
+    for bit, (leaf, reg, need) in XFEATURE_NEEDS.items():
+        e = _leaf(c, leaf, 0)
+        if mask >> bit & 1 and (e is None or not getattr(e, reg) & need):
+            mask &= ~(1 << bit)
+    end = XSAVE_LEGACY_SIZE
+    for i in range(c.nent):
+        e = c.entries[i]
+        if e.function == 0xD and e.index >= 2:
+            if mask >> e.index & 1:
+                end = max(end, e.ebx + e.eax)      # offset + size of a user state
+            else:
+                e.eax = e.ebx = e.ecx = e.edx = 0
+    d0.eax, d0.edx = mask & 0xFFFFFFFF, mask >> 32
+    d0.ebx = d0.ecx = end
+
+
 def vcpu_cpuid(supported: object, vcpu_id: int) -> object:
-    """The supported CPUID with this vCPU's APIC id in leaves 1 and 0xB/0x1F."""
+    """The supported CPUID for one vCPU: its APIC id in leaves 1 and 0xB/0x1F, the hypervisor bit (so the
+    guest finds KVM's paravirtual leaves at 0x40000000: kvm-clock, a TSC of known frequency), leaf 0xD
+    consistent with the features offered."""
     t = type(supported)
     c = t.from_buffer_copy(supported)
     for i in range(c.nent):
         e = c.entries[i]
         if e.function == 1:
             e.ebx = (e.ebx & 0x00FFFFFF) | (vcpu_id << 24)
+            e.ecx |= CPUID_1_ECX_HYPERVISOR
         elif e.function in (0xB, 0x1F):
             e.edx = vcpu_id
+    _fix_xsave_leaf(c)
     return c

@@ -15,6 +15,8 @@
 #   pvsched.interval=<us>  cyclictest interval (default 1000)
 #   pvsched.spin=<s>       self-test: how long the RT spinner runs (default 2)
 #   pvsched.new_id=V:D     device workload: also bind the driver to PCI V:D
+#   pvsched.end=poweroff|reboot   how the VM ends (default poweroff)
+#   pvsched.hist=<us>      cyclictest histogram buckets of 1 us (default 20000; p50/p99 come from it)
 
 /bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
@@ -140,7 +142,7 @@ workload_cyclictest() {
 		fi
 	fi
 	cyclictest --mlockall -q -p 8 --policy=rr -i "$interval" -D "$duration" \
-		-t "$(nproc)" -a --json=/tmp/cyclictest.json > /tmp/cyclictest.out 2>&1
+		-t "$(nproc)" -a -h "$(arg hist 20000)" --json=/tmp/cyclictest.json > /tmp/cyclictest.out 2>&1
 	rc=$?
 	echo "{\"type\":\"cyclictest\",\"rc\":$rc,\"result\":$(tr -d '\n' < /tmp/cyclictest.json 2>/dev/null || echo null)}"
 	[ $rc -ne 0 ] && cat /tmp/cyclictest.out
@@ -190,4 +192,11 @@ shell) workload_shell ;;
 *) echo "{\"type\":\"error\",\"what\":\"unknown workload $workload\"}" ;;
 esac
 echo '{"type":"done"}'
-poweroff -f
+# poweroff -f does not wait for the tty: what the serial driver still holds would be lost.  Setting the
+# console's own settings again (tcsetattr TCSADRAIN) returns once its output is sent.
+stty -F /dev/console "$(stty -F /dev/console -g)"
+if [ "$(arg end poweroff)" = reboot ]; then
+	reboot -f
+else
+	poweroff -f
+fi

@@ -34,6 +34,7 @@ BUILD_DIR = Path(__file__).resolve().parent / "build"
 FLAVORS: dict[str, tuple[str, str]] = {
     "cloud": ("linux-image-cloud-amd64", "linux-headers-cloud-amd64"),
     "cloud-6.12": ("linux-image-6.12-cloud-amd64", "linux-headers-6.12-cloud-amd64"),
+    "generic": ("linux-image-amd64", "linux-headers-amd64"),
 }
 ALIASES = {"cloud-6.1": "cloud", "6.1": "cloud", "6.12": "cloud-6.12"}
 
@@ -246,6 +247,47 @@ def fetch_kernel(flavor: str = "cloud") -> Path:
     return min(out.glob("vmlinuz-*"))
 
 
+def fetch_lab_kernel() -> Path:
+    """vmlinuz of the current Debian generic kernel, unpacked with its modules (and modules.dep) for the lab.
+
+    The tree is a root of its own (<cache>/boot/vmlinuz-R, <cache>/lib/modules/R/) so virtme-ng finds the
+    modules next to the image; nothing is installed on the host."""
+    cache = BUILD_DIR / "lab"
+    try:
+        (pkg,) = resolve(FLAVORS["generic"][0], ("linux-image-",))
+    except KernelFetchError:
+        cached = _newest_cached(cache, "*/boot/vmlinuz-*")
+        if cached:
+            log.warning("cannot resolve %s; using cached %s", FLAVORS["generic"][0], cached)
+            return cached
+        raise
+    out = cache / f"{pkg.name}_{pkg.version}"
+    found = sorted(out.glob("boot/vmlinuz-*"))
+    if found:
+        return found[0]
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache))
+    try:
+        deb = download(pkg, tmp / "deb")
+        log.info("unpacking %s", deb.name)
+        r = _run(["dpkg-deb", "-x", str(deb), str(tmp)])
+        if r.returncode != 0:
+            raise KernelFetchError(f"dpkg-deb -x {deb.name}: {r.stderr.strip()}")
+        shutil.rmtree(tmp / "deb")
+        images = sorted(tmp.glob("boot/vmlinuz-*"))
+        if not images:
+            raise KernelFetchError(f"{deb.name} holds no boot/vmlinuz-*")
+        release = images[0].name.removeprefix("vmlinuz-")
+        # Debian generates modules.dep at install time; the lab's module loading needs it.
+        r = _run(["depmod", "-b", str(tmp), release])
+        if r.returncode != 0:
+            raise KernelFetchError(f"depmod for {release}: {r.stderr.strip()}")
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return min(out.glob("boot/vmlinuz-*"))
+
+
 def fetch_headers(flavor: str = "cloud") -> Path:
     """KDIR (the linux-headers-<release> tree) for flavor's current kernel, to build out-of-tree modules against."""
     flavor = canonical_flavor(flavor)
@@ -253,12 +295,12 @@ def fetch_headers(flavor: str = "cloud") -> Path:
     try:
         pkgs = resolve(FLAVORS[flavor][1], ("linux-headers-", "linux-kbuild-"))
     except KernelFetchError:
-        cached = _newest_cached(cache, "*/usr/src/linux-headers-*-cloud-amd64")
+        cached = _newest_cached(cache, "*/usr/src/linux-headers-*-amd64")
         if cached:
             log.warning("cannot resolve %s; using cached %s", FLAVORS[flavor][1], cached)
             return cached
         raise
-    arch_pkg = next(p for p in pkgs if p.name.endswith("-cloud-amd64"))
+    arch_pkg = next(p for p in pkgs if p.name.endswith("-amd64") and not p.name.endswith("-common"))
     release = arch_pkg.name.removeprefix("linux-headers-")
     root = cache / f"{arch_pkg.name}_{arch_pkg.version}"
     kdir = root / "usr" / "src" / f"linux-headers-{release}"

@@ -49,17 +49,36 @@ def test_mp_table_is_well_formed():
     assert count == 3 + 1 + 1 + 16 + 2
 
 
-def test_acpi_rsdp_xsdt_madt_are_well_formed():
-    blob = acpi.acpi_tables(2)
+def _tables(blob: bytes) -> dict[bytes, tuple[int, bytes]]:
+    """Signature -> (address, table) of every table the XSDT and the FADT reach, checksums verified."""
     rsdp = blob[:36]
     assert rsdp[:8] == b"RSD PTR " and sum(rsdp[:20]) % 256 == 0 and sum(rsdp) % 256 == 0 and rsdp[15] == 2
+
+    def at(addr: int) -> bytes:
+        t = blob[addr - acpi.RSDP_ADDR:]
+        t = t[:struct.unpack_from("<I", t, 4)[0]]
+        assert sum(t) % 256 == 0 or t[:4] == b"FACS", t[:4]
+        return t
+
     xsdt_addr = struct.unpack_from("<Q", rsdp, 24)[0]
-    xsdt = blob[xsdt_addr - acpi.RSDP_ADDR:]
-    xsdt = xsdt[:struct.unpack_from("<I", xsdt, 4)[0]]
-    assert xsdt[:4] == b"XSDT" and sum(xsdt) % 256 == 0 and len(xsdt) == 44
-    madt_addr = struct.unpack_from("<Q", xsdt, 36)[0]
-    madt = blob[madt_addr - acpi.RSDP_ADDR:]
-    assert madt[:4] == b"APIC" and struct.unpack_from("<I", madt, 4)[0] == len(madt) and sum(madt) % 256 == 0
+    xsdt = at(xsdt_addr)
+    found = {b"XSDT": (xsdt_addr, xsdt)}
+    for i in range((len(xsdt) - 36) // 8):
+        addr = struct.unpack_from("<Q", xsdt, 36 + 8 * i)[0]
+        found[at(addr)[:4]] = (addr, at(addr))
+    fadt = found[b"FACP"][1]
+    for off, sig in ((132, b"FACS"), (140, b"DSDT")):
+        addr = struct.unpack_from("<Q", fadt, off)[0]
+        assert addr == struct.unpack_from("<I", fadt, 36 if sig == b"FACS" else 40)[0]  # 32- and 64-bit agree
+        found[sig] = (addr, at(addr))
+    return found
+
+
+def test_acpi_tables_are_well_formed():
+    t = _tables(acpi.acpi_tables(2))
+    assert set(t) == {b"XSDT", b"FACP", b"FACS", b"DSDT", b"APIC"}
+    assert t[b"FACS"][0] % 64 == 0 and len(t[b"FACS"][1]) == 64
+    madt = t[b"APIC"][1]
     entries, off = [], 44
     while off < len(madt):
         entries.append((madt[off], madt[off + 2:off + madt[off + 1]]))
@@ -67,6 +86,97 @@ def test_acpi_rsdp_xsdt_madt_are_well_formed():
     assert [e[0] for e in entries] == [0, 0, 1, 4]
     assert entries[1][1][:2] == bytes([1, 1])  # processor UID 1, APIC id 1
     assert struct.unpack_from("<I", entries[2][1], 2)[0] == 0xFEC00000
+    end = max(a + len(x) for a, x in t.values())
+    assert end <= x86.MPTABLE_ADDR  # the MP table follows at 0xF0000
+
+
+def test_fadt_points_at_the_pm_block_and_the_reset_register():
+    fadt = _tables(acpi.acpi_tables(1))[b"FACP"][1]
+    assert len(fadt) == acpi.FADT_LEN and fadt[8] == acpi.FADT_REVISION
+    assert struct.unpack_from("<H", fadt, 46)[0] == acpi.SCI_IRQ
+    assert struct.unpack_from("<I", fadt, 48)[0] == 0  # no SMI_CMD: ACPI mode from the start
+    assert struct.unpack_from("<III", fadt, 56)[0] == acpi.PM1A_EVT
+    assert struct.unpack_from("<I", fadt, 64)[0] == acpi.PM1A_CNT
+    assert struct.unpack_from("<I", fadt, 76)[0] == acpi.PM_TMR
+    assert tuple(fadt[88:92]) == (4, 2, 0, 4)
+    assert struct.unpack_from("<H", fadt, 109)[0] & acpi.IAPC_NO_CMOS_RTC
+    assert struct.unpack_from("<I", fadt, 112)[0] & acpi.FADT_RESET_REG_SUP
+    space, width, _, _, addr = struct.unpack_from("<BBBBQ", fadt, 116)
+    assert (space, width, addr, fadt[128]) == (acpi.GAS_SYSTEM_IO, 8, acpi.RESET_REG, acpi.RESET_VALUE)
+    assert struct.unpack_from("<BBBBQ", fadt, 172)[4] == acpi.PM1A_CNT
+
+
+def test_dsdt_names_s5_and_a_pci_root_bridge():
+    dsdt = _tables(acpi.acpi_tables(1))[b"DSDT"][1]
+    aml = dsdt[36:]
+    # Name(_S5_, Package(4) {5, 5, 0, 0})
+    assert aml.startswith(b"\x08_S5_\x12\x08\x04\x0a\x05\x0a\x05\x00\x00")
+    assert b"\x5b\x82" in aml and b"PCI0" in aml  # Device(PCI0)
+    assert b"_HID\x0c" + struct.pack("<I", acpi.eisa_id("PNP0A03")) in aml
+    assert struct.pack("<I", acpi.eisa_id("PNP0A03")) == bytes([0x41, 0xD0, 0x0A, 0x03])
+
+
+def test_aml_pkglength_encodings():
+    assert acpi.aml_pkglength(0x3E) == bytes([0x3F])
+    assert acpi.aml_pkglength(0x3F) == bytes([0x41, 0x04])   # 0x41 total: two bytes
+    assert acpi.aml_pkglength(0x1000) == bytes([0x83, 0x00, 0x01])  # 0x1003 in all
+
+
+def test_acpi_pm_powers_off_on_s5_and_resets_on_the_reset_value():
+    from vmm.acpi_pm import AcpiPm
+
+    events: list[str] = []
+    pm = AcpiPm(events.append)
+    cnt = acpi.PM1A_CNT - acpi.PM_BASE
+    assert pm.io_read(cnt, 2) & acpi.PM1_CNT_SCI_EN
+    pm.io_write(cnt, 2, acpi.SLP_TYP_S5 << 10)                  # SLP_TYP without SLP_EN: nothing yet
+    pm.io_write(cnt, 2, 3 << 10 | acpi.PM1_CNT_SLP_EN)          # S3: not supported, ignored
+    assert events == []
+    pm.io_write(cnt, 2, acpi.SLP_TYP_S5 << 10 | acpi.PM1_CNT_SLP_EN | acpi.PM1_CNT_SCI_EN)
+    assert events == ["poweroff"]
+    pm.io_write(acpi.RESET_REG - acpi.PM_BASE, 1, 0x02)          # not the reset value
+    pm.io_write(acpi.RESET_REG - acpi.PM_BASE, 1, acpi.RESET_VALUE)
+    assert events == ["poweroff", "reset"]
+
+
+def test_pm_timer_counts_at_3_58_mhz():
+    import time
+
+    from vmm.acpi_pm import AcpiPm
+
+    pm = AcpiPm(lambda kind: None)
+    tmr = acpi.PM_TMR - acpi.PM_BASE
+    t0, a = time.monotonic(), pm.io_read(tmr, 4)
+    time.sleep(0.05)
+    b, t1 = pm.io_read(tmr, 4), time.monotonic()
+    rate = ((b - a) & 0xFFFFFFFF) / (t1 - t0)
+    assert 0.9 * acpi.PM_TIMER_HZ < rate < 1.1 * acpi.PM_TIMER_HZ
+
+
+def test_cpuid_sets_the_hypervisor_bit_and_a_consistent_xsave_leaf():
+    """Leaf 0xD offers only states whose feature bits are offered, and EBX/ECX size all of them."""
+    from vmm import kvm
+
+    entries = {(1, 0): (0, 0, 0, 0), (7, 0): (0, 0, 0, 0),        # no AVX, no PKU
+               (0xD, 0): (0x207, 0x980, 0xA88, 0), (0xD, 2): (0x100, 0x240, 0, 0), (0xD, 9): (8, 0xA80, 0, 0)}
+    c = kvm.cpuid2_type(len(entries))()
+    c.nent = len(entries)
+    for i, ((f, idx), regs) in enumerate(entries.items()):
+        e = c.entries[i]
+        e.function, e.index = f, idx
+        e.eax, e.ebx, e.ecx, e.edx = regs
+    out = x86.vcpu_cpuid(c, 3)
+    got = {(out.entries[i].function, out.entries[i].index): out.entries[i] for i in range(out.nent)}
+    assert got[(1, 0)].ecx & x86.CPUID_1_ECX_HYPERVISOR and got[(1, 0)].ebx >> 24 == 3
+    d0 = got[(0xD, 0)]
+    assert (d0.eax, d0.ebx, d0.ecx) == (0x3, 576, 576)
+    assert got[(0xD, 2)].eax == got[(0xD, 9)].eax == 0
+    # with AVX and PKU offered, both states stay and the size covers PKRU at 0xa80
+    c.entries[0].ecx, c.entries[1].ecx = x86.CPUID_1_ECX_AVX, x86.CPUID_7_ECX_PKU
+    c.entries[2].eax, c.entries[2].ebx, c.entries[2].ecx = 0x207, 0x980, 0xA88
+    c.entries[3].eax, c.entries[4].eax = 0x100, 8
+    d0 = {(e.function, e.index): e for e in (x86.vcpu_cpuid(c, 0).entries[i] for i in range(5))}[(0xD, 0)]
+    assert (d0.eax, d0.ebx, d0.ecx) == (0x207, 0xA88, 0xA88)
 
 
 def test_e820_splits_around_the_bios_hole_and_the_mmio_hole():
