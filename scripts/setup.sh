@@ -5,8 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PWD_REPO="$(pwd -P)"
 
+# udev: `pyvmm lab` (virtme-ng) needs udevd in the shared root to name the virtio ports that carry a
+# command's output and exit status back.
 APT_PACKAGES=(clang llvm libbpf-dev bpftool gcc make binutils stress-ng rt-tests
-              qemu-system-x86 busybox-static cpio libcap2-bin iproute2 kmod procps libseccomp2)
+              qemu-system-x86 busybox-static cpio libcap2-bin iproute2 kmod procps libseccomp2 udev)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -24,6 +26,7 @@ PY=${PYTHON:-python3}
 # python finds the packages anyway) and against this checkout: another clone's editable install must not
 # pass for this one's.
 if ! (cd / && REPO="$PWD_REPO" $PY -c 'import os, vmm, pvsched_device, tools, bpf, pytest_timeout, hypothesis, elftools
+import virtme_ng
 raise SystemExit(not vmm.__file__.startswith(os.environ["REPO"] + "/"))') 2>/dev/null \
    || [ pyproject.toml -nt .setup-stamp ]; then
     echo "setup: pip install -e .[test]" >&2

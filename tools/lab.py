@@ -73,8 +73,8 @@ def guest_script(argv: list[str], cwd: str, path: str) -> str:
     return "\n".join([
         # kvm_amd under TCG's nested SVM; kvm_intel where QEMU runs on KVM over a VMX host.
         "modprobe -q kvm_amd 2>/dev/null || modprobe -q kvm_intel 2>/dev/null",
-        "if [ ! -e /dev/kvm ]; then echo 'pyvmm lab: no /dev/kvm inside the lab "
-        "(kvm_amd/kvm_intel did not load)' >&2; exit 125; fi",
+        ("if [ ! -e /dev/kvm ]; then echo 'pyvmm lab: no /dev/kvm inside the lab "
+         "(kvm_amd/kvm_intel did not load)' >&2; exit 125; fi"),
         "grep -qs ' /sys/fs/bpf bpf ' /proc/mounts || mount -t bpf -o mode=0700 bpf /sys/fs/bpf",
         f"export PATH={shlex.quote(path)}",
         "export PYVMM_IN_LAB=1",

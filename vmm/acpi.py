@@ -12,9 +12,9 @@
   There is no CMOS RTC (ports 0x70/0x71 read all ones, on which Linux's
   RTC probe spins for seconds per access), and the FADT says so.
 - DSDT: `\\_S5` and a PCI root bridge (PNP0A03, bus 0).  With ACPI active,
-  Linux finds PCI buses only through root bridges in the namespace; without
-  _CRS it gives the bridge the whole I/O and memory space, and since no PCI
-  device of pyvmm raises INTx there is no _PRT.
+  Linux finds PCI buses only through root bridges in the namespace; its
+  _CRS names bus 0-255, the I/O ports and the 32-bit MMIO window, and since
+  no PCI device of pyvmm raises INTx there is no _PRT.
 
 References: ACPI 6.4, sections 5.2.5 (RSDP), 5.2.8 (XSDT), 5.2.9 (FADT),
 5.2.10 (FACS), 5.2.12 (MADT), 4.8 (fixed hardware registers), 19/20 (AML).
@@ -23,6 +23,8 @@ References: ACPI 6.4, sections 5.2.5 (RSDP), 5.2.8 (XSDT), 5.2.9 (FADT),
 from __future__ import annotations
 
 import struct
+
+from vmm.memory import PCI_MMIO_END, PCI_MMIO_START
 
 RSDP_ADDR = 0xE0000  # Linux scans 0xE0000-0xFFFFF for "RSD PTR "
 OEM_ID = b"PYVMM "
@@ -186,6 +188,38 @@ def eisa_id(s: str) -> int:
     return int.from_bytes(v.to_bytes(4, "big"), "little")
 
 
+AML_BUFFER = 0x11
+RES_IO, RES_END = 0x47, 0x79
+RES_WORD, RES_DWORD = 0x88, 0x87
+RES_TYPE_MEMORY, RES_TYPE_IO, RES_TYPE_BUS = 0, 1, 2
+RES_MIN_MAX_FIXED = 0x0C       # general flags: _MIF and _MAF, a producer with positive decode
+
+
+def aml_buffer(data: bytes) -> bytes:
+    """Buffer() { data }."""
+    body = aml_integer(len(data)) + data
+    return bytes([AML_BUFFER]) + aml_pkglength(len(body)) + body
+
+
+def res_word(kind: int, lo: int, hi: int) -> bytes:
+    """A Word Address Space descriptor (bus numbers or I/O ports) for [lo, hi]."""
+    return struct.pack("<BHBBBHHHHH", RES_WORD, 13, kind, RES_MIN_MAX_FIXED, 0, 0, lo, hi, 0, hi - lo + 1)
+
+
+def res_dword_memory(lo: int, hi: int) -> bytes:
+    """A DWord memory window [lo, hi] (non-cacheable, read-write)."""
+    return struct.pack("<BHBBBIIIII", RES_DWORD, 23, RES_TYPE_MEMORY, RES_MIN_MAX_FIXED, 1, 0, lo, hi, 0,
+                       hi - lo + 1)
+
+
+def pci_root_crs(mmio_start: int, mmio_end: int) -> bytes:
+    """The root bridge's resources: bus 0-255, config ports 0xCF8-0xCFF, the rest of I/O, the MMIO window."""
+    io_cf8 = struct.pack("<BBHHBB", RES_IO, 1, 0xCF8, 0xCF8, 1, 8)
+    body = (res_word(RES_TYPE_BUS, 0, 0xFF) + io_cf8 + res_word(RES_TYPE_IO, 0, 0xCF7)
+            + res_word(RES_TYPE_IO, 0xD00, 0xFFFF) + res_dword_memory(mmio_start, mmio_end - 1))
+    return aml_buffer(body + bytes([RES_END, 0]))
+
+
 def dsdt() -> bytes:
     """DSDT: \\_S5 (SLP_TYP for PM1a and PM1b) and the PCI root bridge \\_SB.PCI0 on bus 0."""
     s5 = aml_name("_S5", aml_package(SLP_TYP_S5, SLP_TYP_S5, 0, 0))
@@ -193,7 +227,8 @@ def dsdt() -> bytes:
                       aml_name("_HID", aml_integer(eisa_id("PNP0A03"))),
                       aml_name("_UID", aml_integer(0)),
                       aml_name("_SEG", aml_integer(0)),
-                      aml_name("_BBN", aml_integer(0)))
+                      aml_name("_BBN", aml_integer(0)),
+                      aml_name("_CRS", pci_root_crs(PCI_MMIO_START, PCI_MMIO_END)))
     return sdt(b"DSDT", 2, s5 + aml_scope(b"\\_SB_", pci0))
 
 

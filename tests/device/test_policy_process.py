@@ -304,3 +304,21 @@ def test_killing_the_vmm_ends_the_policy_process(tmp_path: Path) -> None:
             vmm.wait()
     # Its single cleanup path ran: the engine's pins of that VMM are gone.
     _wait_for(lambda: not os.path.exists(f"/sys/fs/bpf/pvsched/{vmm.pid}"), what="the dead VMM's pins to go")
+
+
+def test_policy_asked_for_but_not_loaded_is_a_hard_error(monkeypatch) -> None:
+    """A run without BPF must not pass for a pvsched run: `pyvmm boot` refuses it (VmmError: exit 2)."""
+    import pytest
+
+    from pvsched_device import device as devmod
+    from vmm.boot import BootConfig, run_vm
+    from vmm.machine import VmmError
+
+    def spawn(self) -> dict:
+        self.ready = {"op": "ready", "engine": False, "engine_error": "PolicyEngine failed: LibbpfError: no BTF"}
+        return self.ready
+
+    monkeypatch.setattr(devmod.PolicySupervisor, "spawn", spawn)
+    with pytest.raises(VmmError, match=r"the BPF policy did not load: PolicyEngine failed: LibbpfError: no BTF "
+                                       r"\(--no-policy runs without it\)"):
+        run_vm(BootConfig(cmdline="duration=1", control_socket=False))

@@ -1,13 +1,11 @@
-"""Other workloads of the Linux image: cyclictest (the seed's guest benchmark), the device-mode probe, and pyvmm."""
+"""Other workloads of the Linux image under QEMU TCG: cyclictest (the seed's guest benchmark) and the device-mode probe.
+
+Linux under pyvmm itself runs in the lab: tests/linux_guest/test_linux_lab.py."""
 
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
-
-import pytest
 
 from guest_image.linux import qemu
 
@@ -39,44 +37,3 @@ def test_probe_unwinds_on_a_device_that_is_not_pvsched(linux_image):
     dmesg = res.dmesg()
     assert re.search(r"pvsched 0000:[0-9a-f:.]+: BAR0 has no pvsched magic \[rc=-19\]", dmesg), dmesg
     assert not re.search(r"WARNING:|BUG:|Oops|Call Trace", dmesg), dmesg
-
-
-def _has_hw_virt() -> bool:
-    flags = Path("/proc/cpuinfo").read_text()
-    return bool(re.search(r"^flags\s*:.*\b(vmx|svm)\b", flags, re.MULTILINE))
-
-
-@pytest.mark.skipif(
-    not _has_hw_virt(),
-    reason="needs VMX/SVM: pyvmm cannot run Linux under this machine's PVM KVM "
-    "(reaching the Linux banner is covered by the VMM's slow bzImage test)",
-)
-def test_pyvmm_boots_linux_and_the_module_negotiates(linux_image):
-    image = linux_image("cloud")
-    cmdline = "console=ttyS0 panic=-1 pvsched.workload=device"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "vmm.cli",
-            "boot",
-            "--kernel",
-            str(image.kernel),
-            "--initrd",
-            str(image.initrd),
-            "--cmdline",
-            cmdline,
-            "--timeout",
-            "120",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    console = r.stdout + r.stderr
-    assert re.search(r"pvsched 0000:[0-9a-f:.]+: active: version 0x10000 features 0x1f", console), console[-3000:]
-    info = [rec for rec in qemu.parse_records(console) if rec["type"] == "info"]
-    assert info and info[0]["mode"] == "device"
-    assert {"type": "module", "event": "unload", "rc": 0} in qemu.parse_records(console)

@@ -1,0 +1,53 @@
+"""Run inside `pyvmm lab`: boot Linux images under pyvmm and print one JSON line per boot for the tests.
+
+    python -m tests.linux_guest.lab_boots OUT.json KERNEL INITRD END [KERNEL INITRD END ...] [-- CMDLINE]
+
+END is poweroff or reboot (the image's pvsched.end=).  Each line holds the exit code, pyvmm's message, the
+guest's records and the boot log's warnings, clocksource and last lines.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+from vmm.boot import BootConfig, run_vm
+from vmm.console import parse_records
+
+BAD = re.compile(r"WARNING:|BUG:|Oops|Call Trace|\[Firmware Bug\]")
+
+
+def boot(kernel: str, initrd: str, end: str, extra: str, timeout: float = 300) -> dict:
+    """One pyvmm boot of a Linux image with the pvsched device and the policy; what the tests check.
+
+    `extra` is more kernel command line; it names the workload (default pvsched.workload=device)."""
+    if "pvsched.workload=" not in extra:
+        extra = f"pvsched.workload=device {extra}"
+    cmdline = f"console=ttyS0 pvsched.end={end} {extra}".strip()
+    r = run_vm(BootConfig(kernel=kernel, initrd=initrd, cmdline=cmdline, mem_mib=512, timeout=timeout))
+    clock = re.findall(r"clocksource: Switched to clocksource (\S+)", r.console)
+    dev = r.device_stats.get("pvsched") or {}
+    policy = dev.get("policy") or {}
+    return {"kernel": kernel, "end": end, "exit_code": r.exit_code, "message": r.message,
+            "records": parse_records(r.console), "bad_lines": [ln for ln in r.console.splitlines() if BAD.search(ln)],
+            "clocksource": clock[-1] if clock else None, "tail": r.console.splitlines()[-3:],
+            "programs": policy.get("programs"), "policy_stats": policy.get("stats"),
+            "host_areas": [v.get("host") for v in (dev.get("device") or {}).get("vcpus") or []]}
+
+
+def main(argv: list[str]) -> int:
+    """Boot each (kernel, initrd, end) triple and write the results as a JSON list to argv[0]."""
+    extra = ""
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], " ".join(argv[i + 1:])
+    out, rest = argv[0], argv[1:]
+    results = [boot(*rest[i:i + 3], extra) for i in range(0, len(rest), 3)]
+    with open(out, "w") as f:
+        json.dump(results, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,105 @@
+"""Linux under pyvmm, inside `pyvmm lab` (nested SVM under QEMU TCG on hosts without VMX/SVM).
+
+Default suite: the cloud image boots under pyvmm with the pvsched device and the policy, the module
+negotiates, the slots update, the KVM tracepoints' programs run, the clock is kvm-clock, and power-off
+ends the VM with exit 0 and the console complete.  Slow tier: power-off and reboot for every flavor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("qemu-system-x86_64") is None
+                                or shutil.which("vng") is None,
+                                reason="the lab needs root, QEMU and virtme-ng (scripts/setup.sh)")
+
+
+def lab_boots(tmp_path: Path, boots: list[tuple[Path, Path, str]], timeout: float, extra: str = "",
+              under_load: bool = False) -> list[dict]:
+    """Run tests/linux_guest/lab_boots.py inside one lab VM (with the seed's stress-ng beside it if
+    under_load); its JSON results."""
+    out = tmp_path / "boots.json"
+    inner = [sys.executable, "-m", "tests.linux_guest.lab_boots", str(out)]
+    for kernel, initrd, end in boots:
+        inner += [str(kernel), str(initrd), end]
+    if extra:
+        inner += ["--", extra]
+    if under_load:
+        stress = "stress-ng --cpu 2 --iomix 1 --vm 1 --vm-bytes 128M --fork 1 --timeout 600"
+        script = (f"cd /tmp && {stress} >/dev/null 2>&1 & s=$!; cd {shlex.quote(str(ROOT))}; "
+                  f"{shlex.join(inner)}; rc=$?; kill $s; wait; exit $rc")
+        inner = ["sh", "-c", script]
+    argv = [sys.executable, "-m", "vmm.cli", "lab", "--rwdir", str(tmp_path), "--", *inner]
+    r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+    assert r.returncode == 0, f"lab exited {r.returncode}: {r.stderr[-3000:]}"
+    return json.loads(out.read_text())
+
+
+def test_lab_runs_a_command_with_its_status_stdout_and_stderr(tmp_path):
+    script = f"test -c /dev/kvm && grep -c svm /proc/cpuinfo; pwd; echo oops >&2; echo written > {tmp_path}/f; exit 7"
+    r = subprocess.run([sys.executable, "-m", "vmm.cli", "lab", "--rwdir", str(tmp_path), "--", "sh", "-c", script],
+                       cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+    assert r.returncode == 7, r.stderr[-2000:]
+    out = r.stdout.split()
+    assert out[0] in ("1", "2") and out[1] == str(ROOT), r.stdout   # /dev/kvm and SVM inside, caller's cwd
+    assert "oops" in r.stderr
+    assert (tmp_path / "f").read_text() == "written\n"                # the --rwdir is the host's folder
+
+
+def test_linux_boots_under_pyvmm_with_pvsched_and_powers_off(linux_image, tmp_path):
+    img = linux_image("cloud")
+    (res,) = lab_boots(tmp_path, [(img.kernel, img.initrd, "poweroff")], timeout=420)
+    recs = res["records"]
+    assert res["exit_code"] == 0 and res["message"] == "guest powered off (ACPI S5)", res
+    assert {"type": "done"} in recs, res["tail"]                      # the console is complete to the end
+    info = next(r for r in recs if r.get("type") == "info")
+    assert (info["mode"], info["version"], info["features"]) == ("device", "0x00010000", "0x1f")
+    slots = [r["slot"] for r in recs if r.get("type") == "slot"]
+    assert sorted(s["cpu"] for s in slots) == [0, 1] and all(s["consistent"] and s["seq"] > 0 for s in slots)
+    assert res["clocksource"] == "kvm-clock"
+    assert res["bad_lines"] == []
+    progs = res["programs"] or {}
+    runs = {p["name"]: p.get("run_cnt") for p in progs} if isinstance(progs, list) else {}
+    assert runs.get("pvs_switch", 0) > 0
+    assert runs.get("pvs_kvm_exit", 0) > 0 and runs.get("pvs_kvm_entry", 0) > 0   # real VM exits under SVM
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flavor", ["cloud", "cloud-6.12", "generic"])
+def test_every_flavor_powers_off_and_reboots_with_exit_0(linux_image, tmp_path, flavor):
+    img = linux_image(flavor)
+    results = lab_boots(tmp_path, [(img.kernel, img.initrd, "poweroff"), (img.kernel, img.initrd, "reboot")],
+                        timeout=900)
+    for res, want in zip(results, ("guest powered off (ACPI S5)", "guest reset the machine (ACPI reset register)")):
+        assert res["exit_code"] == 0 and res["message"] == want, res
+        assert {"type": "done"} in res["records"], res["tail"]
+        assert res["clocksource"] == "kvm-clock" and res["bad_lines"] == [], res
+        assert any(re.search(r"active: version 0x10000", ln) for ln in [json.dumps(res["records"])]) or \
+            any(r.get("type") == "info" for r in res["records"])
+
+
+@pytest.mark.slow
+def test_linux_vcpus_are_boosted_while_cyclictest_runs_on_a_busy_host(linux_image, tmp_path):
+    """The seed's case for real: RR 8 cyclictest threads in the guest's slots make the policy boost their
+    vCPU threads while stress-ng loads the (lab's) host, and take the boost back."""
+    img = linux_image("cloud")
+    (res,) = lab_boots(tmp_path, [(img.kernel, img.initrd, "poweroff")], timeout=900, under_load=True,
+                       extra="pvsched.workload=cyclictest pvsched.duration=10")
+    assert res["exit_code"] == 0, res
+    ct = next(r for r in res["records"] if r.get("type") == "cyclictest")
+    assert ct["rc"] == 0 and len(ct["result"]["thread"]) == 2
+    areas = [a for a in res["host_areas"] if a]
+    assert len(areas) == 2 and all(a["boosts"] > 0 for a in areas), areas
+    stats = {k: v["value"] for k, v in (res["policy_stats"] or {}).items()}
+    assert stats["boost"] > 0 and stats["unboost"] + stats["unthrottle"] > 0, stats
