@@ -3,8 +3,10 @@
 Python's os module has none of capset/PR_CAPBSET_DROP/PR_SET_NO_NEW_PRIVS, and no maintained
 libseccomp binding installs into this interpreter from the package index (the official one ships
 only with the distribution's own Python), so libseccomp's stable C API is called through ctypes.
-Order matters: privileged setup first (network and mount namespaces, read-only mounts, bpf stats),
-then drop, then no_new_privs, then seccomp (which needs no_new_privs when CAP_SYS_ADMIN is gone).
+Order matters: privileged setup first (network and mount namespaces, read-only mounts, bpf stats, and
+loading the BPF object, which needs CAP_SYS_ADMIN to find module BTF), then drop (single-threaded: it
+changes the calling thread only), then no_new_privs, then seccomp (which needs no_new_privs when
+CAP_SYS_ADMIN is gone).
 """
 
 from __future__ import annotations

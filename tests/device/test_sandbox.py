@@ -78,3 +78,24 @@ def test_drop_capabilities_keeps_exactly_four_and_cannot_regain() -> None:
     assert lines[2] == "['CapEff:', '0000000000000000']"
     assert lines[3] == "no CAP_SYS_ADMIN"
     assert lines[4] == "['lo']"
+
+
+def test_drop_capabilities_refuses_while_another_thread_would_keep_them() -> None:
+    """capset() changes only the calling thread: with a second thread alive, the drop must not pass for done."""
+    r = _child("""
+        import threading
+        from pvsched_device import sandbox
+        ev = threading.Event()
+        t = threading.Thread(target=ev.wait)
+        t.start()
+        try:
+            sandbox.drop_capabilities()
+        except sandbox.SandboxError as e:
+            print("refused:", e)
+        ev.set()
+        t.join()
+        eff = int(sandbox.proc_status()["CapEff"], 16)
+        print("full" if eff >> sandbox.CAP_SYS_ADMIN & 1 else "dropped")
+        """)
+    assert r.returncode == 0, r.stderr
+    assert "refused: " in r.stdout and "2 threads" in r.stdout and r.stdout.strip().endswith("full"), r.stdout
