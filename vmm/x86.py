@@ -148,13 +148,11 @@ def _leaf(c: object, function: int, index: int = 0) -> object | None:
 
 
 def _fix_xsave_leaf(c: object) -> None:
-    """Make leaf 0xD agree with the rest: offer only the XCR0 states whose feature bits are offered, and
-    give EBX (the size for the states enabled in XCR0) the size of all of them.
+    """Make leaf 0xD agree with the rest: offer only the XCR0 states whose feature bits are offered
+    (Linux enables every state it is offered and whose feature bit it sees), ECX sized for all of them.
 
-    Linux enables every state it is offered and whose feature bit it sees, then checks EBX against the
-    size it computed from the sub-leaves; it WARNs at boot ("XSAVE consistency problem") on a mismatch.
-    Nested under SVM (6.1 as L1) KVM did not refresh EBX after the guest's XSETBV, so EBX must already
-    hold the full size; a guest that enables fewer states only over-reads the size."""
+    EBX is the size for the states enabled in XCR0: KVM recomputes it from its view of the guest's XCR0,
+    so the value here is only the one at reset (x87 | SSE)."""
     d0 = _leaf(c, 0xD, 0)
     if d0 is None:
         return
@@ -172,7 +170,7 @@ def _fix_xsave_leaf(c: object) -> None:
             else:
                 e.eax = e.ebx = e.ecx = e.edx = 0
     d0.eax, d0.edx = mask & 0xFFFFFFFF, mask >> 32
-    d0.ebx = d0.ecx = end
+    d0.ebx, d0.ecx = XSAVE_LEGACY_SIZE, end
 
 
 def vcpu_cpuid(supported: object, vcpu_id: int) -> object:

@@ -16,6 +16,26 @@ from vmm.boot import BootConfig, run_vm
 from vmm.console import parse_records
 
 BAD = re.compile(r"WARNING:|BUG:|Oops|Call Trace|\[Firmware Bug\]")
+TRACE = re.compile(r"-+\[ cut here \]-+.*?---\[ end trace [0-9a-f]+ \]---", re.DOTALL)
+# Seen only in the lab (QEMU TCG's nested SVM): the nested KVM's CPUID 0xD.0 EBX stays at the size for
+# XCR0 = x87|SSE after the guest enabled AVX and PKRU, as if L1 never saw the guest's XSETBV.  Kept apart
+# so that every other WARNING still fails the test (docs/linux-lab.md, "Open").
+LAB_ONLY = "XSAVE consistency problem"
+
+
+def bad_lines(console: str) -> tuple[list[str], bool]:
+    """WARNING/BUG/Oops/Firmware Bug lines outside the lab-only XSAVE trace, and whether that trace appeared."""
+    lab_only = False
+
+    def drop(m: re.Match) -> str:
+        nonlocal lab_only
+        if LAB_ONLY in m.group(0):
+            lab_only = True
+            return ""
+        return m.group(0)
+
+    rest = TRACE.sub(drop, console)
+    return [ln for ln in rest.splitlines() if BAD.search(ln)], lab_only
 
 
 def boot(kernel: str, initrd: str, end: str, extra: str, timeout: float = 300) -> dict:
@@ -26,11 +46,12 @@ def boot(kernel: str, initrd: str, end: str, extra: str, timeout: float = 300) -
         extra = f"pvsched.workload=device {extra}"
     cmdline = f"console=ttyS0 pvsched.end={end} {extra}".strip()
     r = run_vm(BootConfig(kernel=kernel, initrd=initrd, cmdline=cmdline, mem_mib=512, timeout=timeout))
+    bad, xsave_lab_only = bad_lines(r.console)
     clock = re.findall(r"clocksource: Switched to clocksource (\S+)", r.console)
     dev = r.device_stats.get("pvsched") or {}
     policy = dev.get("policy") or {}
     return {"kernel": kernel, "end": end, "exit_code": r.exit_code, "message": r.message,
-            "records": parse_records(r.console), "bad_lines": [ln for ln in r.console.splitlines() if BAD.search(ln)],
+            "records": parse_records(r.console), "bad_lines": bad, "xsave_lab_only": xsave_lab_only,
             "clocksource": clock[-1] if clock else None, "tail": r.console.splitlines()[-3:],
             "programs": policy.get("programs"), "policy_stats": policy.get("stats"),
             "host_areas": [v.get("host") for v in (dev.get("device") or {}).get("vcpus") or []]}
