@@ -30,6 +30,8 @@ import threading
 from pathlib import Path
 from typing import BinaryIO
 
+from guest_image.linux.kernel import KernelFetchError, fetch_lab_kernel
+
 EXIT_BAD_INPUT = 2
 EXIT_LAB_FAILED = 125   # the lab itself did not run the command (boot failure, no /dev/kvm inside)
 DEFAULT_CPUS = 2
@@ -119,8 +121,6 @@ def _resolve_kernel(kernel: str | None) -> Path:
         if not p.is_file():
             raise LabError(f"--kernel {kernel}: no such file")
         return p
-    from guest_image.linux.kernel import KernelFetchError, fetch_lab_kernel
-
     try:
         return fetch_lab_kernel()
     except KernelFetchError as e:

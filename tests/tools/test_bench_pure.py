@@ -282,3 +282,24 @@ def test_max_targets_on_runs_without_hypervisor_steal():
     noisy = [r for r in recs if r["config"] == "vanilla"] + recs[2:4]
     t = {x["name"]: x for x in targets(summarize(noisy))}
     assert t["busy pvsched guest max <= 1/10 x vanilla busy max, runs without steal"]["ok"] is None
+
+
+def test_cyclictest_summary_takes_the_guest_computed_percentiles_and_refuses_a_failed_run():
+    from tools.results import cyclictest_summary
+
+    rec = {"type": "cyclictest", "rc": 0,
+           "summary": {"min": 40, "avg": 120.5, "p50": 100, "p99": 900, "max": 4000, "samples": 3990, "overflows": 2},
+           "result": {"thread": {"0": {"cpu": 0, "cycles": 1995}, "1": {"cpu": 1, "cycles": 1995}}}}
+    s = cyclictest_summary([{"type": "boot"}, rec])
+    assert (s["min"], s["p50"], s["p99"], s["max"], s["samples"], s["vcpus"]) == (40, 100, 900, 4000, 3990, [0, 1])
+    assert cyclictest_summary([{**rec, "rc": 1}]) is None
+    assert cyclictest_summary([{"type": "cyclictest", "rc": 0, "summary": None, "result": None}]) is None
+
+
+def test_linux_bench_plans_cyclictest_on_the_idle_and_busy_host_only():
+    from tools import bench
+
+    a = bench.parse_args(["--guest", "linux", "--quick"])
+    assert a.groups == ["idle", "busy"]
+    cells = bench.plan(a.configs, a.groups, a.reps, (), a.guest)
+    assert {c.workload for c in cells} == {"cyclictest"} and len(cells) == 8
