@@ -216,35 +216,54 @@ def _publish(tmp: Path, out: Path) -> None:
             raise
 
 
-def fetch_kernel(flavor: str = "cloud") -> Path:
-    """Path of the current Debian kernel's vmlinuz (a bzImage) for flavor, downloaded and cached on first use."""
-    flavor = canonical_flavor(flavor)
-    cache = BUILD_DIR / "kernel" / flavor
+def _fetch_image(meta: str, cache: Path, image_glob: str, unpack) -> Path:
+    """The vmlinuz of meta's current kernel package, unpacked under cache by unpack(deb, dest) on first use.
+
+    Offline (the meta package cannot be resolved), the newest tree already unpacked is used."""
     try:
-        (pkg,) = resolve(FLAVORS[flavor][0], ("linux-image-",))
+        (pkg,) = resolve(meta, ("linux-image-",))
     except KernelFetchError:
-        # Offline: fall back to the newest kernel already unpacked.
-        cached = _newest_cached(cache, "*/vmlinuz-*")
+        cached = _newest_cached(cache, f"*/{image_glob}")
         if cached:
-            log.warning("cannot resolve %s; using cached %s", FLAVORS[flavor][0], cached)
+            log.warning("cannot resolve %s; using cached %s", meta, cached)
             return cached
         raise
     out = cache / f"{pkg.name}_{pkg.version}"
-    found = sorted(out.glob("vmlinuz-*"))
+    found = sorted(out.glob(image_glob))
     if found:
         return found[0]
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache))
     try:
         deb = download(pkg, tmp / "deb")
-        _extract_boot(deb, tmp)
-        if not list(tmp.glob("vmlinuz-*")):
+        unpack(deb, tmp)
+        if not list(tmp.glob(image_glob)):
             raise KernelFetchError(f"{deb.name} holds no boot/vmlinuz-*")
-        shutil.rmtree(tmp / "deb")  # the unpacked kernel is all we keep
+        shutil.rmtree(tmp / "deb")  # the unpacked tree is all we keep
         _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return min(out.glob("vmlinuz-*"))
+    return min(out.glob(image_glob))
+
+
+def fetch_kernel(flavor: str = "cloud") -> Path:
+    """Path of the current Debian kernel's vmlinuz (a bzImage) for flavor, downloaded and cached on first use."""
+    flavor = canonical_flavor(flavor)
+    return _fetch_image(FLAVORS[flavor][0], BUILD_DIR / "kernel" / flavor, "vmlinuz-*", _extract_boot)
+
+
+def _unpack_with_modules(deb: Path, dest: Path) -> None:
+    log.info("unpacking %s", deb.name)
+    r = _run(["dpkg-deb", "-x", str(deb), str(dest)])
+    if r.returncode != 0:
+        raise KernelFetchError(f"dpkg-deb -x {deb.name}: {r.stderr.strip()}")
+    images = sorted(dest.glob("boot/vmlinuz-*"))
+    if images:
+        release = images[0].name.removeprefix("vmlinuz-")
+        # Debian generates modules.dep at install time; the lab's module loading needs it.
+        r = _run(["depmod", "-b", str(dest), release])
+        if r.returncode != 0:
+            raise KernelFetchError(f"depmod for {release}: {r.stderr.strip()}")
 
 
 def fetch_lab_kernel() -> Path:
@@ -252,40 +271,7 @@ def fetch_lab_kernel() -> Path:
 
     The tree is a root of its own (<cache>/boot/vmlinuz-R, <cache>/lib/modules/R/) so virtme-ng finds the
     modules next to the image; nothing is installed on the host."""
-    cache = BUILD_DIR / "lab"
-    try:
-        (pkg,) = resolve(FLAVORS["generic"][0], ("linux-image-",))
-    except KernelFetchError:
-        cached = _newest_cached(cache, "*/boot/vmlinuz-*")
-        if cached:
-            log.warning("cannot resolve %s; using cached %s", FLAVORS["generic"][0], cached)
-            return cached
-        raise
-    out = cache / f"{pkg.name}_{pkg.version}"
-    found = sorted(out.glob("boot/vmlinuz-*"))
-    if found:
-        return found[0]
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache))
-    try:
-        deb = download(pkg, tmp / "deb")
-        log.info("unpacking %s", deb.name)
-        r = _run(["dpkg-deb", "-x", str(deb), str(tmp)])
-        if r.returncode != 0:
-            raise KernelFetchError(f"dpkg-deb -x {deb.name}: {r.stderr.strip()}")
-        shutil.rmtree(tmp / "deb")
-        images = sorted(tmp.glob("boot/vmlinuz-*"))
-        if not images:
-            raise KernelFetchError(f"{deb.name} holds no boot/vmlinuz-*")
-        release = images[0].name.removeprefix("vmlinuz-")
-        # Debian generates modules.dep at install time; the lab's module loading needs it.
-        r = _run(["depmod", "-b", str(tmp), release])
-        if r.returncode != 0:
-            raise KernelFetchError(f"depmod for {release}: {r.stderr.strip()}")
-        _publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return min(out.glob("boot/vmlinuz-*"))
+    return _fetch_image(FLAVORS["generic"][0], BUILD_DIR / "lab", "boot/vmlinuz-*", _unpack_with_modules)
 
 
 def fetch_headers(flavor: str = "cloud") -> Path:
