@@ -12,12 +12,11 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from dataclasses import dataclass, field
 
 from tools.results import cyclictest_summary
-from tools.vmrun import parse_guest_lines
+from tools.vmrun import console_reader, parse_guest_lines
 
 
 @dataclass
@@ -59,13 +58,7 @@ def run_peer(host: str, kernel: str, initrd: str, duration_s: float, interval_us
                             text=True, errors="replace", start_new_session=True)
     lines: list[str] = []
 
-    def read() -> None:
-        for line in proc.stdout:
-            if out.init_after_s is None and '"type":"boot"' in line:
-                out.init_after_s = round(time.monotonic() - t0, 2)
-            lines.append(line)
-
-    reader = threading.Thread(target=read, daemon=True)
+    reader = console_reader(proc.stdout, lines, out, t0)
     reader.start()
     try:
         rc = proc.wait(limit_s)

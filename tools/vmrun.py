@@ -213,6 +213,18 @@ def _vm_ending(watchdog_pid: int | None, on_end) -> None:
         on_end()
 
 
+def console_reader(stream, lines: list[str], out, t0: float) -> threading.Thread:
+    """A thread (not started) appending stream's lines to `lines`; it sets out.init_after_s to the seconds
+    since t0 at the Linux image's first /init record."""
+    def read() -> None:
+        for line in stream:
+            if out.init_after_s is None and '"type":"boot"' in line:
+                out.init_after_s = round(time.monotonic() - t0, 2)
+            lines.append(line)
+
+    return threading.Thread(target=read, daemon=True)
+
+
 def run_vm(spec: RunSpec, on_tids=None, on_end=None) -> VmOutcome:
     """Boot, apply the configuration to the vCPU threads as soon as they exist, collect; never leaves the VM behind.
 
@@ -230,13 +242,7 @@ def run_vm(spec: RunSpec, on_tids=None, on_end=None) -> VmOutcome:
     t0 = time.monotonic()
     proc = subprocess.Popen(boot_argv(spec, limit_s, stats_out), stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
                             text=True, errors="replace")
-    def read() -> None:
-        for line in proc.stdout:
-            if out.init_after_s is None and '"type":"boot"' in line:  # the Linux image's /init is running
-                out.init_after_s = round(time.monotonic() - t0, 2)
-            lines.append(line)
-
-    reader = threading.Thread(target=read, daemon=True)
+    reader = console_reader(proc.stdout, lines, out, t0)
     reader.start()
     vmm_pid = None
     own = sched_getattr(0)
