@@ -26,7 +26,16 @@ import time
 from dataclasses import dataclass, field
 
 from pvsched_device import abi
-from vmm.sched_attr import SchedAttr, sched_getattr, sched_setattr
+from vmm.procfs import is_thread_of
+from vmm.sched_attr import (
+    RT_POLICIES,
+    SCHED_BATCH,
+    SCHED_IDLE,
+    SCHED_OTHER,
+    SchedAttr,
+    sched_getattr,
+    sched_setattr,
+)
 
 from . import libbpf
 from .backstop_loop import BackstopLoop
@@ -69,6 +78,7 @@ class VcpuHandle:
     gone: bool = False
     errors: int = 0
     counters: tuple[int, int, int] = (0, 0, 0)
+    pid: int = 0               # the VMM process the thread must belong to (0: not checked, unit tests)
     slot_uaddr: int = 0        # address of `slot` here: what the backstop program reads
 
     def __post_init__(self) -> None:
@@ -95,6 +105,21 @@ class ActuatorStats:
             return {"samples": 0}
         pick = lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] / 1000, 1)
         return {"samples": len(lat), "p50": pick(0.50), "p99": pick(0.99), "max": round(lat[-1] / 1000, 1)}
+
+
+def clamp_attr(attr: SchedAttr, original: SchedAttr) -> SchedAttr:
+    """What the actuator may apply for `attr`, whatever a map or the ring buffer held.
+
+    The thread's own attributes, OTHER/BATCH/IDLE at nice -20..19, or RR/FIFO at
+    1..PVSCHED_RT_PRIO_LIMIT with the original nice; any other policy means no change.
+    """
+    if attr == original:
+        return attr
+    if attr.policy in RT_POLICIES:
+        return SchedAttr(attr.policy, min(max(attr.priority, 1), consts().PVSCHED_RT_PRIO_LIMIT), original.nice)
+    if attr.policy in (SCHED_OTHER, SCHED_BATCH, SCHED_IDLE):
+        return SchedAttr(attr.policy, 0, min(max(attr.nice, -20), 19))
+    return original
 
 
 def write_host_area(slot: memoryview, state: int, attr: SchedAttr, counters: tuple[int, int, int]) -> None:
@@ -170,7 +195,20 @@ class Actuator:
         for tid in list(self.vcpus):
             self.unregister(tid, restore=True)
 
+    def _still_ours(self, h: VcpuHandle) -> bool:
+        """True while h.tid is a thread of its VMM; else it is marked gone (its EXITED record may have been lost
+        to a full ring buffer, and the TID may name another process's thread by now)."""
+        if h.pid and not is_thread_of(h.pid, h.tid):
+            if not h.gone:
+                log.info("pvsched: vCPU %d (tid %d) is no longer a thread of VMM %d: left alone", h.vcpu_id, h.tid,
+                         h.pid)
+            h.gone = True
+            return False
+        return True
+
     def _restore(self, h: VcpuHandle) -> None:
+        if not self._still_ours(h):
+            return
         try:
             if sched_getattr(h.tid) != h.original:
                 sched_setattr(h.tid, h.original)
@@ -336,8 +374,12 @@ class Actuator:
                 log.info("pvsched: vCPU %d (tid %d) exited", h.vcpu_id, tid)
                 return
             h.gen = ev.gen
-            attr = SchedAttr(ev.params.policy, ev.params.rt_priority, ev.params.nice)
+            attr = clamp_attr(SchedAttr(ev.params.policy, ev.params.rt_priority, ev.params.nice), h.original)
             if attr != h.applied:
+                if not self._still_ours(h):
+                    self._loop_vcpus()
+                    self.stats.stale += 1
+                    return
                 try:
                     sched_setattr(tid, attr)
                 except OSError as e:

@@ -26,11 +26,13 @@ from typing import TYPE_CHECKING, Self
 
 import trio
 
+from vmm.procfs import is_thread_of
 from vmm.sched_attr import POLICY_NAMES, SCHED_FIFO, SCHED_RR, SchedAttr, sched_getattr, sched_setattr
 
 from . import libbpf
 from .actuator import Actuator, VcpuHandle
-from .loader import BpfPolicy, enable_stats, remove_pin_dir, stats_enabled
+from .loader import BpfPolicy, enable_stats, stats_enabled
+from .pins import PIN_ROOT, remove_stale_pins
 from .policy_types import consts, enum_name, stat_descriptions
 from .policy_types import ffi as pffi
 from .tunables import DESCRIPTIONS, TunableError, parse
@@ -42,32 +44,11 @@ __all__ = ["DEFAULT_PIN_ROOT", "PolicyEngine", "TunableError", "enable_bpf_stats
 
 log = logging.getLogger("pvsched.engine")
 
-DEFAULT_PIN_ROOT = "/sys/fs/bpf/pvsched"
+DEFAULT_PIN_ROOT = PIN_ROOT
+# What a vCPU thread keeps across unregister/register: its throttle window, its throttle, its counters.
+CARRIED_FIELDS = ("window_start_ns", "window_boosted_ns", "throttle_until_ns", "boosts", "throttles", "boosted_ns",
+                  "gen")
 BPF_OBJECT = Path(__file__).resolve().parent / "build" / "pvsched.bpf.o"
-
-
-def _pid_alive(pid: int) -> bool:
-    """True while process `pid` exists and is not a zombie (a dead VMM nobody reaped yet)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
-def remove_stale_pins(pin_root: str = DEFAULT_PIN_ROOT) -> list[int]:
-    """Remove <pin_root>/<pid>/ directories whose VMM pid is gone (a SIGKILL'd run); returns those pids."""
-    root = Path(pin_root)
-    removed = []
-    if not root.is_dir():
-        return removed
-    for d in root.iterdir():
-        if d.is_dir() and d.name.isdigit() and not _pid_alive(int(d.name)):
-            remove_pin_dir(d)
-            removed.append(int(d.name))
-    return removed
 
 
 def enable_bpf_stats() -> int:
@@ -81,7 +62,7 @@ def _attr_dict(a: SchedAttr) -> dict:
 
 def _bpf_object() -> Path:
     if not BPF_OBJECT.exists():
-        from vmm.artifacts import ensure_built  # builds with clang: only where the sources are
+        from vmm.artifacts import ensure_built  # a clear error naming scripts/setup.sh; never builds
 
         return ensure_built("bpf", quiet=True)
     return BPF_OBJECT
@@ -103,6 +84,9 @@ class PolicyEngine:
         self._closed = False
         self._policy: BpfPolicy | None = None
         self._actuator: Actuator | None = None
+        # Budget and throttle state of unregistered vCPU threads, by TID, for this VMM's whole life: a
+        # guest that re-registers (CONTROL DISABLE + ENABLE) gets back the window it had, not a fresh one.
+        self._carried: dict[int, dict[str, int]] = {}
         if not stats_enabled() and stats_fd is None:
             try:
                 self._own_stats_fd = enable_stats()
@@ -145,10 +129,16 @@ class PolicyEngine:
         v.posted = v.orig
         if _thread_running(self.vmm_pid, tid):
             v.running, v.run_start_ns = 1, time.monotonic_ns()  # same clock as bpf_ktime_get_ns
+        carried = self._carried.pop(tid, None)
+        if carried is not None:
+            for name, value in carried.items():
+                setattr(v, name, value)
+            if v.throttle_until_ns > time.monotonic_ns():
+                v.state = consts().PVSCHED_STATE_THROTTLED  # still serving its throttle: no boost before its end
         view = memoryview(slot).cast("B")[:slot_size]
         ptr = f.from_buffer(view, require_writable=True)
         h = VcpuHandle(tid=tid, vm_id=vm_id, vcpu_id=vcpu_id, slot=view, slot_ptr=ptr,
-                       original=original, applied=original)
+                       original=original, applied=original, pid=self.vmm_pid)
         self._actuator.register(h)
         try:
             self._policy.add_vcpu(tid, v)
@@ -161,6 +151,12 @@ class PolicyEngine:
         h = self._actuator.vcpus.get(tid) if self._actuator else None
         if h is None:
             return
+        v = self._policy.vcpu(tid)
+        if v is not None and not h.gone:
+            self._carried[tid] = {name: getattr(v, name) for name in CARRIED_FIELDS}
+            # Bounded: only TIDs that are still threads of the VMM (an ended thread's TID may come back).
+            for old in [t for t in self._carried if not is_thread_of(self.vmm_pid, t)]:
+                del self._carried[old]
         self._policy.remove_vcpu(tid, h.vcpu_id)
         self._actuator.unregister(tid, restore=True)
 

@@ -36,7 +36,7 @@ typedef uint64_t __u64;
 typedef int32_t __s32;
 #include "../pvsched_device/pvsched_abi.h"
 
-enum mode { M_IDLE, M_PROBE, M_BUSY, M_HOG, M_BLOCK, M_TORN, M_CUSTOM_SPIN, M_CUSTOM_SLEEP, M_EXIT, M_ALT, M_BURST, M_WAKE };
+enum mode { M_IDLE, M_PROBE, M_BUSY, M_HOG, M_BLOCK, M_TORN, M_CUSTOM_SPIN, M_CUSTOM_SLEEP, M_EXIT, M_ALT, M_BURST, M_WAKE, M_NICEFLIP };
 
 #define MAX_THREADS 8
 #define MAX_SAMPLES 20000
@@ -156,6 +156,12 @@ static void *vcpu_main(void *arg)
 			slot_write(s, 0, PVSCHED_POLICY_OTHER, 0, 0, 0);
 			usleep(500);
 			break;
+		case M_NICEFLIP: /* a hostile guest: nice 5 / nice 6 at every block (no state change, no throttle) */
+			slot_write(s, 0, PVSCHED_POLICY_OTHER, 0, 5, 0);
+			usleep(50);
+			slot_write(s, 0, PVSCHED_POLICY_OTHER, 0, 6, 0);
+			usleep(50);
+			break;
 		case M_BURST: /* an RT task that halts briefly between long runs */
 			slot_write(s, 0, PVSCHED_POLICY_RR, 8, 0, 0);
 			spin_us(8000);
@@ -184,7 +190,7 @@ static void *vcpu_main(void *arg)
 
 static int parse_mode(const char *s)
 {
-	static const char *names[] = { "idle", "probe", "busy", "hog", "block", "torn", "", "", "exit", "alt", "burst", "wake" };
+	static const char *names[] = { "idle", "probe", "busy", "hog", "block", "torn", "", "", "exit", "alt", "burst", "wake", "niceflip" };
 
 	for (unsigned i = 0; i < sizeof(names) / sizeof(names[0]); i++)
 		if (names[i][0] && !strcmp(s, names[i]))

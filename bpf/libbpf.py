@@ -75,6 +75,7 @@ struct bpf_link *bpf_program__attach(const struct bpf_program *prog);
 int bpf_link__destroy(struct bpf_link *link);
 
 int bpf_map__fd(const struct bpf_map *map);
+uint32_t bpf_map__max_entries(const struct bpf_map *map);
 int bpf_map__pin(struct bpf_map *map, const char *path);
 int bpf_map__unpin(struct bpf_map *map, const char *path);
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vmm.safe_fs import ensure_private_dir
+
 from . import libbpf
 from .libbpf import LibbpfError, check, check_ptr, string
+from .pins import remove_pin_dir
 from .policy_types import consts, stat_descriptions
 from .policy_types import ffi as pffi
 from .tunables import Tunables
@@ -161,7 +163,8 @@ class BpfPolicy:
 
     def _pin(self) -> None:
         lib = libbpf.lib()
-        self.pin_dir.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self.pin_dir.parent)  # both 0700 and our own, or refused (bpf/pins.py)
+        ensure_private_dir(self.pin_dir)
         for name, m in self._map_ptrs.items():
             path = self.pin_dir / name
             if path.exists():
@@ -274,24 +277,6 @@ class BpfPolicy:
             lib.bpf_object__close(self._obj)
             self._obj = None
         self.maps.clear()
-
-
-def remove_pin_dir(path: Path) -> None:
-    """Unlink every pin in `path` and remove it (bpffs: unlink drops the pin's reference)."""
-    if not path.is_dir():
-        return
-    for entry in path.iterdir():
-        if entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            try:
-                entry.unlink()
-            except FileNotFoundError:
-                pass
-    try:
-        path.rmdir()
-    except FileNotFoundError:
-        pass
 
 
 def stats_enabled() -> bool:

@@ -167,14 +167,31 @@ static __always_inline int read_slot(__u64 addr, struct pvsched_slot_snap *out, 
 	return -EAGAIN;
 }
 
-/* Cap RT parameters by the admin's limits; RT keeps the original nice so restoring is exact. */
+/*
+ * Cap what is about to be posted by the admin's limits, and clamp again here, where it is used:
+ * the tunables map is pinned, and anything holding CAP_BPF can write it.  So whatever the map
+ * holds, only OTHER/BATCH/IDLE (nice -20..19) or RR/FIFO at 1..PVSCHED_RT_PRIO_LIMIT leave here.
+ * RT keeps the original nice so restoring is exact.
+ */
 static __always_inline void cap(const struct pvsched_tunables *t, const struct pvsched_vcpu *v,
 				struct pvsched_sched_params *p)
 {
-	if (!is_rt(p->policy))
+	__u32 lim = t->max_rt_prio < PVSCHED_RT_PRIO_LIMIT ? t->max_rt_prio : PVSCHED_RT_PRIO_LIMIT;
+
+	if (!is_rt(p->policy)) {
+		if (p->policy != SCHED_OTHER && p->policy != SCHED_BATCH && p->policy != SCHED_IDLE) {
+			*p = v->orig; /* a map's unknown boost_policy: no change */
+			return;
+		}
+		p->rt_priority = 0;
+		if (p->nice < -20)
+			p->nice = -20;
+		if (p->nice > 19)
+			p->nice = 19;
 		return;
-	if (p->rt_priority > t->max_rt_prio)
-		p->rt_priority = t->max_rt_prio;
+	}
+	if (p->rt_priority > lim)
+		p->rt_priority = lim;
 	if (p->rt_priority < 1)
 		p->rt_priority = 1;
 	if (p->policy == SCHED_FIFO && !t->allow_fifo)
@@ -253,6 +270,16 @@ static __always_inline int post(struct pvsched_vcpu *v, __u32 tid, const struct 
 		stat_inc(PVSCHED_STAT_UNCHANGED);
 		return 0;
 	}
+	/*
+	 * Each post costs the actuator (FIFO 40) a wake-up and a sched_setattr.  A guest flipping nice 5/6
+	 * at every exit would make it work without bound, so a change that keeps the state waits for the
+	 * minimum interval since the last post; the next evaluation (at the latest the backstop's) posts
+	 * the latest wish.  Transitions (boost, unboost, throttle, unthrottle) are never held back.
+	 */
+	if (state == v->state && now - v->last_post_ns < PVSCHED_MIN_POST_INTERVAL_US * 1000ULL) {
+		stat_inc(PVSCHED_STAT_POST_LIMITED);
+		return 0;
+	}
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		stat_inc(PVSCHED_STAT_RB_DROP);
@@ -267,6 +294,7 @@ static __always_inline int post(struct pvsched_vcpu *v, __u32 tid, const struct 
 	v->posted = *p;
 	v->state = state;
 	v->reason = reason;
+	v->last_post_ns = now;
 	v->gen++;
 	/* boosted run time is counted from the decision on */
 	if (state == PVSCHED_STATE_BOOSTED)

@@ -15,10 +15,11 @@
 #include "../pvsched_device/pvsched_abi.h"
 
 enum pvsched_policy_limits {
-	PVSCHED_MAX_VCPUS = 256,       /* vcpus map entries; apic_tid size */
 	PVSCHED_SLOT_READ_TRIES = 4,   /* seqcount retries before ignoring */
 	PVSCHED_RT_PRIO_LIMIT = 30,    /* RT ladder: guest caps and boosts <= 30 */
 	PVSCHED_ACTUATOR_PRIO = 40,    /* actuator thread, SCHED_FIFO */
+	/* a change that keeps the state (nice 5 -> 6, RR 8 -> 9) is posted at most this often per vCPU */
+	PVSCHED_MIN_POST_INTERVAL_US = 1000,
 	PVSCHED_RINGBUF_BYTES = 256 * 1024,
 };
 
@@ -94,7 +95,8 @@ enum pvsched_stat {
 	PVSCHED_STAT_CLOCK = 26,        /* throttle-clock checks of a boosted or throttled vCPU (BPF timer) */
 	PVSCHED_STAT_RECHECK = 27,      /* slot re-reads the clock asked of the policy process (boosted, running, unread) */
 	PVSCHED_STAT_CLOCK_LATE = 28,   /* clock ticks more than clock_ms late (softirqs deferred to a starved ksoftirqd) */
-	PVSCHED_STAT_NR = 29,
+	PVSCHED_STAT_POST_LIMITED = 29, /* changes within one state held back: less than the minimum interval since the last post */
+	PVSCHED_STAT_NR = 30,
 };
 
 /* Scheduling parameters as sched_setattr takes them. */
@@ -147,6 +149,7 @@ struct pvsched_vcpu {
 	__u64 last_eval_ns;
 	__u64 slot_read_ns;                 /* last evaluation with a valid slot read */
 	struct pvsched_slot_snap last_slot; /* last valid slot read, for show() */
+	__u64 last_post_ns;                 /* when the last change was posted (PVSCHED_MIN_POST_INTERVAL_US) */
 };
 
 /*
@@ -199,7 +202,7 @@ _Static_assert(sizeof(struct pvsched_sched_params) == 16, "params");
 _Static_assert(sizeof(struct pvsched_slot_snap) == 24, "snap");
 _Static_assert(__builtin_offsetof(struct pvsched_slot_snap, wake_hint) ==
 	       __builtin_offsetof(struct pvsched_guest_area, wake_hint), "snap mirrors the guest area");
-_Static_assert(sizeof(struct pvsched_vcpu) == 208, "vcpu");
+_Static_assert(sizeof(struct pvsched_vcpu) == 216, "vcpu");
 _Static_assert(sizeof(struct pvsched_tunables) == 72, "tunables");
 _Static_assert(sizeof(struct pvsched_event) == 88, "event");
 _Static_assert(sizeof(struct pvsched_backstop_ctx) == 16, "backstop ctx");

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import inspect
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -21,10 +22,12 @@ from typing import Any
 from pvsched_device import abi, sandbox, slots
 from pvsched_device.guardian import Guardian, GuardianError
 from pvsched_device.guardian import constants as guardian_constants
+from pvsched_device.rate_limit import TokenBucket
 from pvsched_device.supervisor import PolicySupervisor, PolicyUnavailable
 from vmm.machine import VmmError
 from vmm.memory import HIGH_RAM_START, PCI_MMIO_START, GuestMemoryError
 from vmm.pci_device import BarSpec, PciDevice
+from vmm.procfs import is_thread_of
 from vmm.sched_attr import SchedAttr, sched_getattr, sched_setattr
 
 C = abi.C
@@ -32,6 +35,9 @@ U32 = 0xFFFFFFFF
 STATUS_TIMEOUT_S = 2.0
 FINAL_SHOW_TIMEOUT_S = 1.0  # the policy's last policy.show at shutdown: short, the VM is ending
 MAX_LOGGED_TRANSITIONS = 8
+# Registrations a guest may cause: a few at once (boot, a driver reload), then a few a second.
+REGISTRATION_BURST = 4
+REGISTRATION_RATE_PER_S = 2.0
 REG = {
     "MAGIC": C.PVSCHED_REG_MAGIC, "HOST_VERSION": C.PVSCHED_REG_HOST_VERSION,
     "HOST_FEATURES": C.PVSCHED_REG_HOST_FEATURES, "GUEST_FEATURES": C.PVSCHED_REG_GUEST_FEATURES,
@@ -42,7 +48,7 @@ REG = {
 STATUS_NAMES = {
     C.PVSCHED_STATUS_IDLE: "IDLE", C.PVSCHED_STATUS_ACTIVE: "ACTIVE", C.PVSCHED_STATUS_BAD_GPA: "BAD_GPA",
     C.PVSCHED_STATUS_TOO_SMALL: "TOO_SMALL", C.PVSCHED_STATUS_BAD_VERSION: "BAD_VERSION",
-    C.PVSCHED_STATUS_BAD_FEATURE: "BAD_FEATURE", C.PVSCHED_STATUS_BUSY: "BUSY",
+    C.PVSCHED_STATUS_BAD_FEATURE: "BAD_FEATURE", C.PVSCHED_STATUS_BUSY: "BUSY", C.PVSCHED_STATUS_AGAIN: "AGAIN",
 }
 _RW_ATTR = {
     C.PVSCHED_REG_GUEST_FEATURES: "guest_features", C.PVSCHED_REG_GUEST_VERSION: "guest_version",
@@ -114,6 +120,7 @@ class PvschedDevice(PciDevice):
         self._reset_registers()
         self.active: dict[str, Any] | None = None  # the accepted configuration while ACTIVE
         self._transitions = 0
+        self._registrations = TokenBucket(REGISTRATION_RATE_PER_S, REGISTRATION_BURST)
         self.final_stats: dict[str, Any] | None = None  # set at stop(): device snapshot and policy.show
 
     # --- registers -----------------------------------------------------------------------------------
@@ -202,6 +209,12 @@ class PvschedDevice(PciDevice):
                 self.status = C.PVSCHED_STATUS_BUSY
             else:
                 self.status = self._validate()
+                if self.status == C.PVSCHED_STATUS_ACTIVE and not self._registrations.take():
+                    # Each registration is work at RT in the policy process: a guest toggling DISABLE/ENABLE
+                    # gets AGAIN beyond the bucket, and may ENABLE again later.
+                    self.status = C.PVSCHED_STATUS_AGAIN
+                    return ("ctl-rate", (f"ENABLE refused (AGAIN): more than {REGISTRATION_BURST} registrations "
+                                        f"at once, {REGISTRATION_RATE_PER_S:g}/s after (further ones not logged)"))
                 if self.status == C.PVSCHED_STATUS_ACTIVE:
                     self._activate()
         elif value == C.PVSCHED_CTRL_DISABLE:
@@ -405,6 +418,8 @@ class PvschedDevice(PciDevice):
         """Apply every vCPU thread's original scheduling attributes (vm.original_sched); count restored."""
         n = 0
         for tid, attr in dict(getattr(self.vm, "original_sched", {}) or {}).items():
+            if not is_thread_of(os.getpid(), tid):  # ended: its TID may be another process's thread now
+                continue
             try:
                 sched_setattr(tid, attr)
                 n += 1

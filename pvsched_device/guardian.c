@@ -50,6 +50,8 @@
 #include <unistd.h>
 
 #include "guardian.h"
+#include <linux/types.h> /* the ABI header's __u32 */
+#include "pvsched_abi.h"
 
 #define HEARTBEAT_SIZE 4096
 #define STACK_SIZE (64 * 1024)
@@ -72,6 +74,7 @@ struct kernel_sched_attr {
 	uint64_t sched_period;
 };
 _Static_assert(sizeof(struct kernel_sched_attr) == 48, "SCHED_ATTR_SIZE_VER0");
+_Static_assert((int)PVSCHED_GUARDIAN_MAX_THREADS == (int)PVSCHED_MAX_VCPUS, "one vCPU limit (pvsched_abi.h)");
 
 struct thread_attr {
 	int32_t tid, policy, priority, nice;
@@ -103,6 +106,7 @@ struct pvsched_guardian {
 	int disarmed;                  /* atomic: clean shutdown, no more stale kills */
 	int started;
 	pthread_t thread;
+	pid_t thread_tid;              /* atomic: the guardian thread's TID, 0 until it runs */
 };
 
 static int64_t now_ns(void)
@@ -189,6 +193,11 @@ static int restore_locked(struct pvsched_guardian *g)
 		a.sched_policy = (uint32_t)t->policy;
 		a.sched_priority = (uint32_t)t->priority;
 		a.sched_nice = t->nice;
+		/* Only a thread of this process: a vCPU thread that ended may have left its TID to another
+		 * process by now (pid_max 32768, a forking host load).  tgkill with signal 0 checks that
+		 * the TID is in our thread group and sends nothing. */
+		if (syscall(SYS_tgkill, getpid(), t->tid, 0) != 0)
+			continue;
 		if (syscall(SYS_sched_setattr, t->tid, &a, 0) == 0) {
 			n++;
 		} else if (errno != ESRCH) {  /* a thread that already ended needs nothing */
@@ -444,6 +453,7 @@ static void *guardian_main(void *arg)
 	struct sched_param sp;
 	int policy;
 
+	__atomic_store_n(&g->thread_tid, (pid_t)syscall(SYS_gettid), __ATOMIC_RELEASE);
 	pthread_setname_np(pthread_self(), "pvsched-guard");
 	locked = lock_memory(g);
 	pthread_mutex_lock(&g->lock);
@@ -635,12 +645,20 @@ void pvsched_guardian_disarm(struct pvsched_guardian *g)
 int pvsched_guardian_stop(struct pvsched_guardian *g)
 {
 	uint64_t one = 1;
+	pid_t tid;
 
 	if (!g->started)
 		return 0;
 	if (write(g->stopfd, &one, sizeof(one)) < 0 && errno != EAGAIN)
 		return -errno;
 	pthread_join(g->thread, NULL);
+	/* pthread_join returns once the kernel cleared the thread's TID word (in mm_release), which is
+	 * before the task is released: its /proc entry and TID can outlive the join for a moment.
+	 * "Stopped" means gone, so wait (bounded, 1 s) until the TID leaves this thread group. */
+	tid = __atomic_load_n(&g->thread_tid, __ATOMIC_ACQUIRE);
+	for (int i = 0; tid > 0 && i < 10000 && syscall(SYS_tgkill, getpid(), tid, 0) == 0; i++)
+		usleep(100);
+	g->thread_tid = 0;
 	g->started = 0;
 	close_fds(g);
 	return 0;

@@ -23,7 +23,7 @@ enum {
 	/* a heartbeat not seen moving this long means a hung policy process: 2.5 of its beats (at most
 	 * 100 ms apart: PVSCHED_BACKSTOP_BEAT_MS), so a late beat is never taken for a hang */
 	PVSCHED_GUARDIAN_STALE_MS = 250,
-	PVSCHED_GUARDIAN_MAX_THREADS = 1024,
+	PVSCHED_GUARDIAN_MAX_THREADS = 256,  /* PVSCHED_MAX_VCPUS of the ABI header (asserted in guardian.c) */
 };
 
 enum pvsched_guardian_state {

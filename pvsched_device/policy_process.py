@@ -27,14 +27,14 @@ from typing import Any
 
 import trio
 
+from bpf.pins import PIN_ROOT, ensure_pin_dir, remove_stale_pins
 from pvsched_device import abi, protocol, sandbox, slots
 from pvsched_device.guardian import Heartbeat
 from vmm.sched_attr import SchedAttr, sched_setattr
 
 log = logging.getLogger("pvsched.policy")
 
-PIN_ROOT = "/sys/fs/bpf/pvsched"
-MAX_VCPUS = 1024
+MAX_VCPUS = abi.C.PVSCHED_MAX_VCPUS
 MAX_LOGGED_REGISTRATIONS = 8
 
 
@@ -287,18 +287,10 @@ def setup_privileged(vmm_pid: int, pin_root: str) -> int | None:
         stats_fd = sandbox.enable_bpf_stats()
     except OSError as e:
         log.warning("BPF run-time stats unavailable: %s", e)
-    try:
-        from bpf.engine import remove_stale_pins
-    except ImportError:
-        return stats_fd  # no engine: nothing of ours is or will be pinned
-    try:
-        remove_stale_pins(pin_root)
-    except OSError as e:
-        log.warning("removing stale pins under %s: %s", pin_root, e)
-    try:
-        os.makedirs(os.path.join(pin_root, str(vmm_pid)), exist_ok=True)
-    except OSError as e:
-        log.warning("creating the pin directory under %s: %s", pin_root, e)
+    # A pin root that is a symlink or not root's own 0700 folder stops the start (UnsafePathError is an
+    # OSError): the policy process never pins into, or deletes under, a folder a local user controls.
+    ensure_pin_dir(pin_root, vmm_pid)
+    remove_stale_pins(pin_root)
     return stats_fd
 
 

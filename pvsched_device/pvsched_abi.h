@@ -37,6 +37,12 @@ enum pvsched_reg {
 	PVSCHED_REG_STATUS = 0x28,         /* RO, read as s32 */
 };
 
+/* One limit for every side: the BPF vcpus map, the backstop, the guardian, the policy process
+ * and the device all hold at most this many vCPUs of one VM. */
+enum pvsched_limits {
+	PVSCHED_MAX_VCPUS = 256,
+};
+
 enum pvsched_magic {
 	PVSCHED_MAGIC = 0x43535650, /* "PVSC" little endian */
 };
@@ -76,6 +82,7 @@ enum pvsched_status {
 	PVSCHED_STATUS_BAD_VERSION = -3,
 	PVSCHED_STATUS_BAD_FEATURE = -4,
 	PVSCHED_STATUS_BUSY = -5,
+	PVSCHED_STATUS_AGAIN = -6,   /* ENABLE refused: registrations come too often (rate limit); try again later */
 };
 
 /* Guest slot flags (struct pvsched_guest_area.flags). */

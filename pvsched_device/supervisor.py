@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,21 +23,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import trio
 
+from bpf.pins import PIN_ROOT, remove_pin_dir
 from pvsched_device import protocol
 
 log = logging.getLogger("pyvmm.pvsched.supervisor")
 
-ROOT = Path(__file__).resolve().parent.parent
-READY_TIMEOUT_S = 20.0  # Python start-up, ABI preprocessing and BPF load on a busy 2-core host
+READY_TIMEOUT_S = 60.0  # Python start-up, ABI preprocessing and BPF load: over 20 s in the lab (QEMU TCG) under stress-ng
 STOP_TIMEOUT_S = 3.0
 HEARTBEAT_S = 2.0  # ping period
 HEARTBEAT_TIMEOUT_S = 5.0  # a policy process silent this long is hung: killed, threads restored
-PIN_ROOT = "/sys/fs/bpf/pvsched"
+CHILD_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
 
 
 class PolicyUnavailable(RuntimeError):
@@ -93,9 +91,11 @@ class PolicySupervisor:
 
     def spawn(self) -> dict[str, Any]:
         """Start the policy process (from the VMM's main thread: PDEATHSIG follows that thread) and await ready."""
-        _ensure_bpf_built()  # the sandbox's file system is read-only: build the BPF object here if stale
         parent, child = protocol.socketpair()
-        cmd = [sys.executable, "-m", "pvsched_device.policy_process", "--fd", str(child.fileno()),
+        # -I: no PYTHON* variables, no user site, and neither the caller's working directory nor the
+        # script's folder on sys.path (a json.py there would otherwise run as root); the package is found
+        # through its install.  A fixed environment and cwd "/" for the same reason.
+        cmd = [sys.executable, "-I", "-m", "pvsched_device.policy_process", "--fd", str(child.fileno()),
                "--vmm-pid", str(self.vmm_pid), "--tunables", json.dumps(self.tunables),
                "--pin-root", self.pin_root, *self.extra_args]
         pass_fds = [child.fileno()]
@@ -104,12 +104,10 @@ class PolicySupervisor:
             pass_fds.append(self.heartbeat_fd)
         if self.verbose:
             cmd.append("-v")
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         try:
             # Own session: a terminal's Ctrl-C reaches the VMM, which then ends the child in order.
-            self.proc = subprocess.Popen(cmd, pass_fds=pass_fds, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, env=env, start_new_session=True)
+            self.proc = subprocess.Popen(cmd, pass_fds=pass_fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         env=CHILD_ENV, cwd="/", start_new_session=True)
         finally:
             child.close()
         self._sock = parent
@@ -141,6 +139,11 @@ class PolicySupervisor:
         fut: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
         if not self.alive:
             fut.set_exception(PolicyUnavailable("policy process is not running"))
+            return fut
+        try:  # refused here, whole: a message that cannot be sent must not reach the sender task
+            protocol.encode(dict(msg, id=0))
+        except (ValueError, TypeError) as e:
+            fut.set_exception(ValueError(f"{msg.get('op')}: request refused: {e}"))
             return fut
         dups = tuple(os.dup(fd) for fd in fds)
         superseded = []
@@ -318,7 +321,7 @@ class PolicySupervisor:
                     self._pending[msg["id"]] = fut
                 try:
                     await protocol.send(tsock, {k: v for k, v in msg.items() if k != "_coalesce"}, fds)
-                except OSError as e:
+                except (OSError, ValueError, TypeError) as e:  # this request fails; the sender goes on
                     with self._lock:
                         self._pending.pop(msg["id"], None)
                     fut.set_exception(PolicyUnavailable(f"sending {msg.get('op')}: {e}"))
@@ -399,19 +402,7 @@ class PolicySupervisor:
     def remove_pins(self) -> None:
         """Remove this VMM's pin directory (detaches pinned links) after the policy process could not."""
         path = os.path.join(self.pin_root, str(self.vmm_pid))
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-            if os.path.exists(path):
-                log.warning("could not remove %s", path)
-
-
-def _ensure_bpf_built() -> None:
-    """Run bpf/'s Makefile if its object is stale (where the sources are); failures are the engine's to report."""
-    try:
-        from vmm.artifacts import BuildError, ensure_built
-    except ImportError:
-        return
-    try:
-        ensure_built("bpf", quiet=True)
-    except (BuildError, OSError, KeyError) as e:
-        log.warning("pvsched: BPF policy not built: %s", e)
+        try:
+            remove_pin_dir(path)
+        except OSError as e:
+            log.warning("could not remove %s: %s", path, e)

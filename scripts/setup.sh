@@ -37,7 +37,8 @@ fi
 # BPF pins (the policy's maps under /sys/fs/bpf/pvsched/<vmm-pid>/) need bpffs mounted.
 if ! grep -qs ' /sys/fs/bpf bpf ' /proc/mounts; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    $SUDO mount -t bpf bpf /sys/fs/bpf || echo "setup: cannot mount bpffs at /sys/fs/bpf" >&2
+    # mode 0700: only root may create pins (pyvmm checks its own folder whatever the mount mode is)
+    $SUDO mount -t bpf -o mode=0700 bpf /sys/fs/bpf || echo "setup: cannot mount bpffs at /sys/fs/bpf" >&2
 fi
 
 # Build outputs from source (make skips what is up to date).

@@ -37,6 +37,7 @@ from tools.results import (
     summarize,
     validate_record,
 )
+from vmm.safe_fs import make_output_dir, write_file_nofollow
 
 CONFIGS = ("vanilla", "static-rt", "static-nice", "pvsched")
 GUEST_KINDS = ("testguest", "linux")
@@ -355,12 +356,12 @@ def write_outputs(out_dir: Path, records: list[dict], meta: dict) -> list[dict]:
     """results.json (the records), summary.json (rows, targets, meta), results.md and results.png."""
     from tools.results import targets
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(records, indent=1) + "\n")
+    out_dir = make_output_dir(out_dir)  # refuses a symlink; each file below is written with O_NOFOLLOW
+    write_file_nofollow(out_dir / "results.json", json.dumps(records, indent=1) + "\n")
     rows = summarize(records)
-    (out_dir / "summary.json").write_text(json.dumps({"meta": meta, "rows": rows, "targets": targets(rows)},
-                                                     indent=1) + "\n")
-    (out_dir / "results.md").write_text(report.markdown(rows, meta))
+    write_file_nofollow(out_dir / "summary.json", json.dumps({"meta": meta, "rows": rows, "targets": targets(rows)},
+                                                             indent=1) + "\n")
+    write_file_nofollow(out_dir / "results.md", report.markdown(rows, meta))
     if rows:
         report.plot(rows, out_dir / "results.png")
     return rows
@@ -422,6 +423,10 @@ def bench(args: argparse.Namespace) -> int:
             except RunqlatError as e:
                 _progress(f"bench: vCPU runqueue latency not measured: {e}")
         t0 = time.monotonic()
+        try:  # before the first run, not after an hour of them
+            make_output_dir(args.out)
+        except OSError as e:
+            raise BenchError(f"--out {args.out}: {e.strerror or e}") from None
         _progress(f"bench: {len(cells)} runs of {args.duration:g} s -> {args.out}/")
         for i, cell in enumerate(cells, 1):
             t = time.monotonic()
@@ -455,9 +460,9 @@ def bench(args: argparse.Namespace) -> int:
         meta["failures"].append("schema: " + "; ".join(bad[:5]))
     rows = write_outputs(args.out, records, meta)
     if meta.get("peer"):
-        with open(args.out / "results.md", "a") as f:
-            f.write("\n## A peer: QEMU with -accel kvm, the same image\n\n" + peer_table(meta["peer"], records) + "\n")
-    (args.out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        write_file_nofollow(args.out / "results.md", "\n## A peer: QEMU with -accel kvm, the same image\n\n"
+                            + peer_table(meta["peer"], records) + "\n", append=True)
+    write_file_nofollow(args.out / "meta.json", json.dumps(meta, indent=1) + "\n")
     print(report.table(rows))
     print()
     if cpu := report.cpu_table(rows):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tools.results import MIXED, PRIMARY, TICKING, static_rt_harm, targets
+from vmm.safe_fs import write_file_nofollow
 
 
 def _fmt(v: float | None, digits: int = 0) -> str:
@@ -109,8 +110,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> Path:
-    """Bar charts of guest p99 and max, vCPU wake-to-run p99, host cyclictest max and the host load's throughput
+    """PNG bar charts (written without following a symlink at `path`) of of guest p99 and max, vCPU wake-to-run p99, host cyclictest max and the host load's throughput
     and CPU time per configuration."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,6 +152,8 @@ def plot(rows: list[dict], path: Path) -> Path:
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("pyvmm bench: guest latency and host cost per vCPU scheduling configuration")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    write_file_nofollow(path, png.getvalue())
     return path

@@ -81,9 +81,9 @@ def boot_argv(spec: RunSpec, limit_s: float, stats_out: Path | None = None) -> l
     else:  # the seed's cyclictest (guest_image/linux/init.sh), one RR 8 thread per vCPU
         cmdline = (f"console=ttyS0 quiet pvsched.workload=cyclictest pvsched.duration={spec.duration_s:g} "
                    f"pvsched.interval={spec.interval_us}")
-        guest = ["--kernel", spec.kernel, "--initrd", str(spec.initrd), "--mem", "512"]
+        guest = ["--kernel", os.path.abspath(spec.kernel), "--initrd", os.path.abspath(spec.initrd), "--mem", "512"]
     argv = ["chrt", "-f", "-R", str(WATCHDOG_PRIO), "timeout", "-s", "TERM", "-k", "3", f"{limit_s:.0f}",
-            sys.executable, "-m", "vmm.cli", "boot", "--cpus", str(spec.cpus), *guest, "--cmdline", cmdline,
+            sys.executable, "-I", "-m", "vmm.cli", "boot", "--cpus", str(spec.cpus), *guest, "--cmdline", cmdline,
             "--timeout", f"{limit_s - 2:.0f}"]
     if stats_out is not None:
         argv += ["--stats-out", str(stats_out)]
@@ -240,8 +240,9 @@ def run_vm(spec: RunSpec, on_tids=None, on_end=None) -> VmOutcome:
     stats_dir = tempfile.TemporaryDirectory(prefix="pyvmm-bench-run-")
     stats_out = Path(stats_dir.name) / "stats.json"
     t0 = time.monotonic()
+    # -I and cwd "/": a root child imports nothing from the caller's folder (boot_argv's paths are absolute).
     proc = subprocess.Popen(boot_argv(spec, limit_s, stats_out), stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-                            text=True, errors="replace")
+                            text=True, errors="replace", cwd="/")
     reader = console_reader(proc.stdout, lines, out, t0)
     reader.start()
     vmm_pid = None

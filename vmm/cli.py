@@ -107,9 +107,13 @@ def _parser() -> argparse.ArgumentParser:
 def _boot(args: argparse.Namespace) -> int:
     from vmm.boot import BootConfig, run_vm
     from vmm.machine import VmmError
+    from vmm.safe_fs import write_file_nofollow
 
     if args.stats_out is not None and not args.stats_out.parent.is_dir():
         print(f"pyvmm: --stats-out {args.stats_out}: no such directory {args.stats_out.parent}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.stats_out is not None and args.stats_out.is_symlink():  # checked again (O_NOFOLLOW) when written
+        print(f"pyvmm: --stats-out {args.stats_out} is a symlink: refusing to write through it", file=sys.stderr)
         return EXIT_BAD_INPUT
     cfg = BootConfig(kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline, cpus=args.cpus,
                      mem_mib=args.mem, timeout=args.timeout, pvsched=not args.no_pvsched,
@@ -126,11 +130,11 @@ def _boot(args: argparse.Namespace) -> int:
         print(f"pyvmm: {result.message}", file=sys.stderr)
     if args.stats_out:
         try:
-            args.stats_out.write_text(json.dumps({"exit_code": result.exit_code, "message": result.message,
-                                                  "elapsed_s": round(result.elapsed_s, 3),
-                                                  "devices": result.device_stats}, indent=1, default=str) + "\n")
+            write_file_nofollow(args.stats_out, json.dumps({
+                "exit_code": result.exit_code, "message": result.message, "elapsed_s": round(result.elapsed_s, 3),
+                "devices": result.device_stats}, indent=1, default=str) + "\n")
         except OSError as e:
-            print(f"pyvmm: cannot write --stats-out {args.stats_out}: {e.strerror}", file=sys.stderr)
+            print(f"pyvmm: cannot write --stats-out {args.stats_out}: {e.strerror or e}", file=sys.stderr)
             return result.exit_code or EXIT_BAD_INPUT
     return result.exit_code
 

@@ -9,20 +9,28 @@ and send one request.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import inspect
 import json
 import logging
 import os
 import socket
+import stat
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from vmm.procfs import pid_alive
+from vmm.safe_fs import ensure_private_dir
+
 SOCKET_DIR = Path(os.environ.get("PYVMM_RUN_DIR", "/run/pyvmm"))
-MAX_LINE = 1 << 20
+MAX_LINE = 1 << 20  # a reply (policy.show, status) may be long
+MAX_REQUEST = 64 << 10  # a request is a command and a few values: anything longer is refused
+MAX_CLIENTS = 8  # connections served at once; more are answered with an error and closed
 
 log = logging.getLogger("pyvmm.control")
 
@@ -59,6 +67,41 @@ async def dispatch(handlers: dict[str, Callable[[dict], Any]], line: bytes) -> d
     return reply if isinstance(reply, dict) else {"result": reply}
 
 
+def peer_uid(sock: socket.socket | trio.socket.SocketType) -> int:
+    """The uid of the process at the other end of a Unix socket (SO_PEERCRED)."""
+    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return uid
+
+
+async def _refuse(stream: trio.SocketStream, why: str) -> None:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await stream.send_all(json.dumps({"error": why}).encode() + b"\n")
+    await stream.aclose()
+
+
+class _Server:
+    """Connections of one control socket: only root or the VMM's own uid, at most MAX_CLIENTS at once."""
+
+    def __init__(self, handlers: dict) -> None:
+        self.handlers = handlers
+        self.clients = 0
+
+    async def __call__(self, stream: trio.SocketStream) -> None:
+        uid = peer_uid(stream.socket)
+        if uid not in (0, os.geteuid()):
+            log.warning("control socket: refused a client with uid %d", uid)
+            await _refuse(stream, f"uid {uid} may not control this VM")
+            return
+        if self.clients >= MAX_CLIENTS:
+            await _refuse(stream, f"busy: {MAX_CLIENTS} clients are connected")
+            return
+        self.clients += 1
+        try:
+            await _serve_client(self.handlers, stream)
+        finally:
+            self.clients -= 1
+
+
 async def _serve_client(handlers: dict, stream: trio.SocketStream) -> None:
     buf = b""
     async with stream:
@@ -79,13 +122,39 @@ async def _serve_client(handlers: dict, stream: trio.SocketStream) -> None:
                     await stream.send_all(json.dumps(reply, default=str).encode() + b"\n")
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return
-            if len(buf) > MAX_LINE:
+            if len(buf) > MAX_REQUEST:  # one line past the bound: say so, and drop the connection
+                await _refuse(stream, f"request longer than {MAX_REQUEST} bytes")
                 return
+
+
+def sweep_stale_sockets(folder: Path = SOCKET_DIR) -> list[int]:
+    """Remove <pid>.sock files of VMMs that are gone (a SIGKILL'd run); returns those pids.
+
+    Only our own sockets, checked with lstat: a symlink, a file or another uid's socket stays.
+    """
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        stem = name.removesuffix(".new").removesuffix(".sock")
+        if not name.endswith((".sock", ".sock.new")) or not stem.isdigit():
+            continue
+        try:
+            st = os.lstat(folder / name)
+            if stat.S_ISSOCK(st.st_mode) and st.st_uid == os.geteuid() and not pid_alive(int(stem)):
+                os.unlink(folder / name)
+                removed.append(int(stem))
+        except FileNotFoundError:
+            continue
+    return removed
 
 
 async def serve(handlers: dict, path: Path, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve the control socket at path until cancelled; removes the socket file on the way out."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(path.parent)  # 0700, ours, not a symlink: or UnsafePathError (an OSError)
+    sweep_stale_sockets(path.parent)
     try:
         path.unlink()
     except FileNotFoundError:
@@ -101,7 +170,7 @@ async def serve(handlers: dict, path: Path, task_status=trio.TASK_STATUS_IGNORED
         os.rename(staging, path)
         listener = trio.SocketListener(sock)
         task_status.started()
-        await trio.serve_listeners(lambda s: _serve_client(handlers, s), [listener])
+        await trio.serve_listeners(_Server(handlers), [listener])
     finally:
         sock.close()
         for p in (staging, path):
@@ -126,6 +195,8 @@ def running_vms() -> list[int]:
     """PIDs of VMMs with a control socket whose process is alive."""
     pids = []
     if SOCKET_DIR.is_dir():
+        if not os.access(SOCKET_DIR, os.R_OK | os.X_OK):
+            raise ControlError(f"{SOCKET_DIR} is root's (0700): run this as root")
         for p in SOCKET_DIR.glob("*.sock"):
             if p.stem.isdigit() and _alive(int(p.stem)):
                 pids.append(int(p.stem))

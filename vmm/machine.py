@@ -369,7 +369,11 @@ class Machine:
                 self.original_sched[tid] = sched_getattr(tid)
             async with trio.open_nursery() as nursery:
                 if control_socket:
-                    await nursery.start(control.serve, self.control_handlers, control.socket_path(self.vmm_pid))
+                    path = control.socket_path(self.vmm_pid)
+                    try:
+                        await nursery.start(control.serve, self.control_handlers, path)
+                    except OSError as e:
+                        raise VmmError(f"control socket {path}: {e.strerror or e}") from None
                 for d in self.devices:
                     started.append(d)
                     try:

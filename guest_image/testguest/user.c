@@ -131,6 +131,7 @@ static const char *pv_reason(s32 status)
 	case PVSCHED_STATUS_BAD_VERSION: return "BAD_VERSION";
 	case PVSCHED_STATUS_BAD_FEATURE: return "BAD_FEATURE";
 	case PVSCHED_STATUS_BUSY: return "BUSY";
+	case PVSCHED_STATUS_AGAIN: return "AGAIN";
 	}
 	return "UNKNOWN";
 }

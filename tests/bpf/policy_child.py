@@ -3,7 +3,7 @@
 argv[1] is a JSON object: vmm_pid, memfd (inherited fd), slot_offset, hva, tids,
 tunables, pin_root, keep_caps (bool: skip the capability drop).  Prints JSON
 lines: {"ready": ..., "caps": ...} once, then one reply per command:
-  show | set K=V ... | remove TID | close
+  show | set K=V ... | remove TID | add TID | close
 SIGTERM (or stdin EOF) ends it through the engine's one cleanup path.
 """
 
@@ -70,11 +70,15 @@ async def main(cfg: dict) -> None:
 
     m = mmap.mmap(cfg["memfd"], cfg.get("size", 4096))
     engine = PolicyEngine(cfg["vmm_pid"], cfg.get("tunables") or {}, cfg["pin_root"])
+
+    def add(i: int, tid: int) -> None:
+        off = cfg["slot_offset"] + 128 * i
+        engine.add_vcpu(cfg.get("vm_id", 1), i, tid, cfg["hva"] + off, memoryview(m)[off:off + 128],
+                        sched_getattr(tid), features=cfg.get("features", 0))
+
     try:
         for i, tid in enumerate(cfg["tids"]):
-            off = cfg["slot_offset"] + 128 * i
-            engine.add_vcpu(cfg.get("vm_id", 1), i, tid, cfg["hva"] + off, memoryview(m)[off:off + 128],
-                            sched_getattr(tid), features=cfg.get("features", 0))
+            add(i, tid)
         emit({"ready": True, "pid": os.getpid(), "caps": cap_eff(), "pin_dir": str(engine.pin_dir)})
         async with trio.open_nursery() as nursery:
             nursery.start_soon(engine.run)
@@ -98,6 +102,9 @@ async def main(cfg: dict) -> None:
                         emit({"tunables": engine.set_tunables(dict(a.split("=", 1) for a in args))})
                     elif cmd == "remove":
                         engine.remove_vcpu(int(args[0]))
+                        emit({"ok": True})
+                    elif cmd == "add":  # register a removed vCPU again (a guest's DISABLE + ENABLE)
+                        add(cfg["tids"].index(int(args[0])), int(args[0]))
                         emit({"ok": True})
                     else:
                         emit({"error": f"unknown command {cmd}"})

@@ -349,3 +349,80 @@ def test_a_thread_already_above_the_boost_is_never_lowered(fake_vmm, policy_chil
     child.terminate()
     assert observed(tid)[:2] == (FIFO, 20), "original attributes not restored"
     os.sched_setscheduler(tid, OTHER, os.sched_param(0))
+
+
+def _write_pinned_tunables(pin_dir: Path, vmm_pid: int, **fields) -> None:
+    """What anything with CAP_BPF can do: rewrite the pinned tunables map behind the policy's back."""
+    from bpf import libbpf
+    from bpf.policy_types import ffi
+    from bpf.tunables import parse
+
+    f, lib = ffi(), libbpf.lib()
+    val = f.new("struct pvsched_tunables *")
+    parse({}).fill(val, vmm_pid)
+    for k, v in fields.items():
+        setattr(val, k, v)
+    fd = libbpf.check(lib.bpf_obj_get(str(pin_dir / "tunables").encode()), "bpf_obj_get")
+    try:
+        libbpf.check(lib.bpf_map_update_elem(fd, f.new("__u32 *", 0), val, 0), "update tunables")
+    finally:
+        os.close(fd)
+
+
+def test_hostile_values_in_the_pinned_tunables_map_are_clamped_where_used(fake_vmm, policy_child, pin_root):
+    vmm = fake_vmm(1)
+    tid = vmm.tids[0]
+    policy_child(vmm)
+    _write_pinned_tunables(pin_root / str(vmm.pid), vmm.pid, boost_policy=FIFO, boost_prio=99, max_rt_prio=99,
+                           allow_fifo=1)
+    vmm.cmd("mode 0 idle")  # every halt asks for the halt boost (boost_prio)
+    assert wait_for(lambda: observed(tid)[0] == FIFO, 2.0), f"got {observed(tid)}"
+    assert all(prio <= 30 for _, pol, prio in sample(tid, 0.3, 0.002) if pol in (RR, FIFO)), "above the ladder's 30"
+    assert proc_sched(tid) == {"policy": FIFO, "prio": 99 - 30}
+    _write_pinned_tunables(pin_root / str(vmm.pid), vmm.pid, boost_policy=6, boost_prio=99)  # DEADLINE: never
+    assert wait_for(lambda: observed(tid) == (OTHER, 0, 0), 2.0), f"got {observed(tid)}"
+    assert not wait_for(lambda: observed(tid)[0] != OTHER, 0.3), "boosted with an unknown boost_policy"
+
+
+def test_a_vcpu_that_re_registers_keeps_its_throttle_and_its_window(fake_vmm, policy_child):
+    """A guest's DISABLE + ENABLE must not buy a fresh budget: the throttle and the window belong to the TID."""
+    vmm = fake_vmm(1)
+    tid = vmm.tids[0]
+    child = policy_child(vmm, {"max_boost_runtime_ms": "20", "throttle_window_ms": "100", "throttle_ms": "1500"})
+    vmm.cmd("mode 0 hog")  # FIFO 99, never yields: boosted, then throttled for 1.5 s
+    assert wait_for(lambda: child.show()["vcpus"][0]["throttles"] >= 1, 2.0), child.show()["vcpus"][0]
+    assert wait_for(lambda: observed(tid)[0] == OTHER, 0.5)
+    assert child.cmd(f"remove {tid}") == {"ok": True}
+    assert child.cmd(f"add {tid}") == {"ok": True}
+    # still serving the throttle: no boost for the rest of it, whatever the slot asks
+    assert all(pol == OTHER for _, pol, _ in sample(tid, 0.5, 0.002)), "re-registration ended the throttle"
+    v = child.show()["vcpus"][0]
+    assert v["throttles"] >= 1 and v["boosts"] >= 1, f"counters not carried: {v}"
+    vmm.cmd("mode 0 idle")
+    child.terminate()
+    assert observed(tid) == (OTHER, 0, 0)
+
+
+def test_a_guest_flipping_nice_at_every_block_gets_a_bounded_number_of_posts(fake_vmm, policy_child):
+    """nice 5 / nice 6 at every switch-out (~10k a second, both NORMAL): posts at most one per millisecond."""
+    vmm = fake_vmm(1)
+    tid = vmm.tids[0]
+    child = policy_child(vmm)
+
+    def counts() -> tuple[int, int, int]:
+        show = child.show()
+        st = show["stats"]
+        return st["posted"]["value"], st["post_limited"]["value"], show["actuator"]["applied"]
+
+    vmm.cmd("mode 0 niceflip")
+    assert wait_for(lambda: observed(tid)[2] in (5, 6), 1.0), f"got {observed(tid)}"
+    p0, l0, a0, t0 = *counts(), time.monotonic()
+    time.sleep(1.0)
+    p1, l1, a1, t1 = *counts(), time.monotonic()
+    posted_per_s, applied_per_s = (p1 - p0) / (t1 - t0), (a1 - a0) / (t1 - t0)
+    print(f"niceflip: {posted_per_s:.0f} posts/s, {applied_per_s:.0f} applied/s, {(l1 - l0) / (t1 - t0):.0f} held back/s")
+    assert l1 - l0 > 0, "nothing was held back: the guest did not flip?"
+    assert posted_per_s <= 1100 and applied_per_s <= 1100
+    vmm.cmd("mode 0 idle")
+    child.terminate()
+    assert observed(tid) == (OTHER, 0, 0)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bpf import libbpf
 from bpf.policy_types import consts, ffi, stat_descriptions
 from bpf.tunables import DEFAULTS, TunableError, parse
+from vmm.sched_attr import SchedAttr
 
 
 def test_defaults_are_the_design_values():
@@ -93,3 +96,43 @@ def test_test_run_opts_size_matches_libbpf_header(tmp_path):
     subprocess.run(["cc", str(src), "-o", str(tmp_path / "sz")], check=True)
     out = subprocess.run([str(tmp_path / "sz")], capture_output=True, text=True, check=True).stdout
     assert int(out) == libbpf.ffi().sizeof("struct bpf_test_run_opts")
+
+
+def test_one_vcpu_limit_from_the_abi_header_everywhere(bpf_object):
+    """The BPF maps, the backstop, the guardian and the policy process hold the same number of vCPUs."""
+    import os
+
+    from pvsched_device import abi, policy_process
+    from pvsched_device.guardian import constants
+
+    n = abi.C.PVSCHED_MAX_VCPUS
+    assert consts().PVSCHED_MAX_VCPUS == policy_process.MAX_VCPUS == constants().PVSCHED_GUARDIAN_MAX_THREADS == n
+    lib, f = libbpf.lib(), libbpf.ffi()
+    obj = libbpf.check_ptr(lib.bpf_object__open_file(str(bpf_object).encode(), f.NULL), "open")
+    try:
+        for name in (b"vcpus", b"apic_tid"):
+            assert lib.bpf_map__max_entries(lib.bpf_object__find_map_by_name(obj, name)) == n, name
+    finally:
+        lib.bpf_object__close(obj)
+    service = policy_process.PolicyService(os.getpid(), None, "no engine")
+    reply = service.handle({"op": "register", "nr_vcpus": n + 1}, [os.memfd_create("guest-ram")])
+    assert reply["error"] == f"nr_vcpus: expected an integer in [1, {n}], got {n + 1}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(policy=st.integers(-1, 10), prio=st.integers(-5, 200), nice=st.integers(-100, 100),
+       original=st.sampled_from([SchedAttr(), SchedAttr(3, 0, 5), SchedAttr(1, 50, 0)]))
+def test_the_actuator_applies_only_known_classes_within_the_caps(policy, prio, nice, original):
+    """Whatever an event says (a map can be written by anything with CAP_BPF): the thread's own attributes,
+    OTHER/BATCH/IDLE at nice -20..19, or RR/FIFO at 1..30."""
+    from bpf.actuator import clamp_attr
+
+    got = clamp_attr(SchedAttr(policy, prio, nice), original)
+    if got != original:
+        assert got.policy in (0, 1, 2, 3, 5)
+        if got.policy in (1, 2):
+            assert 1 <= got.priority <= consts().PVSCHED_RT_PRIO_LIMIT == 30 and got.nice == original.nice
+        else:
+            assert got.priority == 0 and -20 <= got.nice <= 19
+    if policy not in (0, 1, 2, 3, 5):
+        assert got == original

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from standin import StandinVm
 
-from pvsched_device.device import REG, PvschedConfigError, PvschedDevice
+from pvsched_device.device import REG, REGISTRATION_BURST, REGISTRATION_RATE_PER_S, PvschedConfigError, PvschedDevice
+from pvsched_device.rate_limit import TokenBucket
 from vmm.memory import GIB, HIGH_RAM_START, MIB, PCI_MMIO_START
 
 
@@ -146,14 +147,32 @@ def test_unknown_offsets_and_sizes_ignored_and_logged_once(bar: Bar, caplog: pyt
 
 def test_enable_disable_storm_does_not_flood_the_log(bar: Bar, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="pyvmm.pvsched")
+    statuses = []
     for _ in range(500):
+        statuses.append(bar.negotiate())
+        bar.write("CONTROL", C.PVSCHED_CTRL_DISABLE)
+    assert statuses[:REGISTRATION_BURST] == [C.PVSCHED_STATUS_ACTIVE] * REGISTRATION_BURST
+    assert set(statuses) <= {C.PVSCHED_STATUS_ACTIVE, C.PVSCHED_STATUS_AGAIN}
+    assert len([r for r in caplog.records if r.levelno >= logging.INFO]) <= 11
+
+
+def test_registrations_are_rate_limited_per_vm(bar: Bar) -> None:
+    """Each registration is RT work in the policy process: a burst, then REGISTRATION_RATE_PER_S, then AGAIN."""
+    now = [0.0]
+    bar.dev._registrations = TokenBucket(REGISTRATION_RATE_PER_S, REGISTRATION_BURST, clock=lambda: now[0])
+    for _ in range(REGISTRATION_BURST):
         assert bar.negotiate() == C.PVSCHED_STATUS_ACTIVE
         bar.write("CONTROL", C.PVSCHED_CTRL_DISABLE)
-    assert len([r for r in caplog.records if r.levelno >= logging.INFO]) <= 10
+    assert bar.negotiate() == C.PVSCHED_STATUS_AGAIN and bar.dev.active is None
+    now[0] += 1 / REGISTRATION_RATE_PER_S
+    assert bar.negotiate() == C.PVSCHED_STATUS_ACTIVE and bar.dev.active is not None
+    bar.write("CONTROL", C.PVSCHED_CTRL_DISABLE)
+    assert bar.negotiate() == C.PVSCHED_STATUS_AGAIN, "a second registration within the same token's time"
 
 
 def test_concurrent_vcpu_accesses(bar: Bar) -> None:
     """vCPU threads hammer BAR0 together; every ENABLE/DISABLE lands in a consistent state."""
+    bar.dev._registrations = TokenBucket(1e9, 10**9)  # ENABLEs from every thread: not the rate limit's test
     errors: list[BaseException] = []
 
     def vcpu(i: int) -> None:

@@ -222,3 +222,67 @@ def test_the_device_runs_one_and_status_shows_it(running: Running) -> None:
     running.dev.stop()  # clean: disarmed first, so the policy's shutdown is not taken for a hang
     assert running.dev.supervisor.returncode == 0
     assert g.info()["cause"] in (None, "died") and g.info()["state"] in ("done", "stopped"), g.info()
+
+
+def _thread_that_exits() -> int:
+    """TID of a thread of this process that has ended (and been released by the kernel)."""
+    import threading
+
+    got: list[int] = []
+    t = threading.Thread(target=lambda: got.append(threading.get_native_id()))
+    t.start()
+    t.join()
+    assert _wait(lambda: not Path(f"/proc/self/task/{got[0]}").exists(), 2)
+    return got[0]
+
+
+def _process_on_tid(tid: int) -> subprocess.Popen | None:
+    """A child process (sleep) whose PID is `tid`, placed there with ns_last_pid; None if another fork won."""
+    last_pid = Path("/proc/sys/kernel/ns_last_pid")
+    for _ in range(20):
+        last_pid.write_text(str(tid - 1))
+        p = subprocess.Popen(["sleep", "30"])
+        if p.pid == tid:
+            return p
+        p.kill()
+        p.wait()
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ns_last_pid needs CAP_SYS_ADMIN")
+def test_a_tid_reused_by_another_process_is_left_alone() -> None:
+    """A guarded vCPU thread exits; another process gets its TID; a restore must not touch that process."""
+    tid = _thread_that_exits()
+    other = _process_on_tid(tid)
+    if other is None:
+        pytest.skip(f"could not place a process on TID {tid} (a busy host kept forking)")
+    g = Guardian()
+    try:
+        sched_setattr(other.pid, SchedAttr(os.SCHED_BATCH, 0, 7))  # the other process's own choice
+        g.set_threads({tid: SchedAttr()})  # what the guardian recorded for the vCPU thread: OTHER, nice 0
+        assert g.restore() == 0
+        assert sched_getattr(other.pid) == SchedAttr(os.SCHED_BATCH, 0, 7), "restored a thread that is not ours"
+        assert g.info()["errors"] == 0
+    finally:
+        g.close()
+        other.kill()
+        other.wait()
+
+
+def test_stop_returns_only_once_the_thread_is_gone(vm: StandinVm) -> None:
+    """pthread_join alone returns before the kernel releases the thread (its /proc entry lingers)."""
+    child = subprocess.Popen(["sleep", "60"])
+    pidfd = os.pidfd_open(child.pid)
+    try:
+        for i in range(30):
+            g = Guardian()
+            g.set_threads({vm.vcpu_tids[0]: vm.original_sched[vm.vcpu_tids[0]]})
+            g.start(child.pid, pidfd, stale_ms=STALE_MS)
+            assert _wait(lambda g=g: g.info()["state"] == "watching", 2)
+            g.stop()
+            assert _guardian_thread() is None, f"round {i}: the guardian thread was still there after stop()"
+            g.close()
+    finally:
+        child.kill()
+        child.wait()
+        os.close(pidfd)

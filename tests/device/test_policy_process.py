@@ -16,6 +16,7 @@ from standin import StandinVm
 
 from pvsched_device import slots
 from pvsched_device.device import PvschedDevice
+from pvsched_device.rate_limit import TokenBucket
 from vmm.sched_attr import SCHED_FIFO, SCHED_OTHER, SCHED_RR, SchedAttr, sched_getattr, sched_setattr
 
 KEPT_CAPS = (1 << 39) | (1 << 38) | (1 << 23) | (1 << 14)  # CAP_BPF, CAP_PERFMON, CAP_SYS_NICE, CAP_IPC_LOCK
@@ -57,7 +58,7 @@ def test_sandbox_from_proc(running: Running) -> None:
     assert int(st["CapBnd"], 16) == KEPT_CAPS
     assert int(st["CapInh"], 16) == 0 and int(st["CapAmb"], 16) == 0
     assert st["NoNewPrivs"] == "1"
-    assert st["Seccomp"] == "2"  # filter mode (libseccomp deny list)
+    assert st["Seccomp"] == "2"  # filter mode (the allowlist)
     assert int(st["PPid"]) == os.getpid()  # a child of the VMM
     assert int(st["VmLck"].split()[0]) > 0  # mlockall: the policy path never page-faults
     assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
@@ -124,6 +125,7 @@ def _open_fds() -> dict[str, str]:
 def test_enable_disable_storm_is_coalesced(running: Running) -> None:
     """A guest toggling ENABLE/DISABLE cannot grow the VMM's queue or leak fds; the last state wins."""
     r = running
+    r.dev._registrations = TokenBucket(1e9, 10**9)  # the second line of defence alone (the rate limit: test_bar)
     sup = r.dev.supervisor
     _wait_for(lambda: sup._token is not None, what="run() to start")  # trio's own epoll and wakeup fds exist
     fds_before = _open_fds()

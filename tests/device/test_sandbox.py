@@ -99,3 +99,48 @@ def test_drop_capabilities_refuses_while_another_thread_would_keep_them() -> Non
         """)
     assert r.returncode == 0, r.stderr
     assert "refused: " in r.stdout and "2 threads" in r.stdout and r.stdout.strip().endswith("full"), r.stdout
+
+
+def test_seccomp_is_an_allowlist_that_refuses_what_reaches_other_processes() -> None:
+    """Each call that leaked through the old deny-list, made for real inside the filter: all EPERM (clone3: ENOSYS,
+    so that glibc falls back to clone(), which is checked for CLONE_THREAD); threads and self-signals still work."""
+    r = _child("""
+        import ctypes, errno, os, socket, threading
+        from pvsched_device import sandbox
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        parent = os.getppid()
+        sandbox.set_no_new_privs()
+        assert sandbox.install_seccomp()
+        info = (ctypes.c_int * 32)()
+        lim = (ctypes.c_uint64 * 2)(1, 1)
+        calls = {
+            "rt_sigqueueinfo": (129, parent, 0, info),       # signal another root process
+            "rt_tgsigqueueinfo": (297, parent, parent, 0, info),
+            "prlimit64": (302, parent, 7, lim, 0),          # change another process's limits
+            "clone(CLONE_NEWUSER)": (56, 0x10000000 | 17, 0, 0, 0, 0),
+            "unshare": (272, 0x10000000),
+            "socket": (41, 2, 1, 0),
+            "connect": (42, 0, 0, 0),
+            "io_uring_setup": (425, 8, 0),
+            "perf_event_open": (298, 0, 0, -1, -1, 0),
+            "execve": (59, 0, 0, 0),
+            "ptrace": (101, 16, parent, 0, 0),
+            "kill(parent)": (62, parent, 0),
+            "clone3": (435, 0, 0),
+        }
+        for name, (nr, *args) in calls.items():
+            rc = libc.syscall(nr, *[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
+            print(name, errno.errorcode.get(ctypes.get_errno(), "0") if rc < 0 else f"allowed rc={rc}")
+        out = []
+        t = threading.Thread(target=lambda: out.append(os.getpid()))  # clone(CLONE_THREAD): allowed
+        t.start(); t.join()
+        os.kill(os.getpid(), 0)
+        a, b = socket.socketpair()
+        print("thread", out == [os.getpid()], "self-signal ok", "socketpair ok")
+        """)
+    assert r.returncode == 0, r.stderr
+    got = dict(line.rsplit(" ", 1) for line in r.stdout.splitlines()[:-1])
+    want = {name: "EPERM" for name in got} | {"clone3": "ENOSYS"}
+    assert got == want, got
+    assert r.stdout.splitlines()[-1] == "thread True self-signal ok socketpair ok"
