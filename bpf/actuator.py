@@ -196,13 +196,14 @@ class Actuator:
             self.unregister(tid, restore=True)
 
     def _still_ours(self, h: VcpuHandle) -> bool:
-        """True while h.tid is a thread of its VMM; else it is marked gone (its EXITED record may have been lost
-        to a full ring buffer, and the TID may name another process's thread by now)."""
+        """True while h.tid is a thread of its VMM; else it is marked gone, under self.lock (its EXITED record may
+        have been lost to a full ring buffer, and the TID may name another process's thread by now)."""
         if h.pid and not is_thread_of(h.pid, h.tid):
             if not h.gone:
                 log.info("pvsched: vCPU %d (tid %d) is no longer a thread of VMM %d: left alone", h.vcpu_id, h.tid,
                          h.pid)
-            h.gone = True
+                h.gone = True
+                self._loop_vcpus()  # the native backstop loop stops re-reading its slot too
             return False
         return True
 
@@ -377,7 +378,6 @@ class Actuator:
             attr = clamp_attr(SchedAttr(ev.params.policy, ev.params.rt_priority, ev.params.nice), h.original)
             if attr != h.applied:
                 if not self._still_ours(h):
-                    self._loop_vcpus()
                     self.stats.stale += 1
                     return
                 try:

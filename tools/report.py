@@ -110,8 +110,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> Path:
-    """PNG bar charts (written without following a symlink at `path`) of of guest p99 and max, vCPU wake-to-run p99, host cyclictest max and the host load's throughput
-    and CPU time per configuration."""
+    """PNG bar charts of guest p99 and max, vCPU wake-to-run p99, host cyclictest max and the host load's throughput
+    and CPU time per configuration, written to `path` without following a symlink there."""
     import io
 
     import matplotlib

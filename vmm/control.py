@@ -181,16 +181,6 @@ async def serve(handlers: dict, path: Path, task_status=trio.TASK_STATUS_IGNORED
 
 
 # --- client ------------------------------------------------------------------------
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def running_vms() -> list[int]:
     """PIDs of VMMs with a control socket whose process is alive."""
     pids = []
@@ -198,7 +188,7 @@ def running_vms() -> list[int]:
         if not os.access(SOCKET_DIR, os.R_OK | os.X_OK):
             raise ControlError(f"{SOCKET_DIR} is root's (0700): run this as root")
         for p in SOCKET_DIR.glob("*.sock"):
-            if p.stem.isdigit() and _alive(int(p.stem)):
+            if p.stem.isdigit() and pid_alive(int(p.stem)):
                 pids.append(int(p.stem))
     return sorted(pids)
 
@@ -206,7 +196,7 @@ def running_vms() -> list[int]:
 def resolve_vm(pid: int | None) -> int:
     """The VM to talk to: the given pid, or the only one running."""
     if pid is not None:
-        if not socket_path(pid).exists() or not _alive(pid):
+        if not socket_path(pid).exists() or not pid_alive(pid):
             raise ControlError(f"no VM with pid {pid} (no {socket_path(pid)})")
         return pid
     pids = running_vms()

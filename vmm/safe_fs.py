@@ -44,11 +44,10 @@ def check_private_dir(path: str | os.PathLike[str], fix_mode: int | None = None)
     if st.st_uid != os.geteuid():
         raise UnsafePathError(errno.EPERM, f"{path} belongs to uid {st.st_uid}, not {os.geteuid()}: refusing "
                                            "to use it (remove it, or check who made it)")
-    if st.st_mode & 0o022:
-        if fix_mode is None:
+    if fix_mode is None:
+        if st.st_mode & 0o022:
             raise UnsafePathError(errno.EPERM, f"{path} is writable by others (mode {st.st_mode & 0o7777:o})")
-        os.chmod(path, fix_mode, follow_symlinks=False)
-    elif fix_mode is not None and st.st_mode & 0o7777 != fix_mode:
+    elif st.st_mode & 0o7777 != fix_mode:
         os.chmod(path, fix_mode, follow_symlinks=False)
 
 
