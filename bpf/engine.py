@@ -109,6 +109,11 @@ class PolicyEngine:
         """Where this engine's maps are pinned (bpftool map show pinned <dir>/vcpus)."""
         return self.pin_root / str(self.vmm_pid)
 
+    def warm_up(self) -> None:
+        """Read now what is read from the file system only once and then cached (libbpf's count of
+        possible CPUs, from /sys), so that the engine works in a root that holds no /sys."""
+        self._policy.stats()
+
     # --- vCPUs -------------------------------------------------------------------
     def add_vcpu(self, vm_id: int, vcpu_id: int, tid: int, slot_hva: int, slot: memoryview,
                  original: SchedAttr, features: int = 0) -> None:
@@ -260,6 +265,8 @@ class PolicyEngine:
                     if k in p:
                         p[k] = "unavailable"
         tun = self.tunables.as_strings()
+        window, vm_ns = self._policy.vm_budget()
+        now_window = time.monotonic_ns() // (self.tunables.throttle_window_ms * 1_000_000)
         a = self._actuator.stats
         loop = self._actuator.loop.info()
         out = {
@@ -268,6 +275,8 @@ class PolicyEngine:
             "vcpus": vcpus,
             "stats": stats,
             "tunables": {k: {"value": v, "description": DESCRIPTIONS[k]} for k, v in tun.items()},
+            "vm_budget": {"budget_ms": self.tunables.vm_boost_budget_ns() / 1e6, "host_cpus": os.cpu_count(),
+                          "window_boosted_ms": round(vm_ns / 1e6, 3) if window == now_window else 0.0},
             "programs": progs,
             "prog_stats": "enabled" if enabled else "unavailable (BPF stats off: needs CAP_SYS_ADMIN or a stats fd)",
             "actuator": {"tid": self._actuator.thread_tid, "events": a.events, "applied": a.applied,
@@ -328,6 +337,9 @@ def format_show(d: dict) -> str:
                      f" boosted {v.get('boosted_ms', 0)} ms")
     lines.append("tunables:")
     lines += [f"  {k} = {t['value']}    # {t['description']}" for k, t in d["tunables"].items()]
+    b = d["vm_budget"]
+    lines.append(f"VM budget: {b['window_boosted_ms']} of {b['budget_ms']} ms boosted in this window "
+                 f"(all vCPUs, {b['host_cpus']} host CPUs)")
     lines.append("stats:")
     lines += [f"  {k:<18} {s['value']:>10}  {s['description']}" for k, s in d["stats"].items()]
     lines.append(f"programs ({d['prog_stats']}):")

@@ -30,7 +30,7 @@ log = logging.getLogger("pvsched.bpf")
 
 # Programs without which there is no policy; the rest are attached where the kernel has them.
 REQUIRED_PROGS = ("pvs_switch", "pvs_wakeup", "pvs_exit", "pvs_backstop", "pvs_clock_start")
-PINNED_MAPS = ("vcpus", "tunables", "stats", "events", "apic_tid")
+PINNED_MAPS = ("vcpus", "tunables", "stats", "events", "apic_tid", "vm_budget")
 KVM_BTF_MODULES = ("kvm", "kvm_intel", "kvm_amd", "kvm_pvm")
 BPF_STATS_ENABLED = Path("/proc/sys/kernel/bpf_stats_enabled")
 
@@ -207,6 +207,14 @@ class BpfPolicy:
         if libbpf.lib().bpf_map_lookup_elem(self.maps["vcpus"], f.new("__u32 *", tid), val) != 0:
             return None
         return val
+
+    def vm_budget(self) -> tuple[int, int]:
+        """The VM's budget window: (window number, boosted ns of all vCPUs in it)."""
+        f = pffi()
+        val = f.new("struct pvsched_vm_budget *")
+        if libbpf.lib().bpf_map_lookup_elem(self.maps["vm_budget"], f.new("__u32 *", 0), val) != 0:
+            return 0, 0
+        return val.window, val.boosted_ns
 
     def stats(self) -> dict[str, int]:
         """Per-CPU counters summed, by name (enum order)."""

@@ -30,8 +30,11 @@ def ensure_pin_dir(pin_root: str, vmm_pid: int) -> Path:
 
 
 def remove_pin_dir(path: str | os.PathLike[str]) -> None:
-    """Unlink every pin under `path` and remove it (bpffs: unlink drops the pin's reference); no symlink is followed."""
-    remove_tree_nofollow(path)
+    """Unlink every pin under `path` and remove it (bpffs: unlink drops the pin's reference); no symlink is followed.
+
+    Inside the policy process's confined root the folder is a mount point, which cannot be removed
+    there: it is emptied, and the VMM removes the folder once that process has ended."""
+    remove_tree_nofollow(path, keep_top=os.path.ismount(path))
 
 
 def remove_stale_pins(pin_root: str = PIN_ROOT) -> list[int]:

@@ -70,6 +70,13 @@ struct {
 	__uint(max_entries, PVSCHED_RINGBUF_BYTES);
 } events SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pvsched_vm_budget);
+} vm_budget SEC(".maps");
+
 /* The throttle clock's timer.  Not pinned: it stops when the policy process's last fd goes. */
 struct pvsched_clock {
 	struct bpf_timer timer;
@@ -237,8 +244,41 @@ static __always_inline __u32 wanted_from_slot(const struct pvsched_tunables *t, 
  * lock can never leave a boosted vCPU unaccounted; counting starts at the
  * latest of switch-in, last checkpoint and the boost decision.
  */
+/*
+ * The VM's budget: one window for all vCPUs, aligned to multiples of
+ * throttle_window_ns so that every CPU agrees which window it is.  Per-vCPU
+ * budgets alone let V vCPUs take V times one vCPU's share (all CPUs once
+ * V >= 4 per CPU at the defaults).  The first CPU to see a new window resets
+ * the count (cmpxchg on the window); an add racing with that reset may be
+ * lost, which under-counts by one accounting interval at most.
+ */
+static __always_inline struct pvsched_vm_budget *vm_window(const struct pvsched_tunables *t, __u64 now)
+{
+	struct pvsched_vm_budget *b;
+	__u32 zero = 0;
+	__u64 idx, old;
+
+	b = bpf_map_lookup_elem(&vm_budget, &zero);
+	if (!b || !t->throttle_window_ns)
+		return b;
+	idx = now / t->throttle_window_ns;
+	old = b->window;
+	if (old != idx && __sync_val_compare_and_swap(&b->window, old, idx) == old)
+		b->boosted_ns = 0;
+	return b;
+}
+
+static __always_inline bool vm_over_budget(const struct pvsched_tunables *t, __u64 now)
+{
+	struct pvsched_vm_budget *b = vm_window(t, now);
+
+	return b && b->boosted_ns >= t->vm_boost_budget_ns;
+}
+
 static __always_inline void account(struct pvsched_vcpu *v, const struct pvsched_tunables *t, __u64 now)
 {
+	struct pvsched_vm_budget *b;
+
 	__u64 from;
 
 	if (now - v->window_start_ns >= t->throttle_window_ns) {
@@ -255,6 +295,9 @@ static __always_inline void account(struct pvsched_vcpu *v, const struct pvsched
 	if (now > from) {
 		v->window_boosted_ns += now - from;
 		v->boosted_ns += now - from;
+		b = vm_window(t, now);
+		if (b)
+			__sync_fetch_and_add(&b->boosted_ns, now - from);
 	}
 	v->acct_ns = now;
 }
@@ -379,14 +422,19 @@ static __always_inline int pvsched_eval(struct pvsched_vcpu *v, __u32 tid, const
 		}
 	}
 
-	if (v->state == PVSCHED_STATE_BOOSTED && v->window_boosted_ns > t->max_boost_runtime_ns) {
-		want = v->orig;
-		v->hold = 0;
-		v->throttle_until_ns = now + t->throttle_ns;
-		v->throttles++;
-		stat_inc(PVSCHED_STAT_THROTTLE);
-		/* a halt does not reset the count: only the window or the throttle's end does */
-		return post(v, tid, t, &want, PVSCHED_STATE_THROTTLED, PVSCHED_REASON_THROTTLE, source, now);
+	if (v->state == PVSCHED_STATE_BOOSTED) {
+		bool own = v->window_boosted_ns > t->max_boost_runtime_ns;
+
+		if (own || vm_over_budget(t, now)) {
+			want = v->orig;
+			v->hold = 0;
+			v->throttle_until_ns = now + t->throttle_ns;
+			v->throttles++;
+			stat_inc(own ? PVSCHED_STAT_THROTTLE : PVSCHED_STAT_VM_BUDGET);
+			/* a halt does not reset the count: only the window or the throttle's end does */
+			return post(v, tid, t, &want, PVSCHED_STATE_THROTTLED,
+				    own ? PVSCHED_REASON_THROTTLE : PVSCHED_REASON_VM_BUDGET, source, now);
+		}
 	}
 
 	switch (source) {
@@ -441,6 +489,14 @@ from_slot:
 	if (is_rt(v->orig.policy) && rank(&want) < rank(&v->orig))
 		want = v->orig;
 	state = rank(&want) > rank(&v->orig) ? PVSCHED_STATE_BOOSTED : PVSCHED_STATE_NORMAL;
+	/* no new boost while the VM's vCPUs together are over their share of this window */
+	if (state == PVSCHED_STATE_BOOSTED && v->state != PVSCHED_STATE_BOOSTED && vm_over_budget(t, now)) {
+		want = v->orig;
+		v->hold = 0;
+		state = PVSCHED_STATE_NORMAL;
+		reason = PVSCHED_REASON_VM_BUDGET;
+		stat_inc(PVSCHED_STAT_VM_BUDGET);
+	}
 	/* a forced re-evaluation (unthrottle, new tunables) names itself when params stay */
 	if (force_reason != PVSCHED_REASON_NONE && same_params(&want, &v->posted))
 		reason = force_reason;

@@ -53,6 +53,7 @@ enum pvsched_reason {
 	PVSCHED_REASON_THROTTLE = 6,   /* boosted too long in the window */
 	PVSCHED_REASON_UNTHROTTLE = 7, /* throttle_ms over */
 	PVSCHED_REASON_TUNABLES = 8,   /* re-evaluation after set_tunables */
+	PVSCHED_REASON_VM_BUDGET = 9,  /* the VM's vCPUs together used their share in the window */
 };
 
 enum pvsched_event_kind {
@@ -96,7 +97,8 @@ enum pvsched_stat {
 	PVSCHED_STAT_RECHECK = 27,      /* slot re-reads the clock asked of the policy process (boosted, running, unread) */
 	PVSCHED_STAT_CLOCK_LATE = 28,   /* clock ticks more than clock_ms late (softirqs deferred to a starved ksoftirqd) */
 	PVSCHED_STAT_POST_LIMITED = 29, /* changes within one state held back: less than the minimum interval since the last post */
-	PVSCHED_STAT_NR = 30,
+	PVSCHED_STAT_VM_BUDGET = 30,    /* boosts ended (throttled) or refused: the VM's vCPUs together used vm_boost_share_pct */
+	PVSCHED_STAT_NR = 31,
 };
 
 /* Scheduling parameters as sched_setattr takes them. */
@@ -170,6 +172,14 @@ struct pvsched_tunables {
 	__u64 throttle_ns;
 	__u64 backstop_ns;           /* the policy process's slot re-read period, kept here for show() */
 	__u64 clock_ns;              /* throttle clock period (BPF timer): read at every tick */
+	__u64 vm_boost_budget_ns;    /* boosted run time of all vCPUs together per window (vm_boost_share_pct
+	                              * of the host's CPUs); one policy object serves one VM */
+};
+
+/* The VM's boosted run time in the current window, all vCPUs together (the vm_budget map's one entry). */
+struct pvsched_vm_budget {
+	__u64 window;                /* now / throttle_window_ns of the window counted */
+	__u64 boosted_ns;
 };
 
 /* Ring-buffer record: one change for the actuator to apply. */
@@ -203,7 +213,8 @@ _Static_assert(sizeof(struct pvsched_slot_snap) == 24, "snap");
 _Static_assert(__builtin_offsetof(struct pvsched_slot_snap, wake_hint) ==
 	       __builtin_offsetof(struct pvsched_guest_area, wake_hint), "snap mirrors the guest area");
 _Static_assert(sizeof(struct pvsched_vcpu) == 216, "vcpu");
-_Static_assert(sizeof(struct pvsched_tunables) == 72, "tunables");
+_Static_assert(sizeof(struct pvsched_tunables) == 80, "tunables");
+_Static_assert(sizeof(struct pvsched_vm_budget) == 16, "vm budget");
 _Static_assert(sizeof(struct pvsched_event) == 88, "event");
 _Static_assert(sizeof(struct pvsched_backstop_ctx) == 16, "backstop ctx");
 #endif

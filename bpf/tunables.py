@@ -10,6 +10,18 @@ Defaults and their reasons (shared/DESIGN.md, "Host policy"):
 - max_boost_runtime_ms 30 per throttle_window_ms 100, throttle_ms 100: a
   boosted vCPU gets at most ~30% of a CPU at RT before it is throttled, so a
   FIFO spinner in a guest cannot starve the host.
+- vm_boost_share_pct 30: all of one VM's boosted vCPUs together get at most
+  30% of the host's CPUs' time per window (on 2 CPUs: 60 ms per 100 ms), plus
+  up to clock_ms per running vCPU before the clock sees it.  30% is the
+  per-vCPU share (30 ms per 100 ms), so it binds only a VM with more vCPUs
+  than the host has CPUs: such a VM gets no more RT time than one with a vCPU
+  per CPU.  Per-vCPU budgets alone let V vCPUs take V times one vCPU's share:
+  8 spinning vCPUs on 2 CPUs took 83% of both CPUs at RT and left a host hog
+  3% of its CPU; with 30%: 32% and 40-44%; with 10%: 13% and 56-67%; with
+  5%: 7% and 70% (tests/hostile/test_host_protection.py, 2026-12-03).  RT
+  time may pile up on one CPU, so a host task keeps about 1 - share x CPUs
+  there, less clock_ms per running vCPU: an admin who must leave a host task
+  60% of a CPU on 2 CPUs sets 5.
 - boost_on_halt auto: the ring-buffer hop costs tens of microseconds, so the
   boost must be in place before the wakeup; boosting at halt hides the hop.
   "auto" boosts a halt only where an RT task waits (a guest with F_RT_WAITER
@@ -33,6 +45,7 @@ Defaults and their reasons (shared/DESIGN.md, "Host policy"):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from vmm.sched_attr import SCHED_FIFO, SCHED_RR
@@ -51,6 +64,7 @@ DEFAULTS: dict[str, str] = {
     "boost_on_halt": "auto",
     "clock_ms": "5",
     "backstop_ms": "20",
+    "vm_boost_share_pct": "30",
     "debug": "0",
 }
 
@@ -68,6 +82,8 @@ DESCRIPTIONS: dict[str, str] = {
     "clock_ms": "period of the in-kernel throttle clock (catches a boosted vCPU that never switches out)",
     "backstop_ms": "period of the policy process's re-read of every slot (drops a boost no longer asked for; "
                    "the throttle's fallback when the clock runs late)",
+    "vm_boost_share_pct": "share of all host CPUs' time per window that this VM's boosted vCPUs may take together "
+                          "(1-100; 100: only the per-vCPU budget applies)",
     "debug": "0 off, 1 bpf_printk per decision, 2 per event (trace_pipe)",
 }
 
@@ -124,6 +140,7 @@ class Tunables:
     boost_on_halt: str  # never | always | auto
     clock_ms: int
     backstop_ms: int
+    vm_boost_share_pct: int
     debug: int
 
     def as_strings(self) -> dict[str, str]:
@@ -141,8 +158,14 @@ class Tunables:
             "boost_on_halt": self.boost_on_halt,
             "clock_ms": str(self.clock_ms),
             "backstop_ms": str(self.backstop_ms),
+            "vm_boost_share_pct": str(self.vm_boost_share_pct),
             "debug": str(self.debug),
         }
+
+    def vm_boost_budget_ns(self, host_cpus: int | None = None) -> int:
+        """Boosted run time per window for all of a VM's vCPUs together: the share of the host's CPUs."""
+        cpus = max(1, host_cpus or os.cpu_count() or 1)
+        return self.vm_boost_share_pct * cpus * self.throttle_window_ms * 1_000_000 // 100
 
     def fill(self, value, vmm_pid: int) -> None:
         """Write into a cffi `struct pvsched_tunables *` (ms converted to ns here, once)."""
@@ -160,6 +183,7 @@ class Tunables:
         value.throttle_ns = self.throttle_ms * ms
         value.backstop_ns = self.backstop_ms * ms
         value.clock_ns = self.clock_ms * ms
+        value.vm_boost_budget_ns = self.vm_boost_budget_ns()
 
 
 def parse(values: dict[str, str] | None, base: dict[str, str] | None = None) -> Tunables:
@@ -184,6 +208,7 @@ def parse(values: dict[str, str] | None, base: dict[str, str] | None = None) -> 
         boost_on_halt=_halt_boost(merged["boost_on_halt"]),
         clock_ms=_int("clock_ms", merged["clock_ms"], 1, 1000),
         backstop_ms=_int("backstop_ms", merged["backstop_ms"], 1, 1000),
+        vm_boost_share_pct=_int("vm_boost_share_pct", merged["vm_boost_share_pct"], 1, 100),
         debug=_int("debug", merged["debug"], 0, 2),
     )
     # The clock may notice an over-budget spinner up to clock_ms late; if

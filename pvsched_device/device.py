@@ -36,6 +36,10 @@ STATUS_TIMEOUT_S = 2.0
 FINAL_SHOW_TIMEOUT_S = 1.0  # the policy's last policy.show at shutdown: short, the VM is ending
 MAX_LOGGED_TRANSITIONS = 8
 # Registrations a guest may cause: a few at once (boot, a driver reload), then a few a second.
+# Inside `pyvmm lab` (PYVMM_IN_LAB, which it sets) every instruction is emulated, 10-50x slower: a healthy
+# policy process fell silent for 253 ms during its start there (2026-12-03) and the guardian killed it, so
+# the boot ran without BPF.  The hang limit is this much longer there; everywhere else it stays 250 ms.
+LAB_STALE_FACTOR = 10
 REGISTRATION_BURST = 4
 REGISTRATION_RATE_PER_S = 2.0
 REG = {
@@ -116,11 +120,14 @@ class PvschedDevice(PciDevice):
         self.stop_timeout_s = 3.0  # how long stop() lets the policy process clean up before killing it
         self.guardian: Guardian | None = None
         self.guardian_stale_ms = int(guardian_constants().PVSCHED_GUARDIAN_STALE_MS)  # hung after this much silence
+        if os.environ.get("PYVMM_IN_LAB"):
+            self.guardian_stale_ms *= LAB_STALE_FACTOR
         self._lock = threading.Lock()
         self._reset_registers()
         self.active: dict[str, Any] | None = None  # the accepted configuration while ACTIVE
         self._transitions = 0
         self._registrations = TokenBucket(REGISTRATION_RATE_PER_S, REGISTRATION_BURST)
+        self.enables = {"accepted": 0, "again": 0}  # ENABLEs that registered, and those the rate limit refused
         self.final_stats: dict[str, Any] | None = None  # set at stop(): device snapshot and policy.show
 
     # --- registers -----------------------------------------------------------------------------------
@@ -213,9 +220,11 @@ class PvschedDevice(PciDevice):
                     # Each registration is work at RT in the policy process: a guest toggling DISABLE/ENABLE
                     # gets AGAIN beyond the bucket, and may ENABLE again later.
                     self.status = C.PVSCHED_STATUS_AGAIN
+                    self.enables["again"] += 1
                     return ("ctl-rate", (f"ENABLE refused (AGAIN): more than {REGISTRATION_BURST} registrations "
                                         f"at once, {REGISTRATION_RATE_PER_S:g}/s after (further ones not logged)"))
                 if self.status == C.PVSCHED_STATUS_ACTIVE:
+                    self.enables["accepted"] += 1
                     self._activate()
         elif value == C.PVSCHED_CTRL_DISABLE:
             self._deactivate()
@@ -435,6 +444,7 @@ class PvschedDevice(PciDevice):
         with self._lock:
             active = dict(self.active) if self.active else None
             status = self.status
+            enables = dict(self.enables)
         vm = self.vm
         tids = dict(getattr(vm, "vcpu_tids", {}) or {})
         out: dict[str, Any] = {
@@ -447,6 +457,7 @@ class PvschedDevice(PciDevice):
             "shm_gpa": active["gpa"] if active else None, "shm_size": active["size"] if active else None,
             "shm_hva": active["hva"] if active else None,
             "nr_vcpus": self.nr_vcpus,
+            "enables": enables,
             "policy": self._policy_summary(),
             "vcpus": [],
         }

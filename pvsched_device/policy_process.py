@@ -282,6 +282,7 @@ def _raise_exit(signum: int, frame: Any) -> None:
 def setup_privileged(vmm_pid: int, pin_root: str) -> int | None:
     """Steps that need privileges we then drop: network namespace, BPF stats fd, stale and own pin dirs."""
     sandbox.unshare_network()
+    sandbox.unshare_ipc()
     stats_fd = None
     try:
         stats_fd = sandbox.enable_bpf_stats()
@@ -292,6 +293,27 @@ def setup_privileged(vmm_pid: int, pin_root: str) -> int | None:
     ensure_pin_dir(pin_root, vmm_pid)
     remove_stale_pins(pin_root)
     return stats_fd
+
+
+def code_paths() -> list[str]:
+    """What the process reads after the root is confined: the interpreter's import path (stdlib,
+    extension modules, site-packages) and the folders of this project's packages (editable installs
+    resolve them outside sys.path)."""
+    import bpf
+    import pvsched_device
+    import vmm
+    packages = [os.path.dirname(os.path.abspath(m.__file__)) for m in (bpf, pvsched_device, vmm)]
+    return [p for p in sys.path if os.path.isabs(p)] + packages
+
+
+def confine(engine: Any | None) -> None:
+    """The last privileged step: a root holding only code_paths() (read-only) and this VMM's own pin
+    folder (writable), an IPC namespace of its own, lowered rlimits."""
+    if engine is not None:
+        engine.warm_up()  # libbpf reads /sys once (the possible CPUs) and caches it
+    writable = [str(engine.pin_dir)] if engine is not None else []
+    sandbox.confine_root(code_paths(), writable)
+    sandbox.set_limits()
 
 
 def _bpffs_of(path: str) -> str | None:
@@ -364,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     # and the admin's tunables; the VMM's socket is read after the drop, and no thread exists before it.
     engine, engine_error = make_engine(args.vmm_pid, tunables, args.pin_root, stats_fd)
     try:
+        confine(engine)
         sandbox.drop_capabilities()
         sandbox.set_no_new_privs()
         sandbox.mlockall()

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import signal
+from collections.abc import Sequence
 
 PR_SET_PDEATHSIG = 1
 PR_CAPBSET_DROP = 24
@@ -44,10 +46,15 @@ SECUREBITS = (SECBIT_NOROOT | SECBIT_NOROOT_LOCKED | SECBIT_NO_SETUID_FIXUP | SE
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWNS = 0x00020000
-SYS_mount_setattr = 442  # x86_64
+CLONE_NEWIPC = 0x08000000
+SYS_pivot_root, SYS_open_tree, SYS_move_mount, SYS_mount_setattr = 155, 428, 429, 442  # x86_64
+OPEN_TREE_CLONE, OPEN_TREE_CLOEXEC = 1, os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
+MNT_DETACH = 2
 AT_FDCWD = -100
 AT_RECURSIVE = 0x8000
-MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_PRIVATE = 1 << 18
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 SYS_bpf = 321  # x86_64
@@ -109,6 +116,101 @@ def readonly_filesystem(writable: tuple[str, ...] = ()) -> None:
         _mount_setattr(path, 0, _MountAttr(attr_clr=MOUNT_ATTR_RDONLY))
 
 
+def unshare_ipc() -> None:
+    """Move into a fresh IPC namespace: no System V IPC or POSIX message queue of anyone else."""
+    _check(_libc.unshare(CLONE_NEWIPC), "unshare(CLONE_NEWIPC)")
+
+
+def _clone_tree(path: str) -> int:
+    """A detached copy of the mount tree at `path` (open_tree OPEN_TREE_CLONE), symlinks in `path` followed."""
+    return _check(_libc.syscall(SYS_open_tree, AT_FDCWD, path.encode(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC
+                                | AT_RECURSIVE), f"open_tree({path})")
+
+
+def outermost_paths(paths: list[str]) -> list[str]:
+    """`paths` without those inside another one (a bind of the outer one already holds them), sorted."""
+    out: list[str] = []
+    for p in sorted({os.path.normpath(p) for p in paths}):
+        if not any(p == o or p.startswith(o.rstrip("/") + "/") for o in out):
+            out.append(p)
+    return out
+
+
+# Folders of the old root that may hold the new root while it is built (the first one not holding a kept path).
+SCRATCH_CANDIDATES = ("/mnt", "/tmp", "/media", "/srv", "/var")
+
+
+def _scratch_for(paths: Sequence[str]) -> str:
+    """A folder to build the new root on: a kept tree cannot be moved into a mount that covers its own source."""
+    for d in SCRATCH_CANDIDATES:
+        if os.path.isdir(d) and not os.path.islink(d) and not any(p == d or p.startswith(d + "/") for p in paths):
+            return d
+    raise SandboxError(errno.ENOENT, f"no folder to build the confined root on: all of {SCRATCH_CANDIDATES} "
+                                     "are missing or hold a kept path")
+
+
+def confine_root(readable: Sequence[str], writable: Sequence[str] = ()) -> None:
+    """Make the root an empty read-only tmpfs that holds only `readable` (read-only, nosuid, nodev),
+    `writable` (nosuid, nodev, noexec) at their own paths, and a /proc of processes only (subset=pid:
+    no /proc/sys, kallsyms or kcore); the old root is detached, so nothing else can be named again.
+
+    Needs CAP_SYS_ADMIN in a private mount namespace (readonly_filesystem first).  Each tree is cloned
+    (open_tree) and moved into a tmpfs mounted on a scratch folder of the old root, which then becomes
+    the root.  Missing paths are skipped.  An allowlist: what the process may name after this is
+    exactly what was given.
+    """
+    keep = [(p, False) for p in outermost_paths([p for p in readable if os.path.exists(p)])]
+    keep += [(p, True) for p in outermost_paths([p for p in writable if os.path.exists(p)])]
+    scratch = _scratch_for([p for p, _ in keep])
+    cap_last()          # what the later steps read from the file system, read while it is there
+    load_seccomp()
+    clones = [(p, w, _clone_tree(p)) for p, w in keep]
+    try:
+        _check(_libc.mount(b"tmpfs", scratch.encode(), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                           b"mode=0755,size=1m,nr_inodes=256"), f"mount tmpfs on {scratch}")
+        for path, w, fd in clones:
+            target = scratch.rstrip("/") + path
+            if os.path.isdir(path):
+                os.makedirs(target, mode=0o755, exist_ok=True)
+            else:  # a file (a zip on sys.path): bound onto an empty file
+                os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+                os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
+            _check(_libc.syscall(SYS_move_mount, fd, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH),
+                   f"move_mount({path})")
+            attr = (_MountAttr(attr_set=MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+                               attr_clr=MOUNT_ATTR_RDONLY) if w else
+                    _MountAttr(attr_set=MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV))
+            _mount_setattr(target, AT_RECURSIVE, attr)
+    finally:
+        for _, _, fd in clones:
+            os.close(fd)
+    proc = scratch.rstrip("/") + "/proc"
+    os.makedirs(proc, mode=0o555, exist_ok=True)
+    _check(_libc.mount(b"proc", proc.encode(), b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, b"subset=pid"),
+           "mount proc (subset=pid)")
+    # pivot_root(".", "."): the old root ends up stacked on the new one and is then detached.
+    os.chdir(scratch)
+    _check(_libc.syscall(SYS_pivot_root, b".", b"."), "pivot_root")
+    _check(_libc.umount2(b".", MNT_DETACH), "umount the old root")
+    os.chdir("/")
+    _mount_setattr("/", 0, _MountAttr(attr_set=MOUNT_ATTR_RDONLY))
+
+
+# What the sandboxed process may hold: no core dumps of a process that maps guest memory, a bounded
+# number of descriptors (it needs about 30: maps, links, ring buffer, memfds, sockets).
+RLIMITS = {"RLIMIT_CORE": 0, "RLIMIT_NOFILE": 256}
+
+
+def set_limits() -> None:
+    """Lower the RLIMITS (both soft and hard: they cannot be raised again without CAP_SYS_RESOURCE)."""
+    import resource
+    for name, value in RLIMITS.items():
+        res = getattr(resource, name)
+        hard = resource.getrlimit(res)[1]
+        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        resource.setrlimit(res, (value, value))
+
+
 def enable_bpf_stats() -> int:
     """BPF_ENABLE_STATS (needs CAP_SYS_ADMIN, so before dropping it): run-time stats while the fd lives."""
 
@@ -132,7 +234,9 @@ class _CapData(ctypes.Structure):
     _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
-def _cap_last() -> int:
+@functools.cache
+def cap_last() -> int:
+    """The highest capability this kernel knows (read once: a confined root has no /proc/sys)."""
     with open("/proc/sys/kernel/cap_last_cap") as f:
         return int(f.read())
 
@@ -144,7 +248,7 @@ def drop_capabilities(keep: tuple[int, ...] = KEEP_CAPS) -> None:
     if len(threads) != 1:
         raise SandboxError(errno.EBUSY, f"dropping capabilities with {len(threads)} threads: only this one "
                                         "would lose them")
-    for cap in range(_cap_last() + 1):
+    for cap in range(cap_last() + 1):
         if cap not in keep:
             rc = _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
             if rc < 0 and ctypes.get_errno() != errno.EINVAL:  # EINVAL: cap unknown to this kernel
@@ -243,12 +347,25 @@ SELF_ONLY_SYSCALLS = {"kill": 0, "tgkill": 0, "tkill": 0, "prlimit64": 0}  # nam
 ENOSYS_SYSCALLS = ("clone3",)  # glibc falls back to clone(), which the rule below can inspect
 
 
+_seccomp_lib: ctypes.CDLL | None = None
+
+
+def load_seccomp() -> bool:
+    """dlopen libseccomp now (before confine_root hides the library folders); False if it is not installed."""
+    global _seccomp_lib
+    if _seccomp_lib is None:
+        try:
+            _seccomp_lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)  # the soname: find_library would exec gcc
+        except OSError:
+            return False
+    return True
+
+
 def install_seccomp() -> bool:
     """Install the allowlist seccomp filter (EPERM for anything else); False if libseccomp is not installed."""
-    try:
-        lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)  # the soname: find_library would exec gcc
-    except OSError:
+    if not load_seccomp():
         return False
+    lib = _seccomp_lib
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
     lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,

@@ -377,7 +377,7 @@ class PolicySupervisor:
             except subprocess.TimeoutExpired:
                 log.warning("policy process %d did not stop within %.1f s: killing it", self.proc.pid, timeout)
                 self._kill()
-                self.remove_pins()
+        self.remove_pins()  # after a clean exit only the empty folder is left (the sandbox cannot remove its mount point)
         self.returncode = self.proc.returncode
         self.dead = True
         if not self._running:  # else run() wakes on the pidfd and closes (trio must not lose an fd it waits on)

@@ -26,6 +26,7 @@ from pathlib import Path
 from tools import report
 from tools.cpuacct import CpuMeter, children_cpu_s, steal_s, threads_cpu_s, tree_cpu_s
 from tools.results import (
+    LINUX,
     MIXED,
     PRIMARY,
     TICKING,
@@ -42,7 +43,7 @@ from vmm.safe_fs import make_output_dir, write_file_nofollow
 CONFIGS = ("vanilla", "static-rt", "static-nice", "pvsched")
 GUEST_KINDS = ("testguest", "linux")
 LINUX_GROUPS = ("idle", "busy")
-LINUX_WORKLOAD = "cyclictest"
+LINUX_WORKLOAD = LINUX
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 THP_MODES = ("always", "madvise", "never")

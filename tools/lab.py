@@ -98,7 +98,11 @@ def vng_command(kernel: Path, script: str, cpus: int, mem_mib: int, cwd: str, rw
            "--cwd", cwd]
     if accel == "tcg":
         # -cpu max under TCG advertises SVM with nested paging; thread=multi runs the lab's CPUs in parallel.
-        cmd += ["--disable-kvm", "--qemu-opts=-cpu max -accel tcg,thread=multi"]
+        # tsc=reliable: QEMU TCG derives every lab CPU's TSC from one host counter (cpu_get_ticks), yet the
+        # lab kernel's TSC sync check fails under emulation ("TSCs unsynchronized").  With a TSC it calls
+        # unstable, the lab's KVM lets each vCPU's TSC drift apart: a guest's CPU 1 ran 20 s behind CPU 0,
+        # its timers stopped, and it hung (docs/linux-lab.md).
+        cmd += ["--disable-kvm", "--qemu-opts=-cpu max -accel tcg,thread=multi", "--append", "tsc=reliable"]
     else:
         cmd += ["--qemu-opts=-cpu host"]
     for d in rwdirs:

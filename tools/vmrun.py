@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tools import control
+from vmm import control
 from vmm.sched_attr import SCHED_FIFO, SCHED_OTHER, SchedAttr, sched_getattr, sched_setattr
 
 CONFIGS = ("vanilla", "static-rt", "static-nice", "pvsched")

@@ -87,10 +87,11 @@ def make_output_dir(path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def remove_tree_nofollow(path: str | os.PathLike[str], dir_fd: int | None = None) -> None:
+def remove_tree_nofollow(path: str | os.PathLike[str], dir_fd: int | None = None, keep_top: bool = False) -> None:
     """Remove the directory `path` and what it holds, descending through no symlink (a symlink is unlinked, never followed).
 
     A missing `path` is not an error; a `path` that is itself a symlink is refused (UnsafePathError).
+    With keep_top, `path` itself stays (emptied).
     """
     try:
         st = os.lstat(path, dir_fd=dir_fd)
@@ -116,6 +117,8 @@ def remove_tree_nofollow(path: str | os.PathLike[str], dir_fd: int | None = None
                     pass
     finally:
         os.close(fd)
+    if keep_top:
+        return
     try:
         os.rmdir(path, dir_fd=dir_fd)
     except FileNotFoundError:

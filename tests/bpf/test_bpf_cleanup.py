@@ -49,7 +49,7 @@ def test_sandbox_caps_are_enough(fake_vmm, policy_child):
     assert vmlck > 0, "mlockall did not lock memory"
     # maps are pinned where bpftool can inspect them
     pin = child.ready["pin_dir"]
-    assert sorted(os.listdir(pin)) == ["apic_tid", "events", "stats", "tunables", "vcpus"]
+    assert sorted(os.listdir(pin)) == ["apic_tid", "events", "stats", "tunables", "vcpus", "vm_budget"]
     out = subprocess.run(["bpftool", "map", "dump", "pinned", f"{pin}/vcpus"], capture_output=True, text=True,
                          check=True)
     assert f'"key": {vmm.tids[0]},' in out.stdout and '"vm_id": 1,' in out.stdout, out.stdout[:500]

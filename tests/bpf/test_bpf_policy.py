@@ -203,7 +203,8 @@ def test_a_boost_no_longer_asked_for_ends_at_a_clock_recheck_not_in_a_throttle(f
     # would end the boost too (this test is about the request's end being noticed).
     vmm = fake_vmm(1)
     tid = vmm.tids[0]
-    child = policy_child(vmm, {"backstop_ms": "500", "throttle_window_ms": "1000", "max_boost_runtime_ms": "900"})
+    child = policy_child(vmm, {"backstop_ms": "500", "throttle_window_ms": "1000", "max_boost_runtime_ms": "900",
+                               "vm_boost_share_pct": "100"})
     # rounds in which the stand-in's thread blocked or the clock ran late say nothing about the recheck
     blocks = lambda: sum(child.show()["stats"][k]["value"] for k in ("block", "clock_late"))
     good = 0
@@ -241,7 +242,7 @@ def test_a_boosted_vcpu_on_its_way_to_halt_keeps_its_boost(fake_vmm, policy_chil
     vmm = fake_vmm(1)
     tid = vmm.tids[0]
     child = policy_child(vmm)
-    child.set(throttle_window_ms="1000", max_boost_runtime_ms="900")  # no throttle within this test
+    child.set(throttle_window_ms="1000", max_boost_runtime_ms="900", vm_boost_share_pct="100")  # no throttle here
     vmm.cmd(f"custom 0 spin 0 {RR} 8 0 0")
     assert wait_for(lambda: observed(tid)[:2] == (RR, 8), 1.0), f"got {observed(tid)}"
     vmm.cmd("custom 0 spin 16 0 0 0 0")  # IDLE published, still running: backstops and preemptions see it

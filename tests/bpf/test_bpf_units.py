@@ -62,6 +62,19 @@ def test_ms_become_ns_in_the_map_value():
     assert (v.vmm_pid, v.throttle_ns, v.max_boost_runtime_ns, v.boost_policy) == (1234, 7_000_000, 30_000_000, 2)
 
 
+def test_the_vm_budget_is_a_share_of_all_host_cpus_per_window():
+    t = parse({"vm_boost_share_pct": "25", "throttle_window_ms": "200"})
+    assert t.vm_boost_budget_ns(host_cpus=2) == 100_000_000        # 25% of 2 CPUs x 200 ms
+    assert t.vm_boost_budget_ns(host_cpus=64) == 3_200_000_000
+    assert parse(None).vm_boost_share_pct == 30
+    v = ffi().new("struct pvsched_tunables *")
+    t.fill(v, vmm_pid=1)
+    assert v.vm_boost_budget_ns == t.vm_boost_budget_ns()          # the host's own CPU count
+    for bad in ("0", "101", "-5"):
+        with pytest.raises(TunableError, match="vm_boost_share_pct"):
+            parse({"vm_boost_share_pct": bad})
+
+
 def test_rt_ladder_constants_agree_with_the_header():
     from bpf.tunables import RT_PRIO_LIMIT
 

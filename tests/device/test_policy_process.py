@@ -14,7 +14,8 @@ from pathlib import Path
 from device_harness import SHM_GPA, C, Running
 from standin import StandinVm
 
-from pvsched_device import slots
+from bpf.pins import remove_stale_pins
+from pvsched_device import policy_process, sandbox, slots
 from pvsched_device.device import PvschedDevice
 from pvsched_device.rate_limit import TokenBucket
 from vmm.sched_attr import SCHED_FIFO, SCHED_OTHER, SCHED_RR, SchedAttr, sched_getattr, sched_setattr
@@ -65,12 +66,24 @@ def test_sandbox_from_proc(running: Running) -> None:
     with open(f"/proc/{pid}/net/dev") as f:
         ifaces = [line.split(":")[0].strip() for line in f.readlines()[2:]]
     assert ifaces == ["lo"]
-    # Its own mount namespace: everything read-only except the bpf file system (pins).
+    assert os.readlink(f"/proc/{pid}/ns/ipc") != os.readlink("/proc/self/ns/ipc")
+    # Its own mount namespace, with a root that holds only the code it runs (read-only), a /proc of
+    # processes and its own VM's pin folder (the only writable mount): no /etc, /run, /sys or other VMs' pins.
     assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
     with open(f"/proc/{pid}/mountinfo") as f:
-        mounts = {fields[4]: fields[5].split(",") for fields in (line.split() for line in f)}
-    assert "ro" in mounts["/"] and "ro" in mounts["/proc"]
-    assert "rw" in mounts["/sys/fs/bpf"]
+        mounts = {fields[4]: (fields[5].split(","), line.split(" - ")[1].split()[0])
+                  for line in f for fields in [line.split()]}
+    sup = running.dev.supervisor
+    pin_dir = os.path.join(sup.pin_root, str(sup.vmm_pid))
+    assert mounts["/"][1] == "tmpfs" and "ro" in mounts["/"][0]
+    assert mounts["/proc"][1] == "proc"
+    assert mounts[pin_dir][1] == "bpf"
+    assert [m for m, (opts, _) in mounts.items() if "rw" in opts and m != "/proc"] == [pin_dir], mounts
+    code = set(sandbox.outermost_paths([p for p in policy_process.code_paths() if os.path.exists(p)]))
+    # every other mount is a kept code folder, or a submount of one
+    assert all(any(m == c or m.startswith(c + "/") for c in code) for m in set(mounts) - {"/", "/proc", pin_dir}), \
+        mounts
+    assert not any(m.startswith(("/etc", "/run", "/dev", "/sys")) for m in set(mounts) - {pin_dir}), mounts
 
 
 def test_registration_tids_and_slots(running: Running) -> None:
@@ -304,8 +317,12 @@ def test_killing_the_vmm_ends_the_policy_process(tmp_path: Path) -> None:
         if vmm.poll() is None:
             vmm.kill()
             vmm.wait()
-    # Its single cleanup path ran: the engine's pins of that VMM are gone.
-    _wait_for(lambda: not os.path.exists(f"/sys/fs/bpf/pvsched/{vmm.pid}"), what="the dead VMM's pins to go")
+    # Its single cleanup path ran: the engine's pins (maps and links) of that VMM are gone.  The folder
+    # itself is a mount point in its confined root, which it cannot remove: the next start's sweep does.
+    folder = f"/sys/fs/bpf/pvsched/{vmm.pid}"
+    _wait_for(lambda: not os.path.exists(folder) or not os.listdir(folder), what="the dead VMM's pins to go")
+    remove_stale_pins("/sys/fs/bpf/pvsched")
+    assert not os.path.exists(folder)
 
 
 def test_policy_asked_for_but_not_loaded_is_a_hard_error(monkeypatch) -> None:

@@ -25,9 +25,13 @@ from vmm.sched_attr import SchedAttr, sched_getattr
 
 
 def _gone(vm, timeout: float = 10) -> None:
-    """The policy process ended, its pins are removed and none of its programs is linked or loaded."""
+    """The policy process ended, its pins are removed and none of its programs is linked or loaded.
+
+    With its VMM killed, the emptied folder may stay: it is the policy process's own mount point in its
+    confined root, which it cannot remove; the next start's sweep does (test_stale_pins_...)."""
     assert wait_for(lambda: not alive(vm.policy_pid), timeout, 0.01), "the policy process outlived its VMM"
-    assert wait_for(lambda: not vm.pin_dir.exists(), timeout, 0.01), f"{vm.pin_dir} left behind"
+    assert wait_for(lambda: not vm.pin_dir.exists() or not any(vm.pin_dir.iterdir()), timeout, 0.01), \
+        f"pins left in {vm.pin_dir}: {sorted(p.name for p in vm.pin_dir.iterdir())}"
     assert vm.prog_ids, "no program ids recorded while the VM ran"
     assert wait_for(lambda: not vm.prog_ids & link_prog_ids(), timeout, 0.05), "a BPF link of ours is still there"
     assert wait_for(lambda: not vm.prog_ids & loaded_prog_ids(), timeout, 0.05), "a BPF program of ours is loaded"

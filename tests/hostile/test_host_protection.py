@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from hostile_util import RT, Sampler, children, kill_pid, observer_rt, shm_map, wait_active, wait_for
@@ -48,6 +49,30 @@ def rt_share_bound(b_ms: float, s_ms: float, t_ms: float) -> float:
     return on / (on + t_ms)
 
 
+def measure_beside_a_hog(vm, tids: list[int], window_s: float, nice: int = 0) -> tuple[Sampler, Sampler, int]:
+    """Sample `tids` of `vm` and a host CPU hog (at `nice`) pinned to HOG_CPU for `window_s`: (vCPU sampler,
+    hog sampler, hog pid).  The hog is killed by PID (its session) afterwards, whatever happens."""
+    hog = subprocess.Popen(["timeout", "-s", "KILL", str(int(window_s) + 20), "nice", "-n", str(nice), "taskset",
+                            "-c", str(HOG_CPU), sys.executable, "-c", "while True: pass"], start_new_session=True)
+    try:
+        time.sleep(0.3)  # the hog is on its CPU, a cycle or two have passed
+        hog_pid = children(hog.pid)[0]  # timeout -> taskset exec'd into the hog
+        # this thread too at the observer's RT priority: a starved SCHED_OTHER thread holding the GIL would stall
+        # the samplers
+        with observer_rt(), Sampler(vm.pid, tids, cpu=SAMPLER_CPU) as vcpu, \
+                Sampler(hog_pid, [hog_pid], cpu=SAMPLER_CPU) as host:
+            time.sleep(window_s)
+        assert vm.watchdog.poll() is None, "the VM ended during the measurement"
+    finally:
+        kill_pid(hog.pid)  # timeout's child dies with its session's SIGKILL below
+        try:
+            os.killpg(hog.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        hog.wait()
+    return vcpu, host, hog_pid
+
+
 @pytest.mark.skipif(os.cpu_count() < 2, reason="pins the vCPU and a host hog to CPU 1, the sampler to CPU 0")
 @pytest.mark.parametrize(("tunables", "window_s"), [
     pytest.param({}, WINDOW_S, id="defaults"),  # the shipped defaults: B 30, W 100, T 100, S 5
@@ -64,24 +89,7 @@ def test_rt_spinner_gets_no_more_than_the_throttle_allows(vms, tunables: dict[st
     bound = rt_share_bound(b, s, t)
     tid = vm.tids[0]
     os.sched_setaffinity(tid, {HOG_CPU})
-    hog = subprocess.Popen(["timeout", "-s", "KILL", str(int(window_s) + 20), "taskset", "-c", str(HOG_CPU),
-                            sys.executable, "-c", "while True: pass"], start_new_session=True)
-    try:
-        time.sleep(0.3)  # the hog is on its CPU, a cycle or two have passed
-        hog_pid = children(hog.pid)[0]  # timeout -> taskset exec'd into the hog
-        # this thread too at the observer's RT priority: a starved SCHED_OTHER thread holding the GIL would stall
-        # the samplers
-        with observer_rt(), Sampler(vm.pid, [tid], cpu=SAMPLER_CPU) as vcpu, \
-                Sampler(hog_pid, [hog_pid], cpu=SAMPLER_CPU) as host:
-            time.sleep(window_s)
-        assert vm.watchdog.poll() is None, "the VM ended during the measurement"
-    finally:
-        kill_pid(hog.pid)  # timeout's child dies with its session's SIGKILL below
-        try:
-            os.killpg(hog.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        hog.wait()
+    vcpu, host, hog_pid = measure_beside_a_hog(vm, [tid], window_s)
     span = vcpu.span_s()
     rt_s, run_s, host_s = vcpu.rt_run_s(tid), vcpu.run_s(tid), host.run_s(hog_pid)
     rt_samples = sum(1 for _, a, _ in vcpu.of(tid) if a.policy in RT)
@@ -95,6 +103,158 @@ def test_rt_spinner_gets_no_more_than_the_throttle_allows(vms, tunables: dict[st
     assert rt_s >= 0.5 * b / (b + s + t) * span, f"only {rt_s:.3f} s at RT: the hog was never boosted?"
     assert host_s >= 0.5 * (1 - bound) * span * 0.6, f"the host hog got only {host_s:.3f} s of its CPU"
     assert vm.show()["vcpus"][0]["throttles"] >= 5
+
+
+# A guest that asks FIFO 99 in its slot and spins in guest code, writing CONTROL = ENABLE, spinning about
+# 20 ms (TSC), then DISABLE, for ever: the issue's re-registration attack.  Before budgets were carried per
+# TID each registration started a fresh window (estimated 70% RT); the device's rate limit then refuses
+# most ENABLEs (AGAIN).
+TOGGLE_GUEST = r"""
+.macro SPIN ticks
+    rdtsc
+    shl $32, %rdx
+    or %rdx, %rax
+    mov %rax, %rsi
+    mov $\ticks, %rcx
+    add %rcx, %rsi
+1:  rdtsc
+    shl $32, %rdx
+    or %rdx, %rax
+    cmp %rsi, %rax
+    jb 1b
+.endm
+_start:
+    PCI_FIND 0x70731234
+    CFG_R 0x10
+    and $0xfffffff0, %eax
+    mov %eax, %edi
+    movl $2, 0x200040             # slot 0: seq 2 (complete), flags 0, FIFO 99, nice 0
+    movl $0, 0x200044
+    movl $1, 0x200048
+    movl $99, 0x20004c
+    movl $0, 0x200050
+    movl $0x10000, 0x10(%rdi)     # version 1.0, every feature, the area at 2 MiB
+    movl $0xf, 0x0c(%rdi)
+    movl $0x200000, 0x18(%rdi)
+    movl $0, 0x1c(%rdi)
+    movl $0x1000, 0x20(%rdi)
+toggle:
+    movl $1, 0x24(%rdi)           # ENABLE: ACTIVE, or AGAIN when registrations come too often
+    SPIN TICKS
+    movl $2, 0x24(%rdi)           # DISABLE
+    jmp toggle
+"""
+
+
+def _tsc_hz() -> int:
+    """The host's TSC rate, near enough (the guest's TSC runs at it): cpu MHz of /proc/cpuinfo."""
+    with open("/proc/cpuinfo") as f:
+        mhz = next(float(line.split(":")[1]) for line in f if line.startswith("cpu MHz"))
+    return int(mhz * 1e6)
+
+
+def _wait_started(vm, timeout: float = 20):
+    """The vCPU TIDs and the policy process, without waiting for a registration to be caught live."""
+    from vmm import control
+    end = time.monotonic() + timeout
+    while True:
+        assert vm.watchdog.poll() is None, f"VM ended early: {vm.watchdog.communicate()}"
+        try:
+            st = vm.status()
+            if st.get("vcpu_tids") and st["pvsched"]["policy"].get("pid") and st["pvsched"]["enables"]["accepted"]:
+                vm.tids = {int(k): v for k, v in st["vcpu_tids"].items()}
+                vm.policy_pid = st["pvsched"]["policy"]["pid"]
+                return vm
+        except (control.ControlError, KeyError):
+            pass
+        assert time.monotonic() < end, "the toggling guest never registered"
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(os.cpu_count() < 2, reason="pins the vCPU and a host hog to CPU 1, the sampler to CPU 0")
+def test_a_spinner_that_toggles_its_registration_gets_no_more_than_a_plain_one(vms, tmp_path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tiny_guest import build_guest
+
+    elf = build_guest(tmp_path, TOGGLE_GUEST.replace("TICKS", str(_tsc_hz() // 50)), "toggle")
+    vm = _wait_started(vms("", cpus=1, seconds=WINDOW_S + 6, args=("--kernel", str(elf))))
+    tid = vm.tids[0]
+    os.sched_setaffinity(tid, {HOG_CPU})
+    tun = {k: int(v["value"]) for k, v in vm.show()["tunables"].items() if v["value"].isdigit()}
+    bound = rt_share_bound(tun["max_boost_runtime_ms"], tun["clock_ms"], tun["throttle_ms"])
+    before = vm.status()["pvsched"]["enables"]
+    vcpu, host, hog_pid = measure_beside_a_hog(vm, [tid], WINDOW_S)
+    after = vm.status()["pvsched"]["enables"]
+    span, rt_s, host_s = vcpu.span_s(), vcpu.rt_run_s(tid), host.run_s(hog_pid)
+    accepted, again = after["accepted"] - before["accepted"], after["again"] - before["again"]
+    print(f"toggling spinner: RT {rt_s:.3f} s of {span:.2f} s ({rt_s / span:.1%}; a plain spinner's bound "
+          f"{bound:.1%}), host hog {host_s / span:.1%}; ENABLEs in the window: {accepted} registered, {again} AGAIN")
+    assert accepted + again >= 20 * span * 0.5, "the guest did not toggle about every 20 ms"
+    assert accepted >= 2, "no registration happened in the window: nothing was tested"
+    assert rt_s <= (bound + 0.04) * span, f"RT {rt_s:.3f} s: re-registering beat the throttle's bound {bound:.1%}"
+    assert rt_s > 0, "never boosted: nothing was tested"
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (all its threads), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(os.cpu_count() < 2, reason="the policy process and a host hog on CPU 1, the vCPU on CPU 0")
+def test_a_registration_storm_costs_the_policy_process_little(vms, tmp_path) -> None:
+    """ENABLE/DISABLE every 20 ms for 5 s: each registration is work at RT in the policy process, so the
+    device's rate limit must keep it under 5% of a CPU, and a SCHED_OTHER hog beside it keeps 90% of its CPU."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tiny_guest import build_guest
+
+    storm_s = 5.0
+    elf = build_guest(tmp_path, TOGGLE_GUEST.replace("TICKS", str(_tsc_hz() // 50)), "toggle")
+    vm = _wait_started(vms("", cpus=1, seconds=storm_s + 8, args=("--kernel", str(elf))))
+    os.sched_setaffinity(vm.tids[0], {SAMPLER_CPU})
+    for t in os.listdir(f"/proc/{vm.policy_pid}/task"):
+        os.sched_setaffinity(int(t), {HOG_CPU})
+    before, cpu0 = vm.status()["pvsched"]["enables"], _cpu_s(vm.policy_pid)
+    _vcpu, host, hog_pid = measure_beside_a_hog(vm, [vm.tids[0]], storm_s)
+    after, cpu1 = vm.status()["pvsched"]["enables"], _cpu_s(vm.policy_pid)
+    span, host_s = host.span_s(), host.run_s(hog_pid)
+    enables = after["accepted"] + after["again"] - before["accepted"] - before["again"]
+    print(f"registration storm: {enables} ENABLEs in {span:.2f} s ({after['accepted'] - before['accepted']} "
+          f"registered); the policy process used {cpu1 - cpu0:.3f} s of CPU ({(cpu1 - cpu0) / span:.1%}), the "
+          f"hog beside it ran {host_s / span:.1%} of the time")
+    assert enables >= 20 * span * 0.5, "the guest did not toggle about every 20 ms"
+    assert (cpu1 - cpu0) < 0.05 * span, f"the policy process used {(cpu1 - cpu0) / span:.1%} of a CPU"
+    assert host_s >= 0.9 * span, f"the hog on the policy process's CPU kept only {host_s / span:.1%}"
+
+
+@pytest.mark.skipif(os.cpu_count() != 2, reason="8 vCPUs on exactly 2 CPUs, a host hog on CPU 1")
+@pytest.mark.parametrize(("share", "hog_keeps"), [("30", 0.35), ("5", 0.6)], ids=["default", "share-5"])
+def test_eight_spinning_vcpus_on_two_cpus_leave_a_host_hog_its_cpu(vms, share: str, hog_keeps: float) -> None:
+    """Per-vCPU budgets are not a host budget: 8 vCPUs that each ask FIFO 99 and spin would get about
+    0.27 x 8 CPUs at RT, every CPU of this host (measured: 83% of both, the hog kept 3%).  The VM's budget
+    (vm_boost_share_pct of the host's CPUs) bounds them together.  RT time may pile up on the hog's CPU,
+    so the hog keeps about 1 - share x 2 of it: 40% at the default 30 (which binds only VMs with more vCPUs
+    than CPUs), 80% at 5 (2026-12-03: 40-44% and 70%; the issue asks 60%).  The hog runs at nice -20 so
+    that what it loses is mostly RT time: at nice 0 the vCPU threads' fair share (4 per CPU when not
+    boosted) would take most of its CPU with or without a policy; at nice -20 they still take a few %."""
+    vm = wait_active(vms(f"duration={int(WINDOW_S) + 8} workload=" + ",".join(["hog"] * 8), cpus=8,
+                         seconds=WINDOW_S + 8, args=("--policy-set", f"vm_boost_share_pct={share}")))
+    tids = list(vm.tids.values())
+    assert len(tids) == 8
+    show = vm.show()
+    budget_ms, window_ms = show["vm_budget"]["budget_ms"], int(show["tunables"]["throttle_window_ms"]["value"])
+    share = budget_ms / window_ms / 2                          # of each of the 2 CPUs
+    vcpus, host, hog_pid = measure_beside_a_hog(vm, tids, WINDOW_S, nice=-20)
+    span = vcpus.span_s()
+    rt_s = sum(vcpus.rt_run_s(t) for t in tids)
+    host_s = host.run_s(hog_pid)
+    stats = vm.stats()
+    print(f"8 spinning vCPUs on 2 CPUs over {span:.2f} s: {rt_s:.3f} s at RT in all ({rt_s / span / 2:.1%} of the "
+          f"2 CPUs; VM budget {share:.0%}), the host hog on CPU {HOG_CPU} ran {host_s:.3f} s ({host_s / span:.1%}); "
+          f"vm_budget {stats['vm_budget']}, throttle {stats['throttle']}")
+    assert host_s >= hog_keeps * span, f"the host hog got only {host_s / span:.1%} of its CPU"
+    assert rt_s <= (2 * share + 0.1) * span, f"the VM's vCPUs took {rt_s:.3f} s at RT: over the VM's budget"
+    assert stats["vm_budget"] > 0 and rt_s > 0.05 * span, "the VM's budget never bit: the test tested nothing"
 
 
 @pytest.mark.parametrize("poison", ["guest_seq_odd", "host_seq_max"])

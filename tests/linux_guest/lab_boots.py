@@ -58,15 +58,17 @@ def boot(kernel: str, initrd: str, end: str, extra: str, timeout: float = 300) -
 
 
 def main(argv: list[str]) -> int:
-    """Boot each (kernel, initrd, end) triple and write the results as a JSON list to argv[0]."""
+    """Boot each (kernel, initrd, end) triple; the results so far as a JSON list in argv[0] after each."""
     extra = ""
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], " ".join(argv[i + 1:])
     out, rest = argv[0], argv[1:]
-    results = [boot(*rest[i:i + 3], extra) for i in range(0, len(rest), 3)]
-    with open(out, "w") as f:
-        json.dump(results, f)
+    results = []
+    for i in range(0, len(rest), 3):
+        results.append(boot(*rest[i:i + 3], extra))
+        with open(out, "w") as f:   # after each boot: if the lab itself dies, the boots before it are kept
+            json.dump(results, f)
     return 0
 
 

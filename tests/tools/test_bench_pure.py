@@ -181,6 +181,16 @@ def test_targets_miss_and_unmeasured():
     assert all(x["ok"] is None for x in targets(summarize(only_idle)))
 
 
+def test_a_linux_guest_run_is_judged_on_its_cyclictest_rows():
+    """bench --guest linux: the same targets, on cyclictest's cells instead of n/a everywhere."""
+    recs = [{**r, "workload": "cyclictest", "guest_kind": "linux"} for r in _records() if r["workload"] == "probe,probe"]
+    t = {x["name"]: x for x in targets(summarize(recs))}
+    assert t["busy pvsched guest p99 <= 1.1 x static-rt busy p99"]["ok"] is True  # 62 <= 66
+    assert t["busy pvsched guest p99 <= 1/5 x vanilla busy p99"]["ok"] is True
+    assert t["busy pvsched guest p99 <= 1/5 x vanilla busy p99"]["value"] == 62
+    assert t["mixed guest (probe,busy): pvsched host throughput >= 0.95 x vanilla"]["ok"] is None  # not run
+
+
 def test_table_targets_and_plot(tmp_path):
     rows = summarize(_records())
     md = report.markdown(rows, {"date": "today", "machine": "test box", "reps": 2, "duration_s": 5,
