@@ -23,6 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -41,6 +42,18 @@ CHILD_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/b
 
 class PolicyUnavailable(RuntimeError):
     """The policy process is not running (never started, died, or stopped)."""
+
+
+@dataclass
+class _Queued:
+    """A request waiting for the sender: encoded once, at post()."""
+
+    id: int
+    op: str
+    wire: bytes
+    fds: tuple[int, ...]
+    fut: concurrent.futures.Future[dict[str, Any]]
+    coalesce: str | None
 
 
 class PolicySupervisor:
@@ -64,7 +77,7 @@ class PolicySupervisor:
         self._pidfd = -1
         self._lock = threading.Lock()
         self._io_lock = threading.Lock()  # a synchronous exchange (no run() yet) vs run() taking the socket
-        self._queue: deque[tuple[dict[str, Any], tuple[int, ...], concurrent.futures.Future[dict[str, Any]]]] = deque()
+        self._queue: deque[_Queued] = deque()
         self._pending: dict[int, concurrent.futures.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
         self._token: trio.lowlevel.TrioToken | None = None
@@ -140,26 +153,25 @@ class PolicySupervisor:
         if not self.alive:
             fut.set_exception(PolicyUnavailable("policy process is not running"))
             return fut
-        try:  # refused here, whole: a message that cannot be sent must not reach the sender task
-            protocol.encode(dict(msg, id=0))
+        msg = dict(msg, id=next(self._ids))
+        try:  # encoded once, here: a message that cannot be sent is refused whole, never reaching the sender
+            wire = protocol.encode(msg)
         except (ValueError, TypeError) as e:
             fut.set_exception(ValueError(f"{msg.get('op')}: request refused: {e}"))
             return fut
-        dups = tuple(os.dup(fd) for fd in fds)
+        item = _Queued(msg["id"], str(msg.get("op")), wire, tuple(os.dup(fd) for fd in fds), fut, coalesce)
         superseded = []
         with self._lock:
-            msg = dict(msg, id=next(self._ids))
             if coalesce is not None:
-                msg["_coalesce"] = coalesce
-                for item in [q for q in self._queue if q[0].get("_coalesce") == coalesce]:
-                    self._queue.remove(item)
-                    superseded.append(item)
-            self._queue.append((msg, dups, fut))
+                superseded = [q for q in self._queue if q.coalesce == coalesce]
+                for q in superseded:
+                    self._queue.remove(q)
+            self._queue.append(item)
             token = self._token
-        for old_msg, old_fds, old_fut in superseded:
-            for fd in old_fds:
+        for old in superseded:
+            for fd in old.fds:
                 os.close(fd)
-            old_fut.set_result({"ok": True, "superseded": True, "id": old_msg["id"]})
+            old.fut.set_result({"ok": True, "superseded": True, "id": old.id})
         if token is not None:
             try:
                 token.run_sync_soon(self._kick)
@@ -238,14 +250,13 @@ class PolicySupervisor:
             with self._lock:
                 if not self._queue:
                     return
-                msg, fds, fut = self._queue.popleft()
-                self._pending[msg["id"]] = fut
+                q = self._queue.popleft()
+                self._pending[q.id] = q.fut
             try:
                 select.select([], [self._sock], [], 1.0)
-                wire = {k: v for k, v in msg.items() if k != "_coalesce"}
-                self._sock.sendmsg([protocol.encode(wire)], protocol.ancillary(fds))
+                self._sock.sendmsg([q.wire], protocol.ancillary(q.fds))
             finally:
-                for fd in fds:
+                for fd in q.fds:
                     os.close(fd)
 
     def _recv_nowait(self) -> dict[str, Any] | None:
@@ -317,16 +328,16 @@ class PolicySupervisor:
                     if not self._queue:
                         self._wake = trio.Event()
                         break
-                    msg, fds, fut = self._queue.popleft()
-                    self._pending[msg["id"]] = fut
+                    q = self._queue.popleft()
+                    self._pending[q.id] = q.fut
                 try:
-                    await protocol.send(tsock, {k: v for k, v in msg.items() if k != "_coalesce"}, fds)
-                except (OSError, ValueError, TypeError) as e:  # this request fails; the sender goes on
+                    await tsock.sendmsg([q.wire], protocol.ancillary(q.fds))
+                except OSError as e:  # this request fails; the sender goes on
                     with self._lock:
-                        self._pending.pop(msg["id"], None)
-                    fut.set_exception(PolicyUnavailable(f"sending {msg.get('op')}: {e}"))
+                        self._pending.pop(q.id, None)
+                    q.fut.set_exception(PolicyUnavailable(f"sending {q.op}: {e}"))
                 finally:
-                    for fd in fds:
+                    for fd in q.fds:
                         os.close(fd)
             await self._wake.wait()
 
@@ -355,11 +366,11 @@ class PolicySupervisor:
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(PolicyUnavailable("policy process died"))
-        for _, fds, fut in queued:
-            for fd in fds:
+        for q in queued:
+            for fd in q.fds:
                 os.close(fd)
-            if not fut.done():
-                fut.set_exception(PolicyUnavailable("policy process died"))
+            if not q.fut.done():
+                q.fut.set_exception(PolicyUnavailable("policy process died"))
         if not self._stopping:
             self.on_death(self.returncode)
 

@@ -3,8 +3,8 @@
 Hosts without VMX/SVM (or whose /dev/kvm cannot run Linux guests, such as
 KVM's PVM backend) cannot run a Linux guest under pyvmm, nor fire KVM's
 `kvm_exit`/`kvm_entry` tracepoints.  QEMU's TCG with `-cpu max` offers AMD
-SVM with nested paging to its guest, where Debian's generic kernel loads
-`kvm_amd` and has a working /dev/kvm.  The lab boots that kernel with
+SVM to its guest, where Debian's generic kernel loads `kvm_amd` (told to use
+shadow paging, see vng_command) and has a working /dev/kvm.  The lab boots that kernel with
 virtme-ng (`vng`): the host's root file system is shared read-only (with
 throwaway overlays on /etc, /usr, /var, /tmp, ...), the working directory is
 shared writable so results come back, and COMMAND runs as root in the
@@ -101,8 +101,12 @@ def vng_command(kernel: Path, script: str, cpus: int, mem_mib: int, cwd: str, rw
         # tsc=reliable: QEMU TCG derives every lab CPU's TSC from one host counter (cpu_get_ticks), yet the
         # lab kernel's TSC sync check fails under emulation ("TSCs unsynchronized").  With a TSC it calls
         # unstable, the lab's KVM lets each vCPU's TSC drift apart: a guest's CPU 1 ran 20 s behind CPU 0,
-        # its timers stopped, and it hung (docs/linux-lab.md).
-        cmd += ["--disable-kvm", "--qemu-opts=-cpu max -accel tcg,thread=multi", "--append", "tsc=reliable"]
+        # its timers stopped, and it hung.
+        # kvm_amd.npt=0: with nested paging, a guest triple-faulted in about 1 boot of 3 while the emulated
+        # CPU delivered an injected interrupt (L1's trace: exit "shutdown" with that vector in EXITINTINFO,
+        # after hundreds of identical deliveries), and QEMU as the inner VMM hung the whole lab once; with
+        # the lab's KVM on shadow paging, QEMU TCG's nested page walk is out of the way (docs/linux-lab.md).
+        cmd += ["--disable-kvm", "--qemu-opts=-cpu max -accel tcg,thread=multi", "--append", "tsc=reliable kvm_amd.npt=0"]
     else:
         cmd += ["--qemu-opts=-cpu host"]
     for d in rwdirs:
