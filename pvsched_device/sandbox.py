@@ -15,6 +15,7 @@ import ctypes
 import errno
 import functools
 import os
+import resource
 import signal
 from collections.abc import Sequence
 
@@ -203,7 +204,6 @@ RLIMITS = {"RLIMIT_CORE": 0, "RLIMIT_NOFILE": 256}
 
 def set_limits() -> None:
     """Lower the RLIMITS (both soft and hard: they cannot be raised again without CAP_SYS_RESOURCE)."""
-    import resource
     for name, value in RLIMITS.items():
         res = getattr(resource, name)
         hard = resource.getrlimit(res)[1]
