@@ -9,7 +9,7 @@
 /* The heartbeat page: a sealed memfd the VMM creates and the policy process maps.
  * Not guest memory (a hostile guest must not be able to keep a hung policy "alive"). */
 struct pvsched_heartbeat {
-	uint64_t beats;        /* +1 by the policy process's actuator at every loop iteration */
+	uint64_t beats;        /* +1 by the policy process's backstop thread (bpf/backstop_loop.c) while its actuator keeps up */
 	uint64_t reserved[7];
 };
 

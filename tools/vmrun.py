@@ -30,8 +30,9 @@ STATIC_ATTRS = {"static-rt": SchedAttr(SCHED_FIFO, 10, 0), "static-nice": SchedA
 # while the VMM itself starts at SCHED_OTHER.
 WATCHDOG_PRIO = 50
 # The benchmark's own polling thread, while a VM runs: it must find the vCPU threads at once even on a busy
-# host (static settings apply from then on).  It only sleeps and polls; below the watchdog, above the actuator.
-POLLER_ATTR = SchedAttr(SCHED_FIFO, 45, 0)
+# host (static settings apply from then on).  It only sleeps and polls: above the actuator (40), below the
+# VMM's guardian (45), which must preempt everything but the watchdogs.
+POLLER_ATTR = SchedAttr(SCHED_FIFO, 42, 0)
 _VCPU_COMM = re.compile(r"vcpu[\s_-]*(\d+)", re.IGNORECASE)
 
 
