@@ -239,12 +239,6 @@ static __always_inline __u32 wanted_from_slot(const struct pvsched_tunables *t, 
 }
 
 /*
- * Add boosted run time up to now.  running/run_start_ns are written only by
- * sched_switch (lock-free: a task switches on one CPU at a time), so a busy
- * lock can never leave a boosted vCPU unaccounted; counting starts at the
- * latest of switch-in, last checkpoint and the boost decision.
- */
-/*
  * The VM's budget: one window for all vCPUs, aligned to multiples of
  * throttle_window_ns so that every CPU agrees which window it is.  Per-vCPU
  * budgets alone let V vCPUs take V times one vCPU's share (all CPUs once
@@ -275,10 +269,16 @@ static __always_inline bool vm_over_budget(const struct pvsched_tunables *t, __u
 	return b && b->boosted_ns >= t->vm_boost_budget_ns;
 }
 
+/*
+ * Add boosted run time up to now, to the vCPU's window and to the VM's.
+ * running/run_start_ns are written only by sched_switch (lock-free: a task
+ * switches on one CPU at a time), so a busy lock can never leave a boosted
+ * vCPU unaccounted; counting starts at the latest of switch-in, last
+ * checkpoint and the boost decision.
+ */
 static __always_inline void account(struct pvsched_vcpu *v, const struct pvsched_tunables *t, __u64 now)
 {
 	struct pvsched_vm_budget *b;
-
 	__u64 from;
 
 	if (now - v->window_start_ns >= t->throttle_window_ns) {

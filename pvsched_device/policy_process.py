@@ -308,7 +308,7 @@ def code_paths() -> list[str]:
 
 def confine(engine: Any | None) -> None:
     """The last privileged step: a root holding only code_paths() (read-only) and this VMM's own pin
-    folder (writable), an IPC namespace of its own, lowered rlimits."""
+    folder (writable), then lowered rlimits."""
     if engine is not None:
         engine.warm_up()  # libbpf reads /sys once (the possible CPUs) and caches it
     writable = [str(engine.pin_dir)] if engine is not None else []
