@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from bpf.tunables import TunableError, parse
 from pvsched_device import abi, sandbox, slots
 from pvsched_device.guardian import Guardian, GuardianError
 from pvsched_device.guardian import constants as guardian_constants
@@ -583,10 +584,6 @@ class PvschedDevice(PciDevice):
 
 def _check_tunables(tunables: dict[str, str]) -> None:
     """Refuse bad initial tunables before boot (the policy process would otherwise run without its policy)."""
-    try:
-        from bpf.tunables import TunableError, parse
-    except ImportError:
-        return  # no policy engine here: the policy process will say so
     try:
         parse({str(k): str(v) for k, v in tunables.items()})
     except TunableError as e:

@@ -10,7 +10,6 @@ including crashes and the timeout, is reported in the result.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -20,8 +19,6 @@ from typing import BinaryIO
 
 from vmm.console import Console, ConsoleInput, parse_records
 from vmm.machine import EXIT_TIMEOUT, Machine, VmmError
-
-log = logging.getLogger("pyvmm")
 
 BZIMAGE_MAGIC_OFFSET, BZIMAGE_MAGIC = 0x202, b"HdrS"
 
@@ -95,11 +92,13 @@ def default_kernel() -> Path:
 
 
 def _pvsched_device(cfg: BootConfig):
+    # One install holds both packages: a device that does not import is a broken install, and a boot
+    # that quietly went on without it would pass for a pvsched run.
     try:
         from pvsched_device.device import PvschedDevice
     except ImportError as e:
-        log.warning("pvsched device not available (%s): booting without it", e)
-        return None
+        raise VmmError(f"the pvsched device does not import ({e}): run scripts/setup.sh, or boot with "
+                       "--no-pvsched") from None
     return PvschedDevice(policy=cfg.policy, tunables=dict(cfg.tunables) or None,
                          host_version=cfg.host_version, host_features=cfg.host_features)
 
@@ -128,9 +127,7 @@ def build_machine(cfg: BootConfig, console: Console) -> Machine:
         except (ImageError, ValueError) as e:
             raise VmmError(str(e)) from None
         if cfg.pvsched:
-            dev = _pvsched_device(cfg)
-            if dev is not None:
-                m.add_pci_device(dev)
+            m.add_pci_device(_pvsched_device(cfg))
         for hook in cfg.setup:
             hook(m)
     except BaseException:
