@@ -54,6 +54,7 @@ def boot(kernel: str, initrd: str, end: str, extra: str, timeout: float = 300) -
             "records": parse_records(r.console), "bad_lines": bad, "xsave_lab_only": xsave_lab_only,
             "clocksource": clock[-1] if clock else None, "tail": r.console.splitlines()[-3:],
             "programs": policy.get("programs"), "policy_stats": policy.get("stats"),
+            "policy_error": policy.get("error"),
             "host_areas": [v.get("host") for v in (dev.get("device") or {}).get("vcpus") or []]}
 
 

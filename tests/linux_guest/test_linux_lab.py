@@ -81,7 +81,7 @@ def test_linux_boots_under_pyvmm_with_pvsched_and_powers_off(linux_image, tmp_pa
     assert res["bad_lines"] == []
     progs = res["programs"] or {}
     runs = {p["name"]: p.get("run_cnt") for p in progs} if isinstance(progs, list) else {}
-    assert runs.get("pvs_switch", 0) > 0
+    assert runs.get("pvs_switch", 0) > 0, ("no policy stats at the end", res["policy_error"])
     assert runs.get("pvs_kvm_exit", 0) > 0 and runs.get("pvs_kvm_entry", 0) > 0   # real VM exits under SVM
 
 
