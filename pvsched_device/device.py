@@ -36,7 +36,6 @@ U32 = 0xFFFFFFFF
 STATUS_TIMEOUT_S = 2.0
 FINAL_SHOW_TIMEOUT_S = 1.0  # the policy's last policy.show at shutdown: short, the VM is ending
 MAX_LOGGED_TRANSITIONS = 8
-# Registrations a guest may cause: a few at once (boot, a driver reload), then a few a second.
 # Inside `pyvmm lab` (PYVMM_IN_LAB, which it sets) every instruction is emulated, 10-50x slower, and limits
 # set for native speed misfire: a healthy policy process fell silent for 253 ms during its start there and
 # the guardian killed it; in another boot the run's record ended with no policy stats, most likely the
@@ -48,6 +47,9 @@ LAB_SLOWDOWN = 10
 def slowdown() -> int:
     """How much longer this device's time limits are: LAB_SLOWDOWN inside `pyvmm lab`, else 1."""
     return LAB_SLOWDOWN if os.environ.get("PYVMM_IN_LAB") else 1
+
+
+# Registrations a guest may cause: a few at once (boot, a driver reload), then a few a second.
 REGISTRATION_BURST = 4
 REGISTRATION_RATE_PER_S = 2.0
 REG = {
@@ -127,8 +129,8 @@ class PvschedDevice(PciDevice):
         self.policy_error: str | None = None
         self.stop_timeout_s = 3.0  # how long stop() lets the policy process clean up before killing it
         self.guardian: Guardian | None = None
-        self.guardian_stale_ms = int(guardian_constants().PVSCHED_GUARDIAN_STALE_MS)  # hung after this much silence
-        self.guardian_stale_ms *= slowdown()
+        # hung after this much silence
+        self.guardian_stale_ms = int(guardian_constants().PVSCHED_GUARDIAN_STALE_MS) * slowdown()
         self._lock = threading.Lock()
         self._reset_registers()
         self.active: dict[str, Any] | None = None  # the accepted configuration while ACTIVE

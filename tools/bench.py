@@ -43,7 +43,6 @@ from vmm.safe_fs import make_output_dir, write_file_nofollow
 CONFIGS = ("vanilla", "static-rt", "static-nice", "pvsched")
 GUEST_KINDS = ("testguest", "linux")
 LINUX_GROUPS = ("idle", "busy")
-LINUX_WORKLOAD = LINUX
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 THP_MODES = ("always", "madvise", "never")
@@ -80,7 +79,7 @@ def plan(configs: list[str], groups: list[str], reps: int, variants: tuple[str, 
     vCPU 0 and normal-priority busy work on vCPU 1 on a busy host; "tick" the probe next to a normal-priority
     task that wakes every interval (what boost-on-halt costs the host: that vCPU halts ~1000 times a second).
     `variants` (names) run as extra pvsched cells right after the configurations, interleaved the same way."""
-    return [Cell(c, GROUPS[g][1], LINUX_WORKLOAD if guest == "linux" else GROUPS[g][0], rep, v)
+    return [Cell(c, GROUPS[g][1], LINUX if guest == "linux" else GROUPS[g][0], rep, v)
             for rep in range(reps) for g in groups
             for c, v in [(c, "") for c in configs] + [("pvsched", v) for v in variants]]
 

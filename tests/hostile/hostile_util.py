@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -135,8 +136,15 @@ def start_vm(cmdline: str, cpus: int = 2, seconds: float = 5, args: tuple[str, .
     return vm
 
 
-def wait_active(vm: Vm, timeout: float = 20) -> Vm:
-    """Wait until the guest enabled pvsched and the policy process registered it; fills tids/policy_pid/prog_ids."""
+def registered(st: dict) -> bool:
+    """The guest's pvsched is active and the policy process has registered it (a `status` reply)."""
+    pv = st.get("pvsched", {})
+    return pv.get("state") == "active" and bool(pv.get("policy", {}).get("process", {}).get("registered"))
+
+
+def wait_active(vm: Vm, timeout: float = 20, ready: Callable[[dict], bool] = registered) -> Vm:
+    """Wait until `ready(status)` (default: the guest enabled pvsched and the policy process registered it);
+    fills tids/policy_pid/prog_ids."""
     st: dict = {}
 
     def active() -> bool:
@@ -145,8 +153,7 @@ def wait_active(vm: Vm, timeout: float = 20) -> Vm:
             st = vm.status()
         except control.ControlError:
             return False
-        pv = st.get("pvsched", {})
-        return pv.get("state") == "active" and bool(pv.get("policy", {}).get("process", {}).get("registered"))
+        return ready(st)
 
     end = time.monotonic() + timeout
     while not active():

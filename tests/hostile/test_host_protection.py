@@ -32,8 +32,10 @@ from pathlib import Path
 
 import pytest
 from hostile_util import RT, Sampler, children, kill_pid, observer_rt, shm_map, wait_active, wait_for
+from tiny_guest import build_guest  # tests/: tiny guests by the boot contract
 
 from pvsched_device import abi
+from tools.cpuacct import tree_cpu_s
 from vmm.sched_attr import sched_getattr
 
 C = abi.C
@@ -153,31 +155,21 @@ def _tsc_hz() -> int:
     return int(mhz * 1e6)
 
 
-def _wait_started(vm, timeout: float = 20):
-    """The vCPU TIDs and the policy process, without waiting for a registration to be caught live."""
-    from vmm import control
-    end = time.monotonic() + timeout
-    while True:
-        assert vm.watchdog.poll() is None, f"VM ended early: {vm.watchdog.communicate()}"
-        try:
-            st = vm.status()
-            if st.get("vcpu_tids") and st["pvsched"]["policy"].get("pid") and st["pvsched"]["enables"]["accepted"]:
-                vm.tids = {int(k): v for k, v in st["vcpu_tids"].items()}
-                vm.policy_pid = st["pvsched"]["policy"]["pid"]
-                return vm
-        except (control.ControlError, KeyError):
-            pass
-        assert time.monotonic() < end, "the toggling guest never registered"
-        time.sleep(0.05)
+def _toggle_guest(tmp_path: Path) -> Path:
+    """TOGGLE_GUEST built, spinning about 20 ms (a 50th of the TSC's rate) between ENABLE and DISABLE."""
+    return build_guest(tmp_path, TOGGLE_GUEST.replace("TICKS", str(_tsc_hz() // 50)), "toggle")
+
+
+def _has_registered(st: dict) -> bool:
+    """A toggling guest is seldom caught registered: enough that it registered once and the policy runs."""
+    pv = st.get("pvsched", {})
+    return bool(st.get("vcpu_tids") and pv.get("policy", {}).get("pid") and pv.get("enables", {}).get("accepted"))
 
 
 @pytest.mark.skipif(os.cpu_count() < 2, reason="pins the vCPU and a host hog to CPU 1, the sampler to CPU 0")
 def test_a_spinner_that_toggles_its_registration_gets_no_more_than_a_plain_one(vms, tmp_path) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tiny_guest import build_guest
-
-    elf = build_guest(tmp_path, TOGGLE_GUEST.replace("TICKS", str(_tsc_hz() // 50)), "toggle")
-    vm = _wait_started(vms("", cpus=1, seconds=WINDOW_S + 6, args=("--kernel", str(elf))))
+    vm = wait_active(vms("", cpus=1, seconds=WINDOW_S + 6, args=("--kernel", str(_toggle_guest(tmp_path)))),
+                     ready=_has_registered)
     tid = vm.tids[0]
     os.sched_setaffinity(tid, {HOG_CPU})
     tun = {k: int(v["value"]) for k, v in vm.show()["tunables"].items() if v["value"].isdigit()}
@@ -195,28 +187,19 @@ def test_a_spinner_that_toggles_its_registration_gets_no_more_than_a_plain_one(v
     assert rt_s > 0, "never boosted: nothing was tested"
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU time of process `pid` so far (all its threads), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @pytest.mark.skipif(os.cpu_count() < 2, reason="the policy process and a host hog on CPU 1, the vCPU on CPU 0")
 def test_a_registration_storm_costs_the_policy_process_little(vms, tmp_path) -> None:
     """ENABLE/DISABLE every 20 ms for 5 s: each registration is work at RT in the policy process, so the
     device's rate limit must keep it under 5% of a CPU, and a SCHED_OTHER hog beside it keeps 90% of its CPU."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tiny_guest import build_guest
-
     storm_s = 5.0
-    elf = build_guest(tmp_path, TOGGLE_GUEST.replace("TICKS", str(_tsc_hz() // 50)), "toggle")
-    vm = _wait_started(vms("", cpus=1, seconds=storm_s + 8, args=("--kernel", str(elf))))
+    vm = wait_active(vms("", cpus=1, seconds=storm_s + 8, args=("--kernel", str(_toggle_guest(tmp_path)))),
+                     ready=_has_registered)
     os.sched_setaffinity(vm.tids[0], {SAMPLER_CPU})
     for t in os.listdir(f"/proc/{vm.policy_pid}/task"):
         os.sched_setaffinity(int(t), {HOG_CPU})
-    before, cpu0 = vm.status()["pvsched"]["enables"], _cpu_s(vm.policy_pid)
+    before, cpu0 = vm.status()["pvsched"]["enables"], tree_cpu_s(vm.policy_pid)
     _vcpu, host, hog_pid = measure_beside_a_hog(vm, [vm.tids[0]], storm_s)
-    after, cpu1 = vm.status()["pvsched"]["enables"], _cpu_s(vm.policy_pid)
+    after, cpu1 = vm.status()["pvsched"]["enables"], tree_cpu_s(vm.policy_pid)
     span, host_s = host.span_s(), host.run_s(hog_pid)
     enables = after["accepted"] + after["again"] - before["accepted"] - before["again"]
     print(f"registration storm: {enables} ENABLEs in {span:.2f} s ({after['accepted'] - before['accepted']} "
