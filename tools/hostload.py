@@ -120,6 +120,7 @@ class StressLoad:
         argv = ["stress-ng", *STRESS_ARGS, "--temp-path", str(d), "--metrics-brief",
                 "--yaml", str(self._yaml), "-t", str(max(1, round(run_s or limit_s)))]
         self._p = _Bounded(argv, limit_s + 10, d)
+        self.output = ""  # stress-ng's log, once stopped
 
     @property
     def pid(self) -> int:
@@ -129,7 +130,7 @@ class StressLoad:
     def stop(self) -> dict[str, float]:
         """Stop the load; bogo-ops/s per stressor over its lifetime ({} if stress-ng printed none)."""
         try:
-            log = self._p.stop()
+            self.output = log = self._p.stop()
             y = self._yaml.read_text(errors="replace") if self._yaml.exists() else ""
             return parse_stress_metrics(y, log)
         finally:

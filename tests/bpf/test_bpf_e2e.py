@@ -145,9 +145,10 @@ def test_e2e_sigkill_of_the_policy_process_restores_and_detaches(vm):
 
 def test_e2e_probe_under_host_load_is_boosted_then_returns_to_normal_with_the_guest(vm):
     """Host busy with CPU hogs; vCPU 0 runs the RT probe for 3 s, then normal work: boosted, capped, then OTHER/0."""
-    # each in its own session: killing `timeout` alone would orphan its spinning child
+    # each in its own process group (killpg: killing `timeout` alone would orphan its spinning child), in this
+    # session: a session of its own is a task group of its own under autogroup, weighing as one task
     hogs = [subprocess.Popen(["timeout", "-s", "KILL", "30", sys.executable, "-c", "while True: pass"],
-                             start_new_session=True) for _ in range(os.cpu_count() or 2)]
+                             process_group=0) for _ in range(os.cpu_count() or 2)]
     try:
         p, _, tids = vm("duration=6 workload=probe+busy,idle", seconds=6)
         t0 = time.monotonic()  # the guest is at most ~1 s into its 3 s probe phase here

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ def host_load():
     def start(seconds: int = 4) -> None:
         procs.append(subprocess.Popen(["timeout", "-s", "KILL", str(seconds + 2), "stress-ng", "--cpu", "2",
                                        "--timeout", f"{seconds}s", "-q"],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, process_group=0))
 
     yield start
     for p in procs:
@@ -45,7 +46,10 @@ def test_probe_boosted_at_halt_under_load_then_back_to_normal(fake_vmm, policy_c
     assert wait_for(lambda: observed(tid)[0] == RR, 2.0), "probe vCPU never boosted"
     s = sample(tid, 1.0, 0.002)
     rr8 = sum(1 for _, pol, prio in s if pol == RR and prio == 8)
-    assert rr8 >= 0.95 * len(s), f"boost not held: RR 8 in {rr8}/{len(s)} samples"
+    if rr8 < 0.95 * len(s):  # say what the others were and what the policy counted: a rare failure to explain
+        others = Counter((pol, prio) for _, pol, prio in s if (pol, prio) != (RR, 8))
+        stats = {k: v["value"] for k, v in child.show()["stats"].items() if v["value"]}
+        pytest.fail(f"boost not held: RR 8 in {rr8}/{len(s)} samples; others {dict(others)}; stats {stats}")
     assert all(prio <= 10 for _, _, prio in s), "priority above max_rt_prio"
     assert proc_sched(tid) == {"policy": RR, "prio": 99 - 8}
     # hysteresis: ~2000 halts and wakeups a second, yet the boost is not re-applied per event

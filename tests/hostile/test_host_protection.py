@@ -53,9 +53,14 @@ def rt_share_bound(b_ms: float, s_ms: float, t_ms: float) -> float:
 
 def measure_beside_a_hog(vm, tids: list[int], window_s: float, nice: int = 0) -> tuple[Sampler, Sampler, int]:
     """Sample `tids` of `vm` and a host CPU hog (at `nice`) pinned to HOG_CPU for `window_s`: (vCPU sampler,
-    hog sampler, hog pid).  The hog is killed by PID (its session) afterwards, whatever happens."""
+    hog sampler, hog pid).  The hog is killed by PID (its process group) afterwards, whatever happens.
+
+    The hog gets a process group, never a session of its own: with autogroup scheduling a new session is a new
+    task group of weight nice 0, and `nice` then only ranks the hog inside it.  Where the test runs in the
+    root group (CI does), the hog's group then weighed as much as one vCPU thread, nice -20 or not (CI,
+    2026-12-03: it kept 10.9% and 16.6%, about 1/9 and 1/5 of its CPU; here, in a session's group, 40-70%)."""
     hog = subprocess.Popen(["timeout", "-s", "KILL", str(int(window_s) + 20), "nice", "-n", str(nice), "taskset",
-                            "-c", str(HOG_CPU), sys.executable, "-c", "while True: pass"], start_new_session=True)
+                            "-c", str(HOG_CPU), sys.executable, "-c", "while True: pass"], process_group=0)
     try:
         time.sleep(0.3)  # the hog is on its CPU, a cycle or two have passed
         hog_pid = children(hog.pid)[0]  # timeout -> taskset exec'd into the hog
@@ -66,7 +71,7 @@ def measure_beside_a_hog(vm, tids: list[int], window_s: float, nice: int = 0) ->
             time.sleep(window_s)
         assert vm.watchdog.poll() is None, "the VM ended during the measurement"
     finally:
-        kill_pid(hog.pid)  # timeout's child dies with its session's SIGKILL below
+        kill_pid(hog.pid)  # timeout's child dies with its group's SIGKILL below
         try:
             os.killpg(hog.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -217,9 +222,10 @@ def test_eight_spinning_vcpus_on_two_cpus_leave_a_host_hog_its_cpu(vms, share: s
     0.27 x 8 CPUs at RT, every CPU of this host (measured: 83% of both, the hog kept 3%).  The VM's budget
     (vm_boost_share_pct of the host's CPUs) bounds them together.  RT time may pile up on the hog's CPU,
     so the hog keeps about 1 - share x 2 of it: 40% at the default 30 (which binds only VMs with more vCPUs
-    than CPUs), 80% at 5 (2026-12-03: 40-44% and 70%; the issue asks 60%).  The hog runs at nice -20 so
-    that what it loses is mostly RT time: at nice 0 the vCPU threads' fair share (4 per CPU when not
-    boosted) would take most of its CPU with or without a policy; at nice -20 they still take a few %."""
+    than CPUs), 80% at 5 (2026-12-03, hog and VM in one task group: 56% and 86%; the issue asks 60%).  The
+    hog runs at nice -20 so that what it loses is mostly RT time: at nice 0 the vCPU threads' fair share (4
+    per CPU when not boosted) would take most of its CPU with or without a policy; at nice -20 they still
+    take a few %.  That needs the hog in the VM's task group: see measure_beside_a_hog."""
     vm = wait_active(vms(f"duration={int(WINDOW_S) + 8} workload=" + ",".join(["hog"] * 8), cpus=8,
                          seconds=WINDOW_S + 8, args=("--policy-set", f"vm_boost_share_pct={share}")))
     tids = list(vm.tids.values())

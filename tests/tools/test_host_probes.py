@@ -71,7 +71,7 @@ def test_host_cyclictest_runs_at_normal_priority_and_stress_reports_rates():
     assert len(policies) >= 3 and set(policies) == {0}  # main + one thread per CPU, all SCHED_OTHER
     assert summary is not None and summary["samples"] > 500 and summary["threads"] == os.cpu_count()
     assert summary["min"] <= summary["avg"] <= summary["max"] and summary["min"] <= summary["p99"] <= summary["max"]
-    assert {"cpu", "iomix", "vm", "fork"} <= set(rates) and rates["cpu"] > 0
+    assert {"cpu", "iomix", "vm", "fork"} <= set(rates) and rates["cpu"] > 0, f"rates {rates}; log {stress.output[-1500:]}"
 
 
 def test_cpu_meter_sums_a_process_tree_and_ends_its_window_with_it():
