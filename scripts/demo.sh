@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-exec ${PYTHON:-python3} -m vmm.cli boot "$@"
+exec ${PYTHON:-python3} -m pyvmm.cli boot "$@"

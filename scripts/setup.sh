@@ -25,9 +25,9 @@ PY=${PYTHON:-python3}
 # Editable install: build outputs live next to their sources.  Checked from / (not from here, where
 # python finds the packages anyway) and against this checkout: another clone's editable install must not
 # pass for this one's.
-if ! (cd / && REPO="$PWD_REPO" $PY -c 'import os, vmm, pvsched_device, tools, bpf, pytest_timeout, hypothesis, elftools
+if ! (cd / && REPO="$PWD_REPO" $PY -c 'import os, pyvmm, pytest_timeout, hypothesis, elftools, importlinter
 import virtme_ng
-raise SystemExit(not vmm.__file__.startswith(os.environ["REPO"] + "/"))') 2>/dev/null \
+raise SystemExit(not pyvmm.__file__.startswith(os.environ["REPO"] + "/"))') 2>/dev/null \
    || [ pyproject.toml -nt .setup-stamp ]; then
     echo "setup: pip install -e .[test]" >&2
     $PY -m pip install -q -e '.[test]' >&2
@@ -42,7 +42,7 @@ if ! grep -qs ' /sys/fs/bpf bpf ' /proc/mounts; then
 fi
 
 # Build outputs from source (make skips what is up to date).
-for dir in bpf guest_image/testguest pvsched_device; do
+for dir in pyvmm/policy pyvmm/guest/testguest pyvmm/device; do
     if [ -f "$dir/Makefile" ]; then
         make -s -C "$dir" >&2
     fi

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# test helpers shared by several folders: the stand-in VMM (fakevmm), the policy benchmark
+sys.path.insert(0, str(ROOT / "tests" / "standin"))
 
 
 def _kill(p: subprocess.Popen) -> None:
@@ -21,12 +23,12 @@ def _kill(p: subprocess.Popen) -> None:
 
 @pytest.fixture
 def pyvmm():
-    """Run `python -m vmm.cli ARGS...` to completion: pyvmm(*args, timeout=60, input=None) -> CompletedProcess."""
+    """Run `python -m pyvmm.cli ARGS...` to completion: pyvmm(*args, timeout=60, input=None) -> CompletedProcess."""
     procs: list[subprocess.Popen] = []
 
     def run(*args: str, timeout: float = 60, env: dict | None = None,
             input: str | None = None) -> subprocess.CompletedProcess:
-        p = subprocess.Popen([sys.executable, "-m", "vmm.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+        p = subprocess.Popen([sys.executable, "-m", "pyvmm.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
                              text=True, env={**os.environ, **(env or {})})
         procs.append(p)
@@ -43,11 +45,11 @@ def pyvmm():
 
 @pytest.fixture
 def pyvmm_bg():
-    """Start `python -m vmm.cli ARGS...` in the background; every process is SIGKILLed by PID at teardown."""
+    """Start `python -m pyvmm.cli ARGS...` in the background; every process is SIGKILLed by PID at teardown."""
     procs: list[subprocess.Popen] = []
 
     def start(*args: str, env: dict | None = None) -> subprocess.Popen:
-        p = subprocess.Popen([sys.executable, "-m", "vmm.cli", *args], cwd=ROOT, stdin=subprocess.DEVNULL,
+        p = subprocess.Popen([sys.executable, "-m", "pyvmm.cli", *args], cwd=ROOT, stdin=subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, **(env or {})})
         procs.append(p)

@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+from fakevmm import FakeVmm, fakevmm_binary
 
-from bpf.standin import FakeVmm
+from pyvmm.common.artifacts import ensure_built
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -40,16 +41,13 @@ def bpf_object() -> Path:
         pytest.skip("BPF policy tests need root")
     if not _bpffs_mounted():
         pytest.fail("bpffs is not mounted at /sys/fs/bpf (scripts/setup.sh mounts it)")
-    sys.path.insert(0, str(ROOT))
-    from vmm.artifacts import ensure_built
-
     return ensure_built("bpf", quiet=True)
 
 
 @pytest.fixture(scope="session")
 def fakevmm_bin(bpf_object) -> Path:
-    """bpf/fakevmm.c, built by bpf/Makefile next to the BPF object."""
-    return bpf_object.parent / "fakevmm"
+    """tests/standin/fakevmm.c, built by tests/standin/Makefile (scripts/test.sh runs it)."""
+    return fakevmm_binary()
 
 
 @pytest.fixture

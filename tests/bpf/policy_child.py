@@ -65,8 +65,8 @@ def emit(obj: dict) -> None:
 
 
 async def main(cfg: dict) -> None:
-    from bpf.engine import PolicyEngine
-    from vmm.sched_attr import sched_getattr
+    from pyvmm.common.sched_attr import sched_getattr
+    from pyvmm.policy.engine import PolicyEngine
 
     m = mmap.mmap(cfg["memfd"], cfg.get("size", 4096))
     engine = PolicyEngine(cfg["vmm_pid"], cfg.get("tunables") or {}, cfg["pin_root"])

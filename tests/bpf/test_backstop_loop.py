@@ -1,4 +1,4 @@
-"""The native backstop loop (bpf/backstop_loop.c) in a real engine: it re-reads slots and beats without Python."""
+"""The native backstop loop (pyvmm/policy/backstop_loop.c) in a real engine: it re-reads slots and beats without Python."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import trio
 from sched_observe import observed, wait_for
 
-from bpf.engine import PolicyEngine
-from pvsched_device.guardian import Heartbeat
-from vmm.sched_attr import sched_getattr
+from pyvmm.common.sched_attr import sched_getattr
+from pyvmm.policy.engine import PolicyEngine
+from pyvmm.policy.heartbeat import Heartbeat
 
 RR = os.SCHED_RR
 

@@ -72,7 +72,7 @@ def test_sigterm_restores_detaches_and_unpins(fake_vmm, policy_child):
 
 
 def test_sigkill_leaves_no_link_and_stale_pins_are_removed(fake_vmm, policy_child, pin_root):
-    from bpf.engine import remove_stale_pins
+    from pyvmm.policy.engine import remove_stale_pins
 
     vmm = fake_vmm(1)
     child = policy_child(vmm)
@@ -111,9 +111,9 @@ def test_next_start_removes_stale_pins(fake_vmm, policy_child, pin_root):
 
 
 def test_add_vcpu_refuses_threads_outside_the_vmm_and_bad_input(fake_vmm, bpf_object, pin_root):
-    from bpf.engine import PolicyEngine
-    from bpf.tunables import TunableError
-    from vmm.sched_attr import sched_getattr
+    from pyvmm.common.sched_attr import sched_getattr
+    from pyvmm.policy.engine import PolicyEngine
+    from pyvmm.policy.tunables import TunableError
 
     vmm = fake_vmm(1)
     with pytest.raises(TunableError, match="boost_prio"):
@@ -142,9 +142,9 @@ def test_actuator_survives_errors_and_a_hostile_host_seq(fake_vmm, bpf_object, p
 
     import trio
 
-    from bpf.engine import PolicyEngine
-    from pvsched_device import abi
-    from vmm.sched_attr import sched_getattr
+    from pyvmm import abi
+    from pyvmm.common.sched_attr import sched_getattr
+    from pyvmm.policy.engine import PolicyEngine
 
     vmm = fake_vmm(1)
     tid = vmm.tids[0]
@@ -186,7 +186,7 @@ def test_actuator_survives_errors_and_a_hostile_host_seq(fake_vmm, bpf_object, p
 def test_engine_run_fails_loudly_when_the_actuator_thread_dies(fake_vmm, bpf_object, pin_root):
     import trio
 
-    from bpf.engine import PolicyEngine
+    from pyvmm.policy.engine import PolicyEngine
 
     vmm = fake_vmm(1)
     eng = PolicyEngine(vmm.pid, {}, str(pin_root), realtime=False)

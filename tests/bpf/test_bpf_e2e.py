@@ -37,7 +37,7 @@ def _vmm_pid(watchdog_pid: int, timeout: float = 10) -> int:
 
 
 def _status(pid: int) -> dict | None:
-    r = subprocess.run([sys.executable, "-m", "vmm.cli", "status", str(pid), "--json"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "pyvmm.cli", "status", str(pid), "--json"], cwd=ROOT,
                        capture_output=True, text=True, timeout=10, check=False)
     return json.loads(r.stdout) if r.returncode == 0 and r.stdout.startswith("{") else None
 
@@ -50,7 +50,7 @@ def vm(bpf_object):
     def boot(cmdline: str, seconds: int = 4, *extra: str) -> tuple[subprocess.Popen, int, dict[int, int]]:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         p = subprocess.Popen(["chrt", "-f", "50", "timeout", "-s", "KILL", str(seconds + 30), "chrt", "-o", "0",
-                              sys.executable, "-m", "vmm.cli", "boot", "--cpus", "2", "--cmdline", cmdline,
+                              sys.executable, "-m", "pyvmm.cli", "boot", "--cpus", "2", "--cmdline", cmdline,
                               "--timeout", str(seconds + 20), *extra], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         procs.append(p)
@@ -176,12 +176,12 @@ def test_e2e_pyvmm_policy_set_changes_the_next_decision(vm):
     """`pyvmm policy set boost_prio=5` on a running VM: the halted vCPUs' held boosts follow (RR 8 -> RR 5)."""
     p, pid, tids = vm("duration=4 workload=idle,idle", 4, "--policy-set", "boost_on_halt=always")
     assert wait_for(lambda: all(observed(t)[:2] == (RR, 8) for t in tids.values()), 2.0), "idle vCPUs not at RR 8"
-    r = subprocess.run([sys.executable, "-m", "vmm.cli", "policy", "set", "boost_prio=5", "--vm", str(pid)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "pyvmm.cli", "policy", "set", "boost_prio=5", "--vm", str(pid)], cwd=ROOT,
                        capture_output=True, text=True, timeout=10, check=False)
     assert r.returncode == 0, r.stderr
     assert wait_for(lambda: all(observed(t)[:2] == (RR, 5) for t in tids.values()), 1.0), \
         f"still {[observed(t) for t in tids.values()]} after policy set"
-    bad = subprocess.run([sys.executable, "-m", "vmm.cli", "policy", "set", "boost_prio=99", "--vm", str(pid)],
+    bad = subprocess.run([sys.executable, "-m", "pyvmm.cli", "policy", "set", "boost_prio=99", "--vm", str(pid)],
                          cwd=ROOT, capture_output=True, text=True, timeout=10, check=False)
     assert bad.returncode != 0 and "boost_prio" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     assert all(observed(t)[:2] == (RR, 5) for t in tids.values()), "a refused set changed something"

@@ -111,7 +111,7 @@ def test_halt_boost_uses_boost_params_and_follows_set_tunables(fake_vmm, policy_
 
 
 def test_auto_halt_boost_waits_for_an_rt_waiter_when_the_guest_reports_them(fake_vmm, policy_child):
-    from pvsched_device.abi import C
+    from pyvmm.abi import C
 
     vmm = fake_vmm(2)
     rt_waits, normal = vmm.tids
@@ -358,9 +358,9 @@ def test_a_thread_already_above_the_boost_is_never_lowered(fake_vmm, policy_chil
 
 def _write_pinned_tunables(pin_dir: Path, vmm_pid: int, **fields) -> None:
     """What anything with CAP_BPF can do: rewrite the pinned tunables map behind the policy's back."""
-    from bpf import libbpf
-    from bpf.policy_types import ffi
-    from bpf.tunables import parse
+    from pyvmm.common import libbpf
+    from pyvmm.policy.policy_types import ffi
+    from pyvmm.policy.tunables import parse
 
     f, lib = ffi(), libbpf.lib()
     val = f.new("struct pvsched_tunables *")

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpf import libbpf
-from bpf.policy_types import consts, ffi, stat_descriptions
-from bpf.tunables import DEFAULTS, TunableError, parse
-from vmm.sched_attr import SchedAttr
+from pyvmm.common import libbpf
+from pyvmm.common.sched_attr import SchedAttr
+from pyvmm.policy.policy_types import consts, ffi, stat_descriptions
+from pyvmm.policy.tunables import DEFAULTS, TunableError, parse
 
 
 def test_defaults_are_the_design_values():
@@ -43,7 +43,7 @@ def test_set_is_relative_to_current_and_canonical():
 
 
 def test_boost_on_halt_modes_match_the_header_and_booleans_stay_accepted():
-    from bpf.tunables import HALT_BOOST
+    from pyvmm.policy.tunables import HALT_BOOST
 
     c = consts()
     assert HALT_BOOST == {"never": c.PVSCHED_HALT_BOOST_NEVER, "always": c.PVSCHED_HALT_BOOST_ALWAYS,
@@ -76,7 +76,7 @@ def test_the_vm_budget_is_a_share_of_all_host_cpus_per_window():
 
 
 def test_rt_ladder_constants_agree_with_the_header():
-    from bpf.tunables import RT_PRIO_LIMIT
+    from pyvmm.policy.tunables import RT_PRIO_LIMIT
 
     assert RT_PRIO_LIMIT == consts().PVSCHED_RT_PRIO_LIMIT == 30
     assert RT_PRIO_LIMIT < consts().PVSCHED_ACTUATOR_PRIO == 40
@@ -115,8 +115,9 @@ def test_one_vcpu_limit_from_the_abi_header_everywhere(bpf_object):
     """The BPF maps, the backstop, the guardian and the policy process hold the same number of vCPUs."""
     import os
 
-    from pvsched_device import abi, policy_process
-    from pvsched_device.guardian import constants
+    from pyvmm import abi
+    from pyvmm.device.guardian import constants
+    from pyvmm.policy import process as policy_process
 
     n = abi.C.PVSCHED_MAX_VCPUS
     assert consts().PVSCHED_MAX_VCPUS == policy_process.MAX_VCPUS == constants().PVSCHED_GUARDIAN_MAX_THREADS == n
@@ -138,7 +139,7 @@ def test_one_vcpu_limit_from_the_abi_header_everywhere(bpf_object):
 def test_the_actuator_applies_only_known_classes_within_the_caps(policy, prio, nice, original):
     """Whatever an event says (a map can be written by anything with CAP_BPF): the thread's own attributes,
     OTHER/BATCH/IDLE at nice -20..19, or RR/FIFO at 1..30."""
-    from bpf.actuator import clamp_attr
+    from pyvmm.policy.actuator import clamp_attr
 
     got = clamp_attr(SchedAttr(policy, prio, nice), original)
     if got != original:

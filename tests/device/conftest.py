@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from device_harness import Running
 from standin import StandinVm
 
-from pvsched_device.device import PvschedDevice
+from pyvmm.device.device import PvschedDevice
 
 
 @pytest.fixture

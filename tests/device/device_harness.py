@@ -7,8 +7,8 @@ import threading
 import trio
 from standin import StandinVm
 
-from pvsched_device import abi
-from pvsched_device.device import REG, PvschedDevice
+from pyvmm import abi
+from pyvmm.device.device import REG, PvschedDevice
 
 C = abi.C
 SHM_GPA = 0x200000

@@ -1,4 +1,4 @@
-"""A small stand-in for vmm.machine.Machine (brief contract 1) with real guest memory and real threads.
+"""A small stand-in for pyvmm.vmm.machine.Machine (brief contract 1) with real guest memory and real threads.
 
 The threads are "vCPU-like": plain threads blocked on an event, with native TIDs whose scheduling
 attributes can be changed and read back, as the policy process and the device do to vCPU threads.
@@ -10,8 +10,8 @@ import os
 import threading
 from typing import Any
 
-from vmm.memory import MIB, GuestMemory
-from vmm.sched_attr import SchedAttr, sched_getattr
+from pyvmm.common.sched_attr import SchedAttr, sched_getattr
+from pyvmm.vmm.memory import MIB, GuestMemory
 
 
 class VcpuLikeThreads:

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from standin import StandinVm
 
-from pvsched_device.device import PvschedDevice
+from pyvmm.device.device import PvschedDevice
 
 
 def main() -> None:

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from standin import StandinVm
 
-from pvsched_device.device import REG, REGISTRATION_BURST, REGISTRATION_RATE_PER_S, PvschedConfigError, PvschedDevice
-from pvsched_device.rate_limit import TokenBucket
-from vmm.memory import GIB, HIGH_RAM_START, MIB, PCI_MMIO_START
+from pyvmm.device.device import REG, REGISTRATION_BURST, REGISTRATION_RATE_PER_S, PvschedConfigError, PvschedDevice
+from pyvmm.device.rate_limit import TokenBucket
+from pyvmm.vmm.memory import GIB, HIGH_RAM_START, MIB, PCI_MMIO_START
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The guardian (pvsched_device/guardian.c) on its own: a real child process, real threads, real priorities.
+"""The guardian (pyvmm/device/guardian.c) on its own: a real child process, real threads, real priorities.
 
 The guarded "vCPU" threads here block (StandinVm), so putting them at RT is safe. The live-VM cases
 (boosted spinners on every CPU, a SIGSTOPped policy process) are in tests/hostile/test_faults.py.
@@ -18,10 +18,11 @@ import pytest
 from device_harness import Running
 from standin import StandinVm
 
-from bpf.policy_types import consts
-from bpf.tunables import RT_PRIO_LIMIT
-from pvsched_device.guardian import Guardian, Heartbeat, constants
-from vmm.sched_attr import SCHED_FIFO, SchedAttr, sched_getattr, sched_setattr
+from pyvmm.common.sched_attr import SCHED_FIFO, SchedAttr, sched_getattr, sched_setattr
+from pyvmm.device.guardian import Guardian, constants
+from pyvmm.policy.heartbeat import Heartbeat
+from pyvmm.policy.policy_types import consts
+from pyvmm.policy.tunables import RT_PRIO_LIMIT
 
 STALE_MS = 100
 WATCHDOG_PRIO = 50  # tests' and benchmarks' watchdogs (shared DESIGN.md, RT ladder)

@@ -1,4 +1,4 @@
-"""BAR0 driven from guest code: the test guest negotiates under real KVM (vmm.boot.run_vm, `pyvmm boot`)."""
+"""BAR0 driven from guest code: the test guest negotiates under real KVM (pyvmm.boot.run_vm, `pyvmm boot`)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from device_harness import C
 
-from vmm.sched_attr import SCHED_OTHER, SCHED_RR
+from pyvmm.common.sched_attr import SCHED_OTHER, SCHED_RR
 
-boot = pytest.importorskip("vmm.boot", reason="vmm.boot (VMM engineer) not there yet")
+boot = pytest.importorskip("pyvmm.boot", reason="pyvmm.boot (VMM engineer) not there yet")
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="needs /dev/kvm")
 
@@ -55,7 +55,7 @@ def test_guest_refusals(cmdline: str, kw: dict, code: int) -> None:
 
 
 def _status(pid: int, env: dict) -> dict | None:
-    r = subprocess.run([sys.executable, "-m", "vmm.cli", "status", str(pid), "--json"], env=env,
+    r = subprocess.run([sys.executable, "-m", "pyvmm.cli", "status", str(pid), "--json"], env=env,
                        capture_output=True, text=True, timeout=20, check=False)
     return json.loads(r.stdout) if r.returncode == 0 else None
 
@@ -68,7 +68,7 @@ def _env(tmp_path: Path) -> dict:
 def test_policy_death_in_a_live_vm(tmp_path: Path) -> None:
     """Kill -9 the policy process of a running VM whose vCPUs it boosted: the VMM restores them within 100 ms."""
     env = _env(tmp_path)
-    vmm = subprocess.Popen([sys.executable, "-m", "vmm.cli", "boot", "--cmdline", "duration=4 workload=idle,idle",
+    vmm = subprocess.Popen([sys.executable, "-m", "pyvmm.cli", "boot", "--cmdline", "duration=4 workload=idle,idle",
                             "--policy-set", "boost_on_halt=true",
                             "--timeout", "60"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -108,7 +108,7 @@ def test_policy_death_in_a_live_vm(tmp_path: Path) -> None:
 def test_status_of_a_running_vm_with_its_policy_process(tmp_path: Path) -> None:
     """`pyvmm status --json` of a live VM: device active, TIDs, and the sandboxed policy process reading slots."""
     env = _env(tmp_path)
-    vmm = subprocess.Popen([sys.executable, "-m", "vmm.cli", "boot", "--cmdline", "duration=4 workload=probe,idle",
+    vmm = subprocess.Popen([sys.executable, "-m", "pyvmm.cli", "boot", "--cmdline", "duration=4 workload=probe,idle",
                             "--timeout", "60"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         st = None

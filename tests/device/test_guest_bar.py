@@ -14,9 +14,9 @@ import pytest
 from device_harness import SHM_GPA, C
 from tiny_guest import build_guest
 
-from pvsched_device.device import REG
-from vmm.boot import BootConfig, run_vm
-from vmm.memory import MIB, PCI_MMIO_START
+from pyvmm.boot import BootConfig, run_vm
+from pyvmm.device.device import REG
+from pyvmm.vmm.memory import MIB, PCI_MMIO_START
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="needs /dev/kvm")
 

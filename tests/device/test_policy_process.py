@@ -14,11 +14,13 @@ from pathlib import Path
 from device_harness import SHM_GPA, C, Running
 from standin import StandinVm
 
-from bpf.pins import remove_stale_pins
-from pvsched_device import policy_process, sandbox, slots
-from pvsched_device.device import PvschedDevice
-from pvsched_device.rate_limit import TokenBucket
-from vmm.sched_attr import SCHED_FIFO, SCHED_OTHER, SCHED_RR, SchedAttr, sched_getattr, sched_setattr
+from pyvmm.abi import slots
+from pyvmm.common.pins import remove_stale_pins
+from pyvmm.common.sched_attr import SCHED_FIFO, SCHED_OTHER, SCHED_RR, SchedAttr, sched_getattr, sched_setattr
+from pyvmm.device.device import PvschedDevice
+from pyvmm.device.rate_limit import TokenBucket
+from pyvmm.policy import process as policy_process
+from pyvmm.policy import sandbox
 
 KEPT_CAPS = (1 << 39) | (1 << 38) | (1 << 23) | (1 << 14)  # CAP_BPF, CAP_PERFMON, CAP_SYS_NICE, CAP_IPC_LOCK
 HERE = Path(__file__).parent
@@ -329,9 +331,9 @@ def test_policy_asked_for_but_not_loaded_is_a_hard_error(monkeypatch) -> None:
     """A run without BPF must not pass for a pvsched run: `pyvmm boot` refuses it (VmmError: exit 2)."""
     import pytest
 
-    from pvsched_device import device as devmod
-    from vmm.boot import BootConfig, run_vm
-    from vmm.machine import VmmError
+    from pyvmm.boot import BootConfig, run_vm
+    from pyvmm.device import device as devmod
+    from pyvmm.vmm.machine import VmmError
 
     def spawn(self) -> dict:
         self.ready = {"op": "ready", "engine": False, "engine_error": "PolicyEngine failed: LibbpfError: no BTF"}

@@ -15,7 +15,7 @@ def _child(code: str) -> subprocess.CompletedProcess:
 def test_seccomp_denies_exec_and_foreign_signals() -> None:
     r = _child("""
         import os, errno
-        from pvsched_device import sandbox
+        from pyvmm.policy import sandbox
         sandbox.set_no_new_privs()
         assert sandbox.install_seccomp()
         os.kill(os.getpid(), 0)  # itself: allowed
@@ -35,7 +35,7 @@ def test_seccomp_denies_exec_and_foreign_signals() -> None:
 def test_readonly_mounts_close_what_uid_0_could_still_write() -> None:
     r = _child("""
         import os
-        from pvsched_device import sandbox
+        from pyvmm.policy import sandbox
         sandbox.readonly_filesystem(writable=("/sys/fs/bpf",))
         sandbox.drop_capabilities()
         for path in ("/proc/sys/kernel/sched_rt_runtime_us", f"/proc/{os.getppid()}/mem", "/etc/pvsched-test"):
@@ -55,7 +55,7 @@ def test_readonly_mounts_close_what_uid_0_could_still_write() -> None:
 def test_drop_capabilities_keeps_exactly_four_and_cannot_regain() -> None:
     r = _child("""
         import os, subprocess
-        from pvsched_device import sandbox
+        from pyvmm.policy import sandbox
         sandbox.unshare_network()
         sandbox.drop_capabilities()
         sandbox.set_no_new_privs()
@@ -84,7 +84,7 @@ def test_drop_capabilities_refuses_while_another_thread_would_keep_them() -> Non
     """capset() changes only the calling thread: with a second thread alive, the drop must not pass for done."""
     r = _child("""
         import threading
-        from pvsched_device import sandbox
+        from pyvmm.policy import sandbox
         ev = threading.Event()
         t = threading.Thread(target=ev.wait)
         t.start()
@@ -106,7 +106,7 @@ def test_seccomp_is_an_allowlist_that_refuses_what_reaches_other_processes() -> 
     so that glibc falls back to clone(), which is checked for CLONE_THREAD); threads and self-signals still work."""
     r = _child("""
         import ctypes, errno, os, socket, threading
-        from pvsched_device import sandbox
+        from pyvmm.policy import sandbox
         libc = ctypes.CDLL(None, use_errno=True)
         libc.syscall.restype = ctypes.c_long
         parent = os.getppid()
@@ -153,7 +153,7 @@ def test_confined_root_names_only_what_it_was_given(tmp_path) -> None:
     (tmp_path / "w").mkdir()
     r = _child(f"""
         import os, sys
-        from pvsched_device import policy_process, sandbox
+        from pyvmm.policy import process as policy_process, sandbox
         parent_ipc = os.readlink("/proc/self/ns/ipc")
         sandbox.unshare_ipc()
         sandbox.readonly_filesystem()

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-from vmm import control
-from vmm.sched_attr import SCHED_FIFO, SCHED_RR, SchedAttr, sched_getattr
+from pyvmm.common import control_client as control
+from pyvmm.common.sched_attr import SCHED_FIFO, SCHED_RR, SchedAttr, sched_getattr
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "bpf"))
@@ -127,7 +127,7 @@ def start_vm(cmdline: str, cpus: int = 2, seconds: float = 5, args: tuple[str, .
     """Start `pyvmm boot` with the test guest under the RT watchdog; returns at once (see wait_active)."""
     e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     cmd = ["chrt", "-f", str(WATCHDOG_PRIO), "timeout", "-s", "KILL", str(int(seconds + 40)), "chrt", "-o", "0",
-           sys.executable, "-m", "vmm.cli", "boot", "--no-console-input", "--cpus", str(cpus), "--cmdline", cmdline,
+           sys.executable, "-m", "pyvmm.cli", "boot", "--no-console-input", "--cpus", str(cpus), "--cmdline", cmdline,
            "--timeout", str(int(seconds + 25)), *args]
     p = subprocess.Popen(cmd, cwd=ROOT, env=e, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE,
                          text=True)

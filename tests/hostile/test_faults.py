@@ -21,7 +21,7 @@ import time
 import pytest
 from hostile_util import RT, Sampler, alive, link_prog_ids, loaded_prog_ids, observer_rt, wait_active, wait_for
 
-from vmm.sched_attr import SchedAttr, sched_getattr
+from pyvmm.common.sched_attr import SchedAttr, sched_getattr
 
 
 def _gone(vm, timeout: float = 10) -> None:

@@ -1,6 +1,6 @@
 """Host protection: a guest that asks for FIFO 99 and spins forever gets no more RT time than the throttle allows.
 
-The bound, from the policy code (bpf/pvsched.bpf.c, account() and pvsched_eval()):
+The bound, from the policy code (pyvmm/policy/pvsched.bpf.c, account() and pvsched_eval()):
 a spinner never switches out, so it is checked by the in-kernel throttle
 clock every S = clock_ms (and its slot re-read by the backstop every
 backstop_ms, or when the actuator preempts it).  After an unthrottle the
@@ -34,9 +34,9 @@ import pytest
 from hostile_util import RT, Sampler, children, kill_pid, observer_rt, shm_map, wait_active, wait_for
 from tiny_guest import build_guest  # tests/: tiny guests by the boot contract
 
-from pvsched_device import abi
-from tools.cpuacct import tree_cpu_s
-from vmm.sched_attr import sched_getattr
+from pyvmm import abi
+from pyvmm.bench.cpuacct import tree_cpu_s
+from pyvmm.common.sched_attr import sched_getattr
 
 C = abi.C
 

@@ -22,10 +22,11 @@ from hostile_util import ROOT, alive
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pvsched_device import abi, slots
-from pvsched_device.device import REG, STATUS_NAMES, PvschedDevice
-from pvsched_device.rate_limit import TokenBucket
-from vmm.memory import HIGH_RAM_START, PCI_MMIO_END, PCI_MMIO_START, GuestMemoryError
+from pyvmm import abi
+from pyvmm.abi import slots
+from pyvmm.device.device import REG, STATUS_NAMES, PvschedDevice
+from pyvmm.device.rate_limit import TokenBucket
+from pyvmm.vmm.memory import HIGH_RAM_START, PCI_MMIO_END, PCI_MMIO_START, GuestMemoryError
 
 sys.path.insert(0, str(ROOT / "tests" / "device"))
 from standin import StandinVm  # tests/device: a machine-shaped stand-in with real threads
@@ -340,7 +341,7 @@ def test_guest_driven_bar_storm(tmp_path: Path) -> None:
     elf = build_guest(tmp_path, STORM_GUEST.replace("NRAND", "20000"), "storm")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYVMM_RUN_DIR": str(tmp_path)}
     p = subprocess.Popen(["chrt", "-f", "50", "timeout", "-s", "KILL", "120", "chrt", "-o", "0", sys.executable,
-                          "-m", "vmm.cli", "boot", "--no-console-input", "--kernel", str(elf), "--cpus", "2",
+                          "-m", "pyvmm.cli", "boot", "--no-console-input", "--kernel", str(elf), "--cpus", "2",
                           "--mem", str(MEM >> 20), "--timeout", "90"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -387,7 +388,7 @@ def test_a_huge_shared_area_does_not_make_the_host_lock_guest_ram(tmp_path: Path
     elf = build_guest(tmp_path, BIG_AREA_GUEST, "big")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.Popen(["chrt", "-f", "50", "timeout", "-s", "KILL", "60", "chrt", "-o", "0", sys.executable,
-                          "-m", "vmm.cli", "boot", "--no-console-input", "--kernel", str(elf), "--cpus", "2",
+                          "-m", "pyvmm.cli", "boot", "--no-console-input", "--kernel", str(elf), "--cpus", "2",
                           "--mem", "1024", "--timeout", "40"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     vm = Vm(p)

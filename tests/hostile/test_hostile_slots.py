@@ -24,8 +24,8 @@ from hostile_util import Caps, Sampler, alive, shm_map, start_vm, wait_active
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pvsched_device import abi
-from vmm.sched_attr import SchedAttr
+from pyvmm import abi
+from pyvmm.common.sched_attr import SchedAttr
 
 C = abi.C
 CAPS = Caps(max_rt_prio=6, allow_fifo=False, min_nice=-5)

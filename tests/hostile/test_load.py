@@ -15,7 +15,7 @@ import time
 
 from hostile_util import RT, Sampler, alive, link_prog_ids, wait_active, wait_for
 
-from vmm.sched_attr import SchedAttr, sched_getattr
+from pyvmm.common.sched_attr import SchedAttr, sched_getattr
 
 WORKLOADS = ("probe,idle", "probe,probe", "probe,busy")
 

@@ -16,12 +16,13 @@ import pytest
 import trio
 from hostile_util import PIN_ROOT, wait_active
 
-from bpf.pins import ensure_pin_dir, remove_stale_pins
-from pvsched_device.supervisor import PolicySupervisor
-from tools import bench
-from vmm import control
-from vmm.machine import EXIT_BAD_INPUT
-from vmm.safe_fs import UnsafePathError, make_output_dir, write_file_nofollow
+from pyvmm.bench import run as bench
+from pyvmm.common import control_client
+from pyvmm.common.pins import ensure_pin_dir, remove_stale_pins
+from pyvmm.common.safe_fs import UnsafePathError, ensure_private_dir, make_output_dir, write_file_nofollow
+from pyvmm.device.supervisor import PolicySupervisor
+from pyvmm.vmm import control
+from pyvmm.vmm.machine import EXIT_BAD_INPUT
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="root's side of each boundary")
 NOBODY = 65534
@@ -119,13 +120,13 @@ def test_the_policy_process_imports_nothing_from_the_callers_folder_or_pythonpat
 
 
 def test_the_benchs_vm_children_start_isolated_with_absolute_paths(tmp_path: Path, monkeypatch) -> None:
-    from tools.vmrun import RunSpec, boot_argv
+    from pyvmm.bench.vmrun import RunSpec, boot_argv
 
     monkeypatch.chdir(tmp_path)
     spec = RunSpec(config="vanilla", duration_s=1, kernel="vmlinuz", initrd="initrd.gz")
     argv = boot_argv(spec, 30)
     py = argv.index(sys.executable)
-    assert argv[py + 1:py + 4] == ["-I", "-m", "vmm.cli"]
+    assert argv[py + 1:py + 4] == ["-I", "-m", "pyvmm.cli"]
     assert argv[argv.index("--kernel") + 1] == str(tmp_path / "vmlinuz")
     assert argv[argv.index("--initrd") + 1] == str(tmp_path / "initrd.gz")
 
@@ -135,7 +136,7 @@ def test_the_benchs_vm_children_start_isolated_with_absolute_paths(tmp_path: Pat
 def test_stats_out_through_a_symlink_is_refused_before_the_vm_starts(tmp_path: Path, victim: Path) -> None:
     link = tmp_path / "stats.json"
     link.symlink_to(victim / "precious")
-    r = subprocess.run([sys.executable, "-I", "-m", "vmm.cli", "boot", "--no-console-input", "--cpus", "1",
+    r = subprocess.run([sys.executable, "-I", "-m", "pyvmm.cli", "boot", "--no-console-input", "--cpus", "1",
                         "--no-policy", "--cmdline", "duration=1 workload=idle", "--stats-out", str(link)],
                        cwd="/", capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == EXIT_BAD_INPUT
@@ -162,16 +163,16 @@ def test_bench_outputs_never_write_through_a_symlink(tmp_path: Path, victim: Pat
 # --- the control socket (point 8) --------------------------------------------------------------------------------
 
 def test_control_socket_folder_is_private_and_stale_sockets_are_swept(vms, tmp_path: Path, victim: Path) -> None:
-    control.ensure_private_dir(control.SOCKET_DIR)
-    stale = control.SOCKET_DIR / f"{_gone_pid()}.sock"
+    ensure_private_dir(control_client.SOCKET_DIR)
+    stale = control_client.SOCKET_DIR / f"{_gone_pid()}.sock"
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.bind(str(stale))
     s.close()
-    link = control.SOCKET_DIR / f"{_gone_pid() + 1}.sock"
+    link = control_client.SOCKET_DIR / f"{_gone_pid() + 1}.sock"
     link.symlink_to(victim / "precious")
     try:
         vm = wait_active(vms("duration=2 workload=idle", cpus=1, seconds=2))
-        st = control.SOCKET_DIR.stat()
+        st = control_client.SOCKET_DIR.stat()
         assert st.st_mode & 0o777 == 0o700 and st.st_uid == 0
         assert not stale.exists(), "a dead VMM's socket was left"
         assert link.is_symlink() and (victim / "precious").read_text() == "keep me"
@@ -220,7 +221,7 @@ def test_control_server_refuses_a_client_of_another_uid() -> None:
 
 def test_control_socket_bounds_requests_and_connections(vms) -> None:
     vm = wait_active(vms("duration=8 workload=idle", cpus=1, seconds=8))
-    path = control.socket_path(vm.pid)
+    path = control_client.socket_path(vm.pid)
     # the case: a 2 MB policy.set of "é" (re-encoded past the policy channel's limit before the fix)
     big = {"cmd": "policy.set", "values": {"boost_prio": "é" * 700_000}}
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:

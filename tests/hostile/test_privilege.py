@@ -17,9 +17,9 @@ import sys
 import pytest
 from hostile_util import ROOT
 
-from vmm.machine import EXIT_BAD_INPUT
+from pyvmm.vmm.machine import EXIT_BAD_INPUT
 
-BOOT = [sys.executable, "-m", "vmm.cli", "boot", "--no-console-input", "--cmdline", "duration=1 workload=idle",
+BOOT = [sys.executable, "-m", "pyvmm.cli", "boot", "--no-console-input", "--cmdline", "duration=1 workload=idle",
         "--cpus", "1", "--timeout", "30"]
 
 pytestmark = [

@@ -1,11 +1,11 @@
 """Linux guest fixtures: the Debian kernel + pvsched module image, built on first use and cached in
-guest_image/linux/build/, booted under QEMU with TCG (this machine's KVM cannot run Linux)."""
+pyvmm/guest/linux/build/, booted under QEMU with TCG (this machine's KVM cannot run Linux)."""
 
 from __future__ import annotations
 
 import pytest
 
-from guest_image.linux import build_image, kernel
+from pyvmm.guest.linux import build_image, kernel
 
 
 @pytest.fixture(scope="session")

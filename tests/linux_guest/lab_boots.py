@@ -12,8 +12,8 @@ import json
 import re
 import sys
 
-from vmm.boot import BootConfig, run_vm
-from vmm.console import parse_records
+from pyvmm.boot import BootConfig, run_vm
+from pyvmm.vmm.console import parse_records
 
 BAD = re.compile(r"WARNING:|BUG:|Oops|Call Trace|\[Firmware Bug\]")
 TRACE = re.compile(r"-+\[ cut here \]-+.*?---\[ end trace [0-9a-f]+ \]---", re.DOTALL)

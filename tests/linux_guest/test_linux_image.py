@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from guest_image.linux import build_image, kernel
+from pyvmm.guest.linux import build_image, kernel
 
 FLAVORS = list(kernel.FLAVORS)  # the 6.1 cloud kernel and the 6.12 one
 
@@ -51,7 +51,7 @@ def test_rebuild_is_a_no_op_when_cached(linux_image):
 
 def test_unknown_flavor_is_one_line_and_nonzero():
     r = subprocess.run(
-        [sys.executable, "-m", "guest_image.linux.kernel", "--flavor", "nope"],
+        [sys.executable, "-m", "pyvmm.guest.linux.kernel", "--flavor", "nope"],
         capture_output=True,
         text=True,
         timeout=30,

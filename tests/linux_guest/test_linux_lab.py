@@ -43,7 +43,7 @@ def lab_boots(tmp_path: Path, boots: list[tuple[Path, Path, str]], timeout: floa
         script = (f"cd /tmp && {stress} >/dev/null 2>&1 & s=$!; cd {shlex.quote(str(ROOT))}; "
                   f"{shlex.join(inner)}; rc=$?; kill $s; wait; exit $rc")
         inner = ["sh", "-c", script]
-    argv = [sys.executable, "-m", "vmm.cli", "lab", "--rwdir", str(tmp_path), "--", *inner]
+    argv = [sys.executable, "-m", "pyvmm.cli", "lab", "--rwdir", str(tmp_path), "--", *inner]
     r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
     assert r.returncode == 0, f"lab exited {r.returncode}: {r.stderr[-3000:]}"
     return json.loads(out.read_text())
@@ -58,7 +58,7 @@ def assert_ended(res: dict, message: str | None) -> None:
 
 def test_lab_runs_a_command_with_its_status_stdout_and_stderr(tmp_path):
     script = f"test -c /dev/kvm && grep -c svm /proc/cpuinfo; pwd; echo oops >&2; echo written > {tmp_path}/f; exit 7"
-    r = subprocess.run([sys.executable, "-m", "vmm.cli", "lab", "--rwdir", str(tmp_path), "--", "sh", "-c", script],
+    r = subprocess.run([sys.executable, "-m", "pyvmm.cli", "lab", "--rwdir", str(tmp_path), "--", "sh", "-c", script],
                        cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
     assert r.returncode == 7, r.stderr[-2000:]
     out = r.stdout.split()

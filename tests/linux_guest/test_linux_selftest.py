@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 
 import pytest
+import qemu_runner as qemu
 
-from guest_image.linux import kernel, qemu
-from pvsched_device import abi
+from pyvmm import abi
+from pyvmm.guest.linux import kernel
 
 C = abi.C
 BAD_DMESG = re.compile(r"WARNING:|BUG:|Oops|Call Trace|general protection|UBSAN|refcount_t|list_del corruption")

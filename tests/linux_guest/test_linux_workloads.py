@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from guest_image.linux import qemu
+import qemu_runner as qemu
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pvsched_device import abi
+from pyvmm import abi
 
 C = abi.C
 

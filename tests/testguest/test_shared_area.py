@@ -1,6 +1,6 @@
 """The host's view of the guest's slots while the test guest runs: seqcount protocol and published parameters.
 
-The VM runs in-process (vmm.boot.run_vm on the main thread); a sampler thread reads the shared area
+The VM runs in-process (pyvmm.boot.run_vm on the main thread); a sampler thread reads the shared area
 straight from guest RAM (machine.memory) at the GPA the guest reports, the way the host policy reads it.
 """
 
@@ -13,8 +13,8 @@ import threading
 
 import pytest
 
-from pvsched_device import abi
-from vmm.boot import BootConfig, run_vm
+from pyvmm import abi
+from pyvmm.boot import BootConfig, run_vm
 
 C = abi.C
 GA = "struct pvsched_guest_area"

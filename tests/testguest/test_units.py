@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[2]
-GUEST = ROOT / "guest_image" / "testguest"
+GUEST = ROOT / "pyvmm" / "guest" / "testguest"
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def harness(tmp_path_factory) -> Path:
     exe = tmp_path_factory.mktemp("tg") / "unit_harness"
     srcs = [Path(__file__).with_name("unit_harness.c")] + [GUEST / f for f in ("cmdline.c", "stats.c", "fmt.c")]
     subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-DTG_HOST_TEST", f"-I{GUEST}",
-                    f"-I{ROOT / 'pvsched_device'}", "-o", str(exe), *map(str, srcs)], check=True)
+                    f"-I{ROOT / 'pyvmm' / 'abi'}", "-o", str(exe), *map(str, srcs)], check=True)
     return exe
 
 

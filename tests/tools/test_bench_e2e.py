@@ -8,12 +8,12 @@ import os
 
 import pytest
 
-from tools.bench import main, thp_mode
-from tools.results import validate_record
+from pyvmm.bench.results import validate_record
+from pyvmm.bench.run import main, thp_mode
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/kvm"), reason="needs root and /dev/kvm"),
-    pytest.mark.skipif(importlib.util.find_spec("vmm.cli") is None, reason="the VMM's CLI (vmm/cli.py) is not there"),
+    pytest.mark.skipif(importlib.util.find_spec("pyvmm.cli") is None, reason="the VMM's CLI (pyvmm/cli/) is not there"),
 ]
 
 

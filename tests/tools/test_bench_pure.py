@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from tools import report
-from tools.bench import main, parse_args, plan
-from tools.hostload import parse_cyclictest, parse_stress_metrics
-from tools.results import guest_summary, make_record, policy_stats, summarize, targets, validate_record
-from tools.vmrun import RunSpec, boot_argv, extract_vcpu_tids, parse_guest_lines
+from pyvmm.bench import report
+from pyvmm.bench.hostload import parse_cyclictest, parse_stress_metrics
+from pyvmm.bench.results import guest_summary, make_record, policy_stats, summarize, targets, validate_record
+from pyvmm.bench.run import main, parse_args, plan
+from pyvmm.bench.vmrun import RunSpec, boot_argv, extract_vcpu_tids, parse_guest_lines
 
 CYCLICTEST_OUT = """# /dev/cpu_dma_latency set to 0us
 T: 0 (10854) P: 0 I:1000 C:   1988 Min:     25 Act:   81 Avg:   75 Max:     759
@@ -244,7 +244,7 @@ def test_report_only_regenerates_outputs(tmp_path, capsys):
 
 def test_runqlat_percentiles_never_exceed_the_reported_max():
     """A max of 3721.017 us is reported as 3721.0: the p99 of its bucket must not come out above it."""
-    from tools import runqlat
+    from pyvmm.bench import runqlat
 
     n = runqlat.const("RUNQLAT_NR_BUCKETS")
     i = next(k for k in range(n) if runqlat.bucket_bounds_us(k)[0] <= 3721.017 < runqlat.bucket_bounds_us(k)[1])
@@ -295,7 +295,7 @@ def test_max_targets_on_runs_without_hypervisor_steal():
 
 
 def test_cyclictest_summary_takes_the_guest_computed_percentiles_and_refuses_a_failed_run():
-    from tools.results import cyclictest_summary
+    from pyvmm.bench.results import cyclictest_summary
 
     rec = {"type": "cyclictest", "rc": 0,
            "summary": {"min": 40, "avg": 120.5, "p50": 100, "p99": 900, "max": 4000, "samples": 3990, "overflows": 2},
@@ -307,7 +307,7 @@ def test_cyclictest_summary_takes_the_guest_computed_percentiles_and_refuses_a_f
 
 
 def test_linux_bench_plans_cyclictest_on_the_idle_and_busy_host_only():
-    from tools import bench
+    from pyvmm.bench import run as bench
 
     a = bench.parse_args(["--guest", "linux", "--quick"])
     assert a.groups == ["idle", "busy"]

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from tools.cpuacct import CpuMeter, threads_cpu_s, tree_cpu_s
-from tools.hostload import HostCyclictest, StressLoad
-from tools.runqlat import Runqlat, bucket_bounds_us, const, summarize
+from pyvmm.bench.cpuacct import CpuMeter, threads_cpu_s, tree_cpu_s
+from pyvmm.bench.hostload import HostCyclictest, StressLoad
+from pyvmm.bench.runqlat import Runqlat, bucket_bounds_us, const, summarize
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (BPF, mlockall)")
 

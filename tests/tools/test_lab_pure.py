@@ -6,7 +6,7 @@ import shlex
 import subprocess
 import sys
 
-from tools import lab
+from pyvmm import lab
 
 
 def test_guest_script_loads_kvm_mounts_bpffs_and_execs_the_command_where_the_caller_was():
@@ -36,7 +36,7 @@ def test_vng_command_offers_nested_svm_under_tcg_and_shares_only_the_rwdirs(monk
 
 
 def _lab(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vmm.cli", "lab", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pyvmm.cli", "lab", *args], capture_output=True, text=True,
                           timeout=60, check=False)
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from vmm import control
+from pyvmm.common import control_client as control
 
 HELLO = r"""
 _start:
@@ -203,7 +203,7 @@ def test_stdin_reaches_the_guest_uart(pyvmm, guest):
 
 def test_no_permission_on_the_kvm_device_is_one_clear_line():
     """A real EACCES: a child drops root and opens /dev/kvm (mode 0600 root) itself."""
-    from vmm.machine import Machine, VmmError
+    from pyvmm.vmm.machine import Machine, VmmError
 
     if os.stat("/dev/kvm").st_mode & 0o006:
         pytest.skip("/dev/kvm is world-accessible here")
@@ -246,26 +246,3 @@ def test_status_without_pid_finds_the_only_vm(pyvmm, pyvmm_bg, guest, tmp_path):
     os.kill(p.pid, signal.SIGTERM)
     p.communicate(timeout=20)
     assert not sock.exists()
-
-
-def test_a_pvsched_device_that_does_not_import_is_an_error_not_a_quiet_vanilla_boot(monkeypatch) -> None:
-    """Both packages come in one install: if the device does not import, a boot that asked for pvsched
-    must stop with one line (VmmError: exit 2), not go on without it."""
-    import builtins
-
-    import pytest
-
-    from vmm.boot import BootConfig, run_vm
-    from vmm.machine import VmmError
-
-    real_import = builtins.__import__
-
-    def refuse(name, *a, **kw):
-        if name == "pvsched_device.device":
-            raise ImportError("simulated broken install")
-        return real_import(name, *a, **kw)
-
-    monkeypatch.setattr(builtins, "__import__", refuse)
-    with pytest.raises(VmmError, match=r"the pvsched device does not import \(simulated broken install\): run "
-                                       r"scripts/setup.sh, or boot with --no-pvsched"):
-        run_vm(BootConfig(cmdline="duration=1", control_socket=False))

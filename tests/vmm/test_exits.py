@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
-from vmm.boot import BootConfig, run_vm
-from vmm.machine import Machine
+from pyvmm.boot import BootConfig, run_vm
+from pyvmm.vmm.machine import Machine
 
 
 def cfg(kernel, setup=(), **kw) -> BootConfig:

@@ -2,7 +2,7 @@
 
 import ctypes
 
-from vmm import kvm
+from pyvmm.vmm import kvm
 
 
 def test_ioctl_numbers_match_linux_uapi():

@@ -12,12 +12,12 @@ import time
 
 import pytest
 
-from vmm import acpi, x86
-from vmm.boot import BootConfig, run_vm
-from vmm.loader_elf import ImageError
-from vmm.loader_linux import e820_map, mp_table, setup_linux
-from vmm.machine import Machine
-from vmm.memory import GuestMemory
+from pyvmm.boot import BootConfig, run_vm
+from pyvmm.vmm import acpi, x86
+from pyvmm.vmm.loader_elf import ImageError
+from pyvmm.vmm.loader_linux import e820_map, mp_table, setup_linux
+from pyvmm.vmm.machine import Machine
+from pyvmm.vmm.memory import GuestMemory
 
 
 def fake_bzimage(version: int = 0x20F, xloadflags: int = 1, payload: bytes = b"\x90" * 4096) -> bytes:
@@ -123,7 +123,7 @@ def test_aml_pkglength_encodings():
 
 
 def test_acpi_pm_powers_off_on_s5_and_resets_on_the_reset_value():
-    from vmm.acpi_pm import AcpiPm
+    from pyvmm.vmm.acpi_pm import AcpiPm
 
     events: list[str] = []
     pm = AcpiPm(events.append)
@@ -142,7 +142,7 @@ def test_acpi_pm_powers_off_on_s5_and_resets_on_the_reset_value():
 def test_pm_timer_counts_at_3_58_mhz():
     import time
 
-    from vmm.acpi_pm import AcpiPm
+    from pyvmm.vmm.acpi_pm import AcpiPm
 
     pm = AcpiPm(lambda kind: None)
     tmr = acpi.PM_TMR - acpi.PM_BASE
@@ -155,7 +155,7 @@ def test_pm_timer_counts_at_3_58_mhz():
 
 def test_cpuid_sets_the_hypervisor_bit_and_a_consistent_xsave_leaf():
     """Leaf 0xD offers only states whose feature bits are offered, and EBX/ECX size all of them."""
-    from vmm import kvm
+    from pyvmm.vmm import kvm
 
     entries = {(1, 0): (0, 0, 0, 0), (7, 0): (0, 0, 0, 0),        # no AVX, no PKU
                (0xD, 0): (0x207, 0x980, 0xA88, 0), (0xD, 2): (0x100, 0x240, 0, 0), (0xD, 9): (8, 0xA80, 0, 0)}
@@ -227,7 +227,7 @@ def test_unsupported_bzimages_are_refused(image, msg):
 @pytest.mark.slow
 def test_debian_cloud_kernel_prints_its_banner():
     """Minutes here (CPL0 is emulated); seconds on a host with VMX/SVM."""
-    kernel_mod = pytest.importorskip("guest_image.linux.kernel")
+    kernel_mod = pytest.importorskip("pyvmm.guest.linux.kernel")
     kernel = kernel_mod.fetch_kernel("cloud")
     t0 = time.monotonic()
     seen = {}
@@ -259,9 +259,9 @@ def test_debian_cloud_kernel_prints_its_banner():
 @pytest.mark.slow
 def test_pyvmm_boot_cli_with_debian_kernel_and_initrd_reaches_the_banner():
     """`pyvmm boot --kernel <debian bzImage> --initrd <image>` with pvsched on: the banner on stdout."""
-    build_image = pytest.importorskip("guest_image.linux.build_image")
+    build_image = pytest.importorskip("pyvmm.guest.linux.build_image")
     img = build_image.build_image("cloud")
-    cmd = [sys.executable, "-m", "vmm.cli", "boot", "--kernel", str(img.kernel), "--initrd", str(img.initrd),
+    cmd = [sys.executable, "-m", "pyvmm.cli", "boot", "--kernel", str(img.kernel), "--initrd", str(img.initrd),
            "--cmdline", "console=ttyS0 earlyprintk=serial pvsched.workload=selftest", "--mem", "512",
            "--timeout", "600"]
     t0 = time.monotonic()

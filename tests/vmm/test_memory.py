@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from vmm.memory import GIB, HIGH_RAM_START, LOW_RAM_END, MIB, GuestMemory, GuestMemoryError
+from pyvmm.vmm.memory import GIB, HIGH_RAM_START, LOW_RAM_END, MIB, GuestMemory, GuestMemoryError
 
 
 def test_gpa_to_hva_within_ram_and_refusals_outside() -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from test_exits import cfg
 
-from vmm.boot import run_vm
-from vmm.bus import Bus
-from vmm.machine import Machine
-from vmm.memory import PCI_MMIO_END, PCI_MMIO_START
-from vmm.pci import PciBus
-from vmm.pci_device import BarKind, BarSpec, PciDevice
+from pyvmm.boot import run_vm
+from pyvmm.vmm.bus import Bus
+from pyvmm.vmm.machine import Machine
+from pyvmm.vmm.memory import PCI_MMIO_END, PCI_MMIO_START
+from pyvmm.vmm.pci import PciBus
+from pyvmm.vmm.pci_device import BarKind, BarSpec, PciDevice
 
 
 class ProbeDevice(PciDevice):

@@ -1,0 +1,210 @@
+/* SPDX-License-Identifier: GPL-2.0 OR MIT */
+/*
+ * pvsched guest/host ABI: the one definition of everything that crosses a
+ * boundary (BAR0 register map, shared memory layout, test-guest boot
+ * contract).  Consumers: the test guest, the Linux module, the BPF programs
+ * and Python (cffi cdef of `cc -E -P -DPVSCHED_ABI_NO_ASSERTS`).
+ *
+ * Each consumer provides __u8/__u16/__u32/__u64/__s32 before including it
+ * (vmlinux.h in BPF, linux/types.h in the module, stdint in the test guest).
+ * Constants are enums because cffi's cdef reads enums, not #define
+ * expressions.  The reference text is shared/DESIGN.md, "Contracts".
+ */
+#ifndef PVSCHED_ABI_H
+#define PVSCHED_ABI_H
+
+/* PCI identity of the pvsched device. */
+enum pvsched_pci_id {
+	PVSCHED_PCI_VENDOR_ID = 0x1234,
+	PVSCHED_PCI_DEVICE_ID = 0x7073,
+	PVSCHED_PCI_CLASS = 0xff,
+	PVSCHED_PCI_REVISION = 1,
+	PVSCHED_BAR0_SIZE = 4096,
+};
+
+/* BAR0 register offsets (32-bit little-endian accesses only). */
+enum pvsched_reg {
+	PVSCHED_REG_MAGIC = 0x00,          /* RO */
+	PVSCHED_REG_HOST_VERSION = 0x04,   /* RO: major << 16 | minor */
+	PVSCHED_REG_HOST_FEATURES = 0x08,  /* RO */
+	PVSCHED_REG_GUEST_FEATURES = 0x0c, /* RW */
+	PVSCHED_REG_GUEST_VERSION = 0x10,  /* RW */
+	PVSCHED_REG_NR_VCPUS = 0x14,       /* RO */
+	PVSCHED_REG_SHM_GPA_LO = 0x18,     /* RW */
+	PVSCHED_REG_SHM_GPA_HI = 0x1c,     /* RW */
+	PVSCHED_REG_SHM_SIZE = 0x20,       /* RW */
+	PVSCHED_REG_CONTROL = 0x24,        /* WO */
+	PVSCHED_REG_STATUS = 0x28,         /* RO, read as s32 */
+};
+
+/* One limit for every side: the BPF vcpus map, the backstop, the guardian, the policy process
+ * and the device all hold at most this many vCPUs of one VM. */
+enum pvsched_limits {
+	PVSCHED_MAX_VCPUS = 256,
+};
+
+enum pvsched_magic {
+	PVSCHED_MAGIC = 0x43535650, /* "PVSC" little endian */
+};
+
+enum pvsched_version {
+	PVSCHED_VERSION_MAJOR = 1,
+	PVSCHED_VERSION_MINOR = 0,
+	PVSCHED_VERSION = 0x00010000, /* PVSCHED_VERSION_MAJOR << 16 | MINOR */
+};
+
+/* Feature bits; a new behaviour gets a new bit, an unknown bit is refused. */
+enum pvsched_feature {
+	PVSCHED_F_CRITICAL_SECTIONS = 1 << 0,
+	PVSCHED_F_TASK_PARAMS = 1 << 1,
+	PVSCHED_F_HOST_FEEDBACK = 1 << 2,
+	PVSCHED_F_WAKE_HINT = 1 << 3,
+	/*
+	 * The guest sets PVSCHED_FLAG_RT_WAITING with IDLE when an RT task
+	 * sleeps on the vCPU; the host may then boost a halting vCPU only
+	 * then (a guest without it gets the halt boost at every halt).
+	 */
+	PVSCHED_F_RT_WAITER = 1 << 4,
+	PVSCHED_F_ALL_V1 = 0x1f,
+};
+
+enum pvsched_control {
+	PVSCHED_CTRL_ENABLE = 1,
+	PVSCHED_CTRL_DISABLE = 2,
+	PVSCHED_CTRL_RESET = 3,
+};
+
+enum pvsched_status {
+	PVSCHED_STATUS_IDLE = 0,
+	PVSCHED_STATUS_ACTIVE = 1,
+	PVSCHED_STATUS_BAD_GPA = -1,
+	PVSCHED_STATUS_TOO_SMALL = -2,
+	PVSCHED_STATUS_BAD_VERSION = -3,
+	PVSCHED_STATUS_BAD_FEATURE = -4,
+	PVSCHED_STATUS_BUSY = -5,
+	PVSCHED_STATUS_AGAIN = -6,   /* ENABLE refused: registrations come too often (rate limit); try again later */
+};
+
+/* Guest slot flags (struct pvsched_guest_area.flags). */
+enum pvsched_slot_flag {
+	PVSCHED_FLAG_IN_NMI = 1 << 0,
+	PVSCHED_FLAG_IN_HARDIRQ = 1 << 1,
+	PVSCHED_FLAG_IN_SOFTIRQ = 1 << 2,
+	PVSCHED_FLAG_PREEMPT_DISABLED = 1 << 3,
+	PVSCHED_FLAG_IDLE = 1 << 4,
+	PVSCHED_FLAG_RT_WAITING = 1 << 5, /* with IDLE: an RT task sleeps here (F_RT_WAITER) */
+	PVSCHED_FLAGS_CRITICAL = 0xf, /* NMI | HARDIRQ | SOFTIRQ | PREEMPT_DISABLED */
+	PVSCHED_FLAGS_ALL = 0x3f,
+};
+
+/* Linux SCHED_* numbers as they appear in a slot (prefixed: no clash). */
+enum pvsched_policy {
+	PVSCHED_POLICY_OTHER = 0,
+	PVSCHED_POLICY_FIFO = 1,
+	PVSCHED_POLICY_RR = 2,
+	PVSCHED_POLICY_BATCH = 3,
+	PVSCHED_POLICY_IDLE = 5,
+	PVSCHED_POLICY_DEADLINE = 6,
+	PVSCHED_POLICY_EXT = 7,
+};
+
+/* Host-side state of a vCPU (struct pvsched_host_area.state). */
+enum pvsched_host_state {
+	PVSCHED_STATE_NORMAL = 0,
+	PVSCHED_STATE_BOOSTED = 1,
+	PVSCHED_STATE_THROTTLED = 2,
+};
+
+enum pvsched_layout {
+	PVSCHED_SHM_HEADER_SIZE = 64,
+	PVSCHED_SLOT_SIZE = 128,
+	PVSCHED_SLOT_OFFSET = 64,
+	PVSCHED_HOST_AREA_OFFSET = 64, /* within a slot */
+	PVSCHED_PAGE_SIZE = 4096,
+};
+
+/* Shared area header, written by the guest before ENABLE. */
+struct pvsched_shm_header {
+	__u32 magic;       /* PVSCHED_MAGIC */
+	__u32 version;     /* negotiated version */
+	__u32 features;    /* negotiated features */
+	__u32 nr_vcpus;
+	__u32 slot_size;   /* PVSCHED_SLOT_SIZE */
+	__u32 slot_offset; /* PVSCHED_SLOT_OFFSET */
+	__u32 reserved[10];
+};
+
+/* Written only by the owner vCPU (wake_hint: by any vCPU, atomically). */
+struct pvsched_guest_area {
+	__u32 seq;         /* seqcount: odd while the owner writes */
+	__u32 flags;       /* enum pvsched_slot_flag */
+	__s32 policy;      /* enum pvsched_policy of the task running now */
+	__u32 rt_priority; /* 1-99 for FIFO/RR, else 0 */
+	__s32 nice;        /* -20..19 */
+	__u32 wake_hint;   /* outside the seqcount; cleared by the owner */
+	__u64 guest_ns;    /* guest clock at the last write, tracing only */
+	__u32 reserved[8];
+};
+
+/* Written only by the host; the guest may read it. */
+struct pvsched_host_area {
+	__u32 seq;
+	__u32 state;       /* enum pvsched_host_state */
+	__s32 policy;      /* applied */
+	__u32 rt_priority;
+	__s32 nice;
+	__u32 reserved0;
+	__u64 boosts;
+	__u64 throttles;
+	__u64 boosted_ns;
+	__u32 reserved[4];
+};
+
+struct pvsched_slot {
+	struct pvsched_guest_area guest;
+	struct pvsched_host_area host;
+};
+
+/*
+ * The heartbeat page between the VMM's guardian and the policy process: a
+ * sealed memfd the VMM creates and the policy process maps.  Not guest memory,
+ * so a hostile guest cannot keep a hung policy process "alive".
+ */
+struct pvsched_heartbeat {
+	__u64 beats;        /* +1 by the policy process's backstop loop while its actuator keeps up */
+	__u64 reserved[7];
+};
+
+/*
+ * Test-guest boot contract: every vCPU enters the ELF's e_entry in 64-bit
+ * mode at CPL0 with RDI = vCPU id and RSI = GPA of this structure.  The
+ * guest ends the VM by writing its exit code (one byte) to port
+ * PVSCHED_TESTGUEST_EXIT_PORT.
+ */
+enum pvsched_boot {
+	PVSCHED_BOOT_INFO_MAGIC = 0x544f4f42, /* "BOOT" */
+	PVSCHED_TESTGUEST_EXIT_PORT = 0xf4,
+	PVSCHED_COM1_PORT = 0x3f8,
+};
+
+struct pvsched_boot_info {
+	__u32 magic;        /* PVSCHED_BOOT_INFO_MAGIC */
+	__u32 nr_vcpus;
+	__u64 mem_size;     /* bytes of guest RAM */
+	__u64 tsc_khz;      /* from KVM_GET_TSC_KHZ */
+	__u64 cmdline_gpa;  /* NUL-terminated guest command line */
+	__u64 cmdline_len;  /* bytes, without the NUL */
+	__u64 reserved[3];
+};
+
+#ifndef PVSCHED_ABI_NO_ASSERTS
+_Static_assert(sizeof(struct pvsched_shm_header) == PVSCHED_SHM_HEADER_SIZE,
+	       "shm header is 64 bytes");
+_Static_assert(sizeof(struct pvsched_guest_area) == 64, "guest area");
+_Static_assert(sizeof(struct pvsched_host_area) == 64, "host area");
+_Static_assert(sizeof(struct pvsched_slot) == PVSCHED_SLOT_SIZE, "slot");
+_Static_assert(sizeof(struct pvsched_boot_info) == 64, "boot_info");
+_Static_assert(sizeof(struct pvsched_heartbeat) == 64, "heartbeat");
+#endif
+
+#endif /* PVSCHED_ABI_H */

@@ -1,0 +1,1 @@
+"""Benchmark and report tools; `pyvmm bench` runs pyvmm.bench.run.main."""

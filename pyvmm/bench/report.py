@@ -1,0 +1,159 @@
+"""The benchmark's human outputs: a Markdown table with the targets, and a PNG plot (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pyvmm.bench.results import MIXED, PRIMARY, TICKING, static_rt_harm, targets
+from pyvmm.common.safe_fs import write_file_nofollow
+
+
+def _fmt(v: float | None, digits: int = 0) -> str:
+    if v is None:
+        return "-"
+    if abs(v) >= 10000:
+        return f"{v / 1000:.1f}k" if abs(v) < 1e6 else f"{v / 1e6:.2f}M"
+    return f"{v:.{digits}f}"
+
+
+def _spread(stat: dict | None, digits: int = 0) -> str:
+    """"median" alone for one repetition, "median (min-max)" for several."""
+    if not stat:
+        return "-"
+    if stat["min"] == stat["max"]:
+        return _fmt(stat["median"], digits)
+    return f"{_fmt(stat['median'], digits)} ({_fmt(stat['min'], digits)}-{_fmt(stat['max'], digits)})"
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table of the summary rows (medians, with min-max over repetitions in parentheses)."""
+    head = ("| guest workload | host | config | guest p50 us | guest p99 us | guest max us | vCPU wake-to-run p99 us "
+            "| vCPU wake-to-run max us | host cyclictest p99 us | host cyclictest max us | host stress-ng vs vanilla | boosts / throttles "
+            "| BPF ns/event | event to setattr p50 us | reps |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        pol = "-"
+        if r.get("policy.boosts") or r.get("policy.throttles"):
+            pol = f"{_fmt((r.get('policy.boosts') or {}).get('median'))} / " \
+                  f"{_fmt((r.get('policy.throttles') or {}).get('median'))}"
+        rel = r.get("stress_rel")
+        lines.append(
+            f"| {r['workload']} | {r['host']} | {r['config']} | {_spread(r.get('guest.p50'))} "
+            f"| {_spread(r.get('guest.p99'))} | {_spread(r.get('guest.max'))} "
+            f"| {_spread(r.get('vcpu_runqlat.wakeup.p99'))} | {_spread(r.get('vcpu_runqlat.wakeup.max'))} "
+            f"| {_spread(r.get('host_cyclictest.p99'))} | {_spread(r.get('host_cyclictest.max'))} | {_spread(rel, 3) if rel else '-'} | {pol} "
+            f"| {_fmt((r.get('policy.bpf_ns_per_event') or {}).get('median'))} "
+            f"| {_fmt((r.get('policy.apply_latency_us') or {}).get('median'))} | {r['reps']} |")
+    return "\n".join(lines)
+
+
+def cpu_table(rows: list[dict]) -> str:
+    """Markdown table of where the host's CPU went (in CPUs over the guest's window), for rows that measured it."""
+    head = ("| guest workload | host | config | guest samples | vCPU threads | VMM other threads | policy process "
+            "| host load (stress-ng) | host load CPU vs vanilla | stress-ng bogo-ops vs vanilla | hypervisor steal ms |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if not r.get("cpu.vcpus"):
+            continue
+        lines.append(
+            f"| {r['workload']} | {r['host']} | {r['config']} | {_spread(r.get('guest_samples'))} "
+            f"| {_spread(r.get('cpu.vcpus'), 3)} | {_spread(r.get('cpu.vmm_other'), 3)} "
+            f"| {_spread(r.get('cpu.policy'), 3)} | {_spread(r.get('cpu.host_load'), 3)} "
+            f"| {_spread(r.get('host_load_rel'), 3)} | {_spread(r.get('stress_rel'), 3)} "
+            f"| {_spread(r.get('cpu.steal_ms'))} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    """One line per target: PASS/MISS (or n/a when a needed cell was not measured), value and limit."""
+    out = []
+    for t in targets(rows):
+        verdict = {True: "PASS", False: "MISS", None: "n/a "}[t["ok"]]
+        out.append(f"{verdict}  {t['name']}: {_fmt(t['value'], 3 if (t['value'] or 0) < 10 else 0)}"
+                   f" (limit {_fmt(t['limit'], 3 if (t['limit'] or 0) < 10 else 0)})")
+    harm = static_rt_harm(rows)
+    for wl, h in harm.items():
+        if h["stress_rel"] is not None or h["host_cyclictest_max"] is not None:
+            out.append(f"info  static-rt host cost, guest {wl}: stress-ng {_fmt(h['stress_rel'], 3)} x vanilla "
+                       f"(CPU time {_fmt(h.get('host_load_rel'), 3)} x), "
+                       f"host cyclictest max {_fmt(h['host_cyclictest_max'])} us "
+                       f"(vanilla {_fmt(h['vanilla_host_cyclictest_max'])} us)")
+    return out
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    """The whole results.md: where and how it was measured, the table, the targets."""
+    m = meta
+    parts = [
+        "# pyvmm bench results",
+        "",
+        (f"Measured {m.get('date', '?')} on {m.get('machine', '?')}; {m.get('reps', '?')} repetition(s) of "
+         f"{m.get('duration_s', '?')} s per cell, guest probe interval {m.get('interval_us', '?')} us, "
+         f"{m.get('cpus', 2)} vCPUs. Latencies in microseconds: median over repetitions, (min-max) when "
+         "there are several.")
+        + (f" pvsched tunables: {' '.join(m['pvsched_set'])}." if m.get("pvsched_set") else "")
+        + (f" Host transparent huge pages: {m['thp']}." if m.get("thp") else ""),
+        "",
+        table(rows),
+        "",
+        *(["Host CPU, in CPUs over the guest's window (2.0 = the whole host), from the per-task times in /proc:",
+           "", cpu_table(rows), ""] if cpu_table(rows) else []),
+        "Targets (medians; printed, not asserted):",
+        "",
+        "```",
+        *target_lines(rows),
+        "```",
+    ]
+    if m.get("failures"):
+        parts += ["", "Failed runs (left out of the table):", ""] + [f"- {f}" for f in m["failures"]]
+    return "\n".join(parts) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """PNG bar charts of guest p99 and max, vCPU wake-to-run p99, host cyclictest max and the host load's throughput
+    and CPU time per configuration, written to `path` without following a symlink there."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [(PRIMARY, "idle", "idle host"), (PRIMARY, "busy", "busy host"),
+              (MIXED, "busy", "busy host, guest probe,busy"), (TICKING, "busy", "busy host, guest probe,tick")]
+    groups = [g for g in groups if any(r["workload"] == g[0] and r["host"] == g[1] for r in rows)]
+    configs = list(dict.fromkeys(r["config"] for r in rows))  # summarize()'s order, variants after pvsched
+    panels = [("guest.p99", "guest p99 (us)", True), ("guest.max", "guest max (us)", True),
+              ("vcpu_runqlat.wakeup.p99", "vCPU wake-to-run p99 (us)", True),
+              ("host_cyclictest.max", "host cyclictest max (us)", True),
+              ("stress_rel", "host stress-ng bogo-ops / vanilla", False),
+              ("host_load_rel", "host load (stress-ng) CPU time / vanilla", False)]
+    fig, axes = plt.subplots(2, 3, figsize=(17, 8))
+    width = 0.8 / max(len(groups), 1)
+    for ax, (metric, label, log) in zip(axes.flat, panels):
+        for gi, (wl, host, glabel) in enumerate(groups):
+            meds, lo, hi = [], [], []
+            for c in configs:
+                stat = next((r.get(metric) for r in rows if (r["config"], r["host"], r["workload"]) == (c, host, wl)),
+                            None)
+                med = stat["median"] if stat else 0.0
+                meds.append(med)
+                lo.append(med - stat["min"] if stat else 0.0)
+                hi.append(stat["max"] - med if stat else 0.0)
+            xs = [i + (gi - (len(groups) - 1) / 2) * width for i in range(len(configs))]
+            ax.bar(xs, meds, width, yerr=[lo, hi], capsize=3, label=glabel)
+        ax.set_xticks(range(len(configs)), configs)
+        ax.set_ylabel(label)
+        if log and any(r.get(metric) for r in rows):
+            ax.set_yscale("log")
+        if metric in ("stress_rel", "host_load_rel"):
+            ax.axhline(0.95, color="grey", linestyle="--", linewidth=1)  # the issue's 5% budget
+        ax.grid(axis="y", alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("pyvmm bench: guest latency and host cost per vCPU scheduling configuration")
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
+    write_file_nofollow(path, png.getvalue())
+    return path

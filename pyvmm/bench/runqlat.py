@@ -1,0 +1,245 @@
+"""Host wake-to-run latency of given threads (the vCPU threads), measured by a small CO-RE BPF program.
+
+The benchmark needs it to show *why* guest latency changes: a boosted vCPU
+thread waits less on the host runqueue after its timer wakes it.
+pyvmm/bench/bpf/runqlat.bpf.c does the counting; this module builds it (make),
+loads it through libbpf (cffi, ABI mode) and reads its histograms.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Self
+
+import cffi
+
+BPF_DIR = Path(__file__).resolve().parent / "bpf"
+HEADER = BPF_DIR / "runqlat.h"
+OBJECT = BPF_DIR / "build" / "runqlat.bpf.o"
+
+_PROLOGUE = """
+typedef unsigned char __u8;
+typedef unsigned int __u32;
+typedef unsigned long long __u64;
+"""
+
+# The dozen libbpf 1.x entry points this loader uses (libbpf.so.1, ABI mode).
+_LIBBPF_CDEF = """
+struct bpf_object; struct bpf_program; struct bpf_map; struct bpf_link;
+struct bpf_object *bpf_object__open_file(const char *path, const void *opts);
+int bpf_object__load(struct bpf_object *obj);
+void bpf_object__close(struct bpf_object *obj);
+struct bpf_program *bpf_object__next_program(const struct bpf_object *obj, struct bpf_program *prog);
+const char *bpf_program__name(const struct bpf_program *prog);
+struct bpf_link *bpf_program__attach(const struct bpf_program *prog);
+int bpf_link__destroy(struct bpf_link *link);
+struct bpf_map *bpf_object__find_map_by_name(const struct bpf_object *obj, const char *name);
+int bpf_map__fd(const struct bpf_map *map);
+int bpf_map_update_elem(int fd, const void *key, const void *value, __u64 flags);
+int bpf_map_lookup_elem(int fd, const void *key, void *value);
+int bpf_map_delete_elem(int fd, const void *key);
+int bpf_map_get_next_key(int fd, const void *key, void *next_key);
+int libbpf_num_possible_cpus(void);
+"""
+
+
+class RunqlatError(RuntimeError):
+    """The runqueue-latency probe could not be built, loaded or attached; the message says which step."""
+
+
+def build() -> Path:
+    """Build pyvmm/bench/bpf/build/runqlat.bpf.o with its Makefile when stale; return its path."""
+    r = subprocess.run(["make", "-s", "-C", str(BPF_DIR)], capture_output=True, text=True, check=False)
+    if r.returncode != 0 or not OBJECT.exists():
+        tail = " | ".join((r.stdout + r.stderr).strip().splitlines()[-4:])
+        raise RunqlatError(f"building {OBJECT.name} failed: {tail}")
+    return OBJECT
+
+
+def _preprocess() -> str:
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise RunqlatError("no C compiler found: needed to preprocess runqlat.h")
+    out = subprocess.run([cc, "-E", "-P", "-DRUNQLAT_NO_ASSERTS", "-x", "c", "-"],
+                         input=_PROLOGUE + f'#include "{HEADER}"\n', capture_output=True, text=True,
+                         check=False)
+    if out.returncode != 0:
+        raise RunqlatError(f"preprocessing runqlat.h failed: {out.stderr.strip()}")
+    return out.stdout
+
+
+@functools.cache
+def ffi() -> cffi.FFI:
+    """One FFI with runqlat.h's types and constants and the libbpf prototypes."""
+    f = cffi.FFI()
+    f.cdef(_preprocess())
+    f.cdef(_LIBBPF_CDEF)
+    return f
+
+
+@functools.cache
+def _libbpf():
+    try:
+        return ffi().dlopen("libbpf.so.1")
+    except OSError as e:
+        raise RunqlatError(f"cannot load libbpf.so.1 (install libbpf1/libbpf-dev): {e}") from e
+
+
+def const(name: str) -> int:
+    """Value of an enum constant of runqlat.h, e.g. const('RUNQLAT_LINEAR_US')."""
+    return getattr(_libbpf(), name)
+
+
+def bucket_bounds_us(index: int) -> tuple[float, float]:
+    """[low, high) microseconds of histogram bucket `index`: 1 us wide below RUNQLAT_LINEAR_US, then 1/64 of
+    a power of two (the inverse of bucket_of in runqlat.bpf.c)."""
+    linear = const("RUNQLAT_LINEAR_US")
+    if index < linear:
+        return float(index), float(index + 1)
+    subs, sub_bits = const("RUNQLAT_SUBS"), const("RUNQLAT_SUB_BITS")
+    k = index - linear
+    e = const("RUNQLAT_LINEAR_BITS") + k // subs
+    lo = (subs + k % subs) << (e - sub_bits)
+    return float(lo), float(lo + (1 << (e - sub_bits)))
+
+
+def summarize(count: int, sum_ns: int, max_ns: int, buckets: list[int]) -> dict:
+    """Turn a (summed) histogram into {"count","avg","p50","p99","max"} in microseconds (None when empty)."""
+    if count <= 0 or not any(buckets):
+        return {"count": 0, "avg": None, "p50": None, "p99": None, "max": None}
+    total = sum(buckets)
+    max_us = round(max_ns / 1000.0, 1)  # percentiles never exceed the max as reported
+
+    def pct(q: float) -> float:
+        need = q * total
+        seen = 0
+        for i, n in enumerate(buckets):
+            seen += n
+            if n and seen >= need:
+                lo, hi = bucket_bounds_us(i)
+                return min(hi if hi - lo > 1 else lo, max_us)
+        return max_us
+
+    return {"count": count, "avg": round(sum_ns / count / 1000.0, 2), "p50": pct(0.50),
+            "p99": pct(0.99), "max": max_us}
+
+
+class Runqlat:
+    """The loaded and attached probe; use as a context manager, `track(tids)`, `reset()`, `read()`."""
+
+    def __init__(self) -> None:
+        if os.geteuid() != 0:
+            raise RunqlatError("runqlat needs root (CAP_BPF, CAP_PERFMON)")
+        build()
+        self._f = ffi()
+        self._lib = _libbpf()
+        self._links: list = []
+        self._obj = self._lib.bpf_object__open_file(str(OBJECT).encode(), self._f.NULL)
+        if self._obj == self._f.NULL:
+            raise RunqlatError(f"opening {OBJECT.name} failed: {os.strerror(ctypes.get_errno() or 22)}")
+        try:
+            rc = self._lib.bpf_object__load(self._obj)
+            if rc:
+                raise RunqlatError(f"loading {OBJECT.name} failed: {os.strerror(-rc)}")
+            prog = self._lib.bpf_object__next_program(self._obj, self._f.NULL)
+            while prog != self._f.NULL:
+                link = self._lib.bpf_program__attach(prog)
+                if link == self._f.NULL:
+                    name = self._f.string(self._lib.bpf_program__name(prog)).decode()
+                    raise RunqlatError(f"attaching {name} failed")
+                self._links.append(link)
+                prog = self._lib.bpf_object__next_program(self._obj, prog)
+            self._fd = {n: self._map_fd(n) for n in ("tids", "start", "hists")}
+            self._ncpu = self._lib.libbpf_num_possible_cpus()
+        except BaseException:
+            self.close()
+            raise
+
+    def _map_fd(self, name: str) -> int:
+        m = self._lib.bpf_object__find_map_by_name(self._obj, name.encode())
+        if m == self._f.NULL:
+            raise RunqlatError(f"map {name} missing from {OBJECT.name}")
+        return self._lib.bpf_map__fd(m)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _clear(self, name: str) -> None:
+        fd = self._fd[name]
+        key = self._f.new("__u32 *")
+        nxt = self._f.new("__u32 *")
+        keys = []
+        prev = self._f.NULL
+        while self._lib.bpf_map_get_next_key(fd, prev, nxt) == 0:
+            keys.append(nxt[0])
+            key[0] = nxt[0]
+            prev = key
+        for k in keys:
+            key[0] = k
+            self._lib.bpf_map_delete_elem(fd, key)
+
+    def track(self, tids: list[int]) -> None:
+        """Start measuring these thread IDs (in addition to those already tracked)."""
+        key = self._f.new("__u32 *")
+        one = self._f.new("__u8 *", 1)
+        for t in tids:
+            key[0] = t
+            if self._lib.bpf_map_update_elem(self._fd["tids"], key, one, 0):
+                raise RunqlatError(f"cannot track tid {t} (more than RUNQLAT_MAX_TIDS?)")
+
+    def reset(self) -> None:
+        """Forget tracked threads and zero the histograms (between benchmark runs)."""
+        self._clear("tids")
+        self._clear("start")
+        zero = self._f.new(f"struct runqlat_hist[{self._ncpu}]")
+        key = self._f.new("__u32 *")
+        for k in range(const("RUNQLAT_NR_KINDS")):
+            key[0] = k
+            self._lib.bpf_map_update_elem(self._fd["hists"], key, zero, 0)
+
+    def read_raw(self) -> dict[str, tuple[int, int, int, list[int]]]:
+        """Per kind ("wakeup", "preempt"): (count, sum_ns, max_ns, buckets) added up over CPUs."""
+        vals = self._f.new(f"struct runqlat_hist[{self._ncpu}]")
+        key = self._f.new("__u32 *")
+        out = {}
+        for k, name in ((const("RUNQLAT_WAKEUP"), "wakeup"), (const("RUNQLAT_PREEMPT"), "preempt")):
+            key[0] = k
+            if self._lib.bpf_map_lookup_elem(self._fd["hists"], key, vals):
+                raise RunqlatError("reading the runqlat histogram failed")
+            nb = const("RUNQLAT_NR_BUCKETS")
+            buckets = [0] * nb
+            count = sum_ns = max_ns = 0
+            for c in range(self._ncpu):
+                h = vals[c]
+                count += h.count
+                sum_ns += h.sum_ns
+                max_ns = max(max_ns, h.max_ns)
+                row = self._f.unpack(h.buckets, nb)
+                buckets = [a + b for a, b in zip(buckets, row)]
+            out[name] = (count, sum_ns, max_ns, buckets)
+        return out
+
+    def read(self) -> dict:
+        """Summaries in microseconds: {"wakeup": {...}, "preempt": {...}, "all": {...}} (see summarize)."""
+        raw = self.read_raw()
+        res = {name: summarize(*v) for name, v in raw.items()}
+        w, p = raw["wakeup"], raw["preempt"]
+        res["all"] = summarize(w[0] + p[0], w[1] + p[1], max(w[2], p[2]), [a + b for a, b in zip(w[3], p[3])])
+        return res
+
+    def close(self) -> None:
+        """Detach every program and free the object; idempotent."""
+        for link in self._links:
+            self._lib.bpf_link__destroy(link)
+        self._links = []
+        if getattr(self, "_obj", None) is not None and self._obj != self._f.NULL:
+            self._lib.bpf_object__close(self._obj)
+        self._obj = None

@@ -1,0 +1,309 @@
+"""One benchmark VM: boot the test guest with `pyvmm boot` under a watchdog, apply the configuration, collect.
+
+The configuration decides who sets the vCPU threads' host scheduling:
+vanilla and the static ones boot with `--no-policy` (device and guest slot
+writes present, policy absent); static-rt / static-nice then set every vCPU
+thread once, the way libvirt's vcpusched does; pvsched leaves it to the policy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyvmm.common import control_client as control
+from pyvmm.common.sched_attr import SCHED_FIFO, SCHED_OTHER, SchedAttr, sched_getattr, sched_setattr
+
+CONFIGS = ("vanilla", "static-rt", "static-nice", "pvsched")
+# Static RT the way the seed measured it (FIFO 10): below the policy's actuator (40) and the watchdog.
+STATIC_ATTRS = {"static-rt": SchedAttr(SCHED_FIFO, 10, 0), "static-nice": SchedAttr(SCHED_OTHER, 0, -20)}
+# The watchdog (`timeout`) runs at SCHED_FIFO 50 with reset-on-fork, so it can always kill a livelocked VM
+# while the VMM itself starts at SCHED_OTHER.
+WATCHDOG_PRIO = 50
+# The benchmark's own polling thread, while a VM runs: it must find the vCPU threads at once even on a busy
+# host (static settings apply from then on).  It only sleeps and polls: above the actuator (40), below the
+# VMM's guardian (45), which must preempt everything but the watchdogs.
+POLLER_ATTR = SchedAttr(SCHED_FIFO, 42, 0)
+_VCPU_COMM = re.compile(r"vcpu[\s_-]*(\d+)", re.IGNORECASE)
+
+
+@dataclass
+class RunSpec:
+    """What one benchmark run boots: configuration, guest workload (one per vCPU) and guest timing."""
+
+    config: str
+    workload: str = "probe,probe"
+    duration_s: float = 5.0
+    interval_us: int = 1000
+    cpus: int = 2
+    policy_set: tuple[str, ...] = ()  # KEY=VALUE tunables for the pvsched policy (pyvmm boot --policy-set)
+    kernel: str | None = None          # a Linux bzImage with `initrd`: the image's cyclictest workload instead
+    initrd: str | None = None
+
+    @property
+    def limit_s(self) -> float:
+        """Wall-clock bound of the run: the guest's duration plus boot and teardown (Linux boots for long
+        inside the lab's emulation)."""
+        return self.duration_s + (40 if self.kernel is None else 400)
+
+
+@dataclass
+class VmOutcome:
+    """What came back from one VM: its exit code, the guest's JSON records and what the host saw."""
+
+    exit_code: int | None = None
+    records: list[dict] = field(default_factory=list)
+    console_tail: list[str] = field(default_factory=list)
+    vcpu_tids: dict[int, int] = field(default_factory=dict)
+    policy_reply: dict | None = None
+    status_reply: dict | None = None
+    tids_after_s: float | None = None
+    uptime_at_tids_s: float | None = None  # how long the guest may have run before the static setting
+    vcpu_sched: dict[int, str] = field(default_factory=dict)
+    wall_s: float = 0.0
+    init_after_s: float | None = None  # Linux: seconds from `pyvmm boot` to /init's first record
+    error: str | None = None
+
+
+def boot_argv(spec: RunSpec, limit_s: float, stats_out: Path | None = None) -> list[str]:
+    """The watchdog-wrapped `pyvmm boot` command line for a run (writing its end-of-run stats to stats_out)."""
+    if spec.kernel is None:
+        cmdline = f"duration={spec.duration_s:g} interval={spec.interval_us} workload={spec.workload}"
+        guest = []
+    else:  # the seed's cyclictest (pyvmm/guest/linux/init.sh), one RR 8 thread per vCPU
+        cmdline = (f"console=ttyS0 quiet pvsched.workload=cyclictest pvsched.duration={spec.duration_s:g} "
+                   f"pvsched.interval={spec.interval_us}")
+        guest = ["--kernel", os.path.abspath(spec.kernel), "--initrd", os.path.abspath(spec.initrd), "--mem", "512"]
+    argv = ["chrt", "-f", "-R", str(WATCHDOG_PRIO), "timeout", "-s", "TERM", "-k", "3", f"{limit_s:.0f}",
+            sys.executable, "-I", "-m", "pyvmm.cli", "boot", "--cpus", str(spec.cpus), *guest, "--cmdline", cmdline,
+            "--timeout", f"{limit_s - 2:.0f}"]
+    if stats_out is not None:
+        argv += ["--stats-out", str(stats_out)]
+    if spec.config != "pvsched":
+        argv.append("--no-policy")
+    else:
+        for kv in spec.policy_set:
+            argv += ["--policy-set", kv]
+    return argv
+
+
+def parse_guest_lines(lines: list[str]) -> list[dict]:
+    """The guest's JSON records ({"type": ...}) among console lines, wherever a line's JSON starts."""
+    out = []
+    for line in lines:
+        i = line.find("{")
+        if i < 0:
+            continue
+        try:
+            obj = json.loads(line[i:])
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and "type" in obj:
+            out.append(obj)
+    return out
+
+
+def extract_vcpu_tids(reply: object) -> dict[int, int]:
+    """vCPU id -> TID from a control-socket reply ("vcpu_tids" as a dict or list, or "vcpus" entries with "tid")."""
+    if not isinstance(reply, dict):
+        return {}
+    for key in ("vcpu_tids", "vcpus"):
+        v = reply.get(key)
+        if isinstance(v, dict):
+            try:
+                return {int(k): int(t["tid"] if isinstance(t, dict) else t) for k, t in v.items()}
+            except (KeyError, TypeError, ValueError):
+                pass
+        if isinstance(v, list):
+            res = {}
+            for i, t in enumerate(v):
+                if isinstance(t, dict) and "tid" in t:
+                    res[int(t.get("id", t.get("vcpu", i)))] = int(t["tid"])
+                elif isinstance(t, int):
+                    res[i] = t
+            if res:
+                return res
+    for v in reply.values():
+        if isinstance(v, dict) and (found := extract_vcpu_tids(v)):
+            return found
+    return {}
+
+
+def tids_from_proc(pid: int) -> dict[int, int]:
+    """vCPU id -> TID from the VMM's thread names (e.g. "vcpu0"), when the control socket is not up yet."""
+    res = {}
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    for t in tasks:
+        try:
+            comm = Path(f"/proc/{pid}/task/{t}/comm").read_text().strip()
+        except OSError:
+            continue
+        if m := _VCPU_COMM.search(comm):
+            res[int(m.group(1))] = int(t)
+    return res
+
+
+def _child_pid(pid: int) -> int | None:
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return None
+    return int(kids[0]) if kids else None
+
+
+def _find_tids(vmm_pid: int, nr: int) -> tuple[dict[int, int], float | None]:
+    """vCPU TIDs and the VM's uptime (s since its vCPUs were let go) when the VMM answered."""
+    for cmd in ("status", "vm"):  # status also tells the uptime
+        try:
+            reply = control.request(vmm_pid, {"cmd": cmd}, timeout=0.5)
+        except control.ControlError:
+            continue
+        tids = extract_vcpu_tids(reply)
+        if len(tids) >= nr:
+            up = reply.get("uptime_s")
+            return tids, float(up) if isinstance(up, (int, float)) else None
+    tids = tids_from_proc(vmm_pid)
+    return (tids if len(tids) >= nr else {}), None
+
+
+def _kill(pid: int | None, sig: int) -> None:
+    if pid:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _final_stats(path: Path, out: VmOutcome) -> None:
+    """The policy's policy.show and the device's state as `pyvmm boot --stats-out` left them at the VM's end."""
+    try:
+        dev = json.loads(path.read_text()).get("devices", {}).get("pvsched") or {}
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(dev.get("policy"), dict) and "error" not in dev["policy"]:
+        out.policy_reply = dev["policy"]
+    if isinstance(dev.get("device"), dict):
+        out.status_reply = {"pvsched": dev["device"]}
+
+
+def _vm_ending(watchdog_pid: int | None, on_end) -> None:
+    """The guest's window is over (a vCPU thread ended): end the host measurements, demote the watchdog.
+
+    The watchdog (`timeout` at SCHED_FIFO 50) reaps the VMM; in about 1 run in 8 under the host load it then
+    spent up to 0.95 s of CPU at that priority as the VMM process ended, which the RT throttle alone cut
+    short and which showed as a 950 ms host cyclictest max in any configuration. With the vCPU threads gone
+    nothing of the VM can livelock a CPU any more, so it may finish its job as an ordinary task."""
+    if watchdog_pid is not None:
+        try:
+            sched_setattr(watchdog_pid, SchedAttr(SCHED_OTHER, 0, 0))
+        except OSError:
+            pass  # already gone
+    if on_end:
+        on_end()
+
+
+def console_reader(stream, lines: list[str], out, t0: float) -> threading.Thread:
+    """A thread (not started) appending stream's lines to `lines`; it sets out.init_after_s to the seconds
+    since t0 at the Linux image's first /init record."""
+    def read() -> None:
+        for line in stream:
+            if out.init_after_s is None and '"type":"boot"' in line:
+                out.init_after_s = round(time.monotonic() - t0, 2)
+            lines.append(line)
+
+    return threading.Thread(target=read, daemon=True)
+
+
+def run_vm(spec: RunSpec, on_tids=None, on_end=None) -> VmOutcome:
+    """Boot, apply the configuration to the vCPU threads as soon as they exist, collect; never leaves the VM behind.
+
+    `on_tids(tids, vmm_pid)` is called once with the vCPU TIDs and the VMM's pid (the benchmark starts its
+    runqueue probe and CPU accounting there), and
+    `on_end()` once when the first vCPU thread has ended (or the VM ended without any): the guest's window.
+    Nothing polls the VM while it runs: the policy's counters come from `pyvmm boot --stats-out` at its end.
+    """
+    out = VmOutcome()
+    limit_s = spec.limit_s
+    lines: list[str] = []
+    err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in the finally below
+    stats_dir = tempfile.TemporaryDirectory(prefix="pyvmm-bench-run-")
+    stats_out = Path(stats_dir.name) / "stats.json"
+    t0 = time.monotonic()
+    # -I and cwd "/": a root child imports nothing from the caller's folder (boot_argv's paths are absolute).
+    proc = subprocess.Popen(boot_argv(spec, limit_s, stats_out), stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+                            text=True, errors="replace", cwd="/")
+    reader = console_reader(proc.stdout, lines, out, t0)
+    reader.start()
+    vmm_pid = None
+    own = sched_getattr(0)
+    ended = False
+    try:
+        sched_setattr(0, POLLER_ATTR)
+        while proc.poll() is None:
+            if vmm_pid is None:
+                vmm_pid = _child_pid(proc.pid)
+            if vmm_pid and not out.vcpu_tids:
+                out.vcpu_tids, out.uptime_at_tids_s = _find_tids(vmm_pid, spec.cpus)
+                if out.vcpu_tids:
+                    out.tids_after_s = round(time.monotonic() - t0, 3)
+                    attr = STATIC_ATTRS.get(spec.config)
+                    for vcpu, tid in out.vcpu_tids.items():
+                        if attr is not None:
+                            sched_setattr(tid, attr)
+                        # read back: the record shows what the threads really ran with
+                        out.vcpu_sched[vcpu] = str(sched_getattr(tid))
+                    if on_tids:
+                        on_tids(list(out.vcpu_tids.values()), vmm_pid)
+            if out.vcpu_tids and not ended and not all(os.path.exists(f"/proc/{vmm_pid}/task/{t}")
+                                                      for t in out.vcpu_tids.values()):
+                ended = True
+                _vm_ending(proc.pid, on_end)
+            if time.monotonic() - t0 > limit_s + 10:
+                raise TimeoutError(f"VM still running after {limit_s + 10:.0f} s")
+            time.sleep(0.02 if out.vcpu_tids else 0.005)
+        if not ended:
+            _vm_ending(None, on_end)
+        out.exit_code = proc.returncode
+        reader.join(5)
+    except (OSError, TimeoutError) as e:
+        out.error = f"{type(e).__name__}: {e}"
+    finally:
+        sched_setattr(0, own)
+        if proc.poll() is None:
+            _kill(proc.pid, signal.SIGTERM)  # timeout forwards it to the VMM
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                _kill(vmm_pid, signal.SIGKILL)
+                _kill(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        out.wall_s = round(time.monotonic() - t0, 2)
+        reader.join(2)
+        err.seek(0)
+        stderr_tail = err.read()[-2000:].strip().splitlines()[-5:]
+        err.close()
+        _final_stats(stats_out, out)
+        stats_dir.cleanup()
+    out.records = parse_guest_lines(lines)
+    out.console_tail = [ln.rstrip() for ln in lines[-10:]] + stderr_tail
+    if out.error is None and out.exit_code != 0:
+        guest_err = [r.get("message", "") for r in out.records if r.get("type") == "error"]
+        why = guest_err[-1:] or stderr_tail[-2:] or [ln.strip() for ln in lines[-2:]]
+        out.error = f"pyvmm boot exited {out.exit_code}: " + " | ".join(why)
+    if out.error is None and spec.config == "pvsched" and out.policy_reply is None:
+        out.error = "the pvsched policy left no final policy.show (pyvmm boot --stats-out): the run would not measure pvsched"
+    if out.error is None and not out.vcpu_tids and spec.config in STATIC_ATTRS:
+        out.error = "could not find the vCPU thread ids (control socket {'cmd':'vm'} or /proc thread names)"
+    return out

@@ -1,0 +1,1 @@
+"""The `pyvmm` command, above the library: boot, status, policy, bench and lab."""

@@ -1,0 +1,188 @@
+"""`pyvmm`: boot a guest, or talk to a running VM.  A thin layer over pyvmm.boot and pyvmm.vmm.control.
+
+Exit codes of `pyvmm boot`: the guest's own exit code (test guest: the byte
+written to port 0xf4; Linux: 0 on power-off/reboot), 2 for a problem with
+the input (no KVM, bad image, bad option), 124 when --timeout expired, 125
+when the guest crashed the VM (triple fault, emulation failure, ...), 128+N
+when stopped by signal N.  Every error is one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pyvmm.bench.run import main as bench_main
+from pyvmm.boot import BootConfig, run_vm
+from pyvmm.common.control_client import ControlError, request
+from pyvmm.common.safe_fs import write_file_nofollow
+from pyvmm.lab import main as lab_main
+from pyvmm.vmm.machine import EXIT_BAD_INPUT, VmmError
+
+EPILOG_BOOT = """exit status: the guest's exit code; 2 bad input; 124 --timeout expired;
+125 the guest crashed the VM; 128+N stopped by signal N."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _hex(s: str) -> int:
+    try:
+        return int(s, 16)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a hex number: {s!r}") from None
+
+
+def _key_value(s: str) -> tuple[str, str]:
+    key, sep, value = s.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
+    return key.strip(), value.strip()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pyvmm", description="A minimal VMM on /dev/kvm with paravirtualized vCPU scheduling.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    b = sub.add_parser("boot", help="boot a guest (default: the bundled test guest)", epilog=EPILOG_BOOT,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("--kernel", metavar="PATH",
+                   help="guest kernel: a Linux bzImage or a test-guest ELF (told apart by magic); "
+                        "default: the bundled test guest, built on first use")
+    b.add_argument("--initrd", metavar="PATH", help="initramfs for a Linux kernel")
+    b.add_argument("--cmdline", default="", metavar="STR",
+                   help="guest command line; for the test guest: duration=<s> (default 5), interval=<us> "
+                        "(default 1000), workload=<w>[,<w>...] one per vCPU (probe|busy|hog|idle|waker|wakee, "
+                        "phases joined by '+', e.g. probe+busy), probe_policy=rr|fifo, probe_prio=8, hog_prio=99, "
+                        "busy_nice=0, pvsched=0 (ignore the device); see pyvmm/guest/testguest/README.md")
+    b.add_argument("--cpus", type=int, default=2, metavar="N", help="number of vCPUs (default 2)")
+    b.add_argument("--mem", type=int, default=256, metavar="MIB", help="guest RAM in MiB (default 256)")
+    b.add_argument("--timeout", type=float, metavar="S",
+                   help="wall-clock limit in seconds: the VM is stopped and pyvmm exits 124")
+    b.add_argument("--no-pvsched", action="store_true", help="boot without the pvsched PCI device")
+    b.add_argument("--no-policy", action="store_true",
+                   help="keep the pvsched device but run no host policy (the benchmark's 'vanilla')")
+    b.add_argument("--policy-set", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                   help="initial policy tunable (repeatable), as `pyvmm policy set` takes them")
+    b.add_argument("--pvsched-host-version", type=_hex, metavar="HEX",
+                   help="version the pvsched device offers (default: this build's), to test refusals")
+    b.add_argument("--pvsched-host-features", type=_hex, metavar="HEX",
+                   help="feature bits the pvsched device offers (default: all v1 features)")
+    b.add_argument("--no-console-input", action="store_true",
+                   help="do not forward stdin to the guest's serial port (default: forward it, "
+                        "unless stdin is a terminal of a background job)")
+    b.add_argument("--stats-out", type=Path, metavar="FILE",
+                   help="at the end, write JSON of what the run did: exit code, and the pvsched device's state "
+                        "and the policy's final policy.show (boosts, throttles, BPF ns per event, event-to-"
+                        "sched_setattr latency), so a script need not poll the control socket")
+    b.add_argument("--kvm-device", default=os.environ.get("PYVMM_KVM_DEVICE", "/dev/kvm"), metavar="PATH",
+                   help="KVM device node (default /dev/kvm, or $PYVMM_KVM_DEVICE)")
+
+    s = sub.add_parser("status", help="show a running VM (its pid may be left out when only one runs)")
+    s.add_argument("pid", nargs="?", type=int, help="pid of the VMM")
+    s.add_argument("--json", action="store_true", help="print the raw JSON reply")
+
+    pol = sub.add_parser("policy", help="show or change the host policy of a running VM")
+    psub = pol.add_subparsers(dest="policy_command", required=True, parser_class=_Parser)
+    show = psub.add_parser("show", help="per-vCPU state, stats and tunables")
+    show.add_argument("--vm", type=int, metavar="PID", help="pid of the VMM (default: the only VM running)")
+    show.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    st = psub.add_parser("set", help="change tunables, e.g. `pyvmm policy set boost_prio=10`")
+    st.add_argument("values", nargs="+", type=_key_value, metavar="KEY=VALUE")
+    st.add_argument("--vm", type=int, metavar="PID", help="pid of the VMM (default: the only VM running)")
+    st.add_argument("--json", action="store_true", help="print the raw JSON reply")
+
+    # Listed here for --help only: main() hands `pyvmm bench ...` to pyvmm.bench.run, which has its own options.
+    sub.add_parser("bench", add_help=False, help="benchmark vCPU scheduling configurations (pyvmm bench --help)")
+    sub.add_parser("lab", add_help=False,
+                   help="run a command inside a VM with nested hardware virtualization (pyvmm lab --help)")
+    return p
+
+
+def _boot(args: argparse.Namespace) -> int:
+
+    if args.stats_out is not None and not args.stats_out.parent.is_dir():
+        print(f"pyvmm: --stats-out {args.stats_out}: no such directory {args.stats_out.parent}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.stats_out is not None and args.stats_out.is_symlink():  # checked again (O_NOFOLLOW) when written
+        print(f"pyvmm: --stats-out {args.stats_out} is a symlink: refusing to write through it", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    cfg = BootConfig(kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline, cpus=args.cpus,
+                     mem_mib=args.mem, timeout=args.timeout, pvsched=not args.no_pvsched,
+                     policy=not args.no_policy, tunables=dict(args.policy_set),
+                     host_version=args.pvsched_host_version, host_features=args.pvsched_host_features,
+                     kvm_device=args.kvm_device, console_stream=sys.stdout.buffer,
+                     console_input=None if args.no_console_input else sys.stdin.fileno())
+    try:
+        result = run_vm(cfg)
+    except VmmError as e:
+        print(f"pyvmm: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if result.message:
+        print(f"pyvmm: {result.message}", file=sys.stderr)
+    if args.stats_out:
+        try:
+            write_file_nofollow(args.stats_out, json.dumps({
+                "exit_code": result.exit_code, "message": result.message, "elapsed_s": round(result.elapsed_s, 3),
+                "devices": result.device_stats}, indent=1, default=str) + "\n")
+        except OSError as e:
+            print(f"pyvmm: cannot write --stats-out {args.stats_out}: {e.strerror or e}", file=sys.stderr)
+            return result.exit_code or EXIT_BAD_INPUT
+    return result.exit_code
+
+
+def _client(args: argparse.Namespace) -> int:
+
+    if args.command == "status":
+        pid, req = args.pid, {"cmd": "status"}
+    elif args.policy_command == "show":
+        pid, req = args.vm, {"cmd": "policy.show"}
+    else:
+        pid, req = args.vm, {"cmd": "policy.set", "values": dict(args.values)}
+    try:
+        reply = request(pid, req)
+    except ControlError as e:
+        print(f"pyvmm: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    elif "error" in reply:
+        pass
+    else:
+        print(reply.get("text") or json.dumps(reply, indent=2))
+    if "error" in reply:
+        print(f"pyvmm: {reply['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `pyvmm` command."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+
+        return bench_main(argv[1:])
+    if argv[:1] == ["lab"]:
+
+        return lab_main(argv[1:])
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(name)s: %(message)s", stream=sys.stderr)
+    try:
+        if args.command == "boot":
+            return _boot(args)
+        return _client(args)
+    except KeyboardInterrupt:  # Ctrl-C before the VM's own signal handling is in place
+        print("pyvmm: interrupted", file=sys.stderr)
+        return 128 + 2
+

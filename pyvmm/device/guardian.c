@@ -1,0 +1,685 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+/*
+ * The guardian: one native thread in the VMM that undoes the policy process's boosts when that
+ * process dies or hangs, without Python.
+ *
+ * Why native: with boosted vCPU threads on every CPU, whatever thread of the VMM holds the GIL
+ * may be a starved SCHED_OTHER thread, so a restore written in Python waits for the fair
+ * server (~1 s) however high its own priority. This thread never takes the GIL. It runs at
+ * SCHED_FIFO PVSCHED_GUARDIAN_PRIO (above every boost and the actuator, below the watchdogs),
+ * locks its own pages, blocks all signals, and sleeps in poll() on:
+ *   - a pidfd of the policy process: readable once it is gone;
+ *   - a PIDFD_THREAD pidfd of each of its threads (Linux 6.9+): readable once that thread has
+ *     exited (the list is read again from /proc when its thread count changes);
+ *   - an eventfd: stop requests;
+ * with a timeout of period_ms.
+ *
+ * Dying, not dead: a killed policy process is not gone until its last thread has closed its BPF
+ * links, and that waits for an RCU grace period (measured: a thread in D state in
+ * synchronize_rcu_expedited) which the boosted vCPUs themselves hold up, for ~1 s. So the
+ * guardian acts when every thread of the process is exiting (PF_EXITING in /proc/<pid>/task/
+ * <tid>/stat: set by each thread at the start of do_exit, after its last system call, so no
+ * sched_setattr of the policy can land later). It looks when any of its threads has exited
+ * (the first one to finish), and at every timeout if the main thread's stat shows PF_EXITING.
+ *
+ * Hung, not dying: at every wake-up it reads the heartbeat page (a sealed memfd the policy
+ * process's backstop loop increments at least every 100 ms while its actuator keeps up with the
+ * ring buffer, see pyvmm/policy/backstop_loop.c). A heartbeat seen moving that then stays still
+ * for stale_ms means a hung (deadlocked, stopped) policy process: the guardian SIGKILLs it
+ * through the pidfd and restores at once, and again when it is dying and when it is gone.
+ * The Python supervisor then sees the death as usual; its own restore is the second line
+ * (every restore is idempotent).
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <link.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "guardian.h"
+#include <linux/types.h> /* the ABI header's __u32 */
+#include "pvsched_abi.h"
+
+#define HEARTBEAT_SIZE 4096
+#define STACK_SIZE (64 * 1024)
+#define PIDFD_THREAD O_EXCL      /* <linux/pidfd.h>, Linux 6.9: a pidfd for one thread */
+#define FAST_MS 1                /* poll timeout once one of its threads exits before the others */
+#define FAST_WINDOW_NS 50000000  /* ... for this long (a thread that ends alone must not cost more) */
+#define SUSPECT_MS 5             /* poll timeout after a thread's exit until the heartbeat moves again */
+#define LATE_NS 20000000LL       /* a poll() this much past its timeout: the guardian itself did not run */
+#define PF_EXITING 0x00000004    /* <linux/sched.h>: the task is in do_exit (field 9 of /proc/.../stat) */
+
+/* uapi struct sched_attr (SCHED_ATTR_SIZE_VER0): <linux/sched/types.h> clashes with glibc's sched.h. */
+struct kernel_sched_attr {
+	uint32_t size;
+	uint32_t sched_policy;
+	uint64_t sched_flags;
+	int32_t sched_nice;
+	uint32_t sched_priority;
+	uint64_t sched_runtime;
+	uint64_t sched_deadline;
+	uint64_t sched_period;
+};
+_Static_assert(sizeof(struct kernel_sched_attr) == 48, "SCHED_ATTR_SIZE_VER0");
+_Static_assert((int)PVSCHED_GUARDIAN_MAX_THREADS == (int)PVSCHED_MAX_VCPUS, "one vCPU limit (pvsched_abi.h)");
+
+struct thread_attr {
+	int32_t tid, policy, priority, nice;
+};
+
+#define MAX_WATCHED 16  /* threads of the policy process with a pidfd (it has 2-3; more are seen by timeouts) */
+
+struct watched_thread {
+	int tid;
+	int fd;        /* PIDFD_THREAD pidfd; -1 once it fired (or could not be opened): not polled */
+};
+
+struct pvsched_guardian {
+	pthread_mutex_t lock;          /* priority inheritance: a starved holder gets the guardian's priority */
+	struct pvsched_guardian_info info;
+	struct thread_attr threads[PVSCHED_GUARDIAN_MAX_THREADS];
+	int nr_threads;
+	int hb_fd;                     /* the memfd; the policy process gets a copy */
+	volatile struct pvsched_heartbeat *hb;
+	int pid;                       /* the policy process, pinned by pidfd until we close it */
+	int pidfd;
+	struct watched_thread watched[MAX_WATCHED];
+	int nr_watched;
+	int nr_threads_seen;           /* the policy process's thread count when `watched` was made */
+	int stat_fd;                   /* /proc/<pid>/stat, read again with pread at every wake-up */
+	int stopfd;
+	int period_ms;
+	int64_t stale_ns;
+	int disarmed;                  /* atomic: clean shutdown, no more stale kills */
+	int started;
+	pthread_t thread;
+	pid_t thread_tid;              /* atomic: the guardian thread's TID, 0 until it runs */
+};
+
+static int64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);  /* Python's time.monotonic() clock */
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+struct pvsched_guardian *pvsched_guardian_new(void)
+{
+	struct pvsched_guardian *g;
+	pthread_mutexattr_t ma;
+	void *hb;
+
+	/* Page-aligned and separately mapped, so the thread can lock exactly its own state. */
+	g = mmap(NULL, sizeof(*g), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (g == MAP_FAILED)
+		return NULL;
+	memset(g, 0, sizeof(*g));
+	g->pidfd = g->stopfd = g->hb_fd = g->stat_fd = -1;
+	pthread_mutexattr_init(&ma);
+	pthread_mutexattr_setprotocol(&ma, PTHREAD_PRIO_INHERIT);
+	pthread_mutex_init(&g->lock, &ma);
+	pthread_mutexattr_destroy(&ma);
+
+	g->hb_fd = memfd_create("pvsched-heartbeat", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	if (g->hb_fd < 0)
+		goto out_free;
+	if (ftruncate(g->hb_fd, HEARTBEAT_SIZE) < 0)
+		goto out_close;
+	/* Sealed size: the policy process (which writes the page) cannot truncate it under us (SIGBUS). */
+	if (fcntl(g->hb_fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0)
+		goto out_close;
+	hb = mmap(NULL, HEARTBEAT_SIZE, PROT_READ, MAP_SHARED, g->hb_fd, 0);
+	if (hb == MAP_FAILED)
+		goto out_close;
+	g->hb = hb;
+	g->stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (g->stopfd < 0)
+		goto out_unmap;
+	return g;
+
+out_unmap:
+	munmap(hb, HEARTBEAT_SIZE);
+out_close:
+	close(g->hb_fd);
+out_free:
+	munmap(g, sizeof(*g));
+	return NULL;
+}
+
+int pvsched_guardian_heartbeat_fd(struct pvsched_guardian *g)
+{
+	return g->hb_fd;
+}
+
+int pvsched_guardian_set_threads(struct pvsched_guardian *g, int n, const int32_t *tids, const int32_t *policies,
+				 const int32_t *priorities, const int32_t *nices)
+{
+	if (n < 0 || n > PVSCHED_GUARDIAN_MAX_THREADS)
+		return -EINVAL;
+	pthread_mutex_lock(&g->lock);
+	for (int i = 0; i < n; i++)
+		g->threads[i] = (struct thread_attr){ tids[i], policies[i], priorities[i], nices[i] };
+	g->nr_threads = n;
+	g->info.nr_threads = n;
+	pthread_mutex_unlock(&g->lock);
+	return 0;
+}
+
+/* Every guarded thread back to its recorded attributes; lock held. Returns how many were set. */
+static int restore_locked(struct pvsched_guardian *g)
+{
+	int n = 0;
+
+	for (int i = 0; i < g->nr_threads; i++) {
+		const struct thread_attr *t = &g->threads[i];
+		struct kernel_sched_attr a;
+
+		memset(&a, 0, sizeof(a));
+		a.size = sizeof(a);
+		a.sched_policy = (uint32_t)t->policy;
+		a.sched_priority = (uint32_t)t->priority;
+		a.sched_nice = t->nice;
+		/* Only a thread of this process: a vCPU thread that ended may have left its TID to another
+		 * process by now (pid_max 32768, a forking host load).  tgkill with signal 0 checks that
+		 * the TID is in our thread group and sends nothing. */
+		if (syscall(SYS_tgkill, getpid(), t->tid, 0) != 0)
+			continue;
+		if (syscall(SYS_sched_setattr, t->tid, &a, 0) == 0) {
+			n++;
+		} else if (errno != ESRCH) {  /* a thread that already ended needs nothing */
+			g->info.errors++;
+			g->info.last_errno = errno;
+		}
+	}
+	g->info.restores++;
+	return n;
+}
+
+int pvsched_guardian_restore(struct pvsched_guardian *g)
+{
+	int n;
+
+	pthread_mutex_lock(&g->lock);
+	n = restore_locked(g);
+	pthread_mutex_unlock(&g->lock);
+	return n;
+}
+
+/* The event (death or stale kill) happened at `t`: restore and record it (first time only). */
+static void on_event(struct pvsched_guardian *g, int64_t t, int cause, int64_t silent_ns)
+{
+	int n;
+
+	pthread_mutex_lock(&g->lock);
+	n = restore_locked(g);
+	if (g->info.cause == PVSCHED_GUARDIAN_CAUSE_NONE) {
+		g->info.cause = cause;
+		g->info.event_ns = t;
+		g->info.restore_ns = now_ns();
+		g->info.restored = n;
+		g->info.silent_ms = silent_ns / 1000000;
+	}
+	pthread_mutex_unlock(&g->lock);
+}
+
+struct own_object {
+	uintptr_t base;  /* load address of this library */
+	int failed;
+};
+
+static int lock_own_code(struct dl_phdr_info *info, size_t size, void *arg)
+{
+	struct own_object *me = arg;
+	long page = sysconf(_SC_PAGESIZE);
+
+	(void)size;
+	if (info->dlpi_addr != me->base)
+		return 0;
+	for (int i = 0; i < info->dlpi_phnum; i++) {
+		const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+		uintptr_t start, end;
+
+		if (ph->p_type != PT_LOAD)
+			continue;
+		start = (info->dlpi_addr + ph->p_vaddr) & ~(uintptr_t)(page - 1);
+		end = info->dlpi_addr + ph->p_vaddr + ph->p_memsz;
+		if (mlock((void *)start, end - start) < 0)
+			me->failed = 1;
+	}
+	return 1;
+}
+
+/* Lock what the loop touches (not mlockall: that would pin all of guest RAM). 1 if all of it. */
+static int lock_memory(struct pvsched_guardian *g)
+{
+	struct own_object me = { 0, 0 };
+	pthread_attr_t attr;
+	void *stack;
+	size_t stack_size;
+	Dl_info dl;
+	int ok = 1;
+
+	if (mlock(g, sizeof(*g)) < 0 || mlock((void *)g->hb, HEARTBEAT_SIZE) < 0)
+		ok = 0;
+	if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+		if (pthread_attr_getstack(&attr, &stack, &stack_size) != 0 || mlock(stack, stack_size) < 0)
+			ok = 0;
+		pthread_attr_destroy(&attr);
+	} else {
+		ok = 0;
+	}
+	if (dladdr((void *)pvsched_guardian_new, &dl) != 0 && dl.dli_fbase) {
+		me.base = (uintptr_t)dl.dli_fbase;
+		if (!dl_iterate_phdr(lock_own_code, &me) || me.failed)
+			ok = 0;
+	} else {
+		ok = 0;
+	}
+	return ok;
+}
+
+/* Task flags (field 9) from the text of a /proc stat file, 0 if it does not parse; num_threads (field 20). */
+static unsigned int stat_flags(const char *buf, int *nr_threads)
+{
+	const char *p = strrchr(buf, ')');  /* comm may contain anything, even ')' */
+	unsigned int flags = 0;
+	int n = 0;
+
+	if (!p || sscanf(p + 1, " %*c %*s %*s %*s %*s %*s %u %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %d",
+			 &flags, &n) < 1)
+		return 0;
+	if (nr_threads)
+		*nr_threads = n;
+	return flags;
+}
+
+static int read_text(int fd, char *buf, size_t size)
+{
+	ssize_t n = pread(fd, buf, size - 1, 0);
+
+	if (n <= 0)
+		return -1;
+	buf[n] = 0;
+	return 0;
+}
+
+/* 1 if the main thread is in do_exit (or its stat is unreadable: gone); the process's thread count. */
+static int leader_exiting(struct pvsched_guardian *g, int *nr_threads)
+{
+	char buf[512];
+
+	*nr_threads = 0;
+	if (g->stat_fd < 0)
+		return 0;
+	if (read_text(g->stat_fd, buf, sizeof(buf)) < 0)
+		return 1;
+	return !!(stat_flags(buf, nr_threads) & PF_EXITING);
+}
+
+struct linux_dirent64 {  /* getdents64(2): no opendir, so no malloc on this thread */
+	uint64_t d_ino;
+	int64_t d_off;
+	unsigned short reclen;
+	unsigned char d_type;
+	char name[];
+};
+
+/* 1 if every thread of the policy process is in do_exit or gone: it can no longer change a thread. */
+static int all_exiting(struct pvsched_guardian *g)
+{
+	char path[64], buf[512], dents[4096];
+	int dir, all = 1;
+	long n;
+
+	snprintf(path, sizeof(path), "/proc/%d/task", g->pid);
+	dir = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (dir < 0)
+		return 1;  /* no task directory: reaped (the pidfd says so too) */
+	while (all && (n = syscall(SYS_getdents64, dir, dents, sizeof(dents))) > 0) {
+		for (long off = 0; off < n;) {
+			struct linux_dirent64 *d = (void *)(dents + off);
+			int fd;
+
+			off += d->reclen;
+			if (d->name[0] < '0' || d->name[0] > '9')
+				continue;
+			snprintf(path, sizeof(path), "%s/stat", d->name);
+			fd = openat(dir, path, O_RDONLY | O_CLOEXEC);
+			if (fd < 0)
+				continue;  /* that thread is gone */
+			if (read_text(fd, buf, sizeof(buf)) == 0 && !(stat_flags(buf, NULL) & PF_EXITING))
+				all = 0;
+			close(fd);
+			if (!all)
+				break;
+		}
+	}
+	close(dir);
+	return all;
+}
+
+/*
+ * Rebuild the list of the policy process's threads to poll: keep what is known (a fired pidfd
+ * stays at -1, so a zombie main thread is not polled again), open a PIDFD_THREAD pidfd for
+ * new ones, drop those no longer listed. Our pidfd pins the process, so its task directory is
+ * its own; a thread that exits meanwhile is simply not found or reports at once.
+ */
+static void watch_threads(struct pvsched_guardian *g)
+{
+	struct watched_thread next[MAX_WATCHED];
+	char path[64], dents[4096];
+	int nr = 0, dir, keep[MAX_WATCHED] = { 0 };
+	long n;
+
+	snprintf(path, sizeof(path), "/proc/%d/task", g->pid);
+	dir = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (dir < 0)
+		return;
+	while (nr < MAX_WATCHED && (n = syscall(SYS_getdents64, dir, dents, sizeof(dents))) > 0) {
+		for (long off = 0; off < n && nr < MAX_WATCHED;) {
+			struct linux_dirent64 *d = (void *)(dents + off);
+			int tid, i;
+
+			off += d->reclen;
+			if (d->name[0] < '0' || d->name[0] > '9')
+				continue;
+			tid = atoi(d->name);
+			for (i = 0; i < g->nr_watched && g->watched[i].tid != tid; i++)
+				;
+			if (i < g->nr_watched) {
+				keep[i] = 1;
+				next[nr++] = g->watched[i];
+			} else {
+				next[nr++] = (struct watched_thread){ tid, (int)syscall(SYS_pidfd_open, tid, PIDFD_THREAD) };
+			}
+		}
+	}
+	close(dir);
+	for (int i = 0; i < g->nr_watched; i++)
+		if (!keep[i] && g->watched[i].fd >= 0)
+			close(g->watched[i].fd);
+	memcpy(g->watched, next, sizeof(next[0]) * nr);
+	g->nr_watched = nr;
+}
+
+static void close_fds(struct pvsched_guardian *g)
+{
+	int *fds[] = { &g->pidfd, &g->stat_fd };
+
+	for (unsigned int i = 0; i < sizeof(fds) / sizeof(fds[0]); i++) {
+		if (*fds[i] >= 0)
+			close(*fds[i]);
+		*fds[i] = -1;
+	}
+	for (int i = 0; i < g->nr_watched; i++)
+		if (g->watched[i].fd >= 0)
+			close(g->watched[i].fd);
+	g->nr_watched = 0;
+}
+
+static void set_state(struct pvsched_guardian *g, int state)
+{
+	pthread_mutex_lock(&g->lock);
+	g->info.state = state;
+	pthread_mutex_unlock(&g->lock);
+}
+
+static void *guardian_main(void *arg)
+{
+	struct pvsched_guardian *g = arg;
+	struct pollfd pfd[2 + MAX_WATCHED] = {
+		{ .fd = g->pidfd, .events = POLLIN },
+		{ .fd = g->stopfd, .events = POLLIN },
+	};
+	uint64_t last = g->hb->beats;
+	int64_t last_change = now_ns(), fast_until = 0;
+	uint64_t suspect_beats = 0;
+	int suspect = 0;  /* a thread exited and the heartbeat has not moved since */
+	int armed = 0, killed = 0, dying = 0, locked;
+	struct sched_param sp;
+	int policy;
+
+	__atomic_store_n(&g->thread_tid, (pid_t)syscall(SYS_gettid), __ATOMIC_RELEASE);
+	pthread_setname_np(pthread_self(), "pvsched-guard");
+	locked = lock_memory(g);
+	pthread_mutex_lock(&g->lock);
+	g->info.locked = locked;
+	if (pthread_getschedparam(pthread_self(), &policy, &sp) == 0 && policy == SCHED_FIFO)
+		g->info.prio = sp.sched_priority;
+	g->info.state = PVSCHED_GUARDIAN_WATCHING;
+	pthread_mutex_unlock(&g->lock);
+	leader_exiting(g, &g->nr_threads_seen);
+	watch_threads(g);
+
+	for (;;) {
+		int n, exited = 0, nr_threads, timeout_ms;
+		int64_t t, before;
+		uint64_t beats;
+
+		for (int i = 0; i < g->nr_watched; i++)
+			pfd[2 + i] = (struct pollfd){ .fd = g->watched[i].fd, .events = POLLIN };  /* -1: skipped */
+		timeout_ms = now_ns() < fast_until ? FAST_MS : suspect ? SUSPECT_MS : g->period_ms;
+		before = now_ns();
+		n = poll(pfd, 2 + g->nr_watched, timeout_ms);
+		t = now_ns();
+		/*
+		 * Woken far later than asked: this thread, at FIFO above everything the policy runs, was
+		 * not run either (the hypervisor below this machine stalled it, seen here for up to
+		 * 100 ms).  The heartbeat's silence over that time says nothing about the policy process.
+		 */
+		if (t - before > (int64_t)timeout_ms * 1000000 + LATE_NS)
+			last_change = t;
+
+		if (n < 0) {
+			struct timespec ts = { 0, (long)g->period_ms * 1000000 };
+
+			if (errno == EINTR)
+				continue;
+			pthread_mutex_lock(&g->lock);
+			g->info.errors++;
+			g->info.last_errno = errno;
+			pthread_mutex_unlock(&g->lock);
+			nanosleep(&ts, NULL);  /* never spin on a failing poll */
+			continue;
+		}
+		if (n > 0 && pfd[0].revents) {  /* gone (POLLIN), or a broken pidfd: restoring is always safe */
+			on_event(g, t, PVSCHED_GUARDIAN_CAUSE_DIED, 0);
+			set_state(g, PVSCHED_GUARDIAN_DONE);
+			break;
+		}
+		if (n > 0 && pfd[1].revents) {
+			set_state(g, PVSCHED_GUARDIAN_STOPPED);
+			break;
+		}
+		if (dying)
+			continue;  /* restored; only its final death is left to see */
+		for (int i = 0; n > 0 && i < g->nr_watched; i++) {
+			if (pfd[2 + i].fd >= 0 && pfd[2 + i].revents) {
+				exited = 1;
+				close(g->watched[i].fd);
+				g->watched[i].fd = -1;  /* stays readable: not polled again */
+			}
+		}
+		/*
+		 * Every wake-up reads /proc/<pid>/stat (a wake-up costs ~90 us of CPU here with it, ~50
+		 * without: reading only when the heartbeat stood still was tried), even while it moves:
+		 * a killed process's last thread can stay in do_exit for 100 ms and more (closing its
+		 * BPF links waits for an RCU grace period the boosted vCPUs hold up), with no pidfd
+		 * readable meanwhile, so PF_EXITING seen here is the only early sign of its death.
+		 */
+		beats = __atomic_load_n(&g->hb->beats, __ATOMIC_RELAXED);
+		if (suspect && beats != suspect_beats)
+			suspect = 0;  /* the actuator beats on: that thread ended alone */
+		if (leader_exiting(g, &nr_threads) || exited) {
+			if (all_exiting(g)) {
+				dying = 1;
+				on_event(g, t, PVSCHED_GUARDIAN_CAUSE_DIED, 0);  /* a stale kill keeps its own cause */
+				set_state(g, PVSCHED_GUARDIAN_DYING);
+				continue;
+			}
+			/*
+			 * The others follow within microseconds in a group exit: look again soon, for a
+			 * while.  Then keep looking every SUSPECT_MS until the heartbeat moves: a thread
+			 * that ends while the actuator beats on ended alone, one that ends while the beat
+			 * stands still may be the first of a death whose other threads are still running.
+			 */
+			if (t >= fast_until)
+				fast_until = t + FAST_WINDOW_NS;
+			if (!suspect)
+				suspect_beats = beats;
+			suspect = 1;
+		}
+		if (nr_threads != g->nr_threads_seen) {
+			g->nr_threads_seen = nr_threads;
+			watch_threads(g);
+		}
+		if (beats != last) {
+			last = beats;
+			last_change = t;
+			armed = 1;  /* the actuator runs: from now on its silence means a hang */
+		} else if (armed && !killed && !__atomic_load_n(&g->disarmed, __ATOMIC_RELAXED)
+			   && t - last_change > g->stale_ns) {
+			killed = 1;
+			syscall(SYS_pidfd_send_signal, g->pidfd, SIGKILL, NULL, 0);
+			on_event(g, t, PVSCHED_GUARDIAN_CAUSE_STALE, t - last_change);
+			set_state(g, PVSCHED_GUARDIAN_KILLED);
+		}
+		pthread_mutex_lock(&g->lock);
+		g->info.watched = 0;
+		for (int i = 0; i < g->nr_watched; i++)
+			g->info.watched += g->watched[i].fd >= 0;
+		g->info.beats = beats;
+		g->info.armed = armed && !killed && !__atomic_load_n(&g->disarmed, __ATOMIC_RELAXED);
+		pthread_mutex_unlock(&g->lock);
+	}
+	return NULL;
+}
+
+/* 0 if `pidfd` refers to process `pid` (its fdinfo's Pid line), else -ESRCH. */
+static int check_pidfd(int pidfd, int pid)
+{
+	char path[64], buf[1024], *p;
+	int fd, n = -1;
+
+	snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", pidfd);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	if (read_text(fd, buf, sizeof(buf)) == 0 && (p = strstr(buf, "\nPid:")) != NULL)
+		sscanf(p + 5, "%d", &n);
+	close(fd);
+	return n == pid ? 0 : -ESRCH;
+}
+
+int pvsched_guardian_start(struct pvsched_guardian *g, int pid, int pidfd, int prio, int period_ms, int stale_ms)
+{
+	pthread_attr_t attr;
+	struct sched_param sp = { .sched_priority = prio };
+	char path[64];
+	sigset_t all, old;
+	int rc;
+
+	if (g->started)
+		return -EBUSY;
+	if (pid <= 0 || period_ms < 1 || stale_ms < period_ms || prio < 0 || prio > 99)
+		return -EINVAL;
+	rc = check_pidfd(pidfd, pid);
+	if (rc < 0)
+		return rc;
+	g->pid = pid;
+	g->pidfd = fcntl(pidfd, F_DUPFD_CLOEXEC, 0);  /* our own: the caller may close theirs any time */
+	if (g->pidfd < 0)
+		return -errno;
+	/* The pidfd pins the pid (we are the parent and have not reaped it): /proc/<pid> is that process. */
+	snprintf(path, sizeof(path), "/proc/%d/stat", pid);
+	g->stat_fd = open(path, O_RDONLY | O_CLOEXEC);
+	g->period_ms = period_ms;
+	g->stale_ns = (int64_t)stale_ms * 1000000;
+	g->info.state = PVSCHED_GUARDIAN_IDLE;
+
+	/* Signals stay with the VMM's own threads: the guardian inherits a full mask. */
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);
+	pthread_attr_init(&attr);
+	pthread_attr_setstacksize(&attr, STACK_SIZE);
+	rc = EINVAL;
+	if (prio > 0) {
+		pthread_attr_setinheritsched(&attr, PTHREAD_EXPLICIT_SCHED);
+		pthread_attr_setschedpolicy(&attr, SCHED_FIFO);
+		pthread_attr_setschedparam(&attr, &sp);
+		rc = pthread_create(&g->thread, &attr, guardian_main, g);
+	}
+	if (rc != 0) {  /* no CAP_SYS_NICE: still better than nothing at the caller's policy */
+		pthread_attr_setinheritsched(&attr, PTHREAD_INHERIT_SCHED);
+		rc = pthread_create(&g->thread, &attr, guardian_main, g);
+	}
+	pthread_attr_destroy(&attr);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	if (rc != 0) {
+		close_fds(g);
+		return -rc;
+	}
+	g->started = 1;
+	return 0;
+}
+
+void pvsched_guardian_disarm(struct pvsched_guardian *g)
+{
+	__atomic_store_n(&g->disarmed, 1, __ATOMIC_RELAXED);
+}
+
+int pvsched_guardian_stop(struct pvsched_guardian *g)
+{
+	uint64_t one = 1;
+	pid_t tid;
+
+	if (!g->started)
+		return 0;
+	if (write(g->stopfd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+		return -errno;
+	pthread_join(g->thread, NULL);
+	/* pthread_join returns once the kernel cleared the thread's TID word (in mm_release), which is
+	 * before the task is released: its /proc entry and TID can outlive the join for a moment.
+	 * "Stopped" means gone, so wait (bounded, 1 s) until the TID leaves this thread group. */
+	tid = __atomic_load_n(&g->thread_tid, __ATOMIC_ACQUIRE);
+	for (int i = 0; tid > 0 && i < 10000 && syscall(SYS_tgkill, getpid(), tid, 0) == 0; i++)
+		usleep(100);
+	g->thread_tid = 0;
+	g->started = 0;
+	close_fds(g);
+	return 0;
+}
+
+void pvsched_guardian_info(struct pvsched_guardian *g, struct pvsched_guardian_info *out)
+{
+	pthread_mutex_lock(&g->lock);
+	*out = g->info;
+	pthread_mutex_unlock(&g->lock);
+}
+
+void pvsched_guardian_free(struct pvsched_guardian *g)
+{
+	if (!g)
+		return;
+	pvsched_guardian_stop(g);
+	close(g->stopfd);
+	munmap((void *)g->hb, HEARTBEAT_SIZE);
+	close(g->hb_fd);
+	pthread_mutex_destroy(&g->lock);
+	munlock(g, sizeof(*g));
+	munmap(g, sizeof(*g));
+}

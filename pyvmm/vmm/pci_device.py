@@ -1,0 +1,84 @@
+"""The interface a PCI device implements to sit on pyvmm's PCI bus.
+
+A device describes its identity and BARs; the bus (pyvmm/vmm/pci.py) owns
+configuration space (type 0 header, BAR sizing and programming through
+mechanism #1 at 0xCF8/0xCFC) and routes guest accesses that fall inside a
+programmed BAR to `read_bar` / `write_bar` with the offset inside that BAR.
+Devices never raise into the vCPU loop: a bad access is logged once and
+ignored (reads return 0).
+
+Lifecycle hooks, all optional, called by the VMM:
+- `attach(vm)`: once the device is on the bus, before vCPUs run;
+  `vm` is the VMM's machine object (memory, nr_vcpus, vcpu TIDs, ...).
+- `start(vm)`: from the VMM's main thread after every vCPU thread exists
+  (their TIDs are known); where a device starts helper processes.
+- `stop()`: at shutdown, from the main thread, on every exit path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+
+class BarKind(Enum):
+    """What address space a BAR decodes."""
+
+    MMIO32 = "mmio32"
+    PIO = "pio"
+
+
+@dataclass(frozen=True)
+class BarSpec:
+    """One BAR: its index (0-5), size (a power of two, >= 16 for MMIO, >= 4 for PIO) and kind."""
+
+    index: int
+    size: int
+    kind: BarKind = BarKind.MMIO32
+    prefetchable: bool = False
+
+
+class PciDevice:
+    """Base class of PCI devices; subclasses set the identity and override read_bar/write_bar."""
+
+    label = "pci-device"
+    vendor_id = 0xFFFF
+    device_id = 0xFFFF
+    class_code = 0xFF  # base class
+    subclass = 0x00
+    prog_if = 0x00
+    revision = 0
+    subsystem_vendor_id = 0
+    subsystem_id = 0
+    interrupt_pin = 0  # 0 = none, 1 = INTA#
+    bars: tuple[BarSpec, ...] = ()
+
+    def __init__(self) -> None:
+        self._warned: set[str] = set()
+        self.log = logging.getLogger(f"pyvmm.{self.label}")
+
+    def warn_once(self, key: str, msg: str) -> None:
+        """Log a guest misbehaviour once per kind, so a hostile guest cannot flood the log."""
+        if key not in self._warned:
+            self._warned.add(key)
+            self.log.warning("%s: %s", self.label, msg)
+
+    def read_bar(self, bar: int, offset: int, size: int) -> int:
+        """Guest read of `size` bytes at `offset` inside BAR `bar`; returns the value."""
+        self.warn_once(f"r{bar}", f"read of unimplemented BAR{bar}")
+        return 0
+
+    def write_bar(self, bar: int, offset: int, size: int, value: int) -> None:
+        """Guest write of `size` bytes of `value` at `offset` inside BAR `bar`."""
+        self.warn_once(f"w{bar}", f"write to unimplemented BAR{bar}")
+
+    def attach(self, vm: Any) -> None:
+        """Called once the device is on the bus, before vCPUs run."""
+
+    def start(self, vm: Any) -> None:
+        """Called from the VMM main thread once every vCPU thread exists."""
+
+    def stop(self) -> None:
+        """Called at VM shutdown on every exit path."""

@@ -1,0 +1,71 @@
+"""The layout: import-linter's contracts (pyproject.toml) hold, and nothing hides an import between packages."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PKG = ROOT / "pyvmm"
+
+
+def _lint_imports(cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(cwd)}
+    main = "from importlinter.cli import lint_imports_command; lint_imports_command()"
+    return subprocess.run([sys.executable, "-c", main, "--config", str(cwd / "pyproject.toml"), "--no-cache"],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+def _package_of(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def _sources() -> list[Path]:
+    return [p for p in PKG.rglob("*.py") if "build" not in p.relative_to(PKG).parts]
+
+
+def test_the_import_contracts_hold() -> None:
+    r = _lint_imports(ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "2 kept, 0 broken" in r.stdout
+
+
+def test_a_policy_process_that_imports_the_vmm_breaks_the_contracts(tmp_path: Path) -> None:
+    """The contracts bite: the same tree with one upward import (policy -> vmm) fails lint-imports."""
+    shutil.copytree(PKG, tmp_path / "pyvmm", ignore=shutil.ignore_patterns("build", "__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    engine = tmp_path / "pyvmm" / "policy" / "engine.py"
+    engine.write_text(engine.read_text() + "\nfrom pyvmm.vmm import kvm  # noqa: E402, F401\n")
+    r = _lint_imports(tmp_path)
+    assert r.returncode != 0 and "BROKEN" in r.stdout and "pyvmm.policy.engine -> pyvmm.vmm.kvm" in r.stdout, \
+        r.stdout[-3000:]
+
+
+def test_no_function_imports_another_package() -> None:
+    """Imports between pyvmm's packages sit at module level, where import-linter and a reader see them."""
+    hidden = []
+    for path in _sources():
+        mine = _package_of(".".join(path.relative_to(ROOT).with_suffix("").parts))
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("pyvmm"):
+                    target = node.module if node.module != "pyvmm" else f"pyvmm.{node.names[0].name}"
+                    if _package_of(target) != mine:
+                        hidden.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.module}")
+    assert not hidden, hidden
+
+
+def test_the_only_installed_top_level_package_is_pyvmm() -> None:
+    setuptools = pytest.importorskip("setuptools")
+    found = setuptools.find_packages(str(ROOT), include=["pyvmm*"])
+    top = {p.split(".")[0] for p in setuptools.find_packages(str(ROOT), exclude=["tests*"])}
+    assert top == {"pyvmm"}, top
+    assert {"pyvmm.vmm", "pyvmm.device", "pyvmm.policy", "pyvmm.bench", "pyvmm.common", "pyvmm.abi"} <= set(found)

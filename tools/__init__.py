@@ -1,1 +1,0 @@
-"""Benchmark and report tools; `pyvmm bench` runs tools.bench.main."""
