@@ -22,9 +22,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 PY=${PYTHON:-python3}
-# Editable install: build outputs live next to their sources.  Checked from / (not from here, where
-# python finds the packages anyway) and against this checkout: another clone's editable install must not
-# pass for this one's.
+# Editable install: build outputs live next to their sources (its build runs the Makefiles too).
+# Checked from / (not from here, where python finds the packages anyway) and against this checkout:
+# another clone's editable install must not pass for this one's.
 if ! (cd / && REPO="$PWD_REPO" $PY -c 'import os, pyvmm, pytest_timeout, hypothesis, elftools, importlinter
 import virtme_ng
 raise SystemExit(not pyvmm.__file__.startswith(os.environ["REPO"] + "/"))') 2>/dev/null \
@@ -41,9 +41,8 @@ if ! grep -qs ' /sys/fs/bpf bpf ' /proc/mounts; then
     $SUDO mount -t bpf -o mode=0700 bpf /sys/fs/bpf || echo "setup: cannot mount bpffs at /sys/fs/bpf" >&2
 fi
 
-# Build outputs from source (make skips what is up to date).
-for dir in pyvmm/policy pyvmm/guest/testguest pyvmm/device; do
-    if [ -f "$dir/Makefile" ]; then
-        make -s -C "$dir" >&2
-    fi
+# Build outputs from source, next to it (make skips what is up to date): every component folder that
+# pyvmm/common/artifacts.py lists, the same list a wheel's build (setup.py) runs.
+for dir in $($PY -c 'import runpy; print(*runpy.run_path("pyvmm/common/artifacts.py")["OUTPUTS"])'); do
+    make -s -C "pyvmm/$dir" >&2
 done

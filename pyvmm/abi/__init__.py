@@ -3,43 +3,42 @@
 from __future__ import annotations
 
 import functools
-import shutil
-import subprocess
+import logging
 from pathlib import Path
 
 import cffi
 
 ABI_HEADER = Path(__file__).with_name("pvsched_abi.h")
+# The header as cffi's cdef reads it, made by this folder's Makefile (cdef.mk): at build time, because the
+# sandboxed policy process cannot run a compiler.  No fallback to cc: one rule, the build output or an error.
+ABI_CDEF = Path(__file__).parent / "build" / "pvsched_abi.cdef"
 
-_PROLOGUE = """
-typedef unsigned char __u8;
-typedef unsigned short __u16;
-typedef unsigned int __u32;
-typedef unsigned long long __u64;
-typedef int __s32;
-"""
+log = logging.getLogger("pyvmm.abi")
 
 
-def preprocess(header: Path = ABI_HEADER) -> str:
-    """Return the header's declarations as cffi's cdef accepts them (no asserts, no directives)."""
-    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        raise RuntimeError("no C compiler (cc/gcc/clang) found: needed to preprocess pvsched_abi.h")
-    out = subprocess.run(
-        [cc, "-E", "-P", "-DPVSCHED_ABI_NO_ASSERTS", "-x", "c", "-"],
-        input=_PROLOGUE + f'#include "{header}"\n',
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout
+class AbiNotBuiltError(RuntimeError):
+    """build/pvsched_abi.cdef is missing; the message says how to make it."""
+
+
+def cdef() -> str:
+    """The ABI header's declarations as cffi's cdef accepts them (the build output ABI_CDEF)."""
+    checkout = Path(__file__).with_name("Makefile").exists()  # a wheel ships no Makefile
+    try:
+        text = ABI_CDEF.read_text()
+    except FileNotFoundError:
+        how = "run scripts/setup.sh" if checkout else "this installation lacks it: reinstall pyvmm"
+        raise AbiNotBuiltError(f"pyvmm/abi/build/{ABI_CDEF.name} is missing: {how}") from None
+    if checkout and ABI_CDEF.stat().st_mtime < ABI_HEADER.stat().st_mtime:
+        log.warning("pyvmm: pyvmm/abi/build/%s is older than %s: run scripts/setup.sh", ABI_CDEF.name,
+                    ABI_HEADER.name)
+    return text
 
 
 @functools.cache
 def ffi() -> cffi.FFI:
     """One FFI per process with every ABI struct and enum declared."""
     f = cffi.FFI()
-    f.cdef(preprocess())
+    f.cdef(cdef())
     return f
 
 

@@ -47,6 +47,22 @@ enum pvsched_magic {
 	PVSCHED_MAGIC = 0x43535650, /* "PVSC" little endian */
 };
 
+/*
+ * The host's RT ladder (SCHED_FIFO/RR priorities), lowest first.  Each rung
+ * must preempt every rung below it: the actuator must run while every CPU
+ * holds a boosted vCPU, the guardian must restore while the actuator is
+ * stuck, and a watchdog must kill whatever livelocks below it.  The BPF
+ * policy, the policy process, the guardian (C) and Python read these.
+ */
+enum pvsched_rt_ladder {
+	PVSCHED_RT_PRIO_LIMIT = 30,     /* ceiling of every boost and every translated guest request */
+	PVSCHED_CALLER_PRIO = 35,       /* the policy process's trio thread while the actuator runs (it shares the GIL) */
+	PVSCHED_ACTUATOR_PRIO = 40,     /* the policy process's actuator and its backstop loop */
+	PVSCHED_BENCH_POLLER_PRIO = 42, /* the benchmark's thread looking for vCPU threads */
+	PVSCHED_GUARDIAN_PRIO = 45,     /* the VMM's guardian: restores when the policy process dies or hangs */
+	PVSCHED_WATCHDOG_PRIO = 50,     /* the watchdogs (`chrt -f 50 timeout ...`) of tests and benchmarks */
+};
+
 enum pvsched_version {
 	PVSCHED_VERSION_MAJOR = 1,
 	PVSCHED_VERSION_MINOR = 0,

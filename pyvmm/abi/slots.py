@@ -6,6 +6,7 @@ read slots with these helpers; the layout comes from pvsched_abi.h through abi.p
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from pyvmm import abi
@@ -20,7 +21,6 @@ _FLAG_NAMES = (
     ("PVSCHED_FLAG_IDLE", "idle"),
     ("PVSCHED_FLAG_RT_WAITING", "rt_waiting"),
 )
-_POLICY_NAMES = {0: "other", 1: "fifo", 2: "rr", 3: "batch", 5: "idle", 6: "deadline", 7: "ext"}
 _STATE_NAMES = {0: "normal", 1: "boosted", 2: "throttled"}
 
 
@@ -48,9 +48,16 @@ def decode_flags(flags: int) -> list[str]:
     return names
 
 
+@functools.cache
+def _policy_names() -> dict[int, str]:
+    """The header's enum pvsched_policy as {number: short name}: the one list of policy names."""
+    return {v: n.removeprefix("PVSCHED_POLICY_").lower()
+            for v, n in abi.ffi().typeof("enum pvsched_policy").elements.items()}
+
+
 def policy_name(policy: int) -> str:
     """Linux SCHED_* number as a short name (hostile values shown as numbers)."""
-    return _POLICY_NAMES.get(policy, str(policy))
+    return _policy_names().get(policy, str(policy))
 
 
 def read_guest_area(buf: Any) -> dict[str, Any] | None:
@@ -95,18 +102,3 @@ def read_host_area(buf: Any) -> dict[str, Any]:
         "throttles": h.throttles,
         "boosted_ns": h.boosted_ns,
     }
-
-
-def format_guest(g: dict[str, Any] | None) -> str:
-    """One-line human form of a guest-area snapshot."""
-    if g is None:
-        return "guest: unreadable (seq kept changing)"
-    flags = ",".join(g["flag_names"]) or "-"
-    return (f"guest: seq {g['seq']} flags {flags} policy {g['policy_name']} prio {g['rt_priority']} "
-            f"nice {g['nice']} wake_hint {g['wake_hint']}")
-
-
-def format_host(h: dict[str, Any]) -> str:
-    """One-line human form of a host-area snapshot."""
-    return (f"host: {h['state_name']} applied {h['policy_name']}:{h['rt_priority']} nice {h['nice']} "
-            f"boosts {h['boosts']} throttles {h['throttles']} boosted {h['boosted_ns'] / 1e6:.1f} ms")

@@ -144,7 +144,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the host's transparent huge pages for the run, restored after (default: as they are). "
                         "On a kernel without full preemption, khugepaged's collapses of stress-ng's --vm memory "
                         "run for milliseconds without a scheduling point, ahead of RT tasks too: 'never' takes "
-                        "that out of the guest max (README, Latest results)")
+                        "that out of the guest max (docs/benchmarks.md)")
     p.add_argument("--guest", choices=GUEST_KINDS, default="testguest",
                    help="testguest (default: the bundled test guest's RT probe) or linux: the seed's "
                         "`cyclictest -p 8 --policy=rr` in the Debian cloud kernel's image with the pvsched "

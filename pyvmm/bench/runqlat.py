@@ -2,8 +2,9 @@
 
 The benchmark needs it to show *why* guest latency changes: a boosted vCPU
 thread waits less on the host runqueue after its timer wakes it.
-pyvmm/bench/bpf/runqlat.bpf.c does the counting; this module builds it (make),
-loads it through libbpf (cffi, ABI mode) and reads its histograms.
+pyvmm/bench/bpf/runqlat.bpf.c does the counting; this module loads it through libbpf (cffi, ABI mode)
+and reads its histograms.  The object and runqlat.h's cdef are build outputs (pyvmm/bench/bpf/Makefile,
+run by scripts/setup.sh and by the package build), never made at run time.
 """
 
 from __future__ import annotations
@@ -11,22 +12,16 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Self
 
 import cffi
 
+from pyvmm.common.artifacts import BuildError, ensure_built
+
 BPF_DIR = Path(__file__).resolve().parent / "bpf"
 HEADER = BPF_DIR / "runqlat.h"
 OBJECT = BPF_DIR / "build" / "runqlat.bpf.o"
-
-_PROLOGUE = """
-typedef unsigned char __u8;
-typedef unsigned int __u32;
-typedef unsigned long long __u64;
-"""
 
 # The dozen libbpf 1.x entry points this loader uses (libbpf.so.1, ABI mode).
 _LIBBPF_CDEF = """
@@ -49,35 +44,29 @@ int libbpf_num_possible_cpus(void);
 
 
 class RunqlatError(RuntimeError):
-    """The runqueue-latency probe could not be built, loaded or attached; the message says which step."""
+    """The runqueue-latency probe is not built, or could not be loaded or attached; the message says which."""
 
 
-def build() -> Path:
-    """Build pyvmm/bench/bpf/build/runqlat.bpf.o with its Makefile when stale; return its path."""
-    r = subprocess.run(["make", "-s", "-C", str(BPF_DIR)], capture_output=True, text=True, check=False)
-    if r.returncode != 0 or not OBJECT.exists():
-        tail = " | ".join((r.stdout + r.stderr).strip().splitlines()[-4:])
-        raise RunqlatError(f"building {OBJECT.name} failed: {tail}")
-    return OBJECT
+def _built(component: str) -> Path:
+    try:
+        return ensure_built(component)
+    except BuildError as e:
+        raise RunqlatError(str(e)) from None
 
 
-def _preprocess() -> str:
-    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        raise RunqlatError("no C compiler found: needed to preprocess runqlat.h")
-    out = subprocess.run([cc, "-E", "-P", "-DRUNQLAT_NO_ASSERTS", "-x", "c", "-"],
-                         input=_PROLOGUE + f'#include "{HEADER}"\n', capture_output=True, text=True,
-                         check=False)
-    if out.returncode != 0:
-        raise RunqlatError(f"preprocessing runqlat.h failed: {out.stderr.strip()}")
-    return out.stdout
+def object_path() -> Path:
+    """Path of the built runqlat.bpf.o; RunqlatError saying how to make it if it is missing."""
+    return _built("runqlat")
+
+
+build = object_path  # the earlier name, which pyvmm/bench/run.py's preflight calls
 
 
 @functools.cache
 def ffi() -> cffi.FFI:
     """One FFI with runqlat.h's types and constants and the libbpf prototypes."""
     f = cffi.FFI()
-    f.cdef(_preprocess())
+    f.cdef(_built("runqlat_cdef").read_text())
     f.cdef(_LIBBPF_CDEF)
     return f
 
@@ -135,7 +124,7 @@ class Runqlat:
     def __init__(self) -> None:
         if os.geteuid() != 0:
             raise RunqlatError("runqlat needs root (CAP_BPF, CAP_PERFMON)")
-        build()
+        object_path()
         self._f = ffi()
         self._lib = _libbpf()
         self._links: list = []

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyvmm import abi
 from pyvmm.common import control_client as control
 from pyvmm.common.sched_attr import SCHED_FIFO, SCHED_OTHER, SchedAttr, sched_getattr, sched_setattr
 
@@ -32,7 +33,7 @@ WATCHDOG_PRIO = 50
 # The benchmark's own polling thread, while a VM runs: it must find the vCPU threads at once even on a busy
 # host (static settings apply from then on).  It only sleeps and polls: above the actuator (40), below the
 # VMM's guardian (45), which must preempt everything but the watchdogs.
-POLLER_ATTR = SchedAttr(SCHED_FIFO, 42, 0)
+POLLER_ATTR = SchedAttr(SCHED_FIFO, abi.C.PVSCHED_BENCH_POLLER_PRIO, 0)
 _VCPU_COMM = re.compile(r"vcpu[\s_-]*(\d+)", re.IGNORECASE)
 
 
@@ -78,7 +79,7 @@ def boot_argv(spec: RunSpec, limit_s: float, stats_out: Path | None = None) -> l
     """The watchdog-wrapped `pyvmm boot` command line for a run (writing its end-of-run stats to stats_out)."""
     if spec.kernel is None:
         cmdline = f"duration={spec.duration_s:g} interval={spec.interval_us} workload={spec.workload}"
-        guest = []
+        guest = ["--json"]
     else:  # the seed's cyclictest (pyvmm/guest/linux/init.sh), one RR 8 thread per vCPU
         cmdline = (f"console=ttyS0 quiet pvsched.workload=cyclictest pvsched.duration={spec.duration_s:g} "
                    f"pvsched.interval={spec.interval_us}")

@@ -17,13 +17,24 @@ import sys
 from pathlib import Path
 
 from pyvmm.bench.run import main as bench_main
-from pyvmm.boot import BootConfig, run_vm
+from pyvmm.boot import BootConfig, kernel_kind, run_vm
+from pyvmm.cli.boot_report import end_lines, live_line
+from pyvmm.cli.status_text import render
 from pyvmm.common.control_client import ControlError, request
 from pyvmm.common.safe_fs import write_file_nofollow
 from pyvmm.lab import main as lab_main
+from pyvmm.vmm.console import RecordSplitter, record_lines
 from pyvmm.vmm.machine import EXIT_BAD_INPUT, VmmError
 
-EPILOG_BOOT = """exit status: the guest's exit code; 2 bad input; 124 --timeout expired;
+EPILOG_BOOT = """output (stdout): the test guest's JSON records become human lines: the configuration and the
+pvsched negotiation (version and features, or why pvsched is off) as they arrive, guest warnings
+and errors, and at the end one line per vCPU: wakeup latency p50/p99/max in us (samples, missed)
+and what the host policy did to its thread (boosts, throttles, boosted time, from the device).
+Other console text (the test guest's own messages, any text of another ELF guest) is passed
+through as the guest prints it.  A Linux bzImage's console is for people: it is echoed raw, as
+with --console.  --json prints only the records; --json-out FILE keeps them whatever stdout shows.
+
+exit status: the guest's exit code; 2 bad input; 124 --timeout expired;
 125 the guest crashed the VM; 128+N stopped by signal N."""
 
 
@@ -87,6 +98,14 @@ def _parser() -> argparse.ArgumentParser:
                         "sched_setattr latency), so a script need not poll the control socket")
     b.add_argument("--kvm-device", default=os.environ.get("PYVMM_KVM_DEVICE", "/dev/kvm"), metavar="PATH",
                    help="KVM device node (default /dev/kvm, or $PYVMM_KVM_DEVICE)")
+    shown = b.add_mutually_exclusive_group()
+    shown.add_argument("--console", action="store_true",
+                       help="echo the guest's raw console to stdout, JSON records and all (the default for Linux)")
+    shown.add_argument("--json", action="store_true",
+                       help="print only the guest's JSON records to stdout, one per line as the guest printed "
+                            "them, as they come (for scripts; other console text is dropped)")
+    b.add_argument("--json-out", type=Path, metavar="FILE",
+                   help="at the end, write the guest's JSON records to FILE, one per line")
 
     s = sub.add_parser("status", help="show a running VM (its pid may be left out when only one runs)")
     s.add_argument("pid", nargs="?", type=int, help="pid of the VMM")
@@ -109,27 +128,78 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _out_path_problem(option: str, path: Path | None) -> str | None:
+    """Why an output file option cannot be written (checked before the VM runs), or None."""
+    if path is not None and not path.parent.is_dir():
+        return f"{option} {path}: no such directory {path.parent}"
+    if path is not None and path.is_symlink():  # checked again (O_NOFOLLOW) when written
+        return f"{option} {path} is a symlink: refusing to write through it"
+    return None
+
+
+def _is_linux(kernel: str | None) -> bool:
+    """Whether --kernel names a Linux bzImage (an unreadable file is left for run_vm to report)."""
+    if kernel is None:
+        return False
+    try:
+        with open(kernel, "rb") as f:
+            return kernel_kind(f.read(0x210)) == "bzimage"
+    except (OSError, VmmError):
+        return False
+
+
+def _write_stdout(data: bytes) -> None:
+    try:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    except (OSError, ValueError):
+        pass  # stdout went away (closed pipe): the VM runs on
+
+
+def _console_stream(args: argparse.Namespace) -> RecordSplitter | None:
+    """What takes the guest's console: None for the raw console (stdout), else a splitter per --json or the report."""
+    if args.console or (not args.json and _is_linux(args.kernel)):
+        return None
+    if args.json:
+        return RecordSplitter(lambda line, rec: _write_stdout(line), lambda text: None)
+
+    def shown(line: bytes, rec: dict) -> None:
+        if (text := live_line(rec)) is not None:
+            _write_stdout(text.encode() + b"\n")
+
+    return RecordSplitter(shown, _write_stdout)
+
+
 def _boot(args: argparse.Namespace) -> int:
 
-    if args.stats_out is not None and not args.stats_out.parent.is_dir():
-        print(f"pyvmm: --stats-out {args.stats_out}: no such directory {args.stats_out.parent}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if args.stats_out is not None and args.stats_out.is_symlink():  # checked again (O_NOFOLLOW) when written
-        print(f"pyvmm: --stats-out {args.stats_out} is a symlink: refusing to write through it", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    for option, path in (("--stats-out", args.stats_out), ("--json-out", args.json_out)):
+        if (problem := _out_path_problem(option, path)) is not None:
+            print(f"pyvmm: {problem}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    splitter = _console_stream(args)
     cfg = BootConfig(kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline, cpus=args.cpus,
                      mem_mib=args.mem, timeout=args.timeout, pvsched=not args.no_pvsched,
                      policy=not args.no_policy, tunables=dict(args.policy_set),
                      host_version=args.pvsched_host_version, host_features=args.pvsched_host_features,
-                     kvm_device=args.kvm_device, console_stream=sys.stdout.buffer,
+                     kvm_device=args.kvm_device, console_stream=splitter or sys.stdout.buffer,
                      console_input=None if args.no_console_input else sys.stdin.fileno())
     try:
         result = run_vm(cfg)
     except VmmError as e:
         print(f"pyvmm: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if splitter is not None:
+        splitter.finish()
+        if not args.json and (lines := end_lines(result.records, result.device_stats)):
+            _write_stdout("".join(line + "\n" for line in lines).encode())
     if result.message:
         print(f"pyvmm: {result.message}", file=sys.stderr)
+    if args.json_out:
+        try:
+            write_file_nofollow(args.json_out, "".join(line + "\n" for line in record_lines(result.console)))
+        except OSError as e:
+            print(f"pyvmm: cannot write --json-out {args.json_out}: {e.strerror or e}", file=sys.stderr)
+            return result.exit_code or EXIT_BAD_INPUT
     if args.stats_out:
         try:
             write_file_nofollow(args.stats_out, json.dumps({
@@ -159,7 +229,7 @@ def _client(args: argparse.Namespace) -> int:
     elif "error" in reply:
         pass
     else:
-        print(reply.get("text") or json.dumps(reply, indent=2))
+        print(render(req["cmd"], reply) or json.dumps(reply, indent=2))
     if "error" in reply:
         print(f"pyvmm: {reply['error']}", file=sys.stderr)
         return 1

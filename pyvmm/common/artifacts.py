@@ -1,10 +1,14 @@
-"""Build outputs (test guest, BPF objects, the guardian library): found, never built, at run time.
+"""Build outputs (test guest, BPF objects, native libraries, cffi cdefs): found, never built, at run time.
 
-Each component keeps a Makefile in its own folder that writes into a `build/`
-subfolder; scripts/setup.sh runs them.  The VMM and the sandboxed policy
-process only look for the outputs: running make as root at run time would run
-whatever Makefile sits in the checkout, and the sandbox cannot exec anyway.
-An output older than its C sources still runs, with one warning line.
+Each component keeps a Makefile in its own folder that writes into a `build/` subfolder.  In a source
+checkout scripts/setup.sh runs them (an editable install does too); a wheel's build (setup.py) runs the
+same Makefiles and ships the outputs at the same place in the package.  The VMM and the sandboxed policy
+process only look for the outputs: running make as root at run time would run whatever Makefile sits in
+the checkout, and the sandbox cannot exec anyway.  In a source checkout (the Makefile is there; a wheel
+ships none) an output older than its C sources still runs, with one warning line.
+
+setup.py and scripts/setup.sh read OUTPUTS from this file without importing pyvmm: it imports nothing of
+pyvmm and needs no third-party module.
 """
 
 from __future__ import annotations
@@ -16,10 +20,25 @@ PKG = Path(__file__).resolve().parent.parent  # the pyvmm package
 ROOT = PKG.parent
 SETUP = "scripts/setup.sh"
 
+# Every build output the package ships: component folder (relative to the package, with its Makefile)
+# -> file names in its build/ subfolder.  Anything else there (objects, vmlinux.h) stays out of a wheel.
+OUTPUTS: dict[str, tuple[str, ...]] = {
+    "abi": ("pvsched_abi.cdef",),
+    "policy": ("pvsched.bpf.o", "pvsched_policy.cdef", "libpvsched_backstop.so"),
+    "device": ("libpvsched_guardian.so",),
+    "guest/testguest": ("testguest.elf",),
+    "bench/bpf": ("runqlat.bpf.o", "runqlat.cdef"),
+}
+
+# The outputs looked up by name: component -> (folder, file name), both as in OUTPUTS.
 COMPONENTS = {
-    "testguest": (PKG / "guest" / "testguest", "build/testguest.elf"),
-    "bpf": (PKG / "policy", "build/pvsched.bpf.o"),
-    "guardian": (PKG / "device", "build/libpvsched_guardian.so"),
+    "testguest": ("guest/testguest", "testguest.elf"),
+    "bpf": ("policy", "pvsched.bpf.o"),
+    "policy_cdef": ("policy", "pvsched_policy.cdef"),
+    "backstop": ("policy", "libpvsched_backstop.so"),
+    "guardian": ("device", "libpvsched_guardian.so"),
+    "runqlat": ("bench/bpf", "runqlat.bpf.o"),
+    "runqlat_cdef": ("bench/bpf", "runqlat.cdef"),
 }
 # What the Makefiles build from: the folder's C sources, plus the ABI header they all include.
 SOURCE_SUFFIXES = (".c", ".h", ".S", ".ld")
@@ -38,15 +57,21 @@ def _newest_source(src: Path) -> float:
     return max((p.stat().st_mtime for p in [*paths, *SHARED_SOURCES] if p.exists()), default=0.0)
 
 
+def _shown(p: Path) -> str:
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+
+
 def ensure_built(component: str, quiet: bool = False) -> Path:
-    """Path of a component's main output; BuildError if it is missing (warns once if older than its sources)."""
-    src, out = COMPONENTS[component]
-    target = src / out
+    """Path of a component's output; BuildError if it is missing (in a checkout, warns once if it is stale)."""
+    folder, name = COMPONENTS[component]
+    src = PKG / folder
+    target = src / "build" / name
+    checkout = (src / "Makefile").exists()
     if not target.exists():
-        raise BuildError(f"{component} is not built ({target.relative_to(ROOT)} is missing): run {SETUP}")
-    if component not in _warned and target.stat().st_mtime < _newest_source(src):
+        how = f"run {SETUP}" if checkout else "this installation lacks it: reinstall pyvmm (its build makes it)"
+        raise BuildError(f"{component} is not built ({_shown(target)} is missing): {how}")
+    if checkout and component not in _warned and target.stat().st_mtime < _newest_source(src):
         _warned.add(component)
         if not quiet:
-            log.warning("pyvmm: %s is older than its sources: run %s to rebuild it", target.relative_to(ROOT),
-                        SETUP)
+            log.warning("pyvmm: %s is older than its sources: run %s to rebuild it", _shown(target), SETUP)
     return target

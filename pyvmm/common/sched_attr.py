@@ -10,6 +10,8 @@ import ctypes
 import os
 from dataclasses import dataclass
 
+from pyvmm.abi.slots import policy_name
+
 SYS_sched_setattr = 314  # x86_64
 SYS_sched_getattr = 315
 
@@ -18,7 +20,6 @@ SCHED_FIFO = 1
 SCHED_RR = 2
 SCHED_BATCH = 3
 SCHED_IDLE = 5
-POLICY_NAMES = {SCHED_OTHER: "other", SCHED_FIFO: "fifo", SCHED_RR: "rr", SCHED_BATCH: "batch", SCHED_IDLE: "idle"}
 RT_POLICIES = (SCHED_FIFO, SCHED_RR)
 
 
@@ -48,7 +49,7 @@ class SchedAttr:
     nice: int = 0
 
     def __str__(self) -> str:
-        name = POLICY_NAMES.get(self.policy, str(self.policy))
+        name = policy_name(self.policy)
         return f"{name}:{self.priority}" if self.policy in RT_POLICIES else f"{name} nice {self.nice}"
 
 

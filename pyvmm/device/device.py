@@ -1,11 +1,12 @@
 """The pvsched PCI device: BAR0 negotiation, GPA to HVA, and the supervised policy process.
 
-Register map and status codes: shared DESIGN.md, "BAR0" (constants from pvsched_abi.h).
-The guest negotiates version and features, hands over the GPA and size of its shared
-area, and sets ENABLE; the device validates the area against guest RAM, translates it
-to an HVA and registers the VM with the policy process (supervisor.py). Errors are not
-sticky: every ENABLE is judged from scratch. vCPU threads call read_bar/write_bar
-concurrently, so all register state sits behind one lock.
+Register map and status codes: pvsched_abi.h, as a table in registers.py.  The guest
+negotiates version and features, hands over the GPA and size of its shared area, and sets
+ENABLE; the device validates the area against guest RAM, translates it to an HVA and
+registers the VM with the policy process (supervisor.py). Errors are not sticky: every
+ENABLE is judged from scratch. vCPU threads call read_bar/write_bar concurrently, so all
+register state sits behind one lock.  Control replies are data; `pyvmm` (cli/status_text.py)
+turns them into text.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from pyvmm import abi
 from pyvmm.abi import slots
@@ -26,12 +27,16 @@ from pyvmm.common.sched_attr import SchedAttr, sched_getattr, sched_setattr
 from pyvmm.device.guardian import Guardian, GuardianError
 from pyvmm.device.guardian import constants as guardian_constants
 from pyvmm.device.rate_limit import TokenBucket
-from pyvmm.device.supervisor import PolicySupervisor, PolicyUnavailable
+from pyvmm.device.registers import REG, STATUS_NAMES, GuestWarning, Latches, RegisterFile, pvsched_bar0
+from pyvmm.device.supervisor import PolicySupervisor, PolicyUnavailable, Reply
 from pyvmm.policy import sandbox
 from pyvmm.policy.tunables import TunableError, parse
 from pyvmm.vmm.machine import VmmError
 from pyvmm.vmm.memory import HIGH_RAM_START, PCI_MMIO_START, GuestMemoryError
-from pyvmm.vmm.pci_device import BarSpec, PciDevice
+from pyvmm.vmm.pci_device import BarSpec, MachineHandle, PciDevice
+
+__all__ = ["REG", "STATUS_NAMES", "PolicyLoadError", "PvschedConfigError", "PvschedDevice", "feature_names",
+           "slowdown", "version_str"]
 
 C = abi.C
 U32 = 0xFFFFFFFF
@@ -54,22 +59,6 @@ def slowdown() -> int:
 # Registrations a guest may cause: a few at once (boot, a driver reload), then a few a second.
 REGISTRATION_BURST = 4
 REGISTRATION_RATE_PER_S = 2.0
-REG = {
-    "MAGIC": C.PVSCHED_REG_MAGIC, "HOST_VERSION": C.PVSCHED_REG_HOST_VERSION,
-    "HOST_FEATURES": C.PVSCHED_REG_HOST_FEATURES, "GUEST_FEATURES": C.PVSCHED_REG_GUEST_FEATURES,
-    "GUEST_VERSION": C.PVSCHED_REG_GUEST_VERSION, "NR_VCPUS": C.PVSCHED_REG_NR_VCPUS,
-    "SHM_GPA_LO": C.PVSCHED_REG_SHM_GPA_LO, "SHM_GPA_HI": C.PVSCHED_REG_SHM_GPA_HI,
-    "SHM_SIZE": C.PVSCHED_REG_SHM_SIZE, "CONTROL": C.PVSCHED_REG_CONTROL, "STATUS": C.PVSCHED_REG_STATUS,
-}
-STATUS_NAMES = {
-    C.PVSCHED_STATUS_IDLE: "IDLE", C.PVSCHED_STATUS_ACTIVE: "ACTIVE", C.PVSCHED_STATUS_BAD_GPA: "BAD_GPA",
-    C.PVSCHED_STATUS_TOO_SMALL: "TOO_SMALL", C.PVSCHED_STATUS_BAD_VERSION: "BAD_VERSION",
-    C.PVSCHED_STATUS_BAD_FEATURE: "BAD_FEATURE", C.PVSCHED_STATUS_BUSY: "BUSY", C.PVSCHED_STATUS_AGAIN: "AGAIN",
-}
-_RW_ATTR = {
-    C.PVSCHED_REG_GUEST_FEATURES: "guest_features", C.PVSCHED_REG_GUEST_VERSION: "guest_version",
-    C.PVSCHED_REG_SHM_GPA_LO: "gpa_lo", C.PVSCHED_REG_SHM_GPA_HI: "gpa_hi", C.PVSCHED_REG_SHM_SIZE: "shm_size",
-}
 FEATURE_NAMES = {
     C.PVSCHED_F_CRITICAL_SECTIONS: "critical_sections", C.PVSCHED_F_TASK_PARAMS: "task_params",
     C.PVSCHED_F_HOST_FEEDBACK: "host_feedback", C.PVSCHED_F_WAKE_HINT: "wake_hint",
@@ -126,35 +115,31 @@ class PvschedDevice(PciDevice):
             # A researcher who asked for pvsched must not get a silent "vanilla" run: refuse, say what is missing.
             raise PvschedConfigError(f"the pvsched host policy needs {', '.join(missing)}, which pyvmm lacks "
                                      "(run it as root, or boot with --no-policy or --no-pvsched)")
-        self.vm: Any = None
+        self.vm: MachineHandle | None = None
         self.supervisor: PolicySupervisor | None = None
         self.policy_error: str | None = None
         self.stop_timeout_s = 3.0  # how long stop() lets the policy process clean up before killing it
         self.guardian: Guardian | None = None
         # hung after this much silence
         self.guardian_stale_ms = int(guardian_constants().PVSCHED_GUARDIAN_STALE_MS) * slowdown()
-        self._lock = threading.Lock()
-        self._reset_registers()
+        self._lock = threading.Lock()  # every register, `active` and `enables`
+        self.regs = Latches()
+        self.bar0 = RegisterFile(pvsched_bar0(self.regs, self.host_version, self.host_features,
+                                              lambda: self.nr_vcpus, self._control),
+                                 C.PVSCHED_BAR0_SIZE, self._lock, lambda msg: self.log.warning("%s: %s", self.label, msg))
         self.active: dict[str, Any] | None = None  # the accepted configuration while ACTIVE
         self._transitions = 0
         self._registrations = TokenBucket(REGISTRATION_RATE_PER_S, REGISTRATION_BURST)
         self.enables = {"accepted": 0, "again": 0}  # ENABLEs that registered, and those the rate limit refused
         self.final_stats: dict[str, Any] | None = None  # set at stop(): device snapshot and policy.show
+        self._final_policy: dict[str, Any] | None = None  # the last policy.show, if run() took it when cancelled
 
     # --- registers -----------------------------------------------------------------------------------
-
-    def _reset_registers(self) -> None:
-        self.guest_features = 0
-        self.guest_version = 0
-        self.gpa_lo = 0
-        self.gpa_hi = 0
-        self.shm_size = 0
-        self.status = C.PVSCHED_STATUS_IDLE
 
     @property
     def nr_vcpus(self) -> int:
         """vCPUs of the VM the device is attached to (0 before attach)."""
-        return int(getattr(self.vm, "nr_vcpus", 0))
+        return int(self.vm.nr_vcpus) if self.vm is not None else 0
 
     def warn_once(self, key: str, msg: str) -> None:
         """Log a guest misbehaviour once per kind (thread-safe: vCPU threads race here)."""
@@ -165,96 +150,56 @@ class PvschedDevice(PciDevice):
         self.log.warning("%s: %s", self.label, msg)
 
     def read_bar(self, bar: int, offset: int, size: int) -> int:
-        """Guest read of BAR0; unknown offsets and non-32-bit accesses read 0."""
+        """Guest read of BAR0 (registers.py's table); anything that is not a register reads 0."""
         if bar != 0:
             self.warn_once(f"bar{bar}", f"access to BAR{bar}, which does not exist")
             return 0
-        if size != 4:
-            self.warn_once("size", f"ignored {size}-byte read at {offset:#x}: only 32-bit accesses are supported")
-            return 0
-        with self._lock:
-            if offset == REG["MAGIC"]:
-                return C.PVSCHED_MAGIC
-            if offset == REG["HOST_VERSION"]:
-                return self.host_version
-            if offset == REG["HOST_FEATURES"]:
-                return self.host_features
-            if offset == REG["GUEST_FEATURES"]:
-                return self.guest_features
-            if offset == REG["GUEST_VERSION"]:
-                return self.guest_version
-            if offset == REG["NR_VCPUS"]:
-                return self.nr_vcpus
-            if offset == REG["SHM_GPA_LO"]:
-                return self.gpa_lo
-            if offset == REG["SHM_GPA_HI"]:
-                return self.gpa_hi
-            if offset == REG["SHM_SIZE"]:
-                return self.shm_size
-            if offset == REG["STATUS"]:
-                return self.status & U32
-            if offset == REG["CONTROL"]:
-                return 0  # write-only
-        self.warn_once("r-unknown", f"read of unknown offset {offset:#x} (returns 0; further ones not logged)")
-        return 0
+        return self.bar0.read(offset, size)
 
     def write_bar(self, bar: int, offset: int, size: int, value: int) -> None:
         """Guest write to BAR0; CONTROL acts, RW registers latch, anything else is ignored."""
         if bar != 0:
             self.warn_once(f"bar{bar}", f"access to BAR{bar}, which does not exist")
             return
-        if size != 4:
-            self.warn_once("size", f"ignored {size}-byte write at {offset:#x}: only 32-bit accesses are supported")
-            return
-        value &= U32
-        warn: tuple[str, str] | None = None
-        with self._lock:
-            if offset in _RW_ATTR:
-                setattr(self, _RW_ATTR[offset], value)
-            elif offset == REG["CONTROL"]:
-                warn = self._control(value)
-            elif offset in REG.values():
-                warn = ("w-readonly", f"write to read-only register at {offset:#x} ignored (further ones not logged)")
-            else:
-                warn = ("w-unknown", f"write to unknown offset {offset:#x} ignored (further ones not logged)")
-        if warn:
-            self.warn_once(*warn)
+        self.bar0.write(offset, size, value)
 
-    def _control(self, value: int) -> tuple[str, str] | None:
+    def _control(self, value: int) -> GuestWarning | None:
         """Act on a CONTROL write (lock held); returns a warning to log once, if any."""
+        regs = self.regs
         if value == C.PVSCHED_CTRL_ENABLE:
             if self.active is not None:
-                self.status = C.PVSCHED_STATUS_BUSY
+                regs.status = C.PVSCHED_STATUS_BUSY
             else:
-                self.status = self._validate()
-                if self.status == C.PVSCHED_STATUS_ACTIVE and not self._registrations.take():
+                regs.status = self._validate()
+                if regs.status == C.PVSCHED_STATUS_ACTIVE and not self._registrations.take():
                     # Each registration is work at RT in the policy process: a guest toggling DISABLE/ENABLE
                     # gets AGAIN beyond the bucket, and may ENABLE again later.
-                    self.status = C.PVSCHED_STATUS_AGAIN
+                    regs.status = C.PVSCHED_STATUS_AGAIN
                     self.enables["again"] += 1
                     return ("ctl-rate", (f"ENABLE refused (AGAIN): more than {REGISTRATION_BURST} registrations "
                                         f"at once, {REGISTRATION_RATE_PER_S:g}/s after (further ones not logged)"))
-                if self.status == C.PVSCHED_STATUS_ACTIVE:
+                if regs.status == C.PVSCHED_STATUS_ACTIVE:
                     self.enables["accepted"] += 1
                     self._activate()
         elif value == C.PVSCHED_CTRL_DISABLE:
             self._deactivate()
-            self.status = C.PVSCHED_STATUS_IDLE
+            regs.status = C.PVSCHED_STATUS_IDLE
         elif value == C.PVSCHED_CTRL_RESET:
             self._deactivate()
-            self._reset_registers()
+            regs.reset()
         else:
             return ("ctl-unknown", f"unknown CONTROL value {value:#x} ignored (further ones not logged)")
         return None
 
     def _validate(self) -> int:
         """Judge the latched registers for ENABLE: the status code to report."""
-        gv, hv = self.guest_version, self.host_version
+        regs = self.regs
+        gv, hv = regs.guest_version, self.host_version
         if gv >> 16 != hv >> 16 or (gv & 0xFFFF) > (hv & 0xFFFF):
             return C.PVSCHED_STATUS_BAD_VERSION
-        if self.guest_features & ~self.host_features:
+        if regs.guest_features & ~self.host_features:
             return C.PVSCHED_STATUS_BAD_FEATURE
-        gpa, size = self.gpa_hi << 32 | self.gpa_lo, self.shm_size
+        gpa, size = regs.gpa, regs.shm_size
         if gpa % C.PVSCHED_PAGE_SIZE:
             return C.PVSCHED_STATUS_BAD_GPA
         if size % C.PVSCHED_PAGE_SIZE or size < slots.min_shm_size(self.nr_vcpus):
@@ -263,7 +208,7 @@ class PvschedDevice(PciDevice):
             return C.PVSCHED_STATUS_BAD_GPA
         if gpa < HIGH_RAM_START and gpa + size > PCI_MMIO_START:  # overlaps the MMIO hole
             return C.PVSCHED_STATUS_BAD_GPA
-        memory = getattr(self.vm, "memory", None)
+        memory = self.vm.memory if self.vm is not None else None
         if memory is None:
             return C.PVSCHED_STATUS_BAD_GPA
         try:
@@ -273,17 +218,17 @@ class PvschedDevice(PciDevice):
         return C.PVSCHED_STATUS_ACTIVE
 
     def _activate(self) -> None:
-        gpa, size = self.gpa_hi << 32 | self.gpa_lo, self.shm_size
-        memory = self.vm.memory
+        regs, vm = self.regs, self.vm
+        assert vm is not None and vm.memory is not None  # _validate() accepted the area in this RAM
+        gpa, size, memory = regs.gpa, regs.shm_size, vm.memory
         self.active = {
             "gpa": gpa, "size": size, "hva": memory.hva(gpa, size), "file_offset": memory.file_offset(gpa, size),
-            "version": self.guest_version, "features": self.guest_features,
+            "version": regs.guest_version, "features": regs.guest_features,
         }
         self._log_transition("pvsched: active, version %s, features %#x (%s), shared area GPA %#x size %d",
-                             version_str(self.guest_version), self.guest_features,
-                             ",".join(feature_names(self.guest_features)) or "none", gpa, size)
+                             version_str(regs.guest_version), regs.guest_features,
+                             ",".join(feature_names(regs.guest_features)) or "none", gpa, size)
         if self.supervisor is not None and self.supervisor.alive:
-            vm = self.vm
             vcpus = []
             for vid, tid in sorted(dict(vm.vcpu_tids).items()):
                 orig = vm.original_sched.get(tid, SchedAttr())
@@ -291,18 +236,18 @@ class PvschedDevice(PciDevice):
                               "original": {"policy": orig.policy, "priority": orig.priority, "nice": orig.nice}})
             msg = {"op": "register", "vm_id": int(vm.vmm_pid), "nr_vcpus": self.nr_vcpus,
                    "shm_hva": self.active["hva"], "shm_gpa": gpa, "shm_size": size,
-                   "file_offset": self.active["file_offset"], "version": self.guest_version,
-                   "features": self.guest_features, "vcpus": vcpus}
-            self.supervisor.post(msg, (memory.fd,), coalesce="registration").add_done_callback(self._log_reply("register"))
+                   "file_offset": self.active["file_offset"], "version": regs.guest_version,
+                   "features": regs.guest_features, "vcpus": vcpus}
+            self.supervisor.post(msg, (memory.fd,), coalesce="registration", on_reply=self._log_reply("register"))
 
     def _deactivate(self) -> None:
         if self.active is None:
             return
         self.active = None
         self._log_transition("pvsched: disabled")
-        if self.supervisor is not None and self.supervisor.alive:
+        if self.supervisor is not None and self.supervisor.alive and self.vm is not None:
             msg = {"op": "unregister", "vm_id": int(self.vm.vmm_pid)}
-            self.supervisor.post(msg, coalesce="registration").add_done_callback(self._log_reply("unregister"))
+            self.supervisor.post(msg, coalesce="registration", on_reply=self._log_reply("unregister"))
 
     def _log_transition(self, msg: str, *args: Any) -> None:
         # A guest toggling ENABLE/DISABLE must not flood the log: the first few at INFO, the rest at DEBUG.
@@ -314,18 +259,17 @@ class PvschedDevice(PciDevice):
         else:
             self.log.debug(msg, *args)
 
-    def _log_reply(self, what: str) -> Callable[[Any], None]:
-        def done(fut: Any) -> None:
-            e = fut.exception()
-            if e is not None:
-                self.log.warning("pvsched: %s: %s", what, e)
-            elif "error" in fut.result():
-                self.log.warning("pvsched: policy process refused %s: %s", what, fut.result()["error"])
+    def _log_reply(self, what: str) -> Callable[[Reply | Exception], None]:
+        def done(reply: Reply | Exception) -> None:
+            if isinstance(reply, Exception):
+                self.log.warning("pvsched: %s: %s", what, reply)
+            elif "error" in reply:
+                self.log.warning("pvsched: policy process refused %s: %s", what, reply["error"])
         return done
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
-    def attach(self, vm: Any) -> None:
+    def attach(self, vm: MachineHandle) -> None:
         """Remember the machine and register the control commands (status, policy.show, policy.set)."""
         self.vm = vm
         handlers = vm.control_handlers
@@ -334,7 +278,7 @@ class PvschedDevice(PciDevice):
         handlers["policy.show"] = self.handle_policy_show
         handlers["policy.set"] = self.handle_policy_set
 
-    def start(self, vm: Any) -> None:
+    def start(self, vm: MachineHandle) -> None:
         """Start the policy process (from the VMM's main thread) unless the policy is switched off."""
         self.vm = vm
         if not self.policy:
@@ -363,7 +307,7 @@ class PvschedDevice(PciDevice):
         self.log.info("pvsched: policy process %d started (%s)", self.supervisor.pid,
                       "BPF policy loaded" if ready.get("engine") else f"no BPF: {ready.get('engine_error')}")
 
-    def _new_guardian(self, vm: Any) -> Guardian | None:
+    def _new_guardian(self, vm: MachineHandle) -> Guardian | None:
         """A guardian for the vCPU threads' original attributes (not started), or None if it is unavailable."""
         try:
             g = Guardian()
@@ -371,7 +315,7 @@ class PvschedDevice(PciDevice):
             self.log.warning("pvsched: no guardian (%s); restores after a policy death rely on Python", e)
             return None
         try:
-            g.set_threads(dict(getattr(vm, "original_sched", {}) or {}))
+            g.set_threads(dict(vm.original_sched))
         except GuardianError as e:
             self.log.warning("pvsched: no guardian (%s); restores after a policy death rely on Python", e)
             g.close()
@@ -382,10 +326,21 @@ class PvschedDevice(PciDevice):
         if self.guardian is not None:
             self.guardian.close()  # joins its thread; info() keeps the last view for status
 
-    async def run(self, vm: Any) -> None:
-        """Supervise the policy process until it ends (the VMM cancels this at shutdown)."""
+    async def run(self, vm: MachineHandle) -> None:
+        """Supervise the policy process until it ends (the VMM cancels this at shutdown: then the last policy.show)."""
         if self.supervisor is not None:
-            await self.supervisor.run()
+            await self.supervisor.run(on_cancel=self._last_policy_show)
+
+    async def _last_policy_show(self) -> None:
+        # The VMM cancels run() before it calls stop(), on its trio thread: the final policy.show is taken
+        # here, while requests are still served, rather than by a blocking wait in stop().
+        sup = self.supervisor
+        if sup is not None:
+            try:
+                self._final_policy = self._clean(await sup.arequest({"op": "policy.show"},
+                                                                    FINAL_SHOW_TIMEOUT_S * slowdown()))
+            except (PolicyUnavailable, ValueError) as e:
+                self._final_policy = {"error": str(e)}
 
     def stop(self) -> None:
         """End the policy process cleanly (bounded wait, then kill); restore threads if it could not."""
@@ -407,11 +362,13 @@ class PvschedDevice(PciDevice):
         # What the run did, kept for `pyvmm boot --stats-out` before the policy process goes: a benchmark
         # then needs no polling while it measures.
         self.final_stats = {"device": self.snapshot()}
-        if sup is not None and sup.alive and not sup.dead:
+        reply = self._final_policy
+        if reply is None and sup is not None and sup.alive and not sup.dead:
             try:
                 reply = self._clean(sup.request({"op": "policy.show"}, FINAL_SHOW_TIMEOUT_S * slowdown()))
-            except PolicyUnavailable as e:
+            except (PolicyUnavailable, ValueError) as e:
                 reply = {"error": str(e)}
+        if reply is not None:
             self.final_stats["policy"] = {k: v for k, v in reply.items() if k != "text"}
 
     def _policy_died(self, returncode: int) -> None:
@@ -437,7 +394,7 @@ class PvschedDevice(PciDevice):
     def restore_threads(self) -> int:
         """Apply every vCPU thread's original scheduling attributes (vm.original_sched); count restored."""
         n = 0
-        for tid, attr in dict(getattr(self.vm, "original_sched", {}) or {}).items():
+        for tid, attr in dict(self.vm.original_sched if self.vm is not None else {}).items():
             if not is_thread_of(os.getpid(), tid):  # ended: its TID may be another process's thread now
                 continue
             try:
@@ -454,10 +411,10 @@ class PvschedDevice(PciDevice):
         """Device state as data: registers, negotiated values, shared area, vCPUs and their slots."""
         with self._lock:
             active = dict(self.active) if self.active else None
-            status = self.status
+            status = self.regs.status
             enables = dict(self.enables)
         vm = self.vm
-        tids = dict(getattr(vm, "vcpu_tids", {}) or {})
+        tids = dict(vm.vcpu_tids) if vm is not None else {}
         out: dict[str, Any] = {
             "state": "active" if active else "idle",
             "status": status, "status_name": STATUS_NAMES.get(status, str(status)),
@@ -472,7 +429,7 @@ class PvschedDevice(PciDevice):
             "policy": self._policy_summary(),
             "vcpus": [],
         }
-        original = dict(getattr(vm, "original_sched", {}) or {})
+        original = dict(vm.original_sched) if vm is not None else {}
         for vid, tid in sorted(tids.items()):
             v: dict[str, Any] = {"id": vid, "tid": tid}
             try:
@@ -481,7 +438,7 @@ class PvschedDevice(PciDevice):
                 v["sched"] = None
             if tid in original:
                 v["original"] = str(original[tid])
-            if active and vid < self.nr_vcpus:
+            if active and vid < self.nr_vcpus and vm is not None and vm.memory is not None:
                 view = vm.memory.view(active["gpa"] + slots.slot_offset(vid), slots.slot_size())
                 try:
                     v["guest"] = slots.read_guest_area(view)
@@ -509,51 +466,23 @@ class PvschedDevice(PciDevice):
         """
         base = previous(req) if previous else {}
         sup = self.supervisor
-        if inspect.isawaitable(base) or (sup is not None and sup.alive and sup.in_trio_thread()):
-            async def status() -> dict[str, Any]:
-                b = await base if inspect.isawaitable(base) else base
-                view: dict[str, Any] | None = None
-                if sup is not None and sup.alive:
-                    try:
-                        view = _policy_view(await sup.arequest({"op": "status"}, STATUS_TIMEOUT_S * slowdown()))
-                    except PolicyUnavailable as e:
-                        view = {"error": str(e)}
-                return self._compose_status(b, view)
-            return status()
-        view = None
-        if sup is not None and sup.alive:
-            try:
-                view = _policy_view(sup.request({"op": "status"}, STATUS_TIMEOUT_S * slowdown()))
-            except PolicyUnavailable as e:
-                view = {"error": str(e)}
-        return self._compose_status(base, view)
+        view = sup.ask({"op": "status"}, STATUS_TIMEOUT_S * slowdown()) if sup is not None and sup.alive else None
+        return _then(base, lambda b: _then(view, lambda v: self._compose_status(b, v)))
 
-    def _compose_status(self, base: dict[str, Any], view: dict[str, Any] | None) -> dict[str, Any]:
+    def _compose_status(self, base: dict[str, Any], view: Reply | None) -> dict[str, Any]:
         data = self.snapshot()
         if view is not None:
-            data["policy"]["process"] = view
-        lines = [base["text"]] if base.get("text") else []
-        lines.append(format_status(data))
-        return {**{k: v for k, v in base.items() if k != "text"}, "pvsched": data, "text": "\n".join(lines)}
+            data["policy"]["process"] = _policy_view(view)
+        return {**base, "pvsched": data}
 
-    def _forward(self, msg: dict[str, Any], finish: Callable[[dict[str, Any]], dict[str, Any]]) -> Any:
-        """Send a control request to the policy process; from the trio thread, return an awaitable instead."""
+    def _forward(self, msg: dict[str, Any]) -> Any:
+        """A control request for the policy process: its reply (cleaned), or an awaitable of it on the trio thread."""
         if not self.policy:
             return {"error": "pvsched policy is off (--no-policy)"}
         sup = self.supervisor
         if sup is None or not sup.alive:
             return {"error": f"pvsched policy process is not running ({self.policy_error or 'not started'})"}
-        if sup.in_trio_thread():  # the VMM's control server awaits what a handler returns
-            async def forward() -> dict[str, Any]:
-                try:
-                    return finish(await sup.arequest(msg))
-                except PolicyUnavailable as e:
-                    return {"error": str(e)}
-            return forward()
-        try:
-            return finish(sup.request(msg))
-        except PolicyUnavailable as e:
-            return {"error": str(e)}
+        return _then(sup.ask(msg), self._clean)
 
     @staticmethod
     def _clean(reply: dict[str, Any]) -> dict[str, Any]:
@@ -564,29 +493,17 @@ class PvschedDevice(PciDevice):
 
     def handle_policy_show(self, req: dict[str, Any]) -> Any:
         """Control command "policy.show": the engine's state, stats and tunables (dict, or awaitable of one)."""
-        def finish(reply: dict[str, Any]) -> dict[str, Any]:
-            reply = self._clean(reply)
-            if "error" not in reply and "text" not in reply:
-                reply["text"] = format_policy_show(reply)
-            return reply
-        return self._forward({"op": "policy.show"}, finish)
+        return self._forward({"op": "policy.show"})
 
     def handle_policy_set(self, req: dict[str, Any]) -> Any:
         """Control command "policy.set": validate and apply tunables in the policy process."""
         values = req.get("values")
         if not isinstance(values, dict) or not values:
             return {"error": "policy.set needs \"values\": {KEY: VALUE, ...}"}
-
-        def finish(reply: dict[str, Any]) -> dict[str, Any]:
-            reply = self._clean(reply)
-            tun = reply.get("tunables")
-            if "error" not in reply and isinstance(tun, dict):
-                reply["text"] = "\n".join(f"{k} = {v}" for k, v in sorted(tun.items()))
-            return reply
-        return self._forward({"op": "policy.set", "values": {str(k): str(v) for k, v in values.items()}}, finish)
+        return self._forward({"op": "policy.set", "values": {str(k): str(v) for k, v in values.items()}})
 
     def policy_status(self, timeout: float = 2.0) -> dict[str, Any]:
-        """The policy process's own view (sandbox, registration, slots as it reads them)."""
+        """The policy process's own view (sandbox, registration, slots as it reads them), from a non-trio thread."""
         if self.supervisor is None:
             raise PolicyUnavailable("no policy process")
         return self.supervisor.request({"op": "status"}, timeout)
@@ -609,65 +526,15 @@ def _policy_view(reply: dict[str, Any]) -> dict[str, Any]:
             "vcpus": [{"id": v.get("id"), "tid": v.get("tid"), "guest": v.get("guest")} for v in reply.get("vcpus", [])]}
 
 
-def format_status(d: dict[str, Any]) -> str:
-    """Human form of PvschedDevice.snapshot()."""
-    lines = [(f"pvsched: {d['state']} (STATUS {d['status_name']}), host offers v{version_str(d['host_version'])} "
-              f"features {d['host_features']:#x}")]
-    if d["state"] == "active":
-        lines.append(f"  negotiated v{version_str(d['version'])} features {d['features']:#x} "
-                     f"({','.join(d['feature_names']) or 'none'}); shared area GPA {d['shm_gpa']:#x} "
-                     f"size {d['shm_size']}")
-    p = d["policy"]
-    if not p["enabled"]:
-        lines.append("  policy: off")
-    elif p.get("running"):
-        lines.append(f"  policy: process {p['pid']}, " + ("BPF policy loaded" if p["engine"]
-                                                         else f"no BPF ({p.get('engine_error')})"))
-        view = p.get("process") or {}
-        sb = view.get("sandbox")
-        if sb:
-            lines.append(f"    sandbox: {' '.join(sb['cap_eff'])}, no_new_privs {int(sb['no_new_privs'])}, "
-                         f"seccomp {sb['seccomp']}, interfaces {','.join(sb['net_ifaces'])}; "
-                         + ("VM registered" if view.get("registered") else "VM not registered"))
-        elif "error" in view:
-            lines.append(f"    (no answer: {view['error']})")
-        lines.append("    " + format_guardian(p.get("guardian")))
-    else:
-        lines.append(f"  policy: not running ({p.get('error') or 'stopped'}); vCPUs at their original scheduling")
-        if p.get("guardian"):
-            lines.append("    " + format_guardian(p["guardian"]))
-    for v in d["vcpus"]:
-        lines.append(f"  vCPU {v['id']}: TID {v['tid']}, now {v.get('sched')}, original {v.get('original')}")
-        if "guest" in v:
-            lines.append("    " + slots.format_guest(v["guest"]))
-            lines.append("    " + slots.format_host(v["host"]))
-    return "\n".join(lines)
+T = TypeVar("T")
 
 
-def format_guardian(g: dict[str, Any] | None) -> str:
-    """One line on the guardian thread (guardian.py's info())."""
-    if not g:
-        return "guardian: none (restores after a policy death rely on Python)"
-    prio = f"FIFO {g['prio']}" if g["prio"] else "not real-time"
-    live = f"heartbeat {g['beats']}" + (", checked" if g["armed"] else ", not checked")
-    text = f"guardian: {g['state']}, {prio}, memory {'locked' if g['locked'] else 'not locked'}, {live}"
-    if g.get("cause"):
-        text += f"; {g['cause']}: restored {g['restored']} threads"
-    if g.get("errors"):
-        text += f"; {g['errors']} errors (last: {g['last_error']})"
-    return text
+def _then(value: T | Awaitable[T], fn: Callable[[T], Any]) -> Any:
+    """fn(value); for an awaitable (a reply on the trio thread), an awaitable of fn of its result."""
+    if not inspect.isawaitable(value):
+        return fn(value)  # type: ignore[arg-type]
 
-
-def format_policy_show(d: dict[str, Any]) -> str:
-    """Generic human form of the engine's show() data (the engine may supply its own "text")."""
-    lines = []
-    for key, value in d.items():
-        if isinstance(value, dict):
-            lines.append(f"{key}:")
-            lines.extend(f"  {k} = {v}" for k, v in value.items())
-        elif isinstance(value, list):
-            lines.append(f"{key}:")
-            lines.extend(f"  {item}" for item in value)
-        else:
-            lines.append(f"{key}: {value}")
-    return "\n".join(lines)
+    async def later() -> Any:
+        out = fn(await value)
+        return await out if inspect.isawaitable(out) else out
+    return later()

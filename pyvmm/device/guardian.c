@@ -438,20 +438,152 @@ static void set_state(struct pvsched_guardian *g, int state)
 	pthread_mutex_unlock(&g->lock);
 }
 
-static void *guardian_main(void *arg)
+/*
+ * How soon to look again after a thread of the policy process exited while the others did not
+ * (yet): in a group exit the others follow within microseconds, so look again soon, for a
+ * while; then keep looking every SUSPECT_MS until the heartbeat moves.  A thread that ends
+ * while the actuator beats on ended alone; one that ends while the beat stands still may be
+ * the first of a death whose other threads are still running.
+ */
+enum exit_watch {
+	EXIT_QUIET = 0,    /* no such exit pending: wake every period_ms */
+	EXIT_FAST = 1,     /* one was seen: every FAST_MS until fast_until */
+	EXIT_SUSPECT = 2,  /* then every SUSPECT_MS until the heartbeat moves past exit_beats */
+};
+
+/*
+ * The watch loop's state.  `state` runs WATCHING -> (KILLED) -> DYING -> DONE, or ends in
+ * STOPPED at any time; it is the public enum pvsched_guardian_state (info.state).  `armed`
+ * is separate: it only decides whether a still heartbeat means a hang.
+ */
+struct watch {
+	enum pvsched_guardian_state state;
+	int armed;                /* the heartbeat was seen moving: from then on its silence means a hang */
+	enum exit_watch exit;
+	int64_t fast_until;       /* EXIT_FAST ends here */
+	uint64_t exit_beats;      /* the heartbeat when the last such exit was seen */
+	uint64_t beats;           /* the heartbeat last seen ... */
+	int64_t last_change;      /* ... and when it last moved (CLOCK_MONOTONIC ns) */
+};
+
+static int watch_running(const struct watch *w)
 {
-	struct pvsched_guardian *g = arg;
-	struct pollfd pfd[2 + MAX_WATCHED] = {
-		{ .fd = g->pidfd, .events = POLLIN },
-		{ .fd = g->stopfd, .events = POLLIN },
-	};
-	uint64_t last = g->hb->beats;
-	int64_t last_change = now_ns(), fast_until = 0;
-	uint64_t suspect_beats = 0;
-	int suspect = 0;  /* a thread exited and the heartbeat has not moved since */
-	int armed = 0, killed = 0, dying = 0, locked;
+	return w->state == PVSCHED_GUARDIAN_WATCHING || w->state == PVSCHED_GUARDIAN_KILLED ||
+	       w->state == PVSCHED_GUARDIAN_DYING;
+}
+
+/* The poll() timeout now; ends EXIT_FAST once its window is over. */
+static int poll_timeout(const struct pvsched_guardian *g, struct watch *w, int64_t t)
+{
+	if (w->state == PVSCHED_GUARDIAN_DYING)
+		return g->period_ms;  /* restored; only the final death is left to see, and the pidfd shows it */
+	if (w->exit == EXIT_FAST && t >= w->fast_until)
+		w->exit = w->beats == w->exit_beats ? EXIT_SUSPECT : EXIT_QUIET;
+	switch (w->exit) {
+	case EXIT_FAST:
+		return FAST_MS;
+	case EXIT_SUSPECT:
+		return SUSPECT_MS;
+	default:
+		return g->period_ms;
+	}
+}
+
+/*
+ * What to poll: the process's pidfd, the stop eventfd, then (not once DYING: a thread that
+ * exits stays readable, and the loop would spin at FIFO until the process is gone) the
+ * threads' pidfds, -1 (skipped by poll) once fired.  Returns the count.
+ */
+static int fill_pollfds(const struct pvsched_guardian *g, const struct watch *w, struct pollfd *pfd)
+{
+	pfd[0] = (struct pollfd){ .fd = g->pidfd, .events = POLLIN };
+	pfd[1] = (struct pollfd){ .fd = g->stopfd, .events = POLLIN };
+	if (w->state == PVSCHED_GUARDIAN_DYING)
+		return 2;
+	for (int i = 0; i < g->nr_watched; i++)
+		pfd[2 + i] = (struct pollfd){ .fd = g->watched[i].fd, .events = POLLIN };
+	return 2 + g->nr_watched;
+}
+
+/* 1 if a watched thread's pidfd fired (that thread exited); those are closed and not polled again. */
+static int reap_watched(struct pvsched_guardian *g, const struct pollfd *pfd, int n)
+{
+	int exited = 0;
+
+	for (int i = 0; n > 0 && i < g->nr_watched; i++) {
+		if (pfd[2 + i].fd >= 0 && pfd[2 + i].revents) {
+			exited = 1;
+			close(g->watched[i].fd);
+			g->watched[i].fd = -1;  /* stays readable: not polled again */
+		}
+	}
+	return exited;
+}
+
+/* The heartbeat read at `t`: arms the guardian when it moves, kills a hung policy process when it stays still. */
+static void check_heartbeat(struct pvsched_guardian *g, struct watch *w, int64_t t, uint64_t beats)
+{
+	if (beats != w->beats) {
+		w->beats = beats;
+		w->last_change = t;
+		w->armed = 1;  /* the actuator runs: from now on its silence means a hang */
+		return;
+	}
+	if (w->state == PVSCHED_GUARDIAN_WATCHING && w->armed && !__atomic_load_n(&g->disarmed, __ATOMIC_RELAXED)
+	    && t - w->last_change > g->stale_ns) {
+		syscall(SYS_pidfd_send_signal, g->pidfd, SIGKILL, NULL, 0);
+		on_event(g, t, PVSCHED_GUARDIAN_CAUSE_STALE, t - w->last_change);
+		w->state = PVSCHED_GUARDIAN_KILLED;
+	}
+}
+
+/* One wake-up while the policy process lives (WATCHING or KILLED): its threads, then its heartbeat. */
+static void check_process(struct pvsched_guardian *g, struct watch *w, const struct pollfd *pfd, int n, int64_t t)
+{
+	int exited = reap_watched(g, pfd, n), nr_threads;
+	uint64_t beats;
+
+	/*
+	 * Every wake-up reads /proc/<pid>/stat (a wake-up costs ~90 us of CPU here with it, ~50
+	 * without: reading only when the heartbeat stood still was tried), even while it moves:
+	 * a killed process's last thread can stay in do_exit for 100 ms and more (closing its
+	 * BPF links waits for an RCU grace period the boosted vCPUs hold up), with no pidfd
+	 * readable meanwhile, so PF_EXITING seen here is the only early sign of its death.
+	 */
+	beats = __atomic_load_n(&g->hb->beats, __ATOMIC_RELAXED);
+	if (w->exit == EXIT_SUSPECT && beats != w->exit_beats)
+		w->exit = EXIT_QUIET;  /* the actuator beats on: that thread ended alone */
+	if (leader_exiting(g, &nr_threads) || exited) {
+		if (all_exiting(g)) {
+			on_event(g, t, PVSCHED_GUARDIAN_CAUSE_DIED, 0);  /* a stale kill keeps its own cause */
+			w->state = PVSCHED_GUARDIAN_DYING;
+			return;
+		}
+		if (w->exit != EXIT_FAST || t >= w->fast_until)
+			w->fast_until = t + FAST_WINDOW_NS;
+		w->exit = EXIT_FAST;
+		w->exit_beats = beats;
+	}
+	if (nr_threads != g->nr_threads_seen) {
+		g->nr_threads_seen = nr_threads;
+		watch_threads(g);
+	}
+	check_heartbeat(g, w, t, beats);
+	pthread_mutex_lock(&g->lock);
+	g->info.watched = 0;
+	for (int i = 0; i < g->nr_watched; i++)
+		g->info.watched += g->watched[i].fd >= 0;
+	g->info.beats = beats;
+	g->info.armed = w->armed && w->state == PVSCHED_GUARDIAN_WATCHING &&
+			!__atomic_load_n(&g->disarmed, __ATOMIC_RELAXED);
+	pthread_mutex_unlock(&g->lock);
+}
+
+/* The guardian thread's own set-up: TID, name, memory lock, and what it got (info). */
+static void thread_setup(struct pvsched_guardian *g)
+{
 	struct sched_param sp;
-	int policy;
+	int policy, locked;
 
 	__atomic_store_n(&g->thread_tid, (pid_t)syscall(SYS_gettid), __ATOMIC_RELEASE);
 	pthread_setname_np(pthread_self(), "pvsched-guard");
@@ -464,17 +596,28 @@ static void *guardian_main(void *arg)
 	pthread_mutex_unlock(&g->lock);
 	leader_exiting(g, &g->nr_threads_seen);
 	watch_threads(g);
+}
 
-	for (;;) {
-		int n, exited = 0, nr_threads, timeout_ms;
+static void *guardian_main(void *arg)
+{
+	struct pvsched_guardian *g = arg;
+	struct pollfd pfd[2 + MAX_WATCHED];
+	struct watch w = {
+		.state = PVSCHED_GUARDIAN_WATCHING,
+		.exit = EXIT_QUIET,
+		.beats = g->hb->beats,
+		.last_change = now_ns(),
+	};
+
+	thread_setup(g);
+	while (watch_running(&w)) {
+		enum pvsched_guardian_state before_state = w.state;
+		int nfds = fill_pollfds(g, &w, pfd), n, timeout_ms;
 		int64_t t, before;
-		uint64_t beats;
 
-		for (int i = 0; i < g->nr_watched; i++)
-			pfd[2 + i] = (struct pollfd){ .fd = g->watched[i].fd, .events = POLLIN };  /* -1: skipped */
-		timeout_ms = now_ns() < fast_until ? FAST_MS : suspect ? SUSPECT_MS : g->period_ms;
 		before = now_ns();
-		n = poll(pfd, 2 + g->nr_watched, timeout_ms);
+		timeout_ms = poll_timeout(g, &w, before);
+		n = poll(pfd, nfds, timeout_ms);
 		t = now_ns();
 		/*
 		 * Woken far later than asked: this thread, at FIFO above everything the policy runs, was
@@ -482,7 +625,7 @@ static void *guardian_main(void *arg)
 		 * 100 ms).  The heartbeat's silence over that time says nothing about the policy process.
 		 */
 		if (t - before > (int64_t)timeout_ms * 1000000 + LATE_NS)
-			last_change = t;
+			w.last_change = t;
 
 		if (n < 0) {
 			struct timespec ts = { 0, (long)g->period_ms * 1000000 };
@@ -498,73 +641,14 @@ static void *guardian_main(void *arg)
 		}
 		if (n > 0 && pfd[0].revents) {  /* gone (POLLIN), or a broken pidfd: restoring is always safe */
 			on_event(g, t, PVSCHED_GUARDIAN_CAUSE_DIED, 0);
-			set_state(g, PVSCHED_GUARDIAN_DONE);
-			break;
+			w.state = PVSCHED_GUARDIAN_DONE;
+		} else if (n > 0 && pfd[1].revents) {
+			w.state = PVSCHED_GUARDIAN_STOPPED;
+		} else if (w.state != PVSCHED_GUARDIAN_DYING) {
+			check_process(g, &w, pfd, n, t);
 		}
-		if (n > 0 && pfd[1].revents) {
-			set_state(g, PVSCHED_GUARDIAN_STOPPED);
-			break;
-		}
-		if (dying)
-			continue;  /* restored; only its final death is left to see */
-		for (int i = 0; n > 0 && i < g->nr_watched; i++) {
-			if (pfd[2 + i].fd >= 0 && pfd[2 + i].revents) {
-				exited = 1;
-				close(g->watched[i].fd);
-				g->watched[i].fd = -1;  /* stays readable: not polled again */
-			}
-		}
-		/*
-		 * Every wake-up reads /proc/<pid>/stat (a wake-up costs ~90 us of CPU here with it, ~50
-		 * without: reading only when the heartbeat stood still was tried), even while it moves:
-		 * a killed process's last thread can stay in do_exit for 100 ms and more (closing its
-		 * BPF links waits for an RCU grace period the boosted vCPUs hold up), with no pidfd
-		 * readable meanwhile, so PF_EXITING seen here is the only early sign of its death.
-		 */
-		beats = __atomic_load_n(&g->hb->beats, __ATOMIC_RELAXED);
-		if (suspect && beats != suspect_beats)
-			suspect = 0;  /* the actuator beats on: that thread ended alone */
-		if (leader_exiting(g, &nr_threads) || exited) {
-			if (all_exiting(g)) {
-				dying = 1;
-				on_event(g, t, PVSCHED_GUARDIAN_CAUSE_DIED, 0);  /* a stale kill keeps its own cause */
-				set_state(g, PVSCHED_GUARDIAN_DYING);
-				continue;
-			}
-			/*
-			 * The others follow within microseconds in a group exit: look again soon, for a
-			 * while.  Then keep looking every SUSPECT_MS until the heartbeat moves: a thread
-			 * that ends while the actuator beats on ended alone, one that ends while the beat
-			 * stands still may be the first of a death whose other threads are still running.
-			 */
-			if (t >= fast_until)
-				fast_until = t + FAST_WINDOW_NS;
-			if (!suspect)
-				suspect_beats = beats;
-			suspect = 1;
-		}
-		if (nr_threads != g->nr_threads_seen) {
-			g->nr_threads_seen = nr_threads;
-			watch_threads(g);
-		}
-		if (beats != last) {
-			last = beats;
-			last_change = t;
-			armed = 1;  /* the actuator runs: from now on its silence means a hang */
-		} else if (armed && !killed && !__atomic_load_n(&g->disarmed, __ATOMIC_RELAXED)
-			   && t - last_change > g->stale_ns) {
-			killed = 1;
-			syscall(SYS_pidfd_send_signal, g->pidfd, SIGKILL, NULL, 0);
-			on_event(g, t, PVSCHED_GUARDIAN_CAUSE_STALE, t - last_change);
-			set_state(g, PVSCHED_GUARDIAN_KILLED);
-		}
-		pthread_mutex_lock(&g->lock);
-		g->info.watched = 0;
-		for (int i = 0; i < g->nr_watched; i++)
-			g->info.watched += g->watched[i].fd >= 0;
-		g->info.beats = beats;
-		g->info.armed = armed && !killed && !__atomic_load_n(&g->disarmed, __ATOMIC_RELAXED);
-		pthread_mutex_unlock(&g->lock);
+		if (w.state != before_state)
+			set_state(g, w.state);
 	}
 	return NULL;
 }

@@ -6,8 +6,8 @@
  * no #include, no #if, no macros. Include <stdint.h> before it.
  */
 
+/* The guardian's SCHED_FIFO priority is the RT ladder's PVSCHED_GUARDIAN_PRIO (pvsched_abi.h). */
 enum {
-	PVSCHED_GUARDIAN_PRIO = 45,       /* SCHED_FIFO: above boosts (<= 30) and the actuator (40), below watchdogs (>= 50) */
 	/* wake-up period of the PF_EXITING and heartbeat checks (it never spins; a thread's exit also
 	 * wakes it, through pidfds).  Each wake-up preempts a boosted vCPU (~90 us of CPU here), and the
 	 * busy-host guest p99 showed it, so as rarely as the 100 ms restore bound allows: a death whose

@@ -19,6 +19,7 @@ from typing import Any
 
 import cffi
 
+from pyvmm import abi
 from pyvmm.common.artifacts import ensure_built
 from pyvmm.common.sched_attr import SchedAttr
 
@@ -26,17 +27,21 @@ log = logging.getLogger("pyvmm.pvsched.guardian")
 
 HEADER = Path(__file__).with_name("guardian.h")
 LIBRARY = Path(__file__).resolve().parent / "build" / "libpvsched_guardian.so"
-STATES = {0: "idle", 1: "watching", 2: "killed", 3: "done", 4: "stopped", 5: "dying"}
-CAUSES = {0: None, 1: "died", 2: "stale"}
 _U64 = (1 << 64) - 1
 
 
 @functools.cache
 def ffi() -> cffi.FFI:
-    """The guardian's API and heartbeat layout, parsed from guardian.h (plain declarations, no compiler)."""
+    """The guardian's API, parsed from guardian.h, over the ABI header's types and constants (RT ladder)."""
     f = cffi.FFI()
+    f.include(abi.ffi())
     f.cdef(HEADER.read_text())
     return f
+
+
+def _names(enum: str, prefix: str) -> dict[int, str]:
+    """Value -> short lower-case name of a guardian.h enum (the header is the one list)."""
+    return {v: n.removeprefix(prefix).lower() for v, n in ffi().typeof(f"enum {enum}").elements.items()}
 
 
 @functools.cache
@@ -48,7 +53,7 @@ def _lib() -> Any:
 
 @functools.cache
 def constants() -> Any:
-    """The header's enum constants (PVSCHED_GUARDIAN_PRIO, ..._PERIOD_MS, ..._STALE_MS) without loading the library."""
+    """The headers' enum constants (PVSCHED_GUARDIAN_PRIO, ..._PERIOD_MS, ..._STALE_MS) without loading the library."""
     return ffi().dlopen(None)  # the process itself: only its enum values are read
 
 
@@ -123,8 +128,10 @@ class Guardian:
             return dict(self._last or {})
         i = ffi().new("struct pvsched_guardian_info *")
         self._lib.pvsched_guardian_info(self._g, i)
+        states = _names("pvsched_guardian_state", "PVSCHED_GUARDIAN_")
+        causes = {**_names("pvsched_guardian_cause", "PVSCHED_GUARDIAN_CAUSE_"), 0: None}
         return {
-            "state": STATES.get(i.state, str(i.state)), "cause": CAUSES.get(i.cause, str(i.cause)),
+            "state": states.get(i.state, str(i.state)), "cause": causes.get(i.cause, str(i.cause)),
             "prio": i.prio, "locked": bool(i.locked), "armed": bool(i.armed), "threads": i.nr_threads,
             "restored": i.restored, "restores": i.restores, "watched": i.watched, "errors": i.errors,
             "last_error": os.strerror(i.last_errno) if i.last_errno else None, "beats": i.beats,

@@ -1,15 +1,18 @@
 """VMM side of the policy process: spawn it, talk to it, notice its death, end it.
 
-The device posts messages from any thread (vCPU threads on ENABLE/DISABLE, the control
-socket for status/policy commands); `run()`, a trio task in the VMM's nursery, sends them
-in order over the socketpair, matches replies to requests, and watches the child through a
-pidfd so that its death is seen at once (the device then restores the vCPU threads, as the
-second line after its guardian, guardian.c, which does not need this thread's GIL).
+One request path: post() queues a request from any thread (vCPU threads on ENABLE/DISABLE, the
+control socket for status/policy commands), and the trio tasks of _serve_socket() send the queue
+in order over the socketpair and hand each reply to its request's callback.  `run()`, a trio task
+in the VMM's nursery, serves the socket and watches the child through a pidfd, so that its death
+is seen at once (the device then restores the vCPU threads, as the second line after its
+guardian, guardian.c, which does not need this thread's GIL).  Trio code awaits a reply
+(arequest); another thread waits for one (request) in a trio loop of its own, which serves the
+socket too while no other loop does (before run() starts, or without one), so the trio thread
+never blocks on the policy process.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import itertools
 import json
 import logging
@@ -20,9 +23,8 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,13 +37,18 @@ log = logging.getLogger("pyvmm.pvsched.supervisor")
 
 READY_TIMEOUT_S = 60.0  # Python start-up, ABI preprocessing and BPF load: over 20 s in the lab (QEMU TCG) under stress-ng
 STOP_TIMEOUT_S = 3.0
+REQUEST_TIMEOUT_S = 5.0
 HEARTBEAT_S = 2.0  # ping period
 HEARTBEAT_TIMEOUT_S = 5.0  # a policy process silent this long is hung: killed, threads restored
+CLAIM_POLL_S = 0.005  # a loop waiting to serve the socket looks this often whether the one serving it is done
 CHILD_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
+
+Reply = dict[str, Any]
+OnReply = Callable[[Reply | Exception], None]  # gets the reply, or why there is none; called from any thread
 
 
 class PolicyUnavailable(RuntimeError):
-    """The policy process is not running (never started, died, or stopped)."""
+    """The policy process is not running (never started, died, or stopped), or did not answer."""
 
 
 @dataclass
@@ -52,8 +59,21 @@ class _Queued:
     op: str
     wire: bytes
     fds: tuple[int, ...]
-    fut: concurrent.futures.Future[dict[str, Any]]
+    on_reply: OnReply
     coalesce: str | None
+
+
+def _ignore(_: Reply | Exception) -> None:
+    pass
+
+
+def on_trio_thread() -> bool:
+    """True inside a trio run (where waiting for the policy process would stall the loop)."""
+    try:
+        trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return False
+    return True
 
 
 class PolicySupervisor:
@@ -75,15 +95,14 @@ class PolicySupervisor:
         self.returncode: int | None = None
         self._sock: socket.socket | None = None
         self._pidfd = -1
-        self._lock = threading.Lock()
-        self._io_lock = threading.Lock()  # a synchronous exchange (no run() yet) vs run() taking the socket
+        self._lock = threading.Lock()  # the queue, the pending callbacks, and which loop serves the socket
         self._queue: deque[_Queued] = deque()
-        self._pending: dict[int, concurrent.futures.Future[dict[str, Any]]] = {}
+        self._pending: dict[int, OnReply] = {}
         self._ids = itertools.count(1)
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._wake: trio.Event | None = None
+        self._token: trio.lowlevel.TrioToken | None = None  # the loop serving the socket now, if any
+        self._wake: trio.Event | None = None  # set when the queue has something for that loop's sender
         self._stopping = False
-        self._running = False
+        self._running = False  # run() is in progress: it owns the pidfd's wait and closes the fds at its end
         self.heartbeat_s = HEARTBEAT_S
         self.heartbeat_timeout_s = HEARTBEAT_TIMEOUT_S
 
@@ -125,8 +144,8 @@ class PolicySupervisor:
             child.close()
         self._sock = parent
         self._pidfd = os.pidfd_open(self.proc.pid)
-        # The first message is "ready" (or nothing, if it fails to start): wait for it here,
-        # so boosting is in place before the guest enables the device.
+        # The first message is "ready" (or nothing, if it fails to start): wait for it here, before any
+        # request, so that boosting is in place before the vCPUs run and the guest enables the device.
         r, _, _ = select.select([parent, self._pidfd], [], [], READY_TIMEOUT_S)
         if parent in r:
             data = parent.recv(protocol.MAX_MSG)
@@ -140,26 +159,27 @@ class PolicySupervisor:
         parent.setblocking(False)
         return self.ready
 
-    # --- requests, from any thread -------------------------------------------------------------------
+    # --- requests ----------------------------------------------------------------------------------------
 
-    def post(self, msg: dict[str, Any], fds: tuple[int, ...] = (),
-             coalesce: str | None = None) -> concurrent.futures.Future[dict[str, Any]]:
-        """Queue a request (fds are dup'ed now, closed once sent); returns a future of the reply.
+    def post(self, msg: dict[str, Any], fds: tuple[int, ...] = (), coalesce: str | None = None,
+             on_reply: OnReply = _ignore) -> int | None:
+        """Queue a request from any thread (fds are dup'ed now, closed once sent); returns its id.
 
-        With `coalesce`, a queued, not yet sent request of the same key is replaced: only the latest
-        state matters (register/unregister), so a guest toggling ENABLE/DISABLE cannot grow the queue.
+        `on_reply` gets the reply, or the exception saying why none will come (then the id is None when
+        it was refused at once).  With `coalesce`, a queued, not yet sent request of the same key is
+        replaced (its callback gets {"superseded": True}): only the latest state matters
+        (register/unregister), so a guest toggling ENABLE/DISABLE cannot grow the queue.
         """
-        fut: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
         if not self.alive:
-            fut.set_exception(PolicyUnavailable("policy process is not running"))
-            return fut
+            on_reply(PolicyUnavailable("policy process is not running"))
+            return None
         msg = dict(msg, id=next(self._ids))
         try:  # encoded once, here: a message that cannot be sent is refused whole, never reaching the sender
             wire = protocol.encode(msg)
         except (ValueError, TypeError) as e:
-            fut.set_exception(ValueError(f"{msg.get('op')}: request refused: {e}"))
-            return fut
-        item = _Queued(msg["id"], str(msg.get("op")), wire, tuple(os.dup(fd) for fd in fds), fut, coalesce)
+            on_reply(ValueError(f"{msg.get('op')}: request refused: {e}"))
+            return None
+        item = _Queued(msg["id"], str(msg.get("op")), wire, tuple(os.dup(fd) for fd in fds), on_reply, coalesce)
         superseded = []
         with self._lock:
             if coalesce is not None:
@@ -171,137 +191,176 @@ class PolicySupervisor:
         for old in superseded:
             for fd in old.fds:
                 os.close(fd)
-            old.fut.set_result({"ok": True, "superseded": True, "id": old.id})
+            old.on_reply({"ok": True, "superseded": True, "id": old.id})
         if token is not None:
             try:
                 token.run_sync_soon(self._kick)
             except trio.RunFinishedError:
-                pass
-        return fut
+                pass  # that loop has ended: the next one to serve the socket sends the queue
+        return item.id
 
-    def request(self, msg: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
-        """Send a request and wait for its reply; works from a worker thread and from the trio thread."""
-        if not self.alive:
-            raise PolicyUnavailable("policy process is not running")
-        with self._io_lock:
-            # On the trio thread the loop cannot run our tasks; before run() nobody reads the socket:
-            # either way, do the exchange here. (run() takes _io_lock once at start, so they never overlap.)
-            if self._token is None or self._in_trio_thread():
-                return self._request_blocking(msg, timeout)
-        try:
-            return self.post(msg).result(timeout)
-        except concurrent.futures.TimeoutError as e:
-            raise PolicyUnavailable(f"policy process did not answer {msg.get('op')} within {timeout} s") from e
-
-    async def arequest(self, msg: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
-        """Send a request and await its reply from trio code (the VMM's control socket handlers)."""
-        fut = self.post(msg)
-        done = trio.Event()
+    async def arequest(self, msg: dict[str, Any], timeout: float = REQUEST_TIMEOUT_S) -> Reply:
+        """Send a request and await its reply from trio code; PolicyUnavailable if none comes within `timeout`."""
         token = trio.lowlevel.current_trio_token()
+        got: list[Reply | Exception] = []
+        done = trio.Event()
 
-        def wake(_: Any) -> None:
+        def on_reply(reply: Reply | Exception) -> None:
+            got.append(reply)
             try:
-                token.run_sync_soon(done.set)
+                token.run_sync_soon(done.set)  # thread-safe: the reply may come from another loop's receiver
             except trio.RunFinishedError:
                 pass
 
-        fut.add_done_callback(wake)
+        rid = self.post(msg, on_reply=on_reply)
         with trio.move_on_after(timeout):
             await done.wait()
-        if not fut.done():
-            raise PolicyUnavailable(f"policy process did not answer {msg.get('op')} within {timeout} s")
-        return fut.result()
-
-    def in_trio_thread(self) -> bool:
-        """True when called on the thread running this supervisor's trio loop."""
-        return self._in_trio_thread()
-
-    def _in_trio_thread(self) -> bool:
-        if self._token is None:
-            return False
-        try:
-            return trio.lowlevel.current_trio_token() is self._token
-        except RuntimeError:
-            return False
-
-    def _request_blocking(self, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
-        # Synchronous exchange (see request()), delivering any other replies as they come.
-        assert self._sock is not None
-        self._flush_queue_blocking()
-        with self._lock:
-            msg = dict(msg, id=next(self._ids))
-        self._sock.sendmsg([protocol.encode(msg)])
-        end = time.monotonic() + timeout
-        while (left := end - time.monotonic()) > 0:
-            r, _, _ = select.select([self._sock], [], [], left)
-            if not r:
-                break
-            reply = self._recv_nowait()
-            if reply is None:
-                raise PolicyUnavailable("policy process closed the socket")
-            if reply.get("id") == msg["id"]:
-                return reply
-            self._deliver(reply)
-        raise PolicyUnavailable(f"policy process did not answer {msg.get('op')} within {timeout} s")
-
-    def _flush_queue_blocking(self) -> None:
-        assert self._sock is not None
-        while True:
+        if not got:
             with self._lock:
-                if not self._queue:
-                    return
-                q = self._queue.popleft()
-                self._pending[q.id] = q.fut
+                self._pending.pop(rid, None)  # type: ignore[arg-type]  # a late reply is then logged as unmatched
+            raise PolicyUnavailable(f"policy process did not answer {msg.get('op')} within {timeout} s")
+        if isinstance(got[0], Exception):
+            raise got[0]
+        return got[0]
+
+    def request(self, msg: dict[str, Any], timeout: float = REQUEST_TIMEOUT_S) -> Reply:
+        """Send a request and wait for its reply, from a thread that runs no trio loop; PolicyUnavailable if none.
+
+        The VMM's loop serves the socket if it runs; else the loop of this call does, until the reply.
+        """
+        if not self.alive:
+            raise PolicyUnavailable("policy process is not running")
+        if on_trio_thread():  # a blocking wait here would stall that loop, perhaps the one that must answer
+            raise PolicyUnavailable(f"{msg.get('op')}: a blocking request on a trio thread (await arequest there)")
+        return trio.run(self._request_serving, msg, timeout)
+
+    def ask(self, msg: dict[str, Any], timeout: float = REQUEST_TIMEOUT_S) -> Reply | Awaitable[Reply]:
+        """The reply, or {"error": why} when none comes: on a trio thread an awaitable of it, elsewhere the reply."""
+        if on_trio_thread():
+            async def reply() -> Reply:
+                try:
+                    return await self.arequest(msg, timeout)
+                except (PolicyUnavailable, ValueError) as e:
+                    return {"error": str(e)}
+            return reply()
+        try:
+            return self.request(msg, timeout)
+        except (PolicyUnavailable, ValueError) as e:
+            return {"error": str(e)}
+
+    async def _request_serving(self, msg: dict[str, Any], timeout: float) -> Reply:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._serve_socket)
             try:
-                select.select([], [self._sock], [], 1.0)
-                self._sock.sendmsg([q.wire], protocol.ancillary(q.fds))
+                return await self.arequest(msg, timeout)
             finally:
-                for fd in q.fds:
-                    os.close(fd)
-
-    def _recv_nowait(self) -> dict[str, Any] | None:
-        assert self._sock is not None
-        data, ancdata, _, _ = self._sock.recvmsg(protocol.MAX_MSG, socket.CMSG_SPACE(protocol.MAX_FDS * 4))
-        for fd in protocol.fds_from(ancdata):
-            os.close(fd)
-        return protocol.decode(data) if data else None
-
-    def _deliver(self, reply: dict[str, Any]) -> None:
-        with self._lock:
-            fut = self._pending.pop(reply.get("id"), None)  # type: ignore[arg-type]
-        if fut is not None and not fut.done():
-            fut.set_result(reply)
-        elif reply.get("op") != "ready":
-            log.debug("unmatched message from the policy process: %s", reply)
+                nursery.cancel_scope.cancel()
 
     def _kick(self) -> None:
         if self._wake is not None:
             self._wake.set()
 
-    # --- the trio side ---------------------------------------------------------------------------------
+    # --- serving the socket: the one path of every request ---------------------------------------------
 
-    async def run(self) -> None:
-        """Send queued requests, deliver replies, and report the child's death (once) via on_death."""
-        if self.proc is None or self._sock is None:
-            return
-        with self._io_lock:
+    def _claim(self) -> bool:
+        with self._lock:
+            if self._token is not None:
+                return False
             self._token = trio.lowlevel.current_trio_token()
-        self._wake = trio.Event()
-        tsock = trio.socket.from_stdlib_socket(self._sock)
-        self._running = True
+            self._wake = trio.Event()
+            return True
+
+    async def _serve_socket(self) -> None:
+        """Once no other loop serves the socket, send queued requests and deliver replies (until cancelled)."""
+        if self._sock is None:
+            return
+        while not self._claim():
+            await trio.sleep(CLAIM_POLL_S)
         try:
+            tsock = trio.socket.from_stdlib_socket(self._sock)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._sender, tsock)
                 nursery.start_soon(self._receiver, tsock)
+        finally:
+            with self._lock:
+                self._token = self._wake = None
+            self._close_if_done()
+
+    async def _sender(self, tsock: trio.socket.SocketType) -> None:
+        while True:
+            while True:
+                with self._lock:
+                    if not self._queue:
+                        self._wake = trio.Event()
+                        wake = self._wake
+                        break
+                    q = self._queue.popleft()
+                    self._pending[q.id] = q.on_reply
+                try:
+                    await tsock.sendmsg([q.wire], protocol.ancillary(q.fds))
+                except OSError as e:  # this request fails; the sender goes on
+                    with self._lock:
+                        self._pending.pop(q.id, None)
+                    q.on_reply(PolicyUnavailable(f"sending {q.op}: {e}"))
+                finally:
+                    for fd in q.fds:
+                        os.close(fd)
+            await wake.wait()
+
+    async def _receiver(self, tsock: trio.socket.SocketType) -> None:
+        while True:
+            try:
+                msg, fds = await protocol.recv(tsock)
+            except (OSError, ValueError, TypeError) as e:
+                log.warning("policy process socket: %s", e)
+                return
+            for fd in fds:
+                os.close(fd)
+            if msg is None:
+                return
+            with self._lock:
+                on_reply = self._pending.pop(msg.get("id"), None)  # type: ignore[arg-type]
+            if on_reply is not None:
+                on_reply(msg)
+            elif msg.get("op") != "ready":
+                log.debug("unmatched message from the policy process: %s", msg)
+
+    # --- the trio side ---------------------------------------------------------------------------------
+
+    async def run(self, on_cancel: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Serve requests and report the child's death (once) via on_death; the VMM cancels it at shutdown.
+
+        Cancelled while the child lives, it first awaits `on_cancel` (shielded; bound it yourself) with
+        requests still served: the device's last exchange with the policy process.
+        """
+        if self.proc is None or self._sock is None:
+            return
+        self._running = True
+        try:
+            io = trio.CancelScope(shield=True)  # requests outlive a cancel of run() until on_cancel is done
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._shielded, io, self._serve_socket)
                 nursery.start_soon(self._heartbeat)
-                await trio.lowlevel.wait_readable(self._pidfd)
-                nursery.cancel_scope.cancel()
+                died = False
+                try:
+                    await trio.lowlevel.wait_readable(self._pidfd)
+                    died = True
+                finally:
+                    if not died and on_cancel is not None and self.alive:
+                        with trio.CancelScope(shield=True):
+                            await on_cancel()
+                    io.cancel()
+                    nursery.cancel_scope.cancel()
             self._reap()
         finally:
-            self._running = False
-            self._token = None
-            if self.dead:
-                self._close()
+            with self._lock:
+                self._running = False
+            self._close_if_done()
+
+    @staticmethod
+    async def _shielded(scope: trio.CancelScope, fn: Callable[[], Awaitable[None]]) -> None:
+        with scope:
+            await fn()
 
     async def _heartbeat(self) -> None:
         # A hung policy process (deadlock, SIGSTOP) would leave boosted threads boosted: ping it, and
@@ -321,39 +380,6 @@ class PolicySupervisor:
                 self.proc.kill()  # the pidfd wakes run(), which reaps it and calls on_death
                 return
 
-    async def _sender(self, tsock: trio.socket.SocketType) -> None:
-        while True:
-            while True:
-                with self._lock:
-                    if not self._queue:
-                        self._wake = trio.Event()
-                        break
-                    q = self._queue.popleft()
-                    self._pending[q.id] = q.fut
-                try:
-                    await tsock.sendmsg([q.wire], protocol.ancillary(q.fds))
-                except OSError as e:  # this request fails; the sender goes on
-                    with self._lock:
-                        self._pending.pop(q.id, None)
-                    q.fut.set_exception(PolicyUnavailable(f"sending {q.op}: {e}"))
-                finally:
-                    for fd in q.fds:
-                        os.close(fd)
-            await self._wake.wait()
-
-    async def _receiver(self, tsock: trio.socket.SocketType) -> None:
-        while True:
-            try:
-                msg, fds = await protocol.recv(tsock)
-            except (OSError, ValueError, TypeError) as e:
-                log.warning("policy process socket: %s", e)
-                return
-            for fd in fds:
-                os.close(fd)
-            if msg is None:
-                return
-            self._deliver(msg)
-
     def _reap(self) -> None:
         if self.proc is None or self.dead:
             return
@@ -363,14 +389,12 @@ class PolicySupervisor:
             pending, self._pending = self._pending, {}
             queued = list(self._queue)
             self._queue.clear()
-        for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(PolicyUnavailable("policy process died"))
+        for on_reply in pending.values():
+            on_reply(PolicyUnavailable("policy process died"))
         for q in queued:
             for fd in q.fds:
                 os.close(fd)
-            if not q.fut.done():
-                q.fut.set_exception(PolicyUnavailable("policy process died"))
+            q.on_reply(PolicyUnavailable("policy process died"))
         if not self._stopping:
             self.on_death(self.returncode)
 
@@ -391,8 +415,7 @@ class PolicySupervisor:
         self.remove_pins()  # after a clean exit only the empty folder is left (the sandbox cannot remove its mount point)
         self.returncode = self.proc.returncode
         self.dead = True
-        if not self._running:  # else run() wakes on the pidfd and closes (trio must not lose an fd it waits on)
-            self._close()
+        self._close_if_idle()  # else run() wakes on the pidfd, and the last loop using the fds closes them
         return self.returncode
 
     def _kill(self) -> None:
@@ -400,15 +423,23 @@ class PolicySupervisor:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-        if not self._running:
-            self._close()
+        self._close_if_idle()
 
-    def _close(self) -> None:
-        if self._pidfd >= 0:
-            os.close(self._pidfd)
-            self._pidfd = -1
-        if self._sock is not None:
-            self._sock.close()
+    def _close_if_idle(self) -> None:
+        # Trio must not lose an fd it waits on: while run() waits on the pidfd or a loop serves the
+        # socket, that one closes them at its end (_close_if_done).
+        with self._lock:
+            if self._running or self._token is not None:
+                return
+            if self._pidfd >= 0:
+                os.close(self._pidfd)
+                self._pidfd = -1
+            if self._sock is not None:
+                self._sock.close()
+
+    def _close_if_done(self) -> None:
+        if self.dead:
+            self._close_if_idle()
 
     def remove_pins(self) -> None:
         """Remove this VMM's pin directory (detaches pinned links) after the policy process could not."""

@@ -26,11 +26,12 @@ from typing import Self
 
 import trio
 
+from pyvmm.abi.slots import policy_name
 from pyvmm.common import libbpf
 from pyvmm.common.artifacts import ensure_built
 from pyvmm.common.pins import PIN_ROOT, remove_stale_pins
 from pyvmm.common.procfs import is_thread_of
-from pyvmm.common.sched_attr import POLICY_NAMES, SCHED_FIFO, SCHED_RR, SchedAttr, sched_getattr, sched_setattr
+from pyvmm.common.sched_attr import SCHED_FIFO, SCHED_RR, SchedAttr, sched_getattr, sched_setattr
 from pyvmm.policy.actuator import Actuator, VcpuHandle
 from pyvmm.policy.heartbeat import Heartbeat
 from pyvmm.policy.loader import BpfPolicy, enable_stats, stats_enabled
@@ -38,11 +39,10 @@ from pyvmm.policy.policy_types import consts, enum_name, stat_descriptions
 from pyvmm.policy.policy_types import ffi as pffi
 from pyvmm.policy.tunables import DESCRIPTIONS, TunableError, parse
 
-__all__ = ["DEFAULT_PIN_ROOT", "PolicyEngine", "TunableError", "enable_bpf_stats", "remove_stale_pins"]
+__all__ = ["PolicyEngine", "TunableError", "enable_bpf_stats", "remove_stale_pins"]
 
 log = logging.getLogger("pvsched.engine")
 
-DEFAULT_PIN_ROOT = PIN_ROOT
 # What a vCPU thread keeps across unregister/register: its throttle window, its throttle, its counters.
 CARRIED_FIELDS = ("window_start_ns", "window_boosted_ns", "throttle_until_ns", "boosts", "throttles", "boosted_ns",
                   "gen")
@@ -55,7 +55,7 @@ def enable_bpf_stats() -> int:
 
 
 def _attr_dict(a: SchedAttr) -> dict:
-    return {"policy": POLICY_NAMES.get(a.policy, str(a.policy)), "priority": a.priority, "nice": a.nice}
+    return {"policy": policy_name(a.policy), "priority": a.priority, "nice": a.nice}
 
 
 def _bpf_object() -> Path:
@@ -68,7 +68,7 @@ def _bpf_object() -> Path:
 class PolicyEngine:
     """The BPF policy of one VMM: maps, programs, actuator; restores everything it changed on close()."""
 
-    def __init__(self, vmm_pid: int, tunables: dict[str, str] | None = None, pin_root: str = DEFAULT_PIN_ROOT,
+    def __init__(self, vmm_pid: int, tunables: dict[str, str] | None = None, pin_root: str = PIN_ROOT,
                  *, stats_fd: int | None = None, realtime: bool = True, obj_path: str | None = None):
         if vmm_pid <= 0:
             raise ValueError(f"vmm_pid {vmm_pid} is not a process id")
@@ -187,7 +187,7 @@ class PolicyEngine:
     async def run(self) -> None:
         """Run the actuator thread (ring buffer, backstop, sched_setattr) until cancelled.
 
-        With `realtime`, the calling (trio) thread also runs at SCHED_FIFO 35
+        With `realtime`, the calling (trio) thread also runs at SCHED_FIFO CALLER_PRIO
         meanwhile: the actuator needs the GIL, and a SCHED_OTHER thread holding
         it could be starved by boosted vCPUs on every CPU (priority inversion),
         delaying the very throttle that would free a CPU. It only ever blocks.
@@ -286,7 +286,7 @@ class PolicyEngine:
         return out
 
 
-CALLER_PRIO = 35  # RT ladder: above boosts (<= 30), below the actuator (40) and watchdogs (>= 50)
+CALLER_PRIO = consts().PVSCHED_CALLER_PRIO  # RT ladder (pvsched_abi.h): above every boost, below the actuator
 
 
 def _raise_caller(realtime: bool) -> SchedAttr | None:

@@ -130,6 +130,7 @@ class BpfPolicy:
         missing = [n for n in REQUIRED_PROGS if n not in self.programs]
         if missing:
             raise LibbpfError(errno.ENOENT, f"{self.obj_path} lacks programs {missing}: rebuild bpf/")
+        self._set_rodata({"vmm_pid": self.vmm_pid})
         check(lib.bpf_object__load(self._obj), f"loading BPF policy {self.obj_path.name}")
         for name in PINNED_MAPS:
             m = check_ptr(lib.bpf_object__find_map_by_name(self._obj, name.encode()), f"map {name}")
@@ -160,6 +161,44 @@ class BpfPolicy:
         log.info("pvsched: attached %s%s", ", ".join(attached) or "nothing",
                  f"; not on this kernel: {', '.join(absent)}" if absent else "")
 
+    def _rodata(self) -> tuple[object, int, dict[str, tuple[int, int]]]:
+        """The .rodata map, its size, and each of its variables' (offset, size), from the object's BTF."""
+        lib, f = libbpf.lib(), libbpf.ffi()
+        m = check_ptr(lib.bpf_object__find_map_by_name(self._obj, b".rodata"), f"{self.obj_path.name}: map .rodata")
+        size = f.new("size_t *")
+        lib.bpf_map__initial_value(m, size)
+        btf = check_ptr(lib.bpf_object__btf(self._obj), f"{self.obj_path.name}: BTF")
+        sec_id = check(lib.btf__find_by_name_kind(btf, b".rodata", libbpf.BTF_KIND_DATASEC), ".rodata in BTF")
+        sec = lib.btf__type_by_id(btf, sec_id)
+        infos = f.cast("struct btf_var_secinfo *", sec + 1)  # vlen (info's low 16 bits) records follow a DATASEC
+        vars_ = {}
+        for i in range(sec.info & 0xFFFF):
+            name = string(lib.btf__name_by_offset(btf, lib.btf__type_by_id(btf, infos[i].type).name_off))
+            vars_[name] = (infos[i].offset, infos[i].size)
+        return m, size[0], vars_
+
+    def _set_rodata(self, values: dict[str, int]) -> None:
+        """Set __u32 `const volatile` globals before load, found by name in the BTF (what a skeleton does).
+
+        libbpf freezes .rodata at load: the verifier then knows these values, and nothing can change them."""
+        lib, f = libbpf.lib(), libbpf.ffi()
+        m, size, vars_ = self._rodata()
+        data = f.cast("char *", check_ptr(lib.bpf_map__initial_value(m, f.new("size_t *")), ".rodata initial value"))
+        for name, value in values.items():
+            off, n = vars_.get(name, (0, 0))
+            if n != 4 or off + n > size:
+                raise LibbpfError(errno.ENOENT, f"{self.obj_path} has no const volatile __u32 {name}: "
+                                                "rebuild pyvmm/policy")
+            f.cast("uint32_t *", data + off)[0] = value
+
+    def rodata_value(self, name: str) -> int:
+        """A __u32 `const volatile` global as the kernel holds it (the frozen .rodata map, read back)."""
+        lib, f = libbpf.lib(), libbpf.ffi()
+        m, size, vars_ = self._rodata()
+        buf = f.new("char[]", size)
+        check(lib.bpf_map_lookup_elem(lib.bpf_map__fd(m), f.new("uint32_t *", 0), buf), "reading .rodata")
+        return f.cast("uint32_t *", buf + vars_[name][0])[0]
+
     def _pin(self) -> None:
         lib = libbpf.lib()
         ensure_private_dir(self.pin_dir.parent)  # both 0700 and our own, or refused (pyvmm/common/pins.py)
@@ -175,7 +214,7 @@ class BpfPolicy:
         """Write the whole tunables entry (the BPF side reads it at every event)."""
         f = pffi()
         val = f.new("struct pvsched_tunables *")
-        t.fill(val, self.vmm_pid)
+        t.fill(val)
         key = f.new("__u32 *", 0)
         check(libbpf.lib().bpf_map_update_elem(self.maps["tunables"], key, val, libbpf.BPF_ANY), "updating tunables")
 

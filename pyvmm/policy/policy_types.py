@@ -8,10 +8,9 @@ from pathlib import Path
 
 import cffi
 
-from pyvmm import abi
+from pyvmm.common.artifacts import ensure_built
 
 POLICY_HEADER = Path(__file__).with_name("pvsched_policy.h")
-PREPROCESSED = Path(__file__).parent / "build" / "pvsched_policy.cdef"  # made by pyvmm/policy/Makefile
 
 _STAT_RE = re.compile(r"^\s*PVSCHED_STAT_(\w+)\s*=\s*(\d+),\s*/\*\s*(.*?)\s*\*/", re.MULTILINE)
 
@@ -20,9 +19,8 @@ _STAT_RE = re.compile(r"^\s*PVSCHED_STAT_(\w+)\s*=\s*(\d+),\s*/\*\s*(.*?)\s*\*/"
 def ffi() -> cffi.FFI:
     """One FFI with the ABI header and the policy header declared (the latter includes the former)."""
     f = cffi.FFI()
-    fresh = PREPROCESSED.exists() and all(PREPROCESSED.stat().st_mtime >= h.stat().st_mtime
-                                          for h in (POLICY_HEADER, abi.ABI_HEADER))
-    f.cdef(PREPROCESSED.read_text() if fresh else abi.preprocess(POLICY_HEADER))
+    # build/pvsched_policy.cdef, made by pyvmm/policy/Makefile: the sandboxed process cannot run a compiler
+    f.cdef(ensure_built("policy_cdef", quiet=True).read_text())
     return f
 
 

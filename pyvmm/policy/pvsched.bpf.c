@@ -36,6 +36,15 @@ char LICENSE[] SEC("license") = "Dual MIT/GPL";
 #define EBUSY 16
 #define CLOCK_MONOTONIC 1
 
+/*
+ * The VMM process whose vCPU threads this object serves, set by the loader
+ * before load.  .rodata is frozen at load, so the verifier knows the value and
+ * nothing can retarget the programs later: the pinned tunables map, which
+ * anything holding CAP_BPF can write, no longer names the process.  0 (never
+ * set) matches no task: every program then does nothing.
+ */
+const volatile __u32 vmm_pid = 0;
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, PVSCHED_MAX_VCPUS);
@@ -302,11 +311,27 @@ static __always_inline void account(struct pvsched_vcpu *v, const struct pvsched
 	v->acct_ns = now;
 }
 
+/*
+ * One evaluation of one vCPU: the entry (its lock held), the tunables, the
+ * validated slot or NULL (wakeup, interrupt, clock, an unreadable slot at the
+ * backstop), where the event comes from and when.
+ */
+struct eval_ctx {
+	struct pvsched_vcpu *v;
+	const struct pvsched_tunables *t;
+	const struct pvsched_slot_snap *s;
+	__u64 now;
+	__u32 tid;
+	__u32 source;        /* enum pvsched_source */
+	__u32 force_reason;  /* enum pvsched_reason naming a forced re-evaluation, or NONE */
+};	/* callers build it with designated initializers: a field left out is 0 (no slot, REASON_NONE) */
+
 /* Post a change to the actuator; on a full ring buffer nothing changes (retried next time). */
-static __always_inline int post(struct pvsched_vcpu *v, __u32 tid, const struct pvsched_tunables *t,
-				const struct pvsched_sched_params *p, __u32 state, __u32 reason,
-				__u32 source, __u64 now)
+static __always_inline int post(const struct eval_ctx *c, const struct pvsched_sched_params *p, __u32 state,
+				__u32 reason)
 {
+	struct pvsched_vcpu *v = c->v;
+	__u64 now = c->now;
 	struct pvsched_event *e;
 
 	if (same_params(p, &v->posted) && state == v->state) {
@@ -346,12 +371,12 @@ static __always_inline int post(struct pvsched_vcpu *v, __u32 tid, const struct 
 	e->ts_ns = now;
 	e->gen = v->gen;
 	e->kind = PVSCHED_EV_APPLY;
-	e->tid = tid;
+	e->tid = c->tid;
 	e->vm_id = v->vm_id;
 	e->vcpu_id = v->vcpu_id;
 	e->state = state;
 	e->reason = reason;
-	e->source = source;
+	e->source = c->source;
 	e->pad = 0;
 	e->params = *p;
 	e->boosts = v->boosts;
@@ -359,9 +384,9 @@ static __always_inline int post(struct pvsched_vcpu *v, __u32 tid, const struct 
 	e->boosted_ns = v->boosted_ns;
 	bpf_ringbuf_submit(e, 0);
 	stat_inc(PVSCHED_STAT_POSTED);
-	if (t->debug >= 1)
-		bpf_printk("pvsched: tid %u state %u policy %d prio %u reason %u src %u", tid, state,
-			   p->policy, p->rt_priority, reason, source);
+	if (c->t->debug >= 1)
+		bpf_printk("pvsched: tid %u state %u policy %d prio %u reason %u src %u", c->tid, state,
+			   p->policy, p->rt_priority, reason, c->source);
 	return 1;
 }
 
@@ -384,83 +409,50 @@ static __always_inline bool halt_boost_wanted(const struct pvsched_tunables *t, 
 	return s && (s->flags & PVSCHED_FLAG_RT_WAITING);
 }
 
-/*
- * The state machine (DESIGN.md event table).  `s` is the validated slot, or
- * NULL for events that carry none (wakeup, interrupt).  Called with v->lock.
- */
-static __always_inline int pvsched_eval(struct pvsched_vcpu *v, __u32 tid, const struct pvsched_tunables *t,
-					__u32 source, const struct pvsched_slot_snap *s, __u32 force_reason,
-					__u64 now)
+/* Boost now and hold it while the slot shows IDLE (a halt, or the interrupt that ends one). */
+static __always_inline __u32 hold_boost(const struct eval_ctx *c, struct pvsched_sched_params *want, __u32 reason)
 {
-	struct pvsched_sched_params want;
-	__u32 reason, state;
+	boost_params(c->t, c->v, want);
+	c->v->hold = 1;
+	return reason;
+}
 
-	v->last_eval_ns = now;
-	if (s) {
-		v->last_slot = *s;
-		v->slot_read_ns = now;
-	}
-	account(v, t, now);
+/* The slot's own request, no halt boost: a slot that is not IDLE ends the halt. */
+static __always_inline __u32 from_slot(const struct eval_ctx *c, struct pvsched_sched_params *want)
+{
+	if (!(c->s->flags & PVSCHED_FLAG_IDLE))
+		c->v->halted = 0;
+	c->v->hold = 0;
+	return wanted_from_slot(c->t, c->v, c->s, want);
+}
 
-	if (v->state == PVSCHED_STATE_THROTTLED) {
-		if (now < v->throttle_until_ns) {
-			stat_inc(PVSCHED_STAT_THROTTLED_IGNORED);
-			return 0;
-		}
-		/*
-		 * Throttle over: a fresh window, then evaluate as usual; v->state
-		 * stays THROTTLED until post() so the change reaches the host area.
-		 */
-		v->window_start_ns = now;
-		v->window_boosted_ns = 0;
-		v->hold = 0;
-		stat_inc(PVSCHED_STAT_UNTHROTTLE);
-		force_reason = PVSCHED_REASON_UNTHROTTLE;
-		if (!s) {
-			want = v->orig;
-			return post(v, tid, t, &want, PVSCHED_STATE_NORMAL, force_reason, source, now);
-		}
-	}
+/*
+ * What the event asks for, before caps and budgets: the reason, with `want`
+ * filled, or PVSCHED_REASON_NONE when the event decides nothing.
+ */
+static __always_inline __u32 decide(const struct eval_ctx *c, struct pvsched_sched_params *want)
+{
+	struct pvsched_vcpu *v = c->v;
+	const struct pvsched_slot_snap *s = c->s;
 
-	if (v->state == PVSCHED_STATE_BOOSTED) {
-		bool own = v->window_boosted_ns > t->max_boost_runtime_ns;
-
-		if (own || vm_over_budget(t, now)) {
-			want = v->orig;
-			v->hold = 0;
-			v->throttle_until_ns = now + t->throttle_ns;
-			v->throttles++;
-			stat_inc(own ? PVSCHED_STAT_THROTTLE : PVSCHED_STAT_VM_BUDGET);
-			/* a halt does not reset the count: only the window or the throttle's end does */
-			return post(v, tid, t, &want, PVSCHED_STATE_THROTTLED,
-				    own ? PVSCHED_REASON_THROTTLE : PVSCHED_REASON_VM_BUDGET, source, now);
-		}
-	}
-
-	switch (source) {
+	switch (c->source) {
 	case PVSCHED_SRC_HALT:
 		v->halted = 1;
-		v->halt_boost = halt_boost_wanted(t, v, s);
-		if (!v->halt_boost)
-			goto from_slot;
-		boost_params(t, v, &want);
-		reason = PVSCHED_REASON_HALT;
-		v->hold = 1;
-		break;
+		v->halt_boost = halt_boost_wanted(c->t, v, s);
+		if (v->halt_boost)
+			return hold_boost(c, want, PVSCHED_REASON_HALT);
+		return s ? from_slot(c, want) : PVSCHED_REASON_NONE;
 	case PVSCHED_SRC_WAKEUP:
 	case PVSCHED_SRC_IRQ:
 		/* interrupt injection: only a halted vCPU, boost unless throttled (usually already is) */
 		if (!v->halted || !v->halt_boost || v->state == PVSCHED_STATE_BOOSTED)
-			return 0;
-		boost_params(t, v, &want);
-		reason = PVSCHED_REASON_IRQ;
-		v->hold = 1;
-		break;
+			return PVSCHED_REASON_NONE;
+		return hold_boost(c, want, PVSCHED_REASON_IRQ);
 	default:
 		if (!s)
-			return 0;
+			return PVSCHED_REASON_NONE;
 		if ((s->flags & PVSCHED_FLAG_IDLE) &&
-		    (v->hold || (halt_boost_wanted(t, v, s) && v->state == PVSCHED_STATE_BOOSTED))) {
+		    (v->hold || (halt_boost_wanted(c->t, v, s) && v->state == PVSCHED_STATE_BOOSTED))) {
 			/*
 			 * Hysteresis: the halt boost is held while the vCPU stays
 			 * idle (re-posted only if new tunables changed it).  A
@@ -470,27 +462,76 @@ static __always_inline int pvsched_eval(struct pvsched_vcpu *v, __u32 tid, const
 			 * reached the halt (ms on a busy host, the guest's max).
 			 */
 			stat_inc(PVSCHED_STAT_HOLD);
-			boost_params(t, v, &want);
-			reason = PVSCHED_REASON_HALT;
-			v->hold = 1;
-			break;
+			return hold_boost(c, want, PVSCHED_REASON_HALT);
 		}
-from_slot:
-		if (!s)
-			return 0;
-		if (!(s->flags & PVSCHED_FLAG_IDLE))
-			v->halted = 0;
-		v->hold = 0;
-		reason = wanted_from_slot(t, v, s, &want);
-		break;
+		return from_slot(c, want);
 	}
+}
+
+/*
+ * The state machine (DESIGN.md event table), for every event.  Called with
+ * c->v's lock held.
+ */
+static __always_inline int pvsched_eval(const struct eval_ctx *c)
+{
+	struct pvsched_vcpu *v = c->v;
+	const struct pvsched_tunables *t = c->t;
+	__u32 force_reason = c->force_reason;
+	struct pvsched_sched_params want;
+	__u32 reason, state;
+
+	v->last_eval_ns = c->now;
+	if (c->s) {
+		v->last_slot = *c->s;
+		v->slot_read_ns = c->now;
+	}
+	account(v, t, c->now);
+
+	if (v->state == PVSCHED_STATE_THROTTLED) {
+		if (c->now < v->throttle_until_ns) {
+			stat_inc(PVSCHED_STAT_THROTTLED_IGNORED);
+			return 0;
+		}
+		/*
+		 * Throttle over: a fresh window, then evaluate as usual; v->state
+		 * stays THROTTLED until post() so the change reaches the host area.
+		 */
+		v->window_start_ns = c->now;
+		v->window_boosted_ns = 0;
+		v->hold = 0;
+		stat_inc(PVSCHED_STAT_UNTHROTTLE);
+		force_reason = PVSCHED_REASON_UNTHROTTLE;
+		if (!c->s) {
+			want = v->orig;
+			return post(c, &want, PVSCHED_STATE_NORMAL, force_reason);
+		}
+	}
+
+	if (v->state == PVSCHED_STATE_BOOSTED) {
+		bool own = v->window_boosted_ns > t->max_boost_runtime_ns;
+
+		if (own || vm_over_budget(t, c->now)) {
+			want = v->orig;
+			v->hold = 0;
+			v->throttle_until_ns = c->now + t->throttle_ns;
+			v->throttles++;
+			stat_inc(own ? PVSCHED_STAT_THROTTLE : PVSCHED_STAT_VM_BUDGET);
+			/* a halt does not reset the count: only the window or the throttle's end does */
+			return post(c, &want, PVSCHED_STATE_THROTTLED,
+				    own ? PVSCHED_REASON_THROTTLE : PVSCHED_REASON_VM_BUDGET);
+		}
+	}
+
+	reason = decide(c, &want);
+	if (reason == PVSCHED_REASON_NONE)
+		return 0;
 	cap(t, v, &want);
 	/* an admin's RT thread is never pulled below its own attributes by a boost or a request */
 	if (is_rt(v->orig.policy) && rank(&want) < rank(&v->orig))
 		want = v->orig;
 	state = rank(&want) > rank(&v->orig) ? PVSCHED_STATE_BOOSTED : PVSCHED_STATE_NORMAL;
 	/* no new boost while the VM's vCPUs together are over their share of this window */
-	if (state == PVSCHED_STATE_BOOSTED && v->state != PVSCHED_STATE_BOOSTED && vm_over_budget(t, now)) {
+	if (state == PVSCHED_STATE_BOOSTED && v->state != PVSCHED_STATE_BOOSTED && vm_over_budget(t, c->now)) {
 		want = v->orig;
 		v->hold = 0;
 		state = PVSCHED_STATE_NORMAL;
@@ -500,7 +541,7 @@ from_slot:
 	/* a forced re-evaluation (unthrottle, new tunables) names itself when params stay */
 	if (force_reason != PVSCHED_REASON_NONE && same_params(&want, &v->posted))
 		reason = force_reason;
-	return post(v, tid, t, &want, state, reason, source, now);
+	return post(c, &want, state, reason);
 }
 
 static __always_inline bool vcpu_trylock(struct pvsched_vcpu *v)
@@ -546,39 +587,39 @@ static __always_inline void switch_out(struct pvsched_vcpu *v, __u32 tid, const 
 	}
 	if (t->debug >= 2)
 		bpf_printk("pvsched: out tid %u src %u flags %x policy %d", tid, src, snap.flags, snap.policy);
-	pvsched_eval(v, tid, t, src, &snap, PVSCHED_REASON_NONE, now);
+	pvsched_eval(&(struct eval_ctx){ .v = v, .t = t, .s = &snap, .now = now, .tid = tid, .source = src });
 }
 
-/* vCPU out (VMEXIT-like, or HALT when it blocks with an IDLE slot) and vCPU in (VMENTER-like). */
 /* Task p is a registered vCPU thread of our VMM: its entry (and TID), else NULL. */
-static __always_inline struct pvsched_vcpu *task_vcpu(const struct pvsched_tunables *t,
-						      const struct task_struct *p, __u32 *tid)
+static __always_inline struct pvsched_vcpu *task_vcpu(const struct task_struct *p, __u32 *tid)
 {
-	if (p->tgid != t->vmm_pid)
+	if (!vmm_pid || p->tgid != vmm_pid)
 		return NULL;
 	*tid = p->pid;
 	return bpf_map_lookup_elem(&vcpus, tid);
 }
 
+/* vCPU out (VMEXIT-like, or HALT when it blocks with an IDLE slot) and vCPU in (VMENTER-like). */
 SEC("tp_btf/sched_switch")
 int BPF_PROG(pvs_switch, bool preempt, struct task_struct *prev, struct task_struct *next,
 	     unsigned int prev_state)
 {
-	struct pvsched_tunables *t = get_tunables();
+	struct pvsched_tunables *t;
 	struct pvsched_vcpu *v;
 	__u64 now;
 	__u32 tid;
 
-	if (!t || !t->vmm_pid)
+	/* fast path: most switches on the host involve no thread of our VMM (no map lookup either) */
+	if (!vmm_pid || (prev->tgid != vmm_pid && next->tgid != vmm_pid))
 		return 0;
-	/* fast path: most switches on the host involve no thread of our VMM */
-	if (prev->tgid != t->vmm_pid && next->tgid != t->vmm_pid)
+	t = get_tunables();
+	if (!t)
 		return 0;
 	now = bpf_ktime_get_ns();
 
-	v = task_vcpu(t, prev, &tid);
+	v = task_vcpu(prev, &tid);
 	/* current == prev here: the slot HVA is in this address space */
-	if (v && (bpf_get_current_pid_tgid() >> 32) == t->vmm_pid) {
+	if (v && (bpf_get_current_pid_tgid() >> 32) == vmm_pid) {
 		if (vcpu_trylock(v)) {
 			switch_out(v, tid, t, preempt || prev_state == TASK_RUNNING, now);
 			vcpu_unlock(v);
@@ -586,7 +627,7 @@ int BPF_PROG(pvs_switch, bool preempt, struct task_struct *prev, struct task_str
 		v->running = 0; /* even when the lock was busy: never left "running" */
 	}
 
-	v = task_vcpu(t, next, &tid);
+	v = task_vcpu(next, &tid);
 	if (v) {
 		stat_inc(PVSCHED_STAT_SWITCH_IN);
 		v->run_start_ns = now;
@@ -600,18 +641,18 @@ int BPF_PROG(pvs_switch, bool preempt, struct task_struct *prev, struct task_str
 SEC("tp_btf/sched_wakeup")
 int BPF_PROG(pvs_wakeup, struct task_struct *p)
 {
-	struct pvsched_tunables *t = get_tunables();
+	struct pvsched_tunables *t;
 	struct pvsched_vcpu *v;
 	__u32 tid;
 
-	if (!t || !t->vmm_pid)
-		return 0;
-	v = task_vcpu(t, p, &tid);
-	if (!v)
+	v = task_vcpu(p, &tid);
+	t = get_tunables();
+	if (!v || !t)
 		return 0;
 	stat_inc(PVSCHED_STAT_WAKEUP);
 	if (v->halted && vcpu_trylock(v)) {
-		pvsched_eval(v, tid, t, PVSCHED_SRC_WAKEUP, NULL, PVSCHED_REASON_NONE, bpf_ktime_get_ns());
+		pvsched_eval(&(struct eval_ctx){ .v = v, .t = t, .now = bpf_ktime_get_ns(), .tid = tid,
+						.source = PVSCHED_SRC_WAKEUP });
 		vcpu_unlock(v);
 	}
 	return 0;
@@ -641,13 +682,10 @@ static __always_inline bool post_notice(const struct pvsched_vcpu *v, __u32 tid,
 SEC("tp_btf/sched_process_exit")
 int BPF_PROG(pvs_exit, struct task_struct *p)
 {
-	struct pvsched_tunables *t = get_tunables();
 	struct pvsched_vcpu *v;
 	__u32 tid;
 
-	if (!t || !t->vmm_pid)
-		return 0;
-	v = task_vcpu(t, p, &tid);
+	v = task_vcpu(p, &tid);
 	if (!v)
 		return 0;
 	stat_inc(PVSCHED_STAT_EXITED);
@@ -656,11 +694,11 @@ int BPF_PROG(pvs_exit, struct task_struct *p)
 }
 
 /* Current task is a registered vCPU thread of our VMM: its entry, else NULL. */
-static __always_inline struct pvsched_vcpu *current_vcpu(const struct pvsched_tunables *t, __u32 *tid)
+static __always_inline struct pvsched_vcpu *current_vcpu(__u32 *tid)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 
-	if ((id >> 32) != t->vmm_pid) {
+	if (!vmm_pid || (id >> 32) != vmm_pid) {
 		stat_inc(PVSCHED_STAT_OTHER_CTX);
 		return NULL;
 	}
@@ -672,21 +710,21 @@ static __always_inline struct pvsched_vcpu *current_vcpu(const struct pvsched_tu
 SEC("tp_btf/kvm_exit")
 int BPF_PROG(pvs_kvm_exit)
 {
-	struct pvsched_tunables *t = get_tunables();
 	struct pvsched_slot_snap snap = {};
+	struct pvsched_tunables *t;
 	struct pvsched_vcpu *v;
 	__u32 tid;
 
-	if (!t || !t->vmm_pid)
-		return 0;
-	v = current_vcpu(t, &tid);
-	if (!v)
+	v = current_vcpu(&tid);
+	t = get_tunables();
+	if (!v || !t)
 		return 0;
 	stat_inc(PVSCHED_STAT_KVM_EXIT);
 	if (!vcpu_trylock(v))
 		return 0;
 	if (!read_slot(v->slot_hva, &snap, false))
-		pvsched_eval(v, tid, t, PVSCHED_SRC_KVM_EXIT, &snap, PVSCHED_REASON_NONE, bpf_ktime_get_ns());
+		pvsched_eval(&(struct eval_ctx){ .v = v, .t = t, .s = &snap, .now = bpf_ktime_get_ns(), .tid = tid,
+						.source = PVSCHED_SRC_KVM_EXIT });
 	vcpu_unlock(v);
 	return 0;
 }
@@ -694,13 +732,10 @@ int BPF_PROG(pvs_kvm_exit)
 SEC("tp_btf/kvm_entry")
 int BPF_PROG(pvs_kvm_entry)
 {
-	struct pvsched_tunables *t = get_tunables();
 	struct pvsched_vcpu *v;
 	__u32 tid;
 
-	if (!t || !t->vmm_pid)
-		return 0;
-	v = current_vcpu(t, &tid);
+	v = current_vcpu(&tid);
 	if (!v)
 		return 0;
 	stat_inc(PVSCHED_STAT_KVM_ENTRY);
@@ -714,10 +749,9 @@ int BPF_PROG(pvs_kvm_entry)
 SEC("tp_btf/kvm_vcpu_wakeup")
 int BPF_PROG(pvs_vcpu_wakeup)
 {
-	struct pvsched_tunables *t = get_tunables();
 	__u32 tid;
 
-	if (t && t->vmm_pid && current_vcpu(t, &tid))
+	if (current_vcpu(&tid))
 		stat_inc(PVSCHED_STAT_VCPU_WAKEUP);
 	return 0;
 }
@@ -725,10 +759,8 @@ int BPF_PROG(pvs_vcpu_wakeup)
 SEC("tp_btf/kvm_set_irq")
 int BPF_PROG(pvs_set_irq)
 {
-	struct pvsched_tunables *t = get_tunables();
-
 	/* carries only a GSI: counted, never acted on */
-	if (t && t->vmm_pid && (bpf_get_current_pid_tgid() >> 32) == t->vmm_pid)
+	if (vmm_pid && (bpf_get_current_pid_tgid() >> 32) == vmm_pid)
 		stat_inc(PVSCHED_STAT_SET_IRQ);
 	return 0;
 }
@@ -741,7 +773,8 @@ static __always_inline void irq_to(const struct pvsched_tunables *t, __u32 tid)
 		return;
 	stat_inc(PVSCHED_STAT_IRQ);
 	if (v->halted && vcpu_trylock(v)) {
-		pvsched_eval(v, tid, t, PVSCHED_SRC_IRQ, NULL, PVSCHED_REASON_NONE, bpf_ktime_get_ns());
+		pvsched_eval(&(struct eval_ctx){ .v = v, .t = t, .now = bpf_ktime_get_ns(), .tid = tid,
+						.source = PVSCHED_SRC_IRQ });
 		vcpu_unlock(v);
 	}
 }
@@ -750,17 +783,16 @@ static __always_inline void irq_to(const struct pvsched_tunables *t, __u32 tid)
 SEC("tp_btf/kvm_apic_accept_irq")
 int BPF_PROG(pvs_accept_irq, __u32 apicid)
 {
-	struct pvsched_tunables *t = get_tunables();
+	struct pvsched_tunables *t;
 	__u32 key = apicid, *tid;
 
-	if (!t || !t->vmm_pid)
-		return 0;
-	if ((bpf_get_current_pid_tgid() >> 32) != t->vmm_pid) {
+	if (!vmm_pid || (bpf_get_current_pid_tgid() >> 32) != vmm_pid) {
 		stat_inc(PVSCHED_STAT_OTHER_CTX);
 		return 0;
 	}
+	t = get_tunables();
 	tid = bpf_map_lookup_elem(&apic_tid, &key);
-	if (tid && *tid)
+	if (t && tid && *tid)
 		irq_to(t, *tid);
 	return 0;
 }
@@ -768,16 +800,16 @@ int BPF_PROG(pvs_accept_irq, __u32 apicid)
 SEC("tp_btf/kvm_inj_virq")
 int BPF_PROG(pvs_inj_virq)
 {
-	struct pvsched_tunables *t = get_tunables();
+	struct pvsched_tunables *t;
 	__u64 id = bpf_get_current_pid_tgid();
 
-	if (!t || !t->vmm_pid)
-		return 0;
-	if ((id >> 32) != t->vmm_pid) {
+	if (!vmm_pid || (id >> 32) != vmm_pid) {
 		stat_inc(PVSCHED_STAT_OTHER_CTX);
 		return 0;
 	}
-	irq_to(t, (__u32)id);
+	t = get_tunables();
+	if (t)
+		irq_to(t, (__u32)id);
 	return 0;
 }
 
@@ -813,7 +845,8 @@ int pvs_backstop(struct pvsched_backstop_ctx *ctx)
 		 * throttle still runs: else a boosted guest escapes it by never
 		 * finishing a slot write.
 		 */
-		ret = pvsched_eval(v, tid, t, PVSCHED_SRC_BACKSTOP, err ? NULL : &snap, ctx->reason, now);
+		ret = pvsched_eval(&(struct eval_ctx){ .v = v, .t = t, .s = err ? NULL : &snap, .now = now, .tid = tid,
+						      .source = PVSCHED_SRC_BACKSTOP, .force_reason = ctx->reason });
 		vcpu_unlock(v);
 	}
 	return ret;
@@ -857,7 +890,7 @@ static long clock_vcpu(struct bpf_map *map, __u32 *tid, struct pvsched_vcpu *v, 
 		return 0;
 	stat_inc(PVSCHED_STAT_CLOCK);
 	if (vcpu_trylock(v)) {
-		pvsched_eval(v, *tid, t, PVSCHED_SRC_CLOCK, NULL, PVSCHED_REASON_NONE, now);
+		pvsched_eval(&(struct eval_ctx){ .v = v, .t = t, .now = now, .tid = *tid, .source = PVSCHED_SRC_CLOCK });
 		ask_recheck(v, *tid, t, now);
 		vcpu_unlock(v);
 	}

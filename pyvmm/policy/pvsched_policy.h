@@ -16,8 +16,7 @@
 
 enum pvsched_policy_limits {
 	PVSCHED_SLOT_READ_TRIES = 4,   /* seqcount retries before ignoring */
-	PVSCHED_RT_PRIO_LIMIT = 30,    /* RT ladder: guest caps and boosts <= 30 */
-	PVSCHED_ACTUATOR_PRIO = 40,    /* actuator thread, SCHED_FIFO */
+	/* the RT ladder (PVSCHED_RT_PRIO_LIMIT, PVSCHED_ACTUATOR_PRIO, ...) is the ABI header's */
 	/* a change that keeps the state (nice 5 -> 6, RR 8 -> 9) is posted at most this often per vCPU */
 	PVSCHED_MIN_POST_INTERVAL_US = 1000,
 	PVSCHED_RINGBUF_BYTES = 256 * 1024,
@@ -159,14 +158,14 @@ struct pvsched_vcpu {
  * (validated there; ms converted to ns there, once).
  */
 struct pvsched_tunables {
-	__u32 vmm_pid;               /* fixed at load: only this tgid's slots are read */
 	__s32 boost_policy;          /* SCHED_RR or SCHED_FIFO */
 	__u32 boost_prio;            /* urgent, halt and interrupt boosts */
-	__u32 max_rt_prio;           /* cap on every RT priority (<= 30) */
+	__u32 max_rt_prio;           /* cap on every RT priority (<= PVSCHED_RT_PRIO_LIMIT) */
 	__u32 allow_fifo;            /* 0: FIFO requests become RR */
 	__s32 min_nice;              /* floor for translated nice values */
 	__u32 boost_on_halt;         /* enum pvsched_halt_boost */
 	__u32 debug;                 /* 0 off, 1 decisions, 2 every event (bpf_printk) */
+	__u32 pad0;
 	__u64 max_boost_runtime_ns;
 	__u64 throttle_window_ns;
 	__u64 throttle_ns;

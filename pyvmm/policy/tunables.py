@@ -49,8 +49,9 @@ import os
 from dataclasses import dataclass
 
 from pyvmm.common.sched_attr import SCHED_FIFO, SCHED_RR
+from pyvmm.policy.policy_types import consts
 
-RT_PRIO_LIMIT = 30  # RT ladder: guest caps and boosts <= 30 < actuator 40 < watchdogs 50
+RT_PRIO_LIMIT = consts().PVSCHED_RT_PRIO_LIMIT  # RT ladder (pvsched_abi.h): every boost and guest cap stays <= it
 
 DEFAULTS: dict[str, str] = {
     "boost_policy": "rr",
@@ -167,10 +168,9 @@ class Tunables:
         cpus = max(1, host_cpus or os.cpu_count() or 1)
         return self.vm_boost_share_pct * cpus * self.throttle_window_ms * 1_000_000 // 100
 
-    def fill(self, value, vmm_pid: int) -> None:
+    def fill(self, value) -> None:
         """Write into a cffi `struct pvsched_tunables *` (ms converted to ns here, once)."""
         ms = 1_000_000
-        value.vmm_pid = vmm_pid
         value.boost_policy = self.boost_policy
         value.boost_prio = self.boost_prio
         value.max_rt_prio = self.max_rt_prio

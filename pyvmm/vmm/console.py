@@ -2,7 +2,9 @@
 
 Output is flushed to the stream at each newline (and at exit), so a guest's
 lines appear as they are printed without one write per byte.  The kept copy
-feeds BootResult.console and the JSON records the test guest prints.
+feeds BootResult.console and the JSON records the test guest prints.  A
+RecordSplitter as the stream tells those records from the rest while the guest
+runs (the CLI shows them as human lines, or alone as JSON).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable
 from typing import BinaryIO, Self
 
 MAX_KEEP = 64 << 20  # bytes kept for BootResult; a runaway guest cannot eat the host's memory
+MAX_RECORD_LINE = 1 << 20  # a longer line is no record to RecordSplitter: what it holds stays bounded
 
 
 class Console:
@@ -58,20 +61,75 @@ class Console:
             return self._kept.decode("utf-8", errors="replace")
 
 
+def record_of_line(line: str | bytes) -> dict | None:
+    """The JSON record a console line holds (an object with a "type" key, alone on its line), else None."""
+    line = line.strip()
+    if not line.startswith(b"{" if isinstance(line, bytes) else "{"):
+        return None
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) and "type" in obj else None
+
+
+def record_lines(text: str) -> list[str]:
+    """The console lines that hold JSON records, stripped, in order (other lines are ignored)."""
+    return [line.strip() for line in text.splitlines() if record_of_line(line) is not None]
+
+
 def parse_records(text: str) -> list[dict]:
     """JSON objects with a "type" key, one per console line (other lines are ignored)."""
-    records = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line.startswith("{"):
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(obj, dict) and "type" in obj:
-            records.append(obj)
-    return records
+    return [rec for line in text.splitlines() if (rec := record_of_line(line)) is not None]
+
+
+class RecordSplitter:
+    """A console stream that hands the guest's JSON record lines and its other text to two callbacks.
+
+    on_record(line, record) gets each record line whole (its bytes as printed, newline included);
+    on_text(data) gets everything else, as it comes.  A partial line is passed on at flush() unless
+    it may still become a record (it starts with "{" and is not longer than MAX_RECORD_LINE): that
+    part waits for its newline or finish().
+    Console calls write() and flush() under its lock, so the callbacks are never run concurrently.
+    """
+
+    def __init__(self, on_record: Callable[[bytes, dict], None], on_text: Callable[[bytes], None]):
+        self.on_record, self.on_text = on_record, on_text
+        self._line = bytearray()   # the current line, not yet passed on
+        self._passed = False       # part of the current line already went to on_text: it is text
+
+    def write(self, data: bytes) -> None:
+        """Console output; complete lines are classified and passed on at once."""
+        *lines, rest = bytes(data).split(b"\n")
+        for part in lines:
+            self._line += part + b"\n"
+            self._end_line()
+        self._line += rest
+
+    def _end_line(self) -> None:
+        line, passed = bytes(self._line), self._passed
+        self._line.clear()
+        self._passed = False
+        rec = None if passed else record_of_line(line)
+        if rec is not None:
+            self.on_record(line, rec)
+        elif line:
+            self.on_text(line)
+
+    def flush(self) -> None:
+        """Pass on a partial line that cannot be a record (a prompt, progress dots)."""
+        head = self._line.lstrip()
+        if self._passed or len(self._line) > MAX_RECORD_LINE or (head and not head.startswith(b"{")):
+            self.on_text(bytes(self._line))
+            self._line.clear()
+            self._passed = True
+
+    def finish(self) -> None:
+        """The console ended: pass on what is left of the last line as text."""
+        if self._line:
+            self.on_text(bytes(self._line))
+            self._line.clear()
+        self._passed = False
 
 
 class ConsoleInput:

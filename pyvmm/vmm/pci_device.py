@@ -9,18 +9,23 @@ ignored (reads return 0).
 
 Lifecycle hooks, all optional, called by the VMM:
 - `attach(vm)`: once the device is on the bus, before vCPUs run;
-  `vm` is the VMM's machine object (memory, nr_vcpus, vcpu TIDs, ...).
+  `vm` is a `MachineHandle`: the part of the machine a device may use.
 - `start(vm)`: from the VMM's main thread after every vCPU thread exists
   (their TIDs are known); where a device starts helper processes.
+- `run(vm)` (a coroutine, if the device has one): a trio task in the VMM's
+  nursery from start until shutdown, which cancels it.
 - `stop()`: at shutdown, from the main thread, on every exit path.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
+
+from pyvmm.common.sched_attr import SchedAttr
 
 
 class BarKind(Enum):
@@ -38,6 +43,68 @@ class BarSpec:
     size: int
     kind: BarKind = BarKind.MMIO32
     prefetchable: bool = False
+
+
+class GuestRam(Protocol):
+    """Guest RAM as a device sees it: GPA ranges translated to the VMM's mapping and to the memfd behind it.
+
+    Every method raises GuestMemoryError for a range that is not entirely inside one RAM region.
+    """
+
+    @property
+    def fd(self) -> int:
+        """The memfd holding guest RAM (a device may pass it to a helper process)."""
+        ...
+
+    def region_of(self, gpa: int, length: int = 1) -> object:
+        """The RAM region holding [gpa, gpa + length)."""
+        ...
+
+    def hva(self, gpa: int, length: int = 1) -> int:
+        """Host virtual address of gpa in the VMM's mapping."""
+        ...
+
+    def file_offset(self, gpa: int, length: int = 1) -> int:
+        """Offset of gpa in the memfd."""
+        ...
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A live view of [gpa, gpa + length) (release it when done)."""
+        ...
+
+
+class MachineHandle(Protocol):
+    """What a device may use of the machine it sits in (pyvmm.vmm.machine.Machine provides it)."""
+
+    @property
+    def memory(self) -> GuestRam | None:
+        """Guest RAM (None only once the machine is closed)."""
+        ...
+
+    @property
+    def nr_vcpus(self) -> int:
+        """Number of vCPUs."""
+        ...
+
+    @property
+    def vmm_pid(self) -> int:
+        """PID of the VMM process."""
+        ...
+
+    @property
+    def vcpu_tids(self) -> Mapping[int, int]:
+        """vCPU index -> native TID of its thread (filled in before start())."""
+        ...
+
+    @property
+    def original_sched(self) -> Mapping[int, SchedAttr]:
+        """TID -> the vCPU thread's scheduling attributes before any device changed them (known at start())."""
+        ...
+
+    @property
+    def control_handlers(self) -> MutableMapping[str, Callable[[dict], Any]]:
+        """The control socket's commands: a device may add its own (a handler may return an awaitable)."""
+        ...
 
 
 class PciDevice:
@@ -74,10 +141,10 @@ class PciDevice:
         """Guest write of `size` bytes of `value` at `offset` inside BAR `bar`."""
         self.warn_once(f"w{bar}", f"write to unimplemented BAR{bar}")
 
-    def attach(self, vm: Any) -> None:
+    def attach(self, vm: MachineHandle) -> None:
         """Called once the device is on the bus, before vCPUs run."""
 
-    def start(self, vm: Any) -> None:
+    def start(self, vm: MachineHandle) -> None:
         """Called from the VMM main thread once every vCPU thread exists."""
 
     def stop(self) -> None:

@@ -50,7 +50,7 @@ def vm(bpf_object):
     def boot(cmdline: str, seconds: int = 4, *extra: str) -> tuple[subprocess.Popen, int, dict[int, int]]:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         p = subprocess.Popen(["chrt", "-f", "50", "timeout", "-s", "KILL", str(seconds + 30), "chrt", "-o", "0",
-                              sys.executable, "-m", "pyvmm.cli", "boot", "--cpus", "2", "--cmdline", cmdline,
+                              sys.executable, "-m", "pyvmm.cli", "boot", "--json", "--cpus", "2", "--cmdline", cmdline,
                               "--timeout", str(seconds + 20), *extra], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         procs.append(p)

@@ -356,7 +356,7 @@ def test_a_thread_already_above_the_boost_is_never_lowered(fake_vmm, policy_chil
     os.sched_setscheduler(tid, OTHER, os.sched_param(0))
 
 
-def _write_pinned_tunables(pin_dir: Path, vmm_pid: int, **fields) -> None:
+def _write_pinned_tunables(pin_dir: Path, **fields) -> None:
     """What anything with CAP_BPF can do: rewrite the pinned tunables map behind the policy's back."""
     from pyvmm.common import libbpf
     from pyvmm.policy.policy_types import ffi
@@ -364,7 +364,7 @@ def _write_pinned_tunables(pin_dir: Path, vmm_pid: int, **fields) -> None:
 
     f, lib = ffi(), libbpf.lib()
     val = f.new("struct pvsched_tunables *")
-    parse({}).fill(val, vmm_pid)
+    parse({}).fill(val)
     for k, v in fields.items():
         setattr(val, k, v)
     fd = libbpf.check(lib.bpf_obj_get(str(pin_dir / "tunables").encode()), "bpf_obj_get")
@@ -378,13 +378,13 @@ def test_hostile_values_in_the_pinned_tunables_map_are_clamped_where_used(fake_v
     vmm = fake_vmm(1)
     tid = vmm.tids[0]
     policy_child(vmm)
-    _write_pinned_tunables(pin_root / str(vmm.pid), vmm.pid, boost_policy=FIFO, boost_prio=99, max_rt_prio=99,
+    _write_pinned_tunables(pin_root / str(vmm.pid), boost_policy=FIFO, boost_prio=99, max_rt_prio=99,
                            allow_fifo=1)
     vmm.cmd("mode 0 idle")  # every halt asks for the halt boost (boost_prio)
     assert wait_for(lambda: observed(tid)[0] == FIFO, 2.0), f"got {observed(tid)}"
     assert all(prio <= 30 for _, pol, prio in sample(tid, 0.3, 0.002) if pol in (RR, FIFO)), "above the ladder's 30"
     assert proc_sched(tid) == {"policy": FIFO, "prio": 99 - 30}
-    _write_pinned_tunables(pin_root / str(vmm.pid), vmm.pid, boost_policy=6, boost_prio=99)  # DEADLINE: never
+    _write_pinned_tunables(pin_root / str(vmm.pid), boost_policy=6, boost_prio=99)  # DEADLINE: never
     assert wait_for(lambda: observed(tid) == (OTHER, 0, 0), 2.0), f"got {observed(tid)}"
     assert not wait_for(lambda: observed(tid)[0] != OTHER, 0.3), "boosted with an unknown boost_policy"
 
@@ -431,3 +431,22 @@ def test_a_guest_flipping_nice_at_every_block_gets_a_bounded_number_of_posts(fak
     vmm.cmd("mode 0 idle")
     child.terminate()
     assert observed(tid) == (OTHER, 0, 0)
+
+
+def test_the_vmm_pid_is_frozen_in_rodata_at_load(bpf_object):
+    """The programs serve the pid set before load; the map that holds it refuses writes afterwards."""
+    from pyvmm.common import libbpf
+    from pyvmm.policy.loader import BpfPolicy
+    from pyvmm.policy.tunables import parse
+
+    pol = BpfPolicy(bpf_object, vmm_pid=os.getpid(), pin_dir=None)
+    try:
+        pol.open_load_attach(parse(None))
+        assert pol.rodata_value("vmm_pid") == os.getpid()
+        lib, f = libbpf.lib(), libbpf.ffi()
+        m, size, _ = pol._rodata()
+        rc = lib.bpf_map_update_elem(lib.bpf_map__fd(m), f.new("uint32_t *", 0), f.new("char[]", size), 0)
+        assert rc < 0, "the .rodata map took a write after load: the programs could be retargeted"
+        assert pol.rodata_value("vmm_pid") == os.getpid()
+    finally:
+        pol.close()

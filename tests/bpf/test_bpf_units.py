@@ -52,14 +52,15 @@ def test_boost_on_halt_modes_match_the_header_and_booleans_stay_accepted():
     assert parse({"boost_on_halt": "true"}).boost_on_halt == "always"  # the seed's behaviour, as before
     assert parse({"boost_on_halt": "False"}).as_strings()["boost_on_halt"] == "never"
     v = ffi().new("struct pvsched_tunables *")
-    parse({"boost_on_halt": "always"}).fill(v, 1)
+    parse({"boost_on_halt": "always"}).fill(v)
     assert v.boost_on_halt == c.PVSCHED_HALT_BOOST_ALWAYS
 
 
 def test_ms_become_ns_in_the_map_value():
     v = ffi().new("struct pvsched_tunables *")
-    parse({"throttle_ms": "7"}).fill(v, vmm_pid=1234)
-    assert (v.vmm_pid, v.throttle_ns, v.max_boost_runtime_ns, v.boost_policy) == (1234, 7_000_000, 30_000_000, 2)
+    parse({"throttle_ms": "7"}).fill(v)
+    assert (v.throttle_ns, v.max_boost_runtime_ns, v.boost_policy) == (7_000_000, 30_000_000, 2)
+    assert "vmm_pid" not in dict(ffi().typeof("struct pvsched_tunables").fields)  # .rodata, frozen at load
 
 
 def test_the_vm_budget_is_a_share_of_all_host_cpus_per_window():
@@ -68,7 +69,7 @@ def test_the_vm_budget_is_a_share_of_all_host_cpus_per_window():
     assert t.vm_boost_budget_ns(host_cpus=64) == 3_200_000_000
     assert parse(None).vm_boost_share_pct == 30
     v = ffi().new("struct pvsched_tunables *")
-    t.fill(v, vmm_pid=1)
+    t.fill(v)
     assert v.vm_boost_budget_ns == t.vm_boost_budget_ns()          # the host's own CPU count
     for bad in ("0", "101", "-5"):
         with pytest.raises(TunableError, match="vm_boost_share_pct"):

@@ -18,6 +18,7 @@ import pytest
 from device_harness import Running
 from standin import StandinVm
 
+from pyvmm.cli.status_text import render
 from pyvmm.common.sched_attr import SCHED_FIFO, SchedAttr, sched_getattr, sched_setattr
 from pyvmm.device.guardian import Guardian, constants
 from pyvmm.policy.heartbeat import Heartbeat
@@ -218,7 +219,7 @@ def test_the_device_runs_one_and_status_shows_it(running: Running) -> None:
     beats = g.info()["beats"]
     time.sleep(0.1)
     assert g.info()["beats"] > beats, "the actuator's heartbeat does not move"
-    text = running.vm.control_handlers["status"]({"cmd": "status"})["text"]
+    text = render("status", running.vm.control_handlers["status"]({"cmd": "status"}))
     assert "guardian: watching, FIFO 45, memory locked, heartbeat" in text, text
     running.dev.stop()  # clean: disarmed first, so the policy's shutdown is not taken for a hang
     assert running.dev.supervisor.returncode == 0

@@ -15,6 +15,7 @@ from device_harness import SHM_GPA, C, Running
 from standin import StandinVm
 
 from pyvmm.abi import slots
+from pyvmm.cli.status_text import render
 from pyvmm.common.pins import remove_stale_pins
 from pyvmm.common.sched_attr import SCHED_FIFO, SCHED_OTHER, SCHED_RR, SchedAttr, sched_getattr, sched_setattr
 from pyvmm.device.device import PvschedDevice
@@ -108,10 +109,11 @@ def test_registration_tids_and_slots(running: Running) -> None:
     # A slot caught mid-write (odd seq) is not reported as data.
     _write_guest_slot(r, 1, seq=13, flags=0, policy=0, prio=0, nice=0, wake_hint=0)
     assert r.dev.policy_status()["vcpus"][1]["guest"] is None
-    # The device's own status command shows the same slots, as text and data.
+    # The device's own status command shows the same slots, as data and as `pyvmm status` prints them.
     reply = r.vm.control_handlers["status"]({"cmd": "status"})
-    assert "pvsched: active" in reply["text"] and f"TID {r.vm.vcpu_tids[0]}" in reply["text"]
-    assert "flags hardirq,idle policy rr prio 8" in reply["text"]
+    text = render("status", reply)
+    assert "pvsched: active" in text and f"TID {r.vm.vcpu_tids[0]}" in text
+    assert "flags hardirq,idle policy rr prio 8" in text
     assert reply["pvsched"]["policy"]["pid"] == r.policy_pid
 
 
@@ -167,7 +169,7 @@ def test_engine_runs_in_the_sandbox_and_tunables_forward(running: Running) -> No
     assert r.dev.supervisor.ready["engine"], r.dev.supervisor.ready.get("engine_error")
     assert os.path.isdir(f"/sys/fs/bpf/pvsched/{os.getpid()}")  # the engine's pins
     reply = r.vm.control_handlers["policy.set"]({"cmd": "policy.set", "values": {"boost_prio": "9"}})
-    assert reply["tunables"]["boost_prio"] == "9" and "boost_prio = 9" in reply["text"]
+    assert reply["tunables"]["boost_prio"] == "9" and "boost_prio = 9" in render("policy.set", reply)
     bad = r.vm.control_handlers["policy.set"]({"cmd": "policy.set", "values": {"boost_prio": "99"}})
     assert "error" in bad
     assert "error" in r.vm.control_handlers["policy.set"]({"cmd": "policy.set"})
@@ -217,7 +219,7 @@ def test_policy_death_restores_threads_within_100ms(running: Running) -> None:
     time.sleep(0.05)
     assert os.sched_getscheduler(tid) == SCHED_OTHER
     reply = r.vm.control_handlers["status"]({"cmd": "status"})
-    assert "policy: not running (policy process died (killed by signal 9))" in reply["text"]
+    assert "policy: not running (policy process died (killed by signal 9))" in render("status", reply)
     assert "error" in r.vm.control_handlers["policy.show"]({"cmd": "policy.show"})
 
 

@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Self
 
 from pyvmm.common import control_client as control
+from pyvmm.common import pins
 from pyvmm.common.sched_attr import SCHED_FIFO, SCHED_RR, SchedAttr, sched_getattr
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "bpf"))
 from sched_observe import observer_rt, wait_for  # tests/bpf: the observer at SCHED_FIFO 20
 
-PIN_ROOT = Path("/sys/fs/bpf/pvsched")
+PIN_ROOT = Path(pins.PIN_ROOT)
 WATCHDOG_PRIO = 50
 RT = (SCHED_FIFO, SCHED_RR)
 KNOWN_POLICIES = (0, 1, 2, 3, 5)  # OTHER FIFO RR BATCH IDLE: never DEADLINE, EXT or anything else
@@ -127,7 +128,7 @@ def start_vm(cmdline: str, cpus: int = 2, seconds: float = 5, args: tuple[str, .
     """Start `pyvmm boot` with the test guest under the RT watchdog; returns at once (see wait_active)."""
     e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     cmd = ["chrt", "-f", str(WATCHDOG_PRIO), "timeout", "-s", "KILL", str(int(seconds + 40)), "chrt", "-o", "0",
-           sys.executable, "-m", "pyvmm.cli", "boot", "--no-console-input", "--cpus", str(cpus), "--cmdline", cmdline,
+           sys.executable, "-m", "pyvmm.cli", "boot", "--json", "--no-console-input", "--cpus", str(cpus), "--cmdline", cmdline,
            "--timeout", str(int(seconds + 25)), *args]
     p = subprocess.Popen(cmd, cwd=ROOT, env=e, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE,
                          text=True)

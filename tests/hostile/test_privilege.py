@@ -19,7 +19,7 @@ from hostile_util import ROOT
 
 from pyvmm.vmm.machine import EXIT_BAD_INPUT
 
-BOOT = [sys.executable, "-m", "pyvmm.cli", "boot", "--no-console-input", "--cmdline", "duration=1 workload=idle",
+BOOT = [sys.executable, "-m", "pyvmm.cli", "boot", "--json", "--no-console-input", "--cmdline", "duration=1 workload=idle",
         "--cpus", "1", "--timeout", "30"]
 
 pytestmark = [

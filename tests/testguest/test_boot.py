@@ -25,7 +25,7 @@ def of_type(recs: list[dict], t: str) -> list[dict]:
 
 
 def boot(pyvmm, *args: str, timeout: float = 90) -> tuple[int, list[dict], str]:
-    p = pyvmm("boot", "--timeout", str(timeout - 10), *args, timeout=timeout)
+    p = pyvmm("boot", "--json", "--timeout", str(timeout - 10), *args, timeout=timeout)
     return p.returncode, records(p.stdout), p.stdout + p.stderr
 
 

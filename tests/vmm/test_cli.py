@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -161,7 +162,8 @@ def test_help_explains_every_boot_option_and_bench_is_delegated(pyvmm):
     r = pyvmm("boot", "--help")
     assert r.returncode == 0
     for opt in ("--kernel", "--initrd", "--cmdline", "--cpus", "--mem", "--timeout", "--no-pvsched", "--no-policy",
-                "--policy-set", "--pvsched-host-version", "--pvsched-host-features", "--kvm-device"):
+                "--policy-set", "--pvsched-host-version", "--pvsched-host-features", "--kvm-device", "--console",
+                "--json", "--json-out"):
         assert opt in r.stdout
     r = pyvmm("bench", "--help")
     assert r.returncode == 0 and "usage: pyvmm bench" in r.stdout
@@ -246,3 +248,53 @@ def test_status_without_pid_finds_the_only_vm(pyvmm, pyvmm_bg, guest, tmp_path):
     os.kill(p.pid, signal.SIGTERM)
     p.communicate(timeout=20)
     assert not sock.exists()
+
+
+VCPU_LINE = re.compile(r"^vCPU (\d+)  probe  p50 +[\d.]+ us  p99 +[\d.]+ us  max +[\d.]+ us  \(\d+ samples, \d+ missed\)"
+                       r"  \|  boosts \d+, throttles \d+, boosted [\d.]+ ms$")
+
+
+def test_default_boot_prints_human_lines_and_no_json(pyvmm):
+    """The test guest with the default output: the negotiation in words, one line per vCPU, no JSON record."""
+    r = pyvmm("boot", "--cmdline", "duration=1", "--timeout", "60", timeout=90)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert not [ln for ln in lines if ln.lstrip().startswith("{")], r.stdout
+    assert "pvsched-testguest: booting" in lines                   # the guest's own text passes through
+    assert "pvsched: active, version 1.0, features critical_sections,task_params,host_feedback,wake_hint," \
+           "rt_waiter" in lines, r.stdout
+    vcpus = [int(m.group(1)) for ln in lines if (m := VCPU_LINE.match(ln))]
+    assert vcpus == [0, 1], r.stdout
+
+
+def test_json_out_holds_the_records_and_json_prints_exactly_them(pyvmm, tmp_path):
+    out = tmp_path / "records.jsonl"
+    r = pyvmm("boot", "--cmdline", "duration=0.5", "--timeout", "60", "--json-out", str(out), timeout=90)
+    assert r.returncode == 0, r.stderr[-2000:]
+    recs = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert [x["type"] for x in recs if x["type"] in ("config", "pvsched", "done")] == ["config", "pvsched", "done"]
+    assert sorted(x["vcpu"] for x in recs if x["type"] == "latency") == [0, 1]
+    assert "vCPU 0  probe" in r.stdout and '{"type"' not in r.stdout   # stdout stays human
+    # --json: stdout holds the record lines and nothing else, the same lines --json-out writes
+    r = pyvmm("boot", "--json", "--cmdline", "duration=0.5", "--timeout", "60", "--json-out", str(out), timeout=90)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout == out.read_text() and r.stdout.startswith('{"type":"config"')
+
+
+def test_console_echoes_the_raw_console(pyvmm):
+    r = pyvmm("boot", "--console", "--no-pvsched", "--cmdline", "duration=0.2", "--timeout", "60", timeout=90)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("pvsched-testguest: booting\n{\"type\":\"config\"")
+    assert '{"type":"pvsched","status":"absent"}' in r.stdout and "vCPU 0" not in r.stdout
+
+
+def test_json_out_refuses_a_symlink_and_a_missing_folder(pyvmm, guest, tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "target")
+    r = pyvmm("boot", "--kernel", str(guest(HELLO)), "--no-pvsched", "--json-out", str(link))
+    assert r.returncode == 2 and "is a symlink: refusing to write through it" in one_error_line(r.stderr)
+    assert not (tmp_path / "target").exists()
+    r = pyvmm("boot", "--kernel", str(guest(HELLO)), "--no-pvsched", "--json-out", str(tmp_path / "no" / "f"))
+    assert r.returncode == 2 and "no such directory" in one_error_line(r.stderr)
+    r = pyvmm("boot", "--console", "--json")
+    assert r.returncode == 2 and "not allowed with argument" in one_error_line(r.stderr)

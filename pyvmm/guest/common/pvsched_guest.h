@@ -6,8 +6,11 @@
  *
  * The includer provides, before including this file:
  *   __u8/__u16/__u32/__u64/__s32 types and pvsched_abi.h,
- *   u32 PVSCHED_BAR_READ32(void *bar, u32 off)
- *   void PVSCHED_BAR_WRITE32(void *bar, u32 off, u32 val)
+ *   pvsched_bar_t   a type for the mapped BAR0 (Linux: void __iomem *),
+ *                   handed to the accessors below unchanged, so that
+ *                   its address space (e.g. __iomem) is never cast away
+ *   u32 PVSCHED_BAR_READ32(pvsched_bar_t bar, u32 off)
+ *   void PVSCHED_BAR_WRITE32(pvsched_bar_t bar, u32 off, u32 val)
  *   pvsched_wmb()   store-store barrier (x86: a compiler barrier suffices)
  *   PVSCHED_WRITE_ONCE(x, v) / PVSCHED_READ_ONCE(x)
  *
@@ -72,9 +75,10 @@ static inline void pvsched_init_header(void *shm, __u32 version,
  * what the guest speaks/wants; features are masked with what the host
  * offers unless force_features is set (used to test refusals).
  */
-static inline void pvsched_negotiate(void *bar, void *shm, __u64 shm_gpa,
-				     __u32 shm_size, __u32 version,
-				     __u32 features, int force_features,
+static inline void pvsched_negotiate(pvsched_bar_t bar, void *shm,
+				     __u64 shm_gpa, __u32 shm_size,
+				     __u32 version, __u32 features,
+				     int force_features,
 				     struct pvsched_negotiation *n)
 {
 	n->host_version = 0;
@@ -104,7 +108,7 @@ static inline void pvsched_negotiate(void *bar, void *shm, __u64 shm_gpa,
 }
 
 /* Stop sharing: the host forgets the area (the guest may then free it). */
-static inline void pvsched_disable(void *bar)
+static inline void pvsched_disable(pvsched_bar_t bar)
 {
 	PVSCHED_BAR_WRITE32(bar, PVSCHED_REG_CONTROL, PVSCHED_CTRL_DISABLE);
 }

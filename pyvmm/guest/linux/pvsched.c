@@ -25,6 +25,7 @@
 #include <linux/build_bug.h>
 #include <linux/cpumask.h>
 #include <linux/debugfs.h>
+#include <linux/device.h>
 #include <linux/gfp.h>
 #include <linux/io.h>
 #include <linux/module.h>
@@ -42,9 +43,9 @@
 
 #include "pvsched_abi.h"
 
-#define PVSCHED_BAR_READ32(bar, off) ioread32((void __iomem *)(bar) + (off))
-#define PVSCHED_BAR_WRITE32(bar, off, val) \
-	iowrite32((val), (void __iomem *)(bar) + (off))
+typedef void __iomem *pvsched_bar_t;
+#define PVSCHED_BAR_READ32(bar, off) ioread32((bar) + (off))
+#define PVSCHED_BAR_WRITE32(bar, off, val) iowrite32((val), (bar) + (off))
 #define pvsched_wmb() virt_wmb()
 #define PVSCHED_WRITE_ONCE(x, v) WRITE_ONCE(x, v)
 #define PVSCHED_READ_ONCE(x) READ_ONCE(x)
@@ -83,10 +84,9 @@ struct pvsched_area {
 	struct debugfs_blob_wrapper blob;
 };
 
-/* The bound device (device mode). */
+/* The bound device (device mode); device-managed, freed on unbind. */
 struct pvsched_dev {
-	struct pci_dev *pdev;
-	void __iomem *bar;
+	pvsched_bar_t bar;
 	struct pvsched_area area;
 };
 
@@ -672,7 +672,11 @@ static int pvsched_area_alloc(struct pvsched_area *a, u32 nr_slots)
 {
 	a->nr_slots = nr_slots;
 	a->size = pvsched_shm_bytes(nr_slots);
-	/* Physically contiguous and zeroed: the host maps it by GPA. */
+	/*
+	 * Physically contiguous and zeroed: the host maps it by GPA.  It reads
+	 * guest memory directly, not through any IOMMU, so the address is
+	 * virt_to_phys() (as legacy virtio's), not a DMA API handle.
+	 */
 	a->shm = alloc_pages_exact(a->size, GFP_KERNEL | __GFP_ZERO);
 	return a->shm ? 0 : -ENOMEM;
 }
@@ -683,107 +687,118 @@ static void pvsched_area_free(struct pvsched_area *a)
 	a->shm = NULL;
 }
 
+/* devres actions for what has no managed form (see pvsched_pci_probe). */
+static void pvsched_area_release(void *area)
+{
+	pvsched_area_free(area);
+}
+
+static void pvsched_disable_release(void *data)
+{
+	struct pvsched_dev *pd = data;
+
+	/* The host forgets the area (and restores its vCPU threads). */
+	pvsched_disable(pd->bar);
+}
+
+static void pvsched_deactivate_release(void *unused)
+{
+	pvsched_deactivate();
+}
+
+/*
+ * Everything the probe sets up is device-managed: on a failed probe and on
+ * unbind (rmmod included) devres undoes it in reverse order, so the probes
+ * stop before the host is told DISABLE, the host lets go of the area before
+ * it is freed, and BAR0 stays mapped (and the device enabled) until both
+ * are done.  So the driver has no .remove: nothing is left for it to do.
+ */
 static int pvsched_pci_probe(struct pci_dev *pdev,
 			     const struct pci_device_id *id)
 {
+	struct device *dev = &pdev->dev;
 	struct pvsched_negotiation neg;
 	struct pvsched_dev *pd;
 	u32 nr_vcpus;
 	int rc;
 
-	pd = kzalloc(sizeof(*pd), GFP_KERNEL);
+	pd = devm_kzalloc(dev, sizeof(*pd), GFP_KERNEL);
 	if (!pd)
 		return -ENOMEM;
-	pd->pdev = pdev;
 
-	rc = pci_enable_device_mem(pdev);
+	rc = pcim_enable_device(pdev);
 	if (rc) {
-		dev_err(&pdev->dev, "enabling the device failed [rc=%d]\n", rc);
-		goto out_free_dev;
+		dev_err(dev, "enabling the device failed [rc=%d]\n", rc);
+		return rc;
 	}
-	rc = pci_request_region(pdev, 0, KBUILD_MODNAME);
-	if (rc) {
-		dev_err(&pdev->dev, "BAR0 is busy [rc=%d]\n", rc);
-		goto out_disable_device;
-	}
-	pd->bar = pci_iomap(pdev, 0, PVSCHED_BAR0_SIZE);
-	if (!pd->bar) {
-		rc = -ENOMEM;
-		dev_err(&pdev->dev, "mapping BAR0 failed [rc=%d]\n", rc);
-		goto out_release_region;
-	}
-	if (ioread32(pd->bar + PVSCHED_REG_MAGIC) != PVSCHED_MAGIC) {
+	/* Registers are read below up to PVSCHED_BAR0_SIZE: BAR0 must hold them. */
+	if (!(pci_resource_flags(pdev, 0) & IORESOURCE_MEM) ||
+	    pci_resource_len(pdev, 0) < PVSCHED_BAR0_SIZE) {
 		rc = -ENODEV;
-		dev_err(&pdev->dev, "BAR0 has no pvsched magic [rc=%d]\n", rc);
-		goto out_unmap_bar;
+		dev_err(dev, "BAR0 is not %u bytes of memory [rc=%d]\n",
+			PVSCHED_BAR0_SIZE, rc);
+		return rc;
 	}
-	nr_vcpus = ioread32(pd->bar + PVSCHED_REG_NR_VCPUS);
+	rc = pcim_iomap_regions(pdev, BIT(0), KBUILD_MODNAME);
+	if (rc) {
+		dev_err(dev, "requesting and mapping BAR0 failed [rc=%d]\n", rc);
+		return rc;
+	}
+	pd->bar = pcim_iomap_table(pdev)[0];
+
+	if (PVSCHED_BAR_READ32(pd->bar, PVSCHED_REG_MAGIC) != PVSCHED_MAGIC) {
+		rc = -ENODEV;
+		dev_err(dev, "BAR0 has no pvsched magic [rc=%d]\n", rc);
+		return rc;
+	}
+	nr_vcpus = PVSCHED_BAR_READ32(pd->bar, PVSCHED_REG_NR_VCPUS);
 	if (!nr_vcpus || nr_vcpus > PVSCHED_MAX_VCPUS) {
 		rc = -EINVAL;
-		dev_err(&pdev->dev, "host reports %u vCPUs [rc=%d]\n",
-			nr_vcpus, rc);
-		goto out_unmap_bar;
+		dev_err(dev, "host reports %u vCPUs [rc=%d]\n", nr_vcpus, rc);
+		return rc;
 	}
 	rc = pvsched_area_alloc(&pd->area, nr_vcpus);
 	if (rc) {
-		dev_err(&pdev->dev, "allocating %u slots failed [rc=%d]\n",
-			nr_vcpus, rc);
-		goto out_unmap_bar;
+		dev_err(dev, "allocating %u slots failed [rc=%d]\n", nr_vcpus,
+			rc);
+		return rc;
 	}
+	rc = devm_add_action_or_reset(dev, pvsched_area_release, &pd->area);
+	if (rc)
+		return rc;
 
-	pvsched_negotiate((__force void *)pd->bar, pd->area.shm,
-			  virt_to_phys(pd->area.shm), pd->area.size,
-			  guest_version, guest_features, force_features, &neg);
+	pvsched_negotiate(pd->bar, pd->area.shm, virt_to_phys(pd->area.shm),
+			  pd->area.size, guest_version, guest_features,
+			  force_features, &neg);
 	if (neg.status != PVSCHED_STATUS_ACTIVE) {
 		rc = -EPROTO;
-		dev_err(&pdev->dev,
+		dev_err(dev,
 			"host refused: status %d (host version 0x%x features 0x%x, asked 0x%x/0x%x) [rc=%d]\n",
 			neg.status, neg.host_version, neg.host_features,
 			neg.version, neg.features, rc);
-		goto out_free_area;
+		return rc;
 	}
+	/* Registered after the area's release, so it runs before it. */
+	rc = devm_add_action_or_reset(dev, pvsched_disable_release, pd);
+	if (rc)
+		return rc;
 	pd->area.version = neg.version;
 	pd->area.features = neg.features;
 
 	rc = pvsched_activate(&pd->area);
 	if (rc) {
-		dev_err(&pdev->dev, "starting the probes failed [rc=%d]\n", rc);
-		goto out_disable_shm;
+		dev_err(dev, "starting the probes failed [rc=%d]\n", rc);
+		return rc;
 	}
-	pci_set_drvdata(pdev, pd);
-	dev_info(&pdev->dev,
+	/* Registered last: on unbind the probes stop first. */
+	rc = devm_add_action_or_reset(dev, pvsched_deactivate_release, NULL);
+	if (rc)
+		return rc;
+	dev_info(dev,
 		 "active: version 0x%x features 0x%x, %u vCPU slots at GPA 0x%llx\n",
 		 neg.version, neg.features, nr_vcpus,
 		 (unsigned long long)virt_to_phys(pd->area.shm));
 	return 0;
-
-out_disable_shm:
-	pvsched_disable((__force void *)pd->bar);
-out_free_area:
-	pvsched_area_free(&pd->area);
-out_unmap_bar:
-	pci_iounmap(pdev, pd->bar);
-out_release_region:
-	pci_release_region(pdev, 0);
-out_disable_device:
-	pci_disable_device(pdev);
-out_free_dev:
-	kfree(pd);
-	return rc;
-}
-
-static void pvsched_pci_remove(struct pci_dev *pdev)
-{
-	struct pvsched_dev *pd = pci_get_drvdata(pdev);
-
-	pvsched_deactivate();
-	/* The host forgets the area (and restores its vCPU threads). */
-	pvsched_disable((__force void *)pd->bar);
-	pvsched_area_free(&pd->area);
-	pci_iounmap(pdev, pd->bar);
-	pci_release_region(pdev, 0);
-	pci_disable_device(pdev);
-	kfree(pd);
 }
 
 static const struct pci_device_id pvsched_pci_ids[] = {
@@ -796,7 +811,6 @@ static struct pci_driver pvsched_pci_driver = {
 	.name = KBUILD_MODNAME,
 	.id_table = pvsched_pci_ids,
 	.probe = pvsched_pci_probe,
-	.remove = pvsched_pci_remove,
 };
 
 static struct pvsched_area pvsched_selftest_area;

@@ -7,8 +7,10 @@
 #include "guest.h"
 
 /* What pyvmm/guest/common/pvsched_guest.h needs from its includer. */
-#define PVSCHED_BAR_READ32(bar, off) mmio_read32((u64)(bar) + (off))
-#define PVSCHED_BAR_WRITE32(bar, off, v) mmio_write32((u64)(bar) + (off), (v))
+/* BAR0 is identity-mapped here: its address is the physical one. */
+typedef u64 pvsched_bar_t;
+#define PVSCHED_BAR_READ32(bar, off) mmio_read32((bar) + (off))
+#define PVSCHED_BAR_WRITE32(bar, off, v) mmio_write32((bar) + (off), (v))
 #define pvsched_wmb() barrier()
 #define PVSCHED_WRITE_ONCE(x, v) WRITE_ONCE(x, v)
 #define PVSCHED_READ_ONCE(x) READ_ONCE(x)

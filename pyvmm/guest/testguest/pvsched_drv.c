@@ -118,7 +118,7 @@ void pvsched_probe(void *area, u32 area_size)
 		return;
 	for (i = 0; i < size / 8; i++)
 		z[i] = 0;
-	pvsched_negotiate((void *)bar, area, (u64)area, size,
+	pvsched_negotiate(bar, area, (u64)area, size,
 			  tg.cfg.pvsched_version, tg.cfg.pvsched_features,
 			  tg.cfg.force_features, &n);
 	if (n.status == PVSCHED_GUEST_NO_DEVICE)
@@ -127,7 +127,7 @@ void pvsched_probe(void *area, u32 area_size)
 	if (n.status == PVSCHED_STATUS_TOO_SMALL && n.nr_vcpus > tg.nr_vcpus &&
 	    pvsched_shm_bytes(n.nr_vcpus) <= area_size) {
 		size = pvsched_shm_bytes(n.nr_vcpus);
-		pvsched_negotiate((void *)bar, area, (u64)area, size,
+		pvsched_negotiate(bar, area, (u64)area, size,
 				  tg.cfg.pvsched_version, tg.cfg.pvsched_features,
 				  tg.cfg.force_features, &n);
 	}
