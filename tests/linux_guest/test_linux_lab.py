@@ -67,6 +67,9 @@ def test_lab_runs_a_command_with_its_status_stdout_and_stderr(tmp_path):
     assert (tmp_path / "f").read_text() == "written\n"                # the --rwdir is the host's folder
 
 
+# The first user of the linux_image fixture pays for a fresh clone's image build (headers, the module, the
+# initramfs: minutes) inside its own limit; the lab boot alone takes about 100 s.
+@pytest.mark.timeout(900)
 def test_linux_boots_under_pyvmm_with_pvsched_and_powers_off(linux_image, tmp_path):
     img = linux_image("cloud")
     (res,) = lab_boots(tmp_path, [(img.kernel, img.initrd, "poweroff")], timeout=420)
