@@ -90,7 +90,7 @@ def default_kernel() -> Path:
     try:
         return ensure_built("testguest")
     except (BuildError, OSError) as e:
-        raise VmmError(f"cannot build the test guest: {e}") from None
+        raise VmmError(f"the bundled test guest: {e}") from None
 
 
 def _pvsched_device(cfg: BootConfig) -> PvschedDevice:

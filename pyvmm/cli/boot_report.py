@@ -24,9 +24,15 @@ REFUSALS = {
 }
 
 
+def _uint(v: object, limit: int | None = None) -> int | None:
+    """A non-negative integer from a record, at most `limit` (None for anything else: a record is guest output)."""
+    ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0 and (limit is None or v <= limit)
+    return v if ok else None  # type: ignore[return-value]
+
+
 def _word(v: object) -> int | None:
-    """A 32-bit register value from a record (None for anything else: a record is guest output)."""
-    return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 0xFFFFFFFF else None
+    """A 32-bit register value from a record."""
+    return _uint(v, 0xFFFFFFFF)
 
 
 def _features(bits: object) -> str:
@@ -134,10 +140,6 @@ def _host_part(vcpu: int, device: dict | None, hosts: dict[int, dict]) -> str | 
     return None
 
 
-def _vcpu_id(v: object) -> int | None:
-    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
-
-
 PER_VCPU = ("latency", "workload", "host")
 
 
@@ -149,9 +151,9 @@ def vcpu_lines(records: list[dict], device_stats: dict) -> list[str]:
     dev = (device_stats.get("pvsched") or {}).get("device")
     config = next((r for r in records if r.get("type") == "config"), {})
     workloads = [str(w) for w in config.get("workload") or []] if isinstance(config.get("workload"), list) else []
-    hosts = {_vcpu_id(r.get("vcpu")): r for r in records if r.get("type") == "host"}
-    ids = {_vcpu_id(r.get("vcpu")) for r in records if r.get("type") in PER_VCPU}
-    ids.update(_vcpu_id(v.get("id")) for v in (dev or {}).get("vcpus") or [])
+    hosts = {_uint(r.get("vcpu")): r for r in records if r.get("type") == "host"}
+    ids = {_uint(r.get("vcpu")) for r in records if r.get("type") in PER_VCPU}
+    ids.update(_uint(v.get("id")) for v in (dev or {}).get("vcpus") or [])
     width = max((len(w) for w in workloads), default=0)
     lines = []
     for vid in sorted(i for i in ids if i is not None):

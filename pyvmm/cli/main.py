@@ -1,4 +1,4 @@
-"""`pyvmm`: boot a guest, or talk to a running VM.  A thin layer over pyvmm.boot and pyvmm.vmm.control.
+"""`pyvmm`: boot a guest, or talk to a running VM.  A thin layer over pyvmm.boot and the control client.
 
 Exit codes of `pyvmm boot`: the guest's own exit code (test guest: the byte
 written to port 0xf4; Linux: 0 on power-off/reboot), 2 for a problem with
@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--kernel", metavar="PATH",
                    help="guest kernel: a Linux bzImage or a test-guest ELF (told apart by magic); "
-                        "default: the bundled test guest, built on first use")
+                        "default: the bundled test guest (built by scripts/setup.sh or the package build)")
     b.add_argument("--initrd", metavar="PATH", help="initramfs for a Linux kernel")
     b.add_argument("--cmdline", default="", metavar="STR",
                    help="guest command line; for the test guest: duration=<s> (default 5), interval=<us> "
@@ -170,8 +170,17 @@ def _console_stream(args: argparse.Namespace) -> RecordSplitter | None:
     return RecordSplitter(shown, _write_stdout)
 
 
-def _boot(args: argparse.Namespace) -> int:
+def _write_out(option: str, path: Path, text: str) -> bool:
+    """Write an output file the user named (never through a symlink); False, after one line on stderr, if not."""
+    try:
+        write_file_nofollow(path, text)
+        return True
+    except OSError as e:
+        print(f"pyvmm: cannot write {option} {path}: {e.strerror or e}", file=sys.stderr)
+        return False
 
+
+def _boot(args: argparse.Namespace) -> int:
     for option, path in (("--stats-out", args.stats_out), ("--json-out", args.json_out)):
         if (problem := _out_path_problem(option, path)) is not None:
             print(f"pyvmm: {problem}", file=sys.stderr)
@@ -194,25 +203,20 @@ def _boot(args: argparse.Namespace) -> int:
             _write_stdout("".join(line + "\n" for line in lines).encode())
     if result.message:
         print(f"pyvmm: {result.message}", file=sys.stderr)
+    outputs = []
     if args.json_out:
-        try:
-            write_file_nofollow(args.json_out, "".join(line + "\n" for line in record_lines(result.console)))
-        except OSError as e:
-            print(f"pyvmm: cannot write --json-out {args.json_out}: {e.strerror or e}", file=sys.stderr)
-            return result.exit_code or EXIT_BAD_INPUT
+        outputs.append(("--json-out", args.json_out, "".join(line + "\n" for line in record_lines(result.console))))
     if args.stats_out:
-        try:
-            write_file_nofollow(args.stats_out, json.dumps({
-                "exit_code": result.exit_code, "message": result.message, "elapsed_s": round(result.elapsed_s, 3),
-                "devices": result.device_stats}, indent=1, default=str) + "\n")
-        except OSError as e:
-            print(f"pyvmm: cannot write --stats-out {args.stats_out}: {e.strerror or e}", file=sys.stderr)
+        stats = {"exit_code": result.exit_code, "message": result.message, "elapsed_s": round(result.elapsed_s, 3),
+                 "devices": result.device_stats}
+        outputs.append(("--stats-out", args.stats_out, json.dumps(stats, indent=1, default=str) + "\n"))
+    for option, path, text in outputs:
+        if not _write_out(option, path, text):
             return result.exit_code or EXIT_BAD_INPUT
     return result.exit_code
 
 
 def _client(args: argparse.Namespace) -> int:
-
     if args.command == "status":
         pid, req = args.pid, {"cmd": "status"}
     elif args.policy_command == "show":
@@ -226,9 +230,7 @@ def _client(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         print(json.dumps(reply, indent=2))
-    elif "error" in reply:
-        pass
-    else:
+    elif "error" not in reply:
         print(render(req["cmd"], reply) or json.dumps(reply, indent=2))
     if "error" in reply:
         print(f"pyvmm: {reply['error']}", file=sys.stderr)

@@ -35,7 +35,7 @@ from pyvmm.common.pins import PIN_ROOT, remove_pin_dir
 
 log = logging.getLogger("pyvmm.pvsched.supervisor")
 
-READY_TIMEOUT_S = 60.0  # Python start-up, ABI preprocessing and BPF load: over 20 s in the lab (QEMU TCG) under stress-ng
+READY_TIMEOUT_S = 60.0  # Python start-up, the cffi views and the BPF load: over 20 s in the lab (QEMU TCG) under stress-ng
 STOP_TIMEOUT_S = 3.0
 REQUEST_TIMEOUT_S = 5.0
 HEARTBEAT_S = 2.0  # ping period

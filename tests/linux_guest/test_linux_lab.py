@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,24 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("qemu-system-x86_64") is None
                                 or shutil.which("vng") is None,
                                 reason="the lab needs root, QEMU and virtme-ng (scripts/setup.sh)")
+
+
+def run_lab(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """`pyvmm lab ARGS` to its end; its whole process group (vng, QEMU) is killed however this ends.
+
+    Killing `pyvmm lab` alone, as subprocess.run does on a timeout or when pytest-timeout interrupts the
+    test, leaves QEMU running below it with both CPUs."""
+    p = subprocess.Popen([sys.executable, "-m", "pyvmm.cli", "lab", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, process_group=0)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 def lab_boots(tmp_path: Path, boots: list[tuple[Path, Path, str]], timeout: float, extra: str = "",
@@ -43,8 +62,7 @@ def lab_boots(tmp_path: Path, boots: list[tuple[Path, Path, str]], timeout: floa
         script = (f"cd /tmp && {stress} >/dev/null 2>&1 & s=$!; cd {shlex.quote(str(ROOT))}; "
                   f"{shlex.join(inner)}; rc=$?; kill $s; wait; exit $rc")
         inner = ["sh", "-c", script]
-    argv = [sys.executable, "-m", "pyvmm.cli", "lab", "--rwdir", str(tmp_path), "--", *inner]
-    r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+    r = run_lab(["--rwdir", str(tmp_path), "--", *inner], timeout)
     assert r.returncode == 0, f"lab exited {r.returncode}: {r.stderr[-3000:]}"
     return json.loads(out.read_text())
 
@@ -58,8 +76,7 @@ def assert_ended(res: dict, message: str | None) -> None:
 
 def test_lab_runs_a_command_with_its_status_stdout_and_stderr(tmp_path):
     script = f"test -c /dev/kvm && grep -c svm /proc/cpuinfo; pwd; echo oops >&2; echo written > {tmp_path}/f; exit 7"
-    r = subprocess.run([sys.executable, "-m", "pyvmm.cli", "lab", "--rwdir", str(tmp_path), "--", "sh", "-c", script],
-                       cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+    r = run_lab(["--rwdir", str(tmp_path), "--", "sh", "-c", script], 240)
     assert r.returncode == 7, r.stderr[-2000:]
     out = r.stdout.split()
     assert out[0] in ("1", "2") and out[1] == str(ROOT), r.stdout   # /dev/kvm and SVM inside, caller's cwd
