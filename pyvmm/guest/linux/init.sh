@@ -13,7 +13,7 @@
 #   pvsched.args="..."     extra module parameters, comma separated
 #   pvsched.duration=<s>   cyclictest duration (default 5)
 #   pvsched.interval=<us>  cyclictest interval (default 1000)
-#   pvsched.spin=<s>       self-test: how long the RT spinner runs (default 2)
+#   pvsched.spin=<s>       self-test: the most the RT spinner may run (default 30)
 #   pvsched.new_id=V:D     device workload: also bind the driver to PCI V:D
 #   pvsched.end=poweroff|reboot   how the VM ends (default poweroff)
 #   pvsched.hist=<us>      cyclictest histogram buckets of 1 us (default 20000; p50/p99 come from it)
@@ -86,7 +86,7 @@ dump_dmesg() {
 
 # Self-test: the module's probes on an area allocated without the device.
 workload_selftest() {
-	spin=$(arg spin 2)
+	spin=$(arg spin 30)
 	load_module selftest=1 || return 1
 	kv_json info $DBG/info
 	while read -r name state; do
@@ -94,19 +94,31 @@ workload_selftest() {
 	done < $DBG/tracepoints
 	slots_json before
 
-	# An RR 8 spinner pinned to CPU 1 (bounded by timeout); sample CPU 1's
-	# slot from CPU 0 while it runs.  RT throttling off meanwhile: it would
-	# hand CPU 1 to others for 50 ms of each second, at a random sample.
+	# An RR 8 spinner pinned to CPU 1; sample CPU 1's slot from CPU 0 while
+	# it runs.  It is killed once the samples are taken, never ended by a
+	# clock: under TCG on a busy host the samples take seconds.  timeout
+	# only bounds it if this script dies.  RT throttling off meanwhile: it
+	# would hand CPU 1 to others for 50 ms of each second, at a random sample.
 	rt_runtime=$(cat /proc/sys/kernel/sched_rt_runtime_us)
 	echo -1 > /proc/sys/kernel/sched_rt_runtime_us
 	taskset -c 1 chrt -r 8 timeout "$spin" sh -c 'while :; do :; done' &
 	spinner=$!
-	sleep 0.5
+	# Sample once it spins: its pid runs sh only after taskset, chrt and timeout exec'd.
+	n=0
+	while [ "$(cat /proc/$spinner/comm 2>/dev/null)" != sh ] && [ $n -lt 100 ]; do
+		sleep 0.05
+		n=$((n + 1))
+	done
+	sleep 0.2
 	for _ in 1 2 3; do
 		slots_json rt
 		sleep 0.1
 	done
 	shm_json rt
+	# The rt samples hold only if the spinner was still running after them.
+	kill -0 $spinner 2>/dev/null ||
+		echo '{"type":"error","what":"the RT spinner ended before the rt samples were taken (raise pvsched.spin)"}'
+	kill $spinner 2>/dev/null
 	wait $spinner
 	echo "$rt_runtime" > /proc/sys/kernel/sched_rt_runtime_us
 	sleep 0.3
