@@ -40,6 +40,7 @@ class BootConfig:
     pvsched: bool = True
     policy: bool = True
     tunables: dict[str, str] = field(default_factory=dict)
+    program: str = "pvsched"                  # the BPF policy (pyvmm.policy.programs)
     host_version: int | None = None
     host_features: int | None = None
     kvm_device: str = "/dev/kvm"
@@ -95,7 +96,7 @@ def default_kernel() -> Path:
 
 def _pvsched_device(cfg: BootConfig) -> PvschedDevice:
     return PvschedDevice(policy=cfg.policy, tunables=dict(cfg.tunables) or None,
-                         host_version=cfg.host_version, host_features=cfg.host_features)
+                         host_version=cfg.host_version, host_features=cfg.host_features, program=cfg.program)
 
 
 def build_machine(cfg: BootConfig, console: Console) -> Machine:

@@ -100,12 +100,10 @@ def vng_command(kernel: Path, script: str, cpus: int, mem_mib: int, cwd: str, rw
         # -cpu max under TCG advertises SVM with nested paging; thread=multi runs the lab's CPUs in parallel.
         # tsc=reliable: QEMU TCG derives every lab CPU's TSC from one host counter (cpu_get_ticks), yet the
         # lab kernel's TSC sync check fails under emulation ("TSCs unsynchronized").  With a TSC it calls
-        # unstable, the lab's KVM lets each vCPU's TSC drift apart: a guest's CPU 1 ran 20 s behind CPU 0,
-        # its timers stopped, and it hung.
-        # kvm_amd.npt=0: with nested paging, a guest triple-faulted in about 1 boot of 3 while the emulated
-        # CPU delivered an injected interrupt (L1's trace: exit "shutdown" with that vector in EXITINTINFO,
-        # after hundreds of identical deliveries), and QEMU as the inner VMM hung the whole lab once; with
-        # the lab's KVM on shadow paging, QEMU TCG's nested page walk is out of the way (docs/linux-lab.md).
+        # unstable, the lab's KVM lets each vCPU's TSC drift apart until a guest CPU's timers stop.
+        # kvm_amd.npt=0: with nested paging, guests triple-fault while the emulated CPU delivers an injected
+        # interrupt, and QEMU as the inner VMM can hang the lab; with the lab's KVM on shadow paging, QEMU
+        # TCG's nested page walk is out of the way (docs/linux-lab.md, "The lab's triple faults and hangs").
         cmd += ["--disable-kvm", "--qemu-opts=-cpu max -accel tcg,thread=multi", "--append", "tsc=reliable kvm_amd.npt=0"]
     else:
         cmd += ["--qemu-opts=-cpu host"]

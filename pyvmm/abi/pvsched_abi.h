@@ -1,14 +1,16 @@
 /* SPDX-License-Identifier: GPL-2.0 OR MIT */
 /*
  * pvsched guest/host ABI: the one definition of everything that crosses a
- * boundary (BAR0 register map, shared memory layout, test-guest boot
- * contract).  Consumers: the test guest, the Linux module, the BPF programs
- * and Python (cffi cdef of `cc -E -P -DPVSCHED_ABI_NO_ASSERTS`).
+ * boundary of pvsched (BAR0 register map, shared memory layout, RT ladder,
+ * heartbeat; the test guest's boot contract is testguest_boot.h).  Consumers:
+ * the test guest, the Linux module, the BPF programs and Python (cffi cdef of
+ * `cc -E -P -DPVSCHED_ABI_NO_ASSERTS`).
  *
  * Each consumer provides __u8/__u16/__u32/__u64/__s32 before including it
  * (vmlinux.h in BPF, linux/types.h in the module, stdint in the test guest).
  * Constants are enums because cffi's cdef reads enums, not #define
- * expressions.  The reference text is shared/DESIGN.md, "Contracts".
+ * expressions.  The comments here are the reference; the device's side of
+ * BAR0 and the negotiation is described in pyvmm/device/README.md.
  */
 #ifndef PVSCHED_ABI_H
 #define PVSCHED_ABI_H
@@ -69,20 +71,35 @@ enum pvsched_version {
 	PVSCHED_VERSION = 0x00010000, /* PVSCHED_VERSION_MAJOR << 16 | MINOR */
 };
 
-/* Feature bits; a new behaviour gets a new bit, an unknown bit is refused. */
+/*
+ * Feature bits: a new behaviour gets a new row, an unknown bit is refused.
+ * One row per feature, X(NAME, BIT, OFFERED, "what the guest promises"):
+ * the enum below, the device's default offer (OFFERED = 1), the names and
+ * descriptions Python shows (build/pvsched_features.json, made from this
+ * list by cdef.mk) all come from it, so a new feature is one row here.
+ * A guest asks only for the rows it implements (its own mask).
+ */
+#define PVSCHED_FEATURES(X)                                                                     \
+	X(CRITICAL_SECTIONS, 0, 1, "the guest marks irq, softirq, nmi and preempt-off sections")   \
+	X(TASK_PARAMS, 1, 1, "the guest publishes the running task's policy, RT priority and nice") \
+	X(HOST_FEEDBACK, 2, 1, "the host writes what it did into the slot's host area")             \
+	X(WAKE_HINT, 3, 1, "a vCPU waking an RT task on another vCPU sets that slot's wake_hint")    \
+	X(RT_WAITER, 4, 1, "IDLE comes with RT_WAITING while an RT task sleeps on the vCPU, so the host boosts a halt only then")
+
+#define PVSCHED_F_BIT_(name, bit, offered, doc) PVSCHED_F_##name = 1 << (bit),
+#define PVSCHED_F_ALL_(name, bit, offered, doc) | (1 << (bit))
+#define PVSCHED_F_OFFER_(name, bit, offered, doc) | ((offered) << (bit))
 enum pvsched_feature {
-	PVSCHED_F_CRITICAL_SECTIONS = 1 << 0,
-	PVSCHED_F_TASK_PARAMS = 1 << 1,
-	PVSCHED_F_HOST_FEEDBACK = 1 << 2,
-	PVSCHED_F_WAKE_HINT = 1 << 3,
-	/*
-	 * The guest sets PVSCHED_FLAG_RT_WAITING with IDLE when an RT task
-	 * sleeps on the vCPU; the host may then boost a halting vCPU only
-	 * then (a guest without it gets the halt boost at every halt).
-	 */
-	PVSCHED_F_RT_WAITER = 1 << 4,
-	PVSCHED_F_ALL_V1 = 0x1f,
+	PVSCHED_FEATURES(PVSCHED_F_BIT_)
 };
+
+enum pvsched_feature_mask {
+	PVSCHED_F_ALL = 0 PVSCHED_FEATURES(PVSCHED_F_ALL_),           /* every feature this header defines */
+	PVSCHED_F_DEFAULT_OFFER = 0 PVSCHED_FEATURES(PVSCHED_F_OFFER_), /* what the device offers by default */
+};
+#undef PVSCHED_F_BIT_
+#undef PVSCHED_F_ALL_
+#undef PVSCHED_F_OFFER_
 
 enum pvsched_control {
 	PVSCHED_CTRL_ENABLE = 1,
@@ -191,35 +208,12 @@ struct pvsched_heartbeat {
 	__u64 reserved[7];
 };
 
-/*
- * Test-guest boot contract: every vCPU enters the ELF's e_entry in 64-bit
- * mode at CPL0 with RDI = vCPU id and RSI = GPA of this structure.  The
- * guest ends the VM by writing its exit code (one byte) to port
- * PVSCHED_TESTGUEST_EXIT_PORT.
- */
-enum pvsched_boot {
-	PVSCHED_BOOT_INFO_MAGIC = 0x544f4f42, /* "BOOT" */
-	PVSCHED_TESTGUEST_EXIT_PORT = 0xf4,
-	PVSCHED_COM1_PORT = 0x3f8,
-};
-
-struct pvsched_boot_info {
-	__u32 magic;        /* PVSCHED_BOOT_INFO_MAGIC */
-	__u32 nr_vcpus;
-	__u64 mem_size;     /* bytes of guest RAM */
-	__u64 tsc_khz;      /* from KVM_GET_TSC_KHZ */
-	__u64 cmdline_gpa;  /* NUL-terminated guest command line */
-	__u64 cmdline_len;  /* bytes, without the NUL */
-	__u64 reserved[3];
-};
-
 #ifndef PVSCHED_ABI_NO_ASSERTS
 _Static_assert(sizeof(struct pvsched_shm_header) == PVSCHED_SHM_HEADER_SIZE,
 	       "shm header is 64 bytes");
 _Static_assert(sizeof(struct pvsched_guest_area) == 64, "guest area");
 _Static_assert(sizeof(struct pvsched_host_area) == 64, "host area");
 _Static_assert(sizeof(struct pvsched_slot) == PVSCHED_SLOT_SIZE, "slot");
-_Static_assert(sizeof(struct pvsched_boot_info) == 64, "boot_info");
 _Static_assert(sizeof(struct pvsched_heartbeat) == 64, "heartbeat");
 #endif
 

@@ -1,11 +1,11 @@
 """Where the host's CPU time goes during a benchmark run: vCPU threads, the rest of the VMM, its policy
-process, the host load (stress-ng), and what the hypervisor below this machine took (steal).
+process, the host load (stress-ng), and what a hypervisor below the host took (steal).
 
 A host-throughput ratio (stress-ng bogo-ops/s against vanilla) mixes two things: the CPU a configuration
 gives the guest (a guest served on time does more work) and what the mechanism itself costs. Sampling CPU
 time per party separates them. Per-task times come from /proc, which the kernel scales to the precise
-runtime (/proc/stat's per-CPU tick counts are not: on an idle host they showed 0.02 CPUs busy while the
-vCPU threads ran 0.19, woken in step with the tick), sampled by a thread every `period_s`. A party's figure
+runtime (/proc/stat's per-CPU tick counts are not: they miss threads that run between ticks, as vCPU
+threads woken in step with the tick do), sampled by a thread every `period_s`. A party's figure
 is its CPU seconds between the first and the last sample, divided by that window: in CPUs (1.0 = one CPU
 for the whole window).
 """
@@ -86,7 +86,7 @@ def threads_cpu_s(tids: list[int]) -> float | None:
 
 
 def steal_s() -> float | None:
-    """CPU seconds this machine's CPUs were ready but not run by the hypervisor below it (/proc/stat steal).
+    """CPU seconds the host's CPUs were ready but not run by a hypervisor below it (/proc/stat steal).
 
     Counted in ticks (USER_HZ), so only stalls of 10 ms and more show; on a VM host they stall every task,
     RT or not, vCPU threads included."""

@@ -1,4 +1,4 @@
-"""Benchmark records (the schema DESIGN.md pins), their summary over repetitions, and the issue's targets.
+"""Benchmark records (the keys the README's "Benchmark" section lists), their summary over repetitions, the targets.
 
 Pure functions only: no processes, no files; tests drive them with made-up records.
 """
@@ -13,6 +13,7 @@ HOSTS = ("idle", "busy")
 PRIMARY = "probe,probe"
 MIXED = "probe,busy"
 TICKING = "probe,tick"  # the probe next to a normal-priority task that wakes every interval
+LOCK = "lock,lock"      # both vCPUs contend one guest spinlock; "guest" is then the acquisition wait
 LINUX = "cyclictest"    # the Linux guest's one workload (bench --guest linux): the seed's cyclictest
 
 
@@ -39,14 +40,15 @@ def _pct(points: list[tuple[float, int]], q: float) -> float:
     return points[-1][0]
 
 
-def guest_summary(records: list[dict]) -> dict | None:
-    """Merge the guest's per-vCPU probe records into one {"min","avg","p50","p99","max","samples","vcpus"} (us).
+def guest_summary(records: list[dict], workload: str = "probe") -> dict | None:
+    """Merge the guest's per-vCPU `workload` records into one {"min","avg","p50","p99","max","samples","vcpus"} (us).
 
-    One probe vCPU: its numbers as printed.  Several: min/max/avg exact, percentiles from the merged
+    Those of the probe (the default), or of the lock workload: their latency is the acquisition wait.
+    One vCPU: its numbers as printed.  Several: min/max/avg exact, percentiles from the merged
     histograms (each bucket counted at its upper edge, so at most one bucket pessimistic) when every record
     has one, else the worst vCPU's (conservative).  "missed" adds up the ticks the guest lost.
     """
-    probes = [r for r in records if r.get("type") == "latency" and r.get("workload", "probe") == "probe"
+    probes = [r for r in records if r.get("type") == "latency" and r.get("workload", "probe") == workload
               and all(isinstance(r.get(k), (int, float)) for k in GUEST_KEYS)]
     if not probes:
         return None
@@ -65,11 +67,32 @@ def guest_summary(records: list[dict]) -> dict | None:
         merged = [pt for h in hists for pt in h]
         res["p50"] = _pct(merged, 0.50)
         res["p99"] = _pct(merged, 0.99)
+        if workload == "lock":
+            # Most waits sit inside the first 1-us bucket, which its upper edge would read as 1 us.  A mixture's
+            # quantile lies between its parts' own, so the vCPUs' exact percentiles bound the merged one.
+            for k in ("p50", "p99"):
+                res[k] = min(max(res[k], min(p[k] for p in probes)), max(p[k] for p in probes))
     else:
         res["p50"] = max(p["p50"] for p in probes)
         res["p99"] = max(p["p99"] for p in probes)
     return {**{k: res[k] for k in GUEST_KEYS}, "samples": total, "missed": missed,
             "vcpus": [p.get("vcpu") for p in probes]}
+
+
+LOCK_COUNTS = ("acquisitions", "acq_per_s", "violations", "flag_lost", "irqs", "irqs_in_hold", "irqs_nested")
+
+
+def lock_summary(records: list[dict]) -> dict | None:
+    """The lock workload's counters over its vCPUs (summed: "acq_per_s" is the whole guest's rate) and its
+    settings, or None without a lock record.  Its waits are guest_summary(records, "lock")."""
+    locks = [r for r in records if r.get("type") == "latency" and r.get("workload") == "lock"]
+    if not locks:
+        return None
+    out: dict = {k: sum(int(r.get(k) or 0) for r in locks) for k in LOCK_COUNTS}
+    for k in ("lock_hold_us", "lock_gap_us", "lock_tick_us"):
+        out[k.removeprefix("lock_")] = locks[0].get(k)
+    out["vcpus"] = len(locks)
+    return out
 
 
 def _host_areas(status: dict | None) -> list[dict]:
@@ -227,9 +250,9 @@ METRICS = ("guest.p50", "guest.p99", "guest.max", "guest.avg", "vcpu_runqlat.wak
            "host_cyclictest.max", "host_cyclictest.p99", "host_cyclictest.avg", "stress_bogo_ops_s", "stress_rel", "policy.boosts",
            "policy.throttles", "policy.bpf_ns_per_event", "policy.apply_latency_us",
            "guest_samples", "cpu.vcpus", "cpu.vmm_other", "cpu.policy", "cpu.host_load", "host_load_rel",
-           "cpu.steal_ms", "calm.guest_max", "calm.host_cyclictest_max")
-# A run is "calm" when /proc/stat counted no steal in its window (its unit is a 10 ms tick).  This machine is
-# a VM: when the hypervisor below it does not run its CPUs, every task stalls for that long, RT or not, so a
+           "cpu.steal_ms", "calm.guest_max", "calm.host_cyclictest_max", "lock_acq_per_s", "lock.irqs_in_hold")
+# A run is "calm" when /proc/stat counted no steal in its window (its unit is a 10 ms tick).  On a host that
+# is itself a VM, when the hypervisor below it does not run its CPUs, every task stalls for that long, RT or not, so a
 # max over a few seconds measures the hypervisor, not the host scheduling under test.  The max targets are
 # printed both on every run and on the calm runs only.
 CALM_STEAL_MS = 10
@@ -315,7 +338,7 @@ def cell(rows: list[dict], config: str, host: str, metric: str, workload: str = 
 
 
 def targets(rows: list[dict]) -> list[dict]:
-    """The issue's targets on the summary medians: {"name","value","limit","ok"} (ok None when not measurable)."""
+    """The benchmark's targets on the summary medians: {"name","value","limit","ok"} (ok None when not measurable)."""
     out = []
 
     def add(name: str, value: float | None, limit: float | None, higher_is_better: bool = False) -> None:
@@ -363,7 +386,7 @@ def targets(rows: list[dict]) -> list[dict]:
 def static_rt_harm(rows: list[dict]) -> dict:
     """How much static RT costs the host on a busy host, next to vanilla (for the report, not a target)."""
     res = {}
-    for wl in (PRIMARY, MIXED, TICKING):
+    for wl in (PRIMARY, MIXED, TICKING, LOCK):
         res[wl] = {"stress_rel": cell(rows, "static-rt", "busy", "stress_rel", wl),
                    "host_load_rel": cell(rows, "static-rt", "busy", "host_load_rel", wl),
                    "host_cyclictest_max": cell(rows, "static-rt", "busy", "host_cyclictest.max", wl),

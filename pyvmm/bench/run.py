@@ -27,12 +27,14 @@ from pyvmm.bench import report
 from pyvmm.bench.cpuacct import CpuMeter, children_cpu_s, steal_s, threads_cpu_s, tree_cpu_s
 from pyvmm.bench.results import (
     LINUX,
+    LOCK,
     MIXED,
     PRIMARY,
     TICKING,
     config_label,
     cyclictest_summary,
     guest_summary,
+    lock_summary,
     make_record,
     policy_stats,
     summarize,
@@ -41,6 +43,7 @@ from pyvmm.bench.results import (
 from pyvmm.common import artifacts
 from pyvmm.common.safe_fs import make_output_dir, write_file_nofollow
 from pyvmm.guest.linux import build_image, kernel
+from pyvmm.policy import programs
 from pyvmm.policy.tunables import TunableError, parse
 
 CONFIGS = ("vanilla", "static-rt", "static-nice", "pvsched")
@@ -71,7 +74,9 @@ class Cell:
         return config_label(self.config, self.variant)
 
 
-GROUPS = {"idle": (PRIMARY, "idle"), "busy": (PRIMARY, "busy"), "mixed": (MIXED, "busy"), "tick": (TICKING, "busy")}
+# group -> its cells' (guest workload, host state)
+GROUPS = {"idle": ((PRIMARY, "idle"),), "busy": ((PRIMARY, "busy"),), "mixed": ((MIXED, "busy"),),
+          "tick": ((TICKING, "busy"),), "lock": ((LOCK, "idle"), (LOCK, "busy"))}
 
 
 def plan(configs: list[str], groups: list[str], reps: int, variants: tuple[str, ...] = (),
@@ -80,10 +85,12 @@ def plan(configs: list[str], groups: list[str], reps: int, variants: tuple[str, 
 
     Groups: "idle" and "busy" run the probe on both vCPUs on an idle / busy host; "mixed" runs the probe on
     vCPU 0 and normal-priority busy work on vCPU 1 on a busy host; "tick" the probe next to a normal-priority
-    task that wakes every interval (what boost-on-halt costs the host: that vCPU halts ~1000 times a second).
+    task that wakes every interval (what boost-on-halt costs the host: that vCPU halts ~1000 times a second);
+    "lock" both vCPUs contending one guest spinlock, its holder marked PREEMPT_DISABLED, on an idle and a busy
+    host (what lock-holder preemption costs the guest).
     `variants` (names) run as extra pvsched cells right after the configurations, interleaved the same way."""
-    return [Cell(c, GROUPS[g][1], LINUX if guest == "linux" else GROUPS[g][0], rep, v)
-            for rep in range(reps) for g in groups
+    return [Cell(c, host, LINUX if guest == "linux" else wl, rep, v)
+            for rep in range(reps) for g in groups for wl, host in GROUPS[g]
             for c, v in [(c, "") for c in configs] + [("pvsched", v) for v in variants]]
 
 
@@ -121,6 +128,18 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def split_program(kvs: list[str]) -> tuple[str, tuple[str, ...]]:
+    """The BPF policy named by a `program=NAME` among KEY=VALUE settings (the last wins), and the tunables."""
+    program, tunables = programs.DEFAULT, []
+    for kv in kvs:
+        key, _, value = kv.partition("=")
+        if key.strip() == "program":
+            program = value.strip()
+        else:
+            tunables.append(kv)
+    return program, tuple(tunables)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command line of `pyvmm bench` (also `python -m pyvmm.bench.run`)."""
     p = _Parser(prog="pyvmm bench", description=__doc__.split("\n\n")[0])
@@ -131,15 +150,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--interval", type=int, default=1000, help="guest probe interval in us (default 1000)")
     p.add_argument("--configs", type=_csv(CONFIGS), default=list(CONFIGS), help="comma-separated subset")
     p.add_argument("--groups", type=_csv(tuple(GROUPS)), default=list(GROUPS),
-                   help="comma-separated subset of idle,busy,mixed,tick (mixed: guest probe,busy on a busy host; "
-                        "tick: guest probe,tick, a normal-priority task woken every interval, on a busy host)")
+                   help="comma-separated subset of idle,busy,mixed,tick,lock (mixed: guest probe,busy on a busy host; "
+                        "tick: guest probe,tick, a normal-priority task woken every interval, on a busy host; "
+                        "lock: guest lock,lock, both vCPUs contending one spinlock, on an idle and a busy host: "
+                        "its guest latency is the acquisition wait)")
+    p.add_argument("--lock-hold-us", type=int, metavar="US",
+                   help="lock group: how long the guest holds the lock (default: the guest's, 5)")
+    p.add_argument("--lock-gap-us", type=int, metavar="US",
+                   help="lock group: the guest's work outside the lock between acquisitions (default: the guest's, 5)")
     p.add_argument("--pvsched-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="policy tunable for the pvsched runs (repeatable), e.g. boost_on_halt=false")
+                   help="policy tunable for the pvsched runs (repeatable), e.g. boost_on_halt=false; "
+                        "program=NAME picks the BPF policy (pyvmm features lists them)")
     p.add_argument("--variant", action="append", default=[], type=_variant, metavar="NAME:KEY=VALUE[,...]",
                    help="an extra pvsched configuration with these tunables (on top of --pvsched-set), run "
                         "interleaved with the others and shown as 'pvsched NAME' (repeatable), e.g. "
-                        "bs5:backstop_ms=5; compare policy variants within one run, as the machine drifts "
-                        "between runs")
+                        "bs5:backstop_ms=5, or a swapped BPF policy: rt:program=rt_only; compare policy "
+                        "variants within one run, as the machine drifts between runs")
     p.add_argument("--thp", choices=THP_MODES,
                    help="the host's transparent huge pages for the run, restored after (default: as they are). "
                         "On a kernel without full preemption, khugepaged's collapses of stress-ng's --vm memory "
@@ -167,13 +193,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--variant names must differ")
 
     for name, kvs in [("--pvsched-set", [])] + [(f"--variant {n}", v) for n, v in a.variants.items()]:
+        program, tunables = split_program([*a.pvsched_set, *kvs])
         try:  # every pvsched run would fail on it: say so now, once
-            parse(dict(kv.split("=", 1) for kv in [*a.pvsched_set, *kvs]))
-        except TunableError as e:
+            parse(dict(kv.split("=", 1) for kv in tunables))
+            programs.object_path(program)
+        except (TunableError, programs.ProgramError) as e:
             p.error(f"{name}: {e}")
     if a.reps < 1 or not 0.5 <= a.duration <= 120 or not 100 <= a.interval <= 100000:
         p.error("--reps >= 1, --duration in 0.5..120 s, --interval in 100..100000 us")
+    if any(v is not None and not 0 <= v <= 100000 for v in (a.lock_hold_us, a.lock_gap_us)):
+        p.error("--lock-hold-us and --lock-gap-us in 0..100000 us")
     return a
+
+
+def lock_cmdline(args: argparse.Namespace) -> str:
+    """The guest command-line keys of the lock group's settings ("" for the guest's defaults)."""
+    keys = (("lock_hold_us", getattr(args, "lock_hold_us", None)), ("lock_gap_us", getattr(args, "lock_gap_us", None)))
+    return " ".join(f"{k}={v}" for k, v in keys if v is not None)
 
 
 def machine() -> str:
@@ -231,9 +267,10 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
     from pyvmm.bench.hostload import HostCyclictest, StressLoad
     from pyvmm.bench.vmrun import RunSpec, run_vm
 
-    policy_set = tuple(args.pvsched_set) + tuple(args.variants.get(cell.variant, ()))
+    program, policy_set = split_program([*args.pvsched_set, *args.variants.get(cell.variant, ())])
     image = getattr(args, "image", None)
-    spec = RunSpec(cell.config, cell.workload, args.duration, args.interval, policy_set=policy_set,
+    spec = RunSpec(cell.config, cell.workload, args.duration, args.interval, policy_set=policy_set, program=program,
+                   guest_keys=lock_cmdline(args) if cell.workload == LOCK else "",
                    kernel=str(image.kernel) if image else None, initrd=str(image.initrd) if image else None)
     limit = spec.limit_s + 50
     loads: dict = {}
@@ -274,10 +311,11 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
         rq = probe.read()
     if out.error:
         return None, out.error
-    guest = cyclictest_summary(out.records) if image else guest_summary(out.records)
+    lock = cell.workload == LOCK
+    guest = cyclictest_summary(out.records) if image else guest_summary(out.records, "lock" if lock else "probe")
     if guest is None:
         tail = " | ".join(out.console_tail[-3:])
-        what = "complete cyclictest record" if image else "probe latency record"
+        what = "complete cyclictest record" if image else f"{'lock' if lock else 'probe'} latency record"
         return None, f"the guest printed no {what} (console: {tail})"
     pv = next((r for r in out.records if r.get("type") == "pvsched"), None)
     per_vcpu = [{k: r.get(k) for k in ("vcpu", "workload", "samples", "min", "avg", "p50", "p99", "max", "max_at")}
@@ -290,6 +328,10 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
              "init_after_s": out.init_after_s}
     if cell.variant:
         extra["variant"] = cell.variant
+    if lock and (counts := lock_summary(out.records)):
+        # the guest's acquisitions per second (both vCPUs), apart from its waits in "guest"
+        extra["lock_acq_per_s"] = counts["acq_per_s"]
+        extra["lock"] = counts
     if cell.host == "busy" and not stress_rates:
         extra["note"] = "stress-ng printed no metrics"
     rec = make_record(cell.config, cell.host, cell.workload, cell.rep, guest, host_cyclictest=ct_summary,
@@ -438,7 +480,8 @@ def bench(args: argparse.Namespace) -> int:
                 records.append(rec)
                 g = rec["guest"]
                 rq = (rec.get("vcpu_runqlat") or {}).get("wakeup") or {}
-                _progress(f"{what}: guest p99 {g['p99']:.0f} us max {g['max']:.0f} us, vCPU wake-to-run p99 "
+                rate = f", {rec['lock_acq_per_s']} acq/s" if rec.get("lock_acq_per_s") is not None else ""
+                _progress(f"{what}: guest p99 {g['p99']:.0f} us max {g['max']:.0f} us{rate}, vCPU wake-to-run p99 "
                           f"{rq.get('p99', '-')} us ({took:.1f} s, ~{eta:.0f} s left)")
             else:
                 meta["failures"].append(f"{cell.label} {cell.host} {cell.workload} rep {cell.rep}: {why}")
@@ -465,9 +508,10 @@ def bench(args: argparse.Namespace) -> int:
     write_file_nofollow(args.out / "meta.json", json.dumps(meta, indent=1) + "\n")
     print(report.table(rows))
     print()
-    if cpu := report.cpu_table(rows):
-        print(cpu)
-        print()
+    for extra in (report.cpu_table(rows), report.lock_table(rows)):
+        if extra:
+            print(extra)
+            print()
     print("\n".join(report.target_lines(rows)))
     if meta.get("peer"):
         print("\n" + peer_table(meta["peer"], records))
@@ -489,6 +533,8 @@ def report_only(args: argparse.Namespace) -> int:
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     rows = write_outputs(args.out, records, meta)
     print(report.table(rows))
+    if lock := report.lock_table(rows):
+        print("\n" + lock + "\n")
     print("\n".join(report.target_lines(rows)))
     return 0
 

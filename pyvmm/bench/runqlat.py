@@ -2,14 +2,14 @@
 
 The benchmark needs it to show *why* guest latency changes: a boosted vCPU
 thread waits less on the host runqueue after its timer wakes it.
-pyvmm/bench/bpf/runqlat.bpf.c does the counting; this module loads it through libbpf (cffi, ABI mode)
-and reads its histograms.  The object and runqlat.h's cdef are build outputs (pyvmm/bench/bpf/Makefile,
-run by scripts/setup.sh and by the package build), never made at run time.
+pyvmm/bench/bpf/runqlat.bpf.c does the counting; this module loads it through the one libbpf
+binding (pyvmm.common.libbpf) and reads its histograms.  The object and runqlat.h's cdef are build
+outputs (pyvmm/bench/bpf/Makefile, run by scripts/setup.sh and by the package build), never made at
+run time.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 from pathlib import Path
@@ -17,31 +17,13 @@ from typing import Self
 
 import cffi
 
+from pyvmm.common import libbpf
 from pyvmm.common.artifacts import BuildError, ensure_built
+from pyvmm.common.libbpf import LibbpfError, check, check_ptr, string
 
 BPF_DIR = Path(__file__).resolve().parent / "bpf"
 HEADER = BPF_DIR / "runqlat.h"
 OBJECT = BPF_DIR / "build" / "runqlat.bpf.o"
-
-# The dozen libbpf 1.x entry points this loader uses (libbpf.so.1, ABI mode).
-_LIBBPF_CDEF = """
-struct bpf_object; struct bpf_program; struct bpf_map; struct bpf_link;
-struct bpf_object *bpf_object__open_file(const char *path, const void *opts);
-int bpf_object__load(struct bpf_object *obj);
-void bpf_object__close(struct bpf_object *obj);
-struct bpf_program *bpf_object__next_program(const struct bpf_object *obj, struct bpf_program *prog);
-const char *bpf_program__name(const struct bpf_program *prog);
-struct bpf_link *bpf_program__attach(const struct bpf_program *prog);
-int bpf_link__destroy(struct bpf_link *link);
-struct bpf_map *bpf_object__find_map_by_name(const struct bpf_object *obj, const char *name);
-int bpf_map__fd(const struct bpf_map *map);
-int bpf_map_update_elem(int fd, const void *key, const void *value, __u64 flags);
-int bpf_map_lookup_elem(int fd, const void *key, void *value);
-int bpf_map_delete_elem(int fd, const void *key);
-int bpf_map_get_next_key(int fd, const void *key, void *next_key);
-int libbpf_num_possible_cpus(void);
-"""
-
 
 class RunqlatError(RuntimeError):
     """The runqueue-latency probe is not built, or could not be loaded or attached; the message says which."""
@@ -64,24 +46,28 @@ build = object_path  # the earlier name, which pyvmm/bench/run.py's preflight ca
 
 @functools.cache
 def ffi() -> cffi.FFI:
-    """One FFI with runqlat.h's types and constants and the libbpf prototypes."""
+    """One FFI with runqlat.h's types and constants; the libbpf calls go through pyvmm.common.libbpf."""
     f = cffi.FFI()
     f.cdef(_built("runqlat_cdef").read_text())
-    f.cdef(_LIBBPF_CDEF)
     return f
 
 
 @functools.cache
+def _consts():
+    # ABI-mode "library" of the process itself: only used to read runqlat.h's enum values.
+    return ffi().dlopen(None)
+
+
 def _libbpf():
     try:
-        return ffi().dlopen("libbpf.so.1")
-    except OSError as e:
-        raise RunqlatError(f"cannot load libbpf.so.1 (install libbpf1/libbpf-dev): {e}") from e
+        return libbpf.lib()
+    except LibbpfError as e:
+        raise RunqlatError(e.strerror) from None
 
 
 def const(name: str) -> int:
     """Value of an enum constant of runqlat.h, e.g. const('RUNQLAT_LINEAR_US')."""
-    return getattr(_libbpf(), name)
+    return getattr(_consts(), name)
 
 
 def bucket_bounds_us(index: int) -> tuple[float, float]:
@@ -128,30 +114,31 @@ class Runqlat:
         self._f = ffi()
         self._lib = _libbpf()
         self._links: list = []
-        self._obj = self._lib.bpf_object__open_file(str(OBJECT).encode(), self._f.NULL)
-        if self._obj == self._f.NULL:
-            raise RunqlatError(f"opening {OBJECT.name} failed: {os.strerror(ctypes.get_errno() or 22)}")
+        self._obj = None
         try:
-            rc = self._lib.bpf_object__load(self._obj)
-            if rc:
-                raise RunqlatError(f"loading {OBJECT.name} failed: {os.strerror(-rc)}")
-            prog = self._lib.bpf_object__next_program(self._obj, self._f.NULL)
-            while prog != self._f.NULL:
-                link = self._lib.bpf_program__attach(prog)
-                if link == self._f.NULL:
-                    name = self._f.string(self._lib.bpf_program__name(prog)).decode()
-                    raise RunqlatError(f"attaching {name} failed")
-                self._links.append(link)
-                prog = self._lib.bpf_object__next_program(self._obj, prog)
-            self._fd = {n: self._map_fd(n) for n in ("tids", "start", "hists")}
-            self._ncpu = self._lib.libbpf_num_possible_cpus()
+            self._open_and_attach()
+        except LibbpfError as e:
+            self.close()
+            raise RunqlatError(e.strerror) from None
         except BaseException:
             self.close()
             raise
 
+    def _open_and_attach(self) -> None:
+        null = libbpf.ffi().NULL
+        self._obj = check_ptr(self._lib.bpf_object__open_file(str(OBJECT).encode(), null), f"opening {OBJECT.name}")
+        check(self._lib.bpf_object__load(self._obj), f"loading {OBJECT.name}")
+        prog = self._lib.bpf_object__next_program(self._obj, null)
+        while prog != null:
+            name = string(self._lib.bpf_program__name(prog))
+            self._links.append(check_ptr(self._lib.bpf_program__attach(prog), f"attaching {name}"))
+            prog = self._lib.bpf_object__next_program(self._obj, prog)
+        self._fd = {n: self._map_fd(n) for n in ("tids", "start", "hists")}
+        self._ncpu = check(self._lib.libbpf_num_possible_cpus(), "libbpf_num_possible_cpus")
+
     def _map_fd(self, name: str) -> int:
         m = self._lib.bpf_object__find_map_by_name(self._obj, name.encode())
-        if m == self._f.NULL:
+        if m == libbpf.ffi().NULL:
             raise RunqlatError(f"map {name} missing from {OBJECT.name}")
         return self._lib.bpf_map__fd(m)
 

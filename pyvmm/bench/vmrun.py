@@ -27,9 +27,9 @@ from pyvmm.common.sched_attr import SCHED_FIFO, SCHED_OTHER, SchedAttr, sched_ge
 CONFIGS = ("vanilla", "static-rt", "static-nice", "pvsched")
 # Static RT the way the seed measured it (FIFO 10): below the policy's actuator (40) and the watchdog.
 STATIC_ATTRS = {"static-rt": SchedAttr(SCHED_FIFO, 10, 0), "static-nice": SchedAttr(SCHED_OTHER, 0, -20)}
-# The watchdog (`timeout`) runs at SCHED_FIFO 50 with reset-on-fork, so it can always kill a livelocked VM
-# while the VMM itself starts at SCHED_OTHER.
-WATCHDOG_PRIO = 50
+# The watchdog (`timeout`) runs at the RT ladder's top (SCHED_FIFO PVSCHED_WATCHDOG_PRIO) with reset-on-fork,
+# so it can always kill a livelocked VM while the VMM itself starts at SCHED_OTHER.
+WATCHDOG_PRIO = abi.C.PVSCHED_WATCHDOG_PRIO
 # The benchmark's own polling thread, while a VM runs: it must find the vCPU threads at once even on a busy
 # host (static settings apply from then on).  It only sleeps and polls: above the actuator (40), below the
 # VMM's guardian (45), which must preempt everything but the watchdogs.
@@ -47,6 +47,8 @@ class RunSpec:
     interval_us: int = 1000
     cpus: int = 2
     policy_set: tuple[str, ...] = ()  # KEY=VALUE tunables for the pvsched policy (pyvmm boot --policy-set)
+    program: str = "pvsched"          # the BPF policy of the pvsched runs (pyvmm boot --policy-program)
+    guest_keys: str = ""              # more test-guest command-line keys, e.g. "lock_hold_us=2"
     kernel: str | None = None          # a Linux bzImage with `initrd`: the image's cyclictest workload instead
     initrd: str | None = None
 
@@ -79,6 +81,7 @@ def boot_argv(spec: RunSpec, limit_s: float, stats_out: Path | None = None) -> l
     """The watchdog-wrapped `pyvmm boot` command line for a run (writing its end-of-run stats to stats_out)."""
     if spec.kernel is None:
         cmdline = f"duration={spec.duration_s:g} interval={spec.interval_us} workload={spec.workload}"
+        cmdline += f" {spec.guest_keys}" if spec.guest_keys else ""
         guest = ["--json"]
     else:  # the seed's cyclictest (pyvmm/guest/linux/init.sh), one RR 8 thread per vCPU
         cmdline = (f"console=ttyS0 quiet pvsched.workload=cyclictest pvsched.duration={spec.duration_s:g} "
@@ -92,6 +95,7 @@ def boot_argv(spec: RunSpec, limit_s: float, stats_out: Path | None = None) -> l
     if spec.config != "pvsched":
         argv.append("--no-policy")
     else:
+        argv += ["--policy-program", spec.program]
         for kv in spec.policy_set:
             argv += ["--policy-set", kv]
     return argv
@@ -202,7 +206,7 @@ def _final_stats(path: Path, out: VmOutcome) -> None:
 def _vm_ending(watchdog_pid: int | None, on_end) -> None:
     """The guest's window is over (a vCPU thread ended): end the host measurements, demote the watchdog.
 
-    The watchdog (`timeout` at SCHED_FIFO 50) reaps the VMM; in about 1 run in 8 under the host load it then
+    The watchdog (`timeout` at SCHED_FIFO WATCHDOG_PRIO) reaps the VMM; in about 1 run in 8 under the host load it then
     spent up to 0.95 s of CPU at that priority as the VMM process ended, which the RT throttle alone cut
     short and which showed as a 950 ms host cyclictest max in any configuration. With the vCPU threads gone
     nothing of the VM can livelock a CPU any more, so it may finish its job as an ordinary task."""

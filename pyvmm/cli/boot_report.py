@@ -10,7 +10,8 @@ p50/p99/max in microseconds, and what the host policy did to the vCPU's thread
 
 from __future__ import annotations
 
-from pyvmm.device.device import feature_names, version_str
+from pyvmm.abi import feature_names
+from pyvmm.device.device import version_str
 
 # Why the device refused an ENABLE, by the STATUS name the guest reports.
 REFUSALS = {

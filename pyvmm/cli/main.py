@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from pyvmm import abi
 from pyvmm.bench.run import main as bench_main
 from pyvmm.boot import BootConfig, kernel_kind, run_vm
 from pyvmm.cli.boot_report import end_lines, live_line
@@ -23,6 +24,7 @@ from pyvmm.cli.status_text import render
 from pyvmm.common.control_client import ControlError, request
 from pyvmm.common.safe_fs import write_file_nofollow
 from pyvmm.lab import main as lab_main
+from pyvmm.policy import programs
 from pyvmm.vmm.console import RecordSplitter, record_lines
 from pyvmm.vmm.machine import EXIT_BAD_INPUT, VmmError
 
@@ -51,6 +53,15 @@ def _hex(s: str) -> int:
         return int(s, 16)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a hex number: {s!r}") from None
+
+
+def _features(s: str) -> int:
+    try:
+        return abi.parse_features(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    except abi.AbiNotBuiltError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _key_value(s: str) -> tuple[str, str]:
@@ -83,12 +94,16 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-pvsched", action="store_true", help="boot without the pvsched PCI device")
     b.add_argument("--no-policy", action="store_true",
                    help="keep the pvsched device but run no host policy (the benchmark's 'vanilla')")
+    b.add_argument("--policy-program", default=programs.DEFAULT, metavar="NAME",
+                   help="the BPF policy to load: one per pyvmm/policy/*.bpf.c, e.g. pvsched (default) or "
+                        "rt_only (task parameters only); `pyvmm features` lists the built ones")
     b.add_argument("--policy-set", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="initial policy tunable (repeatable), as `pyvmm policy set` takes them")
     b.add_argument("--pvsched-host-version", type=_hex, metavar="HEX",
                    help="version the pvsched device offers (default: this build's), to test refusals")
-    b.add_argument("--pvsched-host-features", type=_hex, metavar="HEX",
-                   help="feature bits the pvsched device offers (default: all v1 features)")
+    b.add_argument("--pvsched-host-features", type=_features, metavar="HEX|NAMES",
+                   help="feature bits the pvsched device offers, as hex or comma-separated names "
+                        "(default: every feature the header offers; `pyvmm features` lists them)")
     b.add_argument("--no-console-input", action="store_true",
                    help="do not forward stdin to the guest's serial port (default: forward it, "
                         "unless stdin is a terminal of a background job)")
@@ -120,6 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("values", nargs="+", type=_key_value, metavar="KEY=VALUE")
     st.add_argument("--vm", type=int, metavar="PID", help="pid of the VMM (default: the only VM running)")
     st.add_argument("--json", action="store_true", help="print the raw JSON reply")
+
+    sub.add_parser("features", help="list the pvsched feature bits and the BPF policies this build has")
 
     # Listed here for --help only: main() hands `pyvmm bench ...` to pyvmm.bench.run, which has its own options.
     sub.add_parser("bench", add_help=False, help="benchmark vCPU scheduling configurations (pyvmm bench --help)")
@@ -188,7 +205,7 @@ def _boot(args: argparse.Namespace) -> int:
     splitter = _console_stream(args)
     cfg = BootConfig(kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline, cpus=args.cpus,
                      mem_mib=args.mem, timeout=args.timeout, pvsched=not args.no_pvsched,
-                     policy=not args.no_policy, tunables=dict(args.policy_set),
+                     policy=not args.no_policy, tunables=dict(args.policy_set), program=args.policy_program,
                      host_version=args.pvsched_host_version, host_features=args.pvsched_host_features,
                      kvm_device=args.kvm_device, console_stream=splitter or sys.stdout.buffer,
                      console_input=None if args.no_console_input else sys.stdin.fileno())
@@ -214,6 +231,15 @@ def _boot(args: argparse.Namespace) -> int:
         if not _write_out(option, path, text):
             return result.exit_code or EXIT_BAD_INPUT
     return result.exit_code
+
+
+def _features_text() -> str:
+    """The header's feature rows and the built policies, for `pyvmm features`."""
+    lines = ["pvsched features (pyvmm/abi/pvsched_abi.h, PVSCHED_FEATURES):"]
+    for f in abi.features():
+        lines.append(f"  bit {f.bit:2}  {f.name:<18} {'offered' if f.offered else 'not offered':<12} {f.doc}")
+    lines.append(f"BPF policies (--policy-program): {', '.join(programs.available()) or 'none built'}")
+    return "\n".join(lines)
 
 
 def _client(args: argparse.Namespace) -> int:
@@ -253,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "boot":
             return _boot(args)
+        if args.command == "features":
+            print(_features_text())
+            return 0
         return _client(args)
     except KeyboardInterrupt:  # Ctrl-C before the VM's own signal handling is in place
         print("pyvmm: interrupted", file=sys.stderr)

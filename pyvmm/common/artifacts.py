@@ -20,12 +20,19 @@ PKG = Path(__file__).resolve().parent.parent  # the pyvmm package
 ROOT = PKG.parent
 SETUP = "scripts/setup.sh"
 
+
+
+def _policies(folder: str) -> tuple[str, ...]:
+    """One BPF object per `*.bpf.c` source in folder: a new policy is a new source file, nothing more."""
+    return tuple(sorted(p.name.removesuffix(".c") + ".o" for p in (PKG / folder).glob("*.bpf.c")))
+
+
 # Every build output the package ships: component folder (relative to the package, with its Makefile)
 # -> file names in its build/ subfolder.  Anything else there (objects, vmlinux.h) stays out of a wheel.
 OUTPUTS: dict[str, tuple[str, ...]] = {
-    "abi": ("pvsched_abi.cdef",),
-    "policy": ("pvsched.bpf.o", "pvsched_policy.cdef", "libpvsched_backstop.so"),
-    "device": ("libpvsched_guardian.so",),
+    "abi": ("pvsched_abi.cdef", "pvsched_features.json", "testguest_boot.cdef"),
+    "policy": (*_policies("policy"), "pvsched_policy.cdef", "libpvsched_backstop.so", "backstop_loop.cdef"),
+    "device": ("libpvsched_guardian.so", "guardian.cdef"),
     "guest/testguest": ("testguest.elf",),
     "bench/bpf": ("runqlat.bpf.o", "runqlat.cdef"),
 }
@@ -36,13 +43,15 @@ COMPONENTS = {
     "bpf": ("policy", "pvsched.bpf.o"),
     "policy_cdef": ("policy", "pvsched_policy.cdef"),
     "backstop": ("policy", "libpvsched_backstop.so"),
+    "backstop_cdef": ("policy", "backstop_loop.cdef"),
     "guardian": ("device", "libpvsched_guardian.so"),
+    "guardian_cdef": ("device", "guardian.cdef"),
     "runqlat": ("bench/bpf", "runqlat.bpf.o"),
     "runqlat_cdef": ("bench/bpf", "runqlat.cdef"),
 }
 # What the Makefiles build from: the folder's C sources, plus the ABI header they all include.
 SOURCE_SUFFIXES = (".c", ".h", ".S", ".ld")
-SHARED_SOURCES = (PKG / "abi" / "pvsched_abi.h",)
+SHARED_SOURCES = (PKG / "abi" / "pvsched_abi.h", PKG / "abi" / "testguest_boot.h")
 
 log = logging.getLogger("pyvmm.artifacts")
 _warned: set[str] = set()

@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from pyvmm import abi
 from pyvmm.abi import slots
@@ -29,13 +29,13 @@ from pyvmm.device.guardian import constants as guardian_constants
 from pyvmm.device.rate_limit import TokenBucket
 from pyvmm.device.registers import REG, STATUS_NAMES, GuestWarning, Latches, RegisterFile, pvsched_bar0
 from pyvmm.device.supervisor import PolicySupervisor, PolicyUnavailable, Reply
-from pyvmm.policy import sandbox
+from pyvmm.policy import programs, sandbox
 from pyvmm.policy.tunables import TunableError, parse
 from pyvmm.vmm.machine import VmmError
 from pyvmm.vmm.memory import HIGH_RAM_START, PCI_MMIO_START, GuestMemoryError
 from pyvmm.vmm.pci_device import BarSpec, MachineHandle, PciDevice
 
-__all__ = ["REG", "STATUS_NAMES", "PolicyLoadError", "PvschedConfigError", "PvschedDevice", "feature_names",
+__all__ = ["REG", "STATUS_NAMES", "PolicyLoadError", "PvschedConfigError", "PvschedDevice",
            "slowdown", "version_str"]
 
 C = abi.C
@@ -44,10 +44,8 @@ STATUS_TIMEOUT_S = 2.0
 FINAL_SHOW_TIMEOUT_S = 1.0  # the policy's last policy.show at shutdown: short, the VM is ending
 MAX_LOGGED_TRANSITIONS = 8
 # Inside `pyvmm lab` (PYVMM_IN_LAB, which it sets) every instruction is emulated, 10-50x slower, and limits
-# set for native speed misfire: a healthy policy process fell silent for 253 ms during its start there and
-# the guardian killed it; in another boot the run's record ended with no policy stats, most likely the
-# final policy.show missing its 1 s (2026-12-03).  There the hang limit and the request timeouts are this
-# much longer.
+# set for native speed misfire (a healthy policy process taken for hung, a final policy.show timed out:
+# docs/linux-lab.md).  There the hang limit and the request timeouts are this much longer.
 LAB_SLOWDOWN = 10
 
 
@@ -59,23 +57,10 @@ def slowdown() -> int:
 # Registrations a guest may cause: a few at once (boot, a driver reload), then a few a second.
 REGISTRATION_BURST = 4
 REGISTRATION_RATE_PER_S = 2.0
-FEATURE_NAMES = {
-    C.PVSCHED_F_CRITICAL_SECTIONS: "critical_sections", C.PVSCHED_F_TASK_PARAMS: "task_params",
-    C.PVSCHED_F_HOST_FEEDBACK: "host_feedback", C.PVSCHED_F_WAKE_HINT: "wake_hint",
-    C.PVSCHED_F_RT_WAITER: "rt_waiter",
-}
 
 
 class PvschedConfigError(VmmError, ValueError):
     """A bad device option (host version/features, initial tunables); the CLI prints it as one line."""
-
-
-def feature_names(bits: int) -> list[str]:
-    """Names of the feature bits in `bits` (unknown ones as hex)."""
-    names = [n for b, n in FEATURE_NAMES.items() if bits & b]
-    if bits & ~C.PVSCHED_F_ALL_V1:
-        names.append(f"unknown:{bits & ~C.PVSCHED_F_ALL_V1:#x}")
-    return names
 
 
 def version_str(v: int) -> str:
@@ -98,16 +83,23 @@ class PvschedDevice(PciDevice):
     bars = (BarSpec(0, C.PVSCHED_BAR0_SIZE),)
 
     def __init__(self, policy: bool = True, tunables: dict[str, str] | None = None,
-                 host_version: int | None = None, host_features: int | None = None) -> None:
+                 host_version: int | None = None, host_features: int | None = None,
+                 program: str = programs.DEFAULT) -> None:
         super().__init__()
         self.host_version = C.PVSCHED_VERSION if host_version is None else host_version
-        self.host_features = C.PVSCHED_F_ALL_V1 if host_features is None else host_features
+        self.host_features = C.PVSCHED_F_DEFAULT_OFFER if host_features is None else host_features
         if not 0 <= self.host_version <= U32:
             raise PvschedConfigError(f"pvsched host version {self.host_version:#x} does not fit 32 bits")
-        if self.host_features & ~C.PVSCHED_F_ALL_V1 or self.host_features < 0:
+        if self.host_features & ~C.PVSCHED_F_ALL or self.host_features < 0:
             raise PvschedConfigError(f"pvsched host features {self.host_features:#x}: this device knows only "
-                                     f"{C.PVSCHED_F_ALL_V1:#x}")
+                                     f"{C.PVSCHED_F_ALL:#x} ({','.join(abi.feature_names(C.PVSCHED_F_ALL))})")
         self.policy = policy
+        self.program = program
+        if policy:
+            try:
+                programs.object_path(program)
+            except programs.ProgramError as e:
+                raise PvschedConfigError(str(e)) from None
         self.tunables = dict(tunables or {})
         if policy and self.tunables:
             _check_tunables(self.tunables)
@@ -227,7 +219,7 @@ class PvschedDevice(PciDevice):
         }
         self._log_transition("pvsched: active, version %s, features %#x (%s), shared area GPA %#x size %d",
                              version_str(regs.guest_version), regs.guest_features,
-                             ",".join(feature_names(regs.guest_features)) or "none", gpa, size)
+                             ",".join(abi.feature_names(regs.guest_features)) or "none", gpa, size)
         if self.supervisor is not None and self.supervisor.alive:
             vcpus = []
             for vid, tid in sorted(dict(vm.vcpu_tids).items()):
@@ -279,21 +271,51 @@ class PvschedDevice(PciDevice):
         handlers["policy.set"] = self.handle_policy_set
 
     def start(self, vm: MachineHandle) -> None:
-        """Start the policy process (from the VMM's main thread) unless the policy is switched off."""
+        """Start the policy process and wait for its ready, from a thread that runs no trio loop (tests, stand-ins)."""
+        sup = self._new_supervisor(vm)
+        if sup is None:
+            return
+        try:
+            ready = sup.spawn()
+        except BaseException as e:  # noqa: BLE001  # _spawn_failed raises it again (or as PolicyLoadError)
+            self._spawn_failed(e)
+        self._spawned(ready)
+
+    async def start_async(self, vm: MachineHandle) -> None:
+        """Start the policy process from the VMM's trio loop, which goes on serving while this awaits its ready."""
+        sup = self._new_supervisor(vm)
+        if sup is None:
+            return
+        try:
+            ready = await sup.aspawn()
+        except BaseException as e:  # noqa: BLE001  # _spawn_failed raises it again (or as PolicyLoadError)
+            self._spawn_failed(e)
+        self._spawned(ready)
+
+    def _new_supervisor(self, vm: MachineHandle) -> PolicySupervisor | None:
+        """The policy process's supervisor and guardian, not started; None when the policy is switched off."""
         self.vm = vm
         if not self.policy:
-            return
+            return None
         verbose = self.log.isEnabledFor(logging.DEBUG)
         self.guardian = self._new_guardian(vm)
         self.supervisor = PolicySupervisor(int(vm.vmm_pid), self.tunables, self._policy_died, verbose=verbose,
+                                           extra_args=("--program", self.program),
                                            heartbeat_fd=self.guardian.heartbeat_fd if self.guardian else None)
-        try:
-            ready = self.supervisor.spawn()
-        except (PolicyUnavailable, OSError) as e:
+        return self.supervisor
+
+    def _spawn_failed(self, e: BaseException) -> NoReturn:
+        # The supervisor killed the policy process before its ready, so before it could boost anything:
+        # there is nothing to restore, only the supervisor and the guardian to drop.
+        self.supervisor = None
+        self._close_guardian()
+        if isinstance(e, (PolicyUnavailable, OSError)):
             self.policy_error = str(e)
-            self.supervisor = None
-            self._close_guardian()
             raise PolicyLoadError(f"{e} (--no-policy runs without it)") from None
+        raise e
+
+    def _spawned(self, ready: dict[str, Any]) -> None:
+        assert self.supervisor is not None
         if not ready.get("engine"):
             # Asked for and absent is an error: a run without BPF would pass for a pvsched run.
             self.policy_error = f"the BPF policy did not load: {ready.get('engine_error')}"
@@ -421,7 +443,7 @@ class PvschedDevice(PciDevice):
             "host_version": self.host_version, "host_features": self.host_features,
             "version": active["version"] if active else None,
             "features": active["features"] if active else None,
-            "feature_names": feature_names(active["features"]) if active else [],
+            "feature_names": abi.feature_names(active["features"]) if active else [],
             "shm_gpa": active["gpa"] if active else None, "shm_size": active["size"] if active else None,
             "shm_hva": active["hva"] if active else None,
             "nr_vcpus": self.nr_vcpus,

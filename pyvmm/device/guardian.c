@@ -15,8 +15,8 @@
  * with a timeout of period_ms.
  *
  * Dying, not dead: a killed policy process is not gone until its last thread has closed its BPF
- * links, and that waits for an RCU grace period (measured: a thread in D state in
- * synchronize_rcu_expedited) which the boosted vCPUs themselves hold up, for ~1 s. So the
+ * links, and that waits for an RCU grace period (a thread in D state in
+ * synchronize_rcu_expedited) which the boosted vCPUs themselves hold up, for up to a second. So the
  * guardian acts when every thread of the process is exiting (PF_EXITING in /proc/<pid>/task/
  * <tid>/stat: set by each thread at the start of do_exit, after its last system call, so no
  * sched_setattr of the policy can land later). It looks when any of its threads has exited
@@ -442,7 +442,7 @@ static void set_state(struct pvsched_guardian *g, int state)
  * How soon to look again after a thread of the policy process exited while the others did not
  * (yet): in a group exit the others follow within microseconds, so look again soon, for a
  * while; then keep looking every SUSPECT_MS until the heartbeat moves.  A thread that ends
- * while the actuator beats on ended alone; one that ends while the beat stands still may be
+ * while the heartbeat moves on ended alone; one that ends while the beat stands still may be
  * the first of a death whose other threads are still running.
  */
 enum exit_watch {
@@ -526,7 +526,7 @@ static void check_heartbeat(struct pvsched_guardian *g, struct watch *w, int64_t
 	if (beats != w->beats) {
 		w->beats = beats;
 		w->last_change = t;
-		w->armed = 1;  /* the actuator runs: from now on its silence means a hang */
+		w->armed = 1;  /* the policy process beats: from now on its silence means a hang */
 		return;
 	}
 	if (w->state == PVSCHED_GUARDIAN_WATCHING && w->armed && !__atomic_load_n(&g->disarmed, __ATOMIC_RELAXED)
@@ -544,15 +544,15 @@ static void check_process(struct pvsched_guardian *g, struct watch *w, const str
 	uint64_t beats;
 
 	/*
-	 * Every wake-up reads /proc/<pid>/stat (a wake-up costs ~90 us of CPU here with it, ~50
-	 * without: reading only when the heartbeat stood still was tried), even while it moves:
-	 * a killed process's last thread can stay in do_exit for 100 ms and more (closing its
-	 * BPF links waits for an RCU grace period the boosted vCPUs hold up), with no pidfd
-	 * readable meanwhile, so PF_EXITING seen here is the only early sign of its death.
+	 * Every wake-up reads /proc/<pid>/stat, even while the heartbeat moves (reading it only
+	 * when the heartbeat stands still sees such a death up to two periods late): a killed
+	 * process's last thread can stay in do_exit for 100 ms and more (closing its BPF links
+	 * waits for an RCU grace period the boosted vCPUs hold up), with no pidfd readable
+	 * meanwhile, so PF_EXITING seen here is the only early sign of its death.
 	 */
 	beats = __atomic_load_n(&g->hb->beats, __ATOMIC_RELAXED);
 	if (w->exit == EXIT_SUSPECT && beats != w->exit_beats)
-		w->exit = EXIT_QUIET;  /* the actuator beats on: that thread ended alone */
+		w->exit = EXIT_QUIET;  /* the heartbeat moves on: that thread ended alone */
 	if (leader_exiting(g, &nr_threads) || exited) {
 		if (all_exiting(g)) {
 			on_event(g, t, PVSCHED_GUARDIAN_CAUSE_DIED, 0);  /* a stale kill keeps its own cause */
@@ -621,8 +621,8 @@ static void *guardian_main(void *arg)
 		t = now_ns();
 		/*
 		 * Woken far later than asked: this thread, at FIFO above everything the policy runs, was
-		 * not run either (the hypervisor below this machine stalled it, seen here for up to
-		 * 100 ms).  The heartbeat's silence over that time says nothing about the policy process.
+		 * not run either (on a host that is itself a VM, the hypervisor below can stall it for
+		 * up to 100 ms).  The heartbeat's silence over that time says nothing about the policy process.
 		 */
 		if (t - before > (int64_t)timeout_ms * 1000000 + LATE_NS)
 			w.last_change = t;

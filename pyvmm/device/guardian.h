@@ -2,16 +2,17 @@
 /*
  * The guardian: a native thread in the VMM that undoes the policy process's boosts
  * without Python (no GIL), see guardian.c. This header is both guardian.c's and
- * guardian.py's (cffi cdef) view of the API, so it holds plain declarations only:
- * no #include, no #if, no macros. Include <stdint.h> before it.
+ * guardian.py's view of the API (cffi reads it after the preprocessor,
+ * build/guardian.cdef from cdef.mk).  Include <stdint.h> before it.
  */
 
 /* The guardian's SCHED_FIFO priority is the RT ladder's PVSCHED_GUARDIAN_PRIO (pvsched_abi.h). */
 enum {
 	/* wake-up period of the PF_EXITING and heartbeat checks (it never spins; a thread's exit also
-	 * wakes it, through pidfds).  Each wake-up preempts a boosted vCPU (~90 us of CPU here), and the
-	 * busy-host guest p99 showed it, so as rarely as the 100 ms restore bound allows: a death whose
-	 * threads are stuck in do_exit is seen within 50 ms, a hang 250-300 ms after the last beat. */
+	 * wakes it, through pidfds).  Each wake-up preempts a boosted vCPU and shows in the busy-host
+	 * guest p99, so it wakes as rarely as the 100 ms restore bound allows: a death whose threads are
+	 * stuck in do_exit is seen within 50 ms, a hang 250-300 ms after the last beat (the policy's
+	 * backstop loop beats while its actuator keeps up: pyvmm/policy/backstop_loop.c). */
 	PVSCHED_GUARDIAN_PERIOD_MS = 50,
 	/* a heartbeat not seen moving this long means a hung policy process: 2.5 of its beats (at most
 	 * 100 ms apart: PVSCHED_BACKSTOP_BEAT_MS), so a late beat is never taken for a hang */

@@ -1,7 +1,7 @@
 """The guardian from Python: guardian.c's thread in the VMM, which watches the policy process.
 
-The VMM loads build/libpvsched_guardian.so with cffi in ABI mode (dlopen; the header is
-the cdef, so nothing is declared twice) and starts one native thread per policy process
+The VMM loads build/libpvsched_guardian.so with cffi in ABI mode (pyvmm.common.native: the
+cdef is guardian.h itself, made at build time, so nothing is declared twice) and starts one native thread per policy process
 that restores the vCPU threads' original attributes the moment that process dies, and
 kills it (then restores) when its heartbeat stops, all without the GIL: with
 boosted vCPUs on every CPU, Python in the VMM can wait ~1 s for a starved GIL holder.
@@ -14,29 +14,23 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import cffi
 
 from pyvmm import abi
-from pyvmm.common.artifacts import ensure_built
+from pyvmm.common import native
 from pyvmm.common.sched_attr import SchedAttr
 
 log = logging.getLogger("pyvmm.pvsched.guardian")
 
-HEADER = Path(__file__).with_name("guardian.h")
-LIBRARY = Path(__file__).resolve().parent / "build" / "libpvsched_guardian.so"
 _U64 = (1 << 64) - 1
 
 
 @functools.cache
 def ffi() -> cffi.FFI:
-    """The guardian's API, parsed from guardian.h, over the ABI header's types and constants (RT ladder)."""
-    f = cffi.FFI()
-    f.include(abi.ffi())
-    f.cdef(HEADER.read_text())
-    return f
+    """The guardian's API (guardian.h's build-time cdef) over the ABI header's types and constants (RT ladder)."""
+    return native.ffi("guardian", abi.ffi())
 
 
 def _names(enum: str, prefix: str) -> dict[int, str]:
@@ -46,9 +40,7 @@ def _names(enum: str, prefix: str) -> dict[int, str]:
 
 @functools.cache
 def _lib() -> Any:
-
-    ensure_built("guardian", quiet=True)
-    return ffi().dlopen(str(LIBRARY))
+    return native.dlopen("guardian", ffi())
 
 
 @functools.cache

@@ -8,7 +8,7 @@ is seen at once (the device then restores the vCPU threads, as the second line a
 guardian, guardian.c, which does not need this thread's GIL).  Trio code awaits a reply
 (arequest); another thread waits for one (request) in a trio loop of its own, which serves the
 socket too while no other loop does (before run() starts, or without one), so the trio thread
-never blocks on the policy process.
+never blocks on the policy process: not for a reply, and not for its `ready` at start (aspawn).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import itertools
 import json
 import logging
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -35,12 +34,11 @@ from pyvmm.common.pins import PIN_ROOT, remove_pin_dir
 
 log = logging.getLogger("pyvmm.pvsched.supervisor")
 
-READY_TIMEOUT_S = 60.0  # Python start-up, the cffi views and the BPF load: over 20 s in the lab (QEMU TCG) under stress-ng
+READY_TIMEOUT_S = 60.0  # Python start-up, the cffi views and the BPF load: tens of seconds under emulation and load
 STOP_TIMEOUT_S = 3.0
 REQUEST_TIMEOUT_S = 5.0
 HEARTBEAT_S = 2.0  # ping period
 HEARTBEAT_TIMEOUT_S = 5.0  # a policy process silent this long is hung: killed, threads restored
-CLAIM_POLL_S = 0.005  # a loop waiting to serve the socket looks this often whether the one serving it is done
 CHILD_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
 
 Reply = dict[str, Any]
@@ -65,6 +63,25 @@ class _Queued:
 
 def _ignore(_: Reply | Exception) -> None:
     pass
+
+
+def _wake_all(claimers: list[tuple[trio.lowlevel.TrioToken, trio.Event]]) -> None:
+    for token, free in claimers:
+        try:
+            token.run_sync_soon(free.set)  # thread-safe: each Event belongs to its own loop
+        except trio.RunFinishedError:
+            pass
+
+
+async def _first_readable(*fds: Any) -> None:
+    """Return once any of these file descriptors (or sockets) is readable."""
+    async def wait(fd: Any, scope: trio.CancelScope) -> None:
+        await trio.lowlevel.wait_readable(fd)
+        scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for fd in fds:
+            nursery.start_soon(wait, fd, nursery.cancel_scope)
 
 
 def on_trio_thread() -> bool:
@@ -101,6 +118,8 @@ class PolicySupervisor:
         self._ids = itertools.count(1)
         self._token: trio.lowlevel.TrioToken | None = None  # the loop serving the socket now, if any
         self._wake: trio.Event | None = None  # set when the queue has something for that loop's sender
+        self._claimers: list[tuple[trio.lowlevel.TrioToken, trio.Event]] = []  # loops waiting to serve it
+        self._servable = False  # `ready` has come: from then on a loop may serve the socket
         self._stopping = False
         self._running = False  # run() is in progress: it owns the pidfd's wait and closes the fds at its end
         self.heartbeat_s = HEARTBEAT_S
@@ -122,20 +141,49 @@ class PolicySupervisor:
         return self.proc is not None and not self.dead and not self._stopping
 
     def spawn(self) -> dict[str, Any]:
-        """Start the policy process (from the VMM's main thread: PDEATHSIG follows that thread) and await ready."""
-        parent, child = protocol.socketpair()
+        """Start the policy process and wait for ready, from a thread that runs no trio loop (else await aspawn)."""
+        if on_trio_thread():  # a blocking wait here would stall that loop
+            raise PolicyUnavailable("spawn: a blocking wait on a trio thread (await aspawn there)")
+        return trio.run(self.aspawn)
+
+    async def aspawn(self) -> dict[str, Any]:
+        """Start the policy process (from the VMM's main thread: PDEATHSIG follows that thread) and await ready.
+
+        PolicyUnavailable, one line, if it ends or says something else first, or says nothing within
+        READY_TIMEOUT_S; it is killed then (also when this is cancelled), before any boost.
+        """
+        self._launch()
+        try:
+            self.ready = await self._await_ready(READY_TIMEOUT_S)
+        except BaseException:
+            self._kill()
+            raise
+        assert self._sock is not None
+        self._sock.setblocking(False)
+        with self._lock:
+            self._servable = True
+            claimers, self._claimers = self._claimers, []
+        _wake_all(claimers)
+        return self.ready
+
+    def _command(self, sock_fd: int) -> list[str]:
+        """The policy process's command line, talking on `sock_fd`."""
         # -I: no PYTHON* variables, no user site, and neither the caller's working directory nor the
         # script's folder on sys.path (a json.py there would otherwise run as root); the package is found
         # through its install.  A fixed environment and cwd "/" for the same reason.
-        cmd = [sys.executable, "-I", "-m", "pyvmm.policy.process", "--fd", str(child.fileno()),
+        cmd = [sys.executable, "-I", "-m", "pyvmm.policy.process", "--fd", str(sock_fd),
                "--vmm-pid", str(self.vmm_pid), "--tunables", json.dumps(self.tunables),
                "--pin-root", self.pin_root, *self.extra_args]
-        pass_fds = [child.fileno()]
         if self.heartbeat_fd is not None:
             cmd += ["--heartbeat-fd", str(self.heartbeat_fd)]
-            pass_fds.append(self.heartbeat_fd)
         if self.verbose:
             cmd.append("-v")
+        return cmd
+
+    def _launch(self) -> None:
+        parent, child = protocol.socketpair()
+        cmd = self._command(child.fileno())
+        pass_fds = [child.fileno()] + ([self.heartbeat_fd] if self.heartbeat_fd is not None else [])
         try:
             # Own session: a terminal's Ctrl-C reaches the VMM, which then ends the child in order.
             self.proc = subprocess.Popen(cmd, pass_fds=pass_fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -144,20 +192,27 @@ class PolicySupervisor:
             child.close()
         self._sock = parent
         self._pidfd = os.pidfd_open(self.proc.pid)
-        # The first message is "ready" (or nothing, if it fails to start): wait for it here, before any
-        # request, so that boosting is in place before the vCPUs run and the guest enables the device.
-        r, _, _ = select.select([parent, self._pidfd], [], [], READY_TIMEOUT_S)
-        if parent in r:
-            data = parent.recv(protocol.MAX_MSG)
-            try:
-                self.ready = protocol.decode(data) if data else {}
-            except (ValueError, TypeError):
-                self.ready = {}
-        if self.ready.get("op") != "ready":
+
+    async def _await_ready(self, timeout: float) -> dict[str, Any]:
+        # The first message is "ready" (or nothing, if it fails to start): awaited before any request is
+        # served, so that boosting is in place before the vCPUs run and the guest enables the device.
+        assert self.proc is not None and self._sock is not None
+        with trio.move_on_after(timeout):
+            await _first_readable(self._sock, self._pidfd)
+            msg = self._read_first()
+            if msg.get("op") == "ready":
+                return msg
             self._kill()
             raise PolicyUnavailable(f"policy process {self.proc.pid} did not start (exit code {self.proc.returncode})")
-        parent.setblocking(False)
-        return self.ready
+        raise PolicyUnavailable(f"policy process {self.proc.pid} did not start: no ready message within {timeout:g} s")
+
+    def _read_first(self) -> dict[str, Any]:
+        assert self._sock is not None
+        try:
+            data = self._sock.recv(protocol.MAX_MSG, socket.MSG_DONTWAIT)
+            return protocol.decode(data) if data else {}
+        except (OSError, ValueError, TypeError):  # OSError: only the pidfd woke, the child ended without a word
+            return {}
 
     # --- requests ----------------------------------------------------------------------------------------
 
@@ -262,29 +317,49 @@ class PolicySupervisor:
 
     # --- serving the socket: the one path of every request ---------------------------------------------
 
-    def _claim(self) -> bool:
+    def _claim(self) -> trio.Event | None:
+        """Make this loop the socket's server (None), or queue it: the Event is set once it may try again."""
+        token = trio.lowlevel.current_trio_token()
         with self._lock:
-            if self._token is not None:
-                return False
-            self._token = trio.lowlevel.current_trio_token()
-            self._wake = trio.Event()
-            return True
+            if self._token is None and self._servable:
+                self._token, self._wake = token, trio.Event()
+                return None
+            free = trio.Event()
+            self._claimers.append((token, free))
+            return free
+
+    async def _claimed(self) -> None:
+        # No polling: the loop that releases the socket (or aspawn, at `ready`) wakes every waiting loop,
+        # each through its own token, under the lock that a waiter queues itself under.
+        while (free := self._claim()) is not None:
+            try:
+                await free.wait()
+            finally:
+                with self._lock:
+                    self._claimers = [c for c in self._claimers if c[1] is not free]
 
     async def _serve_socket(self) -> None:
         """Once no other loop serves the socket, send queued requests and deliver replies (until cancelled)."""
         if self._sock is None:
             return
-        while not self._claim():
-            await trio.sleep(CLAIM_POLL_S)
+        await self._claimed()
+        if self._sock.fileno() < 0:  # closed while this loop waited (the process ended): nothing to serve
+            self._release()
+            return
         try:
             tsock = trio.socket.from_stdlib_socket(self._sock)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._sender, tsock)
                 nursery.start_soon(self._receiver, tsock)
         finally:
-            with self._lock:
-                self._token = self._wake = None
-            self._close_if_done()
+            self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            self._token = self._wake = None
+            claimers, self._claimers = self._claimers, []
+        self._close_if_done()  # before the waiters look, so that they see a socket closed for good as closed
+        _wake_all(claimers)
 
     async def _sender(self, tsock: trio.socket.SocketType) -> None:
         while True:

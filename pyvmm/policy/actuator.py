@@ -48,8 +48,8 @@ SCHED_FIFO = 1
 MCL_CURRENT, MCL_FUTURE = 1, 2
 LATENCY_SAMPLES = 20000
 # Period of the guests' counter refresh (boosted time moves without records; the rest comes with them).  Every
-# wake-up of this thread costs 100-450 us of CPU here (a cold Python interpreter), taken from a boosted vCPU: the
-# busy-host guest p99 showed it.  So it wakes for records, and for this once a second.
+# wake-up of this thread runs a cold Python interpreter at SCHED_FIFO, taken from a boosted vCPU, and shows in the
+# busy-host guest p99.  So it wakes for records, and for this once a second.
 COUNTERS_MS = 1000
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -8,10 +8,9 @@
  * ends even when no event comes (the vCPU never leaves its CPU), and it is
  * the throttle's fallback when the kernel clock's softirq is deferred to
  * ksoftirqd.  It runs at SCHED_FIFO (the actuator's priority, above every
- * boosted vCPU), so each wake-up preempts a vCPU it serves.  From Python
- * (the actuator thread) a wake-up cost 100-450 us of CPU here, mostly a cold
- * interpreter: the same work takes 12 us hot.  Here it is about 40 us for two
- * vCPUs.  Python keeps what is event-driven: the ring buffer and
+ * boosted vCPU), so each wake-up preempts a vCPU it serves: it is native
+ * because a wake-up of a Python thread runs a cold interpreter and costs
+ * several times more.  Python keeps what is event-driven: the ring buffer and
  * sched_setattr (and, once a second, the guest's counters).
  *
  * The heartbeat.  The VMM's guardian kills a policy process whose heartbeat

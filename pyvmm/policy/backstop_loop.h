@@ -2,9 +2,9 @@
 /*
  * The backstop loop: a native thread in the policy process that runs the BPF
  * backstop program for every vCPU every period, see backstop_loop.c. This
- * header is both backstop_loop.c's and actuator.py's (cffi cdef) view of the
- * API, so it holds plain declarations only: no #include, no #if, no macros.
- * Include <stdint.h> before it.
+ * header is both backstop_loop.c's and backstop_loop.py's view of the API
+ * (cffi reads it after the preprocessor, build/backstop_loop.cdef from
+ * cdef.mk).  Include <stdint.h> before it.
  */
 
 enum {

@@ -1,9 +1,9 @@
 """The backstop loop from Python: backstop_loop.c's native thread, which re-reads every slot each backstop_ms.
 
-The policy process loads build/libpvsched_backstop.so with cffi in ABI mode (dlopen; the
-header is the cdef, so nothing is declared twice).  The thread runs the same BPF backstop
+The policy process loads build/libpvsched_backstop.so with cffi in ABI mode (pyvmm.common.native:
+the cdef is backstop_loop.h itself, made at build time, so nothing is declared twice).  The thread runs the same BPF backstop
 program as the actuator's event-driven re-reads, without the GIL and without waking Python:
-a Python wake-up costs 100-450 us of CPU here, the native one about 40 us for two vCPUs.
+each wake-up preempts a boosted vCPU, and a Python one (a cold interpreter) costs several times a native one.
 It also writes the policy process's heartbeat, while the actuator keeps up with the ring buffer.
 """
 
@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 from typing import Any
 
 import cffi
 
-HEADER = Path(__file__).with_name("backstop_loop.h")
-LIBRARY = Path(__file__).resolve().parent / "build" / "libpvsched_backstop.so"
+from pyvmm.common import native
 
 
 class BackstopLoopError(OSError):
@@ -26,17 +24,16 @@ class BackstopLoopError(OSError):
 
 @functools.cache
 def ffi() -> cffi.FFI:
-    """The loop's API, parsed from backstop_loop.h (plain declarations, no compiler)."""
-    f = cffi.FFI()
-    f.cdef(HEADER.read_text())
-    return f
+    """The loop's API (backstop_loop.h's build-time cdef)."""
+    return native.ffi("backstop")
 
 
 @functools.cache
 def _lib() -> Any:
-    if not LIBRARY.exists():
-        raise BackstopLoopError(f"{LIBRARY.name} is not built: run `make -C bpf` (scripts/setup.sh does)")
-    return ffi().dlopen(str(LIBRARY))
+    try:
+        return native.dlopen("backstop", ffi())
+    except native.NativeError as e:
+        raise BackstopLoopError(str(e)) from None
 
 
 class BackstopLoop:

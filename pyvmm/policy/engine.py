@@ -1,4 +1,4 @@
-"""PolicyEngine: the BPF policy for one VMM, as the policy process drives it (contract 4 of the team brief).
+"""PolicyEngine: the BPF policy for one VMM, as the policy process (pyvmm/policy/process.py) drives it.
 
     engine = PolicyEngine(vmm_pid, {"boost_prio": "8"})   # open, tunables, load, attach, pin
     engine.add_vcpu(vm_id, vcpu_id, tid, slot_hva, slot_view, original)
@@ -28,10 +28,10 @@ import trio
 
 from pyvmm.abi.slots import policy_name
 from pyvmm.common import libbpf
-from pyvmm.common.artifacts import ensure_built
 from pyvmm.common.pins import PIN_ROOT, remove_stale_pins
 from pyvmm.common.procfs import is_thread_of
 from pyvmm.common.sched_attr import SCHED_FIFO, SCHED_RR, SchedAttr, sched_getattr, sched_setattr
+from pyvmm.policy import programs
 from pyvmm.policy.actuator import Actuator, VcpuHandle
 from pyvmm.policy.heartbeat import Heartbeat
 from pyvmm.policy.loader import BpfPolicy, enable_stats, stats_enabled
@@ -46,7 +46,6 @@ log = logging.getLogger("pvsched.engine")
 # What a vCPU thread keeps across unregister/register: its throttle window, its throttle, its counters.
 CARRIED_FIELDS = ("window_start_ns", "window_boosted_ns", "throttle_until_ns", "boosts", "throttles", "boosted_ns",
                   "gen")
-BPF_OBJECT = Path(__file__).resolve().parent / "build" / "pvsched.bpf.o"
 
 
 def enable_bpf_stats() -> int:
@@ -58,21 +57,15 @@ def _attr_dict(a: SchedAttr) -> dict:
     return {"policy": policy_name(a.policy), "priority": a.priority, "nice": a.nice}
 
 
-def _bpf_object() -> Path:
-    if not BPF_OBJECT.exists():
-
-        return ensure_built("bpf", quiet=True)
-    return BPF_OBJECT
-
-
 class PolicyEngine:
     """The BPF policy of one VMM: maps, programs, actuator; restores everything it changed on close()."""
 
     def __init__(self, vmm_pid: int, tunables: dict[str, str] | None = None, pin_root: str = PIN_ROOT,
-                 *, stats_fd: int | None = None, realtime: bool = True, obj_path: str | None = None):
+                 *, stats_fd: int | None = None, realtime: bool = True, program: str = programs.DEFAULT):
         if vmm_pid <= 0:
             raise ValueError(f"vmm_pid {vmm_pid} is not a process id")
         self.vmm_pid = vmm_pid
+        self.program = program
         self.tunables = parse(tunables)
         self.pin_root = Path(pin_root)
         self._stats_fd = stats_fd
@@ -91,7 +84,7 @@ class PolicyEngine:
                 pass  # no CAP_SYS_ADMIN: program run time is reported as unavailable
         _require_bpffs(self.pin_root)
         remove_stale_pins(str(self.pin_root))
-        self._policy = BpfPolicy(Path(obj_path) if obj_path else _bpf_object(), vmm_pid,
+        self._policy = BpfPolicy(programs.object_path(program), vmm_pid,
                                  self.pin_root / str(vmm_pid))
         try:
             self._policy.open_load_attach(self.tunables)
@@ -195,8 +188,8 @@ class PolicyEngine:
         caller = _raise_caller(self._realtime)
         self._actuator.start()
         try:
-            # A worker blocks in join, so this thread (SCHED_FIFO 35) does not wake while all is well: polling
-            # every 200 ms cost ~3 ms of CPU a second here, taken from boosted vCPUs.  A dead actuator also
+            # A worker blocks in join, so this thread (SCHED_FIFO 35) does not wake while all is well: every
+            # wake-up of a polling thread would be taken from boosted vCPUs.  A dead actuator also
             # stops the heartbeat, so the VMM's guardian restores the threads even if this wakes late.
             await trio.to_thread.run_sync(self._actuator.join, cancellable=True)
             raise RuntimeError("pvsched: the actuator thread died")  # fail loudly: the VMM restores the threads
@@ -268,6 +261,7 @@ class PolicyEngine:
         loop = self._actuator.loop.info()
         out = {
             "vmm_pid": self.vmm_pid,
+            "program": self.program,
             "pin_dir": str(self.pin_dir),
             "vcpus": vcpus,
             "stats": stats,

@@ -2,7 +2,7 @@
 
 It maps the guest's shared area through a dup of the guest-RAM memfd, runs the BPF policy
 through pyvmm.policy.engine.PolicyEngine, and answers the device over a SOCK_SEQPACKET socketpair
-(pyvmm/common/protocol.py). Start-up order (shared DESIGN.md, "Processes, pins and cleanup"):
+(pyvmm/common/protocol.py). Start-up order (pyvmm/device/README.md, "The policy process"):
 parent-death signal, network namespace, BPF stats and pin directories while still privileged,
 then only CAP_BPF/CAP_PERFMON/CAP_SYS_NICE/CAP_IPC_LOCK, no_new_privs, the engine, seccomp.
 Every way out (SIGTERM from the parent's death, "shutdown", end of the socket, an error)
@@ -33,7 +33,7 @@ from pyvmm.abi import slots
 from pyvmm.common import protocol
 from pyvmm.common.pins import PIN_ROOT, ensure_pin_dir, remove_stale_pins
 from pyvmm.common.sched_attr import SchedAttr, sched_setattr
-from pyvmm.policy import sandbox
+from pyvmm.policy import programs, sandbox
 from pyvmm.policy.engine import PolicyEngine
 from pyvmm.policy.heartbeat import Heartbeat
 
@@ -330,10 +330,10 @@ def _bpffs_of(path: str) -> str | None:
 
 
 def make_engine(vmm_pid: int, tunables: dict[str, str], pin_root: str,
-                stats_fd: int | None = None) -> tuple[Any | None, str | None]:
+                stats_fd: int | None = None, program: str = programs.DEFAULT) -> tuple[Any | None, str | None]:
     """The BPF policy engine, or (None, reason) if it fails to start."""
     try:
-        return PolicyEngine(vmm_pid, tunables or None, pin_root=pin_root, stats_fd=stats_fd), None
+        return PolicyEngine(vmm_pid, tunables or None, pin_root=pin_root, stats_fd=stats_fd, program=program), None
     except Exception as e:  # noqa: BLE001 - any engine failure leaves the VM running without boosting
         reason = f"PolicyEngine failed: {type(e).__name__}: {e}"
         log.error("running without BPF: %s", reason)
@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vmm-pid", type=int, required=True)
     p.add_argument("--tunables", default="{}", help="initial tunables as a JSON object of strings")
     p.add_argument("--pin-root", default=PIN_ROOT)
+    p.add_argument("--program", default=programs.DEFAULT, help="the BPF policy: a name of programs.available()")
     p.add_argument("--heartbeat-fd", type=int, help="the VMM guardian's heartbeat memfd (guardian.py)")
     p.add_argument("--no-seccomp", action="store_true", help="debugging only")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -377,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     # (kvm_exit where KVM is a module, as on every Debian host) by iterating BTF objects, which the
     # kernel allows only with CAP_SYS_ADMIN.  Nothing hostile is read yet: only the installed object
     # and the admin's tunables; the VMM's socket is read after the drop, and no thread exists before it.
-    engine, engine_error = make_engine(args.vmm_pid, tunables, args.pin_root, stats_fd)
+    engine, engine_error = make_engine(args.vmm_pid, tunables, args.pin_root, stats_fd, args.program)
     try:
         confine(engine)
         sandbox.drop_capabilities()

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0 OR MIT
 /*
  * pvsched host policy: turns what a guest writes in its vCPU slots into host
- * scheduling parameters for the vCPU threads (shared/DESIGN.md, "Host
- * policy").  The programs only decide; they post each change to a ring
+ * scheduling parameters for the vCPU threads (pyvmm/policy/README.md,
+ * "Decisions").  The programs only decide; they post each change to a ring
  * buffer and the policy process applies it with sched_setattr.
  *
  * One decision function, pvsched_eval(), serves every event: the sched and
@@ -15,8 +15,8 @@
  *
  * Hysteresis is part of the policy: a halt boost is held while the slot shows
  * IDLE; a boost is dropped only when the request stops being urgent or the
- * throttle ends it, never per event (per-event flipping measured worse than
- * no boosting at all).
+ * throttle ends it, never per event: a boost flipped per event serves the
+ * guest worse than no boost at all.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -391,11 +391,11 @@ static __always_inline int post(const struct eval_ctx *c, const struct pvsched_s
 }
 
 /*
- * Whether a halt wants the halt boost.  The seed boosts every halt, which for
- * a vCPU that halts often running only normal-priority work costs the host
- * what static RT costs (measured: a guest task at SCHED_OTHER woken every
- * 1 ms took the host load to 0.92x of vanilla's CPU, as static RT did).  A
- * guest that reports its sleeping RT tasks (F_RT_WAITER) gets it only then.
+ * Whether a halt wants the halt boost.  Boosting every halt (the seed's
+ * policy, boost_on_halt=always) costs the host as much as static RT for a
+ * vCPU that halts often while it runs only normal-priority work, so a guest
+ * that reports its sleeping RT tasks (F_RT_WAITER) gets it only when one
+ * sleeps; a guest without the feature gets it at every halt.
  */
 static __always_inline bool halt_boost_wanted(const struct pvsched_tunables *t, const struct pvsched_vcpu *v,
 					      const struct pvsched_slot_snap *s)
@@ -428,8 +428,14 @@ static __always_inline __u32 from_slot(const struct eval_ctx *c, struct pvsched_
 
 /*
  * What the event asks for, before caps and budgets: the reason, with `want`
- * filled, or PVSCHED_REASON_NONE when the event decides nothing.
+ * filled, or PVSCHED_REASON_NONE when the event decides nothing.  This is
+ * the policy's one choice: another policy defines PVSCHED_CUSTOM_DECIDE,
+ * includes this file and defines its own decide(); the maps, the programs,
+ * the caps, the budgets and the throttle stay this file's (see rt_only.bpf.c).
  */
+static __always_inline __u32 decide(const struct eval_ctx *c, struct pvsched_sched_params *want);
+
+#ifndef PVSCHED_CUSTOM_DECIDE
 static __always_inline __u32 decide(const struct eval_ctx *c, struct pvsched_sched_params *want)
 {
 	struct pvsched_vcpu *v = c->v;
@@ -454,12 +460,11 @@ static __always_inline __u32 decide(const struct eval_ctx *c, struct pvsched_sch
 		if ((s->flags & PVSCHED_FLAG_IDLE) &&
 		    (v->hold || (halt_boost_wanted(c->t, v, s) && v->state == PVSCHED_STATE_BOOSTED))) {
 			/*
-			 * Hysteresis: the halt boost is held while the vCPU stays
-			 * idle (re-posted only if new tunables changed it).  A
-			 * boosted vCPU that published IDLE but was preempted or
-			 * checked before its halt keeps its boost too: dropping it
-			 * there left it at SCHED_OTHER behind host load until it
-			 * reached the halt (ms on a busy host, the guest's max).
+			 * Hysteresis: the halt boost is held while the slot shows
+			 * IDLE (re-posted only if new tunables changed it), also
+			 * for a boosted vCPU preempted or checked after it published
+			 * IDLE but before its halt: dropping the boost before the
+			 * halt leaves the vCPU behind host load until it halts.
 			 */
 			stat_inc(PVSCHED_STAT_HOLD);
 			return hold_boost(c, want, PVSCHED_REASON_HALT);
@@ -467,9 +472,10 @@ static __always_inline __u32 decide(const struct eval_ctx *c, struct pvsched_sch
 		return from_slot(c, want);
 	}
 }
+#endif /* PVSCHED_CUSTOM_DECIDE */
 
 /*
- * The state machine (DESIGN.md event table), for every event.  Called with
+ * The state machine (pyvmm/policy/README.md, "Decisions"), for every event.  Called with
  * c->v's lock held.
  */
 static __always_inline int pvsched_eval(const struct eval_ctx *c)
@@ -872,11 +878,10 @@ static __always_inline void ask_recheck(struct pvsched_vcpu *v, __u32 tid, const
 /*
  * The throttle clock.  A boosted vCPU that never switches out (a FIFO/RR
  * spinner in the guest) produces no event, so something must look at it
- * periodically.  The policy process's backstop did that every 5 ms: about
- * 200 wake-ups a second of a SCHED_FIFO 40 Python thread, 70-80 us each under
- * load, and the task boosted vCPUs most often waited behind (perf sched).
- * The throttle needs no slot read, so a BPF timer does it in softirq context
- * for about a microsecond; user space wakes only when a change is posted.
+ * periodically.  A user-space thread polling at that rate would preempt the
+ * boosted vCPUs it serves at every wake-up.  The throttle needs no slot read,
+ * so a BPF timer does it in softirq context; user space wakes only when a
+ * change is posted.
  */
 static long clock_vcpu(struct bpf_map *map, __u32 *tid, struct pvsched_vcpu *v, void *ctx)
 {
@@ -900,9 +905,8 @@ static long clock_vcpu(struct bpf_map *map, __u32 *tid, struct pvsched_vcpu *v, 
 /*
  * The timer's callback runs in softirq context; under softirq-heavy load the
  * kernel defers softirqs to ksoftirqd, a SCHED_OTHER thread, and the clock
- * then runs late (seen: 1 tick in 6 s under the bench's load).  The policy
- * process's backstop (backstop_ms, at FIFO 40) bounds a boost then; late
- * ticks are counted so they show.
+ * then runs late.  The policy process's backstop (backstop_ms, at FIFO 40)
+ * bounds a boost then; late ticks are counted (stat clock_late) so they show.
  */
 static int clock_tick(void *map, __u32 *key, struct pvsched_clock *c)
 {

@@ -1,7 +1,7 @@
 """Policy tunables: names, defaults, validation (RT ladder) and conversion to the BPF map value.
 
 Names are what `pyvmm policy set KEY=VALUE` takes; values arrive as strings.
-Defaults and their reasons (shared/DESIGN.md, "Host policy"):
+Defaults and their reasons (the decisions they bound: pyvmm/policy/README.md, "Decisions"):
 - boost_policy rr, boost_prio 8: RR so two boosted vCPUs on one core share it;
   8 sits above typical guest RT tasks' hosts yet far below the actuator (40).
 - max_rt_prio 10, allow_fifo false: a guest can never out-rank host RT work
@@ -15,19 +15,16 @@ Defaults and their reasons (shared/DESIGN.md, "Host policy"):
   up to clock_ms per running vCPU before the clock sees it.  30% is the
   per-vCPU share (30 ms per 100 ms), so it binds only a VM with more vCPUs
   than the host has CPUs: such a VM gets no more RT time than one with a vCPU
-  per CPU.  Per-vCPU budgets alone let V vCPUs take V times one vCPU's share:
-  8 spinning vCPUs on 2 CPUs took 83% of both CPUs at RT and left a host hog
-  3% of its CPU; with 30%: 32% and 40-44%; with 10%: 13% and 56-67%; with
-  5%: 7% and 70% (tests/hostile/test_host_protection.py, 2026-12-03).  RT
+  per CPU.  Per-vCPU budgets alone let V vCPUs take V times one vCPU's share
+  (what each share leaves a host task: docs/hardening.md, "A per-VM budget").  RT
   time may pile up on one CPU, so a host task keeps about 1 - share x CPUs
   there, less clock_ms per running vCPU: an admin who must leave a host task
-  60% of a CPU on 2 CPUs sets 5.
+  60% of a CPU against 8 spinning vCPUs on 2 CPUs sets 5.
 - boost_on_halt auto: the ring-buffer hop costs tens of microseconds, so the
   boost must be in place before the wakeup; boosting at halt hides the hop.
   "auto" boosts a halt only where an RT task waits (a guest with F_RT_WAITER
   shows RT_WAITING; other guests: every halt): boosting every halt of a vCPU
-  that wakes often for normal-priority work cost the host as much as static RT
-  (host load 0.92x of vanilla's CPU with the bench's probe,tick guest).
+  that wakes often for normal-priority work costs the host as much as static RT.
 - clock_ms 5: period of the in-kernel throttle clock (a BPF timer), which
   catches a boosted vCPU that never switches out (a guest RT spinner): it may
   overrun its budget by up to clock_ms.
@@ -35,12 +32,10 @@ Defaults and their reasons (shared/DESIGN.md, "Host policy"):
   native thread at SCHED_FIFO 40, pyvmm/policy/backstop_loop.c): bounds how long a vCPU
   that never exits keeps a boost its guest no longer asks for, and is the
   throttle's fallback when the clock runs late (its softirq deferred to
-  ksoftirqd, a SCHED_OTHER thread: stat clock_late, 1 tick in 6 s under the
-  bench's load).  Each wake-up costs a boosted vCPU ~50 us here (it cost
-  100-170 us when the loop was Python, and at 5 ms it was then the task
-  boosted vCPUs most often waited behind: perf sched).  100 ms was tried: then
-  only the clock ends a boost no longer asked for, and in one loaded test run
-  that took 100 ms.
+  ksoftirqd, a SCHED_OTHER thread: stat clock_late).  Each wake-up preempts a
+  boosted vCPU, so the loop is native and wakes no more often than that bound
+  needs; a much longer period leaves ending a boost no longer asked for to
+  the clock alone, which runs late under load.
 """
 
 from __future__ import annotations
@@ -213,7 +208,7 @@ def parse(values: dict[str, str] | None, base: dict[str, str] | None = None) -> 
     )
     # The clock may notice an over-budget spinner up to clock_ms late; if
     # budget plus that lateness reaches the window, the window rolls over before
-    # the throttle fires and a spinner escapes it (measured: 60% RT at 97/100).
+    # the throttle fires and a spinner escapes it.
     if t.max_boost_runtime_ms + t.clock_ms >= t.throttle_window_ms:
         raise TunableError(
             f"max_boost_runtime_ms={t.max_boost_runtime_ms} + clock_ms={t.clock_ms} must stay below "

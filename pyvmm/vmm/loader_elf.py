@@ -1,4 +1,4 @@
-"""Test-guest loader: an ELF64 x86-64 executable, started by the boot contract of DESIGN.md.
+"""Test-guest loader: an ELF64 x86-64 executable, started by the boot contract of pyvmm/abi/testguest_boot.h.
 
 PT_LOAD segments go to their physical addresses (p_paddr), which must lie
 in RAM at or above 512 KiB (below that sit the boot tables, see pyvmm/vmm/x86.py).
@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from pyvmm import abi
+from pyvmm.abi import boot
 from pyvmm.vmm import x86
 from pyvmm.vmm.memory import GuestMemory, GuestMemoryError
 
@@ -93,11 +93,10 @@ def load_elf(mem: GuestMemory, data: bytes, name: str = "kernel") -> ElfImage:
 
 
 def boot_info_bytes(nr_vcpus: int, mem_size: int, tsc_khz: int, cmdline_gpa: int, cmdline_len: int) -> bytes:
-    """struct pvsched_boot_info as the ABI header defines it (through cffi, nothing copied by hand)."""
-
-    ffi = abi.ffi()
+    """struct pvsched_boot_info as testguest_boot.h defines it (through cffi, nothing copied by hand)."""
+    ffi = boot.ffi()
     bi = ffi.new("struct pvsched_boot_info *")
-    bi.magic = abi.C.PVSCHED_BOOT_INFO_MAGIC
+    bi.magic = boot.C.PVSCHED_BOOT_INFO_MAGIC
     bi.nr_vcpus = nr_vcpus
     bi.mem_size = mem_size
     bi.tsc_khz = tsc_khz

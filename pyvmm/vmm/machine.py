@@ -376,7 +376,7 @@ class Machine:
                 for d in self.devices:
                     started.append(d)
                     try:
-                        d.start(self)
+                        await d.start_async(self)  # the loop serves the control socket meanwhile
                     except Exception as e:  # noqa: BLE001
                         raise VmmError(f"device {d.label} failed to start: {e}") from None
                     if hasattr(d, "run"):

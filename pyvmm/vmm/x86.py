@@ -7,7 +7,7 @@ or above 0x80000, so nothing here can collide with them):
 | --- | --- |
 | 0x00500 | GDT: 0x10 code64, 0x18 data, 0x20 TSS (Linux's __BOOT_CS/__BOOT_DS) |
 | 0x00520 | IDT (empty: the guest loads its own) |
-| 0x01000 | test guest: struct pvsched_boot_info |
+| 0x01000 | test guest: struct pvsched_boot_info (pyvmm/abi/testguest_boot.h) |
 | 0x02000 | test guest: command line (NUL-terminated, at most 4095 bytes) |
 | 0x07000 | Linux: zero page (struct boot_params) |
 | 0x10000 | PML4, then the PDPT, then one page directory per GiB mapped (2 MiB pages) |

@@ -69,10 +69,10 @@ class PolicyChild:
     """The engine in a child process with only CAP_BPF, CAP_PERFMON, CAP_SYS_NICE, CAP_IPC_LOCK."""
 
     def __init__(self, vmm: FakeVmm, pin_root: Path, tunables: dict | None, keep_caps: bool = False,
-                 features: int = 0):
+                 features: int = 0, program: str = "pvsched"):
         cfg = {"vmm_pid": vmm.pid, "memfd": vmm.fd, "slot_offset": vmm.info["slot_offset"], "hva": vmm.info["hva"],
                "tids": vmm.tids, "tunables": tunables or {}, "pin_root": str(pin_root), "keep_caps": keep_caps,
-               "features": features}
+               "features": features, "program": program}
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen([sys.executable, str(HERE / "policy_child.py"), json.dumps(cfg)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
@@ -125,11 +125,13 @@ def pin_root():
 def policy_child(bpf_object, pin_root):
     """Start the sandboxed policy engine for a FakeVmm: policy_child(vmm, tunables, features=...) -> PolicyChild.
 
-    `features`: the guest's negotiated pvsched features the vCPUs are registered with (default none)."""
+    `features`: the guest's negotiated pvsched features the vCPUs are registered with (default none);
+    `program`: the BPF policy by name (pyvmm.policy.programs)."""
     kids: list[PolicyChild] = []
 
-    def start(vmm: FakeVmm, tunables: dict | None = None, keep_caps: bool = False, features: int = 0) -> PolicyChild:
-        c = PolicyChild(vmm, pin_root, tunables, keep_caps, features)
+    def start(vmm: FakeVmm, tunables: dict | None = None, keep_caps: bool = False, features: int = 0,
+              program: str = "pvsched") -> PolicyChild:
+        c = PolicyChild(vmm, pin_root, tunables, keep_caps, features, program)
         kids.append(c)
         return c
 

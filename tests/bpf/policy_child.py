@@ -1,7 +1,7 @@
 """Test stand-in for the policy process: drops to the sandbox's capabilities, runs PolicyEngine, obeys stdin.
 
 argv[1] is a JSON object: vmm_pid, memfd (inherited fd), slot_offset, hva, tids,
-tunables, pin_root, keep_caps (bool: skip the capability drop).  Prints JSON
+tunables, pin_root, keep_caps (bool: skip the capability drop), program (the BPF policy's name).  Prints JSON
 lines: {"ready": ..., "caps": ...} once, then one reply per command:
   show | set K=V ... | remove TID | add TID | close
 SIGTERM (or stdin EOF) ends it through the engine's one cleanup path.
@@ -69,7 +69,8 @@ async def main(cfg: dict) -> None:
     from pyvmm.policy.engine import PolicyEngine
 
     m = mmap.mmap(cfg["memfd"], cfg.get("size", 4096))
-    engine = PolicyEngine(cfg["vmm_pid"], cfg.get("tunables") or {}, cfg["pin_root"])
+    engine = PolicyEngine(cfg["vmm_pid"], cfg.get("tunables") or {}, cfg["pin_root"],
+                          program=cfg.get("program", "pvsched"))
 
     def add(i: int, tid: int) -> None:
         off = cfg["slot_offset"] + 128 * i

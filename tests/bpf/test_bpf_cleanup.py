@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from sched_observe import observed, wait_for
 
+from pyvmm import abi
+
 RR, OTHER = os.SCHED_RR, os.SCHED_OTHER
 SANDBOX_CAPS = (1 << 14) | (1 << 23) | (1 << 38) | (1 << 39)  # IPC_LOCK, SYS_NICE, PERFMON, BPF
 
@@ -39,11 +41,13 @@ def test_sandbox_caps_are_enough(fake_vmm, policy_child):
     show = child.show()
     progs = {p["name"]: p["status"] for p in show["programs"]}
     assert progs["pvs_switch"] == "attached" and progs["pvs_wakeup"] == "attached"
-    # the actuator runs at FIFO 40 with memory locked
+    # the actuator runs at FIFO PVSCHED_ACTUATOR_PRIO with memory locked
     act = show["actuator"]["tid"]
-    assert os.sched_getscheduler(act) == os.SCHED_FIFO and os.sched_getparam(act).sched_priority == 40
+    assert os.sched_getscheduler(act) == os.SCHED_FIFO
+    assert os.sched_getparam(act).sched_priority == abi.C.PVSCHED_ACTUATOR_PRIO
     # and the thread that runs the engine sits above the boosts too (no GIL priority inversion)
-    assert os.sched_getscheduler(child.pid) == os.SCHED_FIFO and os.sched_getparam(child.pid).sched_priority == 35
+    assert os.sched_getscheduler(child.pid) == os.SCHED_FIFO
+    assert os.sched_getparam(child.pid).sched_priority == abi.C.PVSCHED_CALLER_PRIO
     status = Path(f"/proc/{child.pid}/status").read_text()
     vmlck = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmLck:")))
     assert vmlck > 0, "mlockall did not lock memory"

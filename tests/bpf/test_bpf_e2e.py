@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from sched_observe import observed, observer_rt, runs, sample, wait_for
 
+from pyvmm import abi
+
 ROOT = Path(__file__).resolve().parents[2]
 RR, OTHER = os.SCHED_RR, os.SCHED_OTHER
 
@@ -49,7 +51,7 @@ def vm(bpf_object):
 
     def boot(cmdline: str, seconds: int = 4, *extra: str) -> tuple[subprocess.Popen, int, dict[int, int]]:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        p = subprocess.Popen(["chrt", "-f", "50", "timeout", "-s", "KILL", str(seconds + 30), "chrt", "-o", "0",
+        p = subprocess.Popen(["chrt", "-f", str(abi.C.PVSCHED_WATCHDOG_PRIO), "timeout", "-s", "KILL", str(seconds + 30), "chrt", "-o", "0",
                               sys.executable, "-m", "pyvmm.cli", "boot", "--json", "--cpus", "2", "--cmdline", cmdline,
                               "--timeout", str(seconds + 20), *extra], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -131,7 +133,7 @@ def test_e2e_sigkill_of_the_policy_process_restores_and_detaches(vm):
     ids = {prog["id"] for prog in json.loads(progs) if map_id in prog.get("map_ids", [])}
     assert len(ids) >= 3, "bpftool names no program of this VM's policy"
     os.kill(policy_pid, 9)
-    # the VMM's supervisor restores the threads (DESIGN.md: within 100 ms)
+    # the VMM's supervisor restores the threads (within 100 ms)
     assert wait_for(lambda: all(os.sched_getscheduler(t) == OTHER for t in tids.values()), 0.5)
 
     def gone() -> bool:

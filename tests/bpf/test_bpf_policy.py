@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from sched_observe import observed, proc_sched, runs, sample, wait_for
 
+from pyvmm import abi
+
 RR, FIFO, OTHER, BATCH = os.SCHED_RR, os.SCHED_FIFO, os.SCHED_OTHER, os.SCHED_BATCH
 
 
@@ -115,7 +117,7 @@ def test_auto_halt_boost_waits_for_an_rt_waiter_when_the_guest_reports_them(fake
 
     vmm = fake_vmm(2)
     rt_waits, normal = vmm.tids
-    child = policy_child(vmm, features=C.PVSCHED_F_ALL_V1)  # the guest reports its sleeping RT tasks
+    child = policy_child(vmm, features=C.PVSCHED_F_ALL)  # the guest reports its sleeping RT tasks
     assert child.show()["tunables"]["boost_on_halt"]["value"] == "auto"
     vmm.cmd(f"custom 0 sleep {C.PVSCHED_FLAG_IDLE | C.PVSCHED_FLAG_RT_WAITING} 0 0 0 0")  # halts, RT task waits
     vmm.cmd(f"custom 1 sleep {C.PVSCHED_FLAG_IDLE} 0 0 0 0")  # halts with only normal work to come back to
@@ -382,8 +384,9 @@ def test_hostile_values_in_the_pinned_tunables_map_are_clamped_where_used(fake_v
                            allow_fifo=1)
     vmm.cmd("mode 0 idle")  # every halt asks for the halt boost (boost_prio)
     assert wait_for(lambda: observed(tid)[0] == FIFO, 2.0), f"got {observed(tid)}"
-    assert all(prio <= 30 for _, pol, prio in sample(tid, 0.3, 0.002) if pol in (RR, FIFO)), "above the ladder's 30"
-    assert proc_sched(tid) == {"policy": FIFO, "prio": 99 - 30}
+    limit = abi.C.PVSCHED_RT_PRIO_LIMIT
+    assert all(prio <= limit for _, pol, prio in sample(tid, 0.3, 0.002) if pol in (RR, FIFO)), "above the ladder"
+    assert proc_sched(tid) == {"policy": FIFO, "prio": 99 - limit}
     _write_pinned_tunables(pin_root / str(vmm.pid), boost_policy=6, boost_prio=99)  # DEADLINE: never
     assert wait_for(lambda: observed(tid) == (OTHER, 0, 0), 2.0), f"got {observed(tid)}"
     assert not wait_for(lambda: observed(tid)[0] != OTHER, 0.3), "boosted with an unknown boost_policy"

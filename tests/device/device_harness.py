@@ -34,7 +34,7 @@ class Bar:
         return v - (1 << 32) if v & 0x80000000 else v
 
     def negotiate(self, gpa: int = SHM_GPA, size: int = 4096, version: int | None = None,
-                  features: int = C.PVSCHED_F_ALL_V1) -> int:
+                  features: int = C.PVSCHED_F_ALL) -> int:
         """Full guest negotiation: version, features, GPA, size, ENABLE; returns STATUS."""
         self.write("GUEST_VERSION", C.PVSCHED_VERSION if version is None else version)
         self.write("GUEST_FEATURES", features)

@@ -28,7 +28,7 @@ def bar(vm: StandinVm) -> Bar:
 def test_identity_and_read_only_registers(bar: Bar) -> None:
     assert bar.read("MAGIC") == C.PVSCHED_MAGIC == 0x43535650
     assert bar.read("HOST_VERSION") == 0x00010000
-    assert bar.read("HOST_FEATURES") == C.PVSCHED_F_ALL_V1
+    assert bar.read("HOST_FEATURES") == C.PVSCHED_F_ALL
     assert bar.read("NR_VCPUS") == 2
     assert bar.status() == C.PVSCHED_STATUS_IDLE
     for reg in ("MAGIC", "HOST_VERSION", "HOST_FEATURES", "NR_VCPUS", "STATUS"):
@@ -44,12 +44,12 @@ def test_full_negotiation(bar: Bar, vm: StandinVm) -> None:
     assert bar.negotiate() == C.PVSCHED_STATUS_ACTIVE
     snap = bar.dev.snapshot()
     assert snap["state"] == "active"
-    assert (snap["version"], snap["features"]) == (C.PVSCHED_VERSION, C.PVSCHED_F_ALL_V1)
+    assert (snap["version"], snap["features"]) == (C.PVSCHED_VERSION, C.PVSCHED_F_ALL)
     assert (snap["shm_gpa"], snap["shm_size"]) == (SHM_GPA, 4096)
     assert snap["shm_hva"] == vm.memory.hva(SHM_GPA, 4096)
     # RW registers read back what the guest wrote.
     assert bar.read("SHM_GPA_LO") == SHM_GPA and bar.read("SHM_SIZE") == 4096
-    assert bar.read("GUEST_FEATURES") == C.PVSCHED_F_ALL_V1 and bar.read("GUEST_VERSION") == C.PVSCHED_VERSION
+    assert bar.read("GUEST_FEATURES") == C.PVSCHED_F_ALL and bar.read("GUEST_VERSION") == C.PVSCHED_VERSION
     assert bar.read("CONTROL") == 0  # write-only
 
 

@@ -18,6 +18,7 @@ import pytest
 from device_harness import Running
 from standin import StandinVm
 
+from pyvmm import abi
 from pyvmm.cli.status_text import render
 from pyvmm.common.sched_attr import SCHED_FIFO, SchedAttr, sched_getattr, sched_setattr
 from pyvmm.device.guardian import Guardian, constants
@@ -26,7 +27,7 @@ from pyvmm.policy.policy_types import consts
 from pyvmm.policy.tunables import RT_PRIO_LIMIT
 
 STALE_MS = 100
-WATCHDOG_PRIO = 50  # tests' and benchmarks' watchdogs (shared DESIGN.md, RT ladder)
+WATCHDOG_PRIO = abi.C.PVSCHED_WATCHDOG_PRIO  # tests' and benchmarks' watchdogs (the ABI header's RT ladder)
 GONE_TID = 2**22 + 12345  # above the default pid_max: no such thread (sched_setattr: ESRCH, not an error)
 
 
@@ -95,11 +96,11 @@ def test_death_restores_at_once_from_a_locked_fifo_45_thread(watched: Watched) -
     tid = _guardian_thread()
     assert tid is not None, "no pvsched-guard thread"
     assert os.sched_getscheduler(tid) == SCHED_FIFO
-    assert os.sched_getparam(tid).sched_priority == constants().PVSCHED_GUARDIAN_PRIO == 45
-    # RT ladder: boosts (<= 30) < policy process (35, actuator 40) < guardian < watchdogs (>= 50)
+    assert os.sched_getparam(tid).sched_priority == constants().PVSCHED_GUARDIAN_PRIO
+    # RT ladder: boosts < policy process (caller, actuator) < guardian < watchdogs
     assert RT_PRIO_LIMIT < consts().PVSCHED_ACTUATOR_PRIO < constants().PVSCHED_GUARDIAN_PRIO < WATCHDOG_PRIO
     info = w.g.info()
-    assert info["prio"] == 45 and info["locked"], info
+    assert info["prio"] == constants().PVSCHED_GUARDIAN_PRIO and info["locked"], info
     w.boost()
     os.kill(w.child.pid, signal.SIGKILL)
     t0 = time.monotonic()
@@ -220,7 +221,7 @@ def test_the_device_runs_one_and_status_shows_it(running: Running) -> None:
     time.sleep(0.1)
     assert g.info()["beats"] > beats, "the actuator's heartbeat does not move"
     text = render("status", running.vm.control_handlers["status"]({"cmd": "status"}))
-    assert "guardian: watching, FIFO 45, memory locked, heartbeat" in text, text
+    assert f"guardian: watching, FIFO {constants().PVSCHED_GUARDIAN_PRIO}, memory locked, heartbeat" in text, text
     running.dev.stop()  # clean: disarmed first, so the policy's shutdown is not taken for a hang
     assert running.dev.supervisor.returncode == 0
     assert g.info()["cause"] in (None, "died") and g.info()["state"] in ("done", "stopped"), g.info()

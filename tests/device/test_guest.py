@@ -34,7 +34,7 @@ def _run(cmdline: str = QUICK, **kw) -> dict:
 def test_guest_negotiates_full_v1() -> None:
     rec = _run(policy=False)
     assert rec["status"] == "active"
-    assert (rec["version"], rec["features"]) == (C.PVSCHED_VERSION, C.PVSCHED_F_ALL_V1)
+    assert (rec["version"], rec["features"]) == (C.PVSCHED_VERSION, C.PVSCHED_F_ALL)
 
 
 def test_guest_takes_the_features_the_host_offers() -> None:

@@ -65,7 +65,7 @@ table:
 
 
 def _negotiation(gpa: int = SHM_GPA, size: int = 4096, version: int = C.PVSCHED_VERSION,
-                 features: int = C.PVSCHED_F_ALL_V1) -> list[tuple[int, int]]:
+                 features: int = C.PVSCHED_F_ALL) -> list[tuple[int, int]]:
     return [(REG["GUEST_VERSION"], version), (REG["GUEST_FEATURES"], features),
             (REG["SHM_GPA_LO"], gpa & 0xFFFFFFFF), (REG["SHM_GPA_HI"], gpa >> 32), (REG["SHM_SIZE"], size),
             (REG["CONTROL"], C.PVSCHED_CTRL_ENABLE), (STATUS_MARK, 0)]

@@ -337,11 +337,11 @@ def test_policy_asked_for_but_not_loaded_is_a_hard_error(monkeypatch) -> None:
     from pyvmm.device import device as devmod
     from pyvmm.vmm.machine import VmmError
 
-    def spawn(self) -> dict:
+    async def aspawn(self) -> dict:  # the VMM awaits the device's start_async, which awaits aspawn
         self.ready = {"op": "ready", "engine": False, "engine_error": "PolicyEngine failed: LibbpfError: no BTF"}
         return self.ready
 
-    monkeypatch.setattr(devmod.PolicySupervisor, "spawn", spawn)
+    monkeypatch.setattr(devmod.PolicySupervisor, "aspawn", aspawn)
     with pytest.raises(VmmError, match=r"the BPF policy did not load: PolicyEngine failed: LibbpfError: no BTF "
                                        r"\(--no-policy runs without it\)"):
         run_vm(BootConfig(cmdline="duration=1", control_socket=False))

@@ -18,7 +18,7 @@ from pyvmm.device.registers import REG, Access, Latches, Register, RegisterFile,
 
 C = abi.C
 HOST_VERSION = C.PVSCHED_VERSION
-HOST_FEATURES = C.PVSCHED_F_ALL_V1
+HOST_FEATURES = C.PVSCHED_F_ALL
 NR_VCPUS = 3
 
 

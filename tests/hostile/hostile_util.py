@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
+from pyvmm import abi
 from pyvmm.common import control_client as control
 from pyvmm.common import pins
 from pyvmm.common.sched_attr import SCHED_FIFO, SCHED_RR, SchedAttr, sched_getattr
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT / "tests" / "bpf"))
 from sched_observe import observer_rt, wait_for  # tests/bpf: the observer at SCHED_FIFO 20
 
 PIN_ROOT = Path(pins.PIN_ROOT)
-WATCHDOG_PRIO = 50
+WATCHDOG_PRIO = abi.C.PVSCHED_WATCHDOG_PRIO
 RT = (SCHED_FIFO, SCHED_RR)
 KNOWN_POLICIES = (0, 1, 2, 3, 5)  # OTHER FIFO RR BATCH IDLE: never DEADLINE, EXT or anything else
 

@@ -84,7 +84,7 @@ class Device:
 
     def negotiate(self, gpa: int, size: int) -> int:
         self.w(REG["GUEST_VERSION"], C.PVSCHED_VERSION)
-        self.w(REG["GUEST_FEATURES"], C.PVSCHED_F_ALL_V1)
+        self.w(REG["GUEST_FEATURES"], C.PVSCHED_F_ALL)
         self.w(REG["SHM_GPA_LO"], gpa & U32)
         self.w(REG["SHM_GPA_HI"], gpa >> 32 & U32)
         self.w(REG["SHM_SIZE"], size & U32)
@@ -113,7 +113,7 @@ class Device:
         self.longest_queue = max(self.longest_queue, len(self.dev.supervisor._queue))
 
     def acceptable(self, gpa: int, size: int) -> bool:
-        """DESIGN.md's BAR0 table: page aligned, big enough, wholly in RAM, not in the MMIO hole, not wrapping."""
+        """The BAR0 rules (pyvmm/device/README.md): page aligned, big enough, wholly in RAM, not in the MMIO hole, not wrapping."""
         if gpa % 4096 or size % 4096 or size < slots.min_shm_size(2) or gpa + size > 2**64:
             return False
         if gpa < HIGH_RAM_START and gpa + size > PCI_MMIO_START:
@@ -129,7 +129,7 @@ class Device:
         assert self.r(REG["MAGIC"]) == C.PVSCHED_MAGIC
         assert self.r(REG["NR_VCPUS"]) == 2
         assert self.r(REG["HOST_VERSION"]) == C.PVSCHED_VERSION
-        assert self.r(REG["HOST_FEATURES"]) == C.PVSCHED_F_ALL_V1
+        assert self.r(REG["HOST_FEATURES"]) == C.PVSCHED_F_ALL
         status = self.status()
         assert status in STATUS_NAMES, status
         active = self.dev.active
@@ -340,7 +340,7 @@ again:                            # AGAIN: the storms spent the registration bud
 def test_guest_driven_bar_storm(tmp_path: Path) -> None:
     elf = build_guest(tmp_path, STORM_GUEST.replace("NRAND", "20000"), "storm")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYVMM_RUN_DIR": str(tmp_path)}
-    p = subprocess.Popen(["chrt", "-f", "50", "timeout", "-s", "KILL", "120", "chrt", "-o", "0", sys.executable,
+    p = subprocess.Popen(["chrt", "-f", str(abi.C.PVSCHED_WATCHDOG_PRIO), "timeout", "-s", "KILL", "120", "chrt", "-o", "0", sys.executable,
                           "-m", "pyvmm.cli", "boot", "--no-console-input", "--kernel", str(elf), "--cpus", "2",
                           "--mem", str(MEM >> 20), "--timeout", "90"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -387,7 +387,7 @@ def test_a_huge_shared_area_does_not_make_the_host_lock_guest_ram(tmp_path: Path
 
     elf = build_guest(tmp_path, BIG_AREA_GUEST, "big")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.Popen(["chrt", "-f", "50", "timeout", "-s", "KILL", "60", "chrt", "-o", "0", sys.executable,
+    p = subprocess.Popen(["chrt", "-f", str(abi.C.PVSCHED_WATCHDOG_PRIO), "timeout", "-s", "KILL", "60", "chrt", "-o", "0", sys.executable,
                           "-m", "pyvmm.cli", "boot", "--no-console-input", "--kernel", str(elf), "--cpus", "2",
                           "--mem", "1024", "--timeout", "40"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

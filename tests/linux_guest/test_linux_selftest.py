@@ -79,7 +79,7 @@ def test_shared_area_reads_back_through_the_abi(selftest):
     ffi = abi.ffi()
     hdr = ffi.from_buffer("struct pvsched_shm_header *", raw)
     assert hdr.magic == C.PVSCHED_MAGIC
-    assert (hdr.version, hdr.features, hdr.nr_vcpus) == (C.PVSCHED_VERSION, C.PVSCHED_F_ALL_V1, 2)
+    assert (hdr.version, hdr.features, hdr.nr_vcpus) == (C.PVSCHED_VERSION, C.PVSCHED_F_ALL, 2)
     assert (hdr.slot_size, hdr.slot_offset) == (C.PVSCHED_SLOT_SIZE, C.PVSCHED_SLOT_OFFSET)
     slot1 = ffi.from_buffer("struct pvsched_slot *", raw[C.PVSCHED_SLOT_OFFSET + C.PVSCHED_SLOT_SIZE :])
     assert (slot1.guest.policy, slot1.guest.rt_priority) == (C.PVSCHED_POLICY_RR, 8), selftest.of_type("error")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pyvmm import abi
 
-WATCHDOG_PRIO = 50
+WATCHDOG_PRIO = abi.C.PVSCHED_WATCHDOG_PRIO
 BINARY = Path(__file__).resolve().parent / "build" / "fakevmm"
 
 

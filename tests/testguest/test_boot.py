@@ -47,7 +47,7 @@ def test_default_boot_runs_probe_on_two_vcpus_with_pvsched_active(pyvmm):
     assert rc == 0, out
     (pv,) = of_type(recs, "pvsched")
     assert pv["status"] == "active" and pv["version"] == C.PVSCHED_VERSION
-    assert pv["features"] == C.PVSCHED_F_ALL_V1 and pv["nr_vcpus"] == 2
+    assert pv["features"] == C.PVSCHED_F_ALL and pv["nr_vcpus"] == 2
     (cfg,) = of_type(recs, "config")
     assert (cfg["vcpus"], cfg["duration_ms"], cfg["interval_us"]) == (2, 5000, 1000)
     lat = sorted(of_type(recs, "latency"), key=lambda r: r["vcpu"])
@@ -97,6 +97,50 @@ def test_remote_wakeups_waker_and_wakee(pyvmm):
     assert lat["wakee"]["samples"] > lat["waker"]["wakes"] // 3
     # The wakee's deadline is the waker's: it cannot run before the waker did.
     assert lat["wakee"]["min"] > lat["waker"]["min"]
+
+
+def check_lock(rec: dict, ms: int, hold_us: int, gap_us: int, tick_us: int) -> None:
+    """A lock phase's record: every acquisition is a wait sample, the rate fits the hold and the gap, the
+    checks held (mutual exclusion, the flag kept), and some of the kernel's ticks found the flag set."""
+    assert (rec["workload"], rec["policy"], rec["ms"]) == ("lock", "other", ms), rec
+    assert (rec["lock_hold_us"], rec["lock_gap_us"], rec["lock_tick_us"]) == (hold_us, gap_us, tick_us)
+    assert rec["violations"] == 0 and rec["flag_lost"] == 0, rec
+    assert rec["samples"] == rec["acquisitions"] > ms * 5, rec  # at least 5000/s; no sample dropped
+    assert rec["acq_per_s"] == rec["acquisitions"] * 1000 // ms
+    assert rec["acq_per_s"] <= 1_000_000 // max(hold_us + gap_us, 1), rec  # each one holds and then waits out the gap
+    assert 0 <= rec["min"] <= rec["p50"] <= rec["p99"] <= rec["max"] and rec["min"] <= rec["avg"] <= rec["max"]
+    h = rec["hist"]
+    assert sum(h["counts"]) + h["overflow"] == rec["samples"]
+    expected_ticks = ms * 1000 // tick_us  # fewer when the host does not run the vCPU: the tick re-arms when it lands
+    assert expected_ticks // 4 <= rec["irqs"] <= expected_ticks + 5, rec
+    assert 0 < rec["irqs_in_hold"] <= rec["irqs"], rec  # the holder's slot showed PREEMPT_DISABLED to the kernel
+
+
+def test_lock_workload_contends_one_spinlock_on_both_vcpus(pyvmm):
+    """workload=lock on two vCPUs: acquisition waits, acquisitions per second, a marked holder, exit 0."""
+    rc, recs, out = boot(pyvmm, "--cmdline", "duration=1 workload=lock,lock")
+    assert rc == 0, out
+    (cfg,) = of_type(recs, "config")
+    assert (cfg["lock_hold_us"], cfg["lock_gap_us"], cfg["lock_tick_us"]) == (5, 5, 4000)
+    lat = sorted(of_type(recs, "latency"), key=lambda r: r["vcpu"])
+    assert [r["vcpu"] for r in lat] == [0, 1]
+    for r in lat:
+        check_lock(r, 1000, 5, 5, 4000)
+    acq = [r["acquisitions"] for r in lat]
+    assert min(acq) > max(acq) // 4, acq  # the lock passes between them: neither starves
+    assert of_type(recs, "done") == [{"type": "done", "status": "ok"}]
+
+
+def test_lock_workload_on_three_vcpus_with_its_knobs_and_without_the_device(pyvmm):
+    """Three contenders on two host CPUs, a 1 us hold back to back, a 1 ms tick; pvsched=0 (the kernel's
+    dummy slot takes the marks)."""
+    rc, recs, out = boot(pyvmm, "--cpus", "3", "--cmdline",
+                         "duration=0.5 workload=lock lock_hold_us=1 lock_gap_us=0 lock_tick_us=1000 pvsched=0")
+    assert rc == 0, out
+    lat = sorted(of_type(recs, "latency"), key=lambda r: r["vcpu"])
+    assert [r["vcpu"] for r in lat] == [0, 1, 2]
+    for r in lat:
+        check_lock(r, 500, 1, 0, 1000)
 
 
 @pytest.mark.parametrize("args,code,reason", [

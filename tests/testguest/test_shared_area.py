@@ -130,7 +130,7 @@ def test_host_sees_slots_switch_between_rt_probe_and_idle(prober: int) -> None:
     sampler = run_sampled(f"duration=2 interval=500 probe_policy=fifo probe_prio=9 workload={workload}")
 
     magic, version, features, nr, slot_size, slot_offset = struct.unpack_from("<6I", sampler.header)
-    assert (magic, version, features, nr) == (C.PVSCHED_MAGIC, C.PVSCHED_VERSION, C.PVSCHED_F_ALL_V1, 2)
+    assert (magic, version, features, nr) == (C.PVSCHED_MAGIC, C.PVSCHED_VERSION, C.PVSCHED_F_ALL, 2)
     assert (slot_size, slot_offset) == (C.PVSCHED_SLOT_SIZE, C.PVSCHED_SLOT_OFFSET)
 
     probe = (0, C.PVSCHED_POLICY_FIFO, 9, 0)
@@ -175,3 +175,20 @@ def test_busy_and_hog_publish_their_nice_and_rt_request():
     hog = (0, C.PVSCHED_POLICY_FIFO, 20, 0)
     assert max(sampler.states[0], key=sampler.states[0].get) == busy, sampler.states[0]
     assert max(sampler.states[1], key=sampler.states[1].get) == hog, sampler.states[1]
+
+
+def test_host_sees_the_lock_holders_slot_marked_preempt_disabled():
+    """CRITICAL_SECTIONS from CPL3: the lock holder's slot shows PREEMPT_DISABLED to the host, the kernel's ticks
+    keep it (PREEMPT_DISABLED | IN_HARDIRQ while one lands in a hold), and the seqcount stays whole."""
+    sampler = run_sampled("duration=1 workload=lock,lock lock_tick_us=1000")
+    pd, irq, idle = C.PVSCHED_FLAG_PREEMPT_DISABLED, C.PVSCHED_FLAG_IN_HARDIRQ, C.PVSCHED_FLAG_IDLE
+    other = C.PVSCHED_POLICY_OTHER
+    held = (pd, other, 0, 0)
+    allowed = {(f, other, 0, 0) for f in (0, pd, irq, pd | irq, idle, idle | irq)}  # idle: boot and reporting
+    for v in range(2):
+        seen = sampler.states[v]
+        assert seen.get(held, 0) > 0, (v, seen)
+        assert set(seen) <= allowed, (v, seen)
+        seqs = sampler.seqs[v]
+        assert all(s % 2 == 0 for s in seqs)
+        assert all(a <= b for a, b in itertools.pairwise(seqs)), "seqcount went backwards"

@@ -6,10 +6,11 @@ import json
 
 import pytest
 
+from pyvmm import abi
 from pyvmm.bench import report
 from pyvmm.bench.hostload import parse_cyclictest, parse_stress_metrics
 from pyvmm.bench.results import guest_summary, make_record, policy_stats, summarize, targets, validate_record
-from pyvmm.bench.run import main, parse_args, plan
+from pyvmm.bench.run import main, parse_args, plan, split_program
 from pyvmm.bench.vmrun import RunSpec, boot_argv, extract_vcpu_tids, parse_guest_lines
 
 CYCLICTEST_OUT = """# /dev/cpu_dma_latency set to 0us
@@ -102,10 +103,22 @@ def test_parse_guest_lines_and_vcpu_tids():
 
 def test_boot_argv_vanilla_has_no_policy_and_a_watchdog():
     argv = boot_argv(RunSpec("vanilla", "probe,busy", 2, 1000), 60)
-    assert argv[:5] == ["chrt", "-f", "-R", "50", "timeout"]
+    assert argv[:5] == ["chrt", "-f", "-R", str(abi.C.PVSCHED_WATCHDOG_PRIO), "timeout"]
     assert "--no-policy" in argv and "duration=2 interval=1000 workload=probe,busy" in argv
     argv = boot_argv(RunSpec("pvsched", policy_set=("boost_on_halt=false",)), 60)
     assert "--no-policy" not in argv and argv[-2:] == ["--policy-set", "boost_on_halt=false"]
+    assert argv[-4:-2] == ["--policy-program", "pvsched"]
+
+
+def test_a_variant_may_swap_the_bpf_policy_by_name():
+    assert split_program(["a=1", "program=rt_only", "b=2"]) == ("rt_only", ("a=1", "b=2"))
+    assert split_program(["a=1"]) == ("pvsched", ("a=1",))
+    argv = boot_argv(RunSpec("pvsched", program="rt_only"), 60)
+    assert argv[argv.index("--policy-program") + 1] == "rt_only"
+    assert parse_args(["--variant", "rt:program=rt_only"]).variants == {"rt": ["program=rt_only"]}
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--variant", "x:program=nope"])
+    assert e.value.code == 2
 
 
 def test_policy_stats_from_a_show_reply():
@@ -313,3 +326,67 @@ def test_linux_bench_plans_cyclictest_on_the_idle_and_busy_host_only():
     assert a.groups == ["idle", "busy"]
     cells = bench.plan(a.configs, a.groups, a.reps, (), a.guest)
     assert {c.workload for c in cells} == {"cyclictest"} and len(cells) == 8
+
+
+def _lock_rec(vcpu: int, acq: int, counts: list[int], mx: float, irqs_in_hold: int = 40, p50: float = 0.5,
+              p99: float = 0.9) -> dict:
+    return {"type": "latency", "vcpu": vcpu, "phase": 0, "workload": "lock", "policy": "other", "prio": 0,
+            "lock_hold_us": 5, "lock_gap_us": 5, "lock_tick_us": 4000, "ms": 1000, "acquisitions": acq,
+            "acq_per_s": acq, "violations": 0, "flag_lost": 0, "irqs": 250, "irqs_in_hold": irqs_in_hold,
+            "irqs_nested": 0, "samples": acq, "missed": 0, "min": 0.0, "avg": 0.5, "p50": p50, "p99": p99,
+            "max": mx, "hist": {"bucket_us": 1, "counts": counts, "overflow": 0}}
+
+
+def test_lock_group_plans_both_hosts_and_passes_its_guest_keys():
+    from pyvmm.bench.run import lock_cmdline
+
+    a = parse_args(["--groups", "lock", "--lock-hold-us", "2"])
+    cells = plan(a.configs, a.groups, 1)
+    assert [(c.workload, c.host) for c in cells] == [("lock,lock", "idle")] * 4 + [("lock,lock", "busy")] * 4
+    assert [c.config for c in cells[:4]] == ["vanilla", "static-rt", "static-nice", "pvsched"]
+    assert lock_cmdline(a) == "lock_hold_us=2" and lock_cmdline(parse_args([])) == ""
+    assert "lock" in parse_args([]).groups  # part of the whole benchmark
+    argv = boot_argv(RunSpec("vanilla", "lock,lock", 1, 1000, guest_keys="lock_hold_us=2 lock_gap_us=0"), 60)
+    assert "duration=1 interval=1000 workload=lock,lock lock_hold_us=2 lock_gap_us=0" in argv
+    for bad in (["--lock-gap-us", "-1"], ["--lock-hold-us", "100001"], ["--guest", "linux", "--groups", "lock"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
+def test_lock_records_merge_the_waits_and_sum_the_rates():
+    from pyvmm.bench.results import lock_summary
+
+    recs = [{"type": "pvsched", "status": "active"}, _lock_rec(0, 90_000, [89_000, 1000], 1.9, p50=0.4, p99=1.5),
+            _lock_rec(1, 80_000, [80_000], 0.9, irqs_in_hold=60, p50=0.3, p99=0.8), probe(0, 40.0, 90.0)]
+    g = guest_summary(recs, "lock")
+    assert (g["samples"], g["max"], g["vcpus"]) == (170_000, 1.9, [0, 1])
+    # 169k of 170k waits below 1 us: the merged buckets give 1 us, which the vCPUs' own percentiles bound
+    assert g["p50"] == 0.4 and g["p99"] == 1.0
+    assert guest_summary(recs)["max"] == 90.0  # the probe's record, not the lock's
+    s = lock_summary(recs)
+    assert (s["acq_per_s"], s["acquisitions"], s["irqs_in_hold"], s["violations"], s["vcpus"]) == (170_000, 170_000, 100, 0, 2)
+    assert (s["hold_us"], s["gap_us"], s["tick_us"]) == (5, 5, 4000)
+    assert lock_summary([probe(0, 40.0, 90.0)]) is None
+
+
+def test_lock_rows_get_their_table_and_leave_the_targets_alone(tmp_path):
+    def lock_cell(config, host, p99, mx, rate, rep=0):
+        rec = _rec(config, host, p99, mx, wl="lock,lock", rep=rep)
+        rec["guest"] = {"min": 0.0, "avg": 1.0, "p50": 0.5, "p99": p99, "max": mx}
+        return {**rec, "lock_acq_per_s": rate, "lock": {"acq_per_s": rate, "irqs_in_hold": 200}}
+
+    locks = [lock_cell("vanilla", "busy", 900.0, 9000.0, 120_000), lock_cell("vanilla", "busy", 700.0, 8000.0, 130_000, 1),
+             lock_cell("pvsched", "busy", 3.0, 500.0, 160_000), lock_cell("vanilla", "idle", 1.0, 300.0, 170_000)]
+    rows = summarize(_records() + locks)
+    assert {x["name"]: x for x in targets(rows)} == {x["name"]: x for x in targets(summarize(_records()))}
+    van = next(r for r in rows if (r["workload"], r["host"], r["config"]) == ("lock,lock", "busy", "vanilla"))
+    assert van["lock_acq_per_s"] == {"median": 125_000, "min": 120_000, "max": 130_000}
+    table = report.lock_table(rows)
+    assert "| busy | vanilla | 1.00 | 0.50 | 800.0 (700.0-900.0) | 8500 (8000-9000) | 125.0k (120.0k-130.0k) | 200 | - | 2 |" \
+        in table
+    assert "| busy | pvsched | 1.00 | 0.50 | 3.0 | 500 | 160.0k | 200 | 10 / 0 | 1 |" in table
+    md = report.markdown(rows, {})
+    assert "acquisition wait" in md and table in md
+    assert "| lock,lock | busy | vanilla |" in report.table(rows)  # and the host-cost columns as every group
+    assert report.lock_table(summarize(_records())) == ""
+    assert report.plot(rows, tmp_path / "l.png").stat().st_size > 10000

@@ -2,7 +2,8 @@
 /*
  * runqlat: host wake-to-run latency of chosen threads (the benchmark's vCPU
  * threads).  Shared by runqlat.bpf.c and its Python loader (pyvmm/bench/runqlat.py,
- * which feeds cffi's cdef the output of `cc -E -P -DRUNQLAT_NO_ASSERTS`).
+ * which feeds cffi's cdef build/runqlat.cdef: this header through pyvmm/abi/cdef.mk
+ * with -DRUNQLAT_NO_ASSERTS, made at build time).
  * Consumers provide __u32/__u64 first (vmlinux.h in BPF, a prologue in Python).
  */
 #ifndef RUNQLAT_H

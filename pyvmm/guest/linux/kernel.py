@@ -81,7 +81,7 @@ def _apt_update_once() -> None:
 
 
 def _show(names: list[str]) -> dict[str, dict[str, str]]:
-    """Fields of the candidate version of each package (one apt-cache call: each costs ~0.5 s here)."""
+    """Fields of the candidate version of each package (one apt-cache call for all: each call loads apt's cache)."""
     for attempt in range(2):
         r = _run(["apt-cache", "show", "--no-all-versions", *names])
         found: dict[str, dict[str, str]] = {}

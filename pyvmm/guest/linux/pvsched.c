@@ -64,7 +64,16 @@ module_param(guest_version, uint, 0444);
 MODULE_PARM_DESC(guest_version,
 		 "Version the guest speaks (major << 16 | minor)");
 
-static uint guest_features = PVSCHED_F_ALL_V1;
+/*
+ * The features this module implements, and so asks for by default: a
+ * feature added to the ABI header joins this mask in the change that
+ * implements it here, never before (the host acts on what a guest claims).
+ */
+#define PVSCHED_MODULE_FEATURES                                                  \
+	(PVSCHED_F_CRITICAL_SECTIONS | PVSCHED_F_TASK_PARAMS | PVSCHED_F_HOST_FEEDBACK | \
+	 PVSCHED_F_WAKE_HINT | PVSCHED_F_RT_WAITER)
+
+static uint guest_features = PVSCHED_MODULE_FEATURES;
 module_param(guest_features, uint, 0444);
 MODULE_PARM_DESC(guest_features,
 		 "Feature bits the guest wants (masked by the host's)");
@@ -827,7 +836,7 @@ static int __init pvsched_selftest_start(void)
 		return rc;
 	}
 	a->version = guest_version;
-	a->features = guest_features & PVSCHED_F_ALL_V1;
+	a->features = guest_features & PVSCHED_F_ALL;
 	pvsched_init_header(a->shm, a->version, a->features, a->nr_slots);
 	rc = pvsched_activate(a);
 	if (rc) {

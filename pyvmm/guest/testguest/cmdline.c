@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0 OR MIT
 /*
  * Command-line parsing for the test guest: space-separated key=value pairs.
- * Runs once on vCPU 0 at CPL0 (emulated here), so it stays a single pass
- * with no allocation.  Pure: unit-tested on the host.
+ * Runs once on vCPU 0 at CPL0, which KVM's PVM backend emulates (slowly):
+ * it stays a single pass with no allocation.  Pure: unit-tested on the host.
  */
 #include "config.h"
 #include "fmt.h"
@@ -15,6 +15,7 @@ static const char *const wl_names[] = {
 	[TG_WL_WAKER] = "waker",
 	[TG_WL_WAKEE] = "wakee",
 	[TG_WL_TICK] = "tick",
+	[TG_WL_LOCK] = "lock",
 };
 
 const char *tg_workload_name(u32 w)
@@ -157,7 +158,7 @@ static int parse_workloads(const char *s, const char *e, struct tg_config *c,
 			}
 			if (parse_workload_name(s, pe, &c->phases[n][np])) {
 				set_err(err, errlen,
-					"workload: expected probe|busy|hog|idle|waker|wakee, got", s, pe);
+					"workload: expected probe|busy|hog|idle|waker|wakee|tick|lock, got", s, pe);
 				return -1;
 			}
 			np++;
@@ -188,9 +189,12 @@ static void defaults(struct tg_config *c, u32 nr_vcpus)
 	c->probe_prio = 8;
 	c->hog_prio = 99;
 	c->tick_us = 200;
+	c->lock_hold_us = 5;
+	c->lock_gap_us = 5;
+	c->lock_tick_us = 4000;
 	c->pvsched_enabled = 1;
 	c->pvsched_version = PVSCHED_VERSION;
-	c->pvsched_features = PVSCHED_F_ALL_V1;
+	c->pvsched_features = TG_PVSCHED_FEATURES;
 	c->nr_vcpus = nr_vcpus;
 	for (i = 0; i < nr_vcpus; i++) {
 		c->nr_phases[i] = 1;
@@ -239,6 +243,19 @@ static int parse_pair(const char *k, const char *ke, const char *v,
 		if (parse_uint(v, e, 1000000, &x))
 			goto bad;
 		c->tick_us = (u32)x;
+	} else if (tok_eq(k, ke, "lock_hold_us")) {
+		if (parse_uint(v, e, 100000, &x))
+			goto bad;
+		c->lock_hold_us = (u32)x;
+	} else if (tok_eq(k, ke, "lock_gap_us")) {
+		if (parse_uint(v, e, 100000, &x))
+			goto bad;
+		c->lock_gap_us = (u32)x;
+	} else if (tok_eq(k, ke, "lock_tick_us")) {
+		/* 0 (no tick) or a period the emulated interrupt path can keep up with */
+		if (parse_uint(v, e, 1000000, &x) || (x && x < 100))
+			goto bad;
+		c->lock_tick_us = (u32)x;
 	} else if (tok_eq(k, ke, "pvsched_version")) {
 		if (parse_hex32(v, e, &c->pvsched_version))
 			goto bad;

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0 OR MIT */
 /*
- * The test guest's command line (DESIGN.md "Command line" and the team's
- * contract 3), parsed once by vCPU 0 and read by every vCPU afterwards.
+ * The test guest's command line (its keys: pyvmm/guest/testguest/README.md,
+ * "Command line"), parsed once by vCPU 0 and read by every vCPU afterwards.
  * Pure code: also compiled for the host by the unit tests.
  */
 #ifndef TG_CONFIG_H
@@ -12,6 +12,15 @@
 #define TG_MAX_VCPUS 32
 #define TG_MAX_PHASES 8
 
+/*
+ * The pvsched features this guest implements, and so asks for by default:
+ * a feature added to the ABI header joins this mask in the change that
+ * implements it here, never before (the host acts on what a guest claims).
+ */
+#define TG_PVSCHED_FEATURES                                                     \
+	(PVSCHED_F_CRITICAL_SECTIONS | PVSCHED_F_TASK_PARAMS | PVSCHED_F_HOST_FEEDBACK | \
+	 PVSCHED_F_WAKE_HINT | PVSCHED_F_RT_WAITER)
+
 enum tg_workload {
 	TG_WL_PROBE = 0, /* cyclictest-like RT task woken every interval */
 	TG_WL_BUSY = 1,  /* CPL3 spinner at SCHED_OTHER nice 0 */
@@ -20,6 +29,7 @@ enum tg_workload {
 	TG_WL_WAKER = 4, /* a probe that also wakes the wakee tasks of other vCPUs */
 	TG_WL_WAKEE = 5, /* RT task woken from another vCPU (IPI + wake_hint) */
 	TG_WL_TICK = 6,  /* SCHED_OTHER task woken every interval, works tick_us, sleeps again */
+	TG_WL_LOCK = 7,  /* contends one spinlock with the other lock vCPUs (lock_hold_us, lock_gap_us) */
 };
 
 struct tg_config {
@@ -30,6 +40,9 @@ struct tg_config {
 	u32 hog_prio;
 	s32 busy_nice;        /* nice of the busy task (-20..19) */
 	u32 tick_us;          /* work of the tick task after each wakeup */
+	u32 lock_hold_us;     /* lock workload: time the lock is held per acquisition */
+	u32 lock_gap_us;      /* lock workload: work outside the lock between acquisitions */
+	u32 lock_tick_us;     /* lock workload: period of the kernel's timer tick (0: none) */
 	u32 pvsched_enabled;  /* pvsched=0 turns the driver off */
 	u32 pvsched_version;  /* what the guest speaks (knob forces it) */
 	u32 pvsched_features; /* what the guest asks for */

@@ -3,7 +3,7 @@
  * Test-guest entry (boot contract: 64-bit mode, CPL0, RDI = vCPU id,
  * RSI = boot_info GPA), identity page tables with the U bit, and the
  * assembly halves of exceptions, stray interrupts and system calls.
- * Everything here runs at CPL0, which this machine emulates: few
+ * Everything here runs at CPL0, which KVM's PVM backend emulates: few
  * instructions per path.
  */
 #define KSTACK_SHIFT 14 /* 16 KiB per vCPU, must match kernel.c */
@@ -47,7 +47,7 @@ enter_user:
 
 /*
  * System calls are `int3` from CPL3 (vector 3, a DPL-3 interrupt gate):
- * this machine's KVM (PVM) answers `int $0x80` with #UD and runs `syscall`
+ * KVM's PVM backend answers `int $0x80` with #UD and runs `syscall`
  * in its own supervisor mode rather than at CPL0, while exceptions reach
  * the IDT as on hardware.  rax = number, rdi/rsi/rdx = arguments, result
  * in rax; other registers are preserved, except by SYS_SLEEP_UNTIL.
@@ -80,7 +80,7 @@ syscall_trap:
 
 /*
  * SYS_SLEEP_UNTIL(rdi = TSC deadline), the probe's hot path, kept short
- * because every CPL0 instruction is emulated here: the caller treats all
+ * because every CPL0 instruction is emulated under PVM: the caller treats all
  * caller-saved registers as clobbered, so nothing is saved; the timer
  * interrupt that ends the halt returns from timer_entry straight to CPL3
  * through this int3 frame.  Any other interrupt just halts again.
@@ -100,18 +100,16 @@ sleep_resume:
 
 /*
  * The LAPIC timer and the wake IPI: when they end sleep_fast's halt,
- * return straight to CPL3 through the int3 frame; otherwise save the
- * caller-saved registers around the C half and return where we were.
+ * return straight to CPL3 through the int3 frame (C half \work);
+ * otherwise save the caller-saved registers around irq_running(ipi), which
+ * may have interrupted the task's own slot write, and return where we were.
  */
-.macro WAKE_ENTRY name, work, has_arg
+.macro WAKE_ENTRY name, work, ipi
 	.globl \name
 \name:
 	cmpq	$sleep_resume, (%rsp)
 	jne	2f
 	mov	24(%rsp), %rsp	/* drop this frame: back to sleep_fast's stack */
-	.if \has_arg
-	xor	%edi, %edi	/* the wait ended: nothing pending */
-	.endif
 	call	\work
 	add	$8, %rsp
 	iretq			/* the int3 frame: to the task, woken */
@@ -124,10 +122,8 @@ sleep_resume:
 	push	%r9
 	push	%r10
 	push	%r11
-	.if \has_arg
-	mov	$1, %edi	/* not waiting: keep it pending */
-	.endif
-	call	\work
+	mov	$\ipi, %edi
+	call	irq_running
 	pop	%r11
 	pop	%r10
 	pop	%r9

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0 OR MIT */
 /*
- * What the kernel half (CPL0, emulated here: keep it small) and the user
+ * What the kernel half (CPL0, emulated under PVM: keep it small) and the user
  * half (CPL3, native: the workloads and all the arithmetic) of the test
  * guest share: the system-call numbers and the global state vCPU 0 sets up.
  */
@@ -18,6 +18,7 @@ enum tg_syscall {
 	SYS_EXIT = 4,        /* (code): end the VM through the exit port */
 	SYS_HALT = 5,        /* (): slot IDLE, halt for good */
 	SYS_WAKE = 6,        /* (vcpu): set its wake_hint, send it the wake IPI */
+	SYS_TICK = 7,        /* (period_tsc): a timer tick every period while the task runs; 0 stops it */
 };
 
 enum tg_exit_code {
@@ -81,6 +82,20 @@ struct tg_wake_msg {
 } __attribute__((aligned(CACHELINE)));
 
 extern struct tg_wake_msg tg_wake[TG_MAX_VCPUS];
+
+/*
+ * Per vCPU, what the kernel shares with the lock workload: the slot its own
+ * writes go to (the shared one, or a dummy without pvsched), which the CPL3
+ * lock code marks too (critsec.h), and what its interrupts found there.
+ */
+struct tg_cpu_share {
+	struct pvsched_guest_area *slot; /* set before the user half starts */
+	volatile u64 irqs;    /* interrupts that came while a task ran (not ending a sleep) */
+	volatile u64 irqs_cs; /* those that found PREEMPT_DISABLED set: inside a lock hold */
+	volatile u64 nested;  /* those that came in the middle of a CPL3 slot write */
+} __attribute__((aligned(CACHELINE)));
+
+extern struct tg_cpu_share tg_cpu[TG_MAX_VCPUS];
 
 /* Take/release the console lock (any CPL: all pages are user-accessible). */
 static inline void console_lock(void)

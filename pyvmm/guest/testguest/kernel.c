@@ -11,6 +11,7 @@
 #include "fmt.h"
 #include "kernel.h"
 #include "pvsched_guest.h"
+#include "testguest_boot.h"  /* boot_info, the exit and COM1 ports */
 
 #define KSTACK_SIZE (1u << 14) /* KSTACK_SHIFT in entry.S */
 #define USTACK_SIZE (1u << 15)
@@ -37,7 +38,7 @@
 #define VEC_WAKE 0x21
 #define VEC_SPURIOUS 0xff
 
-/* Linux's GDT layout (this machine's KVM, PVM, knows the host's user selectors). */
+/* Linux's GDT layout (KVM's PVM backend knows the host's user selectors). */
 #define SEL_KCODE 0x10
 #define SEL_KDATA 0x18
 #define SEL_UCODE32 0x23
@@ -49,6 +50,7 @@
 struct tg_global tg;
 struct tg_irq_stamp tg_irq[TG_MAX_VCPUS];
 struct tg_wake_msg tg_wake[TG_MAX_VCPUS];
+struct tg_cpu_share tg_cpu[TG_MAX_VCPUS];
 
 /* Per vCPU, at the base of its kernel stack (found from %rsp in two instructions). */
 struct percpu {
@@ -61,6 +63,7 @@ struct percpu {
 	s32 nice;
 	u32 tsc_deadline;
 	u64 tsc_khz;
+	u64 tick; /* SYS_TICK period in TSC cycles, 0 for none */
 	struct pvsched_slot dummy __attribute__((aligned(CACHELINE)));
 };
 
@@ -231,10 +234,20 @@ static void arm_timer(struct percpu *pc, u64 deadline)
 	lapic_write(LAPIC_TIMER_INIT, ns > 0xffffffffull ? 0xffffffffu : (u32)ns);
 }
 
+static void disarm_timer(struct percpu *pc)
+{
+	if (pc->tsc_deadline)
+		wrmsr(MSR_TSC_DEADLINE, 0);
+	else
+		lapic_write(LAPIC_TIMER_INIT, 0);
+}
+
 /*
- * A wakeup of the task on this vCPU, from its timer or a wake IPI (called
- * by timer_entry / wake_entry in entry.S).  Slot: IN_HARDIRQ while in
- * here, then the woken task's parameters (flags clear: no longer idle).
+ * A wakeup of the task on this vCPU from its halt in sleep_fast, by its
+ * timer or a wake IPI (timer_entry / wake_entry in entry.S).  Slot:
+ * IN_HARDIRQ while in here, then the woken task's parameters (flags clear:
+ * no longer idle).  The task was in a system call, never inside its own
+ * slot write: the plain seqcount helpers do.
  */
 static inline void wake_task(struct percpu *pc)
 {
@@ -253,14 +266,50 @@ void timer_work(void)
 	wake_task(this_cpu());
 }
 
-/* pending: the IPI did not end a wait (the task was running): keep it for the next wait. */
-void ipi_work(u32 pending)
+void ipi_work(void)
+{
+	wake_task(this_cpu());
+}
+
+/*
+ * The timer or the wake IPI while the task ran (at CPL3, or in the boot
+ * wait's halt at CPL0), not ending sleep_fast's halt.  The same slot writes
+ * as wake_task, by critsec.h's rule: they may nest in the task's own
+ * PREEMPT_DISABLED mark, and keep that bit.  A wake IPI stays pending for
+ * the task's next wait; the timer is re-armed while a SYS_TICK period is set.
+ */
+void irq_running(u32 ipi)
 {
 	struct percpu *pc = this_cpu();
+	struct pvsched_guest_area *g = pc->slot;
+	struct tg_cpu_share *sh = &tg_cpu[pc->id];
+	u64 tsc = rdtsc(), ns = tsc_ns(tsc);
+	u32 nested, keep = tg_kslot_irq_enter(g, ns, &nested);
 
-	if (pending)
+	sh->irqs++;
+	if (keep)
+		sh->irqs_cs++;
+	if (nested)
+		sh->nested++;
+	tg_irq[pc->id].tsc = tsc;
+	lapic_write(LAPIC_EOI, 0);
+	if (ipi)
 		pc->ipi_pending = 1;
-	wake_task(pc);
+	else if (pc->tick)
+		arm_timer(pc, tsc + pc->tick);
+	pc->woken = 1;
+	pvsched_clear_wake_hint(g);
+	tg_kslot_irq_exit(g, keep, pc->policy, pc->rt_priority, pc->nice, ns);
+}
+
+/* SYS_TICK: the lock workload's periodic interrupt, as a guest kernel's scheduler tick. */
+static void set_tick(struct percpu *pc, u64 period)
+{
+	pc->tick = period;
+	if (period)
+		arm_timer(pc, rdtsc() + period);
+	else
+		disarm_timer(pc);
 }
 
 /* SYS_WAKE: the hint first (the host may boost before the IPI lands), then the IPI. */
@@ -342,6 +391,9 @@ u64 syscall_dispatch(u64 a1, u64 a2, u64 a3, u64 nr)
 		return 0;
 	case SYS_WAKE:
 		wake_vcpu((u32)a1);
+		return 0;
+	case SYS_TICK:
+		set_tick(pc, a1);
 		return 0;
 	case SYS_EXIT:
 		kexit((u32)a1);
@@ -529,5 +581,6 @@ void __attribute__((noreturn)) kmain(u64 id, const struct pvsched_boot_info *bi)
 	lapic_write(LAPIC_LVT_TIMER, VEC_TIMER | (pc->tsc_deadline ? LVT_TSC_DEADLINE : 0));
 	if (tg.pv_state == TG_PV_ACTIVE && id < tg.pv_host_nr_vcpus)
 		pc->slot = &pvsched_slot(tg.pv_shm, (u32)id)->guest;
+	tg_cpu[id].slot = pc->slot; /* every page is user accessible: CPL3 marks it (critsec.h) */
 	enter_user(user_main, &ustacks[id][USTACK_SIZE], id, SEL_UCODE, SEL_UDATA);
 }

@@ -4,6 +4,7 @@
 #define TG_KERNEL_H
 
 #include "arch.h"
+#include "critsec.h"
 #include "guest.h"
 
 /* What pyvmm/guest/common/pvsched_guest.h needs from its includer. */

@@ -2,7 +2,7 @@
 /*
  * pvsched guest driver of the test guest (CPL0, vCPU 0, once at boot):
  * PCI mechanism #1 enumeration of bus 0, BAR0 sizing and programming in
- * the 0xC0000000 window, then the negotiation of DESIGN.md "Contracts"
+ * the 0xC0000000 window, then the negotiation of pyvmm/abi/pvsched_abi.h
  * through pyvmm/guest/common/pvsched_guest.h, the Linux module's own code.
  */
 #include "kernel.h"
