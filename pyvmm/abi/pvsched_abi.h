@@ -84,7 +84,8 @@ enum pvsched_version {
 	X(TASK_PARAMS, 1, 1, "the guest publishes the running task's policy, RT priority and nice") \
 	X(HOST_FEEDBACK, 2, 1, "the host writes what it did into the slot's host area")             \
 	X(WAKE_HINT, 3, 1, "a vCPU waking an RT task on another vCPU sets that slot's wake_hint")    \
-	X(RT_WAITER, 4, 1, "IDLE comes with RT_WAITING while an RT task sleeps on the vCPU, so the host boosts a halt only then")
+	X(RT_WAITER, 4, 1, "IDLE comes with RT_WAITING while an RT task sleeps on the vCPU, so the host boosts a halt only then") \
+	/* every row ends with a backslash: a new row touches no other line */
 
 #define PVSCHED_F_BIT_(name, bit, offered, doc) PVSCHED_F_##name = 1 << (bit),
 #define PVSCHED_F_ALL_(name, bit, offered, doc) | (1 << (bit))
