@@ -23,6 +23,7 @@ from typing import Any
 
 import trio
 
+from pyvmm.abi import boot
 from pyvmm.common import control_client
 from pyvmm.common.sched_attr import SchedAttr, sched_getattr
 from pyvmm.vmm import acpi, control, kvm, x86
@@ -40,7 +41,6 @@ EXIT_OK = 0
 EXIT_BAD_INPUT = 2     # configuration the VMM refuses (no KVM, bad image, too little memory, ...)
 EXIT_TIMEOUT = 124     # --timeout expired (as coreutils' timeout)
 EXIT_VM_ERROR = 125    # the guest crashed the VM (triple fault, emulation failure, ...)
-EXIT_PORT = 0xF4       # PVSCHED_TESTGUEST_EXIT_PORT: one byte, the VM's exit code
 I8042_CMD_PORT, I8042_RESET = 0x64, 0xFE
 KICK_SIGNAL = signal.SIGUSR1
 TSS_ADDR = 0xFFFBD000       # three pages below the BIOS area; needed by VMX for real mode (APs)
@@ -140,7 +140,8 @@ class Machine:
         self.mmio = Bus("mmio")
         self.uart = Uart16550(self.console.write, lambda level: self.irq_line(COM1_IRQ, level))
         self.pio.register(COM1_BASE, NR_PORTS, self.uart.io_read, self.uart.io_write, "uart0")
-        self.pio.register(EXIT_PORT, 1, lambda o, s: 0, self._exit_port_write, "debug-exit")
+        # The test guest's boot contract: one byte written there is the VM's exit code.
+        self.pio.register(boot.C.PVSCHED_TESTGUEST_EXIT_PORT, 1, lambda o, s: 0, self._exit_port_write, "debug-exit")
         self.pio.register(I8042_CMD_PORT, 1, lambda o, s: 0, self._i8042_write, "i8042")
         self.pio.register(0x60, 1, lambda o, s: 0, lambda o, s, v: None, "i8042-data")
         self.acpi_pm = AcpiPm(self._acpi_power)
