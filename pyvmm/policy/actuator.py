@@ -39,7 +39,7 @@ from pyvmm.common.sched_attr import (
 )
 from pyvmm.policy.backstop_loop import BackstopLoop
 from pyvmm.policy.loader import BpfPolicy
-from pyvmm.policy.policy_types import consts
+from pyvmm.policy.policy_types import consts, enum_name
 from pyvmm.policy.policy_types import ffi as pffi
 
 log = logging.getLogger("pvsched.actuator")
@@ -95,6 +95,8 @@ class ActuatorStats:
     iterations: int = 0        # wake-ups of the actuator thread
     backstop_rounds: int = 0   # rounds run from Python (set_tunables); the periodic ones are the native loop's
     rechecks: int = 0          # slot re-reads the kernel clock asked for (a vCPU running boosted, unread)
+    # throttles by the event that caught them (enum pvsched_source: clock, preempt, backstop, ...)
+    throttle_sources: collections.Counter = field(default_factory=collections.Counter)
     latency_ns: collections.deque = field(default_factory=lambda: collections.deque(maxlen=LATENCY_SAMPLES))
 
     def latency_summary(self) -> dict:
@@ -374,6 +376,8 @@ class Actuator:
                 log.info("pvsched: vCPU %d (tid %d) exited", h.vcpu_id, tid)
                 return
             h.gen = ev.gen
+            if ev.reason == consts().PVSCHED_REASON_THROTTLE:
+                self.stats.throttle_sources[enum_name("pvsched_source", ev.source)] += 1
             attr = clamp_attr(SchedAttr(ev.params.policy, ev.params.rt_priority, ev.params.nice), h.original)
             if attr != h.applied:
                 if not self._still_ours(h):

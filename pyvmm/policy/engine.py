@@ -273,6 +273,7 @@ class PolicyEngine:
             "actuator": {"tid": self._actuator.thread_tid, "events": a.events, "applied": a.applied,
                          "errors": a.errors, "stale": a.stale, "iterations": a.iterations,
                          "backstop_rounds": loop["rounds"] + a.backstop_rounds, "rechecks": a.rechecks,
+                         "throttle_sources": dict(a.throttle_sources),
                          "backstop_loop": loop,
                          "latency_us": a.latency_summary()},
         }

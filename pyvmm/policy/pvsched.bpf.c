@@ -224,12 +224,17 @@ static __always_inline void boost_params(const struct pvsched_tunables *t, const
 	p->pad = 0;
 }
 
-/* What the slot asks for: urgent -> boost; FIFO/RR -> 1:1; else its class at the clamped nice. */
+/*
+ * What the slot asks for: urgent -> boost; FIFO/RR -> 1:1; else its class at
+ * the clamped nice.  `critical` is false when the slot's critical flags no
+ * longer ask for anything (section_over()).
+ */
 static __always_inline __u32 wanted_from_slot(const struct pvsched_tunables *t, const struct pvsched_vcpu *v,
-					      const struct pvsched_slot_snap *s, struct pvsched_sched_params *p)
+					      const struct pvsched_slot_snap *s, struct pvsched_sched_params *p,
+					      bool critical)
 {
 	p->pad = 0;
-	if ((s->flags & PVSCHED_FLAGS_CRITICAL) || s->wake_hint) {
+	if ((critical && (s->flags & PVSCHED_FLAGS_CRITICAL)) || s->wake_hint) {
 		boost_params(t, v, p);
 		return PVSCHED_REASON_URGENT;
 	}
@@ -417,13 +422,34 @@ static __always_inline __u32 hold_boost(const struct eval_ctx *c, struct pvsched
 	return reason;
 }
 
+/*
+ * A critical-section boost is for the section the vCPU was in when it was
+ * found needing one (preempted, or re-read while it waited to run): it is
+ * what other vCPUs may spin behind.  A re-read of a vCPU still boosted for
+ * such a section whose slot was written since (another seq) shows a vCPU
+ * that ran on and left it; a section it opened since, while it ran at RT,
+ * needs no boost.  Holding the boost while any critical flag shows instead
+ * keeps a vCPU that enters short sections all the time boosted until the
+ * throttle.  Only the periodic re-read ends it: a switch-out re-arms it.
+ */
+static __always_inline bool section_over(const struct eval_ctx *c)
+{
+	return c->t->section_boost && c->source == PVSCHED_SRC_BACKSTOP && c->v->state == PVSCHED_STATE_BOOSTED &&
+	       c->v->reason == PVSCHED_REASON_URGENT && c->s->seq != c->v->urgent_seq;
+}
+
 /* The slot's own request, no halt boost: a slot that is not IDLE ends the halt. */
 static __always_inline __u32 from_slot(const struct eval_ctx *c, struct pvsched_sched_params *want)
 {
+	__u32 reason;
+
 	if (!(c->s->flags & PVSCHED_FLAG_IDLE))
 		c->v->halted = 0;
 	c->v->hold = 0;
-	return wanted_from_slot(c->t, c->v, c->s, want);
+	reason = wanted_from_slot(c->t, c->v, c->s, want, !section_over(c));
+	if (reason == PVSCHED_REASON_URGENT)
+		c->v->urgent_seq = c->s->seq;
+	return reason;
 }
 
 /*

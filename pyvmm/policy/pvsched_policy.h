@@ -135,7 +135,7 @@ struct pvsched_vcpu {
 	__u32 hold;                         /* halt boost held while the slot shows IDLE */
 	__u32 halted;                       /* last switch-out was a halt, not yet seen busy */
 	__u32 halt_boost;                   /* that halt wanted the boost (boost_on_halt) */
-	__u32 pad1;
+	__u32 urgent_seq;                   /* slot seq of the critical section last found needing the boost */
 	__u32 reason;                       /* enum pvsched_reason of the last change */
 	__u64 run_start_ns;                 /* switched in at (written only by sched_switch) */
 	__u64 acct_ns;                      /* boosted run time counted up to here */
@@ -165,7 +165,7 @@ struct pvsched_tunables {
 	__s32 min_nice;              /* floor for translated nice values */
 	__u32 boost_on_halt;         /* enum pvsched_halt_boost */
 	__u32 debug;                 /* 0 off, 1 decisions, 2 every event (bpf_printk) */
-	__u32 pad0;
+	__u32 section_boost;         /* 1: a critical-section boost ends with its section; 0: while any flag shows */
 	__u64 max_boost_runtime_ns;
 	__u64 throttle_window_ns;
 	__u64 throttle_ns;

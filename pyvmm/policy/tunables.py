@@ -25,6 +25,10 @@ Defaults and their reasons (the decisions they bound: pyvmm/policy/README.md, "D
   "auto" boosts a halt only where an RT task waits (a guest with F_RT_WAITER
   shows RT_WAITING; other guests: every halt): boosting every halt of a vCPU
   that wakes often for normal-priority work costs the host as much as static RT.
+- section_boost true: a vCPU boosted for a critical section (preempted in
+  it) loses the boost at the next re-read that finds the slot written since:
+  it ran on and left that section.  Otherwise a vCPU that enters short
+  sections all the time (a lock loop) stays boosted until the throttle.
 - clock_ms 5: period of the in-kernel throttle clock (a BPF timer), which
   catches a boosted vCPU that never switches out (a guest RT spinner): it may
   overrun its budget by up to clock_ms.
@@ -58,6 +62,7 @@ DEFAULTS: dict[str, str] = {
     "throttle_window_ms": "100",
     "throttle_ms": "100",
     "boost_on_halt": "auto",
+    "section_boost": "true",
     "clock_ms": "5",
     "backstop_ms": "20",
     "vm_boost_share_pct": "30",
@@ -73,6 +78,8 @@ DESCRIPTIONS: dict[str, str] = {
     "max_boost_runtime_ms": "boosted run time allowed per window before throttling",
     "throttle_window_ms": "window over which boosted run time is counted",
     "throttle_ms": "how long a throttled vCPU runs with its original attributes",
+    "section_boost": "a critical-section boost ends once that section has (true), or holds while any critical "
+                     "flag shows (false)",
     "boost_on_halt": "boost a halting vCPU and hold it while idle: auto (where an RT task waits, if the guest "
                      "reports it; else every halt), always (every halt, the seed's policy; also true), never (false)",
     "clock_ms": "period of the in-kernel throttle clock (catches a boosted vCPU that never switches out)",
@@ -134,6 +141,7 @@ class Tunables:
     throttle_window_ms: int
     throttle_ms: int
     boost_on_halt: str  # never | always | auto
+    section_boost: bool
     clock_ms: int
     backstop_ms: int
     vm_boost_share_pct: int
@@ -152,6 +160,7 @@ class Tunables:
             "throttle_window_ms": str(self.throttle_window_ms),
             "throttle_ms": str(self.throttle_ms),
             "boost_on_halt": self.boost_on_halt,
+            "section_boost": str(self.section_boost).lower(),
             "clock_ms": str(self.clock_ms),
             "backstop_ms": str(self.backstop_ms),
             "vm_boost_share_pct": str(self.vm_boost_share_pct),
@@ -172,6 +181,7 @@ class Tunables:
         value.allow_fifo = int(self.allow_fifo)
         value.min_nice = self.min_nice
         value.boost_on_halt = HALT_BOOST[self.boost_on_halt]
+        value.section_boost = int(self.section_boost)
         value.debug = self.debug
         value.max_boost_runtime_ns = self.max_boost_runtime_ms * ms
         value.throttle_window_ns = self.throttle_window_ms * ms
@@ -201,6 +211,7 @@ def parse(values: dict[str, str] | None, base: dict[str, str] | None = None) -> 
         throttle_window_ms=_int("throttle_window_ms", merged["throttle_window_ms"], 1, 60_000),
         throttle_ms=_int("throttle_ms", merged["throttle_ms"], 0, 60_000),
         boost_on_halt=_halt_boost(merged["boost_on_halt"]),
+        section_boost=_bool("section_boost", merged["section_boost"]),
         clock_ms=_int("clock_ms", merged["clock_ms"], 1, 1000),
         backstop_ms=_int("backstop_ms", merged["backstop_ms"], 1, 1000),
         vm_boost_share_pct=_int("vm_boost_share_pct", merged["vm_boost_share_pct"], 1, 100),

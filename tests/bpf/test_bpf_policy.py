@@ -185,8 +185,9 @@ def test_hog_is_throttled_and_unthrottled_on_schedule(fake_vmm, policy_child):
 
 
 def test_the_throttle_clock_ends_a_boost_in_the_kernel_without_the_backstop(fake_vmm, policy_child):
-    # backstop (the policy process's slot re-read) every 60 ms, clock every 2 ms: a boost that the backstop
-    # ended would last up to 20 + 60 ms; the clock ends it within 20 + 2 ms plus the actuator's hop
+    # backstop (the policy process's slot re-read) every 60 ms, clock every 2 ms.  Each throttle event names the
+    # evaluation that caught it: the clock (or a switch-out), not the backstop.  Not a duration check: on a busy
+    # host the clock's softirq runs late in ksoftirqd (stat clock_late) and a boost outlives budget + clock.
     vmm = fake_vmm(1)
     tid = vmm.tids[0]
     child = policy_child(vmm, {"max_boost_runtime_ms": "20", "throttle_window_ms": "100", "throttle_ms": "40",
@@ -194,7 +195,8 @@ def test_the_throttle_clock_ends_a_boost_in_the_kernel_without_the_backstop(fake
     _, boosted, diag = _hog_boosts(vmm, child)
     show = child.show()
     assert len(boosted) >= 10, f"{len(boosted)} boosted stretches {[round(b, 3) for b in boosted]} {diag}"
-    assert _p90_inner(boosted) < 0.030, f"boosts {[round(b, 3) for b in boosted]} outlived budget + clock {diag}"
+    sources = show["actuator"]["throttle_sources"]
+    assert sources.get("clock", 0) >= 10 and sources.get("backstop", 0) <= sum(sources.values()) // 5, (sources, diag)
     assert diag.get("clock", 0) > 0 and show["vcpus"][0]["throttles"] >= 10, diag
     assert show["actuator"]["backstop_rounds"] < 2.0 / 0.060 + 15, show["actuator"]  # the backstop stayed slow
     vmm.cmd("mode 0 idle")

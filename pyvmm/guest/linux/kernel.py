@@ -26,7 +26,19 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-BUILD_DIR = Path(__file__).resolve().parent / "build"
+
+
+def _build_dir() -> Path:
+    """Where kernels, headers, the module and images go: build/ next to the sources in a checkout (its
+    Makefile is there), else the user's cache; an installed package's folder is no place to write."""
+    here = Path(__file__).resolve().parent
+    if (here / "Makefile").exists():
+        return here / "build"
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "pyvmm" / "linux"
+
+
+BUILD_DIR = _build_dir()
 
 # flavor -> (image meta package, headers meta package).  "cloud" is the
 # distribution's default cloud kernel (6.1 on bookworm); "cloud-6.12" is the
