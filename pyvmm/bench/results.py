@@ -380,6 +380,19 @@ def targets(rows: list[dict]) -> list[dict]:
     for wl, label in ((main, "busy"), (MIXED, "mixed guest (probe,busy):"), (TICKING, "tick guest (probe,tick):")):
         add(f"{label} pvsched host load CPU time >= 0.95 x vanilla", cell(rows, "pvsched", "busy", "host_load_rel", wl),
             0.95 if cell(rows, "vanilla", "busy", "host_load_rel", wl) is not None else None, higher_is_better=True)
+    # Lock-holder preemption (the lock group): "guest" is there the acquisition wait.
+    lock_p99 = cell(rows, "pvsched", "busy", "guest.p99", LOCK)
+    add("lock guest: busy pvsched wait p99 <= 1/10 x vanilla busy", lock_p99,
+        scaled(cell(rows, "vanilla", "busy", "guest.p99", LOCK), 0.1))
+    add("lock guest: busy pvsched wait p99 <= 1.2 x static-rt busy", lock_p99,
+        scaled(cell(rows, "static-rt", "busy", "guest.p99", LOCK), 1.2))
+    add("lock guest: busy pvsched acquisitions/s >= 0.9 x static-rt", cell(rows, "pvsched", "busy", "lock_acq_per_s", LOCK),
+        scaled(cell(rows, "static-rt", "busy", "lock_acq_per_s", LOCK), 0.9), higher_is_better=True)
+    add("lock guest: busy pvsched host load CPU time >= 0.95 x vanilla",
+        cell(rows, "pvsched", "busy", "host_load_rel", LOCK),
+        0.95 if cell(rows, "vanilla", "busy", "host_load_rel", LOCK) is not None else None, higher_is_better=True)
+    lock_throttles = cell(rows, "pvsched", "busy", "policy.throttles", LOCK)
+    add("lock guest: busy pvsched throttles == 0", lock_throttles, 0 if lock_throttles is not None else None)
     return out
 
 

@@ -309,8 +309,9 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
     rq = None
     if probe and out.vcpu_tids:
         rq = probe.read()
-    if out.error:
-        return None, out.error
+    if out.error:  # what the guest got to, to tell a lost vCPU from a failed boot afterwards
+        done = sorted({r.get("vcpu") for r in out.records if r.get("type") in ("latency", "workload")}, key=str)
+        return None, f"{out.error} (vCPUs with a result record: {done}; console: {' | '.join(out.console_tail[-3:])})"
     lock = cell.workload == LOCK
     guest = cyclictest_summary(out.records) if image else guest_summary(out.records, "lock" if lock else "probe")
     if guest is None:

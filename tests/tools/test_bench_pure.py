@@ -369,7 +369,7 @@ def test_lock_records_merge_the_waits_and_sum_the_rates():
     assert lock_summary([probe(0, 40.0, 90.0)]) is None
 
 
-def test_lock_rows_get_their_table_and_leave_the_targets_alone(tmp_path):
+def test_lock_rows_get_their_table_and_their_own_targets(tmp_path):
     def lock_cell(config, host, p99, mx, rate, rep=0):
         rec = _rec(config, host, p99, mx, wl="lock,lock", rep=rep)
         rec["guest"] = {"min": 0.0, "avg": 1.0, "p50": 0.5, "p99": p99, "max": mx}
@@ -378,7 +378,14 @@ def test_lock_rows_get_their_table_and_leave_the_targets_alone(tmp_path):
     locks = [lock_cell("vanilla", "busy", 900.0, 9000.0, 120_000), lock_cell("vanilla", "busy", 700.0, 8000.0, 130_000, 1),
              lock_cell("pvsched", "busy", 3.0, 500.0, 160_000), lock_cell("vanilla", "idle", 1.0, 300.0, 170_000)]
     rows = summarize(_records() + locks)
-    assert {x["name"]: x for x in targets(rows)} == {x["name"]: x for x in targets(summarize(_records()))}
+    # the probe's targets do not move; the lock lines judge the lock rows (no static-rt row here: n/a)
+    probe_only = {x["name"]: x for x in targets(summarize(_records())) if not x["name"].startswith("lock")}
+    got = {x["name"]: x for x in targets(rows)}
+    assert {k: v for k, v in got.items() if not k.startswith("lock")} == probe_only
+    assert got["lock guest: busy pvsched wait p99 <= 1/10 x vanilla busy"] == {
+        "name": "lock guest: busy pvsched wait p99 <= 1/10 x vanilla busy", "value": 3.0, "limit": 80.0, "ok": True}
+    assert got["lock guest: busy pvsched acquisitions/s >= 0.9 x static-rt"]["ok"] is None
+    assert got["lock guest: busy pvsched throttles == 0"]["ok"] is True
     van = next(r for r in rows if (r["workload"], r["host"], r["config"]) == ("lock,lock", "busy", "vanilla"))
     assert van["lock_acq_per_s"] == {"median": 125_000, "min": 120_000, "max": 130_000}
     table = report.lock_table(rows)
