@@ -63,7 +63,18 @@ class BuildError(RuntimeError):
 
 def _newest_source(src: Path) -> float:
     paths = [p for p in src.iterdir() if p.suffix in SOURCE_SUFFIXES or p.name == "Makefile"]
-    return max((p.stat().st_mtime for p in [*paths, *SHARED_SOURCES] if p.exists()), default=0.0)
+    # A shared header counts only for a folder whose Makefile names it: make rebuilds nothing else
+    # when it changes, and a warning that setup cannot clear would stay for good.
+    makefile = (src / "Makefile").read_text() if (src / "Makefile").exists() else ""
+    shared = [p for p in SHARED_SOURCES if p.name in makefile]
+    return max((p.stat().st_mtime for p in [*paths, *shared] if p.exists()), default=0.0)
+
+
+def _newest_output(folder: str) -> float:
+    """mtime of the folder's newest build output: a make run after the last source change rebuilt at least the
+    outputs that depend on it, so this is newer than that change (an unrelated output may rightly stay older)."""
+    build = PKG / folder / "build"
+    return max((p.stat().st_mtime for p in (build / n for n in OUTPUTS.get(folder, ())) if p.exists()), default=0.0)
 
 
 def _shown(p: Path) -> str:
@@ -71,7 +82,8 @@ def _shown(p: Path) -> str:
 
 
 def ensure_built(component: str, quiet: bool = False) -> Path:
-    """Path of a component's output; BuildError if it is missing (in a checkout, warns once if it is stale)."""
+    """Path of a component's output; BuildError if it is missing (in a checkout, warns once if its folder's
+    sources changed after its last build)."""
     folder, name = COMPONENTS[component]
     src = PKG / folder
     target = src / "build" / name
@@ -79,7 +91,7 @@ def ensure_built(component: str, quiet: bool = False) -> Path:
     if not target.exists():
         how = f"run {SETUP}" if checkout else "this installation lacks it: reinstall pyvmm (its build makes it)"
         raise BuildError(f"{component} is not built ({_shown(target)} is missing): {how}")
-    if checkout and component not in _warned and target.stat().st_mtime < _newest_source(src):
+    if checkout and component not in _warned and _newest_output(folder) < _newest_source(src):
         _warned.add(component)
         if not quiet:
             log.warning("pyvmm: %s is older than its sources: run %s to rebuild it", _shown(target), SETUP)
