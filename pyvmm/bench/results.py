@@ -89,7 +89,7 @@ def lock_summary(records: list[dict]) -> dict | None:
     if not locks:
         return None
     out: dict = {k: sum(int(r.get(k) or 0) for r in locks) for k in LOCK_COUNTS}
-    for k in ("lock_hold_us", "lock_gap_us", "lock_tick_us"):
+    for k in ("lock_hold_us", "lock_gap_us", "lock_tick_us", "lock_busy_us"):
         out[k.removeprefix("lock_")] = locks[0].get(k)
     out["vcpus"] = len(locks)
     return out
@@ -386,6 +386,9 @@ def targets(rows: list[dict]) -> list[dict]:
         scaled(cell(rows, "vanilla", "busy", "guest.p99", LOCK), 0.1))
     add("lock guest: busy pvsched wait p99 <= 1.2 x static-rt busy", lock_p99,
         scaled(cell(rows, "static-rt", "busy", "guest.p99", LOCK), 1.2))
+    # Most acquisitions wait under a microsecond whatever the host does: a preempted holder shows in the max.
+    add("lock guest: busy pvsched wait max <= 1/10 x vanilla busy", cell(rows, "pvsched", "busy", "guest.max", LOCK),
+        scaled(cell(rows, "vanilla", "busy", "guest.max", LOCK), 0.1))
     add("lock guest: busy pvsched acquisitions/s >= 0.9 x static-rt", cell(rows, "pvsched", "busy", "lock_acq_per_s", LOCK),
         scaled(cell(rows, "static-rt", "busy", "lock_acq_per_s", LOCK), 0.9), higher_is_better=True)
     add("lock guest: busy pvsched host load CPU time >= 0.95 x vanilla",

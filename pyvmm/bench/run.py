@@ -158,6 +158,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="lock group: how long the guest holds the lock (default: the guest's, 5)")
     p.add_argument("--lock-gap-us", type=int, metavar="US",
                    help="lock group: the guest's work outside the lock between acquisitions (default: the guest's, 5)")
+    p.add_argument("--lock-busy-us", type=int, metavar="US",
+                   help="lock group: the guest contends only this long of every --interval and halts the rest "
+                        "(a mostly idle guest taking a lock in bursts; default 0: all the time)")
     p.add_argument("--pvsched-set", action="append", default=[], metavar="KEY=VALUE",
                    help="policy tunable for the pvsched runs (repeatable), e.g. boost_on_halt=false; "
                         "program=NAME picks the BPF policy (pyvmm features lists them)")
@@ -203,12 +206,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--reps >= 1, --duration in 0.5..120 s, --interval in 100..100000 us")
     if any(v is not None and not 0 <= v <= 100000 for v in (a.lock_hold_us, a.lock_gap_us)):
         p.error("--lock-hold-us and --lock-gap-us in 0..100000 us")
+    if a.lock_busy_us is not None and not 0 <= a.lock_busy_us < a.interval:
+        p.error("--lock-busy-us must be below --interval (0: contend all the time)")
     return a
 
 
 def lock_cmdline(args: argparse.Namespace) -> str:
     """The guest command-line keys of the lock group's settings ("" for the guest's defaults)."""
-    keys = (("lock_hold_us", getattr(args, "lock_hold_us", None)), ("lock_gap_us", getattr(args, "lock_gap_us", None)))
+    keys = [(k, getattr(args, k, None)) for k in ("lock_hold_us", "lock_gap_us", "lock_busy_us")]
     return " ".join(f"{k}={v}" for k, v in keys if v is not None)
 
 

@@ -143,6 +143,20 @@ def test_lock_workload_on_three_vcpus_with_its_knobs_and_without_the_device(pyvm
         check_lock(r, 500, 1, 0, 1000)
 
 
+def test_lock_workload_in_bursts_halts_between_them(pyvmm):
+    """lock_busy_us: contend 200 us of every 1 ms interval and halt the rest; no tick, so no interrupt lands
+    while the task runs (the halts' timer ends them), and the lock still passes between the vCPUs."""
+    rc, recs, out = boot(pyvmm, "--cmdline", "duration=1 workload=lock,lock lock_busy_us=200 interval=1000 pvsched=0")
+    assert rc == 0, out
+    lat = sorted(of_type(recs, "latency"), key=lambda r: r["vcpu"])
+    assert [r["vcpu"] for r in lat] == [0, 1]
+    for r in lat:
+        assert r["lock_busy_us"] == 200 and r["violations"] == 0 and r["flag_lost"] == 0, r
+        assert r["irqs"] == 0, r  # the tick is off in bursts
+        assert 0 < r["acquisitions"] < 1000 * 200 // 10, r  # at most one per hold + gap of each burst
+    assert of_type(recs, "done") == [{"type": "done", "status": "ok"}]
+
+
 @pytest.mark.parametrize("args,code,reason", [
     (["--cmdline", "duration=0.5 pvsched_features=40"], C.PVSCHED_STATUS_BAD_FEATURE, "BAD_FEATURE"),
     (["--cmdline", "duration=0.5 pvsched_version=20000"], C.PVSCHED_STATUS_BAD_VERSION, "BAD_VERSION"),

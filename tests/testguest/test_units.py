@@ -78,6 +78,8 @@ def test_cmdline_lock_workload_and_its_keys(harness):
     assert c["workload"] == ["lock"] * 3
     assert (c["lock_hold_us"], c["lock_gap_us"], c["lock_tick_us"]) == (0, 100000, 0)
     assert parse(harness, "lock_tick_us=100")["lock_tick_us"] == 100
+    assert parse(harness, "")["lock_busy_us"] == 0  # contend all the time
+    assert parse(harness, "lock_busy_us=200 interval=1000")["lock_busy_us"] == 200
 
 
 def test_cmdline_last_workload_repeats(harness):
@@ -98,7 +100,7 @@ def test_cmdline_unknown_key_is_a_warning(harness):
     "workload=probe+probe+probe+probe+probe+probe+probe+probe+probe",
     "probe_prio=0", "probe_prio=100", "hog_prio=abc", "probe_policy=deadline", "busy_nice=20", "busy_nice=-21", "busy_nice=-", "tick_us=-1",
     "pvsched_version=xyz", "pvsched_features=0x123456789", "pvsched=2", "noequals", "timer=hpet",
-    "lock_hold_us=100001", "lock_hold_us=-1", "lock_gap_us=x", "lock_gap_us=", "lock_tick_us=99", "lock_tick_us=1000001",
+    "lock_hold_us=100001", "lock_hold_us=-1", "lock_gap_us=x", "lock_gap_us=", "lock_tick_us=99", "lock_tick_us=1000001", "lock_busy_us=-1", "lock_busy_us=1000001",
 ])
 def test_cmdline_bad_values_are_errors(harness, bad):
     c = parse(harness, f"duration=1 {bad}", 2)

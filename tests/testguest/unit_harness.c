@@ -27,10 +27,10 @@ static int do_cmdline(u32 nr, const char *s)
 	printf("{\"rc\":%d,\"warning\":\"%s\",\"duration_ms\":%u,\"interval_us\":%u,"
 	       "\"probe_policy\":%d,\"probe_prio\":%u,\"hog_prio\":%u,\"busy_nice\":%d,\"tick_us\":%u,\"pvsched\":%u,"
 	       "\"version\":%u,\"features\":%u,\"force_features\":%u,\"timer_oneshot\":%u,"
-	       "\"lock_hold_us\":%u,\"lock_gap_us\":%u,\"lock_tick_us\":%u,\"workload\":[",
+	       "\"lock_hold_us\":%u,\"lock_gap_us\":%u,\"lock_tick_us\":%u,\"lock_busy_us\":%u,\"workload\":[",
 	       r, r ? err : "", c.duration_ms, c.interval_us, c.probe_policy, c.probe_prio,
 	       c.hog_prio, c.busy_nice, c.tick_us, c.pvsched_enabled, c.pvsched_version, c.pvsched_features,
-	       c.force_features, c.timer_oneshot, c.lock_hold_us, c.lock_gap_us, c.lock_tick_us);
+	       c.force_features, c.timer_oneshot, c.lock_hold_us, c.lock_gap_us, c.lock_tick_us, c.lock_busy_us);
 	for (v = 0; v < c.nr_vcpus; v++) {
 		printf("%s\"", v ? "," : "");
 		for (p = 0; p < c.nr_phases[v]; p++)

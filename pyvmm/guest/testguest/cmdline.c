@@ -251,6 +251,10 @@ static int parse_pair(const char *k, const char *ke, const char *v,
 		if (parse_uint(v, e, 100000, &x))
 			goto bad;
 		c->lock_gap_us = (u32)x;
+	} else if (tok_eq(k, ke, "lock_busy_us")) {
+		if (parse_uint(v, e, 1000000, &x))
+			goto bad;
+		c->lock_busy_us = (u32)x;
 	} else if (tok_eq(k, ke, "lock_tick_us")) {
 		/* 0 (no tick) or a period the emulated interrupt path can keep up with */
 		if (parse_uint(v, e, 1000000, &x) || (x && x < 100))

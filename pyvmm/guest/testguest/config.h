@@ -43,6 +43,7 @@ struct tg_config {
 	u32 lock_hold_us;     /* lock workload: time the lock is held per acquisition */
 	u32 lock_gap_us;      /* lock workload: work outside the lock between acquisitions */
 	u32 lock_tick_us;     /* lock workload: period of the kernel's timer tick (0: none) */
+	u32 lock_busy_us;     /* lock workload: contend only this long of every interval, halt the rest (0: always) */
 	u32 pvsched_enabled;  /* pvsched=0 turns the driver off */
 	u32 pvsched_version;  /* what the guest speaks (knob forces it) */
 	u32 pvsched_features; /* what the guest asks for */

@@ -269,7 +269,11 @@ static void run_wakee(struct phase_result *r, u32 vcpu, u64 t_start, u64 t_end)
  * (critsec.h), work lock_gap_us outside it, again; the kernel's timer ticks
  * every lock_tick_us meanwhile.  Only the holder is marked: in Linux
  * spin_lock() disables preemption before it spins, so its waiters are
- * marked too, but a preempted holder is what stalls everyone.
+ * marked too, but a preempted holder is what stalls everyone.  With
+ * lock_busy_us below the interval, a vCPU contends only the first
+ * lock_busy_us of every interval and halts the rest, as a mostly idle guest
+ * whose kernel takes a lock in bursts: no tick then, the halts' timer is
+ * the interrupt.
  */
 static void run_lock(struct phase_result *r, u32 vcpu, u64 t_start, u64 t_end)
 {
@@ -280,18 +284,37 @@ static void run_lock(struct phase_result *r, u32 vcpu, u64 t_start, u64 t_end)
 	struct tg_cpu_share *sh = &tg_cpu[vcpu];
 	u64 irqs = sh->irqs, cs = sh->irqs_cs, nested = sh->nested;
 
+	u64 period = (u64)tg.cfg.interval_us * tg.tsc_khz / 1000;
+	u64 busy = (u64)tg.cfg.lock_busy_us * tg.tsc_khz / 1000;
+	u64 next = t_start;
+
 	start_lat(r, n < LOCK_MAX_SAMPLES ? n : LOCK_MAX_SAMPLES);
 	sys_set_task(PVSCHED_POLICY_OTHER, 0, 0);
-	sys3(SYS_TICK, (u64)tg.cfg.lock_tick_us * tg.tsc_khz / 1000, 0, 0);
+	if (busy >= period)
+		busy = 0; /* a burst as long as the interval: contend all the time */
+	if (!busy)
+		sys3(SYS_TICK, (u64)tg.cfg.lock_tick_us * tg.tsc_khz / 1000, 0, 0);
 	while (rdtsc() < t_end) {
-		u64 wait = tg_lock_cycle(&the_lock, sh->slot, vcpu + 1, hold, &r->lock);
-		u64 out = rdtsc();
+		u64 stop = busy ? next + busy : t_end;
 
-		lat_record(&r->lat, tsc_to_ns(wait));
-		while (rdtsc() - out < gap)
-			barrier();
+		while (rdtsc() < stop && rdtsc() < t_end) {
+			u64 wait = tg_lock_cycle(&the_lock, sh->slot, vcpu + 1, hold, &r->lock);
+			u64 out = rdtsc();
+
+			lat_record(&r->lat, tsc_to_ns(wait));
+			while (rdtsc() - out < gap)
+				barrier();
+		}
+		if (!busy)
+			break;
+		while (next <= rdtsc()) /* the next interval not yet begun (a late one is skipped) */
+			next += period;
+		if (next >= t_end)
+			break;
+		sys_sleep_until(next);
 	}
-	sys3(SYS_TICK, 0, 0, 0);
+	if (!busy)
+		sys3(SYS_TICK, 0, 0, 0);
 	r->irqs = sh->irqs - irqs;
 	r->irqs_cs = sh->irqs_cs - cs;
 	r->irqs_nested = sh->nested - nested;
@@ -358,6 +381,8 @@ static void emit_config(void)
 	buf_u64(&b, tg.cfg.lock_gap_us);
 	buf_str(&b, ",\"lock_tick_us\":");
 	buf_u64(&b, tg.cfg.lock_tick_us);
+	buf_str(&b, ",\"lock_busy_us\":");
+	buf_u64(&b, tg.cfg.lock_busy_us);
 	buf_str(&b, ",\"timer\":\"");
 	buf_str(&b, tg.timer_tsc_deadline ? "tsc-deadline" : "lapic-oneshot");
 	buf_str(&b, "\",\"tsc_khz\":");
@@ -439,6 +464,7 @@ static void emit_lock(u32 vcpu, u32 idx, struct phase_result *r)
 	buf_member_u64(&b, "lock_hold_us", tg.cfg.lock_hold_us);
 	buf_member_u64(&b, "lock_gap_us", tg.cfg.lock_gap_us);
 	buf_member_u64(&b, "lock_tick_us", tg.cfg.lock_tick_us);
+	buf_member_u64(&b, "lock_busy_us", tg.cfg.lock_busy_us);
 	buf_member_u64(&b, "ms", r->ms);
 	buf_member_u64(&b, "acquisitions", r->lock.acquisitions);
 	buf_member_u64(&b, "acq_per_s", r->ms ? r->lock.acquisitions * 1000 / r->ms : 0);
