@@ -1,4 +1,4 @@
-"""Host-side companions of a benchmark run: the seed's stress-ng load and a normal-priority cyclictest.
+"""Host-side companions of a benchmark run: the busy host's stress-ng load and a normal-priority cyclictest.
 
 Each runs under `timeout` (bounded even if the benchmark dies), is stopped
 with a signal when the VM ends (both print their summary on SIGINT), and
@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-# The seed experiment's load: CPU hogs plus file I/O, memory and fork churn.
+# The busy host's load: CPU hogs plus file I/O, memory and fork churn.
 STRESS_ARGS = ["--cpu", "2", "--iomix", "1", "--vm", "1", "--vm-bytes", "128M", "--fork", "1"]
 
 _CT_LINE = re.compile(r"T:\s*(\d+)\s*\(\s*\d+\)\s*P:\s*(\d+)\s*I:\s*(\d+)\s*C:\s*(\d+)\s*Min:\s*(\d+)"
@@ -110,7 +110,7 @@ class _Bounded:
 
 
 class StressLoad:
-    """The seed's stress-ng load in a temporary folder (iomix writes files there)."""
+    """The busy host's stress-ng load in a temporary folder (iomix writes files there)."""
 
     def __init__(self, limit_s: float, run_s: float | None = None) -> None:
         """Start it: for run_s seconds (default: until stop()), killed after limit_s in any case."""

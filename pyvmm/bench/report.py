@@ -103,6 +103,30 @@ def target_lines(rows: list[dict]) -> list[str]:
     return out
 
 
+def switch_cost_lines(rows: list[dict], meta: dict) -> list[str]:
+    """What the policy's BPF costs per host context switch: without a VM thread (meta's switch_cost, a host
+    ping-pong) and with one of the VMM's (pvsched rows, derived from their counters); [] when neither."""
+    out = []
+    if c := meta.get("switch_cost"):
+        p = c.get("programs") or {}
+        out.append(f"BPF per host switch without a VM thread: {_fmt(c.get('ns_per_host_switch'))} ns "
+                   f"(pvs_switch {_fmt((p.get('pvs_switch') or {}).get('ns_per_run'))} + pvs_wakeup "
+                   f"{_fmt((p.get('pvs_wakeup') or {}).get('ns_per_run'))} ns per run; goal 300); host ping-pong "
+                   f"round trip (wall clock, as noisy as the host) {_fmt(c['round_trip_ns']['on'])} ns with the "
+                   f"programs, {_fmt(c['round_trip_ns']['off'])} ns without ({c['added_ns_per_switch']:+.0f} ns per "
+                   "switch)")
+        if fl := c.get("floor"):
+            out.append(f"the floor, programs on the same tracepoints that do nothing: "
+                       f"{_fmt((fl.get('pvs_switch') or {}).get('ns_per_run'))} + "
+                       f"{_fmt((fl.get('pvs_wakeup') or {}).get('ns_per_run'))} ns per run (round trip "
+                       f"{_fmt(c['round_trip_ns'].get('floor'))} ns)")
+    for r in rows:
+        if ns := (r.get("policy.switch_vmm_ns") or {}).get("median"):
+            out.append(f"BPF per pvs_switch run with a VMM thread, {r['workload']} {r['host']} {r['config']}: "
+                       f"{_fmt(ns)} ns")
+    return out
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     """The whole results.md: where and how it was measured, the table, the targets."""
     m = meta
@@ -123,6 +147,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         *([("The lock group (guest lock,lock): the acquisition wait, first attempt to acquisition (it is the "
             "guest latency of its rows above), and the guest's acquisitions per second:"),
            "", lock_table(rows), ""] if lock_table(rows) else []),
+        *(["What the policy's BPF costs per host context switch (bpf_stats):", "", "```",
+            *switch_cost_lines(rows, meta), "```", ""] if switch_cost_lines(rows, meta) else []),
         "Targets (medians; printed, not asserted):",
         "",
         "```",

@@ -14,7 +14,7 @@ PRIMARY = "probe,probe"
 MIXED = "probe,busy"
 TICKING = "probe,tick"  # the probe next to a normal-priority task that wakes every interval
 LOCK = "lock,lock"      # both vCPUs contend one guest spinlock; "guest" is then the acquisition wait
-LINUX = "cyclictest"    # the Linux guest's one workload (bench --guest linux): the seed's cyclictest
+LINUX = "cyclictest"    # the Linux guest's one workload (bench --guest linux): cyclictest, one RR 8 thread per vCPU
 
 
 def _hist_points(rec: dict) -> list[tuple[float, int]] | None:
@@ -160,6 +160,8 @@ def policy_stats(reply: dict | None, status: dict | None = None, guest_records: 
         res["bpf_ns_per_event"] = round(run_ns / run_cnt, 1)
     if programs := program_stats(reply):
         res["programs"] = programs
+    if (vmm := first("switch_vmm")) is not None:  # pvs_switch runs that involved the VMM (switchcost.vmm_switch_ns)
+        res["switch_vmm"] = int(vmm)
     return res
 
 
@@ -248,7 +250,7 @@ def get(rec: dict, path: str) -> float | None:
 METRICS = ("guest.p50", "guest.p99", "guest.max", "guest.avg", "vcpu_runqlat.wakeup.p99", "vcpu_runqlat.wakeup.max",
            "vcpu_runqlat.all.p99", "vcpu_runqlat.all.max", "guest_missed",
            "host_cyclictest.max", "host_cyclictest.p99", "host_cyclictest.avg", "stress_bogo_ops_s", "stress_rel", "policy.boosts",
-           "policy.throttles", "policy.bpf_ns_per_event", "policy.apply_latency_us",
+           "policy.throttles", "policy.bpf_ns_per_event", "policy.switch_vmm_ns", "policy.apply_latency_us",
            "guest_samples", "cpu.vcpus", "cpu.vmm_other", "cpu.policy", "cpu.host_load", "host_load_rel",
            "cpu.steal_ms", "calm.guest_max", "calm.host_cyclictest_max", "lock_acq_per_s", "lock.irqs_in_hold")
 # A run is "calm" when /proc/stat counted no steal in its window (its unit is a 10 ms tick).  On a host that

@@ -2,7 +2,7 @@
 pvsched), on an idle and a busy host, with repetitions; writes results.json, results.md and results.png.
 
 Each run boots the test guest (2 vCPUs, the RT probe at 1000 us) with `pyvmm boot` under a SCHED_FIFO 50
-watchdog, alongside a normal-priority host cyclictest and, on a busy host, the seed's stress-ng load, and
+watchdog, alongside a normal-priority host cyclictest and, on a busy host, a stress-ng load, and
 measures the vCPU threads' host runqueue latency with a small BPF program (pyvmm/bench/bpf/runqlat.bpf.c).
 """
 
@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyvmm.bench import report
+from pyvmm.bench import report, switchcost
 from pyvmm.bench.cpuacct import CpuMeter, children_cpu_s, steal_s, threads_cpu_s, tree_cpu_s
 from pyvmm.bench.results import (
     LINUX,
@@ -175,7 +175,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "run for milliseconds without a scheduling point, ahead of RT tasks too: 'never' takes "
                         "that out of the guest max (docs/benchmarks.md)")
     p.add_argument("--guest", choices=GUEST_KINDS, default="testguest",
-                   help="testguest (default: the bundled test guest's RT probe) or linux: the seed's "
+                   help="testguest (default: the bundled test guest's RT probe) or linux: "
                         "`cyclictest -p 8 --policy=rr` in the Debian cloud kernel's image with the pvsched "
                         "module, one thread per vCPU (idle and busy groups only; needs VMX/SVM: inside "
                         "`pyvmm lab` on hosts without them)")
@@ -475,6 +475,12 @@ def bench(args: argparse.Namespace) -> int:
             make_output_dir(args.out)
         except OSError as e:
             raise BenchError(f"--out {args.out}: {e.strerror or e}") from None
+        if any(c.config == "pvsched" for c in cells):
+            _progress("bench: what the policy's BPF costs a host context switch without a VM thread (ping-pong)")
+            try:
+                meta["switch_cost"] = switchcost.measure()
+            except switchcost.SwitchCostError as e:
+                _progress(f"bench: switch cost not measured: {e}")
         _progress(f"bench: {len(cells)} runs of {args.duration:g} s -> {args.out}/")
         for i, cell in enumerate(cells, 1):
             t = time.monotonic()
@@ -504,6 +510,7 @@ def bench(args: argparse.Namespace) -> int:
                 BPF_STATS.write_text(old_stats)
             except OSError:
                 pass
+    switchcost.annotate(records, meta.get("switch_cost"))
     bad = [e for r in records for e in validate_record(r)]
     if bad:
         meta["failures"].append("schema: " + "; ".join(bad[:5]))
@@ -519,6 +526,8 @@ def bench(args: argparse.Namespace) -> int:
             print(extra)
             print()
     print("\n".join(report.target_lines(rows)))
+    if cost := report.switch_cost_lines(rows, meta):
+        print("\n" + "\n".join(cost))
     if meta.get("peer"):
         print("\n" + peer_table(meta["peer"], records))
     print(f"\nwrote {args.out}/results.json, results.md, results.png")

@@ -19,7 +19,7 @@ import cffi
 
 from pyvmm.common import libbpf
 from pyvmm.common.artifacts import BuildError, ensure_built
-from pyvmm.common.libbpf import LibbpfError, check, check_ptr, string
+from pyvmm.common.libbpf import LibbpfError, check
 
 BPF_DIR = Path(__file__).resolve().parent / "bpf"
 HEADER = BPF_DIR / "runqlat.h"
@@ -113,7 +113,7 @@ class Runqlat:
         object_path()
         self._f = ffi()
         self._lib = _libbpf()
-        self._links: list = []
+        self._progs: dict = {}
         self._obj = None
         try:
             self._open_and_attach()
@@ -125,14 +125,7 @@ class Runqlat:
             raise
 
     def _open_and_attach(self) -> None:
-        null = libbpf.ffi().NULL
-        self._obj = check_ptr(self._lib.bpf_object__open_file(str(OBJECT).encode(), null), f"opening {OBJECT.name}")
-        check(self._lib.bpf_object__load(self._obj), f"loading {OBJECT.name}")
-        prog = self._lib.bpf_object__next_program(self._obj, null)
-        while prog != null:
-            name = string(self._lib.bpf_program__name(prog))
-            self._links.append(check_ptr(self._lib.bpf_program__attach(prog), f"attaching {name}"))
-            prog = self._lib.bpf_object__next_program(self._obj, prog)
+        self._obj, self._progs = libbpf.open_load_attach(OBJECT)
         self._fd = {n: self._map_fd(n) for n in ("tids", "start", "hists")}
         self._ncpu = check(self._lib.libbpf_num_possible_cpus(), "libbpf_num_possible_cpus")
 
@@ -213,9 +206,5 @@ class Runqlat:
 
     def close(self) -> None:
         """Detach every program and free the object; idempotent."""
-        for link in self._links:
-            self._lib.bpf_link__destroy(link)
-        self._links = []
-        if getattr(self, "_obj", None) is not None and self._obj != self._f.NULL:
-            self._lib.bpf_object__close(self._obj)
+        libbpf.close_object(self._obj, self._progs)
         self._obj = None

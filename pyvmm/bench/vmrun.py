@@ -25,7 +25,7 @@ from pyvmm.common import control_client as control
 from pyvmm.common.sched_attr import SCHED_FIFO, SCHED_OTHER, SchedAttr, sched_getattr, sched_setattr
 
 CONFIGS = ("vanilla", "static-rt", "static-nice", "pvsched")
-# Static RT the way the seed measured it (FIFO 10): below the policy's actuator (40) and the watchdog.
+# Static RT as libvirt's <vcpusched> sets it (FIFO 10): below the policy's actuator (40) and the watchdog.
 STATIC_ATTRS = {"static-rt": SchedAttr(SCHED_FIFO, 10, 0), "static-nice": SchedAttr(SCHED_OTHER, 0, -20)}
 # The watchdog (`timeout`) runs at the RT ladder's top (SCHED_FIFO PVSCHED_WATCHDOG_PRIO) with reset-on-fork,
 # so it can always kill a livelocked VM while the VMM itself starts at SCHED_OTHER.
@@ -83,7 +83,7 @@ def boot_argv(spec: RunSpec, limit_s: float, stats_out: Path | None = None) -> l
         cmdline = f"duration={spec.duration_s:g} interval={spec.interval_us} workload={spec.workload}"
         cmdline += f" {spec.guest_keys}" if spec.guest_keys else ""
         guest = ["--json"]
-    else:  # the seed's cyclictest (pyvmm/guest/linux/init.sh), one RR 8 thread per vCPU
+    else:  # cyclictest (pyvmm/guest/linux/init.sh), one RR 8 thread per vCPU
         cmdline = (f"console=ttyS0 quiet pvsched.workload=cyclictest pvsched.duration={spec.duration_s:g} "
                    f"pvsched.interval={spec.interval_us}")
         guest = ["--kernel", os.path.abspath(spec.kernel), "--initrd", os.path.abspath(spec.initrd), "--mem", "512"]
@@ -206,10 +206,10 @@ def _final_stats(path: Path, out: VmOutcome) -> None:
 def _vm_ending(watchdog_pid: int | None, on_end) -> None:
     """The guest's window is over (a vCPU thread ended): end the host measurements, demote the watchdog.
 
-    The watchdog (`timeout` at SCHED_FIFO WATCHDOG_PRIO) reaps the VMM; in about 1 run in 8 under the host load it then
-    spent up to 0.95 s of CPU at that priority as the VMM process ended, which the RT throttle alone cut
-    short and which showed as a 950 ms host cyclictest max in any configuration. With the vCPU threads gone
-    nothing of the VM can livelock a CPU any more, so it may finish its job as an ordinary task."""
+    The watchdog (`timeout` at SCHED_FIFO WATCHDOG_PRIO) reaps the VMM, and a VMM that ends slowly under host
+    load would hold a CPU at that priority until the RT throttle stops it (docs/benchmarks.md, "Method notes").
+    With the vCPU threads gone nothing of the VM can livelock a CPU any more, so it may finish as an ordinary
+    task."""
     if watchdog_pid is not None:
         try:
             sched_setattr(watchdog_pid, SchedAttr(SCHED_OTHER, 0, 0))

@@ -34,7 +34,7 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
     "policy": (*_policies("policy"), "pvsched_policy.cdef", "libpvsched_backstop.so", "backstop_loop.cdef"),
     "device": ("libpvsched_guardian.so", "guardian.cdef"),
     "guest/testguest": ("testguest.elf",),
-    "bench/bpf": ("runqlat.bpf.o", "runqlat.cdef"),
+    "bench/bpf": ("runqlat.bpf.o", "floor.bpf.o", "runqlat.cdef"),
 }
 
 # The outputs looked up by name: component -> (folder, file name), both as in OUTPUTS.
@@ -47,6 +47,7 @@ COMPONENTS = {
     "guardian": ("device", "libpvsched_guardian.so"),
     "guardian_cdef": ("device", "guardian.cdef"),
     "runqlat": ("bench/bpf", "runqlat.bpf.o"),
+    "floor": ("bench/bpf", "floor.bpf.o"),
     "runqlat_cdef": ("bench/bpf", "runqlat.cdef"),
 }
 # What the Makefiles build from: the folder's C sources, plus the ABI header they all include.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+from pathlib import Path
 
 import cffi
 
@@ -152,3 +153,43 @@ def check_ptr(ptr, what: str):
 def string(cptr) -> str:
     """A C string from libbpf as str."""
     return ffi().string(cptr).decode() if cptr != ffi().NULL else ""
+
+
+def open_load_attach(path: Path) -> tuple[object, dict[str, tuple[int, object]]]:
+    """Open and load the BPF object at `path` and attach every program in it.
+
+    Returns (the object, {program name: (its fd, its link)}); on any failure everything is undone and
+    LibbpfError raised.  The caller ends it with close_object()."""
+    f, lb = ffi(), lib()
+    obj = check_ptr(lb.bpf_object__open_file(str(path).encode(), f.NULL), f"opening {path.name}")
+    progs: dict[str, tuple[int, object]] = {}
+    try:
+        check(lb.bpf_object__load(obj), f"loading {path.name}")
+        prog = lb.bpf_object__next_program(obj, f.NULL)
+        while prog != f.NULL:
+            name = string(lb.bpf_program__name(prog))
+            progs[name] = (lb.bpf_program__fd(prog), check_ptr(lb.bpf_program__attach(prog), f"attaching {name}"))
+            prog = lb.bpf_object__next_program(obj, prog)
+    except BaseException:
+        close_object(obj, progs)
+        raise
+    return obj, progs
+
+
+def close_object(obj, progs: dict[str, tuple[int, object]]) -> None:
+    """Detach what open_load_attach() attached and free the object."""
+    lb = lib()
+    for _, link in progs.values():
+        lb.bpf_link__destroy(link)
+    progs.clear()
+    if obj is not None and obj != ffi().NULL:
+        lb.bpf_object__close(obj)
+
+
+def prog_run_stats(fd: int) -> tuple[int, int]:
+    """(run_cnt, run_time_ns) of a loaded program (counted while BPF run-time stats are on)."""
+    f = ffi()
+    info = f.new("struct bpf_prog_info *")
+    n = f.new("uint32_t *", f.sizeof("struct bpf_prog_info"))
+    check(lib().bpf_obj_get_info_by_fd(fd, info, n), "bpf_obj_get_info_by_fd")
+    return info.run_cnt, info.run_time_ns

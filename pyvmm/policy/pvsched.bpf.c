@@ -396,8 +396,8 @@ static __always_inline int post(const struct eval_ctx *c, const struct pvsched_s
 }
 
 /*
- * Whether a halt wants the halt boost.  Boosting every halt (the seed's
- * policy, boost_on_halt=always) costs the host as much as static RT for a
+ * Whether a halt wants the halt boost.  Boosting every halt
+ * (boost_on_halt=always) costs the host as much as static RT for a
  * vCPU that halts often while it runs only normal-priority work, so a guest
  * that reports its sleeping RT tasks (F_RT_WAITER) gets it only when one
  * sleeps; a guest without the feature gets it at every halt.
@@ -644,6 +644,7 @@ int BPF_PROG(pvs_switch, bool preempt, struct task_struct *prev, struct task_str
 	/* fast path: most switches on the host involve no thread of our VMM (no map lookup either) */
 	if (!vmm_pid || (prev->tgid != vmm_pid && next->tgid != vmm_pid))
 		return 0;
+	stat_inc(PVSCHED_STAT_SWITCH_VMM); /* past the fast path only, so the other switches pay nothing for it */
 	t = get_tunables();
 	if (!t)
 		return 0;
@@ -669,7 +670,7 @@ int BPF_PROG(pvs_switch, bool preempt, struct task_struct *prev, struct task_str
 	return 0;
 }
 
-/* Wakeup of a halted vCPU thread: the interrupt-injection event of the seed. */
+/* Wakeup of a halted vCPU thread: an interrupt (a timer, an IPI) is being injected. */
 SEC("tp_btf/sched_wakeup")
 int BPF_PROG(pvs_wakeup, struct task_struct *p)
 {
@@ -677,9 +678,12 @@ int BPF_PROG(pvs_wakeup, struct task_struct *p)
 	struct pvsched_vcpu *v;
 	__u32 tid;
 
+	/* fast path: a task of another process returns at the tgid check, before any map lookup */
 	v = task_vcpu(p, &tid);
+	if (!v)
+		return 0;
 	t = get_tunables();
-	if (!v || !t)
+	if (!t)
 		return 0;
 	stat_inc(PVSCHED_STAT_WAKEUP);
 	if (v->halted && vcpu_trylock(v)) {

@@ -25,7 +25,7 @@ enum pvsched_policy_limits {
 /* Tunable boost_on_halt: when a halting vCPU gets the halt boost. */
 enum pvsched_halt_boost {
 	PVSCHED_HALT_BOOST_NEVER = 0,
-	PVSCHED_HALT_BOOST_ALWAYS = 1, /* every halt (the seed's policy) */
+	PVSCHED_HALT_BOOST_ALWAYS = 1, /* every halt */
 	PVSCHED_HALT_BOOST_AUTO = 2,   /* guests with F_RT_WAITER: only a halt with RT_WAITING; others: always */
 };
 
@@ -97,7 +97,8 @@ enum pvsched_stat {
 	PVSCHED_STAT_CLOCK_LATE = 28,   /* clock ticks more than clock_ms late (softirqs deferred to a starved ksoftirqd) */
 	PVSCHED_STAT_POST_LIMITED = 29, /* changes within one state held back: less than the minimum interval since the last post */
 	PVSCHED_STAT_VM_BUDGET = 30,    /* boosts ended (throttled) or refused: the VM's vCPUs together used vm_boost_share_pct */
-	PVSCHED_STAT_NR = 31,
+	PVSCHED_STAT_SWITCH_VMM = 31,   /* sched_switch runs past the tgid check: a thread of this VMM switched in or out */
+	PVSCHED_STAT_NR = 32,
 };
 
 /* Scheduling parameters as sched_setattr takes them. */

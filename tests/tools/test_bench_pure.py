@@ -397,3 +397,34 @@ def test_lock_rows_get_their_table_and_their_own_targets(tmp_path):
     assert "| lock,lock | busy | vanilla |" in report.table(rows)  # and the host-cost columns as every group
     assert report.lock_table(summarize(_records())) == ""
     assert report.plot(rows, tmp_path / "l.png").stat().st_size > 10000
+
+
+def test_the_cost_of_a_vmm_switch_is_derived_from_the_counters_and_the_fast_path():
+    from pyvmm.bench import switchcost
+
+    prog = {"runs": 1000, "ns_per_run": 100.0}
+    # 1000 runs at 100 ns: 900 fast ones at 50 ns, so the 100 that involved the VMM took 550 ns each
+    assert switchcost.vmm_switch_ns(prog, 100, 50.0) == 550.0
+    assert switchcost.vmm_switch_ns(prog, 0, 50.0) is None  # no run went past the tgid check
+    assert switchcost.vmm_switch_ns(prog, 2000, 50.0) is None  # counters that cannot be
+    assert switchcost.vmm_switch_ns(prog, 100, None) is None and switchcost.vmm_switch_ns(None, 100, 50.0) is None
+    reply = {"programs": [{"name": "pvs_switch", "run_cnt": 1000, "avg_ns": 100.0, "status": "attached"}],
+             "stats": {"switch_vmm": {"value": 100, "description": "..."}}}
+    pol = policy_stats(reply)
+    assert pol["switch_vmm"] == 100
+    recs = [{"config": "pvsched", "policy": pol}, {"config": "vanilla", "policy": None}]
+    cost = {"programs": {"pvs_switch": {"runs": 60000, "ns_per_run": 50.0}, "pvs_wakeup": {"runs": 30000,
+                                                                                            "ns_per_run": 20.0}},
+            "floor": {"pvs_switch": {"runs": 60000, "ns_per_run": 45.0}, "pvs_wakeup": {"runs": 30000,
+                                                                                      "ns_per_run": 18.0}},
+            "ns_per_host_switch": 70.0, "round_trip_ns": {"off": 9000, "on": 9150, "floor": 9100},
+            "added_ns_per_switch": 75.0}
+    switchcost.annotate(recs, cost)
+    assert recs[0]["policy"]["switch_vmm_ns"] == 550.0
+    rows = [{"workload": "probe,probe", "host": "idle", "config": "pvsched", "policy.switch_vmm_ns": {"median": 550.0}}]
+    lines = report.switch_cost_lines(rows, {"switch_cost": cost})
+    assert "without a VM thread: 70 ns (pvs_switch 50 + pvs_wakeup 20 ns per run" in lines[0]
+    assert "+75 ns per switch" in lines[0]
+    assert "do nothing: 45 + 18 ns per run (round trip 9100 ns)" in lines[1]
+    assert lines[2].endswith("probe,probe idle pvsched: 550 ns")
+    assert report.switch_cost_lines([], {}) == []
