@@ -396,7 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_seccomp:
             log.warning("seccomp disabled (--no-seccomp)")
         elif not sandbox.install_seccomp():
-            log.warning("libseccomp not found: running without a seccomp filter")
+            # fail closed: a policy process without its allowlist holds CAP_SYS_NICE and CAP_BPF unconfined
+            log.error("libseccomp not found: refusing to run without the seccomp allowlist (scripts/setup.sh)")
+            return 1
         trio.run(serve, trio.socket.from_stdlib_socket(sock), service)
     except Exception as e:  # one line in the VMM's log (traceback with -v); the VMM restores the threads
         log.error("policy process failed: %s: %s", type(e).__name__, e, exc_info=args.verbose)

@@ -19,6 +19,7 @@ import pytest
 from sched_observe import observed, proc_sched, runs, sample, wait_for
 
 from pyvmm import abi
+from pyvmm.bench.cpuacct import tree_cpu_s
 
 RR, FIFO, OTHER, BATCH = os.SCHED_RR, os.SCHED_FIFO, os.SCHED_OTHER, os.SCHED_BATCH
 
@@ -109,6 +110,8 @@ def test_halt_boost_uses_boost_params_and_follows_set_tunables(fake_vmm, policy_
     assert observed(blocked) == (OTHER, 0, 0), "a blocked (not idle) vCPU was boosted"
     st = child.show()["stats"]
     assert st["halt"]["value"] > 0 and st["block"]["value"] > 0
+    # switches of the VMM's threads go past the tgid check and are counted there (the fast path's other side)
+    assert st["switch_vmm"]["value"] >= st["switch_in"]["value"] > 0
     child.terminate()
 
 
@@ -378,6 +381,21 @@ def _write_pinned_tunables(pin_dir: Path, **fields) -> None:
         os.close(fd)
 
 
+def _pinned_posted(pin_dir: Path, tid: int) -> tuple[int, int]:
+    """(policy, rt_priority) the BPF side last posted for vCPU thread `tid`, read from the pinned vcpus map."""
+    from pyvmm.common import libbpf
+    from pyvmm.policy.policy_types import ffi
+
+    f, lib = ffi(), libbpf.lib()
+    val = f.new("struct pvsched_vcpu *")
+    fd = libbpf.check(lib.bpf_obj_get(str(pin_dir / "vcpus").encode()), "bpf_obj_get")
+    try:
+        libbpf.check(lib.bpf_map_lookup_elem(fd, f.new("__u32 *", tid), val), "lookup vcpu")
+    finally:
+        os.close(fd)
+    return val.posted.policy, val.posted.rt_priority
+
+
 def test_hostile_values_in_the_pinned_tunables_map_are_clamped_where_used(fake_vmm, policy_child, pin_root):
     vmm = fake_vmm(1)
     tid = vmm.tids[0]
@@ -389,6 +407,8 @@ def test_hostile_values_in_the_pinned_tunables_map_are_clamped_where_used(fake_v
     limit = abi.C.PVSCHED_RT_PRIO_LIMIT
     assert all(prio <= limit for _, pol, prio in sample(tid, 0.3, 0.002) if pol in (RR, FIFO)), "above the ladder"
     assert proc_sched(tid) == {"policy": FIFO, "prio": 99 - limit}
+    # the BPF side clamps on its own, not only the actuator after it: what it posted is within the ladder
+    assert _pinned_posted(pin_root / str(vmm.pid), tid) == (FIFO, limit)
     _write_pinned_tunables(pin_root / str(vmm.pid), boost_policy=6, boost_prio=99)  # DEADLINE: never
     assert wait_for(lambda: observed(tid) == (OTHER, 0, 0), 2.0), f"got {observed(tid)}"
     assert not wait_for(lambda: observed(tid)[0] != OTHER, 0.3), "boosted with an unknown boost_policy"
@@ -426,13 +446,17 @@ def test_a_guest_flipping_nice_at_every_block_gets_a_bounded_number_of_posts(fak
 
     vmm.cmd("mode 0 niceflip")
     assert wait_for(lambda: observed(tid)[2] in (5, 6), 1.0), f"got {observed(tid)}"
-    p0, l0, a0, t0 = *counts(), time.monotonic()
+    p0, l0, a0, t0, c0 = *counts(), time.monotonic(), tree_cpu_s(child.pid)
     time.sleep(1.0)
-    p1, l1, a1, t1 = *counts(), time.monotonic()
+    p1, l1, a1, t1, c1 = *counts(), time.monotonic(), tree_cpu_s(child.pid)
     posted_per_s, applied_per_s = (p1 - p0) / (t1 - t0), (a1 - a0) / (t1 - t0)
-    print(f"niceflip: {posted_per_s:.0f} posts/s, {applied_per_s:.0f} applied/s, {(l1 - l0) / (t1 - t0):.0f} held back/s")
+    cpu = (c1 - c0) / (t1 - t0)  # the policy process, actuator included, in CPUs
+    print(f"niceflip: {posted_per_s:.0f} posts/s, {applied_per_s:.0f} applied/s, {(l1 - l0) / (t1 - t0):.0f} held back/s, "
+          f"policy process {cpu:.3f} CPUs")
     assert l1 - l0 > 0, "nothing was held back: the guest did not flip?"
     assert posted_per_s <= 1100 and applied_per_s <= 1100
+    # the actuator's work is bounded with the posts: one Python callback and one sched_setattr per post
+    assert cpu <= 0.25, f"the policy process used {cpu:.3f} CPUs"
     vmm.cmd("mode 0 idle")
     child.terminate()
     assert observed(tid) == (OTHER, 0, 0)
