@@ -145,5 +145,5 @@ def run_vm(cfg: BootConfig) -> BootResult:
     finally:
         m.close()
     text = console.text()
-    stats = {d.label: d.final_stats for d in m.devices if getattr(d, "final_stats", None) is not None}
+    stats = {d.label: d.final_stats for d in m.devices if d.final_stats is not None}
     return BootResult(code, text, parse_records(text), m.exit_message, time.monotonic() - t0, stats)

@@ -75,6 +75,13 @@ class _Consts:
 C = _Consts(_lib)
 
 
+def enum_names(enum: str, prefix: str, ffi_: cffi.FFI | None = None) -> dict[int, str]:
+    """A header enum as {value: name without `prefix`, lower case}, e.g. enum_names("pvsched_status",
+    "PVSCHED_STATUS_") -> {0: "idle", ...}: the one source of every name table (ffi_: another header's FFI)."""
+    return {v: n.removeprefix(prefix).lower() for v, n in (ffi_ or ffi()).typeof(f"enum {enum}").elements.items()
+            if n.startswith(prefix)}
+
+
 def sizeof(ctype: str) -> int:
     """Size in bytes of an ABI type, e.g. sizeof('struct pvsched_slot')."""
     return ffi().sizeof(ctype)

@@ -13,15 +13,19 @@ from pyvmm import abi
 
 SEQ_RETRIES = 16  # a slot whose seq keeps moving is reported as unreadable, never waited for
 
-_FLAG_NAMES = (
-    ("PVSCHED_FLAG_IN_NMI", "nmi"),
-    ("PVSCHED_FLAG_IN_HARDIRQ", "hardirq"),
-    ("PVSCHED_FLAG_IN_SOFTIRQ", "softirq"),
-    ("PVSCHED_FLAG_PREEMPT_DISABLED", "preempt_disabled"),
-    ("PVSCHED_FLAG_IDLE", "idle"),
-    ("PVSCHED_FLAG_RT_WAITING", "rt_waiting"),
-)
-_STATE_NAMES = {0: "normal", 1: "boosted", 2: "throttled"}
+
+
+@functools.cache
+def _flag_names() -> tuple[tuple[int, str], ...]:
+    """The header's single-bit slot flags in bit order, (bit, name): PVSCHED_FLAG_IN_NMI -> "nmi"
+    (the masks PVSCHED_FLAGS_* are not flags)."""
+    return tuple((v, n.removeprefix("in_")) for v, n in sorted(abi.enum_names("pvsched_slot_flag",
+                                                                              "PVSCHED_FLAG_").items()))
+
+
+@functools.cache
+def _state_names() -> dict[int, str]:
+    return abi.enum_names("pvsched_host_state", "PVSCHED_STATE_")
 
 
 def slot_size() -> int:
@@ -41,7 +45,7 @@ def min_shm_size(nr_vcpus: int) -> int:
 
 def decode_flags(flags: int) -> list[str]:
     """Names of the flag bits set in a guest area's flags word (unknown bits as hex)."""
-    names = [name for const, name in _FLAG_NAMES if flags & getattr(abi.C, const)]
+    names = [name for bit, name in _flag_names() if flags & bit]
     unknown = flags & ~abi.C.PVSCHED_FLAGS_ALL
     if unknown:
         names.append(f"unknown:{unknown:#x}")
@@ -51,8 +55,7 @@ def decode_flags(flags: int) -> list[str]:
 @functools.cache
 def _policy_names() -> dict[int, str]:
     """The header's enum pvsched_policy as {number: short name}: the one list of policy names."""
-    return {v: n.removeprefix("PVSCHED_POLICY_").lower()
-            for v, n in abi.ffi().typeof("enum pvsched_policy").elements.items()}
+    return abi.enum_names("pvsched_policy", "PVSCHED_POLICY_")
 
 
 def policy_name(policy: int) -> str:
@@ -93,7 +96,7 @@ def read_host_area(buf: Any) -> dict[str, Any]:
     return {
         "seq": h.seq,
         "state": h.state,
-        "state_name": _STATE_NAMES.get(h.state, str(h.state)),
+        "state_name": _state_names().get(h.state, str(h.state)),
         "policy": h.policy,
         "policy_name": policy_name(h.policy),
         "rt_priority": h.rt_priority,

@@ -10,16 +10,18 @@ import ctypes
 import os
 from dataclasses import dataclass
 
+from pyvmm.abi import C
 from pyvmm.abi.slots import policy_name
 
 SYS_sched_setattr = 314  # x86_64
 SYS_sched_getattr = 315
 
-SCHED_OTHER = 0
-SCHED_FIFO = 1
-SCHED_RR = 2
-SCHED_BATCH = 3
-SCHED_IDLE = 5
+# Linux's SCHED_* numbers, as the ABI header's enum pvsched_policy names them
+SCHED_OTHER = C.PVSCHED_POLICY_OTHER
+SCHED_FIFO = C.PVSCHED_POLICY_FIFO
+SCHED_RR = C.PVSCHED_POLICY_RR
+SCHED_BATCH = C.PVSCHED_POLICY_BATCH
+SCHED_IDLE = C.PVSCHED_POLICY_IDLE
 RT_POLICIES = (SCHED_FIFO, SCHED_RR)
 
 

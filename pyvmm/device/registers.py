@@ -22,11 +22,8 @@ C = abi.C
 REG = {name.removeprefix("PVSCHED_REG_"): offset
        for offset, name in sorted(abi.ffi().typeof("enum pvsched_reg").elements.items())}
 
-STATUS_NAMES = {
-    C.PVSCHED_STATUS_IDLE: "IDLE", C.PVSCHED_STATUS_ACTIVE: "ACTIVE", C.PVSCHED_STATUS_BAD_GPA: "BAD_GPA",
-    C.PVSCHED_STATUS_TOO_SMALL: "TOO_SMALL", C.PVSCHED_STATUS_BAD_VERSION: "BAD_VERSION",
-    C.PVSCHED_STATUS_BAD_FEATURE: "BAD_FEATURE", C.PVSCHED_STATUS_BUSY: "BUSY", C.PVSCHED_STATUS_AGAIN: "AGAIN",
-}
+# pvsched_abi.h's enum pvsched_status, value -> name as the status register's readers spell it ("BAD_GPA")
+STATUS_NAMES = {v: n.upper() for v, n in abi.enum_names("pvsched_status", "PVSCHED_STATUS_").items()}
 
 GuestWarning = tuple[str, str]  # (kind, message): logged once per kind
 

@@ -309,9 +309,9 @@ class _ArgCmp(ctypes.Structure):
                 ("datum_b", ctypes.c_uint64)]
 
 
-# An allowlist: what the policy process was seen to call after the filter goes in (Python, trio, cffi,
-# libbpf's map and program-run calls, the actuator's sched_setattr), found with `strace -f` on a run
-# with every request the VMM makes.  Everything else fails with EPERM.  Calls that could reach
+# An allowlist: the calls the policy process makes once the filter is in (Python, trio, cffi, libbpf's
+# map and program-run calls, the actuator's sched_setattr); docs/hardening.md (point 10) says how the
+# list was found.  Everything else fails with EPERM.  Calls that could reach
 # another process are allowed only in their self-directed form, below.
 ALLOWED_SYSCALLS = (
     # memory

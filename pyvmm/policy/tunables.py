@@ -47,8 +47,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from pyvmm.abi import enum_names
+from pyvmm.abi.slots import policy_name
 from pyvmm.common.sched_attr import SCHED_FIFO, SCHED_RR
 from pyvmm.policy.policy_types import consts
+from pyvmm.policy.policy_types import ffi as policy_ffi
 
 RT_PRIO_LIMIT = consts().PVSCHED_RT_PRIO_LIMIT  # RT ladder (pvsched_abi.h): every boost and guest cap stays <= it
 
@@ -81,7 +84,7 @@ DESCRIPTIONS: dict[str, str] = {
     "section_boost": "a critical-section boost ends once that section has (true), or holds while any critical "
                      "flag shows (false)",
     "boost_on_halt": "boost a halting vCPU and hold it while idle: auto (where an RT task waits, if the guest "
-                     "reports it; else every halt), always (every halt, the seed's policy; also true), never (false)",
+                     "reports it; else every halt), always (every halt; also true), never (false)",
     "clock_ms": "period of the in-kernel throttle clock (catches a boosted vCPU that never switches out)",
     "backstop_ms": "period of the policy process's re-read of every slot (drops a boost no longer asked for; "
                    "the throttle's fallback when the clock runs late)",
@@ -92,8 +95,8 @@ DESCRIPTIONS: dict[str, str] = {
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
-_POLICIES = {"rr": SCHED_RR, "fifo": SCHED_FIFO}
-HALT_BOOST = {"never": 0, "always": 1, "auto": 2}  # enum pvsched_halt_boost (tests/bpf checks it against the header)
+_POLICIES = {policy_name(p): p for p in (SCHED_RR, SCHED_FIFO)}  # a boost's policy, by the header's name
+HALT_BOOST = {n: v for v, n in enum_names("pvsched_halt_boost", "PVSCHED_HALT_BOOST_", policy_ffi()).items()}
 _HALT_ALIASES = {**{k: "always" for k in _TRUE}, **{k: "never" for k in _FALSE}}
 
 

@@ -125,6 +125,7 @@ class PciDevice:
     subsystem_id = 0
     interrupt_pin = 0  # 0 = none, 1 = INTA#
     bars: tuple[BarSpec, ...] = ()
+    final_stats: dict | None = None  # what the device kept at stop, for the boot's result (None: nothing)
 
     def __init__(self) -> None:
         self._warned: set[str] = set()

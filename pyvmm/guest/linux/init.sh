@@ -142,7 +142,7 @@ workload_selftest() {
 	dump_dmesg
 }
 
-# cyclictest on every CPU at RR 8 (the seed's guest workload).
+# cyclictest on every CPU at RR 8 (the benchmark's guest workload).
 workload_cyclictest() {
 	duration=$(arg duration 5)
 	interval=$(arg interval 1000)

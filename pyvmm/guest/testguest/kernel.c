@@ -1,10 +1,10 @@
 // SPDX-License-Identifier: GPL-2.0 OR MIT
 /*
- * Kernel half of the test guest (CPL0).  This machine emulates CPL0 at
- * about 2 M instructions/s, so this file does only what needs privilege:
- * descriptor tables, LAPIC timer, PCI/pvsched setup on vCPU 0, slot
- * writes, halting and a handful of system calls.  Workloads, arithmetic
- * and JSON output are in user.c at CPL3 (native).
+ * Kernel half of the test guest (CPL0).  KVM's PVM backend emulates CPL0
+ * code (README.md in this folder says what that costs), so this file does
+ * only what needs privilege: descriptor tables, LAPIC timer, PCI/pvsched
+ * setup on vCPU 0, slot writes, halting and a handful of system calls.
+ * Workloads, arithmetic and JSON output are in user.c at CPL3 (native).
  */
 #include "arch.h"
 #include "guest.h"
