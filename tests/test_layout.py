@@ -56,11 +56,38 @@ def test_no_function_imports_another_package() -> None:
             if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             for node in ast.walk(fn):
-                if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("pyvmm"):
-                    target = node.module if node.module != "pyvmm" else f"pyvmm.{node.names[0].name}"
-                    if _package_of(target) != mine:
-                        hidden.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.module}")
+                for target in _imported(node, path):
+                    if target.startswith("pyvmm") and _package_of(target) != mine:
+                        hidden.append(f"{path.relative_to(ROOT)}:{node.lineno} {target}")
     assert not hidden, hidden
+
+
+def _imported(node: ast.AST, path: Path) -> list[str]:
+    """The modules an import statement names, relative imports resolved against `path`'s package."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    base = node.module or ""
+    if node.level:
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)[:-node.level]
+        base = ".".join(parts + ([base] if base else []))
+    return [f"{base}.{a.name}" if base == "pyvmm" else base for a in node.names]
+
+
+def test_no_relative_imports_and_no_import_fallbacks() -> None:
+    """Imports name their module in full, and a sibling package of this repo is never optional."""
+    bad = []
+    for path in _sources():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno} relative import")
+            if isinstance(node, ast.Try) and any(
+                    isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
+                    for h in node.handlers) and any(
+                    t.startswith("pyvmm") for stmt in node.body for n in ast.walk(stmt) for t in _imported(n, path)):
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno} ImportError fallback")
+    assert not bad, bad
 
 
 def test_the_only_installed_top_level_package_is_pyvmm() -> None:

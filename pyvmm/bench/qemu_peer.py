@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from pyvmm.bench.results import cyclictest_summary
-from pyvmm.bench.vmrun import console_reader, parse_guest_lines
+from pyvmm.bench.vmrun import console_reader, cyclictest_cmdline, parse_guest_lines
 
 
 @dataclass
@@ -32,25 +32,24 @@ class PeerRun:
 
 
 def qemu_argv(kernel: str, initrd: str, duration_s: float, interval_us: int, cpus: int = 2,
-              mem_mib: int = 512) -> list[str]:
+              mem_mib: int = 512, policy: str = "rr") -> list[str]:
     """The QEMU command line of the peer run (KVM, no pvsched device, serial console on stdout)."""
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         raise FileNotFoundError("qemu-system-x86_64 (apt package qemu-system-x86)")
-    cmdline = (f"console=ttyS0 quiet panic=-1 pvsched.workload=cyclictest pvsched.duration={duration_s:g} "
-               f"pvsched.interval={interval_us}")
+    cmdline = "console=ttyS0 quiet panic=-1 " + cyclictest_cmdline(duration_s, interval_us, policy)
     return [qemu, "-accel", "kvm", "-cpu", "host", "-smp", str(cpus), "-m", str(mem_mib), "-nographic",
             "-serial", "stdio", "-monitor", "none", "-no-reboot", "-nic", "none",
             "-kernel", kernel, "-initrd", initrd, "-append", cmdline]
 
 
 def run_peer(host: str, kernel: str, initrd: str, duration_s: float, interval_us: int,
-             limit_s: float = 400) -> PeerRun:
+             limit_s: float = 400, policy: str = "rr") -> PeerRun:
     """Boot the image under QEMU/KVM once and collect; QEMU is killed (its own session) after limit_s."""
     out = PeerRun(host)
     t0 = time.monotonic()
     try:
-        argv = qemu_argv(kernel, initrd, duration_s, interval_us)
+        argv = qemu_argv(kernel, initrd, duration_s, interval_us, policy=policy)
     except FileNotFoundError as e:
         out.error = f"not found: {e}"
         return out

@@ -138,7 +138,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
          f"{m.get('cpus', 2)} vCPUs. Latencies in microseconds: median over repetitions, (min-max) when "
          "there are several.")
         + (f" pvsched tunables: {' '.join(m['pvsched_set'])}." if m.get("pvsched_set") else "")
-        + (f" Host transparent huge pages: {m['thp']}." if m.get("thp") else ""),
+        + (f" Host transparent huge pages: {m['thp']}." if m.get("thp") else "")
+        + (" The Linux guest's cyclictest threads ran at SCHED_OTHER." if m.get("cyclictest_policy") == "other"
+           else ""),
         "",
         table(rows),
         "",

@@ -179,6 +179,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "`cyclictest -p 8 --policy=rr` in the Debian cloud kernel's image with the pvsched "
                         "module, one thread per vCPU (idle and busy groups only; needs VMX/SVM: inside "
                         "`pyvmm lab` on hosts without them)")
+    p.add_argument("--cyclictest-policy", choices=("rr", "other"), default="rr",
+                   help="--guest linux: cyclictest's threads at RR 8 (default) or at SCHED_OTHER, where only the "
+                        "guest's interrupt and softirq flags can boost their vCPUs (compare pvsched with "
+                        "--variant rt:program=rt_only)")
     p.add_argument("--no-runqlat", action="store_true", help="do not measure the vCPU threads' runqueue latency")
     p.add_argument("--report-only", action="store_true", help="redo results.md/.png from OUT/results.json")
     a = p.parse_args(argv)
@@ -276,7 +280,8 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
     image = getattr(args, "image", None)
     spec = RunSpec(cell.config, cell.workload, args.duration, args.interval, policy_set=policy_set, program=program,
                    guest_keys=lock_cmdline(args) if cell.workload == LOCK else "",
-                   kernel=str(image.kernel) if image else None, initrd=str(image.initrd) if image else None)
+                   kernel=str(image.kernel) if image else None, initrd=str(image.initrd) if image else None,
+                   cyclictest_policy=args.cyclictest_policy)
     limit = spec.limit_s + 50
     loads: dict = {}
     ct_summary = stress_rates = cpu = None
@@ -355,7 +360,8 @@ def run_peers(args: argparse.Namespace) -> list[dict]:
     for host in args.groups:
         load = StressLoad(600) if host == "busy" else None
         try:
-            r = run_peer(host, str(args.image.kernel), str(args.image.initrd), args.duration, args.interval)
+            r = run_peer(host, str(args.image.kernel), str(args.image.initrd), args.duration, args.interval,
+                         policy=args.cyclictest_policy)
         finally:
             if load is not None:
                 load.stop()
@@ -453,6 +459,7 @@ def bench(args: argparse.Namespace) -> int:
             "machine": machine(), "reps": args.reps, "duration_s": args.duration, "interval_us": args.interval,
             "cpus": 2, "quick": args.quick, "pvsched_set": args.pvsched_set, "variants": args.variants,
             "thp": args.thp or old_thp, "guest_kind": args.guest, "in_lab": bool(os.environ.get("PYVMM_IN_LAB")),
+            "cyclictest_policy": args.cyclictest_policy if args.guest == "linux" else None,
             "failures": []}
     if args.image:
         meta["linux_kernel"] = args.image.release

@@ -34,7 +34,8 @@ __all__ = ["SwitchCostError", "annotate", "measure", "vmm_switch_ns"]
 NO_VMM_PID = 0x7FFFFFFF
 # The programs that run for every host task (the rest filter on the VMM's process context or never fire).
 HOST_WIDE = ("pvs_switch", "pvs_wakeup")
-FLOOR = {"floor_switch": "pvs_switch", "floor_wakeup": "pvs_wakeup"}  # floor.bpf.c's programs, by the policy's
+# floor.bpf.c's programs, by the name of the policy's program they stand beside
+FLOOR = {"floor_switch": "pvs_switch", "floor_wakeup": "pvs_wakeup"}
 
 # Two processes on one CPU pass one byte back and forth N times; prints the elapsed ns.  A fork of a
 # single-threaded interpreter that inherits the CPU affinity: every round trip is two switches.
@@ -112,8 +113,11 @@ def _with_floor(obj: Path, round_trips: int, cpu: int, totals: dict[str, list[in
         o, progs = libbpf.open_load_attach(obj)
     except LibbpfError as e:
         raise SwitchCostError(f"cannot load {obj.name}: {e}") from None
+
+    def stats() -> dict[str, tuple[int, int]]:
+        return {FLOOR[n]: libbpf.prog_run_stats(fd) for n, (fd, _) in progs.items() if n in FLOOR}
+
     try:
-        stats = lambda: {FLOOR[n]: libbpf.prog_run_stats(fd) for n, (fd, _) in progs.items() if n in FLOOR}
         before = stats()
         ns = _round_trip_ns(round_trips, cpu)
         _add(totals, before, stats())

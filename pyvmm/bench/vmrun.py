@@ -37,6 +37,12 @@ POLLER_ATTR = SchedAttr(SCHED_FIFO, abi.C.PVSCHED_BENCH_POLLER_PRIO, 0)
 _VCPU_COMM = re.compile(r"vcpu[\s_-]*(\d+)", re.IGNORECASE)
 
 
+def cyclictest_cmdline(duration_s: float, interval_us: int, policy: str = "rr") -> str:
+    """The Linux image's kernel command-line keys for its cyclictest run (pyvmm/guest/linux/init.sh)."""
+    return (f"pvsched.workload=cyclictest pvsched.duration={duration_s:g} pvsched.interval={interval_us} "
+            f"pvsched.policy={policy}")
+
+
 @dataclass
 class RunSpec:
     """What one benchmark run boots: configuration, guest workload (one per vCPU) and guest timing."""
@@ -51,6 +57,7 @@ class RunSpec:
     guest_keys: str = ""              # more test-guest command-line keys, e.g. "lock_hold_us=2"
     kernel: str | None = None          # a Linux bzImage with `initrd`: the image's cyclictest workload instead
     initrd: str | None = None
+    cyclictest_policy: str = "rr"      # the Linux guest's cyclictest threads: rr (RR 8) or other (SCHED_OTHER)
 
     @property
     def limit_s(self) -> float:
@@ -83,9 +90,8 @@ def boot_argv(spec: RunSpec, limit_s: float, stats_out: Path | None = None) -> l
         cmdline = f"duration={spec.duration_s:g} interval={spec.interval_us} workload={spec.workload}"
         cmdline += f" {spec.guest_keys}" if spec.guest_keys else ""
         guest = ["--json"]
-    else:  # cyclictest (pyvmm/guest/linux/init.sh), one RR 8 thread per vCPU
-        cmdline = (f"console=ttyS0 quiet pvsched.workload=cyclictest pvsched.duration={spec.duration_s:g} "
-                   f"pvsched.interval={spec.interval_us}")
+    else:  # cyclictest (pyvmm/guest/linux/init.sh), one thread per vCPU
+        cmdline = "console=ttyS0 quiet " + cyclictest_cmdline(spec.duration_s, spec.interval_us, spec.cyclictest_policy)
         guest = ["--kernel", os.path.abspath(spec.kernel), "--initrd", os.path.abspath(spec.initrd), "--mem", "512"]
     argv = ["chrt", "-f", "-R", str(WATCHDOG_PRIO), "timeout", "-s", "TERM", "-k", "3", f"{limit_s:.0f}",
             sys.executable, "-I", "-m", "pyvmm.cli", "boot", "--cpus", str(spec.cpus), *guest, "--cmdline", cmdline,

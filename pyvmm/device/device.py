@@ -301,7 +301,8 @@ class PvschedDevice(PciDevice):
         self.guardian = self._new_guardian(vm)
         self.supervisor = PolicySupervisor(int(vm.vmm_pid), self.tunables, self._policy_died, verbose=verbose,
                                            extra_args=("--program", self.program),
-                                           heartbeat_fd=self.guardian.heartbeat_fd if self.guardian else None)
+                                           heartbeat_fd=self.guardian.heartbeat_fd if self.guardian else None,
+                                           time_scale=slowdown())
         return self.supervisor
 
     def _spawn_failed(self, e: BaseException) -> NoReturn:

@@ -98,7 +98,9 @@ class PolicySupervisor:
 
     def __init__(self, vmm_pid: int, tunables: dict[str, str] | None, on_death: Callable[[int], None],
                  pin_root: str = PIN_ROOT, verbose: bool = False, extra_args: tuple[str, ...] = (),
-                 heartbeat_fd: int | None = None) -> None:
+                 heartbeat_fd: int | None = None, time_scale: int = 1) -> None:
+        """time_scale: how much longer the start-up and heartbeat limits are (the device's slowdown() inside
+        `pyvmm lab`, where everything runs emulated)."""
         self.vmm_pid = vmm_pid
         self.heartbeat_fd = heartbeat_fd  # the guardian's memfd, handed to the child (it beats there)
         self.tunables = dict(tunables or {})
@@ -123,7 +125,8 @@ class PolicySupervisor:
         self._stopping = False
         self._running = False  # run() is in progress: it owns the pidfd's wait and closes the fds at its end
         self.heartbeat_s = HEARTBEAT_S
-        self.heartbeat_timeout_s = HEARTBEAT_TIMEOUT_S
+        self.heartbeat_timeout_s = HEARTBEAT_TIMEOUT_S * time_scale
+        self.ready_timeout_s = READY_TIMEOUT_S * time_scale
 
     @property
     def pid(self) -> int | None:
@@ -150,11 +153,11 @@ class PolicySupervisor:
         """Start the policy process (from the VMM's main thread: PDEATHSIG follows that thread) and await ready.
 
         PolicyUnavailable, one line, if it ends or says something else first, or says nothing within
-        READY_TIMEOUT_S; it is killed then (also when this is cancelled), before any boost.
+        ready_timeout_s (READY_TIMEOUT_S, scaled); it is killed then (also when this is cancelled), before any boost.
         """
         self._launch()
         try:
-            self.ready = await self._await_ready(READY_TIMEOUT_S)
+            self.ready = await self._await_ready(self.ready_timeout_s)
         except BaseException:
             self._kill()
             raise

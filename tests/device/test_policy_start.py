@@ -120,3 +120,17 @@ def test_a_loop_waiting_to_serve_the_socket_takes_it_when_the_other_lets_go(vm) 
     finally:
         first.join(5)
         dev.stop()
+
+
+def test_inside_the_lab_the_start_up_and_heartbeat_limits_are_scaled(monkeypatch) -> None:
+    """Under `pyvmm lab` (PYVMM_IN_LAB) a policy process under host load took over 60 s to say ready."""
+    from pyvmm.device.device import LAB_SLOWDOWN, slowdown
+
+    sup = supmod.PolicySupervisor(os.getpid(), None, lambda _: None, time_scale=LAB_SLOWDOWN)
+    assert sup.ready_timeout_s == supmod.READY_TIMEOUT_S * LAB_SLOWDOWN
+    assert sup.heartbeat_timeout_s == supmod.HEARTBEAT_TIMEOUT_S * LAB_SLOWDOWN
+    monkeypatch.setenv("PYVMM_IN_LAB", "1")
+    assert slowdown() == LAB_SLOWDOWN
+    monkeypatch.delenv("PYVMM_IN_LAB")
+    assert slowdown() == 1 and supmod.PolicySupervisor(os.getpid(), None, lambda _: None).ready_timeout_s == \
+        supmod.READY_TIMEOUT_S

@@ -110,6 +110,24 @@ def test_boot_argv_vanilla_has_no_policy_and_a_watchdog():
     assert argv[-4:-2] == ["--policy-program", "pvsched"]
 
 
+def test_the_linux_guests_cyclictest_policy_reaches_its_command_line_and_the_peers():
+    from pyvmm.bench.qemu_peer import qemu_argv
+
+    def cmdline(spec: RunSpec) -> str:
+        argv = boot_argv(spec, 60)
+        return argv[argv.index("--cmdline") + 1]
+
+    other = cmdline(RunSpec("pvsched", "cyclictest", 2, 1000, kernel="/k", initrd="/i", cyclictest_policy="other"))
+    assert "pvsched.workload=cyclictest" in other and "pvsched.policy=other" in other
+    assert "pvsched.policy=rr" in cmdline(RunSpec("vanilla", "cyclictest", 2, 1000, kernel="/k", initrd="/i"))
+    try:
+        peer = qemu_argv("/k", "/i", 2, 1000, policy="other")
+    except FileNotFoundError:
+        pytest.skip("no qemu-system-x86_64")
+    assert "pvsched.policy=other" in peer[peer.index("-append") + 1]
+    assert parse_args(["--guest", "linux", "--cyclictest-policy", "other"]).cyclictest_policy == "other"
+
+
 def test_a_variant_may_swap_the_bpf_policy_by_name():
     assert split_program(["a=1", "program=rt_only", "b=2"]) == ("rt_only", ("a=1", "b=2"))
     assert split_program(["a=1"]) == ("pvsched", ("a=1",))

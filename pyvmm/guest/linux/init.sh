@@ -13,6 +13,8 @@
 #   pvsched.args="..."     extra module parameters, comma separated
 #   pvsched.duration=<s>   cyclictest duration (default 5)
 #   pvsched.interval=<us>  cyclictest interval (default 1000)
+#   pvsched.policy=rr|other  cyclictest's threads: RR 8 (default) or SCHED_OTHER nice 0 (then only the
+#                          timer interrupt and softirq that wake them mark their vCPU's slot)
 #   pvsched.spin=<s>       self-test: the most the RT spinner may run (default 30)
 #   pvsched.new_id=V:D     device workload: also bind the driver to PCI V:D
 #   pvsched.end=poweroff|reboot   how the VM ends (default poweroff)
@@ -142,10 +144,14 @@ workload_selftest() {
 	dump_dmesg
 }
 
-# cyclictest on every CPU at RR 8 (the benchmark's guest workload).
+# cyclictest on every CPU at RR 8 (the benchmark's guest workload), or at SCHED_OTHER.
 workload_cyclictest() {
 	duration=$(arg duration 5)
 	interval=$(arg interval 1000)
+	case "$(arg policy rr)" in
+	other) prio="-p 0 --policy=other" ;;
+	*) prio="-p 8 --policy=rr" ;;
+	esac
 	if [ "$(arg module 1)" = 1 ]; then
 		if [ "$(arg selftest 0)" = 1 ]; then
 			load_module selftest=1
@@ -153,7 +159,8 @@ workload_cyclictest() {
 			load_module
 		fi
 	fi
-	cyclictest --mlockall -q -p 8 --policy=rr -i "$interval" -D "$duration" \
+	# shellcheck disable=SC2086  # $prio is two options
+	cyclictest --mlockall -q $prio -i "$interval" -D "$duration" \
 		-t "$(nproc)" -a -h "$(arg hist 20000)" --json=/tmp/cyclictest.json > /tmp/cyclictest.out 2>&1
 	rc=$?
 	# The 1-us histogram stays here: printed, it would be tens of KB, and every byte to the UART is a VM
