@@ -17,8 +17,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn, TypeVar
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from pyvmm import abi
 from pyvmm.abi import slots
@@ -270,24 +270,13 @@ class PvschedDevice(PciDevice):
         handlers["policy.show"] = self.handle_policy_show
         handlers["policy.set"] = self.handle_policy_set
 
-    def start(self, vm: MachineHandle) -> None:
-        """Start the policy process and wait for its ready, from a thread that runs no trio loop (tests, stand-ins)."""
+    async def start(self, vm: MachineHandle) -> None:
+        """Start the policy process and await its ready (the VMM's loop goes on serving its control socket)."""
         sup = self._new_supervisor(vm)
         if sup is None:
             return
         try:
-            ready = sup.spawn()
-        except BaseException as e:  # noqa: BLE001  # _spawn_failed raises it again (or as PolicyLoadError)
-            self._spawn_failed(e)
-        self._spawned(ready)
-
-    async def start_async(self, vm: MachineHandle) -> None:
-        """Start the policy process from the VMM's trio loop, which goes on serving while this awaits its ready."""
-        sup = self._new_supervisor(vm)
-        if sup is None:
-            return
-        try:
-            ready = await sup.aspawn()
+            ready = await sup.spawn()
         except BaseException as e:  # noqa: BLE001  # _spawn_failed raises it again (or as PolicyLoadError)
             self._spawn_failed(e)
         self._spawned(ready)
@@ -360,7 +349,7 @@ class PvschedDevice(PciDevice):
         sup = self.supervisor
         if sup is not None:
             try:
-                self._final_policy = self._clean(await sup.arequest({"op": "policy.show"},
+                self._final_policy = self._clean(await sup.request({"op": "policy.show"},
                                                                     FINAL_SHOW_TIMEOUT_S * slowdown()))
             except (PolicyUnavailable, ValueError) as e:
                 self._final_policy = {"error": str(e)}
@@ -368,7 +357,7 @@ class PvschedDevice(PciDevice):
     def stop(self) -> None:
         """End the policy process cleanly (bounded wait, then kill); restore threads if it could not."""
         sup = self.supervisor
-        self._take_final_stats(sup)
+        self._take_final_stats()
         if sup is None or sup.proc is None:
             self._close_guardian()
             return
@@ -381,18 +370,13 @@ class PvschedDevice(PciDevice):
             self.log.warning("pvsched: policy process %d ended with %s: restoring vCPU threads", sup.pid, rc)
             self.restore_threads()
 
-    def _take_final_stats(self, sup: PolicySupervisor | None) -> None:
+    def _take_final_stats(self) -> None:
         # What the run did, kept for `pyvmm boot --stats-out` before the policy process goes: a benchmark
-        # then needs no polling while it measures.
+        # then needs no polling while it measures.  The policy's part is the policy.show that run() took
+        # when the VMM cancelled it (stop() runs on the trio thread, where it must not wait).
         self.final_stats = {"device": self.snapshot()}
-        reply = self._final_policy
-        if reply is None and sup is not None and sup.alive and not sup.dead:
-            try:
-                reply = self._clean(sup.request({"op": "policy.show"}, FINAL_SHOW_TIMEOUT_S * slowdown()))
-            except (PolicyUnavailable, ValueError) as e:
-                reply = {"error": str(e)}
-        if reply is not None:
-            self.final_stats["policy"] = {k: v for k, v in reply.items() if k != "text"}
+        if self._final_policy is not None:
+            self.final_stats["policy"] = {k: v for k, v in self._final_policy.items() if k != "text"}
 
     def _policy_died(self, returncode: int) -> None:
         """The policy process died under us: restore every vCPU thread (again, after the guardian), unpin, go on."""
@@ -482,30 +466,26 @@ class PvschedDevice(PciDevice):
                 "engine_error": sup.ready.get("engine_error"), "error": self.policy_error,
                 "returncode": sup.returncode, "guardian": guardian}
 
-    def handle_status(self, req: dict[str, Any], previous: Callable[[dict], Any] | None = None) -> Any:
-        """Control command "status": the VMM's own status, the device, and the policy process's own view.
-
-        Returns a dict, or (on the VMM's trio thread, where waiting would block the loop) an awaitable of one.
-        """
+    async def handle_status(self, req: dict[str, Any], previous: Callable[[dict], Any] | None = None) -> Any:
+        """Control command "status": the VMM's own status, the device, and the policy process's own view."""
         base = previous(req) if previous else {}
+        if inspect.isawaitable(base):
+            base = await base
         sup = self.supervisor
-        view = sup.ask({"op": "status"}, STATUS_TIMEOUT_S * slowdown()) if sup is not None and sup.alive else None
-        return _then(base, lambda b: _then(view, lambda v: self._compose_status(b, v)))
-
-    def _compose_status(self, base: dict[str, Any], view: Reply | None) -> dict[str, Any]:
+        view = await sup.ask({"op": "status"}, STATUS_TIMEOUT_S * slowdown()) if sup is not None and sup.alive else None
         data = self.snapshot()
         if view is not None:
             data["policy"]["process"] = _policy_view(view)
         return {**base, "pvsched": data}
 
-    def _forward(self, msg: dict[str, Any]) -> Any:
-        """A control request for the policy process: its reply (cleaned), or an awaitable of it on the trio thread."""
+    async def _forward(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """A control request for the policy process: its reply, cleaned."""
         if not self.policy:
             return {"error": "pvsched policy is off (--no-policy)"}
         sup = self.supervisor
         if sup is None or not sup.alive:
             return {"error": f"pvsched policy process is not running ({self.policy_error or 'not started'})"}
-        return _then(sup.ask(msg), self._clean)
+        return self._clean(await sup.ask(msg))
 
     @staticmethod
     def _clean(reply: dict[str, Any]) -> dict[str, Any]:
@@ -514,22 +494,22 @@ class PvschedDevice(PciDevice):
         reply.pop("ok", None)
         return reply
 
-    def handle_policy_show(self, req: dict[str, Any]) -> Any:
-        """Control command "policy.show": the engine's state, stats and tunables (dict, or awaitable of one)."""
-        return self._forward({"op": "policy.show"})
+    async def handle_policy_show(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Control command "policy.show": the engine's state, stats and tunables."""
+        return await self._forward({"op": "policy.show"})
 
-    def handle_policy_set(self, req: dict[str, Any]) -> Any:
+    async def handle_policy_set(self, req: dict[str, Any]) -> dict[str, Any]:
         """Control command "policy.set": validate and apply tunables in the policy process."""
         values = req.get("values")
         if not isinstance(values, dict) or not values:
             return {"error": "policy.set needs \"values\": {KEY: VALUE, ...}"}
-        return self._forward({"op": "policy.set", "values": {str(k): str(v) for k, v in values.items()}})
+        return await self._forward({"op": "policy.set", "values": {str(k): str(v) for k, v in values.items()}})
 
-    def policy_status(self, timeout: float = 2.0) -> dict[str, Any]:
-        """The policy process's own view (sandbox, registration, slots as it reads them), from a non-trio thread."""
+    async def policy_status(self, timeout: float = 2.0) -> dict[str, Any]:
+        """The policy process's own view (sandbox, registration, slots as it reads them)."""
         if self.supervisor is None:
             raise PolicyUnavailable("no policy process")
-        return self.supervisor.request({"op": "status"}, timeout)
+        return await self.supervisor.request({"op": "status"}, timeout)
 
 
 def _check_tunables(tunables: dict[str, str]) -> None:
@@ -547,17 +527,3 @@ def _policy_view(reply: dict[str, Any]) -> dict[str, Any]:
     return {"pid": reply.get("pid"), "sandbox": reply.get("sandbox"), "registered": reply.get("registered"),
             "engine": reply.get("engine"),
             "vcpus": [{"id": v.get("id"), "tid": v.get("tid"), "guest": v.get("guest")} for v in reply.get("vcpus", [])]}
-
-
-T = TypeVar("T")
-
-
-def _then(value: T | Awaitable[T], fn: Callable[[T], Any]) -> Any:
-    """fn(value); for an awaitable (a reply on the trio thread), an awaitable of fn of its result."""
-    if not inspect.isawaitable(value):
-        return fn(value)  # type: ignore[arg-type]
-
-    async def later() -> Any:
-        out = fn(await value)
-        return await out if inspect.isawaitable(out) else out
-    return later()

@@ -5,10 +5,10 @@ control socket for status/policy commands), and the trio tasks of _serve_socket(
 in order over the socketpair and hand each reply to its request's callback.  `run()`, a trio task
 in the VMM's nursery, serves the socket and watches the child through a pidfd, so that its death
 is seen at once (the device then restores the vCPU threads, as the second line after its
-guardian, guardian.c, which does not need this thread's GIL).  Trio code awaits a reply
-(arequest); another thread waits for one (request) in a trio loop of its own, which serves the
-socket too while no other loop does (before run() starts, or without one), so the trio thread
-never blocks on the policy process: not for a reply, and not for its `ready` at start (aspawn).
+guardian, guardian.c, which does not need this thread's GIL).  Every wait is a
+trio await (spawn for `ready`, request for a reply), so the VMM's trio thread never blocks on the
+policy process; a caller without the VMM's loop (a test, a stand-in) runs these in trio.run, whose
+loop then serves the socket while no other loop does.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any
 import trio
 
 from pyvmm.common import protocol
+from pyvmm.common.lone_error import lone_error
 from pyvmm.common.pins import PIN_ROOT, remove_pin_dir
 
 log = logging.getLogger("pyvmm.pvsched.supervisor")
@@ -84,15 +85,6 @@ async def _first_readable(*fds: Any) -> None:
             nursery.start_soon(wait, fd, nursery.cancel_scope)
 
 
-def on_trio_thread() -> bool:
-    """True inside a trio run (where waiting for the policy process would stall the loop)."""
-    try:
-        trio.lowlevel.current_trio_token()
-    except RuntimeError:
-        return False
-    return True
-
-
 class PolicySupervisor:
     """Owns one policy process: its socket, its request queue and its lifetime."""
 
@@ -143,13 +135,7 @@ class PolicySupervisor:
         """True while the policy process runs and has not been stopped."""
         return self.proc is not None and not self.dead and not self._stopping
 
-    def spawn(self) -> dict[str, Any]:
-        """Start the policy process and wait for ready, from a thread that runs no trio loop (else await aspawn)."""
-        if on_trio_thread():  # a blocking wait here would stall that loop
-            raise PolicyUnavailable("spawn: a blocking wait on a trio thread (await aspawn there)")
-        return trio.run(self.aspawn)
-
-    async def aspawn(self) -> dict[str, Any]:
+    async def spawn(self) -> dict[str, Any]:
         """Start the policy process (from the VMM's main thread: PDEATHSIG follows that thread) and await ready.
 
         PolicyUnavailable, one line, if it ends or says something else first, or says nothing within
@@ -257,8 +243,25 @@ class PolicySupervisor:
                 pass  # that loop has ended: the next one to serve the socket sends the queue
         return item.id
 
-    async def arequest(self, msg: dict[str, Any], timeout: float = REQUEST_TIMEOUT_S) -> Reply:
-        """Send a request and await its reply from trio code; PolicyUnavailable if none comes within `timeout`."""
+    async def request(self, msg: dict[str, Any], timeout: float = REQUEST_TIMEOUT_S) -> Reply:
+        """Send a request and await its reply; PolicyUnavailable if none comes within `timeout`.
+
+        The one way to wait for a reply.  A loop that is not already serving the socket (a test's
+        trio.run, or any loop before run() starts) serves it meanwhile, once no other loop does.
+        """
+        if not self.alive:
+            raise PolicyUnavailable("policy process is not running")
+        if self._token is trio.lowlevel.current_trio_token():
+            return await self._reply(msg, timeout)
+        with lone_error():  # PolicyUnavailable reaches the caller as itself
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._serve_socket)
+                try:
+                    return await self._reply(msg, timeout)
+                finally:
+                    nursery.cancel_scope.cancel()
+
+    async def _reply(self, msg: dict[str, Any], timeout: float) -> Reply:
         token = trio.lowlevel.current_trio_token()
         got: list[Reply | Exception] = []
         done = trio.Event()
@@ -281,38 +284,12 @@ class PolicySupervisor:
             raise got[0]
         return got[0]
 
-    def request(self, msg: dict[str, Any], timeout: float = REQUEST_TIMEOUT_S) -> Reply:
-        """Send a request and wait for its reply, from a thread that runs no trio loop; PolicyUnavailable if none.
-
-        The VMM's loop serves the socket if it runs; else the loop of this call does, until the reply.
-        """
-        if not self.alive:
-            raise PolicyUnavailable("policy process is not running")
-        if on_trio_thread():  # a blocking wait here would stall that loop, perhaps the one that must answer
-            raise PolicyUnavailable(f"{msg.get('op')}: a blocking request on a trio thread (await arequest there)")
-        return trio.run(self._request_serving, msg, timeout)
-
-    def ask(self, msg: dict[str, Any], timeout: float = REQUEST_TIMEOUT_S) -> Reply | Awaitable[Reply]:
-        """The reply, or {"error": why} when none comes: on a trio thread an awaitable of it, elsewhere the reply."""
-        if on_trio_thread():
-            async def reply() -> Reply:
-                try:
-                    return await self.arequest(msg, timeout)
-                except (PolicyUnavailable, ValueError) as e:
-                    return {"error": str(e)}
-            return reply()
+    async def ask(self, msg: dict[str, Any], timeout: float = REQUEST_TIMEOUT_S) -> Reply:
+        """The reply, or {"error": why} when none comes (for control commands, which answer either way)."""
         try:
-            return self.request(msg, timeout)
+            return await self.request(msg, timeout)
         except (PolicyUnavailable, ValueError) as e:
             return {"error": str(e)}
-
-    async def _request_serving(self, msg: dict[str, Any], timeout: float) -> Reply:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._serve_socket)
-            try:
-                return await self.arequest(msg, timeout)
-            finally:
-                nursery.cancel_scope.cancel()
 
     def _kick(self) -> None:
         if self._wake is not None:
@@ -332,7 +309,7 @@ class PolicySupervisor:
             return free
 
     async def _claimed(self) -> None:
-        # No polling: the loop that releases the socket (or aspawn, at `ready`) wakes every waiting loop,
+        # No polling: the loop that releases the socket (or spawn, at `ready`) wakes every waiting loop,
         # each through its own token, under the lock that a waiter queues itself under.
         while (free := self._claim()) is not None:
             try:
@@ -448,7 +425,7 @@ class PolicySupervisor:
             if not self.alive:
                 return
             try:
-                await self.arequest({"op": "ping"}, self.heartbeat_timeout_s)
+                await self.request({"op": "ping"}, self.heartbeat_timeout_s)
             except PolicyUnavailable:
                 if not self.alive:
                     return

@@ -191,7 +191,7 @@ class PolicyEngine:
             # A worker blocks in join, so this thread (SCHED_FIFO 35) does not wake while all is well: every
             # wake-up of a polling thread would be taken from boosted vCPUs.  A dead actuator also
             # stops the heartbeat, so the VMM's guardian restores the threads even if this wakes late.
-            await trio.to_thread.run_sync(self._actuator.join, cancellable=True)
+            await trio.to_thread.run_sync(self._actuator.join, abandon_on_cancel=True)
             raise RuntimeError("pvsched: the actuator thread died")  # fail loudly: the VMM restores the threads
         finally:
             with trio.CancelScope(shield=True):

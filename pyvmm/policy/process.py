@@ -31,6 +31,7 @@ import pyvmm
 from pyvmm import abi
 from pyvmm.abi import slots
 from pyvmm.common import protocol
+from pyvmm.common.lone_error import lone_error
 from pyvmm.common.pins import PIN_ROOT, ensure_pin_dir, remove_stale_pins
 from pyvmm.common.sched_attr import SchedAttr, sched_setattr
 from pyvmm.policy import programs, sandbox
@@ -399,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
             # fail closed: a policy process without its allowlist holds CAP_SYS_NICE and CAP_BPF unconfined
             log.error("libseccomp not found: refusing to run without the seccomp allowlist (scripts/setup.sh)")
             return 1
-        trio.run(serve, trio.socket.from_stdlib_socket(sock), service)
+        with lone_error():  # its one line names the error, not the group trio wraps it in
+            trio.run(serve, trio.socket.from_stdlib_socket(sock), service)
     except Exception as e:  # one line in the VMM's log (traceback with -v); the VMM restores the threads
         log.error("policy process failed: %s: %s", type(e).__name__, e, exc_info=args.verbose)
         return 1

@@ -25,6 +25,7 @@ import trio
 
 from pyvmm.abi import boot
 from pyvmm.common import control_client
+from pyvmm.common.lone_error import lone_error
 from pyvmm.common.sched_attr import SchedAttr, sched_getattr
 from pyvmm.vmm import acpi, control, kvm, x86
 from pyvmm.vmm.acpi_pm import AcpiPm
@@ -339,7 +340,8 @@ class Machine:
     def run(self, timeout: float | None = None, control_socket: bool = True) -> int:
         """Run the VM to its end on this (main) thread; returns the exit code (see exit_message)."""
         try:
-            trio.run(self._main, timeout, control_socket)
+            with lone_error():  # a device's VmmError reaches the caller as itself
+                trio.run(self._main, timeout, control_socket)
         finally:
             self.console.flush()
         return self.exit_code if self.exit_code is not None else EXIT_OK
@@ -377,7 +379,7 @@ class Machine:
                 for d in self.devices:
                     started.append(d)
                     try:
-                        await d.start_async(self)  # the loop serves the control socket meanwhile
+                        await d.start(self)  # the loop serves the control socket meanwhile
                     except Exception as e:  # noqa: BLE001
                         raise VmmError(f"device {d.label} failed to start: {e}") from None
                     if hasattr(d, "run"):

@@ -10,12 +10,11 @@ ignored (reads return 0).
 Lifecycle hooks, all optional, called by the VMM:
 - `attach(vm)`: once the device is on the bus, before vCPUs run;
   `vm` is a `MachineHandle`: the part of the machine a device may use.
-- `start_async(vm)` (a coroutine): awaited by the VMM's trio loop on its
-  main thread after every vCPU thread exists (their TIDs are known) and
-  before any vCPU runs; where a device starts helper processes and awaits
-  them without stalling the loop (the control socket is served meanwhile).
-  By default it calls `start(vm)`, the synchronous form for a device that
-  never waits, and for callers that run no trio loop.
+- `start(vm)` (a coroutine): awaited by the VMM's trio loop on its main
+  thread after every vCPU thread exists (their TIDs are known) and before
+  any vCPU runs; where a device starts helper processes and awaits them
+  without stalling the loop (the control socket is served meanwhile).
+  Callers without the VMM (tests, stand-ins) run it with trio.run.
 - `run(vm)` (a coroutine, if the device has one): a trio task in the VMM's
   nursery from start until shutdown, which cancels it.
 - `stop()`: at shutdown, from the main thread, on every exit path.
@@ -149,12 +148,8 @@ class PciDevice:
     def attach(self, vm: MachineHandle) -> None:
         """Called once the device is on the bus, before vCPUs run."""
 
-    def start(self, vm: MachineHandle) -> None:
-        """Called once every vCPU thread exists, through start_async (a device that waits overrides that)."""
-
-    async def start_async(self, vm: MachineHandle) -> None:
-        """Awaited in the VMM's trio loop once every vCPU thread exists, before any runs; by default start(vm)."""
-        self.start(vm)
+    async def start(self, vm: MachineHandle) -> None:
+        """Awaited in the VMM's trio loop once every vCPU thread exists, before any runs."""
 
     def stop(self) -> None:
         """Called at VM shutdown on every exit path."""

@@ -92,7 +92,7 @@ async def main(cfg: dict) -> None:
 
             nursery.start_soon(signals)
             while True:
-                line = await trio.to_thread.run_sync(sys.stdin.readline, cancellable=True)
+                line = await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
                 if not line or line.strip() == "close":
                     break
                 cmd, *args = line.split()

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+import trio
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -29,7 +30,7 @@ def running(vm: StandinVm) -> Iterator[Running]:
     """Device attached and started (policy process up), supervision running; stopped afterwards."""
     dev = PvschedDevice()
     vm.add_pci_device(dev)
-    dev.start(vm)  # from the main thread, as the VMM does
+    trio.run(dev.start, vm)  # from the main thread, as the VMM does
     r = Running(vm, dev)
     r.thread.start()
     try:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import threading
+from typing import Any
 
 import trio
 from standin import StandinVm
 
 from pyvmm import abi
 from pyvmm.device.device import REG, PvschedDevice
+from pyvmm.vmm import control
 
 C = abi.C
 SHM_GPA = 0x200000
@@ -57,3 +60,8 @@ class Running:
         """PID of the policy process."""
         assert self.dev.supervisor is not None and self.dev.supervisor.pid is not None
         return self.dev.supervisor.pid
+
+    def control(self, cmd: str, **kw: Any) -> dict:
+        """A control command through the VMM's dispatch, as `pyvmm status` sends it (in a loop of its own)."""
+        line = json.dumps({"cmd": cmd, **kw}).encode()
+        return trio.run(control.dispatch, self.vm.control_handlers, line)

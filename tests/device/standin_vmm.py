@@ -20,7 +20,7 @@ def main() -> None:
     vm = StandinVm(2)
     dev = PvschedDevice()
     vm.add_pci_device(dev)
-    dev.start(vm)
+    trio.run(dev.start, vm)
     assert dev.supervisor is not None
     print(json.dumps({"policy_pid": dev.supervisor.pid, "tids": list(vm.vcpu_tids.values())}), flush=True)
     trio.run(dev.run, vm)

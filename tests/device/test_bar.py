@@ -6,6 +6,7 @@ import logging
 import threading
 
 import pytest
+import trio
 from device_harness import SHM_GPA, Bar, C
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,7 +22,7 @@ def bar(vm: StandinVm) -> Bar:
     """A device without a policy process, attached to the stand-in machine."""
     dev = PvschedDevice(policy=False)
     vm.add_pci_device(dev)
-    dev.start(vm)
+    trio.run(dev.start, vm)
     return Bar(dev)
 
 

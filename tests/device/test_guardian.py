@@ -220,7 +220,7 @@ def test_the_device_runs_one_and_status_shows_it(running: Running) -> None:
     beats = g.info()["beats"]
     time.sleep(0.1)
     assert g.info()["beats"] > beats, "the actuator's heartbeat does not move"
-    text = render("status", running.vm.control_handlers["status"]({"cmd": "status"}))
+    text = render("status", running.control("status"))
     assert f"guardian: watching, FIFO {constants().PVSCHED_GUARDIAN_PRIO}, memory locked, heartbeat" in text, text
     running.dev.stop()  # clean: disarmed first, so the policy's shutdown is not taken for a hang
     assert running.dev.supervisor.returncode == 0

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import trio
 from device_harness import SHM_GPA, C, Running
 from standin import StandinVm
 
@@ -50,7 +51,7 @@ def _wait_for(pred, timeout: float = 5.0, what: str = "condition"):
 
 
 def _registered(r: Running) -> dict | None:
-    st = r.dev.policy_status()
+    st = trio.run(r.dev.policy_status)
     return st if st.get("registered") else None
 
 
@@ -104,13 +105,13 @@ def test_registration_tids_and_slots(running: Running) -> None:
     assert (g1["seq"], g1["nice"], g1["guest_ns"]) == (10, -5, 123456789)
     # It reads live memory through its own mapping of the memfd, not a copy taken at registration.
     _write_guest_slot(r, 1, seq=12, flags=C.PVSCHED_FLAG_PREEMPT_DISABLED, policy=1, prio=50, nice=0, wake_hint=0)
-    g1 = r.dev.policy_status()["vcpus"][1]["guest"]
+    g1 = trio.run(r.dev.policy_status)["vcpus"][1]["guest"]
     assert (g1["seq"], g1["flag_names"], g1["policy_name"], g1["rt_priority"]) == (12, ["preempt_disabled"], "fifo", 50)
     # A slot caught mid-write (odd seq) is not reported as data.
     _write_guest_slot(r, 1, seq=13, flags=0, policy=0, prio=0, nice=0, wake_hint=0)
-    assert r.dev.policy_status()["vcpus"][1]["guest"] is None
+    assert trio.run(r.dev.policy_status)["vcpus"][1]["guest"] is None
     # The device's own status command shows the same slots, as data and as `pyvmm status` prints them.
-    reply = r.vm.control_handlers["status"]({"cmd": "status"})
+    reply = r.control("status")
     text = render("status", reply)
     assert "pvsched: active" in text and f"TID {r.vm.vcpu_tids[0]}" in text
     assert "flags hardirq,idle policy rr prio 8" in text
@@ -120,9 +121,9 @@ def test_registration_tids_and_slots(running: Running) -> None:
 def test_disable_then_enable_reregisters(running: Running) -> None:
     r = running
     assert r.bar.negotiate() == C.PVSCHED_STATUS_ACTIVE
-    _wait_for(lambda: r.dev.policy_status()["registered"], what="registration")
+    _wait_for(lambda: trio.run(r.dev.policy_status)["registered"], what="registration")
     r.bar.write("CONTROL", C.PVSCHED_CTRL_DISABLE)
-    _wait_for(lambda: not r.dev.policy_status()["registered"], what="unregistration")
+    _wait_for(lambda: not trio.run(r.dev.policy_status)["registered"], what="unregistration")
     assert r.bar.negotiate(gpa=SHM_GPA + 0x10000, size=8192) == C.PVSCHED_STATUS_ACTIVE
     st = _wait_for(lambda: _registered(r), what="re-registration")
     assert st["shm_gpa"] == SHM_GPA + 0x10000 and st["shm_size"] == 8192
@@ -168,12 +169,12 @@ def test_engine_runs_in_the_sandbox_and_tunables_forward(running: Running) -> No
     r = running
     assert r.dev.supervisor.ready["engine"], r.dev.supervisor.ready.get("engine_error")
     assert os.path.isdir(f"/sys/fs/bpf/pvsched/{os.getpid()}")  # the engine's pins
-    reply = r.vm.control_handlers["policy.set"]({"cmd": "policy.set", "values": {"boost_prio": "9"}})
+    reply = r.control("policy.set", values={"boost_prio": "9"})
     assert reply["tunables"]["boost_prio"] == "9" and "boost_prio = 9" in render("policy.set", reply)
-    bad = r.vm.control_handlers["policy.set"]({"cmd": "policy.set", "values": {"boost_prio": "99"}})
+    bad = r.control("policy.set", values={"boost_prio": "99"})
     assert "error" in bad
-    assert "error" in r.vm.control_handlers["policy.set"]({"cmd": "policy.set"})
-    show = r.vm.control_handlers["policy.show"]({"cmd": "policy.show"})
+    assert "error" in r.control("policy.set")
+    show = r.control("policy.show")
     assert "error" not in show and show["text"]
 
 
@@ -218,9 +219,9 @@ def test_policy_death_restores_threads_within_100ms(running: Running) -> None:
     assert r.bar.negotiate() == C.PVSCHED_STATUS_ACTIVE
     time.sleep(0.05)
     assert os.sched_getscheduler(tid) == SCHED_OTHER
-    reply = r.vm.control_handlers["status"]({"cmd": "status"})
+    reply = r.control("status")
     assert "policy: not running (policy process died (killed by signal 9))" in render("status", reply)
-    assert "error" in r.vm.control_handlers["policy.show"]({"cmd": "policy.show"})
+    assert "error" in r.control("policy.show")
 
 
 def test_hung_policy_process_is_killed_and_threads_restored() -> None:
@@ -228,7 +229,7 @@ def test_hung_policy_process_is_killed_and_threads_restored() -> None:
     vm = StandinVm(2)
     dev = PvschedDevice()
     vm.add_pci_device(dev)
-    dev.start(vm)
+    trio.run(dev.start, vm)
     r = Running(vm, dev)
     r.thread.start()
     try:
@@ -254,7 +255,7 @@ def test_hung_policy_process_is_killed_and_threads_restored() -> None:
 def test_stop_is_clean(running: Running) -> None:
     r = running
     assert r.bar.negotiate() == C.PVSCHED_STATUS_ACTIVE
-    _wait_for(lambda: r.dev.policy_status()["registered"], what="registration")
+    _wait_for(lambda: trio.run(r.dev.policy_status)["registered"], what="registration")
     pid = r.policy_pid
     r.dev.stop()
     assert r.dev.supervisor.returncode == 0
@@ -279,9 +280,9 @@ def test_stop_kills_a_stuck_policy_process_and_restores(running: Running) -> Non
 def test_initial_tunables_reach_the_engine(vm: StandinVm) -> None:
     dev = PvschedDevice(tunables={"boost_prio": "9", "backstop_ms": "7"})
     vm.add_pci_device(dev)
-    dev.start(vm)
+    trio.run(dev.start, vm)
     try:
-        show = dev.handle_policy_show({"cmd": "policy.show"})
+        show = trio.run(dev.handle_policy_show, {"cmd": "policy.show"})
         assert "error" not in show, show
         assert "boost_prio = 9" in show["text"] and "backstop_ms = 7" in show["text"]
     finally:
@@ -295,7 +296,7 @@ def test_stale_pins_of_dead_vmms_are_removed_at_start(vm) -> None:
     stale.mkdir(parents=True, exist_ok=True)
     dev = PvschedDevice()
     vm.add_pci_device(dev)
-    dev.start(vm)
+    trio.run(dev.start, vm)
     try:
         assert dev.supervisor is not None and dev.supervisor.alive
         assert not stale.exists()
@@ -337,11 +338,11 @@ def test_policy_asked_for_but_not_loaded_is_a_hard_error(monkeypatch) -> None:
     from pyvmm.device import device as devmod
     from pyvmm.vmm.machine import VmmError
 
-    async def aspawn(self) -> dict:  # the VMM awaits the device's start_async, which awaits aspawn
+    async def spawn(self) -> dict:  # the VMM awaits the device's start, which awaits this
         self.ready = {"op": "ready", "engine": False, "engine_error": "PolicyEngine failed: LibbpfError: no BTF"}
         return self.ready
 
-    monkeypatch.setattr(devmod.PolicySupervisor, "aspawn", aspawn)
+    monkeypatch.setattr(devmod.PolicySupervisor, "spawn", spawn)
     with pytest.raises(VmmError, match=r"the BPF policy did not load: PolicyEngine failed: LibbpfError: no BTF "
                                        r"\(--no-policy runs without it\)"):
         run_vm(BootConfig(cmdline="duration=1", control_socket=False))

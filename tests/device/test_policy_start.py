@@ -84,7 +84,7 @@ def test_a_loop_waiting_to_serve_the_socket_takes_it_when_the_other_lets_go(vm) 
     """Two loops: the second waits (no polling) while the first serves, and is woken when it stops."""
     dev = PvschedDevice()
     vm.add_pci_device(dev)
-    dev.start(vm)
+    trio.run(dev.start, vm)
     sup = dev.supervisor
     assert sup is not None
     first_ended: list[float] = []
@@ -105,7 +105,7 @@ def test_a_loop_waiting_to_serve_the_socket_takes_it_when_the_other_lets_go(vm) 
             while sup._token is not mine:
                 await trio.sleep(0.005)
             took = time.monotonic()
-            reply = await sup.arequest({"op": "ping"}, 5)
+            reply = await sup.request({"op": "ping"}, 5)
             nursery.cancel_scope.cancel()
         return took, reply
 

@@ -65,7 +65,7 @@ class Device:
         # register validation is under test here; the rate limit (AGAIN) in test_bar and the guest storm below
         self.dev._registrations = TokenBucket(1e9, 10**9)
         self.vm.add_pci_device(self.dev)
-        self.dev.start(self.vm)
+        trio.run(self.dev.start, self.vm)
         assert self.dev.supervisor is not None, self.dev.policy_error
         self.policy_pid = self.dev.supervisor.pid
         self.thread = threading.Thread(target=trio.run, args=(self.dev.run, self.vm), daemon=True)
@@ -181,7 +181,7 @@ def test_after_the_hostile_accesses_the_device_is_usable(device: Device) -> None
     assert d.negotiate(OK_GPA + 0x5000, 4096) == C.PVSCHED_STATUS_ACTIVE
     end = time.monotonic() + 10
     while True:  # the policy process ends registered with exactly the last area
-        st_ = d.dev.policy_status()
+        st_ = trio.run(d.dev.policy_status)
         if st_.get("registered") and st_["shm_gpa"] == OK_GPA + 0x5000:
             break
         assert time.monotonic() < end, f"the policy process never registered the last area: {st_}"

@@ -108,7 +108,7 @@ def test_the_policy_process_imports_nothing_from_the_callers_folder_or_pythonpat
     monkeypatch.setenv("PYTHONPATH", str(evil))
     sup = PolicySupervisor(os.getpid(), {}, lambda rc: None, pin_root=str(tmp_path / "pins"))
     try:
-        ready = sup.spawn()
+        ready = trio.run(sup.spawn)
         assert ready.get("op") == "ready"
         cwd = os.readlink(f"/proc/{sup.pid}/cwd")
         environ = Path(f"/proc/{sup.pid}/environ").read_bytes().split(b"\0")
