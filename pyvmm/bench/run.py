@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyvmm.bench import report, switchcost
+from pyvmm.bench import report, scale, switchcost
 from pyvmm.bench.cpuacct import CpuMeter, children_cpu_s, steal_s, threads_cpu_s, tree_cpu_s
 from pyvmm.bench.results import (
     LINUX,
@@ -128,6 +128,16 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _vm_counts(text: str) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated VM counts, got {text!r}") from None
+    if not counts or any(not 1 <= n <= scale.MAX_VMS for n in counts):
+        raise argparse.ArgumentTypeError(f"each VM count must be in 1..{scale.MAX_VMS}")
+    return sorted(set(counts))
+
+
 def split_program(kvs: list[str]) -> tuple[str, tuple[str, ...]]:
     """The BPF policy named by a `program=NAME` among KEY=VALUE settings (the last wins), and the tunables."""
     program, tunables = programs.DEFAULT, []
@@ -185,6 +195,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "--variant rt:program=rt_only)")
     p.add_argument("--no-runqlat", action="store_true", help="do not measure the vCPU threads' runqueue latency")
     p.add_argument("--report-only", action="store_true", help="redo results.md/.png from OUT/results.json")
+    p.add_argument("--vms", type=_vm_counts, metavar="N,N,...",
+                   help="instead of the groups, the cost curve against the number of VMs, e.g. 1,2,4,8,16: for each "
+                        "N, N-1 idle test guests and one probe guest with the policy on a busy host; BPF ns per host "
+                        "switch, CPU and memory per VM, the probe's p99 (OUT/scale.md, scale.png, scale.json; "
+                        "about a minute per point on 2 CPUs)"),
     a = p.parse_args(argv)
     if a.guest == "linux":
         bad = [g for g in a.groups if g not in LINUX_GROUPS]
@@ -544,6 +559,33 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_scale(args: argparse.Namespace) -> int:
+    """The cost curve against the number of VMs (pyvmm.bench.scale): outputs, table, targets; 0 when it ran."""
+    preflight(False)
+    try:
+        out = make_output_dir(args.out)
+    except OSError as e:
+        raise BenchError(f"--out {args.out}: {e.strerror or e}") from None
+    logs = make_output_dir(out / "scale-logs")
+    meta = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+            "duration_s": args.duration, "vcpus_per_vm": scale.VCPUS}
+    _progress(f"bench: the cost curve for {','.join(map(str, args.vms))} VMs -> {out}/")
+    try:
+        points = scale.curve(args.vms, args.duration, logs, _progress)
+    except scale.ScaleError as e:
+        raise BenchError(str(e)) from None
+    lines = scale.targets(points)
+    write_file_nofollow(out / "scale.json", json.dumps({"meta": meta, "points": points, "targets": lines},
+                                                       indent=1) + "\n")
+    write_file_nofollow(out / "scale.md", f"# Cost against the number of VMs ({meta['date']}, {meta['machine']})\n\n"
+                        + scale.table(points) + "\n\n" + "\n".join(f"- {t}" for t in lines) + "\n")
+    scale.plot(points, out / "scale.png")
+    print(scale.table(points))
+    print("\n" + "\n".join(lines))
+    print(f"\nwrote {out}/scale.json, scale.md, scale.png")
+    return 0
+
+
 def report_only(args: argparse.Namespace) -> int:
     """Regenerate results.md and results.png from an earlier run's results.json."""
     src = args.out / "results.json"
@@ -571,7 +613,9 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()  # only there can handlers be set
     old = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # clean up as on Ctrl-C
     try:
-        return report_only(args) if args.report_only else bench(args)
+        if args.report_only:
+            return report_only(args)
+        return bench_scale(args) if args.vms else bench(args)
     except BenchError as e:
         print(f"pyvmm bench: {e}", file=sys.stderr)
         return 2

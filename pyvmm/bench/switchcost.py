@@ -28,7 +28,7 @@ from pyvmm.common.libbpf import LibbpfError
 from pyvmm.policy import loader, programs
 from pyvmm.policy.tunables import parse
 
-__all__ = ["SwitchCostError", "annotate", "measure", "vmm_switch_ns"]
+__all__ = ["SwitchCostError", "annotate", "host_switch_ns", "measure", "vmm_switch_ns"]
 
 # A tgid no task can have: PID_MAX_LIMIT is 4194304 on 64-bit kernels.
 NO_VMM_PID = 0x7FFFFFFF
@@ -91,20 +91,24 @@ def _add(totals: dict[str, list[int]], before: dict[str, tuple[int, int]], after
         total[1] += a[1] - b[1]
 
 
-def _with_policy(obj: Path, round_trips: int, cpu: int, totals: dict[str, list[int]]) -> tuple[float, int]:
-    """One ping-pong with the policy attached for a VMM no task belongs to: (round trip ns, runs past the tgid
-    check); its programs' runs are added to `totals`."""
-    policy = loader.BpfPolicy(obj, NO_VMM_PID, pin_dir=None)
+def _with_policy(obj: Path, round_trips: int, cpu: int, totals: dict[str, list[int]], sets: int = 1) -> tuple[float, int]:
+    """One ping-pong with `sets` copies of the policy attached, each for a VMM no task belongs to, as `sets`
+    VMs attach them today: (round trip ns, runs past the tgid check); every copy's runs are added to `totals`."""
+    policies: list[loader.BpfPolicy] = []
     try:
-        policy.open_load_attach(parse(None))
-        before = _runs(policy)
+        for i in range(sets):
+            policies.append(loader.BpfPolicy(obj, NO_VMM_PID - i, pin_dir=None))
+            policies[-1].open_load_attach(parse(None))
+        before = [_runs(p) for p in policies]
         ns = _round_trip_ns(round_trips, cpu)
-        _add(totals, before, _runs(policy))
-        return ns, policy.stats().get("switch_vmm", 0)
+        for p, b in zip(policies, before):
+            _add(totals, b, _runs(p))
+        return ns, sum(p.stats().get("switch_vmm", 0) for p in policies)
     except LibbpfError as e:
         raise SwitchCostError(f"cannot load the policy to measure it: {e}") from None
     finally:
-        policy.close()
+        for p in policies:
+            p.close()
 
 
 def _with_floor(obj: Path, round_trips: int, cpu: int, totals: dict[str, list[int]]) -> float:
@@ -167,6 +171,32 @@ def measure(round_trips: int = 20_000, rounds: int = 3, cpu: int | None = None) 
             "round_trips": round_trips * rounds, "vmm_runs": vmm_runs,
             "round_trip_ns": {k: round(v) for k, v in med.items()},
             "added_ns_per_switch": round((med["on"] - med["off"]) / 2, 1)}
+
+
+def host_switch_ns(sets: int, round_trips: int = 10_000, rounds: int = 3, cpu: int | None = None) -> dict:
+    """BPF ns per host switch between non-vCPU tasks with `sets` copies of the policy attached (one per VM).
+
+    {"sets", "ns_per_host_switch": the copies' pvs_switch and pvs_wakeup ns per run, added up (one switch
+    and one wake-up), "per_set_ns": that over `sets`}.  Root, as measure()."""
+    cpu = (os.cpu_count() or 1) - 1 if cpu is None else cpu
+    try:
+        obj = programs.object_path(programs.DEFAULT)
+    except BuildError as e:
+        raise SwitchCostError(str(e)) from None
+    totals = {name: [0, 0] for name in HOST_WIDE}
+    try:
+        stats_fd = loader.enable_stats()
+    except LibbpfError as e:
+        raise SwitchCostError(f"cannot turn on BPF run-time stats: {e}") from None
+    try:
+        for _ in range(rounds):
+            _with_policy(obj, round_trips, cpu, totals, sets)
+    finally:
+        os.close(stats_fd)
+    # each copy ran once per switch and once per wake-up: a copy's ns per run, times the copies
+    per_run = {name: t / n if n else 0.0 for name, (n, t) in totals.items()}
+    total = sum(per_run.values()) * sets
+    return {"sets": sets, "ns_per_host_switch": round(total, 1), "per_set_ns": round(total / sets, 1)}
 
 
 def vmm_switch_ns(program: dict | None, vmm_runs: int | None, fast_ns: float | None) -> float | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pyvmm.common.procfs import format_memory
 from pyvmm.device.device import version_str
 
 
@@ -44,7 +45,8 @@ def format_status(d: dict[str, Any]) -> str:
         lines.append("  policy: off")
     elif p.get("running"):
         lines.append(f"  policy: process {p['pid']}, " + ("BPF policy loaded" if p["engine"]
-                                                         else f"no BPF ({p.get('engine_error')})"))
+                                                         else f"no BPF ({p.get('engine_error')})")
+                     + (f"; {format_memory(p['memory'])}" if p.get("memory") else ""))
         view = p.get("process") or {}
         sb = view.get("sandbox")
         if sb:

@@ -39,3 +39,24 @@ def is_thread_of(pid: int, tid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def memory_kb(pid: int) -> dict[str, int] | None:
+    """Resident and locked memory of process `pid` in KiB ({"rss_kb", "locked_kb"}), None if it is gone.
+
+    locked_kb is VmLck: what the kernel charges against RLIMIT_MEMLOCK, whole mappings under
+    mlockall, touched or not.
+    """
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS:", "VmLck:")))
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    if len(fields) != 2:  # a zombie has no memory lines
+        return None
+    return {"rss_kb": int(fields["VmRSS"].split()[0]), "locked_kb": int(fields["VmLck"].split()[0])}
+
+
+def format_memory(m: dict[str, int]) -> str:
+    """memory_kb() in words: "rss 35.0 MiB, locked 0.1 MiB"."""
+    return f"rss {m['rss_kb'] / 1024:.1f} MiB, locked {m['locked_kb'] / 1024:.1f} MiB"

@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 from pyvmm import abi
 from pyvmm.abi import slots
-from pyvmm.common.procfs import is_thread_of
+from pyvmm.common.procfs import is_thread_of, memory_kb
 from pyvmm.common.sched_attr import SchedAttr, sched_getattr, sched_setattr
 from pyvmm.device.guardian import Guardian, GuardianError
 from pyvmm.device.guardian import constants as guardian_constants
@@ -464,7 +464,8 @@ class PvschedDevice(PciDevice):
             return {"enabled": True, "running": False, "error": self.policy_error, "guardian": guardian}
         return {"enabled": True, "running": sup.alive, "pid": sup.pid, "engine": bool(sup.ready.get("engine")),
                 "engine_error": sup.ready.get("engine_error"), "error": self.policy_error,
-                "returncode": sup.returncode, "guardian": guardian}
+                "returncode": sup.returncode, "guardian": guardian,
+                "memory": memory_kb(sup.pid) if sup.pid and sup.alive else None}
 
     async def handle_status(self, req: dict[str, Any], previous: Callable[[dict], Any] | None = None) -> Any:
         """Control command "status": the VMM's own status, the device, and the policy process's own view."""

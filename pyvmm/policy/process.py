@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         confine(engine)
         sandbox.drop_capabilities()
         sandbox.set_no_new_privs()
-        sandbox.mlockall()
+        sandbox.lock_memory()
     except (OSError, ValueError, TypeError) as e:
         log.error("sandbox setup failed: %s", e)
         if engine is not None:

@@ -17,6 +17,7 @@ import functools
 import os
 import resource
 import signal
+import threading
 from collections.abc import Sequence
 
 PR_SET_PDEATHSIG = 1
@@ -62,6 +63,8 @@ SYS_bpf = 321  # x86_64
 BPF_ENABLE_STATS = 32
 BPF_STATS_RUN_TIME = 0
 MCL_CURRENT, MCL_FUTURE = 1, 2
+M_ARENA_MAX = -8  # mallopt
+THREAD_STACK_BYTES = 512 * 1024  # the actuator's and trio's worker threads: shallow Python, no deep C recursion
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
@@ -221,8 +224,16 @@ def enable_bpf_stats() -> int:
     return _check(_libc.syscall(SYS_bpf, BPF_ENABLE_STATS, ctypes.byref(attr), ctypes.sizeof(attr)), "BPF_ENABLE_STATS")
 
 
-def mlockall() -> None:
-    """Lock current and future memory so the policy path never page-faults (CAP_IPC_LOCK)."""
+def lock_memory() -> None:
+    """Lock current and future memory so the policy path never page-faults (CAP_IPC_LOCK); before any thread.
+
+    mlockall(MCL_FUTURE) locks every later mapping whole, touched or not.  So threads get small
+    stacks (Python's default is 8 MiB, all of it resident and locked), and malloc keeps one arena
+    (each thread's own arena reserves 64 MiB, which counts against RLIMIT_MEMLOCK).
+    """
+    threading.stack_size(THREAD_STACK_BYTES)
+    if _libc.mallopt(M_ARENA_MAX, 1) != 1:
+        raise OSError("mallopt(M_ARENA_MAX, 1) failed")
     _check(_libc.mlockall(MCL_CURRENT | MCL_FUTURE), "mlockall")
 
 

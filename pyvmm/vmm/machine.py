@@ -26,6 +26,7 @@ import trio
 from pyvmm.abi import boot
 from pyvmm.common import control_client
 from pyvmm.common.lone_error import lone_error
+from pyvmm.common.procfs import format_memory, memory_kb
 from pyvmm.common.sched_attr import SchedAttr, sched_getattr
 from pyvmm.vmm import acpi, control, kvm, x86
 from pyvmm.vmm.acpi_pm import AcpiPm
@@ -189,7 +190,10 @@ class Machine:
         info = self._vm_info(req)
         info["uptime_s"] = round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0
         info["devices"] = [d.label for d in self.devices]
+        info["memory"] = memory_kb(self.vmm_pid)
         info["text"] += f", up {info['uptime_s']:.1f} s, devices: {', '.join(info['devices']) or 'none'}"
+        if info["memory"]:
+            info["text"] += f"; VMM {format_memory(info['memory'])}"
         return info
 
     # --- ending the VM ---

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from device_harness import C
 
+from pyvmm.cli.status_text import render
 from pyvmm.common.sched_attr import SCHED_OTHER, SCHED_RR
 
 boot = pytest.importorskip("pyvmm.boot", reason="pyvmm.boot (VMM engineer) not there yet")
@@ -133,6 +135,15 @@ def test_status_of_a_running_vm_with_its_policy_process(tmp_path: Path) -> None:
         sb = view["sandbox"]
         assert sorted(sb["cap_eff"]) == ["CAP_BPF", "CAP_IPC_LOCK", "CAP_PERFMON", "CAP_SYS_NICE"]
         assert sb["no_new_privs"] and sb["net_ifaces"] == ["lo"]
+        # what the VM holds of the host's memory, for both processes (VmRSS, VmLck)
+        assert st["memory"]["rss_kb"] > 0, st.get("memory")
+        mem = pv["policy"]["memory"]
+        assert mem["rss_kb"] > 0 and mem["locked_kb"] >= mem["rss_kb"] // 2, mem  # it is mlockall'ed
+        # Locked address space is about what is resident: no 64 MiB malloc arena per thread, no 8 MiB
+        # thread stack, is locked whole (184 MiB locked for 54 MiB resident before).
+        assert mem["locked_kb"] < 2 * mem["rss_kb"], mem
+        text = render("status", st)
+        assert "; VMM rss " in text and re.search(r"policy: process \d+, BPF policy loaded; rss [\d.]+ MiB, locked", text), text
         policy_pid = pv["policy"]["pid"]
         vmm.wait(60)
     finally:

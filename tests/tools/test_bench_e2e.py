@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +41,30 @@ def test_tiny_bench_writes_schema_records_table_and_plot(tmp_path, capsys):
     md = (tmp_path / "results.md").read_text()
     assert "| probe,probe | idle | static-rt |" in md
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_cost_curve_against_the_number_of_vms(tmp_path, capsys):
+    """`pyvmm bench --vms 1,2`: each point boots its VMs with their policies, measures them, and ends them."""
+    rc = main(["--out", str(tmp_path), "--vms", "2,1", "--duration", "2"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err[-2000:]
+    data = json.loads((tmp_path / "scale.json").read_text())
+    points = data["points"]
+    assert [p["vms"] for p in points] == [1, 2]  # in order, whatever the order given
+    for p in points:
+        # one copy of the policy per VM: two cost more per non-vCPU switch than one
+        assert p["switch_ns_non_vcpu"] > 0 and p["switch_ns_vcpu"] and p["switch_ns_vcpu"] > 0, p
+        assert p["vmm_rss_mib"] > 5 and p["policy_rss_mib"] > 5 and p["locked_mib"] > 0, p
+        assert p["policy_cpus"] >= 0 and p["vmm_cpus"] >= 0, p
+        assert p["probe_p99_us"] and p["probe_p99_us"] <= p["probe_max_us"], p
+    assert points[1]["switch_ns_non_vcpu"] > points[0]["switch_ns_non_vcpu"]
+    assert len(data["targets"]) == 3 and all(t.startswith(("PASS: ", "MISS: ")) for t in data["targets"])
+    assert "| VMs | BPF ns / non-vCPU switch |" in out.out
+    assert (tmp_path / "scale.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(f.name for f in (tmp_path / "scale-logs").glob("*.log")) == ["n1-probe.log", "n2-idle0.log",
+                                                                              "n2-probe.log"]
+    # every VM it started has ended (no child of this process is left), and so have their pins
+    children = [c for t in os.listdir("/proc/self/task")
+                for c in Path(f"/proc/self/task/{t}/children").read_text().split()]
+    assert not children, children
+    assert not [d for d in os.listdir("/sys/fs/bpf/pvsched") if not os.path.exists(f"/proc/{d}")]

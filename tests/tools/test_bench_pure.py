@@ -446,3 +446,26 @@ def test_the_cost_of_a_vmm_switch_is_derived_from_the_counters_and_the_fast_path
     assert "do nothing: 45 + 18 ns per run (round trip 9100 ns)" in lines[1]
     assert lines[2].endswith("probe,probe idle pvsched: 550 ns")
     assert report.switch_cost_lines([], {}) == []
+
+
+def test_vm_counts_and_the_scale_targets():
+    from pyvmm.bench import scale
+    from pyvmm.bench.run import parse_args
+
+    assert parse_args(["--vms", "16,1,4,4"]).vms == [1, 4, 16]
+    for bad in ("0", "1,x", str(scale.MAX_VMS + 1), ""):
+        with pytest.raises(SystemExit) as e:
+            parse_args(["--vms", bad])
+        assert e.value.code == 2
+    point = {"vms": 1, "switch_ns_non_vcpu": 90.0, "switch_ns_vcpu": 900.0, "policy_cpus": 0.01, "vmm_cpus": 0.02,
+             "vmm_rss_mib": 30.0, "policy_rss_mib": 40.0, "rss_mib": 70.0, "locked_mib": 50.0, "probe_p99_us": 300}
+    many = dict(point, vms=16, switch_ns_non_vcpu=1500.0)
+    lines = scale.targets([point, many])
+    assert lines[0].startswith("MISS") and "worst 1500 ns" in lines[0]
+    assert lines[1].startswith("MISS") and lines[2].startswith("PASS")
+    assert scale.targets([point])[0].startswith("PASS")
+    assert "| 16 | 1500 | 900 |" in scale.table([point, many])
+    # a vCPU switch: the VM's own program past the tgid check, plus every other VM's fast path
+    pol = {"programs": [{"name": "pvs_switch", "run_cnt": 1000, "avg_ns": 100.0}], "stats": {"switch_vmm": 100}}
+    assert scale._vcpu_switch_ns(pol, 50.0, 3) == round((1000 * 100 - 900 * 50) / 100 + 3 * 50, 1)
+    assert scale._vcpu_switch_ns({}, 50.0, 3) is None
