@@ -24,7 +24,7 @@ from pyvmm.cli.status_text import render
 from pyvmm.common.control_client import ControlError, request
 from pyvmm.common.safe_fs import write_file_nofollow
 from pyvmm.lab import main as lab_main
-from pyvmm.policy import programs
+from pyvmm.policy import host_budget, programs
 from pyvmm.vmm.console import RecordSplitter, record_lines
 from pyvmm.vmm.machine import EXIT_BAD_INPUT, VmmError
 
@@ -138,6 +138,17 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("features", help="list the pvsched feature bits and the BPF policies this build has")
 
+    hb = sub.add_parser("host-budget", help="show or set the host's RT budget: the share of all CPUs that the boosted "
+                                            "vCPUs of every VM may take together (root)",
+                        description="The host's RT budget bounds all VMs together (each VM's vm_boost_share_pct bounds "
+                                    "that VM alone). It lives in one pinned BPF map that every VM's policy counts into "
+                                    "and only this command, as root, changes; VMs running now follow it at once. "
+                                    "Without options: show it.")
+    hb.add_argument("--share", type=int, metavar="PCT",
+                    help="percent of all the host's CPUs (1..100; default until set: 50)")
+    hb.add_argument("--window-ms", type=int, metavar="MS", help="accounting window (10..10000 ms; default 100)")
+    hb.add_argument("--json", action="store_true", help="print it as JSON")
+
     # Listed here for --help only: main() hands `pyvmm bench ...` to pyvmm.bench.run, which has its own options.
     sub.add_parser("bench", add_help=False, help="benchmark vCPU scheduling configurations (pyvmm bench --help)")
     sub.add_parser("lab", add_help=False,
@@ -242,6 +253,28 @@ def _features_text() -> str:
     return "\n".join(lines)
 
 
+def _host_budget(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        print("pyvmm host-budget: needs root (the budget is a pinned BPF map)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        if args.share is None and args.window_ms is not None:
+            raise ValueError("--window-ms goes with --share")
+        b = host_budget.read() if args.share is None else host_budget.set_share(args.share, args.window_ms)
+    except ValueError as e:
+        print(f"pyvmm host-budget: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # LibbpfError, UnsafePathError: one line
+        print(f"pyvmm host-budget: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(b, indent=2))
+    else:
+        print(f"host budget: {b['share_pct']}% of {b['ncpus']} CPUs, {b['budget_ms']} ms of boosted vCPU time per "
+              f"{b['window_ms']} ms window for all VMs together ({b['boosted_ms']} ms used in the window counted last)")
+    return 0
+
+
 def _client(args: argparse.Namespace) -> int:
     if args.command == "status":
         pid, req = args.pid, {"cmd": "status"}
@@ -282,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "features":
             print(_features_text())
             return 0
+        if args.command == "host-budget":
+            return _host_budget(args)
         return _client(args)
     except KeyboardInterrupt:  # Ctrl-C before the VM's own signal handling is in place
         print("pyvmm: interrupted", file=sys.stderr)

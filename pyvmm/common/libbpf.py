@@ -92,6 +92,12 @@ int bpf_map_lookup_elem(int fd, const void *key, void *value);
 int bpf_map_delete_elem(int fd, const void *key);
 int bpf_map_get_next_key(int fd, const void *key, void *next_key);
 int bpf_obj_get(const char *pathname);
+struct bpf_obj_get_opts { size_t sz; uint32_t file_flags; };
+int bpf_obj_get_opts(const char *pathname, const struct bpf_obj_get_opts *opts);
+int bpf_obj_pin(int fd, const char *pathname);
+int bpf_map_create(int map_type, const char *map_name, uint32_t key_size, uint32_t value_size,
+                   uint32_t max_entries, const void *opts);
+int bpf_map__reuse_fd(struct bpf_map *map, int fd);
 int bpf_obj_get_info_by_fd(int bpf_fd, void *info, uint32_t *info_len);
 int bpf_prog_test_run_opts(int prog_fd, struct bpf_test_run_opts *opts);
 int bpf_enable_stats(int type);
@@ -106,6 +112,8 @@ int ring_buffer__epoll_fd(const struct ring_buffer *rb);
 """
 
 BPF_ANY = 0
+BPF_F_RDONLY = 1 << 3  # file_flags of BPF_OBJ_GET: an fd that cannot update the map
+BPF_MAP_TYPE_ARRAY = 2
 BPF_NOEXIST = 1
 BPF_EXIST = 2
 BPF_STATS_RUN_TIME = 0

@@ -268,6 +268,7 @@ class PolicyEngine:
             "tunables": {k: {"value": v, "description": DESCRIPTIONS[k]} for k, v in tun.items()},
             "vm_budget": {"budget_ms": self.tunables.vm_boost_budget_ns() / 1e6, "host_cpus": os.cpu_count(),
                           "window_boosted_ms": round(vm_ns / 1e6, 3) if window == now_window else 0.0},
+            "host_budget": self._policy.host_budget(),
             "programs": progs,
             "prog_stats": "enabled" if enabled else "unavailable (BPF stats off: needs CAP_SYS_ADMIN or a stats fd)",
             "actuator": {"tid": self._actuator.thread_tid, "events": a.events, "applied": a.applied,
@@ -332,6 +333,9 @@ def format_show(d: dict) -> str:
     b = d["vm_budget"]
     lines.append(f"VM budget: {b['window_boosted_ms']} of {b['budget_ms']} ms boosted in this window "
                  f"(all vCPUs, {b['host_cpus']} host CPUs)")
+    if h := d.get("host_budget"):
+        lines.append(f"host budget: {h['share_pct']}% of all CPUs, {h['budget_ms']} ms per {h['window_ms']} ms window "
+                     "(every VM's boosted vCPUs together; pyvmm host-budget sets it)")
     lines.append("stats:")
     lines += [f"  {k:<18} {s['value']:>10}  {s['description']}" for k, s in d["stats"].items()]
     lines.append(f"programs ({d['prog_stats']}):")

@@ -21,6 +21,7 @@ from pyvmm.common import libbpf
 from pyvmm.common.libbpf import LibbpfError, check, check_ptr, string
 from pyvmm.common.pins import remove_pin_dir
 from pyvmm.common.safe_fs import ensure_private_dir
+from pyvmm.policy import host_budget
 from pyvmm.policy.policy_types import consts, stat_descriptions
 from pyvmm.policy.policy_types import ffi as pffi
 from pyvmm.policy.tunables import Tunables
@@ -109,6 +110,7 @@ class BpfPolicy:
     _obj: object = None
     _map_ptrs: dict[str, object] = field(default_factory=dict)
     _closed: bool = False
+    host_budget_fd: int = -1  # libbpf's, closed with the object
 
     # --- set-up ---------------------------------------------------------
     def open_load_attach(self, tunables: Tunables) -> None:
@@ -131,7 +133,10 @@ class BpfPolicy:
         if missing:
             raise LibbpfError(errno.ENOENT, f"{self.obj_path} lacks programs {missing}: rebuild bpf/")
         self._set_rodata({"vmm_pid": self.vmm_pid})
+        self._share_host_budget()
         check(lib.bpf_object__load(self._obj), f"loading BPF policy {self.obj_path.name}")
+        self.host_budget_fd = lib.bpf_map__fd(check_ptr(lib.bpf_object__find_map_by_name(self._obj, b"host_budget"),
+                                                        "map host_budget"))
         for name in PINNED_MAPS:
             m = check_ptr(lib.bpf_object__find_map_by_name(self._obj, name.encode()), f"map {name}")
             self._map_ptrs[name] = m
@@ -160,6 +165,29 @@ class BpfPolicy:
         absent = [p.name for p in self.programs.values() if p.status.startswith("unavailable")]
         log.info("pvsched: attached %s%s", ", ".join(attached) or "nothing",
                  f"; not on this kernel: {', '.join(absent)}" if absent else "")
+
+    def _share_host_budget(self) -> None:
+        """Put the host's pinned budget map (read-only fd) in place of the object's own, before load.
+
+        Without pins (a bench's or a test's private load) the object keeps its own, zeroed: no host budget."""
+        if self.pin_dir is None:
+            return
+        lib = libbpf.lib()
+        m = check_ptr(lib.bpf_object__find_map_by_name(self._obj, b"host_budget"), "map host_budget")
+        fd = host_budget.shared_fd(self.pin_dir.parent)
+        try:
+            check(lib.bpf_map__reuse_fd(m, fd), "sharing the host budget map")
+        finally:
+            os.close(fd)  # libbpf keeps its own duplicate
+
+    def host_budget(self) -> dict[str, int]:
+        """The host budget's entry as this object's programs see it (zeros without pins)."""
+        f = pffi()
+        v = f.new("struct pvsched_host_budget *")
+        if self.host_budget_fd < 0 or libbpf.lib().bpf_map_lookup_elem(self.host_budget_fd, f.new("__u32 *", 0), v):
+            return {}
+        return {"share_pct": v.share_pct, "window_ms": v.window_ns // 1_000_000, "budget_ms": round(v.budget_ns / 1e6, 3),
+                "boosted_ms": round(v.boosted_ns / 1e6, 3)}
 
     def _rodata(self) -> tuple[object, int, dict[str, tuple[int, int]]]:
         """The .rodata map, its size, and each of its variables' (offset, size), from the object's BTF."""

@@ -86,6 +86,14 @@ struct {
 	__type(value, struct pvsched_vm_budget);
 } vm_budget SEC(".maps");
 
+/* One per host: the loader puts the pinned map here (bpf_map__reuse_fd) before load. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pvsched_host_budget);
+} host_budget SEC(".maps");
+
 /* The throttle clock's timer.  Not pinned: it stops when the policy process's last fd goes. */
 struct pvsched_clock {
 	struct bpf_timer timer;
@@ -284,6 +292,39 @@ static __always_inline bool vm_over_budget(const struct pvsched_tunables *t, __u
 }
 
 /*
+ * The host's budget: the same window scheme over every VM's boosted vCPUs,
+ * in a map all VMs' programs share, with the admin's window (NULL: none).
+ */
+static __always_inline struct pvsched_host_budget *host_window(__u64 now)
+{
+	struct pvsched_host_budget *b;
+	__u32 zero = 0;
+	__u64 idx, old;
+
+	b = bpf_map_lookup_elem(&host_budget, &zero);
+	if (!b || !b->window_ns)
+		return NULL;
+	idx = now / b->window_ns;
+	old = b->window;
+	if (old != idx && __sync_val_compare_and_swap(&b->window, old, idx) == old)
+		b->boosted_ns = 0;
+	return b;
+}
+
+/* Which budget, if any, forbids boosting now: PVSCHED_REASON_VM_BUDGET, _HOST_BUDGET or _NONE. */
+static __always_inline __u32 over_budget(const struct pvsched_tunables *t, __u64 now)
+{
+	struct pvsched_host_budget *h;
+
+	if (vm_over_budget(t, now))
+		return PVSCHED_REASON_VM_BUDGET;
+	h = host_window(now);
+	if (h && h->boosted_ns >= h->budget_ns)
+		return PVSCHED_REASON_HOST_BUDGET;
+	return PVSCHED_REASON_NONE;
+}
+
+/*
  * Add boosted run time up to now, to the vCPU's window and to the VM's.
  * running/run_start_ns are written only by sched_switch (lock-free: a task
  * switches on one CPU at a time), so a busy lock can never leave a boosted
@@ -292,6 +333,7 @@ static __always_inline bool vm_over_budget(const struct pvsched_tunables *t, __u
  */
 static __always_inline void account(struct pvsched_vcpu *v, const struct pvsched_tunables *t, __u64 now)
 {
+	struct pvsched_host_budget *h;
 	struct pvsched_vm_budget *b;
 	__u64 from;
 
@@ -312,6 +354,9 @@ static __always_inline void account(struct pvsched_vcpu *v, const struct pvsched
 		b = vm_window(t, now);
 		if (b)
 			__sync_fetch_and_add(&b->boosted_ns, now - from);
+		h = host_window(now);
+		if (h)
+			__sync_fetch_and_add(&h->boosted_ns, now - from);
 	}
 	v->acct_ns = now;
 }
@@ -510,7 +555,7 @@ static __always_inline int pvsched_eval(const struct eval_ctx *c)
 	const struct pvsched_tunables *t = c->t;
 	__u32 force_reason = c->force_reason;
 	struct pvsched_sched_params want;
-	__u32 reason, state;
+	__u32 reason, state, budget;
 
 	v->last_eval_ns = c->now;
 	if (c->s) {
@@ -540,17 +585,18 @@ static __always_inline int pvsched_eval(const struct eval_ctx *c)
 	}
 
 	if (v->state == PVSCHED_STATE_BOOSTED) {
-		bool own = v->window_boosted_ns > t->max_boost_runtime_ns;
+		__u32 why = v->window_boosted_ns > t->max_boost_runtime_ns ? PVSCHED_REASON_THROTTLE
+									 : over_budget(t, c->now);
 
-		if (own || vm_over_budget(t, c->now)) {
+		if (why != PVSCHED_REASON_NONE) {
 			want = v->orig;
 			v->hold = 0;
 			v->throttle_until_ns = c->now + t->throttle_ns;
 			v->throttles++;
-			stat_inc(own ? PVSCHED_STAT_THROTTLE : PVSCHED_STAT_VM_BUDGET);
+			stat_inc(why == PVSCHED_REASON_THROTTLE ? PVSCHED_STAT_THROTTLE
+				 : why == PVSCHED_REASON_VM_BUDGET ? PVSCHED_STAT_VM_BUDGET : PVSCHED_STAT_HOST_BUDGET);
 			/* a halt does not reset the count: only the window or the throttle's end does */
-			return post(c, &want, PVSCHED_STATE_THROTTLED,
-				    own ? PVSCHED_REASON_THROTTLE : PVSCHED_REASON_VM_BUDGET);
+			return post(c, &want, PVSCHED_STATE_THROTTLED, why);
 		}
 	}
 
@@ -562,13 +608,14 @@ static __always_inline int pvsched_eval(const struct eval_ctx *c)
 	if (is_rt(v->orig.policy) && rank(&want) < rank(&v->orig))
 		want = v->orig;
 	state = rank(&want) > rank(&v->orig) ? PVSCHED_STATE_BOOSTED : PVSCHED_STATE_NORMAL;
-	/* no new boost while the VM's vCPUs together are over their share of this window */
-	if (state == PVSCHED_STATE_BOOSTED && v->state != PVSCHED_STATE_BOOSTED && vm_over_budget(t, c->now)) {
+	/* no new boost while the VM's vCPUs, or all VMs', are over their share of this window */
+	if (state == PVSCHED_STATE_BOOSTED && v->state != PVSCHED_STATE_BOOSTED &&
+	    (budget = over_budget(t, c->now)) != PVSCHED_REASON_NONE) {
 		want = v->orig;
 		v->hold = 0;
 		state = PVSCHED_STATE_NORMAL;
-		reason = PVSCHED_REASON_VM_BUDGET;
-		stat_inc(PVSCHED_STAT_VM_BUDGET);
+		reason = budget;
+		stat_inc(budget == PVSCHED_REASON_VM_BUDGET ? PVSCHED_STAT_VM_BUDGET : PVSCHED_STAT_HOST_BUDGET);
 	}
 	/* a forced re-evaluation (unthrottle, new tunables) names itself when params stay */
 	if (force_reason != PVSCHED_REASON_NONE && same_params(&want, &v->posted))

@@ -20,6 +20,9 @@ enum pvsched_policy_limits {
 	/* a change that keeps the state (nice 5 -> 6, RR 8 -> 9) is posted at most this often per vCPU */
 	PVSCHED_MIN_POST_INTERVAL_US = 1000,
 	PVSCHED_RINGBUF_BYTES = 256 * 1024,
+	/* the host budget's share of all CPUs until the host's admin sets one (pyvmm host-budget) */
+	PVSCHED_HOST_SHARE_DEFAULT_PCT = 50,
+	PVSCHED_HOST_WINDOW_DEFAULT_MS = 100,
 };
 
 /* Tunable boost_on_halt: when a halting vCPU gets the halt boost. */
@@ -53,6 +56,7 @@ enum pvsched_reason {
 	PVSCHED_REASON_UNTHROTTLE = 7, /* throttle_ms over */
 	PVSCHED_REASON_TUNABLES = 8,   /* re-evaluation after set_tunables */
 	PVSCHED_REASON_VM_BUDGET = 9,  /* the VM's vCPUs together used their share in the window */
+	PVSCHED_REASON_HOST_BUDGET = 10, /* the boosted vCPUs of all VMs together used the host's share */
 };
 
 enum pvsched_event_kind {
@@ -98,7 +102,8 @@ enum pvsched_stat {
 	PVSCHED_STAT_POST_LIMITED = 29, /* changes within one state held back: less than the minimum interval since the last post */
 	PVSCHED_STAT_VM_BUDGET = 30,    /* boosts ended (throttled) or refused: the VM's vCPUs together used vm_boost_share_pct */
 	PVSCHED_STAT_SWITCH_VMM = 31,   /* sched_switch runs past the tgid check: a thread of this VMM switched in or out */
-	PVSCHED_STAT_NR = 32,
+	PVSCHED_STAT_HOST_BUDGET = 32,  /* boosts ended (throttled) or refused: all VMs' boosted vCPUs together used the host's share */
+	PVSCHED_STAT_NR = 33,
 };
 
 /* Scheduling parameters as sched_setattr takes them. */
@@ -182,6 +187,21 @@ struct pvsched_vm_budget {
 	__u64 boosted_ns;
 };
 
+/*
+ * The host's budget: boosted run time of every VM's vCPUs together per window
+ * (the host_budget map's one entry, pinned once per host and shared by every
+ * VM's programs).  window_ns and budget_ns are the admin's (pyvmm
+ * host-budget); the programs only count.  window_ns 0: no host budget.
+ */
+struct pvsched_host_budget {
+	__u64 window;                /* now / window_ns of the window counted */
+	__u64 boosted_ns;
+	__u64 window_ns;
+	__u64 budget_ns;             /* share_pct of ncpus CPUs over window_ns */
+	__u32 share_pct;
+	__u32 ncpus;
+};
+
 /* Ring-buffer record: one change for the actuator to apply. */
 struct pvsched_event {
 	__u64 ts_ns;                 /* bpf_ktime_get_ns() at posting (CLOCK_MONOTONIC) */
@@ -215,6 +235,7 @@ _Static_assert(__builtin_offsetof(struct pvsched_slot_snap, wake_hint) ==
 _Static_assert(sizeof(struct pvsched_vcpu) == 216, "vcpu");
 _Static_assert(sizeof(struct pvsched_tunables) == 80, "tunables");
 _Static_assert(sizeof(struct pvsched_vm_budget) == 16, "vm budget");
+_Static_assert(sizeof(struct pvsched_host_budget) == 40, "host budget");
 _Static_assert(sizeof(struct pvsched_event) == 88, "event");
 _Static_assert(sizeof(struct pvsched_backstop_ctx) == 16, "backstop ctx");
 #endif

@@ -21,6 +21,8 @@ while a host CPU hog is pinned to the same CPU.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import signal
 import struct
@@ -36,7 +38,9 @@ from tiny_guest import build_guest  # tests/: tiny guests by the boot contract
 
 from pyvmm import abi
 from pyvmm.bench.cpuacct import tree_cpu_s
+from pyvmm.common import libbpf
 from pyvmm.common.sched_attr import sched_getattr
+from pyvmm.policy import host_budget
 
 C = abi.C
 
@@ -52,8 +56,15 @@ def rt_share_bound(b_ms: float, s_ms: float, t_ms: float) -> float:
 
 
 def measure_beside_a_hog(vm, tids: list[int], window_s: float, nice: int = 0) -> tuple[Sampler, Sampler, int]:
-    """Sample `tids` of `vm` and a host CPU hog (at `nice`) pinned to HOG_CPU for `window_s`: (vCPU sampler,
-    hog sampler, hog pid).  The hog is killed by PID (its process group) afterwards, whatever happens.
+    """measure_vms_beside_a_hog for one VM."""
+    (vcpu,), host, hog_pid = measure_vms_beside_a_hog([(vm, tids)], window_s, nice)
+    return vcpu, host, hog_pid
+
+
+def measure_vms_beside_a_hog(vm_tids: list[tuple], window_s: float,
+                             nice: int = 0) -> tuple[list[Sampler], Sampler, int]:
+    """Sample the vCPU threads of each (vm, tids) and a host CPU hog (at `nice`) pinned to HOG_CPU for `window_s`:
+    (a vCPU sampler per VM, the hog's sampler, hog pid).  The hog is killed by PID (its process group) afterwards, whatever happens.
 
     The hog gets a process group, never a session of its own: with autogroup scheduling a new session is a new
     task group of weight nice 0, and `nice` then only ranks the hog inside it.  Where the test runs in the
@@ -66,10 +77,12 @@ def measure_beside_a_hog(vm, tids: list[int], window_s: float, nice: int = 0) ->
         hog_pid = children(hog.pid)[0]  # timeout -> taskset exec'd into the hog
         # this thread too at the observer's RT priority: a starved SCHED_OTHER thread holding the GIL would stall
         # the samplers
-        with observer_rt(), Sampler(vm.pid, tids, cpu=SAMPLER_CPU) as vcpu, \
-                Sampler(hog_pid, [hog_pid], cpu=SAMPLER_CPU) as host:
+        vcpus = [Sampler(vm.pid, tids, cpu=SAMPLER_CPU) for vm, tids in vm_tids]
+        with observer_rt(), contextlib.ExitStack() as stack, Sampler(hog_pid, [hog_pid], cpu=SAMPLER_CPU) as host:
+            for sampler in vcpus:
+                stack.enter_context(sampler)
             time.sleep(window_s)
-        assert vm.watchdog.poll() is None, "the VM ended during the measurement"
+        assert all(vm.watchdog.poll() is None for vm, _ in vm_tids), "a VM ended during the measurement"
     finally:
         kill_pid(hog.pid)  # timeout's child dies with its group's SIGKILL below
         try:
@@ -77,7 +90,7 @@ def measure_beside_a_hog(vm, tids: list[int], window_s: float, nice: int = 0) ->
         except ProcessLookupError:
             pass
         hog.wait()
-    return vcpu, host, hog_pid
+    return vcpus, host, hog_pid
 
 
 @pytest.mark.skipif(os.cpu_count() < 2, reason="pins the vCPU and a host hog to CPU 1, the sampler to CPU 0")
@@ -293,3 +306,66 @@ def test_boosted_spinner_that_scribbles_on_its_slot_is_still_throttled(vms, pois
     if poison == "guest_seq_odd":
         assert stats["slot_torn"] > 100, "the slot was not unreadable: the test did not test anything"
     assert rt_s <= (bound + 0.04) * span, f"RT {rt_s:.3f} s of {span:.2f} s: the throttle was evaded"
+
+
+@pytest.fixture
+def host_share():
+    """set(pct): the host budget's share for this test; the admin's share and window are put back afterwards."""
+    before = host_budget.read()
+
+    def set_(pct: int) -> dict:
+        return host_budget.set_share(pct)
+
+    yield set_
+    host_budget.set_share(before["share_pct"], before["window_ms"] or None)
+
+
+@pytest.mark.skipif(os.cpu_count() != 2, reason="16 vCPUs on exactly 2 CPUs, a host hog on CPU 1")
+def test_four_vms_of_four_spinning_vcpus_stay_within_the_host_budget(vms, host_share) -> None:
+    """A VM's budget bounds that VM only: 4 VMs at vm_boost_share_pct=100, each with 4 vCPUs that ask FIFO 99
+    and spin, could keep every CPU at RT between them.  The host budget (10% of all CPUs, set the way an admin
+    does) bounds them together, across four policy processes and four copies of the programs: RT time stays
+    near 10% of the two CPUs, and a host hog at nice -20 keeps most of its CPU (see measure_beside_a_hog)."""
+    share = host_share(10)["share_pct"] / 100
+    started = [vms("duration=14 workload=hog,hog,hog,hog", cpus=4, seconds=14,
+                   args=("--policy-set", "vm_boost_share_pct=100")) for _ in range(4)]
+    running = [wait_active(vm) for vm in started]
+    vm_tids = [(vm, list(vm.tids.values())) for vm in running]
+    assert sum(len(t) for _, t in vm_tids) == 16
+    vcpus, host, hog_pid = measure_vms_beside_a_hog(vm_tids, WINDOW_S, nice=-20)
+    span = min(s.span_s() for s in vcpus)
+    rt_s = sum(s.rt_run_s(t) for s, (_, tids) in zip(vcpus, vm_tids) for t in tids)
+    host_s = host.run_s(hog_pid)
+    bit = [vm.stats()["host_budget"] for vm in running]
+    print(f"4 VMs x 4 spinning vCPUs on 2 CPUs over {span:.2f} s: {rt_s:.3f} s at RT in all ({rt_s / span / 2:.1%} "
+          f"of the 2 CPUs; host budget {share:.0%}), the hog ran {host_s / span:.1%}; host_budget stat {bit}")
+    assert sum(bit) > 0 and rt_s > 0.02 * span, "the host budget never bit: the test tested nothing"
+    assert rt_s <= (2 * share + 0.1) * span, f"the VMs' vCPUs took {rt_s:.3f} s at RT together: over the host budget"
+    assert host_s >= 0.6 * span, f"the host hog got only {host_s / span:.1%} of its CPU"
+
+
+def test_the_host_budget_is_the_admins_alone(tmp_path) -> None:
+    """The shared map's boundary: its pin is root's and read-only, a policy's fd cannot update it, and a process
+    with the policy process's capabilities (no CAP_DAC_OVERRIDE) cannot open it for writing."""
+    path = host_budget.pin_path()
+    host_budget.read()  # created if absent
+    st = os.lstat(path)
+    assert st.st_uid == 0 and (st.st_mode & 0o777) == 0o400, oct(st.st_mode)
+    fd = host_budget.shared_fd()
+    try:
+        value = host_budget.pffi().new("struct pvsched_host_budget *")
+        rc = libbpf.lib().bpf_map_update_elem(fd, host_budget.pffi().new("__u32 *", 0), value, libbpf.BPF_ANY)
+        assert rc != 0 and libbpf.ffi().errno == errno.EPERM, "a read-only fd updated the host budget"
+    finally:
+        os.close(fd)
+    before = host_budget.read()
+    child = subprocess.run([sys.executable, "-I", "-c", (
+        "from pyvmm.policy import host_budget, sandbox\n"
+        "sandbox.drop_capabilities()\n"
+        "try:\n"
+        "    host_budget.set_share(100)\n"
+        "except OSError as e:\n"
+        "    print('refused', e.errno)\n")], capture_output=True, text=True, cwd="/", timeout=60, check=False)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.split()[:2] == ["refused", str(errno.EACCES)], child.stdout
+    assert host_budget.read()["share_pct"] == before["share_pct"]
