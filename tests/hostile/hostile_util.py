@@ -188,6 +188,17 @@ def shm_map(vm: Vm) -> mmap.mmap:
     raise AssertionError(f"no guest-RAM memfd among VMM {vm.pid}'s fds")
 
 
+def map_tids(pin_dir) -> set[int]:
+    """The TIDs in a VM's pinned vcpus map (bpftool map dump)."""
+    import json
+
+    out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", f"{pin_dir}/vcpus"], capture_output=True,
+                         text=True, check=True).stdout
+    # with BTF each entry has "formatted"; else the key is a list of hex bytes (a little-endian u32)
+    return {e["formatted"]["key"] if "formatted" in e else int.from_bytes(bytes(int(x, 16) for x in e["key"]), "little")
+            for e in json.loads(out)}
+
+
 def link_prog_ids() -> set[int]:
     """Program ids of every BPF link on the host (bpftool link list)."""
     import json

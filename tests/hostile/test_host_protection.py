@@ -33,7 +33,19 @@ import time
 from pathlib import Path
 
 import pytest
-from hostile_util import RT, Sampler, children, kill_pid, observer_rt, shm_map, wait_active, wait_for
+from hostile_util import (
+    RT,
+    Sampler,
+    alive,
+    children,
+    kill_pid,
+    link_prog_ids,
+    map_tids,
+    observer_rt,
+    shm_map,
+    wait_active,
+    wait_for,
+)
 from tiny_guest import build_guest  # tests/: tiny guests by the boot contract
 
 from pyvmm import abi
@@ -61,8 +73,8 @@ def measure_beside_a_hog(vm, tids: list[int], window_s: float, nice: int = 0) ->
     return vcpu, host, hog_pid
 
 
-def measure_vms_beside_a_hog(vm_tids: list[tuple], window_s: float,
-                             nice: int = 0) -> tuple[list[Sampler], Sampler, int]:
+def measure_vms_beside_a_hog(vm_tids: list[tuple], window_s: float, nice: int = 0,
+                             interval: float = 0.001) -> tuple[list[Sampler], Sampler, int]:
     """Sample the vCPU threads of each (vm, tids) and a host CPU hog (at `nice`) pinned to HOG_CPU for `window_s`:
     (a vCPU sampler per VM, the hog's sampler, hog pid).  The hog is killed by PID (its process group) afterwards, whatever happens.
 
@@ -77,7 +89,7 @@ def measure_vms_beside_a_hog(vm_tids: list[tuple], window_s: float,
         hog_pid = children(hog.pid)[0]  # timeout -> taskset exec'd into the hog
         # this thread too at the observer's RT priority: a starved SCHED_OTHER thread holding the GIL would stall
         # the samplers
-        vcpus = [Sampler(vm.pid, tids, cpu=SAMPLER_CPU) for vm, tids in vm_tids]
+        vcpus = [Sampler(vm.pid, tids, interval=interval, cpu=SAMPLER_CPU) for vm, tids in vm_tids]
         with observer_rt(), contextlib.ExitStack() as stack, Sampler(hog_pid, [hog_pid], cpu=SAMPLER_CPU) as host:
             for sampler in vcpus:
                 stack.enter_context(sampler)
@@ -308,18 +320,6 @@ def test_boosted_spinner_that_scribbles_on_its_slot_is_still_throttled(vms, pois
     assert rt_s <= (bound + 0.04) * span, f"RT {rt_s:.3f} s of {span:.2f} s: the throttle was evaded"
 
 
-@pytest.fixture
-def host_share():
-    """set(pct): the host budget's share for this test; the admin's share and window are put back afterwards."""
-    before = host_budget.read()
-
-    def set_(pct: int) -> dict:
-        return host_budget.set_share(pct)
-
-    yield set_
-    host_budget.set_share(before["share_pct"], before["window_ms"] or None)
-
-
 @pytest.mark.skipif(os.cpu_count() != 2, reason="16 vCPUs on exactly 2 CPUs, a host hog on CPU 1")
 def test_four_vms_of_four_spinning_vcpus_stay_within_the_host_budget(vms, host_share) -> None:
     """A VM's budget bounds that VM only: 4 VMs at vm_boost_share_pct=100, each with 4 vCPUs that ask FIFO 99
@@ -369,3 +369,56 @@ def test_the_host_budget_is_the_admins_alone(tmp_path) -> None:
     assert child.returncode == 0, child.stderr[-2000:]
     assert child.stdout.split()[:2] == ["refused", str(errno.EACCES)], child.stdout
     assert host_budget.read()["share_pct"] == before["share_pct"]
+
+
+@pytest.mark.skipif(os.cpu_count() != 2, reason="64 vCPU threads on exactly 2 CPUs, a host hog on CPU 1")
+def test_sixty_four_vcpu_threads_of_eight_vms_on_two_cpus(vms, host_share) -> None:
+    """8 VMs of 8 vCPUs (probe, busy, hog and idle vCPUs mixed; every hog asks FIFO 99 and spins), each with its
+    policy process and its own copy of the programs, on 2 CPUs: no ring-buffer drops, each map holds its own
+    VM's threads only, the host budget holds and a host hog keeps most of its CPU, ending one VM leaves the
+    others' pins, programs and boosts as they were, and when every policy process dies at once the guardians
+    restore all the vCPU threads."""
+    share = host_share(10)["share_pct"] / 100
+    kinds = ("probe", "busy", "hog", "idle")
+    started = [vms("duration=40 workload=" + ",".join(kinds[(i + j) % 4] for j in range(8)), cpus=8, seconds=40)
+               for i in range(8)]
+    running = [wait_active(vm, timeout=60) for vm in started]
+    assert sum(len(vm.tids) for vm in running) == 64
+    for vm in running:
+        assert map_tids(vm.pin_dir) == set(vm.tids.values()), f"VM {vm.pid}'s map holds foreign TIDs"
+    # samplers every 5 ms: eight of them at 1 ms would take CPU 0 from the VMs
+    vcpus, host, hog_pid = measure_vms_beside_a_hog([(vm, list(vm.tids.values())) for vm in running], WINDOW_S,
+                                                    nice=-20, interval=0.005)
+    span = min(s.span_s() for s in vcpus)
+    rt_s = sum(s.rt_run_s(t) for s, vm in zip(vcpus, running) for t in vm.tids.values())
+    host_s = host.run_s(hog_pid)
+    stats = [vm.stats() for vm in running]
+    print(f"64 vCPU threads on 2 CPUs over {span:.2f} s: {rt_s:.3f} s at RT ({rt_s / span / 2:.1%} of the CPUs, host "
+          f"budget {share:.0%}), the hog ran {host_s / span:.1%}; host_budget {[st['host_budget'] for st in stats]}, "
+          f"rb_drop {[st['rb_drop'] for st in stats]}")
+    assert all(st["rb_drop"] == 0 for st in stats), "a policy dropped ring-buffer events"
+    assert sum(st["host_budget"] for st in stats) > 0, "the host budget never bit: the test tested nothing"
+    # a sampled interval counts as RT if either end was: an upper bound, looser with 5 ms samples
+    assert rt_s <= (2 * share + 0.15) * span, f"the VMs' vCPUs took {rt_s:.3f} s at RT together: over the host budget"
+    assert host_s >= 0.5 * span, f"the host hog got only {host_s / span:.1%} of its CPU"
+
+    # end one VM: the other seven keep their pins, policy processes and attached programs
+    gone, rest = running[0], running[1:]
+    attached = {vm.pid: {p["id"] for p in vm.show()["programs"] if p.get("status") == "attached"} for vm in rest}
+    os.kill(gone.pid, signal.SIGTERM)
+    gone.finish(timeout=30)
+    assert gone.watchdog.returncode == 128 + signal.SIGTERM
+    assert wait_for(lambda: not gone.pin_dir.exists() and not alive(gone.policy_pid), 10)
+    linked = link_prog_ids()
+    for vm in rest:
+        assert vm.pin_dir.is_dir() and alive(vm.policy_pid), f"VM {vm.pid} lost its pins or policy when one ended"
+        assert attached[vm.pid] and attached[vm.pid] <= linked, f"VM {vm.pid}'s programs were detached"
+        assert map_tids(vm.pin_dir) == set(vm.tids.values())
+
+    # every policy process dies at once (SIGKILL: no cleanup of its own): every vCPU thread is restored
+    for vm in rest:
+        kill_pid(vm.policy_pid)
+    for vm in rest:
+        original = {v["tid"]: v["original"] for v in vm.status()["pvsched"]["vcpus"]}
+        assert wait_for(lambda vm=vm, original=original: all(str(sched_getattr(t)) == o for t, o in original.items()),
+                        5), f"VM {vm.pid}: vCPU threads not restored: {vm.status()['pvsched']['vcpus']}"

@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 
-from hostile_util import RT, Sampler, alive, link_prog_ids, wait_active, wait_for
+from hostile_util import RT, Sampler, alive, link_prog_ids, map_tids, wait_active, wait_for
 
 from pyvmm.common.sched_attr import SchedAttr, sched_getattr
 
@@ -25,14 +24,6 @@ def _attr(d: dict) -> SchedAttr:
     return SchedAttr(names[d["policy"]], d["priority"], d["nice"])
 
 
-def _map_tids(pin_dir) -> set[int]:
-    out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", f"{pin_dir}/vcpus"], capture_output=True,
-                         text=True, check=True).stdout
-    # with BTF each entry has "formatted"; else the key is a list of hex bytes (a little-endian u32)
-    return {e["formatted"]["key"] if "formatted" in e else int.from_bytes(bytes(int(x, 16) for x in e["key"]), "little")
-            for e in json.loads(out)}
-
-
 def _applied_matches_observed(vm) -> bool:
     return all(v["observed"] is not None and _attr(v["observed"]) == _attr(v["applied"]) for v in vm.show()["vcpus"])
 
@@ -42,7 +33,7 @@ def test_three_vms_on_two_cores(vms) -> None:
     a, b, c = (wait_active(vm) for vm in started)
     assert len({vm.policy_pid for vm in (a, b, c)}) == 3 and len({vm.pin_dir for vm in (a, b, c)}) == 3
     for vm in (a, b, c):
-        assert vm.pin_dir.is_dir() and _map_tids(vm.pin_dir) == set(vm.tids.values()), "a map holds foreign TIDs"
+        assert vm.pin_dir.is_dir() and map_tids(vm.pin_dir) == set(vm.tids.values()), "a map holds foreign TIDs"
     time.sleep(1.0)
     for vm in (a, b, c):
         assert wait_for(lambda vm=vm: _applied_matches_observed(vm), 2), f"VM {vm.pid}: {vm.show()['vcpus']}"
