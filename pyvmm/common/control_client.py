@@ -62,7 +62,10 @@ def request(pid: int | None, req: dict, timeout: float = 10.0) -> dict:
         s.settimeout(timeout)
         try:
             s.connect(str(path))
-            s.sendall(json.dumps(req).encode() + b"\n")
+            try:
+                s.sendall(json.dumps(req).encode() + b"\n")
+            except BrokenPipeError:
+                pass  # refused before our request was read (busy, not allowed): its one line is still to read
             buf = b""
             while b"\n" not in buf:
                 data = s.recv(65536)

@@ -325,7 +325,7 @@ static __always_inline __u32 over_budget(const struct pvsched_tunables *t, __u64
 }
 
 /*
- * Add boosted run time up to now, to the vCPU's window and to the VM's.
+ * Add boosted run time up to now, to the vCPU's window, the VM's and the host's.
  * running/run_start_ns are written only by sched_switch (lock-free: a task
  * switches on one CPU at a time), so a busy lock can never leave a boosted
  * vCPU unaccounted; counting starts at the latest of switch-in, last
