@@ -194,6 +194,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "guest's interrupt and softirq flags can boost their vCPUs (compare pvsched with "
                         "--variant rt:program=rt_only)")
     p.add_argument("--no-runqlat", action="store_true", help="do not measure the vCPU threads' runqueue latency")
+    p.add_argument("--no-peer", action="store_true",
+                   help="--guest linux: leave out the QEMU peer runs (they take most of a lab run's time)")
     p.add_argument("--report-only", action="store_true", help="redo results.md/.png from OUT/results.json")
     p.add_argument("--vms", type=_vm_counts, metavar="N,N,...",
                    help="instead of the groups, the cost curve against the number of VMs, e.g. 1,2,4,8,16: for each "
@@ -520,7 +522,7 @@ def bench(args: argparse.Namespace) -> int:
             else:
                 meta["failures"].append(f"{cell.label} {cell.host} {cell.workload} rep {cell.rep}: {why}")
                 _progress(f"{what}: FAILED: {why}")
-        if args.image:
+        if args.image and not args.no_peer:
             meta["peer"] = run_peers(args)
     finally:
         if probe:

@@ -469,3 +469,10 @@ def test_vm_counts_and_the_scale_targets():
     pol = {"programs": [{"name": "pvs_switch", "run_cnt": 1000, "avg_ns": 100.0}], "stats": {"switch_vmm": 100}}
     assert scale._vcpu_switch_ns(pol, 50.0, 3) == round((1000 * 100 - 900 * 50) / 100 + 3 * 50, 1)
     assert scale._vcpu_switch_ns({}, 50.0, 3) is None
+
+
+def test_the_qemu_peer_can_be_left_out():
+    from pyvmm.bench.run import parse_args
+
+    assert parse_args(["--guest", "linux", "--no-peer"]).no_peer
+    assert not parse_args(["--guest", "linux"]).no_peer
