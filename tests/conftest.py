@@ -58,3 +58,14 @@ def pyvmm_bg():
     yield start
     for p in procs:
         _kill(p)
+
+
+@pytest.fixture
+def host_share():
+    """set(pct): the host budget's share for this test (all VMs' boosted vCPUs together); the admin's share and
+    window are put back afterwards.  A test that lifts one VM's budget (vm_boost_share_pct=100) lifts this too."""
+    from pyvmm.policy import host_budget
+
+    before = host_budget.read()
+    yield host_budget.set_share
+    host_budget.set_share(before["share_pct"], before["window_ms"] or None)

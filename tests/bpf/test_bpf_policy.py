@@ -20,6 +20,7 @@ from sched_observe import observed, proc_sched, runs, sample, wait_for
 
 from pyvmm import abi
 from pyvmm.bench.cpuacct import tree_cpu_s
+from pyvmm.policy import host_budget
 
 RR, FIFO, OTHER, BATCH = os.SCHED_RR, os.SCHED_FIFO, os.SCHED_OTHER, os.SCHED_BATCH
 
@@ -207,11 +208,13 @@ def test_the_throttle_clock_ends_a_boost_in_the_kernel_without_the_backstop(fake
     assert observed(tid) == (OTHER, 0, 0)
 
 
-def test_a_boost_no_longer_asked_for_ends_at_a_clock_recheck_not_in_a_throttle(fake_vmm, policy_child):
+def test_a_boost_no_longer_asked_for_ends_at_a_clock_recheck_not_in_a_throttle(fake_vmm, policy_child, pin_root):
     # RT work, then plain work on the same vCPU without leaving the CPU: no event reads the slot, and the
     # backstop (500 ms here) is far; the clock asks the policy process to read it after clock_ms (5 ms).
     # A generous budget: the stand-in's command thread may wait behind the boosted spinner, and a throttle
     # would end the boost too (this test is about the request's end being noticed).
+    # one spinning vCPU is 50% of 2 CPUs, the default host budget, which it reaches in a whole window
+    host_budget.set_share(100, pin_root=pin_root)
     vmm = fake_vmm(1)
     tid = vmm.tids[0]
     child = policy_child(vmm, {"backstop_ms": "500", "throttle_window_ms": "1000", "max_boost_runtime_ms": "900",
@@ -246,10 +249,11 @@ def test_a_boost_no_longer_asked_for_ends_at_a_clock_recheck_not_in_a_throttle(f
     child.terminate()
 
 
-def test_a_boosted_vcpu_on_its_way_to_halt_keeps_its_boost(fake_vmm, policy_child):
+def test_a_boosted_vcpu_on_its_way_to_halt_keeps_its_boost(fake_vmm, policy_child, pin_root):
     # The guest's RT task sleeps: the slot shows IDLE a moment before the vCPU halts.  A preemption or a
     # backstop in that moment must not drop the boost (it left the vCPU at SCHED_OTHER behind host load
     # until it reached the halt: the busy-host guest max of the benchmark).
+    host_budget.set_share(100, pin_root=pin_root)  # as above: the budgets are lifted, the host's too
     vmm = fake_vmm(1)
     tid = vmm.tids[0]
     child = policy_child(vmm)
@@ -259,7 +263,8 @@ def test_a_boosted_vcpu_on_its_way_to_halt_keeps_its_boost(fake_vmm, policy_chil
     vmm.cmd("custom 0 spin 16 0 0 0 0")  # IDLE published, still running: backstops and preemptions see it
     s = sample(tid, 0.3, 0.002)
     dropped = [pol for _, pol, _ in s if pol != RR]
-    assert not dropped, f"boost dropped in {len(dropped)}/{len(s)} samples before the halt"
+    st = {k: v["value"] for k, v in child.show()["stats"].items() if v["value"]}
+    assert not dropped, f"boost dropped in {len(dropped)}/{len(s)} samples before the halt; {st}"
     vmm.cmd("custom 0 spin 0 0 0 0 0")  # plain work: the first evaluation drops it
     assert wait_for(lambda: observed(tid) == (OTHER, 0, 0), 1.0), f"still {observed(tid)}"
     vmm.cmd("custom 0 spin 16 0 0 0 0")  # an unboosted vCPU is not boosted by an IDLE slot before it halts

@@ -11,8 +11,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from hostile_util import Vm, start_vm
 
-from pyvmm.policy import host_budget
-
 
 @pytest.fixture
 def vms():
@@ -27,11 +25,3 @@ def vms():
     yield start
     for vm in started:
         vm.kill()
-
-
-@pytest.fixture
-def host_share():
-    """set(pct): the host budget's share for this test; the admin's share and window are put back afterwards."""
-    before = host_budget.read()
-    yield host_budget.set_share
-    host_budget.set_share(before["share_pct"], before["window_ms"] or None)
