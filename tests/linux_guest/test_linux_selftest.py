@@ -60,7 +60,9 @@ def test_rr_task_shows_in_its_cpus_slot_while_it_runs(selftest):
 def test_slot_shows_idle_after_the_rr_task(selftest):
     after = _slots(selftest, "after", 1)
     assert any(s["flags"] & C.PVSCHED_FLAG_IDLE and s["policy"] == C.PVSCHED_POLICY_OTHER for s in after), after
-    assert all(s["rt_priority"] == 0 for s in after)
+    # the test's RR 8 task is gone from the slot (a kernel RT thread, such as migration/1 at FIFO 99, may
+    # still be caught running on CPU 1 by a sample: that is a real RT task, not a stale one)
+    assert not any(s["policy"] == C.PVSCHED_POLICY_RR and s["rt_priority"] == 8 for s in after), after
     # the RT tasks have exited: no RT task sleeps on CPU 1 any more
     assert not any(s["flags"] & C.PVSCHED_FLAG_RT_WAITING for s in after), after
 
