@@ -14,7 +14,6 @@ Every VM is a `pyvmm boot` child of this process, started with -I from "/", ende
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import statistics
@@ -28,7 +27,7 @@ from pyvmm.bench import switchcost
 from pyvmm.bench.cpuacct import threads_cpu_s, tree_cpu_s
 from pyvmm.bench.hostload import StressLoad
 from pyvmm.bench.results import guest_summary, policy_stats
-from pyvmm.bench.vmrun import parse_guest_lines
+from pyvmm.bench.vmrun import parse_guest_lines, read_stats_out
 from pyvmm.common import control_client
 from pyvmm.common.procfs import memory_kb
 from pyvmm.common.safe_fs import write_file_nofollow
@@ -163,7 +162,7 @@ def measure_n(n: int, duration_s: float, workdir: Path, progress) -> dict:
         if probe.proc.returncode != 0:
             raise ScaleError(f"the probe guest exited {probe.proc.returncode} (log: {probe.log})")
         g = guest_summary(parse_guest_lines(out.splitlines()))
-        final = _final_policy(stats_out)
+        final = read_stats_out(stats_out)[0] or {}
     finally:
         if load is not None:
             load.stop()
@@ -174,16 +173,6 @@ def measure_n(n: int, duration_s: float, workdir: Path, progress) -> dict:
             "policy_cpus": round(max(0.0, cpu1[0] - cpu0[0]) / window, 3),
             "vmm_cpus": round(max(0.0, cpu1[1] - cpu0[1]) / window, 3),
             **mem, "probe_p99_us": g["p99"] if g else None, "probe_max_us": g["max"] if g else None}
-
-
-def _final_policy(stats_out: Path) -> dict:
-    """The probe guest's policy.show at its end (`pyvmm boot --stats-out`), or {}."""
-    try:
-        dev = json.loads(stats_out.read_text()).get("devices", {}).get("pvsched") or {}
-    except (OSError, ValueError, AttributeError):
-        return {}
-    pol = dev.get("policy")
-    return pol if isinstance(pol, dict) and "error" not in pol else {}
 
 
 # Targets from the scale issue: printed with PASS or MISS against the curve.

@@ -197,16 +197,23 @@ def _kill(pid: int | None, sig: int) -> None:
             pass
 
 
-def _final_stats(path: Path, out: VmOutcome) -> None:
-    """The policy's policy.show and the device's state as `pyvmm boot --stats-out` left them at the VM's end."""
+def read_stats_out(path: Path) -> tuple[dict | None, dict | None]:
+    """(the policy's last policy.show, the device's state) as `pyvmm boot --stats-out` left them; None if absent."""
     try:
         dev = json.loads(path.read_text()).get("devices", {}).get("pvsched") or {}
     except (OSError, ValueError, AttributeError):
-        return
-    if isinstance(dev.get("policy"), dict) and "error" not in dev["policy"]:
-        out.policy_reply = dev["policy"]
-    if isinstance(dev.get("device"), dict):
-        out.status_reply = {"pvsched": dev["device"]}
+        return None, None
+    policy = dev.get("policy") if isinstance(dev.get("policy"), dict) and "error" not in dev["policy"] else None
+    return policy, dev.get("device") if isinstance(dev.get("device"), dict) else None
+
+
+def _final_stats(path: Path, out: VmOutcome) -> None:
+    """The policy's policy.show and the device's state as `pyvmm boot --stats-out` left them at the VM's end."""
+    policy, device = read_stats_out(path)
+    if policy is not None:
+        out.policy_reply = policy
+    if device is not None:
+        out.status_reply = {"pvsched": device}
 
 
 def _vm_ending(watchdog_pid: int | None, on_end) -> None:

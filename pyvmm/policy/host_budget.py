@@ -49,6 +49,12 @@ def _value(share_pct: int, window_ms: int, ncpus: int):
     return v
 
 
+def describe(v) -> dict[str, int | float]:
+    """A `struct pvsched_host_budget *` in words: share, CPUs, window, budget and the counted window's use."""
+    return {"share_pct": v.share_pct, "ncpus": v.ncpus, "window_ms": v.window_ns // 1_000_000,
+            "budget_ms": round(v.budget_ns / 1e6, 3), "window": v.window, "boosted_ms": round(v.boosted_ns / 1e6, 3)}
+
+
 def _get(path: Path, flags: int) -> int:
     opts = libbpf.ffi().new("struct bpf_obj_get_opts *", {"sz": libbpf.ffi().sizeof("struct bpf_obj_get_opts"),
                                                            "file_flags": flags})
@@ -95,8 +101,7 @@ def read(pin_root: str | os.PathLike[str] = PIN_ROOT) -> dict[str, int]:
     try:
         v = pffi().new("struct pvsched_host_budget *")
         check(libbpf.lib().bpf_map_lookup_elem(fd, pffi().new("__u32 *", 0), v), "reading the host budget")
-        return {"share_pct": v.share_pct, "ncpus": v.ncpus, "window_ms": v.window_ns // 1_000_000,
-                "budget_ms": round(v.budget_ns / 1e6, 3), "window": v.window, "boosted_ms": round(v.boosted_ns / 1e6, 3)}
+        return describe(v)
     finally:
         os.close(fd)
 

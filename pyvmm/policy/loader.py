@@ -180,14 +180,13 @@ class BpfPolicy:
         finally:
             os.close(fd)  # libbpf keeps its own duplicate
 
-    def host_budget(self) -> dict[str, int]:
-        """The host budget's entry as this object's programs see it (zeros without pins)."""
+    def host_budget(self) -> dict:
+        """The host budget's entry as this object's programs see it ({} if unreadable; zeros without pins)."""
         f = pffi()
         v = f.new("struct pvsched_host_budget *")
         if self.host_budget_fd < 0 or libbpf.lib().bpf_map_lookup_elem(self.host_budget_fd, f.new("__u32 *", 0), v):
             return {}
-        return {"share_pct": v.share_pct, "window_ms": v.window_ns // 1_000_000, "budget_ms": round(v.budget_ns / 1e6, 3),
-                "boosted_ms": round(v.boosted_ns / 1e6, 3)}
+        return host_budget.describe(v)
 
     def _rodata(self) -> tuple[object, int, dict[str, tuple[int, int]]]:
         """The .rodata map, its size, and each of its variables' (offset, size), from the object's BTF."""

@@ -268,19 +268,22 @@ static __always_inline __u32 wanted_from_slot(const struct pvsched_tunables *t, 
  * the count (cmpxchg on the window); an add racing with that reset may be
  * lost, which under-counts by one accounting interval at most.
  */
+static __always_inline void roll_window(__u64 *window, __u64 *boosted_ns, __u64 idx)
+{
+	__u64 old = *window;
+
+	if (old != idx && __sync_val_compare_and_swap(window, old, idx) == old)
+		*boosted_ns = 0;
+}
+
 static __always_inline struct pvsched_vm_budget *vm_window(const struct pvsched_tunables *t, __u64 now)
 {
 	struct pvsched_vm_budget *b;
 	__u32 zero = 0;
-	__u64 idx, old;
 
 	b = bpf_map_lookup_elem(&vm_budget, &zero);
-	if (!b || !t->throttle_window_ns)
-		return b;
-	idx = now / t->throttle_window_ns;
-	old = b->window;
-	if (old != idx && __sync_val_compare_and_swap(&b->window, old, idx) == old)
-		b->boosted_ns = 0;
+	if (b && t->throttle_window_ns)
+		roll_window(&b->window, &b->boosted_ns, now / t->throttle_window_ns);
 	return b;
 }
 
@@ -299,15 +302,11 @@ static __always_inline struct pvsched_host_budget *host_window(__u64 now)
 {
 	struct pvsched_host_budget *b;
 	__u32 zero = 0;
-	__u64 idx, old;
 
 	b = bpf_map_lookup_elem(&host_budget, &zero);
 	if (!b || !b->window_ns)
 		return NULL;
-	idx = now / b->window_ns;
-	old = b->window;
-	if (old != idx && __sync_val_compare_and_swap(&b->window, old, idx) == old)
-		b->boosted_ns = 0;
+	roll_window(&b->window, &b->boosted_ns, now / b->window_ns);
 	return b;
 }
 
