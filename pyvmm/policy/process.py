@@ -253,36 +253,74 @@ def _net_ifaces() -> list[str]:
         return [line.split(":")[0].strip() for line in f.readlines()[2:]]
 
 
+EXIT_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class _ExitRequest:
+    """Whether the way out has been asked for: it is asked for once, and then runs to its end.
+
+    A dying VMM sends more than one SIGTERM: the kernel sends the parent-death signal at every
+    reparenting (forget_original_parent), and a multi-threaded VMM hands its children from each
+    exiting thread to the next before init takes them.  The first signal starts the cleanup; a
+    later one must neither interrupt it (pins left behind) nor kill the process once Python's
+    finalization has put the default action back.
+    """
+
+    asked = False
+
+
+_EXIT = _ExitRequest()
+
+
+def _on_exit_signal(signum: int, frame: Any) -> None:
+    """Outside serve(): the first SIGTERM/SIGINT unwinds to the cleanup; later ones are dropped."""
+    if not _EXIT.asked:
+        _EXIT.asked = True
+        raise SystemExit(128 + signum)
+
+
+def _ignore_exit_signals() -> None:
+    """The cleanup is under way: ignore SIGTERM/SIGINT (SIG_IGN, unlike a handler, outlives finalization)."""
+    _EXIT.asked = True
+    for sig in EXIT_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 async def serve(sock: trio.socket.SocketType, service: PolicyService) -> None:
     """Answer requests until shutdown, end of stream or SIGTERM/SIGINT; the engine runs alongside."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
+    with trio.open_signal_receiver(*EXIT_SIGNALS) as signals:
+        try:
+            await _serve(sock, service, signals)
+        finally:
+            # Before trio puts _on_exit_signal back: from here a late SIGTERM must not interrupt the way out.
+            _EXIT.asked = True
 
-            async def watch_signals() -> None:
-                async for sig in signals:
+
+async def _serve(sock: trio.socket.SocketType, service: PolicyService, signals: Any) -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def watch_signals() -> None:
+            async for sig in signals:
+                if not nursery.cancel_scope.cancel_called:
                     log.info("%s: cleaning up", signal.Signals(sig).name)
-                    nursery.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()
 
-            nursery.start_soon(watch_signals)
-            if service.engine is not None:
-                nursery.start_soon(service.engine.run)
-            await protocol.send(sock, {"op": "ready", "pid": os.getpid(), "engine": service.engine is not None,
-                                       "engine_error": service.engine_error})
-            while True:
-                msg, fds = await protocol.recv(sock)
-                if msg is None:
-                    log.info("VMM closed the socket: cleaning up")
-                    break
-                reply = service.handle(msg, fds)
-                reply["id"] = msg.get("id")
-                await protocol.send(sock, reply)
-                if msg.get("op") == "shutdown":
-                    break
-            nursery.cancel_scope.cancel()
-
-
-def _raise_exit(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
+        nursery.start_soon(watch_signals)
+        if service.engine is not None:
+            nursery.start_soon(service.engine.run)
+        await protocol.send(sock, {"op": "ready", "pid": os.getpid(), "engine": service.engine is not None,
+                                   "engine_error": service.engine_error})
+        while True:
+            msg, fds = await protocol.recv(sock)
+            if msg is None:
+                log.info("VMM closed the socket: cleaning up")
+                break
+            reply = service.handle(msg, fds)
+            reply["id"] = msg.get("id")
+            await protocol.send(sock, reply)
+            if msg.get("op") == "shutdown":
+                break
+        nursery.cancel_scope.cancel()
 
 
 def setup_privileged(vmm_pid: int, pin_root: str) -> int | None:
@@ -357,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="pvsched-policy[%(process)d]: %(message)s")
 
     # Before anything else: die with the VMM's main thread; catch the case where it is already gone.
-    signal.signal(signal.SIGTERM, _raise_exit)
+    for sig in EXIT_SIGNALS:
+        signal.signal(sig, _on_exit_signal)
     sandbox.set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != args.vmm_pid:
         log.error("VMM %d is gone before start-up", args.vmm_pid)
@@ -406,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("policy process failed: %s: %s", type(e).__name__, e, exc_info=args.verbose)
         return 1
     finally:
+        _ignore_exit_signals()
         service.close()
         if heartbeat is not None:
             if engine is not None and hasattr(engine, "set_heartbeat"):

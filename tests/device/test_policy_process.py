@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -11,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import trio
 from device_harness import SHM_GPA, C, Running
 from standin import StandinVm
@@ -306,34 +309,71 @@ def test_stale_pins_of_dead_vmms_are_removed_at_start(vm) -> None:
             stale.rmdir()
 
 
-def test_killing_the_vmm_ends_the_policy_process(tmp_path: Path) -> None:
-    vmm = subprocess.Popen([sys.executable, str(HERE / "standin_vmm.py")], stdout=subprocess.PIPE, text=True,
-                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@contextlib.contextmanager
+def _subreaper():
+    """Orphans of our children become ours while inside: their exit status can be read with waitpid."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "PR_SET_CHILD_SUBREAPER")
     try:
-        line = vmm.stdout.readline()
-        info = json.loads(line)
-        pid = info["policy_pid"]
-        assert _proc_status(pid)["PPid"] == str(vmm.pid)
-        vmm.kill()
-        vmm.wait(5)
-        _wait_for(lambda: not os.path.exists(f"/proc/{pid}") or _proc_status(pid)["State"].startswith("Z"),
-                  timeout=10, what="the policy process to end after its VMM was killed")
+        yield
     finally:
-        if vmm.poll() is None:
-            vmm.kill()
-            vmm.wait()
-    # Its single cleanup path ran: the engine's pins (maps and links) of that VMM are gone.  The folder
-    # itself is a mount point in its confined root, which it cannot remove: the next start's sweep does.
-    folder = f"/sys/fs/bpf/pvsched/{vmm.pid}"
-    _wait_for(lambda: not os.path.exists(folder) or not os.listdir(folder), what="the dead VMM's pins to go")
-    remove_stale_pins("/sys/fs/bpf/pvsched")
-    assert not os.path.exists(folder)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def _reap(pid: int, storm: bool, timeout: float = 10.0) -> int:
+    """Wait for our orphaned child `pid`; with `storm`, send it SIGTERM every millisecond meanwhile."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if storm:
+            os.kill(pid, signal.SIGTERM)  # safe: an unreaped child's pid cannot be reused
+        time.sleep(0.001)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"policy process {pid} did not end within {timeout} s")
+
+
+@pytest.mark.parametrize("storm", [False, True], ids=["vmm_killed", "vmm_killed_then_sigterm_storm"])
+def test_killing_the_vmm_ends_the_policy_process_cleanly(storm: bool) -> None:
+    """A dying VMM sends several SIGTERMs (one per reparenting among its threads), and a storm adds more:
+    the first starts the one cleanup path, the rest interrupt nothing.  Exit 0, and every pin is gone."""
+    for _ in range(2):
+        with _subreaper():
+            vmm = subprocess.Popen([sys.executable, str(HERE / "standin_vmm.py")], stdout=subprocess.PIPE,
+                                   text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+            pid = None
+            try:
+                info = json.loads(vmm.stdout.readline())
+                pid = info["policy_pid"]
+                assert _proc_status(pid)["PPid"] == str(vmm.pid)
+                vmm.kill()
+                vmm.wait(5)
+                code = _reap(pid, storm)
+            finally:
+                if vmm.poll() is None:
+                    vmm.kill()
+                    vmm.wait()
+                if pid is not None and os.path.exists(f"/proc/{pid}"):
+                    with contextlib.suppress(ChildProcessError):
+                        os.kill(pid, signal.SIGKILL)
+                        os.waitpid(pid, 0)
+        assert code == 0, f"the policy process ended with {code}, not through its clean exit"
+        # The one cleanup path ran to its end before the exit: the VMM's pins (maps and links) are gone.  The
+        # folder itself is a mount point in the confined root, which it cannot remove: the next start's sweep does.
+        folder = f"/sys/fs/bpf/pvsched/{vmm.pid}"
+        assert not os.path.exists(folder) or not os.listdir(folder), os.listdir(folder)
+        remove_stale_pins("/sys/fs/bpf/pvsched")
+        assert not os.path.exists(folder)
 
 
 def test_policy_asked_for_but_not_loaded_is_a_hard_error(monkeypatch) -> None:
     """A run without BPF must not pass for a pvsched run: `pyvmm boot` refuses it (VmmError: exit 2)."""
-    import pytest
-
     from pyvmm.boot import BootConfig, run_vm
     from pyvmm.device import device as devmod
     from pyvmm.vmm.machine import VmmError
