@@ -44,8 +44,9 @@ def qemu_argv(kernel: str, initrd: str, duration_s: float, interval_us: int, cpu
 
 
 def run_peer(host: str, kernel: str, initrd: str, duration_s: float, interval_us: int,
-             limit_s: float = 400, policy: str = "rr") -> PeerRun:
-    """Boot the image under QEMU/KVM once and collect; QEMU is killed (its own session) after limit_s."""
+             limit_s: float = 400, policy: str = "rr", on_boot=None, on_end=None) -> PeerRun:
+    """Boot the image under QEMU/KVM once and collect; QEMU is killed (its own session) after limit_s.
+    `on_boot()` and `on_end()` are called where pyvmm's runs open and close their window (console_reader)."""
     out = PeerRun(host)
     t0 = time.monotonic()
     try:
@@ -57,7 +58,7 @@ def run_peer(host: str, kernel: str, initrd: str, duration_s: float, interval_us
                             text=True, errors="replace", start_new_session=True)
     lines: list[str] = []
 
-    reader = console_reader(proc.stdout, lines, out, t0)
+    reader = console_reader(proc.stdout, lines, out, t0, on_boot, on_end)
     reader.start()
     try:
         rc = proc.wait(limit_s)

@@ -304,9 +304,9 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
     ct_summary = stress_rates = cpu = None
 
     def guest_starts(tids: list[int], vmm_pid: int) -> None:
-        # The vCPU threads exist and the guest is being let go: the host load and the host's own latency
-        # are measured from here to the VM's end, the guest's window, the same for every configuration
-        # (the VMM's and the policy process's start-up, outside it, differ a lot under load).
+        # The guest's window opens (run_vm: the test guest let go, or a Linux guest at /init): the host load
+        # and the host's own latency are measured from here to the VM's end, the same for every
+        # configuration (the VMM's and the policy process's start-up, outside it, differ a lot under load).
         if probe:
             probe.track(tids)
         if cell.host == "busy":
@@ -375,13 +375,24 @@ def run_peers(args: argparse.Namespace) -> list[dict]:
 
     peers = []
     for host in args.groups:
-        load = StressLoad(600) if host == "busy" else None
+        loads: list = []
+
+        def start_load(host: str = host, loads: list = loads) -> None:
+            # at /init, as pyvmm's runs (vmrun.LINUX_SETTLE_S): both boots run on an idle host
+            if host == "busy":
+                loads.append(StressLoad(600))
+
+        def stop_load(loads: list = loads) -> None:
+            try:  # called by the console reader at the window's end, and again here after the run
+                load = loads.pop()
+            except IndexError:
+                return
+            load.stop()
         try:
             r = run_peer(host, str(args.image.kernel), str(args.image.initrd), args.duration, args.interval,
-                         policy=args.cyclictest_policy)
+                         policy=args.cyclictest_policy, on_boot=start_load, on_end=stop_load)
         finally:
-            if load is not None:
-                load.stop()
+            stop_load()
         g = r.guest or {}
         _progress(f"[peer] qemu -accel kvm {host:<4}: " + (f"FAILED: {r.error}" if r.error else
                   f"/init after {r.init_after_s} s, guest p99 {g.get('p99', 0):.0f} us max {g.get('max', 0):.0f} us"))

@@ -37,10 +37,17 @@ POLLER_ATTR = SchedAttr(SCHED_FIFO, abi.C.PVSCHED_BENCH_POLLER_PRIO, 0)
 _VCPU_COMM = re.compile(r"vcpu[\s_-]*(\d+)", re.IGNORECASE)
 
 
-def cyclictest_cmdline(duration_s: float, interval_us: int, policy: str = "rr") -> str:
+# A Linux guest's window opens at /init's first record, not at the vCPU threads: its boot (minutes under
+# the lab's emulation, and longer the busier the host) is not what a run measures, and the host load
+# started before it stretched a busy run past its bound.  The guest waits this long after /init (and its
+# module's load) before cyclictest starts, so that the host load is up for the whole of cyclictest.
+LINUX_SETTLE_S = 5
+
+
+def cyclictest_cmdline(duration_s: float, interval_us: int, policy: str = "rr", settle_s: float = LINUX_SETTLE_S) -> str:
     """The Linux image's kernel command-line keys for its cyclictest run (pyvmm/guest/linux/init.sh)."""
     return (f"pvsched.workload=cyclictest pvsched.duration={duration_s:g} pvsched.interval={interval_us} "
-            f"pvsched.policy={policy}")
+            f"pvsched.policy={policy} pvsched.settle={settle_s:g}")
 
 
 @dataclass
@@ -232,13 +239,32 @@ def _vm_ending(watchdog_pid: int | None, on_end) -> None:
         on_end()
 
 
-def console_reader(stream, lines: list[str], out, t0: float) -> threading.Thread:
-    """A thread (not started) appending stream's lines to `lines`; it sets out.init_after_s to the seconds
-    since t0 at the Linux image's first /init record."""
+def _once(f):
+    """`f` (or nothing, if None) that runs at most once however often it is called."""
+    done = False
+
+    def call() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            if f:
+                f()
+
+    return call
+
+
+def console_reader(stream, lines: list[str], out, t0: float, on_boot=None, on_end=None) -> threading.Thread:
+    """A thread (not started) appending stream's lines to `lines`.  At the Linux image's first /init record
+    it sets out.init_after_s to the seconds since t0 and calls `on_boot()`; at the end of its cyclictest
+    (before the guest's own summary, slow under emulation) it calls `on_end()`: the window of a Linux run."""
     def read() -> None:
         for line in stream:
             if out.init_after_s is None and '"type":"boot"' in line:
                 out.init_after_s = round(time.monotonic() - t0, 2)
+                if on_boot:
+                    on_boot()
+            elif on_end and '"type":"cyclictest_end"' in line:
+                on_end()
             lines.append(line)
 
     return threading.Thread(target=read, daemon=True)
@@ -247,9 +273,11 @@ def console_reader(stream, lines: list[str], out, t0: float) -> threading.Thread
 def run_vm(spec: RunSpec, on_tids=None, on_end=None) -> VmOutcome:
     """Boot, apply the configuration to the vCPU threads as soon as they exist, collect; never leaves the VM behind.
 
-    `on_tids(tids, vmm_pid)` is called once with the vCPU TIDs and the VMM's pid (the benchmark starts its
-    runqueue probe and CPU accounting there), and
-    `on_end()` once when the first vCPU thread has ended (or the VM ended without any): the guest's window.
+    `on_tids(tids, vmm_pid)` is called once with the vCPU TIDs and the VMM's pid when the guest's window
+    opens (the benchmark starts its host load, runqueue probe and CPU accounting there): at the vCPU threads
+    for the test guest, at /init's first record for a Linux guest (LINUX_SETTLE_S), and
+    `on_end()` once at the window's end: a Linux guest's end of cyclictest, or else when the first vCPU
+    thread has ended (or the VM ended without any).
     Nothing polls the VM while it runs: the policy's counters come from `pyvmm boot --stats-out` at its end.
     """
     out = VmOutcome()
@@ -262,11 +290,13 @@ def run_vm(spec: RunSpec, on_tids=None, on_end=None) -> VmOutcome:
     # -I and cwd "/": a root child imports nothing from the caller's folder (boot_argv's paths are absolute).
     proc = subprocess.Popen(boot_argv(spec, limit_s, stats_out), stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
                             text=True, errors="replace", cwd="/")
-    reader = console_reader(proc.stdout, lines, out, t0)
+    measured = threading.Event()  # a Linux guest's cyclictest has ended: the window closes
+    reader = console_reader(proc.stdout, lines, out, t0, on_end=measured.set)
     reader.start()
     vmm_pid = None
     own = sched_getattr(0)
-    ended = False
+    window = ended = False
+    on_end = _once(on_end)
     try:
         sched_setattr(0, POLLER_ATTR)
         while proc.poll() is None:
@@ -282,8 +312,12 @@ def run_vm(spec: RunSpec, on_tids=None, on_end=None) -> VmOutcome:
                             sched_setattr(tid, attr)
                         # read back: the record shows what the threads really ran with
                         out.vcpu_sched[vcpu] = str(sched_getattr(tid))
-                    if on_tids:
-                        on_tids(list(out.vcpu_tids.values()), vmm_pid)
+            if out.vcpu_tids and not window and (spec.kernel is None or out.init_after_s is not None):
+                window = True
+                if on_tids:
+                    on_tids(list(out.vcpu_tids.values()), vmm_pid)
+            if window and measured.is_set():
+                on_end()
             if out.vcpu_tids and not ended and not all(os.path.exists(f"/proc/{vmm_pid}/task/{t}")
                                                       for t in out.vcpu_tids.values()):
                 ended = True

@@ -60,3 +60,20 @@ def test_unknown_flavor_is_one_line_and_nonzero():
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0 and "unknown kernel flavor 'nope'" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_stale_image_in_a_read_only_checkout_is_one_clear_error(monkeypatch):
+    """Inside `pyvmm lab` the checkout is read-only: a stale image must be one line naming the fix, not a traceback."""
+    import errno
+
+    from pyvmm.bench.run import BenchError, linux_image
+
+    def read_only(flavor):
+        raise OSError(errno.EROFS, "Read-only file system", "/repo/build/image/cloud/initramfs.cpio.tmp")
+
+    monkeypatch.setattr(kernel, "fetch_kernel", lambda flavor: None)
+    monkeypatch.setattr(build_image, "build_initramfs", read_only)
+    with pytest.raises(BenchError) as e:
+        linux_image()
+    msg = str(e.value)
+    assert "\n" not in msg and "initramfs.cpio.tmp" in msg and "python -m pyvmm.guest.linux.build_image" in msg

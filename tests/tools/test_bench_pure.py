@@ -128,6 +128,40 @@ def test_the_linux_guests_cyclictest_policy_reaches_its_command_line_and_the_pee
     assert parse_args(["--guest", "linux", "--cyclictest-policy", "other"]).cyclictest_policy == "other"
 
 
+def test_a_linux_guest_settles_after_init_in_pyvmm_and_in_the_peer():
+    """The host load starts at /init's first record: both command lines give the guest its settle time."""
+    from pyvmm.bench.qemu_peer import qemu_argv
+    from pyvmm.bench.vmrun import LINUX_SETTLE_S
+
+    argv = boot_argv(RunSpec("vanilla", "cyclictest", 2, 1000, kernel="/k", initrd="/i"), 60)
+    assert f"pvsched.settle={LINUX_SETTLE_S:g}" in argv[argv.index("--cmdline") + 1].split()
+    try:
+        peer = qemu_argv("/k", "/i", 2, 1000)
+    except FileNotFoundError:
+        pytest.skip("no qemu-system-x86_64")
+    assert f"pvsched.settle={LINUX_SETTLE_S:g}" in peer[peer.index("-append") + 1].split()
+
+
+def test_the_console_reader_opens_the_window_at_the_boot_record_and_closes_it_at_cyclictests_end():
+    import io
+    import time
+    from types import SimpleNamespace
+
+    from pyvmm.bench.vmrun import console_reader
+
+    calls, ends, lines = [], [], []
+    out = SimpleNamespace(init_after_s=None)
+    stream = io.StringIO('early line\n{"type":"boot","kernel":"6.1"}\nx {"type":"boot"}\n'
+                         '{"type":"cyclictest_end"}\n{"type":"cyclictest","rc":0}\n{"type":"done"}\n')
+    t = console_reader(stream, lines, out, time.monotonic(), on_boot=lambda: calls.append(len(lines)),
+                       on_end=lambda: ends.append(len(lines)))
+    t.start()
+    t.join(5)
+    assert calls == [1]  # once, at the first boot record, before it is appended
+    assert ends == [3]  # at the end of cyclictest, before the guest's summary
+    assert out.init_after_s is not None and len(lines) == 6
+
+
 def test_a_variant_may_swap_the_bpf_policy_by_name():
     assert split_program(["a=1", "program=rt_only", "b=2"]) == ("rt_only", ("a=1", "b=2"))
     assert split_program(["a=1"]) == ("pvsched", ("a=1",))

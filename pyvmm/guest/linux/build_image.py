@@ -12,6 +12,7 @@ than its inputs.
 from __future__ import annotations
 
 import argparse
+import errno
 import gzip
 import logging
 import os
@@ -186,8 +187,13 @@ def build_initramfs(flavor: str = "cloud") -> Path:
 def build_image(flavor: str = "cloud") -> Image:
     """Kernel + initramfs (with the module) for flavor, built or fetched as needed."""
     flavor = kernel.canonical_flavor(flavor)
-    bz = kernel.fetch_kernel(flavor)
-    initrd = build_initramfs(flavor)
+    try:
+        bz = kernel.fetch_kernel(flavor)
+        initrd = build_initramfs(flavor)
+    except OSError as e:
+        hint = (" (the checkout is read-only inside `pyvmm lab`: build the image before it, with"
+                " `python -m pyvmm.guest.linux.build_image`)" if e.errno == errno.EROFS else "")
+        raise ImageBuildError(f"cannot write {e.filename or 'the image'}: {e.strerror}{hint}") from None
     ko = BUILD_DIR / "module" / flavor / "pvsched.ko"
     release = kernel.kernel_release(kernel.fetch_headers(flavor))
     if not bz.name.endswith(release):
