@@ -305,8 +305,9 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
 
     def guest_starts(tids: list[int], vmm_pid: int) -> None:
         # The guest's window opens (run_vm: the test guest let go, or a Linux guest at /init): the host load
-        # and the host's own latency are measured from here to the VM's end, the same for every
-        # configuration (the VMM's and the policy process's start-up, outside it, differ a lot under load).
+        # and the host's own latency are measured from here to its end (the VM's end, or a Linux guest's end
+        # of cyclictest), the same for every configuration (the VMM's and the policy process's start-up,
+        # outside it, differ a lot under load).
         if probe:
             probe.track(tids)
         if cell.host == "busy":
