@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -315,13 +314,11 @@ PR_SET_CHILD_SUBREAPER = 36
 @contextlib.contextmanager
 def _subreaper():
     """Orphans of our children become ours while inside: their exit status can be read with waitpid."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "PR_SET_CHILD_SUBREAPER")
+    sandbox.prctl(PR_SET_CHILD_SUBREAPER, 1)
     try:
         yield
     finally:
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        sandbox.prctl(PR_SET_CHILD_SUBREAPER, 0)
 
 
 def _reap(pid: int, storm: bool, timeout: float = 10.0) -> int:

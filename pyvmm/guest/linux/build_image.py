@@ -193,7 +193,7 @@ def build_image(flavor: str = "cloud") -> Image:
     except OSError as e:
         hint = (" (the checkout is read-only inside `pyvmm lab`: build the image before it, with"
                 " `python -m pyvmm.guest.linux.build_image`)" if e.errno == errno.EROFS else "")
-        raise ImageBuildError(f"cannot write {e.filename or 'the image'}: {e.strerror}{hint}") from None
+        raise ImageBuildError(f"{e.filename or 'the image'}: {e.strerror or e}{hint}") from None
     ko = BUILD_DIR / "module" / flavor / "pvsched.ko"
     release = kernel.kernel_release(kernel.fetch_headers(flavor))
     if not bz.name.endswith(release):
