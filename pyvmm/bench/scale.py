@@ -1,13 +1,13 @@
 """What a host pays per VM as VMs are added: `pyvmm bench --vms 1,2,4,8,16`.
 
 For each N, on a host busy with the bench's stress-ng load:
-- BPF ns per host context switch between two non-vCPU tasks, with N copies of the policy attached
-  (each VM attaches its own today); switchcost.host_switch_ns, measured before any VM starts;
+- BPF ns per host context switch between two non-vCPU tasks, with N VMs registered in the host's one
+  set of programs; switchcost.host_switch_ns, measured before any VM starts;
 - N VMs: N-1 idle test guests and one probe guest (the RT probe, as the bench's busy group), each with
   its pvsched policy.  While the probe runs: CPU of the policy processes and of the VMMs outside their
   vCPU threads, in CPUs; resident and locked memory per VM (VMM plus policy process); the probe's p99;
-  and the BPF ns of one of its vCPU switches (its own program past the tgid check, plus the other
-  VMs' copies on their fast path).
+  the BPF ns of one of its vCPU switches (pvs_switch past the tgid lookup); and how many pvs_switch
+  programs the kernel has loaded (one, whatever N).
 
 Every VM is a `pyvmm boot` child of this process, started with -I from "/", ended by PID.
 """
@@ -28,7 +28,7 @@ from pyvmm.bench.cpuacct import threads_cpu_s, tree_cpu_s
 from pyvmm.bench.hostload import StressLoad
 from pyvmm.bench.results import guest_summary, policy_stats
 from pyvmm.bench.vmrun import parse_guest_lines, read_stats_out
-from pyvmm.common import control_client
+from pyvmm.common import control_client, libbpf
 from pyvmm.common.procfs import memory_kb
 from pyvmm.common.safe_fs import write_file_nofollow
 
@@ -124,17 +124,15 @@ def _memory(vms: list[_Vm]) -> dict[str, float]:
             "locked_mib": round(mean("locked_kb", 0) + mean("locked_kb", 1), 1)}
 
 
-def _vcpu_switch_ns(show: dict, fast_ns: float, others: int) -> float | None:
-    """BPF ns of one vCPU switch of the probe guest (from its last policy.show): its program past the tgid
-    check, and the other VMs' copies on their fast path."""
+def _vcpu_switch_ns(show: dict, fast_ns: float) -> float | None:
+    """BPF ns of one vCPU switch of the probe guest (from its last policy.show): pvs_switch past the tgid lookup."""
     pol = policy_stats(show) or {}
-    own = switchcost.vmm_switch_ns((pol.get("programs") or {}).get("pvs_switch"), pol.get("switch_vmm"), fast_ns)
-    return None if own is None else round(own + others * fast_ns, 1)
+    return switchcost.vmm_switch_ns((pol.get("programs") or {}).get("pvs_switch"), pol.get("switch_vmm"), fast_ns)
 
 
 def measure_n(n: int, duration_s: float, workdir: Path, progress) -> dict:
     """One point of the curve: N VMs (N-1 idle, one probe) on a busy host; see the module's docstring."""
-    progress(f"scale: {n} VM(s): BPF cost of a host switch with {n} copies of the policy attached")
+    progress(f"scale: {n} VM(s): BPF cost of a host switch with {n} VMs registered")
     try:
         sw = switchcost.host_switch_ns(n)
     except switchcost.SwitchCostError as e:
@@ -155,6 +153,7 @@ def measure_n(n: int, duration_s: float, workdir: Path, progress) -> dict:
         _registered(probe, time.monotonic() + READY_S)
         time.sleep(SETTLE_S)
         mem = _memory(vms)
+        switch_programs = libbpf.loaded_programs("pvs_switch")
         cpu0, t0 = _cpu(vms), time.monotonic()
         time.sleep(max(0.5, duration_s - SETTLE_S - 1.0))  # the window ends before the probe guest does
         cpu1, t1 = _cpu(vms), time.monotonic()
@@ -169,7 +168,7 @@ def measure_n(n: int, duration_s: float, workdir: Path, progress) -> dict:
         _end(vms)
     window = max(t1 - t0, 1e-3)
     return {"vms": n, "switch_ns_non_vcpu": sw["ns_per_host_switch"],
-            "switch_ns_vcpu": _vcpu_switch_ns(final, sw["per_set_ns"], n - 1),
+            "switch_ns_vcpu": _vcpu_switch_ns(final, sw["switch_fast_ns"]), "switch_programs": switch_programs,
             "policy_cpus": round(max(0.0, cpu1[0] - cpu0[0]) / window, 3),
             "vmm_cpus": round(max(0.0, cpu1[1] - cpu0[1]) / window, 3),
             **mem, "probe_p99_us": g["p99"] if g else None, "probe_max_us": g["max"] if g else None}
@@ -195,7 +194,8 @@ def targets(points: list[dict]) -> list[str]:
             line(worst_lck <= LOCKED_MIB, f"at most {LOCKED_MIB:g} MiB locked per VM (worst {worst_lck:g} MiB)")]
 
 
-COLUMNS = [("vms", "VMs"), ("switch_ns_non_vcpu", "BPF ns / non-vCPU switch"), ("switch_ns_vcpu", "BPF ns / vCPU switch"),
+COLUMNS = [("vms", "VMs"), ("switch_programs", "pvs_switch programs"), ("switch_ns_non_vcpu", "BPF ns / non-vCPU switch"),
+           ("switch_ns_vcpu", "BPF ns / vCPU switch"),
            ("policy_cpus", "policy CPUs"), ("vmm_cpus", "VMM CPUs (not vCPU)"), ("vmm_rss_mib", "VMM RSS MiB"),
            ("policy_rss_mib", "policy RSS MiB"), ("locked_mib", "locked MiB / VM"), ("probe_p99_us", "probe p99 us")]
 

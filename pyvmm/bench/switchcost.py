@@ -2,8 +2,8 @@
 
 `sched_switch` and `sched_wakeup` fire for every task on the host, so the policy's programs run for
 switches between tasks that have nothing to do with any VM.  This measures that path on its own: the
-policy object is loaded and attached for a VMM that cannot exist (a tgid above the kernel's PID limit),
-so every run takes the fast path, and two host processes ping-pong a byte through pipes on one CPU
+policy's programs are loaded and attached privately, with VMs registered for tgids no process has (the
+top of the PID range), so every run takes the fast path, and two host processes ping-pong a byte through pipes on one CPU
 (each round trip is two context switches and two wake-ups).  It reports the BPF run time per program
 run (`bpf_stats`) and the round trip's wall time with the programs attached and without, alternated; and
 the same for programs on the same tracepoints that do nothing (pyvmm/bench/bpf/floor.bpf.c), the floor
@@ -11,7 +11,7 @@ that no check can go below.
 
 The cost of a switch that does involve the VMM comes from a real pvsched run: `vmm_switch_ns()` takes
 `pvs_switch`'s run time there, less its fast-path runs at the cost measured here, over the runs that
-went past the tgid check (stat `switch_vmm`).
+went past the tgid lookup (stat `switch_vmm`).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from pyvmm.policy.tunables import parse
 
 __all__ = ["SwitchCostError", "annotate", "host_switch_ns", "measure", "vmm_switch_ns"]
 
-# A tgid no task can have: PID_MAX_LIMIT is 4194304 on 64-bit kernels.
-NO_VMM_PID = 0x7FFFFFFF
+# The VMs registered for the measurement are for tgids no task has now: the highest below pid_max.
+PID_MAX = Path("/proc/sys/kernel/pid_max")
 # The programs that run for every host task (the rest filter on the VMM's process context or never fire).
 HOST_WIDE = ("pvs_switch", "pvs_wakeup")
 # floor.bpf.c's programs, by the name of the policy's program they stand beside
@@ -77,6 +77,16 @@ def _round_trip_ns(round_trips: int, cpu: int) -> float:
     return int(r.stdout) / round_trips
 
 
+def _unused_tgids(n: int) -> list[int]:
+    """`n` tgids that no process has now, from the top of the PID range down (new PIDs start low)."""
+    out, pid = [], int(PID_MAX.read_text()) - 1
+    while len(out) < n and pid > 1:
+        if not os.path.exists(f"/proc/{pid}"):
+            out.append(pid)
+        pid -= 1
+    return out
+
+
 def _runs(policy: loader.BpfPolicy) -> dict[str, tuple[int, int]]:
     """(run_cnt, run_time_ns) of each host-wide program."""
     return {s["name"]: (s.get("run_cnt", 0), s.get("run_time_ns", 0))
@@ -91,24 +101,23 @@ def _add(totals: dict[str, list[int]], before: dict[str, tuple[int, int]], after
         total[1] += a[1] - b[1]
 
 
-def _with_policy(obj: Path, round_trips: int, cpu: int, totals: dict[str, list[int]], sets: int = 1) -> tuple[float, int]:
-    """One ping-pong with `sets` copies of the policy attached, each for a VMM no task belongs to, as `sets`
-    VMs attach them today: (round trip ns, runs past the tgid check); every copy's runs are added to `totals`."""
-    policies: list[loader.BpfPolicy] = []
+def _with_policy(obj: Path, round_trips: int, cpu: int, totals: dict[str, list[int]], vms: int = 1) -> tuple[float, int]:
+    """One ping-pong with the policy's one set of programs attached and `vms` VMs registered in it, each for
+    a VMM no task belongs to: (round trip ns, runs past the tgid check); the runs are added to `totals`."""
+    tgids = _unused_tgids(vms)
+    policy = loader.BpfPolicy(obj, tgids[0], pin_dir=None)
     try:
-        for i in range(sets):
-            policies.append(loader.BpfPolicy(obj, NO_VMM_PID - i, pin_dir=None))
-            policies[-1].open_load_attach(parse(None))
-        before = [_runs(p) for p in policies]
+        policy.open_load_attach(parse(None))
+        for tgid in tgids[1:]:
+            policy.alias_vm(tgid)
+        before = _runs(policy)
         ns = _round_trip_ns(round_trips, cpu)
-        for p, b in zip(policies, before):
-            _add(totals, b, _runs(p))
-        return ns, sum(p.stats().get("switch_vmm", 0) for p in policies)
+        _add(totals, before, _runs(policy))
+        return ns, policy.stats().get("switch_vmm", 0)
     except LibbpfError as e:
         raise SwitchCostError(f"cannot load the policy to measure it: {e}") from None
     finally:
-        for p in policies:
-            p.close()
+        policy.close()
 
 
 def _with_floor(obj: Path, round_trips: int, cpu: int, totals: dict[str, list[int]]) -> float:
@@ -150,7 +159,7 @@ def measure(round_trips: int = 20_000, rounds: int = 3, cpu: int | None = None) 
     trips: dict[str, list[float]] = {"off": [], "on": [], "floor": []}
     totals = {name: [0, 0] for name in HOST_WIDE}
     floor = {name: [0, 0] for name in HOST_WIDE}
-    vmm_runs = 0  # runs past the tgid check: none, since no task has NO_VMM_PID
+    vmm_runs = 0  # runs past the tgid check: none, since no task has the VMs' tgids
     try:
         stats_fd = loader.enable_stats()
     except LibbpfError as e:
@@ -173,11 +182,11 @@ def measure(round_trips: int = 20_000, rounds: int = 3, cpu: int | None = None) 
             "added_ns_per_switch": round((med["on"] - med["off"]) / 2, 1)}
 
 
-def host_switch_ns(sets: int, round_trips: int = 10_000, rounds: int = 3, cpu: int | None = None) -> dict:
-    """BPF ns per host switch between non-vCPU tasks with `sets` copies of the policy attached (one per VM).
+def host_switch_ns(vms: int, round_trips: int = 10_000, rounds: int = 3, cpu: int | None = None) -> dict:
+    """BPF ns per host switch between non-vCPU tasks with `vms` VMs registered in the host's one set of programs.
 
-    {"sets", "ns_per_host_switch": the copies' pvs_switch and pvs_wakeup ns per run, added up (one switch
-    and one wake-up), "per_set_ns": that over `sets`}.  Root, as measure()."""
+    {"vms", "ns_per_host_switch": pvs_switch's and pvs_wakeup's ns per run, added up (one switch and one
+    wake-up), "switch_fast_ns": pvs_switch's alone}.  Root, as measure()."""
     cpu = (os.cpu_count() or 1) - 1 if cpu is None else cpu
     try:
         obj = programs.object_path(programs.DEFAULT)
@@ -190,13 +199,13 @@ def host_switch_ns(sets: int, round_trips: int = 10_000, rounds: int = 3, cpu: i
         raise SwitchCostError(f"cannot turn on BPF run-time stats: {e}") from None
     try:
         for _ in range(rounds):
-            _with_policy(obj, round_trips, cpu, totals, sets)
+            _with_policy(obj, round_trips, cpu, totals, vms)
     finally:
         os.close(stats_fd)
-    # each copy ran once per switch and once per wake-up: a copy's ns per run, times the copies
+    # one set of programs, whatever the number of VMs: each ran once per switch and once per wake-up
     per_run = {name: t / n if n else 0.0 for name, (n, t) in totals.items()}
-    total = sum(per_run.values()) * sets
-    return {"sets": sets, "ns_per_host_switch": round(total, 1), "per_set_ns": round(total / sets, 1)}
+    total = sum(per_run.values())
+    return {"vms": vms, "ns_per_host_switch": round(total, 1), "switch_fast_ns": round(per_run["pvs_switch"], 1)}
 
 
 def vmm_switch_ns(program: dict | None, vmm_runs: int | None, fast_ns: float | None) -> float | None:

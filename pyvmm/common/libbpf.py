@@ -80,6 +80,7 @@ bool bpf_program__autoload(const struct bpf_program *prog);
 int bpf_program__fd(const struct bpf_program *prog);
 struct bpf_link *bpf_program__attach(const struct bpf_program *prog);
 int bpf_link__destroy(struct bpf_link *link);
+int bpf_link__fd(const struct bpf_link *link);
 
 int bpf_map__fd(const struct bpf_map *map);
 void *bpf_map__initial_value(struct bpf_map *map, size_t *psize);
@@ -99,6 +100,15 @@ int bpf_map_create(int map_type, const char *map_name, uint32_t key_size, uint32
                    uint32_t max_entries, const void *opts);
 int bpf_map__reuse_fd(struct bpf_map *map, int fd);
 int bpf_obj_get_info_by_fd(int bpf_fd, void *info, uint32_t *info_len);
+int bpf_prog_get_fd_by_id(uint32_t id);
+int bpf_prog_get_next_id(uint32_t start_id, uint32_t *next_id);
+int bpf_link_get_fd_by_id(uint32_t id);
+int bpf_map_get_fd_by_id(uint32_t id);
+/* uapi struct bpf_link_info: its common head only (the kernel fills what info_len holds) */
+struct bpf_link_info { uint32_t type; uint32_t id; uint32_t prog_id; };
+/* uapi struct bpf_map_info up to map_flags */
+struct bpf_map_info { uint32_t type; uint32_t id; uint32_t key_size; uint32_t value_size; uint32_t max_entries;
+                      uint32_t map_flags; char name[16]; };
 int bpf_prog_test_run_opts(int prog_fd, struct bpf_test_run_opts *opts);
 int bpf_enable_stats(int type);
 int libbpf_num_possible_cpus(void);
@@ -201,3 +211,22 @@ def prog_run_stats(fd: int) -> tuple[int, int]:
     n = f.new("uint32_t *", f.sizeof("struct bpf_prog_info"))
     check(lib().bpf_obj_get_info_by_fd(fd, info, n), "bpf_obj_get_info_by_fd")
     return info.run_cnt, info.run_time_ns
+
+
+def loaded_programs(name: str) -> int:
+    """How many programs named `name` the kernel has loaded now (CAP_SYS_ADMIN: get-fd-by-ID)."""
+    f, lb = ffi(), lib()
+    count, nxt, cur = 0, f.new("uint32_t *"), 0
+    while lb.bpf_prog_get_next_id(cur, nxt) == 0:
+        cur = nxt[0]
+        fd = lb.bpf_prog_get_fd_by_id(cur)
+        if fd < 0:
+            continue  # unloaded since
+        try:
+            info = f.new("struct bpf_prog_info *")
+            n = f.new("uint32_t *", f.sizeof("struct bpf_prog_info"))
+            if lb.bpf_obj_get_info_by_fd(fd, info, n) == 0 and f.string(info.name).decode() == name[:15]:
+                count += 1
+        finally:
+            os.close(fd)
+    return count

@@ -32,6 +32,7 @@ import trio
 from pyvmm.common import protocol
 from pyvmm.common.lone_error import lone_error
 from pyvmm.common.pins import PIN_ROOT, remove_pin_dir
+from pyvmm.policy import host_programs
 
 log = logging.getLogger("pyvmm.pvsched.supervisor")
 
@@ -497,9 +498,14 @@ class PolicySupervisor:
             self._close_if_idle()
 
     def remove_pins(self) -> None:
-        """Remove this VMM's pin directory (detaches pinned links) after the policy process could not."""
+        """After the policy process has ended: remove this VMM's pin folder, which its sandbox could not, and
+        this VM's entries in the host's maps, which it could not reach (the last VM out removes the host's pins)."""
         path = os.path.join(self.pin_root, str(self.vmm_pid))
         try:
             remove_pin_dir(path)
         except OSError as e:
             log.warning("could not remove %s: %s", path, e)
+        try:
+            host_programs.leave(self.vmm_pid, self.proc.pid if self.proc is not None else None, self.pin_root)
+        except OSError as e:
+            log.warning("could not remove VMM %d's entries from the host's policy maps: %s", self.vmm_pid, e)

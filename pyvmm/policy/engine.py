@@ -262,6 +262,7 @@ class PolicyEngine:
         out = {
             "vmm_pid": self.vmm_pid,
             "program": self.program,
+            "shared": self._policy.shared,  # True: the host's programs were loaded by another VM's policy process
             "pin_dir": str(self.pin_dir),
             "vcpus": vcpus,
             "stats": stats,
@@ -338,7 +339,8 @@ def format_show(d: dict) -> str:
                      "(every VM's boosted vCPUs together; pyvmm host-budget sets it)")
     lines.append("stats:")
     lines += [f"  {k:<18} {s['value']:>10}  {s['description']}" for k, s in d["stats"].items()]
-    lines.append(f"programs ({d['prog_stats']}):")
+    whose = "shared with the host's other VMs" if d.get("shared") else "loaded by this VM, shared with later ones"
+    lines.append(f"programs, one set per host ({whose}; {d['prog_stats']}; run time is all VMs'):")
     for p in d["programs"]:
         avg = p.get("avg_ns")
         lines.append(f"  {p['name']:<16} {p['status']:<10} runs {p.get('run_cnt', '-')}, avg ns "

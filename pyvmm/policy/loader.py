@@ -1,12 +1,12 @@
-"""Open, load, attach and pin the BPF policy object; map access; per-program run-time stats; one cleanup.
+"""Load or share the host's BPF policy programs, make this VM's maps, pin them; map access; run-time stats; one cleanup.
 
-Works with CAP_BPF + CAP_PERFMON (no CAP_SYS_ADMIN): tp_btf programs, syscall
-programs for the backstop and for starting the throttle clock (a BPF timer),
-maps pinned under <pin_root>/<vmm-pid>/ (the clock's map is not: its timer
-stops with the process).
-Links are never pinned: when the process dies, even by SIGKILL, its links
-close and every program detaches; only map pins can outlive it, and
-remove_stale_pins() clears those at the next start.
+Works with CAP_BPF + CAP_PERFMON (no CAP_SYS_ADMIN) once set up: tp_btf programs, syscall programs
+for the backstop and for starting the throttle clock (a BPF timer), this VM's maps pinned under
+<pin_root>/<vmm-pid>/ (the clock's map is not: its timer stops with the process).  Setting up takes
+CAP_SYS_ADMIN where a later VM shares the host's programs (pyvmm/policy/host_programs.py).
+Links are never pinned: each policy process holds an fd of every link, so the programs detach when
+the last policy process dies, even by SIGKILL; only map pins can outlive it, and the next start
+clears those (remove_stale_pins(), host_programs.collect()).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 from pyvmm.common import libbpf
 from pyvmm.common.libbpf import LibbpfError, check, check_ptr, string
 from pyvmm.common.pins import remove_pin_dir
-from pyvmm.common.safe_fs import ensure_private_dir
-from pyvmm.policy import host_budget
+from pyvmm.common.safe_fs import ensure_private_dir, remove_tree_nofollow
+from pyvmm.policy import host_budget, host_programs
 from pyvmm.policy.policy_types import consts, stat_descriptions
 from pyvmm.policy.policy_types import ffi as pffi
 from pyvmm.policy.tunables import Tunables
@@ -30,7 +30,9 @@ log = logging.getLogger("pvsched.bpf")
 
 # Programs without which there is no policy; the rest are attached where the kernel has them.
 REQUIRED_PROGS = ("pvs_switch", "pvs_wakeup", "pvs_exit", "pvs_backstop", "pvs_clock_start")
+# This VM's own maps, pinned for bpftool (the clock's is not: its timer lives as long as the policy process).
 PINNED_MAPS = ("vcpus", "tunables", "stats", "events", "apic_tid", "vm_budget")
+VM_MAPS = (*PINNED_MAPS, "clock")
 KVM_BTF_MODULES = ("kvm", "kvm_intel", "kvm_amd", "kvm_pvm")
 BPF_STATS_ENABLED = Path("/proc/sys/kernel/bpf_stats_enabled")
 
@@ -88,38 +90,102 @@ def _tracepoint_in_btf(tp: str) -> bool:
 
 @dataclass
 class Program:
-    """One BPF program of the object and what became of it."""
+    """One BPF program of the host's set and what this process holds of it."""
 
     name: str
     section: str
-    ptr: object
-    link: object = None
+    ptr: object = None
     status: str = "not loaded"  # attached | loaded | unavailable: <why>
-    fd: int = -1
+    fd: int = -1                # this process's own fd (a dup, or taken by ID): kept after the object closes
+    link_fd: int = -1           # this process's fd of the program's link: the link lives while any VM holds one
 
 
 @dataclass
 class BpfPolicy:
-    """The loaded policy object: programs, links, map fds and pins for one VMM."""
+    """One VM's share of the host's policy: the programs (loaded by the first VM), this VM's maps, its pins.
+
+    With `pin_dir` None the set is private to this object (a bench's or a test's load): nothing is pinned
+    or shared, there is no host budget, and the outer maps stay open (alias_vm())."""
 
     obj_path: Path
     vmm_pid: int
     pin_dir: Path | None
     programs: dict[str, Program] = field(default_factory=dict)
     maps: dict[str, int] = field(default_factory=dict)
-    _obj: object = None
-    _map_ptrs: dict[str, object] = field(default_factory=dict)
+    shared: bool = False         # True: this VM joined programs another VM's policy process loaded
+    host_budget_fd: int = -1
+    _outer: dict[str, int] = field(default_factory=dict)  # private sets only
     _closed: bool = False
-    host_budget_fd: int = -1  # libbpf's, closed with the object
+
+    @property
+    def program(self) -> str:
+        """The policy's name (its object's stem)."""
+        return self.obj_path.name.removesuffix(".bpf.o")
 
     # --- set-up ---------------------------------------------------------
     def open_load_attach(self, tunables: Tunables) -> None:
-        """Open the object, drop programs this kernel lacks, load, set tunables, attach, pin."""
+        """Join the host's programs (or load and attach them first), make and register this VM's maps, pin."""
         _route_libbpf_output()
+        if self.pin_dir is None:
+            self._setup(None, tunables)
+        else:
+            ensure_private_dir(self.pin_dir.parent)  # both 0700 and our own, or refused (pyvmm/common/pins.py)
+            with host_programs.locked(self.pin_dir.parent):
+                self._setup(host_programs.host_dir(self.pin_dir.parent, self.program), tunables)
+        self.start_clock()
+        attached = [p.name for p in self.programs.values() if p.status == "attached"]
+        absent = [p.name for p in self.programs.values() if p.status.startswith("unavailable")]
+        log.info("pvsched: %s %s%s", "joined the host's programs:" if self.shared else "attached",
+                 ", ".join(attached) or "nothing", f"; not on this kernel: {', '.join(absent)}" if absent else "")
+
+    def _setup(self, folder: Path | None, tunables: Tunables) -> None:
+        """The set-up under the host's lock (`folder`: the host's pins, None for a private set)."""
         lib, f = libbpf.lib(), libbpf.ffi()
-        self._obj = check_ptr(lib.bpf_object__open_file(str(self.obj_path).encode(), f.NULL),
-                              f"opening {self.obj_path}")
-        prog = lib.bpf_object__next_program(self._obj, f.NULL)
+        obj = check_ptr(lib.bpf_object__open_file(str(self.obj_path).encode(), f.NULL), f"opening {self.obj_path}")
+        try:
+            names = self._programs(obj)
+            taken = None
+            if folder is not None:
+                ids = host_programs.read_ids(folder) if folder.is_dir() else None
+                taken = host_programs.take(ids, names) if ids is not None else None
+                if taken is None:
+                    remove_tree_nofollow(folder)  # stale or none: this VM loads the host's programs
+            self.shared = taken is not None
+            if self.shared:
+                for p in self.programs.values():
+                    lib.bpf_program__set_autoload(p.ptr, False)  # only the maps: this VM's own, and the host's
+                self._reuse_shared(obj, folder)
+            self._share_host_budget(obj)
+            check(lib.bpf_object__load(obj), f"loading BPF policy {self.obj_path.name}")
+            for name in VM_MAPS:
+                fd = check(lib.bpf_map__fd(check_ptr(lib.bpf_object__find_map_by_name(obj, name.encode()),
+                                                     f"map {name}")), f"fd of map {name}")
+                self.maps[name] = os.dup(fd)
+            if folder is not None:
+                self.host_budget_fd = os.dup(_map_fd(obj, "host_budget"))
+            self.set_tunables(tunables)  # before the VM is registered: the programs never see it without them
+            if self.shared:
+                self._adopt(taken)
+            else:
+                self._attach(obj, folder)
+            outer = {n: _map_fd(obj, n) for n in host_programs.SHARED_MAPS}
+            self._register(outer)
+            if folder is None:
+                self._outer = {n: os.dup(fd) for n, fd in outer.items()}
+            else:
+                host_programs.collect(outer)
+                self._pin()
+        except BaseException:
+            self._close_fds()
+            raise
+        finally:
+            lib.bpf_object__close(obj)  # its fds of the host's maps go with it: kept are this VM's and our dups
+
+    def _programs(self, obj) -> list[str]:
+        """Record the object's programs (object order, which host_ids follows); drop those this kernel lacks."""
+        lib, f = libbpf.lib(), libbpf.ffi()
+        self.programs.clear()
+        prog = lib.bpf_object__next_program(obj, f.NULL)
         while prog != f.NULL:
             name, sec = string(lib.bpf_program__name(prog)), string(lib.bpf_program__section_name(prog))
             p = Program(name, sec, prog)
@@ -128,113 +194,116 @@ class BpfPolicy:
                 lib.bpf_program__set_autoload(prog, False)
                 p.status = f"unavailable: no tracepoint {sec[7:]} in this kernel"
                 log.info("pvsched: optional program %s not loaded (%s)", name, p.status)
-            prog = lib.bpf_object__next_program(self._obj, prog)
+            prog = lib.bpf_object__next_program(obj, prog)
         missing = [n for n in REQUIRED_PROGS if n not in self.programs]
         if missing:
             raise LibbpfError(errno.ENOENT, f"{self.obj_path} lacks programs {missing}: rebuild bpf/")
-        self._set_rodata({"vmm_pid": self.vmm_pid})
-        self._share_host_budget()
-        check(lib.bpf_object__load(self._obj), f"loading BPF policy {self.obj_path.name}")
-        self.host_budget_fd = lib.bpf_map__fd(check_ptr(lib.bpf_object__find_map_by_name(self._obj, b"host_budget"),
-                                                        "map host_budget"))
-        for name in PINNED_MAPS:
-            m = check_ptr(lib.bpf_object__find_map_by_name(self._obj, name.encode()), f"map {name}")
-            self._map_ptrs[name] = m
-            self.maps[name] = check(lib.bpf_map__fd(m), f"fd of map {name}")
-        self.set_tunables(tunables)
-        for p in self.programs.values():
-            if p.status.startswith("unavailable"):
-                continue
-            p.fd = lib.bpf_program__fd(p.ptr)
-            p.status = "loaded"
-            if p.section == "syscall":
-                continue  # run on demand (backstop, clock start), never attached
-            link = lib.bpf_program__attach(p.ptr)
-            if link == f.NULL:
-                err = f.errno or errno.EIO
-                if p.name in REQUIRED_PROGS:
-                    raise LibbpfError(err, f"attaching {p.name} ({p.section}): {os.strerror(err)}")
-                p.status = f"unavailable: attach failed: {os.strerror(err)}"
-                log.warning("pvsched: optional program %s not attached (%s)", p.name, os.strerror(err))
-                continue
-            p.link, p.status = link, "attached"
-        if self.pin_dir is not None:
-            self._pin()
-        self.start_clock()
-        attached = [p.name for p in self.programs.values() if p.status == "attached"]
-        absent = [p.name for p in self.programs.values() if p.status.startswith("unavailable")]
-        log.info("pvsched: attached %s%s", ", ".join(attached) or "nothing",
-                 f"; not on this kernel: {', '.join(absent)}" if absent else "")
+        if len(self.programs) > consts().PVSCHED_MAX_PROGS:
+            raise LibbpfError(errno.E2BIG, f"{self.obj_path} has more than {consts().PVSCHED_MAX_PROGS} programs")
+        return list(self.programs)
 
-    def _share_host_budget(self) -> None:
+    def _reuse_shared(self, obj, folder: Path) -> None:
+        """Put the host's pinned outer maps in place of the object's own, before load."""
+        lib = libbpf.lib()
+        fds = host_programs.open_shared(folder)
+        try:
+            for name, fd in fds.items():
+                check(lib.bpf_map__reuse_fd(_map(obj, name), fd), f"sharing the host's map {name}")
+        finally:
+            for fd in fds.values():
+                os.close(fd)  # libbpf keeps its own duplicates, closed with the object
+
+    def _share_host_budget(self, obj) -> None:
         """Put the host's pinned budget map (read-only fd) in place of the object's own, before load.
 
         Without pins (a bench's or a test's private load) the object keeps its own, zeroed: no host budget."""
         if self.pin_dir is None:
             return
-        lib = libbpf.lib()
-        m = check_ptr(lib.bpf_object__find_map_by_name(self._obj, b"host_budget"), "map host_budget")
         fd = host_budget.shared_fd(self.pin_dir.parent)
         try:
-            check(lib.bpf_map__reuse_fd(m, fd), "sharing the host budget map")
+            check(libbpf.lib().bpf_map__reuse_fd(_map(obj, "host_budget"), fd), "sharing the host budget map")
         finally:
             os.close(fd)  # libbpf keeps its own duplicate
 
+    def _adopt(self, taken: list[tuple[int, int]]) -> None:
+        """Hold the host's running programs and links (fds taken by ID) as this VM's own."""
+        for p, (prog, link) in zip(self.programs.values(), taken):
+            p.ptr, p.fd, p.link_fd = None, prog, link
+            if prog < 0:
+                p.status = p.status if p.status.startswith("unavailable") else "unavailable: not loaded on this host"
+            else:
+                p.status = "attached" if link >= 0 else "loaded"
+
+    def _attach(self, obj, folder: Path | None) -> None:
+        """First VM on the host: attach every loaded program, keep our own fds, record their IDs, pin the host's maps."""
+        lib, f = libbpf.lib(), libbpf.ffi()
+        ids = []
+        for p in self.programs.values():
+            if p.status.startswith("unavailable"):
+                ids.append(host_programs.ProgIds(0, 0))
+                continue
+            p.fd = os.dup(check(lib.bpf_program__fd(p.ptr), f"fd of {p.name}"))
+            p.status = "loaded"
+            if p.section != "syscall":  # syscall programs run on demand (backstop, clock start), never attached
+                link = lib.bpf_program__attach(p.ptr)
+                if link == f.NULL:
+                    err = f.errno or errno.EIO
+                    if p.name in REQUIRED_PROGS:
+                        raise LibbpfError(err, f"attaching {p.name} ({p.section}): {os.strerror(err)}")
+                    p.status = f"unavailable: attach failed: {os.strerror(err)}"
+                    log.warning("pvsched: optional program %s not attached (%s)", p.name, os.strerror(err))
+                else:
+                    # our own fd holds the link; libbpf's goes with bpf_link__destroy
+                    p.link_fd = os.dup(lib.bpf_link__fd(link))
+                    lib.bpf_link__destroy(link)
+                    p.status = "attached"
+            ids.append(host_programs.ProgIds(_obj_id(p.fd), _obj_id(p.link_fd, "link") if p.link_fd >= 0 else 0))
+        if folder is None:
+            return
+        host_ids = _map_fd(obj, "host_ids")
+        host_programs.write_ids(host_ids, ids)
+        ensure_private_dir(folder.parent)
+        ensure_private_dir(folder)
+        for name in host_programs.SHARED_MAPS:
+            check(lib.bpf_map__pin(_map(obj, name), str(folder / name).encode()), f"pinning the host's map {name}")
+
+    def _register(self, outer: dict[str, int]) -> None:
+        """Insert this VM's maps into the host's outer maps under its VMM's tgid; this process serves that VM."""
+        lib, f = libbpf.lib(), pffi()
+        key = f.new("__u32 *", self.vmm_pid)
+        for name, outer_name in host_programs.OUTER_MAPS.items():
+            check(lib.bpf_map_update_elem(outer[outer_name], key, f.new("__u32 *", self.maps[name]), libbpf.BPF_ANY),
+                  f"registering this VM's map {name}")
+        check(lib.bpf_map_update_elem(outer["policy_vm"], f.new("__u32 *", os.getpid()), key, libbpf.BPF_ANY),
+              "registering this policy process")
+        host_programs.mark_vmm(outer["vmm_bits"], self.vmm_pid, True)  # last: the VM's maps are all in place
+
+    def alias_vm(self, tgid: int) -> None:
+        """A private set only: register this VM's maps under one more tgid (a bench's N VMs in one set)."""
+        if not self._outer:
+            raise ValueError("alias_vm needs a private set (pin_dir None)")
+        lib, f = libbpf.lib(), pffi()
+        key = f.new("__u32 *", tgid)
+        for name, outer_name in host_programs.OUTER_MAPS.items():
+            check(lib.bpf_map_update_elem(self._outer[outer_name], key, f.new("__u32 *", self.maps[name]),
+                                          libbpf.BPF_ANY), f"registering map {name} for {tgid}")
+        host_programs.mark_vmm(self._outer["vmm_bits"], tgid, True)
+
     def host_budget(self) -> dict:
-        """The host budget's entry as this object's programs see it ({} if unreadable; zeros without pins)."""
+        """The host budget's entry as the programs see it ({} without pins or if unreadable)."""
         f = pffi()
         v = f.new("struct pvsched_host_budget *")
         if self.host_budget_fd < 0 or libbpf.lib().bpf_map_lookup_elem(self.host_budget_fd, f.new("__u32 *", 0), v):
             return {}
         return host_budget.describe(v)
 
-    def _rodata(self) -> tuple[object, int, dict[str, tuple[int, int]]]:
-        """The .rodata map, its size, and each of its variables' (offset, size), from the object's BTF."""
-        lib, f = libbpf.lib(), libbpf.ffi()
-        m = check_ptr(lib.bpf_object__find_map_by_name(self._obj, b".rodata"), f"{self.obj_path.name}: map .rodata")
-        size = f.new("size_t *")
-        lib.bpf_map__initial_value(m, size)
-        btf = check_ptr(lib.bpf_object__btf(self._obj), f"{self.obj_path.name}: BTF")
-        sec_id = check(lib.btf__find_by_name_kind(btf, b".rodata", libbpf.BTF_KIND_DATASEC), ".rodata in BTF")
-        sec = lib.btf__type_by_id(btf, sec_id)
-        infos = f.cast("struct btf_var_secinfo *", sec + 1)  # vlen (info's low 16 bits) records follow a DATASEC
-        vars_ = {}
-        for i in range(sec.info & 0xFFFF):
-            name = string(lib.btf__name_by_offset(btf, lib.btf__type_by_id(btf, infos[i].type).name_off))
-            vars_[name] = (infos[i].offset, infos[i].size)
-        return m, size[0], vars_
-
-    def _set_rodata(self, values: dict[str, int]) -> None:
-        """Set __u32 `const volatile` globals before load, found by name in the BTF (what a skeleton does).
-
-        libbpf freezes .rodata at load: the verifier then knows these values, and nothing can change them."""
-        lib, f = libbpf.lib(), libbpf.ffi()
-        m, size, vars_ = self._rodata()
-        data = f.cast("char *", check_ptr(lib.bpf_map__initial_value(m, f.new("size_t *")), ".rodata initial value"))
-        for name, value in values.items():
-            off, n = vars_.get(name, (0, 0))
-            if n != 4 or off + n > size:
-                raise LibbpfError(errno.ENOENT, f"{self.obj_path} has no const volatile __u32 {name}: "
-                                                "rebuild pyvmm/policy")
-            f.cast("uint32_t *", data + off)[0] = value
-
-    def rodata_value(self, name: str) -> int:
-        """A __u32 `const volatile` global as the kernel holds it (the frozen .rodata map, read back)."""
-        lib, f = libbpf.lib(), libbpf.ffi()
-        m, size, vars_ = self._rodata()
-        buf = f.new("char[]", size)
-        check(lib.bpf_map_lookup_elem(lib.bpf_map__fd(m), f.new("uint32_t *", 0), buf), "reading .rodata")
-        return f.cast("uint32_t *", buf + vars_[name][0])[0]
-
     def _pin(self) -> None:
-        lib = libbpf.lib()
-        ensure_private_dir(self.pin_dir.parent)  # both 0700 and our own, or refused (pyvmm/common/pins.py)
         ensure_private_dir(self.pin_dir)
-        for name, m in self._map_ptrs.items():
+        for name in PINNED_MAPS:
             path = self.pin_dir / name
             if path.exists():
                 path.unlink()  # a previous run for the same VMM pid
-            check(lib.bpf_map__pin(m, str(path).encode()), f"pinning map {name} at {path}")
+            check(libbpf.lib().bpf_obj_pin(self.maps[name], str(path).encode()), f"pinning map {name} at {path}")
 
     # --- maps -------------------------------------------------------------
     def set_tunables(self, t: Tunables) -> None:
@@ -334,22 +403,38 @@ class BpfPolicy:
         return out
 
     # --- cleanup ------------------------------------------------------------
+    def _close_fds(self) -> None:
+        for p in self.programs.values():
+            for fd in (p.link_fd, p.fd):
+                if fd >= 0:
+                    os.close(fd)
+            p.fd = p.link_fd = -1
+            p.ptr = None
+            if p.status in ("attached", "loaded"):
+                p.status = "detached"
+        for fd in (*self.maps.values(), *self._outer.values(), self.host_budget_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.maps.clear()
+        self._outer.clear()
+        self.host_budget_fd = -1
+
     def close(self) -> None:
-        """Detach every link, unpin, remove the pin directory, free the object; idempotent."""
+        """Let go of the programs (the last VM's close detaches them), unpin, leave the host's maps; idempotent.
+
+        Inside the sandbox the host's folder is out of sight: the VMM removes this VM's entries once
+        this process has ended (host_programs.leave())."""
         if self._closed:
             return
         self._closed = True
-        lib = libbpf.lib()
-        for p in self.programs.values():
-            if p.link is not None:
-                lib.bpf_link__destroy(p.link)
-                p.link, p.status = None, "detached"
+        self._close_fds()
         if self.pin_dir is not None:
             remove_pin_dir(self.pin_dir)
-        if self._obj is not None:
-            lib.bpf_object__close(self._obj)
-            self._obj = None
-        self.maps.clear()
+            if host_programs.host_root(self.pin_dir.parent).is_dir():
+                try:
+                    host_programs.leave(self.vmm_pid, os.getpid(), self.pin_dir.parent)
+                except OSError as e:
+                    log.debug("pvsched: leaving the host's maps: %s", e)
 
 
 def stats_enabled() -> bool:
@@ -363,3 +448,20 @@ def stats_enabled() -> bool:
 def enable_stats() -> int:
     """Turn on BPF run-time stats while the returned fd stays open (needs CAP_SYS_ADMIN: call before sandboxing)."""
     return check(libbpf.lib().bpf_enable_stats(libbpf.BPF_STATS_RUN_TIME), "enabling BPF stats")
+
+
+def _map(obj, name: str):
+    return check_ptr(libbpf.lib().bpf_object__find_map_by_name(obj, name.encode()), f"map {name}")
+
+
+def _map_fd(obj, name: str) -> int:
+    return check(libbpf.lib().bpf_map__fd(_map(obj, name)), f"fd of map {name}")
+
+
+def _obj_id(fd: int, kind: str = "prog") -> int:
+    """The kernel's ID of a program (or link) fd."""
+    f = libbpf.ffi()
+    info = f.new(f"struct bpf_{kind}_info *")
+    n = f.new("uint32_t *", f.sizeof(f"struct bpf_{kind}_info"))
+    check(libbpf.lib().bpf_obj_get_info_by_fd(fd, info, n), f"{kind} info")
+    return info.id

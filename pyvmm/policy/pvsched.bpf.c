@@ -37,29 +37,31 @@ char LICENSE[] SEC("license") = "Dual MIT/GPL";
 #define CLOCK_MONOTONIC 1
 
 /*
- * The VMM process whose vCPU threads this object serves, set by the loader
- * before load.  .rodata is frozen at load, so the verifier knows the value and
- * nothing can retarget the programs later: the pinned tunables map, which
- * anything holding CAP_BPF can write, no longer names the process.  0 (never
- * set) matches no task: every program then does nothing.
+ * One set of programs per host, whatever the number of VMs: every map a VM
+ * owns is an inner map of a host-wide HASH_OF_MAPS, keyed by its VMM's tgid.
+ * The object's own instances of the per-VM maps (vcpus ... clock) are
+ * templates: no program uses them.  Each VM's policy process loads this
+ * object's maps (and, if it is the first on the host, its programs), and puts
+ * its fresh per-VM maps into the host's outer maps while it is still
+ * privileged; it keeps fds to its own maps only (pyvmm/policy/host.py).  So
+ * whatever a policy process writes, it writes to its own VM's maps: the path
+ * that writes is where each VM's state is kept apart.
  */
-const volatile __u32 vmm_pid = 0;
-
-struct {
+struct vcpus_map {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, PVSCHED_MAX_VCPUS);
 	__type(key, __u32);			/* vCPU thread TID */
 	__type(value, struct pvsched_vcpu);
 } vcpus SEC(".maps");
 
-struct {
+struct tunables_map {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct pvsched_tunables);
 } tunables SEC(".maps");
 
-struct {
+struct stats_map {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, PVSCHED_STAT_NR);
 	__type(key, __u32);
@@ -67,24 +69,113 @@ struct {
 } stats SEC(".maps");
 
 /* APIC id (== vCPU id under pyvmm) -> TID, for kvm_apic_accept_irq. */
-struct {
+struct apic_tid_map {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, PVSCHED_MAX_VCPUS);
 	__type(key, __u32);
 	__type(value, __u32);
 } apic_tid SEC(".maps");
 
-struct {
+struct events_map {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, PVSCHED_RINGBUF_BYTES);
 } events SEC(".maps");
 
-struct {
+/* Only the programs write the VM's budget (BPF_F_RDONLY: every user-space fd of it is read-only). */
+struct vm_budget_map {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_RDONLY);
 	__type(key, __u32);
 	__type(value, struct pvsched_vm_budget);
 } vm_budget SEC(".maps");
+
+/*
+ * The throttle clock's timer.  Not pinned: the kernel cancels a map's timers
+ * when its last user-space reference goes, so it stops with the policy
+ * process even though the outer map still holds the map.  BPF_F_RDONLY: the
+ * clock names its VM (vmm_tgid, set by pvs_clock_start from the caller's
+ * registration), and the policy process must not rename it.
+ */
+struct pvsched_clock {
+	struct bpf_timer timer;
+	__u64 due_ns;     /* when the next tick is due: a later one is counted as late */
+	__u32 vmm_tgid;   /* the VM whose vCPUs the tick looks at */
+	__u32 pad;
+};
+
+struct clock_map {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_RDONLY);
+	__type(key, __u32);
+	__type(value, struct pvsched_clock);
+};
+
+/*
+ * clock_map again, as its own type with a const value: clang's BTF reaches
+ * clock_map only through the outer map's pointer and would emit the timer's
+ * struct as a forward declaration, which libbpf cannot size.  This definition
+ * makes clang emit it in full; the kernel compares the two by their fields.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_RDONLY);
+	__type(key, __u32);
+	__type(value, const struct pvsched_clock);
+} clock SEC(".maps");
+
+/* The host's outer maps: VMM tgid -> that VM's map of each kind. */
+#define VM_OUTER(name, inner)                                   \
+	struct {                                                \
+		__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);        \
+		__uint(max_entries, PVSCHED_MAX_VMS);           \
+		__type(key, __u32);                             \
+		__array(values, struct inner);                  \
+	} name SEC(".maps")
+
+VM_OUTER(vm_vcpus, vcpus_map);
+VM_OUTER(vm_tunables, tunables_map);
+VM_OUTER(vm_stats, stats_map);
+VM_OUTER(vm_apic_tid, apic_tid_map);
+VM_OUTER(vm_events, events_map);
+VM_OUTER(vm_budgets, vm_budget_map);
+VM_OUTER(vm_clock, clock_map);
+
+/*
+ * One bit per tgid, set for every registered VMM: the host's fast path.  Every
+ * context switch on the host asks whether its tasks belong to a VM; an array
+ * lookup is inlined by the verifier into an address computation, where a hash
+ * lookup of the tgid would cost a hash and a bucket walk per task.  Written,
+ * like the outer maps, only by trusted code under the host's lock.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, PVSCHED_TGID_WORDS);
+	__type(key, __u32);
+	__type(value, __u64);
+} vmm_bits SEC(".maps");
+
+/*
+ * Policy process tgid -> its VMM's tgid: whom a syscall program (backstop,
+ * clock start) run by a policy process works for.  Written only while that
+ * process is privileged, before its sandbox; it holds no fd of this map after.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PVSCHED_MAX_VMS);
+	__type(key, __u32);
+	__type(value, __u32);
+} policy_vm SEC(".maps");
+
+/* IDs of the host's programs and links, so that later VMs' policy processes can share them. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, PVSCHED_MAX_PROGS);
+	__type(key, __u32);
+	__type(value, struct pvsched_prog_ids);
+} host_ids SEC(".maps");
 
 /* One per host: the loader puts the pinned map here (bpf_map__reuse_fd) before load. */
 struct {
@@ -94,32 +185,63 @@ struct {
 	__type(value, struct pvsched_host_budget);
 } host_budget SEC(".maps");
 
-/* The throttle clock's timer.  Not pinned: it stops when the policy process's last fd goes. */
-struct pvsched_clock {
-	struct bpf_timer timer;
-	__u64 due_ns;   /* when the next tick is due: a later one is counted as late */
+/*
+ * The VM an event belongs to, resolved once per event from its VMM's tgid:
+ * its vCPUs, its counters and its tunables; the rest is looked up where used.
+ */
+struct vm {
+	void *vcpus;
+	void *stats;
+	struct pvsched_tunables *t;
+	__u32 tgid;
+	__u32 pad;
 };
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct pvsched_clock);
-} clock SEC(".maps");
-
-static __always_inline void stat_inc(__u32 idx)
+static __always_inline void stat_inc(const struct vm *vm, __u32 idx)
 {
-	__u64 *c = bpf_map_lookup_elem(&stats, &idx);
+	__u64 *c = bpf_map_lookup_elem(vm->stats, &idx);
 
 	if (c)
 		(*c)++;
 }
 
-static __always_inline struct pvsched_tunables *get_tunables(void)
+/* Whether `tgid` is a registered VMM's: one inlined array read, whatever the number of VMs. */
+static __always_inline bool is_vmm(__u32 tgid)
+{
+	__u32 word = tgid / 64;
+	__u64 *w = bpf_map_lookup_elem(&vmm_bits, &word);
+
+	return w && ((*w >> (tgid % 64)) & 1);
+}
+
+/* Fill `vm` for VMM `tgid`: false when no VM of that tgid is registered (every other task). */
+static __always_inline bool vm_of(__u32 tgid, struct vm *vm)
 {
 	__u32 zero = 0;
+	void *m;
 
-	return bpf_map_lookup_elem(&tunables, &zero);
+	if (!is_vmm(tgid))
+		return false;
+	vm->vcpus = bpf_map_lookup_elem(&vm_vcpus, &tgid);
+	if (!vm->vcpus)
+		return false;
+	vm->stats = bpf_map_lookup_elem(&vm_stats, &tgid);
+	m = bpf_map_lookup_elem(&vm_tunables, &tgid);
+	if (!vm->stats || !m)
+		return false;
+	vm->t = bpf_map_lookup_elem(m, &zero);
+	vm->tgid = tgid;
+	vm->pad = 0;
+	return vm->t != NULL;
+}
+
+/* The VM a policy process (the caller of a syscall program) serves. */
+static __always_inline bool vm_of_caller(struct vm *vm)
+{
+	__u32 caller = bpf_get_current_pid_tgid() >> 32;
+	__u32 *tgid = bpf_map_lookup_elem(&policy_vm, &caller);
+
+	return tgid && vm_of(*tgid, vm);
 }
 
 static __always_inline bool is_rt(__s32 policy)
@@ -148,7 +270,7 @@ static __always_inline bool same_params(const struct pvsched_sched_params *a,
  * number of times when odd or changed, then ignored.  `sleepable` picks
  * bpf_copy_from_user (backstop, may fault in) over bpf_probe_read_user.
  */
-static __always_inline int read_slot(__u64 addr, struct pvsched_slot_snap *out, bool sleepable)
+static __always_inline int read_slot(const struct vm *vm, __u64 addr, struct pvsched_slot_snap *out, bool sleepable)
 {
 	/* the guest area's first 24 bytes: seq, flags, policy, rt_priority, nice, wake_hint */
 	struct pvsched_slot_snap g = {};
@@ -173,7 +295,7 @@ static __always_inline int read_slot(__u64 addr, struct pvsched_slot_snap *out, 
 		if (seq2 != g.seq)
 			continue;
 		if (i)
-			stat_inc(PVSCHED_STAT_SLOT_RETRY);
+			stat_inc(vm, PVSCHED_STAT_SLOT_RETRY);
 		/* hostile input: validate and clamp every field */
 		out->seq = g.seq;
 		out->flags = g.flags & PVSCHED_FLAGS_ALL;
@@ -187,13 +309,13 @@ static __always_inline int read_slot(__u64 addr, struct pvsched_slot_snap *out, 
 			out->policy = SCHED_OTHER; /* DEADLINE, EXT, unknown: OTHER, never boosted */
 		return 0;
 	}
-	stat_inc(PVSCHED_STAT_SLOT_TORN);
+	stat_inc(vm, PVSCHED_STAT_SLOT_TORN);
 	return -EAGAIN;
 }
 
 /*
  * Cap what is about to be posted by the admin's limits, and clamp again here, where it is used:
- * the tunables map is pinned, and anything holding CAP_BPF can write it.  So whatever the map
+ * the VM's policy process writes the tunables map, and the guest's input reaches that process.  So whatever the map
  * holds, only OTHER/BATCH/IDLE (nice -20..19) or RR/FIFO at 1..PVSCHED_RT_PRIO_LIMIT leave here.
  * RT keeps the original nice so restoring is exact.
  */
@@ -276,22 +398,26 @@ static __always_inline void roll_window(__u64 *window, __u64 *boosted_ns, __u64 
 		*boosted_ns = 0;
 }
 
-static __always_inline struct pvsched_vm_budget *vm_window(const struct pvsched_tunables *t, __u64 now)
+static __always_inline struct pvsched_vm_budget *vm_window(const struct vm *vm, __u64 now)
 {
-	struct pvsched_vm_budget *b;
+	const struct pvsched_tunables *t = vm->t;
+	struct pvsched_vm_budget *b = NULL;
 	__u32 zero = 0;
+	void *m;
 
-	b = bpf_map_lookup_elem(&vm_budget, &zero);
+	m = bpf_map_lookup_elem(&vm_budgets, &vm->tgid);
+	if (m)
+		b = bpf_map_lookup_elem(m, &zero);
 	if (b && t->throttle_window_ns)
 		roll_window(&b->window, &b->boosted_ns, now / t->throttle_window_ns);
 	return b;
 }
 
-static __always_inline bool vm_over_budget(const struct pvsched_tunables *t, __u64 now)
+static __always_inline bool vm_over_budget(const struct vm *vm, __u64 now)
 {
-	struct pvsched_vm_budget *b = vm_window(t, now);
+	struct pvsched_vm_budget *b = vm_window(vm, now);
 
-	return b && b->boosted_ns >= t->vm_boost_budget_ns;
+	return b && b->boosted_ns >= vm->t->vm_boost_budget_ns;
 }
 
 /*
@@ -311,11 +437,11 @@ static __always_inline struct pvsched_host_budget *host_window(__u64 now)
 }
 
 /* Which budget, if any, forbids boosting now: PVSCHED_REASON_VM_BUDGET, _HOST_BUDGET or _NONE. */
-static __always_inline __u32 over_budget(const struct pvsched_tunables *t, __u64 now)
+static __always_inline __u32 over_budget(const struct vm *vm, __u64 now)
 {
 	struct pvsched_host_budget *h;
 
-	if (vm_over_budget(t, now))
+	if (vm_over_budget(vm, now))
 		return PVSCHED_REASON_VM_BUDGET;
 	h = host_window(now);
 	if (h && h->boosted_ns >= h->budget_ns)
@@ -330,8 +456,9 @@ static __always_inline __u32 over_budget(const struct pvsched_tunables *t, __u64
  * vCPU unaccounted; counting starts at the latest of switch-in, last
  * checkpoint and the boost decision.
  */
-static __always_inline void account(struct pvsched_vcpu *v, const struct pvsched_tunables *t, __u64 now)
+static __always_inline void account(const struct vm *vm, struct pvsched_vcpu *v, __u64 now)
 {
+	const struct pvsched_tunables *t = vm->t;
 	struct pvsched_host_budget *h;
 	struct pvsched_vm_budget *b;
 	__u64 from;
@@ -350,7 +477,7 @@ static __always_inline void account(struct pvsched_vcpu *v, const struct pvsched
 	if (now > from) {
 		v->window_boosted_ns += now - from;
 		v->boosted_ns += now - from;
-		b = vm_window(t, now);
+		b = vm_window(vm, now);
 		if (b)
 			__sync_fetch_and_add(&b->boosted_ns, now - from);
 		h = host_window(now);
@@ -361,11 +488,12 @@ static __always_inline void account(struct pvsched_vcpu *v, const struct pvsched
 }
 
 /*
- * One evaluation of one vCPU: the entry (its lock held), the tunables, the
+ * One evaluation of one vCPU: its VM, the entry (its lock held), the VM's tunables, the
  * validated slot or NULL (wakeup, interrupt, clock, an unreadable slot at the
  * backstop), where the event comes from and when.
  */
 struct eval_ctx {
+	const struct vm *vm;
 	struct pvsched_vcpu *v;
 	const struct pvsched_tunables *t;
 	const struct pvsched_slot_snap *s;
@@ -382,9 +510,10 @@ static __always_inline int post(const struct eval_ctx *c, const struct pvsched_s
 	struct pvsched_vcpu *v = c->v;
 	__u64 now = c->now;
 	struct pvsched_event *e;
+	void *ring;
 
 	if (same_params(p, &v->posted) && state == v->state) {
-		stat_inc(PVSCHED_STAT_UNCHANGED);
+		stat_inc(c->vm, PVSCHED_STAT_UNCHANGED);
 		return 0;
 	}
 	/*
@@ -394,19 +523,20 @@ static __always_inline int post(const struct eval_ctx *c, const struct pvsched_s
 	 * the latest wish.  Transitions (boost, unboost, throttle, unthrottle) are never held back.
 	 */
 	if (state == v->state && now - v->last_post_ns < PVSCHED_MIN_POST_INTERVAL_US * 1000ULL) {
-		stat_inc(PVSCHED_STAT_POST_LIMITED);
+		stat_inc(c->vm, PVSCHED_STAT_POST_LIMITED);
 		return 0;
 	}
-	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	ring = bpf_map_lookup_elem(&vm_events, &c->vm->tgid);
+	e = ring ? bpf_ringbuf_reserve(ring, sizeof(*e), 0) : NULL;
 	if (!e) {
-		stat_inc(PVSCHED_STAT_RB_DROP);
+		stat_inc(c->vm, PVSCHED_STAT_RB_DROP);
 		return -1;
 	}
 	if (state == PVSCHED_STATE_BOOSTED && v->state != PVSCHED_STATE_BOOSTED) {
 		v->boosts++;
-		stat_inc(PVSCHED_STAT_BOOST);
+		stat_inc(c->vm, PVSCHED_STAT_BOOST);
 	} else if (state == PVSCHED_STATE_NORMAL && v->state == PVSCHED_STATE_BOOSTED) {
-		stat_inc(PVSCHED_STAT_UNBOOST);
+		stat_inc(c->vm, PVSCHED_STAT_UNBOOST);
 	}
 	v->posted = *p;
 	v->state = state;
@@ -432,7 +562,7 @@ static __always_inline int post(const struct eval_ctx *c, const struct pvsched_s
 	e->throttles = v->throttles;
 	e->boosted_ns = v->boosted_ns;
 	bpf_ringbuf_submit(e, 0);
-	stat_inc(PVSCHED_STAT_POSTED);
+	stat_inc(c->vm, PVSCHED_STAT_POSTED);
 	if (c->t->debug >= 1)
 		bpf_printk("pvsched: tid %u state %u policy %d prio %u reason %u src %u", c->tid, state,
 			   p->policy, p->rt_priority, reason, c->source);
@@ -536,7 +666,7 @@ static __always_inline __u32 decide(const struct eval_ctx *c, struct pvsched_sch
 			 * IDLE but before its halt: dropping the boost before the
 			 * halt leaves the vCPU behind host load until it halts.
 			 */
-			stat_inc(PVSCHED_STAT_HOLD);
+			stat_inc(c->vm, PVSCHED_STAT_HOLD);
 			return hold_boost(c, want, PVSCHED_REASON_HALT);
 		}
 		return from_slot(c, want);
@@ -561,11 +691,11 @@ static __always_inline int pvsched_eval(const struct eval_ctx *c)
 		v->last_slot = *c->s;
 		v->slot_read_ns = c->now;
 	}
-	account(v, t, c->now);
+	account(c->vm, v, c->now);
 
 	if (v->state == PVSCHED_STATE_THROTTLED) {
 		if (c->now < v->throttle_until_ns) {
-			stat_inc(PVSCHED_STAT_THROTTLED_IGNORED);
+			stat_inc(c->vm, PVSCHED_STAT_THROTTLED_IGNORED);
 			return 0;
 		}
 		/*
@@ -575,7 +705,7 @@ static __always_inline int pvsched_eval(const struct eval_ctx *c)
 		v->window_start_ns = c->now;
 		v->window_boosted_ns = 0;
 		v->hold = 0;
-		stat_inc(PVSCHED_STAT_UNTHROTTLE);
+		stat_inc(c->vm, PVSCHED_STAT_UNTHROTTLE);
 		force_reason = PVSCHED_REASON_UNTHROTTLE;
 		if (!c->s) {
 			want = v->orig;
@@ -585,14 +715,14 @@ static __always_inline int pvsched_eval(const struct eval_ctx *c)
 
 	if (v->state == PVSCHED_STATE_BOOSTED) {
 		__u32 why = v->window_boosted_ns > t->max_boost_runtime_ns ? PVSCHED_REASON_THROTTLE
-									 : over_budget(t, c->now);
+									 : over_budget(c->vm, c->now);
 
 		if (why != PVSCHED_REASON_NONE) {
 			want = v->orig;
 			v->hold = 0;
 			v->throttle_until_ns = c->now + t->throttle_ns;
 			v->throttles++;
-			stat_inc(why == PVSCHED_REASON_THROTTLE ? PVSCHED_STAT_THROTTLE
+			stat_inc(c->vm, why == PVSCHED_REASON_THROTTLE ? PVSCHED_STAT_THROTTLE
 				 : why == PVSCHED_REASON_VM_BUDGET ? PVSCHED_STAT_VM_BUDGET : PVSCHED_STAT_HOST_BUDGET);
 			/* a halt does not reset the count: only the window or the throttle's end does */
 			return post(c, &want, PVSCHED_STATE_THROTTLED, why);
@@ -609,12 +739,12 @@ static __always_inline int pvsched_eval(const struct eval_ctx *c)
 	state = rank(&want) > rank(&v->orig) ? PVSCHED_STATE_BOOSTED : PVSCHED_STATE_NORMAL;
 	/* no new boost while the VM's vCPUs, or all VMs', are over their share of this window */
 	if (state == PVSCHED_STATE_BOOSTED && v->state != PVSCHED_STATE_BOOSTED &&
-	    (budget = over_budget(t, c->now)) != PVSCHED_REASON_NONE) {
+	    (budget = over_budget(c->vm, c->now)) != PVSCHED_REASON_NONE) {
 		want = v->orig;
 		v->hold = 0;
 		state = PVSCHED_STATE_NORMAL;
 		reason = budget;
-		stat_inc(budget == PVSCHED_REASON_VM_BUDGET ? PVSCHED_STAT_VM_BUDGET : PVSCHED_STAT_HOST_BUDGET);
+		stat_inc(c->vm, budget == PVSCHED_REASON_VM_BUDGET ? PVSCHED_STAT_VM_BUDGET : PVSCHED_STAT_HOST_BUDGET);
 	}
 	/* a forced re-evaluation (unthrottle, new tunables) names itself when params stay */
 	if (force_reason != PVSCHED_REASON_NONE && same_params(&want, &v->posted))
@@ -622,10 +752,10 @@ static __always_inline int pvsched_eval(const struct eval_ctx *c)
 	return post(c, &want, state, reason);
 }
 
-static __always_inline bool vcpu_trylock(struct pvsched_vcpu *v)
+static __always_inline bool vcpu_trylock(const struct vm *vm, struct pvsched_vcpu *v)
 {
 	if (__sync_val_compare_and_swap(&v->lock, 0, 1) != 0) {
-		stat_inc(PVSCHED_STAT_LOCK_BUSY);
+		stat_inc(vm, PVSCHED_STAT_LOCK_BUSY);
 		return false;
 	}
 	return true;
@@ -639,42 +769,48 @@ static __always_inline void vcpu_unlock(struct pvsched_vcpu *v)
 }
 
 /* vCPU switched out: VMEXIT-like evaluation, or HALT when it blocks with an IDLE slot. */
-static __always_inline void switch_out(struct pvsched_vcpu *v, __u32 tid, const struct pvsched_tunables *t,
-				       bool runnable, __u64 now)
+static __always_inline void switch_out(const struct vm *vm, struct pvsched_vcpu *v, __u32 tid, bool runnable,
+				       __u64 now)
 {
 	struct pvsched_slot_snap snap = {};
-	int err = read_slot(v->slot_hva, &snap, false);
+	int err = read_slot(vm, v->slot_hva, &snap, false);
 	__u32 src;
 
-	account(v, t, now);
+	account(vm, v, now);
 	v->running = 0;
 	if (err) {
 		if (err == -EFAULT)
-			stat_inc(PVSCHED_STAT_SLOT_FAULT);
+			stat_inc(vm, PVSCHED_STAT_SLOT_FAULT);
 		return;
 	}
 	if (runnable) {
 		src = PVSCHED_SRC_PREEMPT;
-		stat_inc(PVSCHED_STAT_PREEMPT);
+		stat_inc(vm, PVSCHED_STAT_PREEMPT);
 	} else if (snap.flags & PVSCHED_FLAG_IDLE) {
 		src = PVSCHED_SRC_HALT;
-		stat_inc(PVSCHED_STAT_HALT);
+		stat_inc(vm, PVSCHED_STAT_HALT);
 	} else {
 		src = PVSCHED_SRC_BLOCK;
-		stat_inc(PVSCHED_STAT_BLOCK);
+		stat_inc(vm, PVSCHED_STAT_BLOCK);
 	}
-	if (t->debug >= 2)
+	if (vm->t->debug >= 2)
 		bpf_printk("pvsched: out tid %u src %u flags %x policy %d", tid, src, snap.flags, snap.policy);
-	pvsched_eval(&(struct eval_ctx){ .v = v, .t = t, .s = &snap, .now = now, .tid = tid, .source = src });
+	pvsched_eval(&(struct eval_ctx){ .vm = vm, .v = v, .t = vm->t, .s = &snap, .now = now, .tid = tid,
+					.source = src });
 }
 
-/* Task p is a registered vCPU thread of our VMM: its entry (and TID), else NULL. */
-static __always_inline struct pvsched_vcpu *task_vcpu(const struct task_struct *p, __u32 *tid)
+/*
+ * Task p's VM (filled in `vm`) and its vCPU entry, or NULL: not a thread of
+ * a registered VMM, or one the VM did not register as a vCPU.  The host's fast
+ * path: a task of any other process costs one array read (is_vmm()), whatever
+ * the number of VMs.
+ */
+static __always_inline struct pvsched_vcpu *task_vcpu(const struct task_struct *p, struct vm *vm, __u32 *tid)
 {
-	if (!vmm_pid || p->tgid != vmm_pid)
+	if (!vm_of(p->tgid, vm))
 		return NULL;
 	*tid = p->pid;
-	return bpf_map_lookup_elem(&vcpus, tid);
+	return bpf_map_lookup_elem(vm->vcpus, tid);
 }
 
 /* vCPU out (VMEXIT-like, or HALT when it blocks with an IDLE slot) and vCPU in (VMENTER-like). */
@@ -682,34 +818,32 @@ SEC("tp_btf/sched_switch")
 int BPF_PROG(pvs_switch, bool preempt, struct task_struct *prev, struct task_struct *next,
 	     unsigned int prev_state)
 {
-	struct pvsched_tunables *t;
+	bool counted = false;
 	struct pvsched_vcpu *v;
+	struct vm vm;
 	__u64 now;
 	__u32 tid;
 
-	/* fast path: most switches on the host involve no thread of our VMM (no map lookup either) */
-	if (!vmm_pid || (prev->tgid != vmm_pid && next->tgid != vmm_pid))
-		return 0;
-	stat_inc(PVSCHED_STAT_SWITCH_VMM); /* past the fast path only, so the other switches pay nothing for it */
-	t = get_tunables();
-	if (!t)
-		return 0;
-	now = bpf_ktime_get_ns();
 
-	v = task_vcpu(prev, &tid);
-	/* current == prev here: the slot HVA is in this address space */
-	if (v && (bpf_get_current_pid_tgid() >> 32) == vmm_pid) {
-		if (vcpu_trylock(v)) {
-			switch_out(v, tid, t, preempt || prev_state == TASK_RUNNING, now);
+	v = task_vcpu(prev, &vm, &tid);
+	if (v) {
+		now = bpf_ktime_get_ns();
+		stat_inc(&vm, PVSCHED_STAT_SWITCH_VMM); /* past the fast path only: other switches pay nothing for it */
+		counted = true;
+		/* current == prev here: the slot HVA is in this address space */
+		if ((bpf_get_current_pid_tgid() >> 32) == vm.tgid && vcpu_trylock(&vm, v)) {
+			switch_out(&vm, v, tid, preempt || prev_state == TASK_RUNNING, now);
 			vcpu_unlock(v);
 		}
 		v->running = 0; /* even when the lock was busy: never left "running" */
 	}
 
-	v = task_vcpu(next, &tid);
+	v = task_vcpu(next, &vm, &tid);
 	if (v) {
-		stat_inc(PVSCHED_STAT_SWITCH_IN);
-		v->run_start_ns = now;
+		if (!counted)
+			stat_inc(&vm, PVSCHED_STAT_SWITCH_VMM);
+		stat_inc(&vm, PVSCHED_STAT_SWITCH_IN);
+		v->run_start_ns = bpf_ktime_get_ns();
 		asm volatile("" ::: "memory");
 		v->running = 1;
 	}
@@ -720,20 +854,17 @@ int BPF_PROG(pvs_switch, bool preempt, struct task_struct *prev, struct task_str
 SEC("tp_btf/sched_wakeup")
 int BPF_PROG(pvs_wakeup, struct task_struct *p)
 {
-	struct pvsched_tunables *t;
 	struct pvsched_vcpu *v;
+	struct vm vm;
 	__u32 tid;
 
-	/* fast path: a task of another process returns at the tgid check, before any map lookup */
-	v = task_vcpu(p, &tid);
+	/* fast path: a task of another process returns after one array read (is_vmm()) */
+	v = task_vcpu(p, &vm, &tid);
 	if (!v)
 		return 0;
-	t = get_tunables();
-	if (!t)
-		return 0;
-	stat_inc(PVSCHED_STAT_WAKEUP);
-	if (v->halted && vcpu_trylock(v)) {
-		pvsched_eval(&(struct eval_ctx){ .v = v, .t = t, .now = bpf_ktime_get_ns(), .tid = tid,
+	stat_inc(&vm, PVSCHED_STAT_WAKEUP);
+	if (v->halted && vcpu_trylock(&vm, v)) {
+		pvsched_eval(&(struct eval_ctx){ .vm = &vm, .v = v, .t = vm.t, .now = bpf_ktime_get_ns(), .tid = tid,
 						.source = PVSCHED_SRC_WAKEUP });
 		vcpu_unlock(v);
 	}
@@ -741,12 +872,14 @@ int BPF_PROG(pvs_wakeup, struct task_struct *p)
 }
 
 /* Post a record that carries no decision (kind EXITED or RECHECK); false when the ring buffer is full. */
-static __always_inline bool post_notice(const struct pvsched_vcpu *v, __u32 tid, __u32 kind, __u32 source, __u64 now)
+static __always_inline bool post_notice(const struct vm *vm, const struct pvsched_vcpu *v, __u32 tid, __u32 kind,
+					__u32 source, __u64 now)
 {
-	struct pvsched_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	void *ring = bpf_map_lookup_elem(&vm_events, &vm->tgid);
+	struct pvsched_event *e = ring ? bpf_ringbuf_reserve(ring, sizeof(*e), 0) : NULL;
 
 	if (!e) {
-		stat_inc(PVSCHED_STAT_RB_DROP);
+		stat_inc(vm, PVSCHED_STAT_RB_DROP);
 		return false;
 	}
 	__builtin_memset(e, 0, sizeof(*e));
@@ -765,27 +898,26 @@ SEC("tp_btf/sched_process_exit")
 int BPF_PROG(pvs_exit, struct task_struct *p)
 {
 	struct pvsched_vcpu *v;
+	struct vm vm;
 	__u32 tid;
 
-	v = task_vcpu(p, &tid);
+	v = task_vcpu(p, &vm, &tid);
 	if (!v)
 		return 0;
-	stat_inc(PVSCHED_STAT_EXITED);
-	post_notice(v, tid, PVSCHED_EV_EXITED, 0, bpf_ktime_get_ns());
+	stat_inc(&vm, PVSCHED_STAT_EXITED);
+	post_notice(&vm, v, tid, PVSCHED_EV_EXITED, 0, bpf_ktime_get_ns());
 	return 0;
 }
 
-/* Current task is a registered vCPU thread of our VMM: its entry, else NULL. */
-static __always_inline struct pvsched_vcpu *current_vcpu(__u32 *tid)
+/* The current task's VM (filled in `vm`) and its vCPU entry if it is a registered vCPU thread, else NULL. */
+static __always_inline struct pvsched_vcpu *current_vcpu(struct vm *vm, __u32 *tid)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 
-	if (!vmm_pid || (id >> 32) != vmm_pid) {
-		stat_inc(PVSCHED_STAT_OTHER_CTX);
+	if (!vm_of(id >> 32, vm))
 		return NULL;
-	}
 	*tid = (__u32)id;
-	return bpf_map_lookup_elem(&vcpus, tid);
+	return bpf_map_lookup_elem(vm->vcpus, tid);
 }
 
 /* Optional KVM events: attached where this kernel has them; they never fire on PVM. */
@@ -793,20 +925,19 @@ SEC("tp_btf/kvm_exit")
 int BPF_PROG(pvs_kvm_exit)
 {
 	struct pvsched_slot_snap snap = {};
-	struct pvsched_tunables *t;
 	struct pvsched_vcpu *v;
+	struct vm vm;
 	__u32 tid;
 
-	v = current_vcpu(&tid);
-	t = get_tunables();
-	if (!v || !t)
+	v = current_vcpu(&vm, &tid);
+	if (!v)
 		return 0;
-	stat_inc(PVSCHED_STAT_KVM_EXIT);
-	if (!vcpu_trylock(v))
+	stat_inc(&vm, PVSCHED_STAT_KVM_EXIT);
+	if (!vcpu_trylock(&vm, v))
 		return 0;
-	if (!read_slot(v->slot_hva, &snap, false))
-		pvsched_eval(&(struct eval_ctx){ .v = v, .t = t, .s = &snap, .now = bpf_ktime_get_ns(), .tid = tid,
-						.source = PVSCHED_SRC_KVM_EXIT });
+	if (!read_slot(&vm, v->slot_hva, &snap, false))
+		pvsched_eval(&(struct eval_ctx){ .vm = &vm, .v = v, .t = vm.t, .s = &snap, .now = bpf_ktime_get_ns(),
+						.tid = tid, .source = PVSCHED_SRC_KVM_EXIT });
 	vcpu_unlock(v);
 	return 0;
 }
@@ -815,12 +946,13 @@ SEC("tp_btf/kvm_entry")
 int BPF_PROG(pvs_kvm_entry)
 {
 	struct pvsched_vcpu *v;
+	struct vm vm;
 	__u32 tid;
 
-	v = current_vcpu(&tid);
+	v = current_vcpu(&vm, &tid);
 	if (!v)
 		return 0;
-	stat_inc(PVSCHED_STAT_KVM_ENTRY);
+	stat_inc(&vm, PVSCHED_STAT_KVM_ENTRY);
 	if (!v->running) {
 		v->run_start_ns = bpf_ktime_get_ns();
 		v->running = 1;
@@ -831,67 +963,65 @@ int BPF_PROG(pvs_kvm_entry)
 SEC("tp_btf/kvm_vcpu_wakeup")
 int BPF_PROG(pvs_vcpu_wakeup)
 {
+	struct vm vm;
 	__u32 tid;
 
-	if (current_vcpu(&tid))
-		stat_inc(PVSCHED_STAT_VCPU_WAKEUP);
+	if (current_vcpu(&vm, &tid))
+		stat_inc(&vm, PVSCHED_STAT_VCPU_WAKEUP);
 	return 0;
 }
 
 SEC("tp_btf/kvm_set_irq")
 int BPF_PROG(pvs_set_irq)
 {
+	struct vm vm;
+
 	/* carries only a GSI: counted, never acted on */
-	if (vmm_pid && (bpf_get_current_pid_tgid() >> 32) == vmm_pid)
-		stat_inc(PVSCHED_STAT_SET_IRQ);
+	if (vm_of(bpf_get_current_pid_tgid() >> 32, &vm))
+		stat_inc(&vm, PVSCHED_STAT_SET_IRQ);
 	return 0;
 }
 
-static __always_inline void irq_to(const struct pvsched_tunables *t, __u32 tid)
+/* An interrupt for vCPU thread `tid` of `vm`: a halted vCPU is evaluated. */
+static __always_inline void irq_to(const struct vm *vm, __u32 tid)
 {
-	struct pvsched_vcpu *v = bpf_map_lookup_elem(&vcpus, &tid);
+	struct pvsched_vcpu *v = bpf_map_lookup_elem(vm->vcpus, &tid);
 
 	if (!v)
 		return;
-	stat_inc(PVSCHED_STAT_IRQ);
-	if (v->halted && vcpu_trylock(v)) {
-		pvsched_eval(&(struct eval_ctx){ .v = v, .t = t, .now = bpf_ktime_get_ns(), .tid = tid,
+	stat_inc(vm, PVSCHED_STAT_IRQ);
+	if (v->halted && vcpu_trylock(vm, v)) {
+		pvsched_eval(&(struct eval_ctx){ .vm = vm, .v = v, .t = vm->t, .now = bpf_ktime_get_ns(), .tid = tid,
 						.source = PVSCHED_SRC_IRQ });
 		vcpu_unlock(v);
 	}
 }
 
-/* Names an APIC id, not a VM: used only in the VMM's own context. */
+/* Names an APIC id, not a VM: used only in a VMM's own context, for that VMM's vCPUs. */
 SEC("tp_btf/kvm_apic_accept_irq")
 int BPF_PROG(pvs_accept_irq, __u32 apicid)
 {
-	struct pvsched_tunables *t;
 	__u32 key = apicid, *tid;
+	struct vm vm;
+	void *m;
 
-	if (!vmm_pid || (bpf_get_current_pid_tgid() >> 32) != vmm_pid) {
-		stat_inc(PVSCHED_STAT_OTHER_CTX);
+	if (!vm_of(bpf_get_current_pid_tgid() >> 32, &vm))
 		return 0;
-	}
-	t = get_tunables();
-	tid = bpf_map_lookup_elem(&apic_tid, &key);
-	if (t && tid && *tid)
-		irq_to(t, *tid);
+	m = bpf_map_lookup_elem(&vm_apic_tid, &vm.tgid);
+	tid = m ? bpf_map_lookup_elem(m, &key) : NULL;
+	if (tid && *tid)
+		irq_to(&vm, *tid);
 	return 0;
 }
 
 SEC("tp_btf/kvm_inj_virq")
 int BPF_PROG(pvs_inj_virq)
 {
-	struct pvsched_tunables *t;
 	__u64 id = bpf_get_current_pid_tgid();
+	struct vm vm;
 
-	if (!vmm_pid || (id >> 32) != vmm_pid) {
-		stat_inc(PVSCHED_STAT_OTHER_CTX);
-		return 0;
-	}
-	t = get_tunables();
-	if (t)
-		irq_to(t, (__u32)id);
+	if (vm_of(id >> 32, &vm))
+		irq_to(&vm, (__u32)id);
 	return 0;
 }
 
@@ -899,27 +1029,27 @@ int BPF_PROG(pvs_inj_virq)
  * Backstop: the policy process runs this (BPF_PROG_TEST_RUN) every
  * backstop_ms per vCPU, and once after set_tunables, so a vCPU that never
  * switches out (a FIFO spinner) is still evaluated and throttled by the same
- * code as every other event.
+ * code as every other event.  It acts only on the caller's own VM (policy_vm).
  */
 SEC("syscall")
 int pvs_backstop(struct pvsched_backstop_ctx *ctx)
 {
-	struct pvsched_tunables *t = get_tunables();
 	struct pvsched_slot_snap snap = {};
 	struct pvsched_vcpu *v;
 	__u32 tid = ctx->tid;
 	int err, ret = 0;
+	struct vm vm;
 
-	if (!t)
+	if (!vm_of_caller(&vm))
 		return -1;
-	v = bpf_map_lookup_elem(&vcpus, &tid);
+	v = bpf_map_lookup_elem(vm.vcpus, &tid);
 	if (!v)
 		return -1;
-	stat_inc(PVSCHED_STAT_BACKSTOP);
-	err = read_slot(ctx->slot_uaddr, &snap, true);
+	stat_inc(&vm, PVSCHED_STAT_BACKSTOP);
+	err = read_slot(&vm, ctx->slot_uaddr, &snap, true);
 	if (err == -EFAULT)
-		stat_inc(PVSCHED_STAT_SLOT_FAULT);
-	if (vcpu_trylock(v)) {
+		stat_inc(&vm, PVSCHED_STAT_SLOT_FAULT);
+	if (vcpu_trylock(&vm, v)) {
 		__u64 now = bpf_ktime_get_ns();
 
 		/*
@@ -927,8 +1057,9 @@ int pvs_backstop(struct pvsched_backstop_ctx *ctx)
 		 * throttle still runs: else a boosted guest escapes it by never
 		 * finishing a slot write.
 		 */
-		ret = pvsched_eval(&(struct eval_ctx){ .v = v, .t = t, .s = err ? NULL : &snap, .now = now, .tid = tid,
-						      .source = PVSCHED_SRC_BACKSTOP, .force_reason = ctx->reason });
+		ret = pvsched_eval(&(struct eval_ctx){ .vm = &vm, .v = v, .t = vm.t, .s = err ? NULL : &snap, .now = now,
+						      .tid = tid, .source = PVSCHED_SRC_BACKSTOP,
+						      .force_reason = ctx->reason });
 		vcpu_unlock(v);
 	}
 	return ret;
@@ -941,14 +1072,15 @@ int pvs_backstop(struct pvsched_backstop_ctx *ctx)
  * throttle (which would then ignore its requests for throttle_ms).  A vCPU
  * that halts between short RT bursts, the latency case, is never asked about.
  */
-static __always_inline void ask_recheck(struct pvsched_vcpu *v, __u32 tid, const struct pvsched_tunables *t,
-					__u64 now)
+static __always_inline void ask_recheck(const struct vm *vm, struct pvsched_vcpu *v, __u32 tid, __u64 now)
 {
+	const struct pvsched_tunables *t = vm->t;
+
 	if (v->state != PVSCHED_STATE_BOOSTED || !v->running || now - v->run_start_ns < t->clock_ns ||
 	    now - v->slot_read_ns < t->clock_ns)
 		return;
-	if (post_notice(v, tid, PVSCHED_EV_RECHECK, PVSCHED_SRC_CLOCK, now))
-		stat_inc(PVSCHED_STAT_RECHECK);
+	if (post_notice(vm, v, tid, PVSCHED_EV_RECHECK, PVSCHED_SRC_CLOCK, now))
+		stat_inc(vm, PVSCHED_STAT_RECHECK);
 }
 
 /*
@@ -957,22 +1089,20 @@ static __always_inline void ask_recheck(struct pvsched_vcpu *v, __u32 tid, const
  * periodically.  A user-space thread polling at that rate would preempt the
  * boosted vCPUs it serves at every wake-up.  The throttle needs no slot read,
  * so a BPF timer does it in softirq context; user space wakes only when a
- * change is posted.
+ * change is posted.  `vm` is the clock's VM, on the tick's stack.
  */
-static long clock_vcpu(struct bpf_map *map, __u32 *tid, struct pvsched_vcpu *v, void *ctx)
+static long clock_vcpu(struct bpf_map *map, __u32 *tid, struct pvsched_vcpu *v, struct vm *vm)
 {
-	struct pvsched_tunables *t = get_tunables();
 	__u64 now = bpf_ktime_get_ns();
 
-	if (!t)
-		return 1;
 	if (!(v->state == PVSCHED_STATE_BOOSTED && v->running) &&
 	    !(v->state == PVSCHED_STATE_THROTTLED && now >= v->throttle_until_ns))
 		return 0;
-	stat_inc(PVSCHED_STAT_CLOCK);
-	if (vcpu_trylock(v)) {
-		pvsched_eval(&(struct eval_ctx){ .v = v, .t = t, .now = now, .tid = *tid, .source = PVSCHED_SRC_CLOCK });
-		ask_recheck(v, *tid, t, now);
+	stat_inc(vm, PVSCHED_STAT_CLOCK);
+	if (vcpu_trylock(vm, v)) {
+		pvsched_eval(&(struct eval_ctx){ .vm = vm, .v = v, .t = vm->t, .now = now, .tid = *tid,
+						.source = PVSCHED_SRC_CLOCK });
+		ask_recheck(vm, v, *tid, now);
 		vcpu_unlock(v);
 	}
 	return 0;
@@ -983,40 +1113,49 @@ static long clock_vcpu(struct bpf_map *map, __u32 *tid, struct pvsched_vcpu *v, 
  * kernel defers softirqs to ksoftirqd, a SCHED_OTHER thread, and the clock
  * then runs late.  The policy process's backstop (backstop_ms, at FIFO 40)
  * bounds a boost then; late ticks are counted (stat clock_late) so they show.
+ * A clock whose VM is gone from the host's maps stops.
  */
 static int clock_tick(void *map, __u32 *key, struct pvsched_clock *c)
 {
-	struct pvsched_tunables *t = get_tunables();
 	__u64 now = bpf_ktime_get_ns();
+	struct vm vm;
 
-	if (t && c->due_ns && now > c->due_ns + t->clock_ns)
-		stat_inc(PVSCHED_STAT_CLOCK_LATE);
-	bpf_for_each_map_elem(&vcpus, clock_vcpu, NULL, 0);
-	if (t && t->clock_ns) {
-		c->due_ns = bpf_ktime_get_ns() + t->clock_ns;
-		bpf_timer_start(&c->timer, t->clock_ns, 0);
+	if (!vm_of(c->vmm_tgid, &vm))
+		return 0;
+	if (c->due_ns && now > c->due_ns + vm.t->clock_ns)
+		stat_inc(&vm, PVSCHED_STAT_CLOCK_LATE);
+	bpf_for_each_map_elem(vm.vcpus, clock_vcpu, &vm, 0);
+	if (vm.t->clock_ns) {
+		c->due_ns = bpf_ktime_get_ns() + vm.t->clock_ns;
+		bpf_timer_start(&c->timer, vm.t->clock_ns, 0);
 	}
 	return 0;
 }
 
-/* Start (or restart, after new tunables) the throttle clock; the policy process runs it. */
+/* Start (or restart, after new tunables) the caller's VM's throttle clock; the policy process runs it. */
 SEC("syscall")
 int pvs_clock_start(void *ctx)
 {
-	struct pvsched_tunables *t = get_tunables();
-	struct pvsched_clock *c;
+	struct pvsched_clock *c = NULL;
 	__u32 zero = 0;
+	struct vm vm;
+	void *m;
 	long err;
 
-	c = bpf_map_lookup_elem(&clock, &zero);
-	if (!c || !t || !t->clock_ns)
+	if (!vm_of_caller(&vm) || !vm.t->clock_ns)
 		return -1;
-	err = bpf_timer_init(&c->timer, &clock, CLOCK_MONOTONIC);
+	m = bpf_map_lookup_elem(&vm_clock, &vm.tgid);
+	if (m)
+		c = bpf_map_lookup_elem(m, &zero);
+	if (!c)
+		return -1;
+	err = bpf_timer_init(&c->timer, m, CLOCK_MONOTONIC);
 	if (err && err != -EBUSY) /* already initialised: a restart */
 		return err;
 	err = bpf_timer_set_callback(&c->timer, clock_tick);
 	if (err)
 		return err;
-	c->due_ns = bpf_ktime_get_ns() + t->clock_ns;
-	return bpf_timer_start(&c->timer, t->clock_ns, 0);
+	c->vmm_tgid = vm.tgid;
+	c->due_ns = bpf_ktime_get_ns() + vm.t->clock_ns;
+	return bpf_timer_start(&c->timer, vm.t->clock_ns, 0);
 }

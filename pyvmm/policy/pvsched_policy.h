@@ -20,6 +20,11 @@ enum pvsched_policy_limits {
 	/* a change that keeps the state (nice 5 -> 6, RR 8 -> 9) is posted at most this often per vCPU */
 	PVSCHED_MIN_POST_INTERVAL_US = 1000,
 	PVSCHED_RINGBUF_BYTES = 256 * 1024,
+	/* VMs one host's programs serve (the outer maps' size), and programs in the object */
+	PVSCHED_MAX_VMS = 256,
+	PVSCHED_MAX_PROGS = 16,
+	/* the vmm_bits map: one bit per possible tgid (PID_MAX_LIMIT, 4194304 on 64-bit), 64 to a word */
+	PVSCHED_TGID_WORDS = 4194304 / 64,
 	/* the host budget's share of all CPUs until the host's admin sets one (pyvmm host-budget) */
 	PVSCHED_HOST_SHARE_DEFAULT_PCT = 50,
 	PVSCHED_HOST_WINDOW_DEFAULT_MS = 100,
@@ -178,7 +183,7 @@ struct pvsched_tunables {
 	__u64 backstop_ns;           /* the policy process's slot re-read period, kept here for show() */
 	__u64 clock_ns;              /* throttle clock period (BPF timer): read at every tick */
 	__u64 vm_boost_budget_ns;    /* boosted run time of all vCPUs together per window (vm_boost_share_pct
-	                              * of the host's CPUs); one policy object serves one VM */
+	                              * of the host's CPUs); one VM's own map */
 };
 
 /* The VM's boosted run time in the current window, all vCPUs together (the vm_budget map's one entry). */
@@ -220,6 +225,12 @@ struct pvsched_event {
 	__u64 boosted_ns;
 };
 
+/* The host_ids map's entry for one program of the object (in the object's order): what a later VM shares. */
+struct pvsched_prog_ids {
+	__u32 prog_id;
+	__u32 link_id;               /* 0: not attached (a syscall program, or absent from this kernel) */
+};
+
 /* Context of the backstop program (BPF_PROG_TEST_RUN of a syscall prog). */
 struct pvsched_backstop_ctx {
 	__u32 tid;
@@ -238,6 +249,7 @@ _Static_assert(sizeof(struct pvsched_vm_budget) == 16, "vm budget");
 _Static_assert(sizeof(struct pvsched_host_budget) == 40, "host budget");
 _Static_assert(sizeof(struct pvsched_event) == 88, "event");
 _Static_assert(sizeof(struct pvsched_backstop_ctx) == 16, "backstop ctx");
+_Static_assert(sizeof(struct pvsched_prog_ids) == 8, "prog ids");
 #endif
 
 #endif /* PVSCHED_POLICY_H */

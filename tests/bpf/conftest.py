@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pytest
 from fakevmm import FakeVmm, fakevmm_binary
 
 from pyvmm.common.artifacts import ensure_built
+from pyvmm.common.safe_fs import remove_tree_nofollow
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -69,10 +69,10 @@ class PolicyChild:
     """The engine in a child process with only CAP_BPF, CAP_PERFMON, CAP_SYS_NICE, CAP_IPC_LOCK."""
 
     def __init__(self, vmm: FakeVmm, pin_root: Path, tunables: dict | None, keep_caps: bool = False,
-                 features: int = 0, program: str = "pvsched"):
+                 features: int = 0, program: str = "pvsched", unprivileged_load: bool = False):
         cfg = {"vmm_pid": vmm.pid, "memfd": vmm.fd, "slot_offset": vmm.info["slot_offset"], "hva": vmm.info["hva"],
                "tids": vmm.tids, "tunables": tunables or {}, "pin_root": str(pin_root), "keep_caps": keep_caps,
-               "features": features, "program": program}
+               "features": features, "program": program, "unprivileged_load": unprivileged_load}
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen([sys.executable, str(HERE / "policy_child.py"), json.dumps(cfg)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
@@ -113,12 +113,7 @@ def pin_root():
     """A pin root of this test's own under /sys/fs/bpf, removed afterwards."""
     root = BPFFS / f"pvsched-test-{os.getpid()}-{time.monotonic_ns()}"
     yield root
-    if root.exists():
-        for d in root.iterdir():
-            for f in d.iterdir() if d.is_dir() else []:
-                f.unlink()
-            d.rmdir() if d.is_dir() else d.unlink()
-        shutil.rmtree(root, ignore_errors=True)
+    remove_tree_nofollow(root)  # this VM's pins, the host's (host/<policy>/) and the host budget
 
 
 @pytest.fixture
@@ -130,8 +125,8 @@ def policy_child(bpf_object, pin_root):
     kids: list[PolicyChild] = []
 
     def start(vmm: FakeVmm, tunables: dict | None = None, keep_caps: bool = False, features: int = 0,
-              program: str = "pvsched") -> PolicyChild:
-        c = PolicyChild(vmm, pin_root, tunables, keep_caps, features, program)
+              program: str = "pvsched", unprivileged_load: bool = False) -> PolicyChild:
+        c = PolicyChild(vmm, pin_root, tunables, keep_caps, features, program, unprivileged_load)
         kids.append(c)
         return c
 

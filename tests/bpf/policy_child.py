@@ -1,7 +1,12 @@
-"""Test stand-in for the policy process: drops to the sandbox's capabilities, runs PolicyEngine, obeys stdin.
+"""Test stand-in for the policy process: runs PolicyEngine with the sandbox's capabilities, obeys stdin.
+
+As the real one (pyvmm/policy/process.py), it makes the engine while still privileged (a later VM takes
+the host's programs by ID, which needs CAP_SYS_ADMIN) and drops to the sandbox's capabilities before any
+other thread starts or anything else is read.
 
 argv[1] is a JSON object: vmm_pid, memfd (inherited fd), slot_offset, hva, tids,
-tunables, pin_root, keep_caps (bool: skip the capability drop), program (the BPF policy's name).  Prints JSON
+tunables, pin_root, keep_caps (bool: skip the capability drop), unprivileged_load (bool: drop them before
+the engine is made), program (the BPF policy's name).  Prints JSON
 lines: {"ready": ..., "caps": ...} once, then one reply per command:
   show | set K=V ... | remove TID | add TID | close
 SIGTERM (or stdin EOF) ends it through the engine's one cleanup path.
@@ -69,8 +74,12 @@ async def main(cfg: dict) -> None:
     from pyvmm.policy.engine import PolicyEngine
 
     m = mmap.mmap(cfg["memfd"], cfg.get("size", 4096))
+    if cfg.get("unprivileged_load"):
+        drop_caps()  # the engine made without CAP_SYS_ADMIN: no stats fd of its own, no joining
     engine = PolicyEngine(cfg["vmm_pid"], cfg.get("tunables") or {}, cfg["pin_root"],
                           program=cfg.get("program", "pvsched"))
+    if not cfg.get("keep_caps") and not cfg.get("unprivileged_load"):
+        drop_caps()
 
     def add(i: int, tid: int) -> None:
         off = cfg["slot_offset"] + 128 * i
@@ -119,7 +128,4 @@ async def main(cfg: dict) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    config = json.loads(sys.argv[1])
-    if not config.get("keep_caps"):
-        drop_caps()
-    trio.run(main, config)
+    trio.run(main, json.loads(sys.argv[1]))

@@ -125,13 +125,13 @@ def test_e2e_sigkill_of_the_policy_process_restores_and_detaches(vm):
     assert wait_for(lambda: all(os.sched_getscheduler(t) == RR for t in tids.values()), 2.0)
     st = _status(pid)
     policy_pid = st["pvsched"]["policy"]["pid"]
-    # this VM's programs: those using the vcpus map pinned for this VMM
-    m = subprocess.run(["bpftool", "-j", "map", "show", "pinned", f"/sys/fs/bpf/pvsched/{pid}/vcpus"],
+    # the host's programs: those using its outer map of vCPUs, in which this VM is registered
+    m = subprocess.run(["bpftool", "-j", "map", "show", "pinned", "/sys/fs/bpf/pvsched/host/pvsched/vm_vcpus"],
                        capture_output=True, text=True, check=True).stdout
     map_id = json.loads(m)["id"]
     progs = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
     ids = {prog["id"] for prog in json.loads(progs) if map_id in prog.get("map_ids", [])}
-    assert len(ids) >= 3, "bpftool names no program of this VM's policy"
+    assert len(ids) >= 3, "bpftool names no program of the host's policy"
     os.kill(policy_pid, 9)
     # the VMM's supervisor restores the threads (within 100 ms)
     assert wait_for(lambda: all(os.sched_getscheduler(t) == OTHER for t in tids.values()), 0.5)
@@ -140,9 +140,12 @@ def test_e2e_sigkill_of_the_policy_process_restores_and_detaches(vm):
         out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
         return not ids & {prog["id"] for prog in json.loads(out)}
 
+    # the only VM's policy process held the programs: they go with it (no pin holds a link)
     assert wait_for(gone, 2.0, 0.05), "programs outlived the policy process"
     _, err = p.communicate(timeout=40)
     assert p.returncode == 0, err[-2000:]
+    # and the VMM, at its end, took its entries out of the host's maps: the last VM removed the host's pins
+    assert not os.path.exists("/sys/fs/bpf/pvsched/host/pvsched")
 
 
 def test_e2e_probe_under_host_load_is_boosted_then_returns_to_normal_with_the_guest(vm):

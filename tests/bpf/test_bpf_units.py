@@ -60,7 +60,8 @@ def test_ms_become_ns_in_the_map_value():
     v = ffi().new("struct pvsched_tunables *")
     parse({"throttle_ms": "7"}).fill(v)
     assert (v.throttle_ns, v.max_boost_runtime_ns, v.boost_policy) == (7_000_000, 30_000_000, 2)
-    assert "vmm_pid" not in dict(ffi().typeof("struct pvsched_tunables").fields)  # .rodata, frozen at load
+    # a VM is its VMM's tgid, the key of the host's outer maps: nothing in a map the policy process writes names it
+    assert "vmm_pid" not in dict(ffi().typeof("struct pvsched_tunables").fields)
 
 
 def test_the_vm_budget_is_a_share_of_all_host_cpus_per_window():

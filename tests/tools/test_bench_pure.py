@@ -491,18 +491,18 @@ def test_vm_counts_and_the_scale_targets():
         with pytest.raises(SystemExit) as e:
             parse_args(["--vms", bad])
         assert e.value.code == 2
-    point = {"vms": 1, "switch_ns_non_vcpu": 90.0, "switch_ns_vcpu": 900.0, "policy_cpus": 0.01, "vmm_cpus": 0.02,
+    point = {"vms": 1, "switch_programs": 1, "switch_ns_non_vcpu": 90.0, "switch_ns_vcpu": 900.0, "policy_cpus": 0.01, "vmm_cpus": 0.02,
              "vmm_rss_mib": 30.0, "policy_rss_mib": 40.0, "rss_mib": 70.0, "locked_mib": 50.0, "probe_p99_us": 300}
     many = dict(point, vms=16, switch_ns_non_vcpu=1500.0)
     lines = scale.targets([point, many])
     assert lines[0].startswith("MISS") and "worst 1500 ns" in lines[0]
     assert lines[1].startswith("MISS") and lines[2].startswith("PASS")
     assert scale.targets([point])[0].startswith("PASS")
-    assert "| 16 | 1500 | 900 |" in scale.table([point, many])
-    # a vCPU switch: the VM's own program past the tgid check, plus every other VM's fast path
+    assert "| 16 | 1 | 1500 | 900 |" in scale.table([point, many])
+    # a vCPU switch: pvs_switch past the tgid lookup (its runs less the fast path's, over those that went past)
     pol = {"programs": [{"name": "pvs_switch", "run_cnt": 1000, "avg_ns": 100.0}], "stats": {"switch_vmm": 100}}
-    assert scale._vcpu_switch_ns(pol, 50.0, 3) == round((1000 * 100 - 900 * 50) / 100 + 3 * 50, 1)
-    assert scale._vcpu_switch_ns({}, 50.0, 3) is None
+    assert scale._vcpu_switch_ns(pol, 50.0) == round((1000 * 100 - 900 * 50) / 100, 1)
+    assert scale._vcpu_switch_ns({}, 50.0) is None
 
 
 def test_the_qemu_peer_can_be_left_out():
