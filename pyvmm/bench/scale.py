@@ -124,10 +124,25 @@ def _memory(vms: list[_Vm]) -> dict[str, float]:
             "locked_mib": round(mean("locked_kb", 0) + mean("locked_kb", 1), 1)}
 
 
-def _vcpu_switch_ns(show: dict, fast_ns: float) -> float | None:
-    """BPF ns of one vCPU switch of the probe guest (from its last policy.show): pvs_switch past the tgid lookup."""
+def _vcpu_switch_ns(show: dict, fast_ns: float, other_vm_switches: int = 0) -> float | None:
+    """BPF ns of one vCPU switch (pvs_switch past the tgid lookup), from the probe guest's last policy.show.
+
+    The program is the host's, so its run time counts every VM's vCPU switches, and the probe's counter
+    (stat switch_vmm) only its own: `other_vm_switches` adds the other VMs' counters."""
     pol = policy_stats(show) or {}
-    return switchcost.vmm_switch_ns((pol.get("programs") or {}).get("pvs_switch"), pol.get("switch_vmm"), fast_ns)
+    if pol.get("switch_vmm") is None:
+        return None
+    return switchcost.vmm_switch_ns((pol.get("programs") or {}).get("pvs_switch"),
+                                    pol["switch_vmm"] + other_vm_switches, fast_ns)
+
+
+def _switch_vmm(vm: _Vm) -> int:
+    """The VM's counter of pvs_switch runs past the tgid lookup (0 if its policy does not answer)."""
+    try:
+        reply = control_client.request(vm.proc.pid, {"cmd": "policy.show"}, timeout=5)
+    except control_client.ControlError:
+        return 0
+    return int(((reply.get("stats") or {}).get("switch_vmm") or {}).get("value") or 0)
 
 
 def measure_n(n: int, duration_s: float, workdir: Path, progress) -> dict:
@@ -158,6 +173,7 @@ def measure_n(n: int, duration_s: float, workdir: Path, progress) -> dict:
         time.sleep(max(0.5, duration_s - SETTLE_S - 1.0))  # the window ends before the probe guest does
         cpu1, t1 = _cpu(vms), time.monotonic()
         out, _ = probe.proc.communicate(timeout=duration_s + 60)
+        other_switches = sum(_switch_vmm(vm) for vm in idle)  # as close to the probe's last counters as can be
         if probe.proc.returncode != 0:
             raise ScaleError(f"the probe guest exited {probe.proc.returncode} (log: {probe.log})")
         g = guest_summary(parse_guest_lines(out.splitlines()))
@@ -168,7 +184,8 @@ def measure_n(n: int, duration_s: float, workdir: Path, progress) -> dict:
         _end(vms)
     window = max(t1 - t0, 1e-3)
     return {"vms": n, "switch_ns_non_vcpu": sw["ns_per_host_switch"],
-            "switch_ns_vcpu": _vcpu_switch_ns(final, sw["switch_fast_ns"]), "switch_programs": switch_programs,
+            "switch_ns_vcpu": _vcpu_switch_ns(final, sw["switch_fast_ns"], other_switches),
+            "switch_programs": switch_programs,
             "policy_cpus": round(max(0.0, cpu1[0] - cpu0[0]) / window, 3),
             "vmm_cpus": round(max(0.0, cpu1[1] - cpu0[1]) / window, 3),
             **mem, "probe_p99_us": g["p99"] if g else None, "probe_max_us": g["max"] if g else None}

@@ -353,15 +353,11 @@ class BpfPolicy:
     def stats(self) -> dict[str, int]:
         """Per-CPU counters summed, by name (enum order)."""
         f, lib = pffi(), libbpf.lib()
-        ncpu = lib.libbpf_num_possible_cpus()
-        vals = f.new("__u64[]", max(ncpu, 1))
-        out = {}
-        for i, name in enumerate(stat_descriptions()):
-            if lib.bpf_map_lookup_elem(self.maps["stats"], f.new("__u32 *", i), vals) == 0:
-                out[name] = sum(vals[c] for c in range(ncpu))
-            else:
-                out[name] = 0
-        return out
+        ncpu = max(lib.libbpf_num_possible_cpus(), 1)
+        per_cpu = f.new("struct pvsched_stats[]", ncpu)  # the one entry, once per possible CPU
+        if lib.bpf_map_lookup_elem(self.maps["stats"], f.new("__u32 *", 0), per_cpu) != 0:
+            return dict.fromkeys(stat_descriptions(), 0)
+        return {name: sum(per_cpu[c].count[i] for c in range(ncpu)) for i, name in enumerate(stat_descriptions())}
 
     def _run(self, name: str, what: str, ctx=None, ctx_size: int = 0) -> int:
         """Run syscall program `name` once (BPF_PROG_TEST_RUN) with `ctx`; its return value."""

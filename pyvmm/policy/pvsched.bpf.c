@@ -63,9 +63,9 @@ struct tunables_map {
 
 struct stats_map {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, PVSCHED_STAT_NR);
+	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, __u64);
+	__type(value, struct pvsched_stats);
 } stats SEC(".maps");
 
 /* APIC id (== vCPU id under pyvmm) -> TID, for kvm_apic_accept_irq. */
@@ -191,18 +191,17 @@ struct {
  */
 struct vm {
 	void *vcpus;
-	void *stats;
+	struct pvsched_stats *stats;        /* this CPU's counts */
 	struct pvsched_tunables *t;
+	struct pvsched_vm_budget *budget;
 	__u32 tgid;
 	__u32 pad;
 };
 
 static __always_inline void stat_inc(const struct vm *vm, __u32 idx)
 {
-	__u64 *c = bpf_map_lookup_elem(vm->stats, &idx);
-
-	if (c)
-		(*c)++;
+	if (idx < PVSCHED_STAT_NR)
+		vm->stats->count[idx]++;
 }
 
 /* Whether `tgid` is a registered VMM's: one inlined array read, whatever the number of VMs. */
@@ -225,14 +224,21 @@ static __always_inline bool vm_of(__u32 tgid, struct vm *vm)
 	vm->vcpus = bpf_map_lookup_elem(&vm_vcpus, &tgid);
 	if (!vm->vcpus)
 		return false;
-	vm->stats = bpf_map_lookup_elem(&vm_stats, &tgid);
+	m = bpf_map_lookup_elem(&vm_stats, &tgid);
+	if (!m)
+		return false;
+	vm->stats = bpf_map_lookup_elem(m, &zero);
 	m = bpf_map_lookup_elem(&vm_tunables, &tgid);
 	if (!vm->stats || !m)
 		return false;
 	vm->t = bpf_map_lookup_elem(m, &zero);
+	m = bpf_map_lookup_elem(&vm_budgets, &tgid);
+	if (!vm->t || !m)
+		return false;
+	vm->budget = bpf_map_lookup_elem(m, &zero);
 	vm->tgid = tgid;
 	vm->pad = 0;
-	return vm->t != NULL;
+	return vm->budget != NULL;
 }
 
 /* The VM a policy process (the caller of a syscall program) serves. */
@@ -401,14 +407,9 @@ static __always_inline void roll_window(__u64 *window, __u64 *boosted_ns, __u64 
 static __always_inline struct pvsched_vm_budget *vm_window(const struct vm *vm, __u64 now)
 {
 	const struct pvsched_tunables *t = vm->t;
-	struct pvsched_vm_budget *b = NULL;
-	__u32 zero = 0;
-	void *m;
+	struct pvsched_vm_budget *b = vm->budget;
 
-	m = bpf_map_lookup_elem(&vm_budgets, &vm->tgid);
-	if (m)
-		b = bpf_map_lookup_elem(m, &zero);
-	if (b && t->throttle_window_ns)
+	if (t->throttle_window_ns)
 		roll_window(&b->window, &b->boosted_ns, now / t->throttle_window_ns);
 	return b;
 }

@@ -186,6 +186,11 @@ struct pvsched_tunables {
 	                              * of the host's CPUs); one VM's own map */
 };
 
+/* The stats map's one entry, per CPU: one lookup per event, then each count is an add. */
+struct pvsched_stats {
+	__u64 count[PVSCHED_STAT_NR];
+};
+
 /* The VM's boosted run time in the current window, all vCPUs together (the vm_budget map's one entry). */
 struct pvsched_vm_budget {
 	__u64 window;                /* now / throttle_window_ns of the window counted */

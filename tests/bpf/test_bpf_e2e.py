@@ -132,6 +132,12 @@ def test_e2e_sigkill_of_the_policy_process_restores_and_detaches(vm):
     progs = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
     ids = {prog["id"] for prog in json.loads(progs) if map_id in prog.get("map_ids", [])}
     assert len(ids) >= 3, "bpftool names no program of the host's policy"
+    # sandboxed, the policy process sees its own VM's pins and not the host's maps (nor holds an fd of them)
+    assert os.path.isdir(f"/proc/{policy_pid}/root/sys/fs/bpf/pvsched/{pid}")
+    assert not os.path.exists(f"/proc/{policy_pid}/root/sys/fs/bpf/pvsched/host"), "the host's maps are in reach"
+    held = {int(line.split(":")[1]) for fd in os.listdir(f"/proc/{policy_pid}/fdinfo")
+            for line in Path(f"/proc/{policy_pid}/fdinfo/{fd}").read_text().splitlines() if line.startswith("map_id:")}
+    assert map_id not in held, "the sandboxed policy process holds the host's outer map"
     os.kill(policy_pid, 9)
     # the VMM's supervisor restores the threads (within 100 ms)
     assert wait_for(lambda: all(os.sched_getscheduler(t) == OTHER for t in tids.values()), 0.5)

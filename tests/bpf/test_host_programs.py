@@ -101,7 +101,7 @@ def test_two_vms_share_one_set_of_programs_and_the_last_one_out_detaches_it(fake
     assert not host_programs.host_dir(pin_root, "pvsched").exists(), "the last VM out left the host's pins"
 
 
-def test_vms_that_start_at_once_load_one_set(fake_vmm, policy_child, pin_root):
+def test_vms_that_start_at_once_load_one_set_and_that_end_at_once_remove_it(fake_vmm, policy_child, pin_root):
     vmms = [fake_vmm(1) for _ in range(3)]
     children: list = [None] * len(vmms)
 
@@ -117,8 +117,26 @@ def test_vms_that_start_at_once_load_one_set(fake_vmm, policy_child, pin_root):
     sets = {tuple(sorted(_attached(c).items())) for c in children}
     assert len(sets) == 1, f"VMs that started at once loaded {len(sets)} sets of programs"
     assert sorted(c.show()["shared"] for c in children) == [False, True, True]
+    # and end at once: their VMMs leave together, and the last one out removes the host's pins
     for c in children:
-        c.terminate()
+        c.proc.terminate()
+    for c in children:
+        assert c.proc.wait(10) == 0
+    errors: list[BaseException] = []
+
+    def leave(i: int) -> None:
+        try:
+            host_programs.leave(vmms[i].pid, children[i].pid, pin_root)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=leave, args=(i,)) for i in range(len(vmms))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert not host_programs.host_dir(pin_root, "pvsched").exists(), "VMs that ended at once left the host's pins"
 
 
 def test_a_policy_process_holds_fds_of_its_own_vms_maps_only(fake_vmm, policy_child, pin_root):

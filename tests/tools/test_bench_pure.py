@@ -503,6 +503,8 @@ def test_vm_counts_and_the_scale_targets():
     pol = {"programs": [{"name": "pvs_switch", "run_cnt": 1000, "avg_ns": 100.0}], "stats": {"switch_vmm": 100}}
     assert scale._vcpu_switch_ns(pol, 50.0) == round((1000 * 100 - 900 * 50) / 100, 1)
     assert scale._vcpu_switch_ns({}, 50.0) is None
+    # the host's one program counts every VM's vCPU switches: the other VMs' counters join the probe's
+    assert scale._vcpu_switch_ns(pol, 50.0, 100) == round((1000 * 100 - 800 * 50) / 200, 1)
 
 
 def test_the_qemu_peer_can_be_left_out():
