@@ -1,16 +1,17 @@
 """The host's one set of policy programs, shared by every VM's policy process.
 
 Every host context switch runs each attached `sched_switch` program, so the programs are loaded once
-per host (per policy name), not once per VM.  What each VM owns lives in its own maps, which the
+per host (per policy object), not once per VM.  What each VM owns lives in its own maps, which the
 host's outer maps (`HASH_OF_MAPS`) index by the VMM's tgid (pvsched.bpf.c).
 
 Lifetime, without a daemon and without a race:
 - The links are never pinned.  Every policy process holds an fd of every link, so the programs stay
   attached while any VM's policy process lives and detach when the last one ends, even by SIGKILL.
 - The first policy process loads and attaches the programs, and pins the outer maps and the IDs of
-  the programs and links in <pin_root>/host/<policy>/.  A later one takes fds of the same programs
-  and links by those IDs (it still holds CAP_SYS_ADMIN then) and checks that each is the one named.
-  If any is gone, no policy process holds them any more: the pins are stale and it loads afresh.
+  the programs and links in <pin_root>/host/<policy>-<digest of its object>/.  A later one takes fds
+  of the same programs and links by those IDs (it still holds CAP_SYS_ADMIN then) and checks that
+  each is the one named.  If any is gone, no policy process holds them any more: the pins are stale
+  and it loads afresh.
 - Joins and leaves take an exclusive flock on <pin_root>/host, so two VMs that start or end at once
   see one state.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 from collections.abc import Iterator
@@ -67,9 +69,13 @@ def host_root(pin_root: str | os.PathLike[str] = PIN_ROOT) -> Path:
     return Path(pin_root) / HOST
 
 
-def host_dir(pin_root: str | os.PathLike[str], program: str) -> Path:
-    """Where the host's shared maps of policy `program` are pinned."""
-    return host_root(pin_root) / program
+def host_dir(pin_root: str | os.PathLike[str], obj_path: str | os.PathLike[str]) -> Path:
+    """Where the host's shared maps of the policy object `obj_path` are pinned: <policy>-<digest of the object>.
+
+    A VM joins only programs built from the same object: after an upgrade, the new build's VMs load a set
+    of their own (map layouts may differ), and the old set goes with the last of the old VMs."""
+    data = Path(obj_path).read_bytes()
+    return host_root(pin_root) / f"{Path(obj_path).name.removesuffix('.bpf.o')}-{hashlib.sha256(data).hexdigest()[:16]}"
 
 
 @contextlib.contextmanager

@@ -131,7 +131,7 @@ class BpfPolicy:
         else:
             ensure_private_dir(self.pin_dir.parent)  # both 0700 and our own, or refused (pyvmm/common/pins.py)
             with host_programs.locked(self.pin_dir.parent):
-                self._setup(host_programs.host_dir(self.pin_dir.parent, self.program), tunables)
+                self._setup(host_programs.host_dir(self.pin_dir.parent, self.obj_path), tunables)
         self.start_clock()
         attached = [p.name for p in self.programs.values() if p.status == "attached"]
         absent = [p.name for p in self.programs.values() if p.status.startswith("unavailable")]

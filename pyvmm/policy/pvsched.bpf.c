@@ -39,13 +39,13 @@ char LICENSE[] SEC("license") = "Dual MIT/GPL";
 /*
  * One set of programs per host, whatever the number of VMs: every map a VM
  * owns is an inner map of a host-wide HASH_OF_MAPS, keyed by its VMM's tgid.
- * The object's own instances of the per-VM maps (vcpus ... clock) are
- * templates: no program uses them.  Each VM's policy process loads this
- * object's maps (and, if it is the first on the host, its programs), and puts
- * its fresh per-VM maps into the host's outer maps while it is still
- * privileged; it keeps fds to its own maps only (pyvmm/policy/host.py).  So
- * whatever a policy process writes, it writes to its own VM's maps: the path
- * that writes is where each VM's state is kept apart.
+ * No program names the per-VM maps below (vcpus ... clock): each VM's policy
+ * process loads this object's maps (and, if it is the first on the host, its
+ * programs), and its instances of them become its VM's maps, which it puts
+ * into the host's outer maps while it is still privileged.  It keeps fds of
+ * its own maps only (pyvmm/policy/host_programs.py), so whatever a policy
+ * process writes, it writes to its own VM's maps: the path that writes is
+ * where each VM's state is kept apart.
  */
 struct vcpus_map {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -187,7 +187,8 @@ struct {
 
 /*
  * The VM an event belongs to, resolved once per event from its VMM's tgid:
- * its vCPUs, its counters and its tunables; the rest is looked up where used.
+ * its vCPUs, this CPU's counters, its tunables and its budget; the ring
+ * buffer and the APIC map are looked up where used.
  */
 struct vm {
 	void *vcpus;
@@ -321,8 +322,9 @@ static __always_inline int read_slot(const struct vm *vm, __u64 addr, struct pvs
 
 /*
  * Cap what is about to be posted by the admin's limits, and clamp again here, where it is used:
- * the VM's policy process writes the tunables map, and the guest's input reaches that process.  So whatever the map
- * holds, only OTHER/BATCH/IDLE (nice -20..19) or RR/FIFO at 1..PVSCHED_RT_PRIO_LIMIT leave here.
+ * the VM's policy process writes the tunables map, and the guest's input reaches that process.
+ * So whatever the map holds, only OTHER/BATCH/IDLE (nice -20..19) or RR/FIFO at
+ * 1..PVSCHED_RT_PRIO_LIMIT leave here.
  * RT keeps the original nice so restoring is exact.
  */
 static __always_inline void cap(const struct pvsched_tunables *t, const struct pvsched_vcpu *v,

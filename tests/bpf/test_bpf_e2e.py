@@ -19,6 +19,7 @@ import pytest
 from sched_observe import observed, observer_rt, runs, sample, wait_for
 
 from pyvmm import abi
+from pyvmm.policy import host_programs, programs
 
 ROOT = Path(__file__).resolve().parents[2]
 RR, OTHER = os.SCHED_RR, os.SCHED_OTHER
@@ -126,7 +127,8 @@ def test_e2e_sigkill_of_the_policy_process_restores_and_detaches(vm):
     st = _status(pid)
     policy_pid = st["pvsched"]["policy"]["pid"]
     # the host's programs: those using its outer map of vCPUs, in which this VM is registered
-    m = subprocess.run(["bpftool", "-j", "map", "show", "pinned", "/sys/fs/bpf/pvsched/host/pvsched/vm_vcpus"],
+    host = host_programs.host_dir("/sys/fs/bpf/pvsched", programs.object_path("pvsched"))
+    m = subprocess.run(["bpftool", "-j", "map", "show", "pinned", str(host / "vm_vcpus")],
                        capture_output=True, text=True, check=True).stdout
     map_id = json.loads(m)["id"]
     progs = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
@@ -151,7 +153,7 @@ def test_e2e_sigkill_of_the_policy_process_restores_and_detaches(vm):
     _, err = p.communicate(timeout=40)
     assert p.returncode == 0, err[-2000:]
     # and the VMM, at its end, took its entries out of the host's maps: the last VM removed the host's pins
-    assert not os.path.exists("/sys/fs/bpf/pvsched/host/pvsched")
+    assert not host.exists()
 
 
 def test_e2e_probe_under_host_load_is_boosted_then_returns_to_normal_with_the_guest(vm):

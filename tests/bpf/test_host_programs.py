@@ -16,7 +16,7 @@ from pathlib import Path
 from sched_observe import observed, wait_for
 
 from pyvmm.common import libbpf
-from pyvmm.policy import host_programs
+from pyvmm.policy import host_programs, programs
 from pyvmm.policy.policy_types import ffi as pffi
 
 RR, OTHER = os.SCHED_RR, os.SCHED_OTHER
@@ -51,13 +51,13 @@ def _held(pid: int) -> dict[str, dict[int, int]]:
 
 def _shared_ids(pin_root: Path) -> dict[str, int]:
     """IDs of the host's shared maps (outer maps, policy_vm, host_ids)."""
-    folder = host_programs.host_dir(pin_root, "pvsched")
+    folder = host_programs.host_dir(pin_root, programs.object_path("pvsched"))
     return {name: _bpftool("map", "show", "pinned", str(folder / name))["id"] for name in host_programs.SHARED_MAPS}
 
 
 def _vm_map_ids(pin_root: Path, vmm_pid: int) -> set[int]:
     """IDs of VMM `vmm_pid`'s own maps, as the host's outer maps hold them."""
-    fds = host_programs.open_shared(host_programs.host_dir(pin_root, "pvsched"))
+    fds = host_programs.open_shared(host_programs.host_dir(pin_root, programs.object_path("pvsched")))
     try:
         ids, value = set(), pffi().new("__u32 *")
         for name in host_programs.OUTER_MAPS.values():
@@ -90,7 +90,7 @@ def test_two_vms_share_one_set_of_programs_and_the_last_one_out_detaches_it(fake
     assert wait_for(lambda: observed(vmm2.tids[0])[0] == OTHER, 1.0)
     vmm2.cmd("mode 0 idle")
     assert wait_for(lambda: observed(vmm2.tids[0])[0] == RR, 1.0), "the second VM lost its policy"
-    assert host_programs.host_dir(pin_root, "pvsched").is_dir()
+    assert host_programs.host_dir(pin_root, programs.object_path("pvsched")).is_dir()
     # the last policy process dies by SIGKILL: no pin holds a link, so the programs go with it
     second.kill()
     live = {p["id"] for p in _bpftool("prog", "show")}
@@ -98,7 +98,7 @@ def test_two_vms_share_one_set_of_programs_and_the_last_one_out_detaches_it(fake
         f"programs outlived the last policy process: {set(progs.values()) & live}"
     os.sched_setscheduler(vmm2.tids[0], OTHER, os.sched_param(0))  # the VMM's job after a SIGKILL
     host_programs.leave(vmm2.pid, second.pid, pin_root)
-    assert not host_programs.host_dir(pin_root, "pvsched").exists(), "the last VM out left the host's pins"
+    assert not host_programs.host_dir(pin_root, programs.object_path("pvsched")).exists(), "the last VM out left the host's pins"
 
 
 def test_vms_that_start_at_once_load_one_set_and_that_end_at_once_remove_it(fake_vmm, policy_child, pin_root):
@@ -136,7 +136,7 @@ def test_vms_that_start_at_once_load_one_set_and_that_end_at_once_remove_it(fake
     for t in threads:
         t.join(30)
     assert not errors, errors
-    assert not host_programs.host_dir(pin_root, "pvsched").exists(), "VMs that ended at once left the host's pins"
+    assert not host_programs.host_dir(pin_root, programs.object_path("pvsched")).exists(), "VMs that ended at once left the host's pins"
 
 
 def test_a_policy_process_holds_fds_of_its_own_vms_maps_only(fake_vmm, policy_child, pin_root):
@@ -167,7 +167,7 @@ def test_the_entries_of_a_vm_that_died_without_leaving_go_at_the_next_start(fake
     assert wait_for(lambda: not os.path.exists(f"/proc/{gone_vmm.pid}"), 2.0)
     vmm = fake_vmm(1)
     child = policy_child(vmm)
-    fds = host_programs.open_shared(host_programs.host_dir(pin_root, "pvsched"))
+    fds = host_programs.open_shared(host_programs.host_dir(pin_root, programs.object_path("pvsched")))
     try:
         assert host_programs.map_keys(fds["vm_vcpus"]) == [vmm.pid], "a dead VMM's entries survived the next start"
         assert host_programs.map_keys(fds["policy_vm"]) == [child.pid]
