@@ -200,3 +200,26 @@ def test_a_syscall_program_run_by_a_process_that_serves_no_vm_acts_on_nothing(fa
             os.close(fd)
     assert child.show()["stats"]["backstop"]["value"] - before <= 1, "the foreign backstop run was counted"
     child.terminate()
+
+
+def test_a_vm_of_another_build_loads_a_set_of_its_own(fake_vmm, bpf_object, pin_root, tmp_path):
+    """After an upgrade, a new build's VM must not join programs whose maps may have another layout."""
+    from pyvmm.policy.loader import BpfPolicy
+    from pyvmm.policy.tunables import parse
+
+    other = tmp_path / "pvsched.bpf.o"
+    other.write_bytes(programs.object_path("pvsched").read_bytes() + b"\0" * 8)  # another build: another digest
+    vmm1, vmm2 = fake_vmm(1), fake_vmm(1)
+    old = BpfPolicy(programs.object_path("pvsched"), vmm1.pid, pin_root / str(vmm1.pid))
+    new = BpfPolicy(other, vmm2.pid, pin_root / str(vmm2.pid))
+    try:
+        old.open_load_attach(parse(None))
+        new.open_load_attach(parse(None))
+        assert not old.shared and not new.shared, "a VM of another build joined the older set"
+        assert host_programs.host_dir(pin_root, other) != host_programs.host_dir(pin_root, programs.object_path("pvsched"))
+        assert host_programs.host_dir(pin_root, other).is_dir()
+        assert old.programs["pvs_switch"].fd >= 0 and new.programs["pvs_switch"].fd >= 0
+    finally:
+        old.close()
+        new.close()
+    assert not any(host_programs.host_root(pin_root).iterdir()), "the two sets' pins outlived their VMs"
