@@ -103,6 +103,7 @@ int bpf_obj_get_info_by_fd(int bpf_fd, void *info, uint32_t *info_len);
 int bpf_prog_get_fd_by_id(uint32_t id);
 int bpf_prog_get_next_id(uint32_t start_id, uint32_t *next_id);
 int bpf_link_get_fd_by_id(uint32_t id);
+int bpf_map_get_fd_by_id(uint32_t id);
 /* uapi struct bpf_link_info: its common head only (the kernel fills what info_len holds) */
 struct bpf_link_info { uint32_t type; uint32_t id; uint32_t prog_id; };
 int bpf_prog_test_run_opts(int prog_fd, struct bpf_test_run_opts *opts);

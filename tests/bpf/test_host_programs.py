@@ -223,3 +223,52 @@ def test_a_vm_of_another_build_loads_a_set_of_its_own(fake_vmm, bpf_object, pin_
         old.close()
         new.close()
     assert not any(host_programs.host_root(pin_root).iterdir()), "the two sets' pins outlived their VMs"
+
+
+_BY_ID = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from policy_child import drop_caps
+drop_caps()  # the sandbox's capabilities: CAP_BPF, CAP_PERFMON, CAP_SYS_NICE, CAP_IPC_LOCK
+from pyvmm.common import libbpf
+out = {}
+for name, map_id in json.loads(sys.argv[2]).items():
+    fd = libbpf.lib().bpf_map_get_fd_by_id(map_id)
+    out[name] = libbpf.ffi().errno if fd < 0 else 0
+print(json.dumps(out))
+"""
+
+
+def test_with_the_sandboxs_capabilities_the_hosts_maps_cannot_be_taken_by_id(fake_vmm, policy_child, pin_root):
+    """A compromised policy process holds no fd of the host's maps, and cannot get one by ID either."""
+    import errno
+    import sys
+
+    vmm = fake_vmm(1)
+    child = policy_child(vmm)
+    ids = _shared_ids(pin_root)
+    r = subprocess.run([sys.executable, "-I", "-c", _BY_ID, str(Path(__file__).parent), json.dumps(ids)],
+                       check=False, capture_output=True, text=True, cwd="/", timeout=60)
+    assert r.returncode == 0, r.stderr[-1000:]
+    got = json.loads(r.stdout)
+    assert got == dict.fromkeys(ids, errno.EPERM), f"a sandboxed process reached the host's maps: {got}"
+    child.terminate()
+
+
+def test_only_the_programs_write_a_vms_budget_and_clock(fake_vmm, bpf_object):
+    """The owner of a VM's maps may read its budget and clock, never write them (BPF_F_RDONLY)."""
+    from pyvmm.policy.loader import BpfPolicy
+    from pyvmm.policy.tunables import parse
+
+    vmm = fake_vmm(1)
+    pol = BpfPolicy(bpf_object, vmm.pid, pin_dir=None)
+    try:
+        pol.open_load_attach(parse(None))
+        lib = libbpf.lib()
+        for name in ("vm_budget", "clock"):
+            value = pffi().new("char[]", 4096)  # larger than either value: a lookup writes the map's value size
+            assert lib.bpf_map_lookup_elem(pol.maps[name], pffi().new("__u32 *", 0), value) == 0, name
+            assert lib.bpf_map_update_elem(pol.maps[name], pffi().new("__u32 *", 0), value, libbpf.BPF_ANY) < 0, \
+                f"user space wrote the VM's {name}"
+    finally:
+        pol.close()
