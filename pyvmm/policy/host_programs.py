@@ -2,7 +2,8 @@
 
 Every host context switch runs each attached `sched_switch` program, so the programs are loaded once
 per host (per policy object), not once per VM.  What each VM owns lives in its own maps, which the
-host's outer maps (`HASH_OF_MAPS`) index by the VMM's tgid (pvsched.bpf.c).
+host's outer maps (`ARRAY_OF_MAPS`) hold at the VM's slot, and `vm_slot` maps the VMM's tgid to that
+slot (pvsched.bpf.c).
 
 Lifetime, without a daemon and without a race:
 - The links are never pinned.  Every policy process holds an fd of every link, so the programs stay
@@ -43,17 +44,17 @@ from pyvmm.policy.policy_types import consts
 from pyvmm.policy.policy_types import ffi as pffi
 
 __all__ = ["OUTER_MAPS", "SHARED_MAPS", "ProgIds", "collect", "host_dir", "leave", "locked", "map_keys", "mark_vmm",
-           "open_shared", "read_ids", "take", "write_ids"]
+           "open_shared", "read_ids", "register_vm", "take", "write_ids"]
 
 log = logging.getLogger("pvsched.host")
 
 HOST = "host"
-# Each VM's map (the object's name) -> the host's outer map that holds it under the VMM's tgid.
+# Each VM's map (the object's name) -> the host's outer map that holds it at the VM's slot.
 OUTER_MAPS = {"vcpus": "vm_vcpus", "tunables": "vm_tunables", "stats": "vm_stats", "apic_tid": "vm_apic_tid",
               "events": "vm_events", "vm_budget": "vm_budgets", "clock": "vm_clock"}
-# Pinned in the host's folder: the outer maps, the registered VMMs' bits, whom each policy process serves,
-# the programs' IDs.
-SHARED_MAPS = (*OUTER_MAPS.values(), "vmm_bits", "policy_vm", "host_ids")
+# Pinned in the host's folder: the outer maps, each VMM's slot in them and its bit, whom each policy
+# process serves, the programs' IDs.
+SHARED_MAPS = (*OUTER_MAPS.values(), "vm_slot", "vmm_bits", "policy_vm", "host_ids")
 
 
 @dataclass
@@ -184,7 +185,7 @@ def _by_id(get, obj_id: int, what: str) -> int:
 
 
 def map_keys(fd: int) -> list[int]:
-    """The keys of the hash map `fd` (a VMM tgid or a policy process pid in the host's maps)."""
+    """The keys of the hash map `fd` (VMM tgids in vm_slot, policy process pids in policy_vm)."""
     lib, f = libbpf.lib(), pffi()
     keys, key, nxt = [], f.NULL, f.new("__u32 *")
     while lib.bpf_map_get_next_key(fd, key, nxt) == 0:
@@ -205,16 +206,47 @@ def mark_vmm(bits_fd: int, tgid: int, on: bool) -> None:
     check(lib.bpf_map_update_elem(bits_fd, word, value, libbpf.BPF_ANY), f"writing the VMM bits of tgid {tgid}")
 
 
+def _slot(outer: dict[str, int], tgid: int) -> int | None:
+    value = pffi().new("__u32 *")
+    if libbpf.lib().bpf_map_lookup_elem(outer["vm_slot"], pffi().new("__u32 *", tgid), value) != 0:
+        return None
+    return value[0]
+
+
+def register_vm(outer: dict[str, int], tgid: int, vm_maps: dict[str, int]) -> int:
+    """Put VMM `tgid`'s maps (name -> fd) at a free slot of the outer maps, then its slot, then its bit:
+    the programs see the VM only once all of it is in place.  Under the host's lock; the slot."""
+    lib, f = libbpf.lib(), pffi()
+    slot = _slot(outer, tgid)  # a VMM registered again keeps its slot
+    if slot is None:
+        used = {_slot(outer, t) for t in map_keys(outer["vm_slot"])}
+        slot = next((i for i in range(consts().PVSCHED_MAX_VMS) if i not in used), None)
+        if slot is None:
+            raise libbpf.LibbpfError(errno.ENOSPC, f"the host's programs serve {consts().PVSCHED_MAX_VMS} VMs "
+                                                   "already: no slot for another")
+    key = f.new("__u32 *", slot)
+    for name, outer_name in OUTER_MAPS.items():
+        check(lib.bpf_map_update_elem(outer[outer_name], key, f.new("__u32 *", vm_maps[name]), libbpf.BPF_ANY),
+              f"registering the VM's map {name}")
+    check(lib.bpf_map_update_elem(outer["vm_slot"], f.new("__u32 *", tgid), key, libbpf.BPF_ANY),
+          "registering the VM's slot")
+    mark_vmm(outer["vmm_bits"], tgid, True)
+    return slot
+
+
 def _delete_vm(outer: dict[str, int], tgid: int) -> None:
-    key = pffi().new("__u32 *", tgid)
     mark_vmm(outer["vmm_bits"], tgid, False)  # first: the programs stop looking for the VM before its maps go
+    slot = _slot(outer, tgid)
+    if slot is None:
+        return
+    libbpf.lib().bpf_map_delete_elem(outer["vm_slot"], pffi().new("__u32 *", tgid))
     for name in OUTER_MAPS.values():
-        libbpf.lib().bpf_map_delete_elem(outer[name], key)
+        libbpf.lib().bpf_map_delete_elem(outer[name], pffi().new("__u32 *", slot))
 
 
 def collect(outer: dict[str, int]) -> list[int]:
     """Drop the entries of VMMs and policy processes that are gone (a SIGKILL'd run); the VMMs' tgids."""
-    gone = [t for t in map_keys(outer["vm_vcpus"]) if not pid_alive(t)]
+    gone = [t for t in map_keys(outer["vm_slot"]) if not pid_alive(t)]
     for tgid in gone:
         _delete_vm(outer, tgid)
     for pid in map_keys(outer["policy_vm"]):
@@ -261,7 +293,7 @@ def leave(vmm_pid: int, policy_pid: int | None = None, pin_root: str | os.PathLi
                 if policy_pid:
                     libbpf.lib().bpf_map_delete_elem(outer["policy_vm"], pffi().new("__u32 *", policy_pid))
                 collect(outer)
-                empty = not map_keys(outer["vm_vcpus"])
+                empty = not map_keys(outer["vm_slot"])
             finally:
                 for fd in outer.values():
                     os.close(fd)

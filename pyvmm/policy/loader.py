@@ -268,26 +268,17 @@ class BpfPolicy:
             check(lib.bpf_map__pin(_map(obj, name), str(folder / name).encode()), f"pinning the host's map {name}")
 
     def _register(self, outer: dict[str, int]) -> None:
-        """Insert this VM's maps into the host's outer maps under its VMM's tgid; this process serves that VM."""
+        """Put this VM's maps into the host's outer maps, at a slot for its VMM's tgid; this process serves that VM."""
         lib, f = libbpf.lib(), pffi()
-        key = f.new("__u32 *", self.vmm_pid)
-        for name, outer_name in host_programs.OUTER_MAPS.items():
-            check(lib.bpf_map_update_elem(outer[outer_name], key, f.new("__u32 *", self.maps[name]), libbpf.BPF_ANY),
-                  f"registering this VM's map {name}")
-        check(lib.bpf_map_update_elem(outer["policy_vm"], f.new("__u32 *", os.getpid()), key, libbpf.BPF_ANY),
-              "registering this policy process")
-        host_programs.mark_vmm(outer["vmm_bits"], self.vmm_pid, True)  # last: the VM's maps are all in place
+        check(lib.bpf_map_update_elem(outer["policy_vm"], f.new("__u32 *", os.getpid()), f.new("__u32 *", self.vmm_pid),
+                                      libbpf.BPF_ANY), "registering this policy process")
+        host_programs.register_vm(outer, self.vmm_pid, self.maps)
 
     def alias_vm(self, tgid: int) -> None:
         """A private set only: register this VM's maps under one more tgid (a bench's N VMs in one set)."""
         if not self._outer:
             raise ValueError("alias_vm needs a private set (pin_dir None)")
-        lib, f = libbpf.lib(), pffi()
-        key = f.new("__u32 *", tgid)
-        for name, outer_name in host_programs.OUTER_MAPS.items():
-            check(lib.bpf_map_update_elem(self._outer[outer_name], key, f.new("__u32 *", self.maps[name]),
-                                          libbpf.BPF_ANY), f"registering map {name} for {tgid}")
-        host_programs.mark_vmm(self._outer["vmm_bits"], tgid, True)
+        host_programs.register_vm(self._outer, tgid, self.maps)
 
     def host_budget(self) -> dict:
         """The host budget's entry as the programs see it ({} without pins or if unreadable)."""

@@ -38,7 +38,8 @@ char LICENSE[] SEC("license") = "Dual MIT/GPL";
 
 /*
  * One set of programs per host, whatever the number of VMs: every map a VM
- * owns is an inner map of a host-wide HASH_OF_MAPS, keyed by its VMM's tgid.
+ * owns is an inner map of a host-wide ARRAY_OF_MAPS, at its VM's slot
+ * (vm_slot: VMM tgid -> slot).
  * No program names the per-VM maps below (vcpus ... clock): each VM's policy
  * process loads this object's maps (and, if it is the first on the host, its
  * programs), and its instances of them become its VM's maps, which it puts
@@ -126,10 +127,14 @@ struct {
 	__type(value, const struct pvsched_clock);
 } clock SEC(".maps");
 
-/* The host's outer maps: VMM tgid -> that VM's map of each kind. */
+/*
+ * The host's outer maps: a VM's slot -> that VM's map of each kind.  Arrays,
+ * not hashes keyed by the tgid: a vCPU event finds its VM's four maps by one
+ * hash lookup (vm_slot) and four array reads, not four hash lookups.
+ */
 #define VM_OUTER(name, inner)                                   \
 	struct {                                                \
-		__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);        \
+		__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);       \
 		__uint(max_entries, PVSCHED_MAX_VMS);           \
 		__type(key, __u32);                             \
 		__array(values, struct inner);                  \
@@ -156,6 +161,14 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } vmm_bits SEC(".maps");
+
+/* VMM tgid -> its VM's slot in the outer maps (PVSCHED_MAX_VMS of them); trusted writers only. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PVSCHED_MAX_VMS);
+	__type(key, __u32);
+	__type(value, __u32);
+} vm_slot SEC(".maps");
 
 /*
  * Policy process tgid -> its VMM's tgid: whom a syscall program (backstop,
@@ -196,7 +209,7 @@ struct vm {
 	struct pvsched_tunables *t;
 	struct pvsched_vm_budget *budget;
 	__u32 tgid;
-	__u32 pad;
+	__u32 slot;                         /* its index in the outer maps */
 };
 
 static __always_inline void stat_inc(const struct vm *vm, __u32 idx)
@@ -217,28 +230,31 @@ static __always_inline bool is_vmm(__u32 tgid)
 /* Fill `vm` for VMM `tgid`: false when no VM of that tgid is registered (every other task). */
 static __always_inline bool vm_of(__u32 tgid, struct vm *vm)
 {
-	__u32 zero = 0;
+	__u32 zero = 0, *slot;
 	void *m;
 
 	if (!is_vmm(tgid))
 		return false;
-	vm->vcpus = bpf_map_lookup_elem(&vm_vcpus, &tgid);
+	slot = bpf_map_lookup_elem(&vm_slot, &tgid);
+	if (!slot)
+		return false;
+	vm->slot = *slot;
+	vm->tgid = tgid;
+	vm->vcpus = bpf_map_lookup_elem(&vm_vcpus, &vm->slot);
 	if (!vm->vcpus)
 		return false;
-	m = bpf_map_lookup_elem(&vm_stats, &tgid);
+	m = bpf_map_lookup_elem(&vm_stats, &vm->slot);
 	if (!m)
 		return false;
 	vm->stats = bpf_map_lookup_elem(m, &zero);
-	m = bpf_map_lookup_elem(&vm_tunables, &tgid);
+	m = bpf_map_lookup_elem(&vm_tunables, &vm->slot);
 	if (!vm->stats || !m)
 		return false;
 	vm->t = bpf_map_lookup_elem(m, &zero);
-	m = bpf_map_lookup_elem(&vm_budgets, &tgid);
+	m = bpf_map_lookup_elem(&vm_budgets, &vm->slot);
 	if (!vm->t || !m)
 		return false;
 	vm->budget = bpf_map_lookup_elem(m, &zero);
-	vm->tgid = tgid;
-	vm->pad = 0;
 	return vm->budget != NULL;
 }
 
@@ -529,7 +545,7 @@ static __always_inline int post(const struct eval_ctx *c, const struct pvsched_s
 		stat_inc(c->vm, PVSCHED_STAT_POST_LIMITED);
 		return 0;
 	}
-	ring = bpf_map_lookup_elem(&vm_events, &c->vm->tgid);
+	ring = bpf_map_lookup_elem(&vm_events, &c->vm->slot);
 	e = ring ? bpf_ringbuf_reserve(ring, sizeof(*e), 0) : NULL;
 	if (!e) {
 		stat_inc(c->vm, PVSCHED_STAT_RB_DROP);
@@ -878,7 +894,7 @@ int BPF_PROG(pvs_wakeup, struct task_struct *p)
 static __always_inline bool post_notice(const struct vm *vm, const struct pvsched_vcpu *v, __u32 tid, __u32 kind,
 					__u32 source, __u64 now)
 {
-	void *ring = bpf_map_lookup_elem(&vm_events, &vm->tgid);
+	void *ring = bpf_map_lookup_elem(&vm_events, &vm->slot);
 	struct pvsched_event *e = ring ? bpf_ringbuf_reserve(ring, sizeof(*e), 0) : NULL;
 
 	if (!e) {
@@ -1010,7 +1026,7 @@ int BPF_PROG(pvs_accept_irq, __u32 apicid)
 
 	if (!vm_of(bpf_get_current_pid_tgid() >> 32, &vm))
 		return 0;
-	m = bpf_map_lookup_elem(&vm_apic_tid, &vm.tgid);
+	m = bpf_map_lookup_elem(&vm_apic_tid, &vm.slot);
 	tid = m ? bpf_map_lookup_elem(m, &key) : NULL;
 	if (tid && *tid)
 		irq_to(&vm, *tid);
@@ -1147,7 +1163,7 @@ int pvs_clock_start(void *ctx)
 
 	if (!vm_of_caller(&vm) || !vm.t->clock_ns)
 		return -1;
-	m = bpf_map_lookup_elem(&vm_clock, &vm.tgid);
+	m = bpf_map_lookup_elem(&vm_clock, &vm.slot);
 	if (m)
 		c = bpf_map_lookup_elem(m, &zero);
 	if (!c)

@@ -17,6 +17,7 @@ from sched_observe import observed, wait_for
 
 from pyvmm.common import libbpf
 from pyvmm.policy import host_programs, programs
+from pyvmm.policy.policy_types import consts
 from pyvmm.policy.policy_types import ffi as pffi
 
 RR, OTHER = os.SCHED_RR, os.SCHED_OTHER
@@ -59,9 +60,10 @@ def _vm_map_ids(pin_root: Path, vmm_pid: int) -> set[int]:
     """IDs of VMM `vmm_pid`'s own maps, as the host's outer maps hold them."""
     fds = host_programs.open_shared(host_programs.host_dir(pin_root, programs.object_path("pvsched")))
     try:
-        ids, value = set(), pffi().new("__u32 *")
+        ids, slot, value = set(), pffi().new("__u32 *"), pffi().new("__u32 *")
+        assert libbpf.lib().bpf_map_lookup_elem(fds["vm_slot"], pffi().new("__u32 *", vmm_pid), slot) == 0
         for name in host_programs.OUTER_MAPS.values():
-            assert libbpf.lib().bpf_map_lookup_elem(fds[name], pffi().new("__u32 *", vmm_pid), value) == 0, name
+            assert libbpf.lib().bpf_map_lookup_elem(fds[name], slot, value) == 0, name
             ids.add(value[0])
         return ids
     finally:
@@ -169,7 +171,11 @@ def test_the_entries_of_a_vm_that_died_without_leaving_go_at_the_next_start(fake
     child = policy_child(vmm)
     fds = host_programs.open_shared(host_programs.host_dir(pin_root, programs.object_path("pvsched")))
     try:
-        assert host_programs.map_keys(fds["vm_vcpus"]) == [vmm.pid], "a dead VMM's entries survived the next start"
+        assert host_programs.map_keys(fds["vm_slot"]) == [vmm.pid], "a dead VMM's entries survived the next start"
+        value = pffi().new("__u32 *")
+        slots = [i for i in range(consts().PVSCHED_MAX_VMS)
+                 if libbpf.lib().bpf_map_lookup_elem(fds["vm_vcpus"], pffi().new("__u32 *", i), value) == 0]
+        assert len(slots) == 1, f"a dead VMM's maps are still in the outer map at slots {slots}"
         assert host_programs.map_keys(fds["policy_vm"]) == [child.pid]
     finally:
         for fd in fds.values():
