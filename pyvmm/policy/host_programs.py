@@ -184,6 +184,24 @@ def _by_id(get, obj_id: int, what: str) -> int:
     return fd
 
 
+def _links_alive(folder: Path) -> bool:
+    """Whether any link recorded in `folder` still exists (True when that cannot be told)."""
+    try:
+        ids = read_ids(folder)
+    except OSError:
+        return True
+    for pid in ids or []:
+        if pid.link_id:
+            try:
+                fd = _by_id(libbpf.lib().bpf_link_get_fd_by_id, pid.link_id, "link")
+            except OSError:
+                return True
+            if fd >= 0:
+                os.close(fd)
+                return True
+    return False
+
+
 def map_keys(fd: int) -> list[int]:
     """The keys of the hash map `fd` (VMM tgids in vm_slot, policy process pids in policy_vm)."""
     lib, f = libbpf.lib(), pffi()
@@ -285,8 +303,10 @@ def leave(vmm_pid: int, policy_pid: int | None = None, pin_root: str | os.PathLi
             try:
                 outer = open_shared(folder)
             except OSError as e:
-                log.info("pvsched: %s is incomplete (%s): removed", folder, e)
-                remove_tree_nofollow(folder)
+                # another build's layout, or a first load that died half-way: removed once nothing runs from it
+                if not _links_alive(folder):
+                    log.info("pvsched: %s is incomplete (%s) and nothing runs from it: removed", folder, e)
+                    remove_tree_nofollow(folder)
                 continue
             try:
                 _delete_vm(outer, vmm_pid)

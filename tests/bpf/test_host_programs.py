@@ -278,3 +278,22 @@ def test_only_the_programs_write_a_vms_budget_and_clock(fake_vmm, bpf_object):
                 f"user space wrote the VM's {name}"
     finally:
         pol.close()
+
+
+def test_a_host_folder_nothing_runs_from_goes_at_the_next_leave(fake_vmm, policy_child, pin_root):
+    """A first load that died half-way leaves a folder without maps; a running set's folder stays."""
+    from pyvmm.common.safe_fs import ensure_private_dir
+
+    vmm = fake_vmm(1)
+    child = policy_child(vmm)
+    running = host_programs.host_dir(pin_root, programs.object_path("pvsched"))
+    dead = ensure_private_dir(host_programs.host_root(pin_root) / "pvsched-0000000000000000")
+    host_programs.leave(vmm.pid + 1_000_000, None, pin_root)  # any VMM's leave sweeps
+    assert not dead.exists(), "a folder nothing runs from outlived a leave"
+    fds = host_programs.open_shared(running)
+    try:
+        assert host_programs.map_keys(fds["vm_slot"]) == [vmm.pid], "the running set lost its VM"
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    child.terminate()
