@@ -9,8 +9,8 @@ Needs CAP_BPF, CAP_PERFMON (load/attach tracing programs, read user memory),
 CAP_SYS_NICE (sched_setattr on the VMM's threads, the actuator at FIFO 40),
 CAP_IPC_LOCK (mlockall); CAP_SYS_ADMIN only while loading on a kernel whose
 KVM is a module (libbpf finds module BTF by iterating BTF objects, which
-needs it: the policy process constructs the engine before dropping it, and
-runs it after).  Per-program run time needs BPF
+needs it) and to join programs another VM loaded (taken by ID): the policy
+process constructs the engine before dropping it, and runs it after.  Per-program run time needs BPF
 stats enabled: pass `stats_fd` from `enable_bpf_stats()` called before the
 sandbox, or have kernel.bpf_stats_enabled=1; otherwise it shows 'unavailable'.
 """

@@ -417,8 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     # The policy is loaded before CAP_SYS_ADMIN goes: libbpf finds the BTF of tracepoints in modules
     # (kvm_exit where KVM is a module, as on every Debian host) by iterating BTF objects, and a VM
     # that is not the host's first takes the host's programs and links by ID; the kernel allows both
-    # only with CAP_SYS_ADMIN.  Once loaded, this process holds fds of its own VM's maps only.  Nothing hostile is read yet: only the installed object
-    # and the admin's tunables; the VMM's socket is read after the drop, and no thread exists before it.
+    # only with CAP_SYS_ADMIN.  Once loaded, this process holds fds of its own VM's maps only.
+    # Nothing hostile is read yet: only the installed object and the admin's tunables; the VMM's
+    # socket is read after the drop, and no thread exists before it.
     engine, engine_error = make_engine(args.vmm_pid, tunables, args.pin_root, stats_fd, args.program)
     try:
         confine(engine)
