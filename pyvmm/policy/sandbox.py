@@ -34,7 +34,8 @@ CAP_SYS_NICE = 23
 CAP_PERFMON = 38
 CAP_BPF = 39
 KEEP_CAPS = (CAP_BPF, CAP_PERFMON, CAP_SYS_NICE, CAP_IPC_LOCK)
-# What start-up needs before dropping to KEEP_CAPS: a network namespace (SYS_ADMIN), bounding-set drops (SETPCAP).
+# What start-up needs before dropping to KEEP_CAPS: a network namespace and a later VM's taking the host's programs
+# by ID (SYS_ADMIN), bounding-set drops (SETPCAP).
 START_CAPS = (CAP_SYS_ADMIN, CAP_SETPCAP, *KEEP_CAPS)
 CAP_NAMES = {CAP_SETPCAP: "CAP_SETPCAP", CAP_IPC_LOCK: "CAP_IPC_LOCK", CAP_SYS_ADMIN: "CAP_SYS_ADMIN", CAP_SYS_NICE: "CAP_SYS_NICE",
              CAP_PERFMON: "CAP_PERFMON", CAP_BPF: "CAP_BPF"}
