@@ -585,10 +585,16 @@ def bench_scale(args: argparse.Namespace) -> int:
             "duration_s": args.duration, "vcpus_per_vm": scale.VCPUS}
     _progress(f"bench: the cost curve for {','.join(map(str, args.vms))} VMs -> {out}/")
     try:
+        # the floor: what BPF on these two tracepoints costs here before any check (bpf_stats adds its clock reads)
+        meta["floor_ns_per_host_switch"] = switchcost.floor_switch_ns()
+    except switchcost.SwitchCostError as e:
+        _progress(f"bench: no floor for the switch cost: {e}")
+        meta["floor_ns_per_host_switch"] = None
+    try:
         points = scale.curve(args.vms, args.duration, logs, _progress)
     except scale.ScaleError as e:
         raise BenchError(str(e)) from None
-    lines = scale.targets(points)
+    lines = scale.targets(points, meta["floor_ns_per_host_switch"])
     write_file_nofollow(out / "scale.json", json.dumps({"meta": meta, "points": points, "targets": lines},
                                                        indent=1) + "\n")
     write_file_nofollow(out / "scale.md", f"# Cost against the number of VMs ({meta['date']}, {meta['machine']})\n\n"

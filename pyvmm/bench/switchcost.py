@@ -28,7 +28,7 @@ from pyvmm.common.libbpf import LibbpfError
 from pyvmm.policy import loader, programs
 from pyvmm.policy.tunables import parse
 
-__all__ = ["SwitchCostError", "annotate", "host_switch_ns", "measure", "vmm_switch_ns"]
+__all__ = ["SwitchCostError", "annotate", "floor_switch_ns", "host_switch_ns", "measure", "vmm_switch_ns"]
 
 # The VMs registered for the measurement are for tgids no task has now: the highest below pid_max.
 PID_MAX = Path("/proc/sys/kernel/pid_max")
@@ -206,6 +206,27 @@ def host_switch_ns(vms: int, round_trips: int = 10_000, rounds: int = 3, cpu: in
     per_run = {name: t / n if n else 0.0 for name, (n, t) in totals.items()}
     total = sum(per_run.values())
     return {"vms": vms, "ns_per_host_switch": round(total, 1), "switch_fast_ns": round(per_run["pvs_switch"], 1)}
+
+
+def floor_switch_ns(round_trips: int = 10_000, rounds: int = 3, cpu: int | None = None) -> float:
+    """BPF ns per host switch of programs that do nothing on the same two tracepoints (floor.bpf.c), with
+    `bpf_stats` on: what no fast path can go below on this machine.  Root, as measure()."""
+    cpu = (os.cpu_count() or 1) - 1 if cpu is None else cpu
+    try:
+        floor_obj = ensure_built("floor")
+    except BuildError as e:
+        raise SwitchCostError(str(e)) from None
+    floor = {name: [0, 0] for name in HOST_WIDE}
+    try:
+        stats_fd = loader.enable_stats()
+    except LibbpfError as e:
+        raise SwitchCostError(f"cannot turn on BPF run-time stats: {e}") from None
+    try:
+        for _ in range(rounds):
+            _with_floor(floor_obj, round_trips, cpu, floor)
+    finally:
+        os.close(stats_fd)
+    return round(sum(t / n if n else 0.0 for n, t in floor.values()), 1)
 
 
 def vmm_switch_ns(program: dict | None, vmm_runs: int | None, fast_ns: float | None) -> float | None:

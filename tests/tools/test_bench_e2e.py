@@ -50,6 +50,7 @@ def test_the_cost_curve_against_the_number_of_vms(tmp_path, capsys):
     assert rc == 0, out.err[-2000:]
     data = json.loads((tmp_path / "scale.json").read_text())
     points = data["points"]
+    assert data["meta"]["floor_ns_per_host_switch"] > 0  # empty programs on the same tracepoints, measured once
     assert [p["vms"] for p in points] == [1, 2]  # in order, whatever the order given
     for p in points:
         # one set of programs per host, whatever the number of VMs

@@ -498,6 +498,9 @@ def test_vm_counts_and_the_scale_targets():
     assert lines[0].startswith("MISS") and "worst 1500 ns" in lines[0]
     assert lines[1].startswith("MISS") and lines[2].startswith("PASS")
     assert scale.targets([point])[0].startswith("PASS")
+    # with the floor measured, the line says what programs that do nothing cost on the same tracepoints
+    assert scale.targets([point, many], 140.0)[0].endswith("(worst 1500 ns; programs that do nothing on the same "
+                                                           "tracepoints: 140 ns)")
     assert "| 16 | 1 | 1500 | 900 |" in scale.table([point, many])
     # a vCPU switch: pvs_switch past the tgid lookup (its runs less the fast path's, over those that went past)
     pol = {"programs": [{"name": "pvs_switch", "run_cnt": 1000, "avg_ns": 100.0}], "stats": {"switch_vmm": 100}}
