@@ -16,10 +16,12 @@ went past the tgid lookup (stat `switch_vmm`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from pyvmm.common import libbpf
@@ -139,6 +141,19 @@ def _with_floor(obj: Path, round_trips: int, cpu: int, totals: dict[str, list[in
         libbpf.close_object(o, progs)
 
 
+@contextlib.contextmanager
+def _bpf_stats() -> Iterator[None]:
+    """BPF run-time stats on while inside (CAP_SYS_ADMIN); SwitchCostError if they cannot be."""
+    try:
+        stats_fd = loader.enable_stats()
+    except LibbpfError as e:
+        raise SwitchCostError(f"cannot turn on BPF run-time stats: {e}") from None
+    try:
+        yield
+    finally:
+        os.close(stats_fd)
+
+
 def _per_run(totals: dict[str, list[int]]) -> dict[str, dict]:
     return {name: {"runs": n, "ns_per_run": round(t / n, 1) if n else None} for name, (n, t) in totals.items()}
 
@@ -160,19 +175,13 @@ def measure(round_trips: int = 20_000, rounds: int = 3, cpu: int | None = None) 
     totals = {name: [0, 0] for name in HOST_WIDE}
     floor = {name: [0, 0] for name in HOST_WIDE}
     vmm_runs = 0  # runs past the tgid check: none, since no task has the VMs' tgids
-    try:
-        stats_fd = loader.enable_stats()
-    except LibbpfError as e:
-        raise SwitchCostError(f"cannot turn on BPF run-time stats: {e}") from None
-    try:
+    with _bpf_stats():
         for _ in range(rounds):  # alternated, so a drift of the machine weighs on all three alike
             trips["off"].append(_round_trip_ns(round_trips, cpu))
             ns, vmm = _with_policy(obj, round_trips, cpu, totals)
             trips["on"].append(ns)
             vmm_runs += vmm
             trips["floor"].append(_with_floor(floor_obj, round_trips, cpu, floor))
-    finally:
-        os.close(stats_fd)
     progs = _per_run(totals)
     med = {k: statistics.median(v) for k, v in trips.items()}
     return {"programs": progs, "floor": _per_run(floor),
@@ -193,15 +202,9 @@ def host_switch_ns(vms: int, round_trips: int = 10_000, rounds: int = 3, cpu: in
     except BuildError as e:
         raise SwitchCostError(str(e)) from None
     totals = {name: [0, 0] for name in HOST_WIDE}
-    try:
-        stats_fd = loader.enable_stats()
-    except LibbpfError as e:
-        raise SwitchCostError(f"cannot turn on BPF run-time stats: {e}") from None
-    try:
+    with _bpf_stats():
         for _ in range(rounds):
             _with_policy(obj, round_trips, cpu, totals, vms)
-    finally:
-        os.close(stats_fd)
     # one set of programs, whatever the number of VMs: each ran once per switch and once per wake-up
     per_run = {name: t / n if n else 0.0 for name, (n, t) in totals.items()}
     total = sum(per_run.values())
@@ -217,15 +220,9 @@ def floor_switch_ns(round_trips: int = 10_000, rounds: int = 3, cpu: int | None 
     except BuildError as e:
         raise SwitchCostError(str(e)) from None
     floor = {name: [0, 0] for name in HOST_WIDE}
-    try:
-        stats_fd = loader.enable_stats()
-    except LibbpfError as e:
-        raise SwitchCostError(f"cannot turn on BPF run-time stats: {e}") from None
-    try:
+    with _bpf_stats():
         for _ in range(rounds):
             _with_floor(floor_obj, round_trips, cpu, floor)
-    finally:
-        os.close(stats_fd)
     return round(sum(t / n if n else 0.0 for n, t in floor.values()), 1)
 
 

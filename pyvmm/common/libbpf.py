@@ -54,12 +54,6 @@ struct bpf_prog_info {
 };
 
 struct btf;
-/* uapi struct btf_type (size and type share a union) and the btf_var_secinfo records after a DATASEC */
-struct btf_type { uint32_t name_off; uint32_t info; uint32_t size_or_type; };
-struct btf_var_secinfo { uint32_t type; uint32_t offset; uint32_t size; };
-struct btf *bpf_object__btf(const struct bpf_object *obj);
-const struct btf_type *btf__type_by_id(const struct btf *btf, uint32_t id);
-const char *btf__name_by_offset(const struct btf *btf, uint32_t offset);
 libbpf_print_fn_t libbpf_set_print(libbpf_print_fn_t fn);
 struct btf *btf__load_vmlinux_btf(void);
 struct btf *btf__load_module_btf(const char *module_name, struct btf *vmlinux_btf);
@@ -83,7 +77,6 @@ int bpf_link__destroy(struct bpf_link *link);
 int bpf_link__fd(const struct bpf_link *link);
 
 int bpf_map__fd(const struct bpf_map *map);
-void *bpf_map__initial_value(struct bpf_map *map, size_t *psize);
 uint32_t bpf_map__max_entries(const struct bpf_map *map);
 int bpf_map__pin(struct bpf_map *map, const char *path);
 int bpf_map__unpin(struct bpf_map *map, const char *path);
@@ -125,7 +118,6 @@ BPF_NOEXIST = 1
 BPF_EXIST = 2
 BPF_STATS_RUN_TIME = 0
 BTF_KIND_TYPEDEF = 8
-BTF_KIND_DATASEC = 15
 
 
 class LibbpfError(OSError):
