@@ -344,24 +344,40 @@ class PolicySupervisor:
 
     async def _sender(self, tsock: trio.socket.SocketType) -> None:
         while True:
-            while True:
-                with self._lock:
-                    if not self._queue:
-                        self._wake = trio.Event()
-                        wake = self._wake
-                        break
-                    q = self._queue.popleft()
-                    self._pending[q.id] = q.on_reply
+            wake = self._send_queued()
+            if wake is None:
+                await tsock.wait_writable()
+            else:
+                await wake.wait()
+
+    def _send_queued(self) -> trio.Event | None:
+        """Send what is queued, without blocking; the Event to await once it is empty, None if the socket is full.
+
+        A request leaves the queue only in the step that sends it, with no checkpoint between: a sender
+        cancelled after its wake-up (a request()'s own server ending) used to pop a request and lose it
+        at sendmsg's first checkpoint, before the send.
+        """
+        assert self._sock is not None
+        while True:
+            failed: OSError | None = None
+            with self._lock:  # post() supersedes only what is still queued, under this lock
+                if not self._queue:
+                    self._wake = trio.Event()
+                    return self._wake
+                q = self._queue[0]
                 try:
-                    await tsock.sendmsg([q.wire], protocol.ancillary(q.fds))
+                    self._sock.sendmsg([q.wire], protocol.ancillary(q.fds))  # non-blocking since spawn()
+                except BlockingIOError:
+                    return None
                 except OSError as e:  # this request fails; the sender goes on
-                    with self._lock:
-                        self._pending.pop(q.id, None)
-                    q.on_reply(PolicyUnavailable(f"sending {q.op}: {e}"))
-                finally:
-                    for fd in q.fds:
-                        os.close(fd)
-            await wake.wait()
+                    failed = e
+                self._queue.popleft()
+                if failed is None:
+                    self._pending[q.id] = q.on_reply
+            for fd in q.fds:
+                os.close(fd)
+            if failed is not None:
+                q.on_reply(PolicyUnavailable(f"sending {q.op}: {failed}"))
 
     async def _receiver(self, tsock: trio.socket.SocketType) -> None:
         while True:

@@ -450,7 +450,10 @@ class Machine:
             v.close()
         self.vcpus = []
         if self.vm_fd >= 0:
-            os.close(self.vm_fd)
+            # -1, not the old number: a late irq_line() from another thread then fails with EBADF
+            # instead of reaching whatever file reuses that number.
+            fd, self.vm_fd = self.vm_fd, -1
+            os.close(fd)
         if self.memory is not None:
             self.memory.close()
         self.kvm.close()

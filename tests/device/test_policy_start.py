@@ -10,6 +10,7 @@ import time
 
 import pytest
 import trio
+import trio.testing
 
 from pyvmm.boot import BootConfig, run_vm
 from pyvmm.common import control_client
@@ -119,6 +120,37 @@ def test_a_loop_waiting_to_serve_the_socket_takes_it_when_the_other_lets_go(vm) 
         assert sup._claimers == [] and sup._token is None
     finally:
         first.join(5)
+        dev.stop()
+
+
+def test_a_request_posted_as_a_loop_stops_serving_the_socket_is_still_sent(vm) -> None:
+    """A guest's ENABLE posts `register` from its vCPU thread; if the loop serving the socket then stops (a
+    status request's server ends), the request must still go out.  The sender used to pop a request and then
+    reach a checkpoint before sending it: cancelled there, the request was gone, and the VM stayed unregistered
+    (seen once in CI).  Here the kick and the cancel run back to back, before the sender's next step."""
+    dev = PvschedDevice()
+    vm.add_pci_device(dev)
+    trio.run(dev.start, vm)
+    sup = dev.supervisor
+    assert sup is not None
+    got: list = []
+
+    async def post_then_stop_serving() -> None:
+        token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sup._serve_socket)
+            while sup._token is not token:
+                await trio.sleep(0.005)
+            await trio.testing.wait_all_tasks_blocked()  # the sender waits for its wake-up
+            sup.post({"op": "ping"}, on_reply=got.append)  # queues the kick (run_sync_soon)...
+            token.run_sync_soon(nursery.cancel_scope.cancel)  # ...and the cancel right behind it
+
+    try:
+        trio.run(post_then_stop_serving)
+        reply = trio.run(sup.request, {"op": "ping"}, 5)  # a new server: the first ping's reply comes too
+        assert reply.get("ok"), reply
+        assert got and got[0].get("ok"), f"the request posted as its server stopped was lost: {got}"
+    finally:
         dev.stop()
 
 

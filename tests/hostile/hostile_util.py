@@ -99,17 +99,19 @@ class Vm:
         out, err = self.watchdog.communicate(timeout=timeout)
         return out, err
 
-    def kill(self) -> None:
-        """SIGKILL the VMM, its watchdog and its policy process, by PID; idempotent."""
+    def kill(self) -> str:
+        """SIGKILL the VMM, its watchdog and its policy process, by PID; idempotent.  The VMM's stderr so far."""
         kill_pid(self.pid)
         if self.watchdog.poll() is None:
             self.watchdog.kill()
+        err = ""
         try:
-            self.watchdog.communicate(timeout=10)
+            err = self.watchdog.communicate(timeout=10)[1] or ""
         except (ValueError, subprocess.TimeoutExpired):
             pass
         if self.policy_pid and alive(self.policy_pid):
             kill_pid(self.policy_pid)
+        return err
 
 
 def _vmm_pid(watchdog: subprocess.Popen, timeout: float = 15) -> int:
@@ -160,7 +162,8 @@ def wait_active(vm: Vm, timeout: float = 20, ready: Callable[[dict], bool] = reg
     end = time.monotonic() + timeout
     while not active():
         assert vm.watchdog.poll() is None, f"VM ended early: {vm.watchdog.communicate()}"
-        assert time.monotonic() < end, f"pvsched never active: {st}"
+        if time.monotonic() >= end:
+            raise AssertionError(f"pvsched never active: {st}\nVMM stderr: {vm.kill()[-3000:]}")
         time.sleep(0.05)
     vm.st = st
     vm.tids = {int(k): v for k, v in st["vcpu_tids"].items()}
