@@ -9,8 +9,10 @@ guest's records and the boot log's warnings, clocksource and last lines.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
+import time
 
 from pyvmm.boot import BootConfig, run_vm
 from pyvmm.vmm.console import parse_records
@@ -67,7 +69,12 @@ def main(argv: list[str]) -> int:
     out, rest = argv[0], argv[1:]
     results = []
     for i in range(0, len(rest), 3):
+        kernel, _, end = rest[i:i + 3]
+        start = time.monotonic()
+        print(f"lab_boots: boot {i // 3 + 1} ({os.path.basename(kernel)}, {end}): starting", file=sys.stderr, flush=True)
         results.append(boot(*rest[i:i + 3], extra))
+        print(f"lab_boots: boot {i // 3 + 1}: exit {results[-1]['exit_code']} ({results[-1]['message']}) after "
+              f"{time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
         with open(out, "w") as f:   # after each boot: if the lab itself dies, the boots before it are kept
             json.dump(results, f)
     return 0

@@ -33,13 +33,21 @@ def run_lab(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     test, leaves QEMU running below it with both CPUs."""
     p = subprocess.Popen([sys.executable, "-m", "pyvmm.cli", "lab", *args], cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, process_group=0)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    finally:
+    def kill_group() -> None:
         try:
             os.killpg(p.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group()
+        out, err = p.communicate()  # what it printed so far: the lab's console (-v) and lab_boots' progress
+        raise AssertionError(f"`pyvmm lab` did not end within {timeout:g} s; its output ends with:\n"
+                             f"{(out or '')[-1500:]}\n{(err or '')[-6000:]}") from None
+    finally:
+        kill_group()
         p.wait()
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
@@ -62,7 +70,8 @@ def lab_boots(tmp_path: Path, boots: list[tuple[Path, Path, str]], timeout: floa
         script = (f"cd /tmp && {stress} >/dev/null 2>&1 & s=$!; cd {shlex.quote(str(ROOT))}; "
                   f"{shlex.join(inner)}; rc=$?; kill $s; wait; exit $rc")
         inner = ["sh", "-c", script]
-    r = run_lab(["--rwdir", str(tmp_path), "--", *inner], timeout)
+    # -v: the lab's console, so that a lab that stalls says where (on stderr, shown only on failure).
+    r = run_lab(["-v", "--rwdir", str(tmp_path), "--", *inner], timeout)
     assert r.returncode == 0, f"lab exited {r.returncode}: {r.stderr[-3000:]}"
     return json.loads(out.read_text())
 
