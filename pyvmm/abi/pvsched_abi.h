@@ -58,7 +58,7 @@ enum pvsched_magic {
  */
 enum pvsched_rt_ladder {
 	PVSCHED_RT_PRIO_LIMIT = 30,     /* ceiling of every boost and every translated guest request */
-	PVSCHED_CALLER_PRIO = 35,       /* the policy process's trio thread while the actuator runs (it shares the GIL) */
+	PVSCHED_CALLER_PRIO = 35,       /* the policy process's Python threads while it runs: each must run to exit */
 	PVSCHED_ACTUATOR_PRIO = 40,     /* the policy process's actuator and its backstop loop */
 	PVSCHED_BENCH_POLLER_PRIO = 42, /* the benchmark's thread looking for vCPU threads */
 	PVSCHED_GUARDIAN_PRIO = 45,     /* the VMM's guardian: restores when the policy process dies or hangs */

@@ -31,7 +31,8 @@ def _policies(folder: str) -> tuple[str, ...]:
 # -> file names in its build/ subfolder.  Anything else there (objects, vmlinux.h) stays out of a wheel.
 OUTPUTS: dict[str, tuple[str, ...]] = {
     "abi": ("pvsched_abi.cdef", "pvsched_features.json", "testguest_boot.cdef"),
-    "policy": (*_policies("policy"), "pvsched_policy.cdef", "libpvsched_backstop.so", "backstop_loop.cdef"),
+    "policy": (*_policies("policy"), "pvsched_policy.cdef", "libpvsched_backstop.so", "backstop_loop.cdef",
+               "libpvsched_actuator.so", "actuator_loop.cdef"),
     "device": ("libpvsched_guardian.so", "guardian.cdef"),
     "guest/testguest": ("testguest.elf",),
     "bench/bpf": ("runqlat.bpf.o", "floor.bpf.o", "runqlat.cdef"),
@@ -44,6 +45,8 @@ COMPONENTS = {
     "policy_cdef": ("policy", "pvsched_policy.cdef"),
     "backstop": ("policy", "libpvsched_backstop.so"),
     "backstop_cdef": ("policy", "backstop_loop.cdef"),
+    "actuator": ("policy", "libpvsched_actuator.so"),
+    "actuator_cdef": ("policy", "actuator_loop.cdef"),
     "guardian": ("device", "libpvsched_guardian.so"),
     "guardian_cdef": ("device", "guardian.cdef"),
     "runqlat": ("bench/bpf", "runqlat.bpf.o"),

@@ -45,7 +45,7 @@
 #include "pvsched_policy.h"
 #include "backstop_loop.h"
 
-#define STACK_SIZE (64 * 1024) /* the policy process is mlockall'ed: a default 8 MiB stack would be resident */
+#define STACK_SIZE (64 * 1024) /* locked whole (see loop_main): a default 8 MiB stack would be resident */
 #define NSEC 1000000000LL
 
 struct pvsched_backstop_loop {
@@ -117,6 +117,21 @@ static void heartbeat(struct pvsched_backstop_loop *l, int64_t now)
 	l->info.beats++;
 }
 
+/* This RT thread must never page-fault: its stack is locked (its state is, in new(); its code is, by the
+ * actuator loop's start, actuator_loop.c).  Without CAP_IPC_LOCK it runs unlocked. */
+static void lock_own_stack(void)
+{
+	pthread_attr_t attr;
+	void *addr;
+	size_t size;
+
+	if (pthread_getattr_np(pthread_self(), &attr) != 0)
+		return;
+	if (pthread_attr_getstack(&attr, &addr, &size) == 0)
+		mlock(addr, size);
+	pthread_attr_destroy(&attr);
+}
+
 static void *loop_main(void *arg)
 {
 	struct pvsched_backstop_loop *l = arg;
@@ -128,6 +143,7 @@ static void *loop_main(void *arg)
 
 	sigfillset(&all);
 	pthread_sigmask(SIG_BLOCK, &all, NULL);
+	lock_own_stack();
 	pthread_mutex_lock(&l->lock);
 	l->info.prio = l->prio > 0 && pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp) == 0 ? l->prio : 0;
 	due = now_ns() + l->period_ns;
@@ -186,11 +202,14 @@ static void *loop_main(void *arg)
 
 struct pvsched_backstop_loop *pvsched_backstop_loop_new(int prog_fd)
 {
-	struct pvsched_backstop_loop *l = calloc(1, sizeof(*l));
+	/* Its own mapping, locked: calloc'd memory would share pages with the Python heap, which is not. */
+	struct pvsched_backstop_loop *l = mmap(NULL, sizeof(*l), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+					       -1, 0);
 	pthread_condattr_t ca;
 
-	if (!l)
+	if (l == MAP_FAILED)
 		return NULL;
+	mlock(l, sizeof(*l));
 	l->prog_fd = prog_fd;
 	l->period_ns = NSEC / 50;
 	pthread_mutex_init(&l->lock, NULL);
@@ -317,5 +336,5 @@ void pvsched_backstop_loop_free(struct pvsched_backstop_loop *l)
 	pvsched_backstop_loop_set_heartbeat(l, NULL, -1);
 	pthread_cond_destroy(&l->wake);
 	pthread_mutex_destroy(&l->lock);
-	free(l);
+	munmap(l, sizeof(*l));
 }

@@ -7,7 +7,7 @@
 
 Needs CAP_BPF, CAP_PERFMON (load/attach tracing programs, read user memory),
 CAP_SYS_NICE (sched_setattr on the VMM's threads, the actuator at FIFO 40),
-CAP_IPC_LOCK (mlockall); CAP_SYS_ADMIN only while loading on a kernel whose
+CAP_IPC_LOCK (the native RT threads lock what they touch); CAP_SYS_ADMIN only while loading on a kernel whose
 KVM is a module (libbpf finds module BTF by iterating BTF objects, which
 needs it) and to join programs another VM loaded (taken by ID): the policy
 process constructs the engine before dropping it, and runs it after.  Per-program run time needs BPF
@@ -133,7 +133,7 @@ class PolicyEngine:
         view = memoryview(slot).cast("B")[:slot_size]
         ptr = f.from_buffer(view, require_writable=True)
         h = VcpuHandle(tid=tid, vm_id=vm_id, vcpu_id=vcpu_id, slot=view, slot_ptr=ptr,
-                       original=original, applied=original, pid=self.vmm_pid)
+                       original=original, pid=self.vmm_pid)
         self._actuator.register(h)
         try:
             self._policy.add_vcpu(tid, v)
@@ -178,19 +178,19 @@ class PolicyEngine:
 
     # --- running -----------------------------------------------------------------
     async def run(self) -> None:
-        """Run the actuator thread (ring buffer, backstop, sched_setattr) until cancelled.
+        """Run the actuator (its native loops and their Python watcher) until cancelled.
 
-        With `realtime`, the calling (trio) thread also runs at SCHED_FIFO CALLER_PRIO
-        meanwhile: the actuator needs the GIL, and a SCHED_OTHER thread holding
-        it could be starved by boosted vCPUs on every CPU (priority inversion),
-        delaying the very throttle that would free a CPU. It only ever blocks.
+        No Python is on the RT path: the native threads never take the GIL.  With `realtime`, the calling
+        (trio) thread still runs at SCHED_FIFO CALLER_PRIO meanwhile, and so do the threads it starts (the
+        watcher, trio's workers): a killed policy process is gone only once each of its threads has run its
+        exit, and a SCHED_OTHER one waits behind boosted vCPUs on every CPU, so the VMM's guardian would
+        restore only when the heartbeat goes stale (250 ms, measured) instead of at the death.  They only
+        ever block: a worker blocks in join, and this thread does not wake while all is well.  A dead
+        actuator also stops the heartbeat, so the guardian restores the threads even if this wakes late.
         """
         caller = _raise_caller(self._realtime)
         self._actuator.start()
         try:
-            # A worker blocks in join, so this thread (SCHED_FIFO 35) does not wake while all is well: every
-            # wake-up of a polling thread would be taken from boosted vCPUs.  A dead actuator also
-            # stops the heartbeat, so the VMM's guardian restores the threads even if this wakes late.
             await trio.to_thread.run_sync(self._actuator.join, abandon_on_cancel=True)
             raise RuntimeError("pvsched: the actuator thread died")  # fail loudly: the VMM restores the threads
         finally:
@@ -225,8 +225,10 @@ class PolicyEngine:
         """Per-vCPU state, stats with descriptions, tunables, per-program run time, actuator latency."""
         vcpus = []
         for tid, h in sorted(self._actuator.vcpus.items(), key=lambda kv: (kv[1].vm_id, kv[1].vcpu_id)):
-            row = {"tid": tid, "vm": h.vm_id, "vcpu": h.vcpu_id, "applied": _attr_dict(h.applied),
-                   "original": _attr_dict(h.original), "gone": h.gone}
+            native = self._actuator.vcpu_state(tid)
+            row = {"tid": tid, "vm": h.vm_id, "vcpu": h.vcpu_id,
+                   "applied": _attr_dict(native["applied"] if native else h.original),
+                   "original": _attr_dict(h.original), "gone": h.gone or bool(native and native["gone"])}
             try:
                 row["observed"] = _attr_dict(sched_getattr(tid))
             except OSError:
@@ -257,7 +259,7 @@ class PolicyEngine:
         tun = self.tunables.as_strings()
         window, vm_ns = self._policy.vm_budget()
         now_window = time.monotonic_ns() // (self.tunables.throttle_window_ms * 1_000_000)
-        a = self._actuator.stats
+        a = self._actuator.info()
         loop = self._actuator.loop.info()
         out = {
             "vmm_pid": self.vmm_pid,
@@ -272,12 +274,14 @@ class PolicyEngine:
             "host_budget": self._policy.host_budget(),
             "programs": progs,
             "prog_stats": "enabled" if enabled else "unavailable (BPF stats off: needs CAP_SYS_ADMIN or a stats fd)",
-            "actuator": {"tid": self._actuator.thread_tid, "events": a.events, "applied": a.applied,
-                         "errors": a.errors, "stale": a.stale, "iterations": a.iterations,
-                         "backstop_rounds": loop["rounds"] + a.backstop_rounds, "rechecks": a.rechecks,
-                         "throttle_sources": dict(a.throttle_sources),
+            "actuator": {"tid": a.get("tid"), "prio": a.get("prio"), "events": a.get("events"),
+                         "applied": a.get("applied"), "errors": a.get("errors"), "stale": a.get("stale"),
+                         "wakeups": a.get("wakeups"), "rechecks": a.get("rechecks"),
+                         "backstop_rounds": loop["rounds"] + self._actuator.backstop_rounds,
+                         "throttle_sources": a.get("throttle_sources", {}),
+                         "locked_kib": (a.get("locked_bytes") or 0) // 1024,
                          "backstop_loop": loop,
-                         "latency_us": a.latency_summary()},
+                         "latency_us": self._actuator.latency_us()},
         }
         out["text"] = format_show(out)
         return out
@@ -347,7 +351,8 @@ def format_show(d: dict) -> str:
                      f"{'-' if avg is None else avg}")
     a = d["actuator"]
     lines.append(f"actuator: events {a['events']}, applied {a['applied']}, errors {a['errors']},"
-                 f" latency {a['latency_us']}, wake-ups {a['iterations']}, rechecks {a['rechecks']}")
+                 f" latency {a['latency_us']}, wake-ups {a['wakeups']}, rechecks {a['rechecks']},"
+                 f" {'SCHED_FIFO ' + str(a['prio']) if a['prio'] else 'SCHED_OTHER'}, {a['locked_kib']} KiB locked")
     b = a["backstop_loop"]
     lines.append(f"backstop loop: rounds {b['rounds']} over {b['nr_vcpus']} vCPUs, late {b['late']},"
                  f" longest {b['max_round_ns'] / 1000:.1f} us, errors {b['errors']}, heartbeats {b['beats']}"

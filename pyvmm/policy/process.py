@@ -154,8 +154,8 @@ class PolicyService:
                 raise ValueError("vcpus: duplicate vCPU id")
             if self.reg is not None:
                 self.unregister()
-            # Only the header and the slots: SHM_SIZE has no upper bound, and under mlockall(MCL_FUTURE) mapping
-            # all of a huge area would populate and lock that much host memory (a guest's choice).
+            # Only the header and the slots: SHM_SIZE has no upper bound (a guest's choice), and the policy
+            # process holds no more of guest RAM than it reads; the actuator locks the slots' pages alone.
             used = -(-slots.min_shm_size(nr) // mmap.PAGESIZE) * mmap.PAGESIZE
             area = mmap.mmap(fds[0], min(size, used), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
                              offset=offset)
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         confine(engine)
         sandbox.drop_capabilities()
         sandbox.set_no_new_privs()
-        sandbox.lock_memory()
+        sandbox.trim_memory()
     except (OSError, ValueError, TypeError) as e:
         log.error("sandbox setup failed: %s", e)
         if engine is not None:

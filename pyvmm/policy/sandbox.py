@@ -63,9 +63,8 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 SYS_bpf = 321  # x86_64
 BPF_ENABLE_STATS = 32
 BPF_STATS_RUN_TIME = 0
-MCL_CURRENT, MCL_FUTURE = 1, 2
 M_ARENA_MAX = -8  # mallopt
-THREAD_STACK_BYTES = 512 * 1024  # the actuator's and trio's worker threads: shallow Python, no deep C recursion
+THREAD_STACK_BYTES = 512 * 1024  # the actuator's watcher and trio's worker threads: shallow Python, no deep C recursion
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
@@ -225,17 +224,16 @@ def enable_bpf_stats() -> int:
     return _check(_libc.syscall(SYS_bpf, BPF_ENABLE_STATS, ctypes.byref(attr), ctypes.sizeof(attr)), "BPF_ENABLE_STATS")
 
 
-def lock_memory() -> None:
-    """Lock current and future memory so the policy path never page-faults (CAP_IPC_LOCK); before any thread.
+def trim_memory() -> None:
+    """Small thread stacks and one malloc arena, before any thread: memory per VM stays small.
 
-    mlockall(MCL_FUTURE) locks every later mapping whole, touched or not.  So threads get small
-    stacks (Python's default is 8 MiB, all of it resident and locked), and malloc keeps one arena
-    (each thread's own arena reserves 64 MiB, which counts against RLIMIT_MEMLOCK).
+    Nothing is locked here.  The RT path is native (actuator_loop.c, backstop_loop.c) and locks what
+    it touches; the Python process is not on it, and locking it whole (mlockall) cost 30-40 MiB a VM.
+    Each thread's own arena would reserve 64 MiB of address space, and a thread's default 8 MiB stack.
     """
     threading.stack_size(THREAD_STACK_BYTES)
     if _libc.mallopt(M_ARENA_MAX, 1) != 1:
         raise OSError("mallopt(M_ARENA_MAX, 1) failed")
-    _check(_libc.mlockall(MCL_CURRENT | MCL_FUTURE), "mlockall")
 
 
 class _CapHeader(ctypes.Structure):
@@ -327,7 +325,7 @@ class _ArgCmp(ctypes.Structure):
 # another process are allowed only in their self-directed form, below.
 ALLOWED_SYSCALLS = (
     # memory
-    "brk", "mmap", "munmap", "mprotect", "mremap", "madvise", "mlock", "munlock", "mlockall", "membarrier",
+    "brk", "mmap", "munmap", "mprotect", "mremap", "madvise", "mlock", "munlock", "membarrier",
     # files already open, and reads of /proc, its own pins and the installed Python (mounts are read-only)
     "read", "pread64", "readv", "write", "pwrite64", "writev", "close", "lseek", "fstat", "newfstatat", "statx",
     "openat", "getdents64", "readlink", "readlinkat", "access", "faccessat", "faccessat2", "fcntl", "dup",

@@ -138,7 +138,7 @@ def test_status_of_a_running_vm_with_its_policy_process(tmp_path: Path) -> None:
         # what the VM holds of the host's memory, for both processes (VmRSS, VmLck)
         assert st["memory"]["rss_kb"] > 0, st.get("memory")
         mem = pv["policy"]["memory"]
-        assert mem["rss_kb"] > 0 and mem["locked_kb"] >= mem["rss_kb"] // 2, mem  # it is mlockall'ed
+        assert 0 < mem["locked_kb"] < mem["rss_kb"] // 2, mem  # the native RT path alone is locked
         # Locked address space is about what is resident: no 64 MiB malloc arena per thread, no 8 MiB
         # thread stack, is locked whole (184 MiB locked for 54 MiB resident before).
         assert mem["locked_kb"] < 2 * mem["rss_kb"], mem

@@ -381,7 +381,7 @@ _start:
 
 
 def test_a_huge_shared_area_does_not_make_the_host_lock_guest_ram(tmp_path: Path) -> None:
-    """SHM_SIZE has no upper limit, and the policy process runs with mlockall(MCL_FUTURE): mapping the whole area
+    """SHM_SIZE has no upper limit, and the policy process once ran with mlockall(MCL_FUTURE): mapping the whole area
     populated and locked it (a 512 MiB area: +512 MiB locked host RAM; a big VM's guest could lock it all)."""
     from hostile_util import Vm, _vmm_pid, wait_active
 
