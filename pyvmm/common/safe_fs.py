@@ -76,8 +76,10 @@ def write_file_nofollow(path: str | os.PathLike[str], data: str | bytes, mode: i
 
 
 def make_output_dir(path: str | os.PathLike[str]) -> Path:
-    """Create an output folder (like mkdir -p); refuse if it, or what it would be, is a symlink."""
-    p = Path(path)
+    """Create an output folder (like mkdir -p); refuse if it, or what it would be, is a symlink.
+
+    Its absolute path (not resolved): the children it is handed to run with cwd "/"."""
+    p = Path(os.path.abspath(path))
     p.mkdir(parents=True, exist_ok=True)
     st = os.lstat(p)
     if stat.S_ISLNK(st.st_mode):

@@ -515,3 +515,13 @@ def test_the_qemu_peer_can_be_left_out():
 
     assert parse_args(["--guest", "linux", "--no-peer"]).no_peer
     assert not parse_args(["--guest", "linux"]).no_peer
+
+
+def test_an_output_folder_given_relative_is_handed_on_absolute(tmp_path, monkeypatch) -> None:
+    """`pyvmm bench --vms` passes its log folder to VMs that run with cwd "/": a relative one (the default
+    bench-out) made every VM fail at --stats-out."""
+    from pyvmm.common.safe_fs import make_output_dir
+
+    monkeypatch.chdir(tmp_path)
+    out = make_output_dir("bench-out/scale-logs")
+    assert out.is_absolute() and out == tmp_path / "bench-out" / "scale-logs" and out.is_dir()
