@@ -96,3 +96,12 @@ def test_the_only_installed_top_level_package_is_pyvmm() -> None:
     top = {p.split(".")[0] for p in setuptools.find_packages(str(ROOT), exclude=["tests*"])}
     assert top == {"pyvmm"}, top
     assert {"pyvmm.vmm", "pyvmm.device", "pyvmm.policy", "pyvmm.bench", "pyvmm.common", "pyvmm.abi"} <= set(found)
+
+
+def test_the_policy_process_runs_without_trio_or_ssl() -> None:
+    """One policy process per VM: trio (and the ssl it loads) cost it about 5 MiB resident (docs/scale.md)."""
+    code = ("import sys, pyvmm.policy.process; "
+            "print(sorted(m for m in ('trio', 'ssl', 'asyncio') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.strip() == "[]", f"the policy process imports {out.strip()}"

@@ -16,9 +16,10 @@ from __future__ import annotations
 import array
 import json
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import trio
+if TYPE_CHECKING:  # the policy process imports this module and runs without trio
+    import trio
 
 MAX_MSG = 1 << 20
 MAX_FDS = 4
@@ -66,7 +67,21 @@ async def send(sock: trio.socket.SocketType, obj: dict[str, Any], fds: tuple[int
 
 async def recv(sock: trio.socket.SocketType) -> tuple[dict[str, Any] | None, list[int]]:
     """Receive one message and its fds; (None, []) at end of stream. The caller owns the fds."""
-    data, ancdata, flags, _ = await sock.recvmsg(MAX_MSG, socket.CMSG_SPACE(MAX_FDS * 4))
+    return _received(*await sock.recvmsg(MAX_MSG, socket.CMSG_SPACE(MAX_FDS * 4)))
+
+
+def send_blocking(sock: socket.socket, obj: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
+    """Send one message (and fds) on a blocking socket (the policy process's)."""
+    sock.sendmsg([encode(obj)], ancillary(fds))
+
+
+def recv_blocking(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+    """Receive one message and its fds on a blocking socket; as recv()."""
+    return _received(*sock.recvmsg(MAX_MSG, socket.CMSG_SPACE(MAX_FDS * 4)))
+
+
+def _received(data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int, _addr: Any = None
+              ) -> tuple[dict[str, Any] | None, list[int]]:
     fds = fds_from(ancdata)
     if not data:
         for fd in fds:

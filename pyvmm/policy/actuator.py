@@ -118,6 +118,7 @@ class Actuator:
             raise ActuatorError(err[0], f"actuator loop: {os.strerror(err[0])}")
         self._stop = threading.Event()
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.ended_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # readable once the watcher has ended
         self._thread: threading.Thread | None = None
         self._errors_logged = 0
         self._last_info: dict[str, int] = {}
@@ -175,10 +176,11 @@ class Actuator:
         if self._thread is not None:
             return
         self._stop.clear()
-        try:
-            os.eventfd_read(self._wake_fd)  # a previous stop's wake-up
-        except BlockingIOError:
-            pass
+        for fd in (self._wake_fd, self.ended_fd):  # a previous stop's
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                pass
         prio = consts().PVSCHED_ACTUATOR_PRIO if self.realtime else 0
         rc = self._lib.pvsched_actuator_loop_start(self._loop, prio)
         if rc < 0:
@@ -213,6 +215,7 @@ class Actuator:
             self._lib.pvsched_actuator_loop_free(self._loop)
             self._loop = None
             os.close(self._wake_fd)
+            os.close(self.ended_fd)
 
     def _watch(self) -> None:
         """The watcher: wakes only when the native loop gave up on a vCPU, failed a sched_setattr or ended (its
@@ -225,6 +228,7 @@ class Actuator:
                 poller.poll()
         finally:
             self._stop_native()
+            os.eventfd_write(self.ended_fd, 1)
 
     def _watch_once(self) -> bool:
         """Log and forget what the native loop gave up on; False once that loop has stopped by itself."""

@@ -24,8 +24,6 @@ import time
 from pathlib import Path
 from typing import Self
 
-import trio
-
 from pyvmm.abi.slots import policy_name
 from pyvmm.common import libbpf
 from pyvmm.common.pins import PIN_ROOT, remove_stale_pins
@@ -74,6 +72,7 @@ class PolicyEngine:
         self._closed = False
         self._policy: BpfPolicy | None = None
         self._actuator: Actuator | None = None
+        self._caller: SchedAttr | bool | None = None  # start()'s thread as it was (False: left unchanged)
         # Budget and throttle state of unregistered vCPU threads, by TID, for this VMM's whole life: a
         # guest that re-registers (CONTROL DISABLE + ENABLE) gets back the window it had, not a fresh one.
         self._carried: dict[int, dict[str, int]] = {}
@@ -177,27 +176,49 @@ class PolicyEngine:
             self._actuator.loop.set_heartbeat(heartbeat.address, self._policy.maps["events"])
 
     # --- running -----------------------------------------------------------------
-    async def run(self) -> None:
-        """Run the actuator (its native loops and their Python watcher) until cancelled.
+    def start(self) -> None:
+        """Start the actuator (its native loops and their Python watcher); with `realtime`, raise this thread.
 
         No Python is on the RT path: the native threads never take the GIL.  With `realtime`, the calling
-        (trio) thread still runs at SCHED_FIFO CALLER_PRIO meanwhile, and so do the threads it starts (the
-        watcher, trio's workers): a killed policy process is gone only once each of its threads has run its
-        exit, and a SCHED_OTHER one waits behind boosted vCPUs on every CPU, so the VMM's guardian would
-        restore only when the heartbeat goes stale (250 ms, measured) instead of at the death.  They only
-        ever block: a worker blocks in join, and this thread does not wake while all is well.  A dead
-        actuator also stops the heartbeat, so the guardian restores the threads even if this wakes late.
+        thread still runs at SCHED_FIFO CALLER_PRIO until stop(), and so do the threads it starts (the
+        watcher): a killed policy process is gone only once each of its threads has run its exit, and a
+        SCHED_OTHER one waits behind boosted vCPUs on every CPU, so the VMM's guardian would restore only
+        when the heartbeat goes stale (250 ms, measured) instead of at the death.  They only ever block.
         """
-        caller = _raise_caller(self._realtime)
+        if self._caller is None:
+            self._caller = _raise_caller(self._realtime) or False
         self._actuator.start()
+
+    def ended_fd(self) -> int:
+        """An fd readable once the actuator has ended (stopped, or its native loop died: then fail loudly)."""
+        return self._actuator.ended_fd
+
+    def stop(self) -> None:
+        """Stop the actuator and put the thread that called start() back as it was (call it from there)."""
+        self._actuator.stop()
+        self._restore_caller()
+
+    def _restore_caller(self) -> None:
+        if self._caller:
+            sched_setattr(0, self._caller)
+        self._caller = None
+
+    async def run(self) -> None:
+        """start(), then wait until cancelled (a trio task, for callers that run a loop); stop() on the way out.
+
+        A worker blocks in join, so this thread does not wake while all is well.  A dead actuator also
+        stops the heartbeat, so the VMM's guardian restores the threads even if this wakes late.
+        """
+        import trio  # here, not at the top: the policy process serves without trio (serve() in process.py)
+
+        self.start()
         try:
             await trio.to_thread.run_sync(self._actuator.join, abandon_on_cancel=True)
             raise RuntimeError("pvsched: the actuator thread died")  # fail loudly: the VMM restores the threads
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._actuator.stop)
-            if caller is not None:
-                sched_setattr(0, caller)
+            self._restore_caller()
 
     def close(self) -> None:
         """Restore every thread, detach every program, unpin and remove the pin directory; idempotent."""

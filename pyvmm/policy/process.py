@@ -19,19 +19,17 @@ import json
 import logging
 import mmap
 import os
+import selectors
 import signal
 import socket
 import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-import trio
-
 import pyvmm
 from pyvmm import abi
 from pyvmm.abi import slots
 from pyvmm.common import protocol
-from pyvmm.common.lone_error import lone_error
 from pyvmm.common.pins import PIN_ROOT, ensure_pin_dir, remove_stale_pins
 from pyvmm.common.sched_attr import SchedAttr, sched_setattr
 from pyvmm.policy import programs, sandbox
@@ -286,41 +284,60 @@ def _ignore_exit_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-async def serve(sock: trio.socket.SocketType, service: PolicyService) -> None:
-    """Answer requests until shutdown, end of stream or SIGTERM/SIGINT; the engine runs alongside."""
-    with trio.open_signal_receiver(*EXIT_SIGNALS) as signals:
-        try:
-            await _serve(sock, service, signals)
-        finally:
-            # Before trio puts _on_exit_signal back: from here a late SIGTERM must not interrupt the way out.
-            _EXIT.asked = True
+def serve(sock: socket.socket, service: PolicyService) -> None:
+    """Answer requests until shutdown, end of stream or SIGTERM/SIGINT; the engine runs alongside.
+
+    One thread blocks in select() on the VMM's socket, the signals' wake-up pipe and the actuator's end.
+    No event-loop library: trio would cost this process 12 MiB per VM (it loads ssl; docs/scale.md), and
+    there is one socket to serve, one request at a time.
+    """
+    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signals: list[int] = []
+    old_wakeup = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+    old_handlers = {sig: signal.signal(sig, lambda s, _f: signals.append(s)) for sig in EXIT_SIGNALS}
+    engine = service.engine
+    try:
+        if engine is not None:
+            engine.start()  # before `ready`: boosting is in place before the vCPUs run
+        _serve(sock, service, rfd, signals)
+    finally:
+        _EXIT.asked = True  # before the handlers go back: from here a late SIGTERM must not interrupt the way out
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+        signal.set_wakeup_fd(old_wakeup)
+        os.close(rfd)
+        os.close(wfd)
+        if engine is not None:
+            engine.stop()
 
 
-async def _serve(sock: trio.socket.SocketType, service: PolicyService, signals: Any) -> None:
-    async with trio.open_nursery() as nursery:
-
-        async def watch_signals() -> None:
-            async for sig in signals:
-                if not nursery.cancel_scope.cancel_called:
-                    log.info("%s: cleaning up", signal.Signals(sig).name)
-                nursery.cancel_scope.cancel()
-
-        nursery.start_soon(watch_signals)
-        if service.engine is not None:
-            nursery.start_soon(service.engine.run)
-        await protocol.send(sock, {"op": "ready", "pid": os.getpid(), "engine": service.engine is not None,
-                                   "engine_error": service.engine_error})
+def _serve(sock: socket.socket, service: PolicyService, signal_fd: int, signals: list[int]) -> None:
+    engine = service.engine
+    with selectors.DefaultSelector() as sel:
+        sel.register(sock, selectors.EVENT_READ, "socket")
+        sel.register(signal_fd, selectors.EVENT_READ, "signal")
+        if engine is not None:
+            sel.register(engine.ended_fd(), selectors.EVENT_READ, "actuator")
+        protocol.send_blocking(sock, {"op": "ready", "pid": os.getpid(), "engine": engine is not None,
+                                      "engine_error": service.engine_error})
         while True:
-            msg, fds = await protocol.recv(sock)
+            ready = {key.data for key, _ in sel.select()}
+            if signals:
+                log.info("%s: cleaning up", signal.Signals(signals[0]).name)
+                return
+            if "actuator" in ready:  # fail loudly: the VMM restores the threads
+                raise RuntimeError("pvsched: the actuator thread died")
+            if "socket" not in ready:
+                continue
+            msg, fds = protocol.recv_blocking(sock)
             if msg is None:
                 log.info("VMM closed the socket: cleaning up")
-                break
+                return
             reply = service.handle(msg, fds)
             reply["id"] = msg.get("id")
-            await protocol.send(sock, reply)
+            protocol.send_blocking(sock, reply)
             if msg.get("op") == "shutdown":
-                break
-        nursery.cancel_scope.cancel()
+                return
 
 
 def setup_privileged(vmm_pid: int, pin_root: str) -> int | None:
@@ -441,8 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             # fail closed: a policy process without its allowlist holds CAP_SYS_NICE and CAP_BPF unconfined
             log.error("libseccomp not found: refusing to run without the seccomp allowlist (scripts/setup.sh)")
             return 1
-        with lone_error():  # its one line names the error, not the group trio wraps it in
-            trio.run(serve, trio.socket.from_stdlib_socket(sock), service)
+        serve(sock, service)
     except Exception as e:  # one line in the VMM's log (traceback with -v); the VMM restores the threads
         log.error("policy process failed: %s: %s", type(e).__name__, e, exc_info=args.verbose)
         return 1
