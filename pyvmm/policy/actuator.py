@@ -8,9 +8,10 @@ policy's native libraries and libc, the slots), not the Python process.  What is
 thread's (pyvmm/policy/backstop_loop.c, same priority): the re-read of every slot each backstop_ms, and the
 policy process's heartbeat, written while the actuator keeps up.
 
-Python keeps what is rare and slow, at SCHED_OTHER: registration, restoring a thread on request, and a
-watcher thread that logs a vCPU the native loop gave up on (it exited, or its TID left the VMM) and forgets
-its map entry.  No Python runs on the RT path, so no GIL is taken there.
+Python keeps what is rare and slow: registration, restoring a thread on request, and a watcher thread
+(blocked until the native loop tells it something) that logs a vCPU the native loop gave up on (it exited,
+or its TID left the VMM) and forgets its map entry.  No Python runs on the RT path, so no GIL is taken
+there; the Python threads run at FIFO 35 only so that a killed process exits at once (engine.start).
 """
 
 from __future__ import annotations
@@ -224,7 +225,12 @@ class Actuator:
         poller.register(self._lib.pvsched_actuator_loop_notify_fd(self._loop), select.POLLIN)
         poller.register(self._wake_fd, select.POLLIN)
         try:
-            while not self._stop.is_set() and self._watch_once():
+            while not self._stop.is_set():
+                try:
+                    if not self._watch_once():
+                        break
+                except Exception:  # a log line or a map entry must not end the actuator
+                    log.exception("pvsched: the actuator's watcher failed; continuing")
                 poller.poll()
         finally:
             self._stop_native()
