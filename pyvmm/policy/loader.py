@@ -117,11 +117,6 @@ class BpfPolicy:
     _outer: dict[str, int] = field(default_factory=dict)  # private sets only
     _closed: bool = False
 
-    @property
-    def program(self) -> str:
-        """The policy's name (its object's stem)."""
-        return self.obj_path.name.removesuffix(".bpf.o")
-
     # --- set-up ---------------------------------------------------------
     def open_load_attach(self, tunables: Tunables) -> None:
         """Join the host's programs (or load and attach them first), make and register this VM's maps, pin."""
