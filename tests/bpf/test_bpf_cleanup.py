@@ -194,9 +194,8 @@ def test_engine_run_fails_loudly_when_the_native_actuator_stops(fake_vmm, bpf_ob
                 act._lib.pvsched_actuator_loop_stop(act._loop)
 
     try:
-        with pytest.raises(RuntimeError, match="actuator thread died"):
-            with lone_error():
-                trio.run(main)
+        with pytest.raises(RuntimeError, match="actuator thread died"), lone_error():
+            trio.run(main)
         assert eng._actuator.loop.info()["running"] == 0, "the native backstop loop outlived its actuator"
     finally:
         eng.close()
