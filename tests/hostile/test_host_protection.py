@@ -278,8 +278,9 @@ def test_boosted_spinner_that_scribbles_on_its_slot_is_still_throttled(vms, pois
     guest_seq_odd: its guest seqcount stays odd (no evaluation can read the slot).  Before the fix in
     pvs_backstop (throttle checked only after a good read) the spinner ran at RT ~97% of the time.
     host_seq_max: it writes 0xFFFFFFFF into the host area's seq (guest memory, though the host's to write).
-    Before the fix in actuator.write_host_area that overflowed the next seq, killed the actuator thread (no
-    more backstop, then the only throttle) while the policy process stayed alive: RT ~93%, nothing restored.
+    Before the fix in the actuator's write_host_area (now in actuator_loop.c), that overflowed the next seq,
+    killed the actuator thread (no more backstop, then the only throttle) while the policy process stayed
+    alive: RT ~93%, nothing restored.
     """
     vm = wait_active(vms("duration=6 workload=hog", cpus=1, seconds=6))
     tid = vm.tids[0]
