@@ -10,13 +10,14 @@
  * ksoftirqd.  It runs at SCHED_FIFO (the actuator's priority, above every
  * boosted vCPU), so each wake-up preempts a vCPU it serves: it is native
  * because a wake-up of a Python thread runs a cold interpreter and costs
- * several times more.  Python keeps what is event-driven: the ring buffer and
- * sched_setattr (and, once a second, the guest's counters).
+ * several times more.  What is event-driven (the ring buffer, sched_setattr,
+ * and once a second the guest's counters) is the actuator loop's, another
+ * native thread at the same priority (actuator_loop.c).
  *
  * The heartbeat.  The VMM's guardian kills a policy process whose heartbeat
  * stops for 250 ms.  This thread writes it (at least every
- * PVSCHED_BACKSTOP_BEAT_MS), so the Python actuator need not wake just to
- * beat, but it beats only while the actuator keeps up: when a ring-buffer
+ * PVSCHED_BACKSTOP_BEAT_MS), so the actuator need not wake just to beat,
+ * but it beats only while the actuator keeps up: when a ring-buffer
  * record has waited unconsumed for PVSCHED_BACKSTOP_HANG_MS (the consumer
  * position has not moved), the actuator is stuck and the beat is withheld.
  * An actuator with nothing to apply is idle, not hung: whatever the policy

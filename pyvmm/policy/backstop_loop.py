@@ -2,7 +2,7 @@
 
 The policy process loads build/libpvsched_backstop.so with cffi in ABI mode (pyvmm.common.native:
 the cdef is backstop_loop.h itself, made at build time, so nothing is declared twice).  The thread runs the same BPF backstop
-program as the actuator's event-driven re-reads, without the GIL and without waking Python:
+program as the actuator loop's event-driven re-reads (actuator_loop.c), without the GIL and without Python:
 each wake-up preempts a boosted vCPU, and a Python one (a cold interpreter) costs several times a native one.
 It also writes the policy process's heartbeat, while the actuator keeps up with the ring buffer.
 """
