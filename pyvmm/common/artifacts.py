@@ -55,7 +55,7 @@ COMPONENTS = {
 }
 # What the Makefiles build from: the folder's C sources, plus the ABI header they all include.
 SOURCE_SUFFIXES = (".c", ".h", ".S", ".ld")
-SHARED_SOURCES = (PKG / "abi" / "pvsched_abi.h", PKG / "abi" / "testguest_boot.h")
+SHARED_SOURCES = (PKG / "abi" / "pvsched_abi.h", PKG / "abi" / "testguest_boot.h", PKG / "abi" / "sched_syscalls.h")
 
 log = logging.getLogger("pyvmm.artifacts")
 _warned: set[str] = set()

@@ -52,6 +52,7 @@
 #include "guardian.h"
 #include <linux/types.h> /* the ABI header's __u32 */
 #include "pvsched_abi.h"
+#include "sched_syscalls.h"
 
 #define HEARTBEAT_SIZE 4096
 #define STACK_SIZE (64 * 1024)
@@ -62,18 +63,6 @@
 #define LATE_NS 20000000LL       /* a poll() this much past its timeout: the guardian itself did not run */
 #define PF_EXITING 0x00000004    /* <linux/sched.h>: the task is in do_exit (field 9 of /proc/.../stat) */
 
-/* uapi struct sched_attr (SCHED_ATTR_SIZE_VER0): <linux/sched/types.h> clashes with glibc's sched.h. */
-struct kernel_sched_attr {
-	uint32_t size;
-	uint32_t sched_policy;
-	uint64_t sched_flags;
-	int32_t sched_nice;
-	uint32_t sched_priority;
-	uint64_t sched_runtime;
-	uint64_t sched_deadline;
-	uint64_t sched_period;
-};
-_Static_assert(sizeof(struct kernel_sched_attr) == 48, "SCHED_ATTR_SIZE_VER0");
 _Static_assert((int)PVSCHED_GUARDIAN_MAX_THREADS == (int)PVSCHED_MAX_VCPUS, "one vCPU limit (pvsched_abi.h)");
 
 struct thread_attr {
@@ -186,23 +175,19 @@ static int restore_locked(struct pvsched_guardian *g)
 
 	for (int i = 0; i < g->nr_threads; i++) {
 		const struct thread_attr *t = &g->threads[i];
-		struct kernel_sched_attr a;
+		int rc;
 
-		memset(&a, 0, sizeof(a));
-		a.size = sizeof(a);
-		a.sched_policy = (uint32_t)t->policy;
-		a.sched_priority = (uint32_t)t->priority;
-		a.sched_nice = t->nice;
 		/* Only a thread of this process: a vCPU thread that ended may have left its TID to another
 		 * process by now (pid_max 32768, a forking host load).  tgkill with signal 0 checks that
 		 * the TID is in our thread group and sends nothing. */
 		if (syscall(SYS_tgkill, getpid(), t->tid, 0) != 0)
 			continue;
-		if (syscall(SYS_sched_setattr, t->tid, &a, 0) == 0) {
+		rc = pvsched_sched_setattr(t->tid, (uint32_t)t->policy, (uint32_t)t->priority, t->nice);
+		if (rc == 0) {
 			n++;
-		} else if (errno != ESRCH) {  /* a thread that already ended needs nothing */
+		} else if (rc != -ESRCH) {  /* a thread that already ended needs nothing */
 			g->info.errors++;
-			g->info.last_errno = errno;
+			g->info.last_errno = -rc;
 		}
 	}
 	g->info.restores++;

@@ -48,16 +48,11 @@
 #include <unistd.h>
 
 #include "pvsched_policy.h"
+#include "../abi/sched_syscalls.h"
 #include "actuator_loop.h"
 
 #define NSEC 1000000000LL
 #define PVSCHED_NATIVE_STACK (64 * 1024)
-#define RESET_ON_FORK 0x40000000
-#define SCHED_OTHER_ 0
-#define SCHED_FIFO_ 1
-#define SCHED_RR_ 2
-#define SCHED_BATCH_ 3
-#define SCHED_IDLE_ 5
 
 struct attr {
 	int32_t policy, priority, nice;
@@ -70,15 +65,6 @@ struct vcpu {
 	uint32_t state, gone, errors;
 	uint64_t gen;
 	uint64_t counters[3];
-};
-
-struct kernel_sched_attr {
-	uint32_t size, sched_policy;
-	uint64_t sched_flags;
-	int32_t sched_nice;
-	uint32_t sched_priority;
-	uint64_t sched_runtime, sched_deadline, sched_period;
-	uint32_t sched_util_min, sched_util_max;
 };
 
 struct pvsched_actuator_loop {
@@ -158,12 +144,12 @@ static struct attr clamp(struct attr want, struct attr original)
 {
 	if (attr_eq(want, original))
 		return want;
-	if (want.policy == SCHED_FIFO_ || want.policy == SCHED_RR_) {
+	if (want.policy == SCHED_FIFO || want.policy == SCHED_RR) {
 		int32_t p = want.priority < 1 ? 1 : want.priority;
 
 		return (struct attr){ want.policy, p > PVSCHED_RT_PRIO_LIMIT ? PVSCHED_RT_PRIO_LIMIT : p, original.nice };
 	}
-	if (want.policy == SCHED_OTHER_ || want.policy == SCHED_BATCH_ || want.policy == SCHED_IDLE_)
+	if (want.policy == SCHED_OTHER || want.policy == SCHED_BATCH || want.policy == SCHED_IDLE)
 		return (struct attr){ want.policy, 0, want.nice < -20 ? -20 : want.nice > 19 ? 19 : want.nice };
 	return original;
 }
@@ -180,20 +166,18 @@ void pvsched_actuator_clamp(const int32_t want[3], const int32_t original[3], in
 
 static int set_attr(uint32_t tid, struct attr a)
 {
-	struct kernel_sched_attr k = { .size = sizeof(k), .sched_policy = a.policy, .sched_nice = a.nice,
-				       .sched_priority = a.priority };
-
-	return syscall(SYS_sched_setattr, tid, &k, 0) < 0 ? -errno : 0;
+	return pvsched_sched_setattr((int)tid, (uint32_t)a.policy, (uint32_t)a.priority, a.nice);
 }
 
 static int get_attr(uint32_t tid, struct attr *out)
 {
 	struct kernel_sched_attr k;
+	int rc = pvsched_sched_getattr((int)tid, &k);
 
-	if (syscall(SYS_sched_getattr, tid, &k, sizeof(k), 0) < 0)
-		return -errno;
-	*out = (struct attr){ (int32_t)(k.sched_policy & ~RESET_ON_FORK), k.sched_priority, k.sched_nice };
-	return 0;
+	if (rc == 0)
+		*out = (struct attr){ (int32_t)(k.sched_policy & ~SCHED_RESET_ON_FORK), (int32_t)k.sched_priority,
+				      k.sched_nice };
+	return rc;
 }
 
 /* True if `tid` is a live thread of `pid` now: the kernel resolves /proc/<pid>/task/<tid> only within pid's
