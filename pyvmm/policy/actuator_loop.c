@@ -50,6 +50,7 @@
 #include "pvsched_policy.h"
 #include "../abi/sched_syscalls.h"
 #include "actuator_loop.h"
+#include "backstop_run.h"
 
 #define NSEC 1000000000LL
 #define PVSCHED_NATIVE_STACK (64 * 1024)
@@ -243,18 +244,6 @@ static int still_ours(struct pvsched_actuator_loop *l, struct vcpu *v)
 	return 0;
 }
 
-static int backstop_run(int prog_fd, uint32_t tid, uint64_t slot_uaddr)
-{
-	struct pvsched_backstop_ctx ctx = { .tid = tid, .reason = PVSCHED_REASON_NONE, .slot_uaddr = slot_uaddr };
-	union bpf_attr attr;
-
-	memset(&attr, 0, sizeof(attr));
-	attr.test.prog_fd = prog_fd;
-	attr.test.ctx_in = (__u64)(uintptr_t)&ctx;
-	attr.test.ctx_size_in = sizeof(ctx);
-	return syscall(__NR_bpf, BPF_PROG_TEST_RUN, &attr, sizeof(attr)) < 0 ? -errno : 0;
-}
-
 /* One record (under l->lock). */
 static void apply(struct pvsched_actuator_loop *l, const struct pvsched_event *ev)
 {
@@ -268,8 +257,11 @@ static void apply(struct pvsched_actuator_loop *l, const struct pvsched_event *e
 		return;
 	}
 	if (ev->kind == PVSCHED_EV_RECHECK) {
+		struct pvsched_backstop_ctx ctx = { .tid = v->tid, .reason = PVSCHED_REASON_NONE,
+						    .slot_uaddr = (uint64_t)(uintptr_t)v->slot };
+
 		l->info.rechecks++;
-		if (backstop_run(l->prog_fd, v->tid, (uint64_t)(uintptr_t)v->slot) < 0)
+		if (pvsched_backstop_run(l->prog_fd, &ctx) < 0)
 			l->info.recheck_errors++;
 		return;
 	}

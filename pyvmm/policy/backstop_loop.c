@@ -45,6 +45,7 @@
 
 #include "pvsched_policy.h"
 #include "backstop_loop.h"
+#include "backstop_run.h"
 
 #define STACK_SIZE (64 * 1024) /* locked whole (see loop_main): a default 8 MiB stack would be resident */
 #define NSEC 1000000000LL
@@ -82,18 +83,6 @@ static int64_t now_ns(void)
 static struct timespec to_ts(int64_t ns)
 {
 	return (struct timespec){ .tv_sec = ns / NSEC, .tv_nsec = ns % NSEC };
-}
-
-/* One run of the backstop program for one vCPU; 0 or -errno. */
-static int backstop_run(int prog_fd, struct pvsched_backstop_ctx *ctx)
-{
-	union bpf_attr attr;
-
-	memset(&attr, 0, sizeof(attr));
-	attr.test.prog_fd = prog_fd;
-	attr.test.ctx_in = (__u64)(uintptr_t)ctx;
-	attr.test.ctx_size_in = sizeof(*ctx);
-	return syscall(__NR_bpf, BPF_PROG_TEST_RUN, &attr, sizeof(attr)) < 0 ? -errno : 0;
 }
 
 /* Beat, unless a ring-buffer record has waited unconsumed for PVSCHED_BACKSTOP_HANG_MS (under l->lock). */
@@ -172,7 +161,7 @@ static void *loop_main(void *arg)
 			pthread_mutex_unlock(&l->lock);
 
 			for (i = errs = last = 0; i < n; i++) {
-				rc = backstop_run(l->prog_fd, &ctx[i]);
+				rc = pvsched_backstop_run(l->prog_fd, &ctx[i]);
 				if (rc < 0) {
 					errs++;
 					last = -rc;
