@@ -97,10 +97,6 @@ def latency_summary(samples: list[int]) -> dict:
     return {"samples": len(lat), "p50": pick(0.50), "p99": pick(0.99), "max": round(lat[-1] / 1000, 1)}
 
 
-INFO_FIELDS = ("events", "applied", "stale", "errors", "rechecks", "recheck_errors", "wakeups", "refreshes",
-               "latency_count", "locked_bytes", "prio", "running", "nr_vcpus", "last_errno", "gone_dropped", "tid")
-
-
 class Actuator:
     """The native actuator loop and the backstop loop, registered vCPUs, and the Python watcher thread."""
 
@@ -264,24 +260,19 @@ class Actuator:
             self.policy.remove_vcpu(tid, h.vcpu_id)
         log.info("pvsched: vCPU %d (tid %d) %s", h.vcpu_id, tid, _GONE_WHY.get(why, "is gone"))
 
-    def join(self) -> None:
-        """Block until the watcher ends: when stopped, or when the native loop stopped by itself."""
-        t = self._thread
-        if t is not None:
-            t.join()
-
     @property
     def alive(self) -> bool:
         """True while the watcher and the native actuator loop run."""
         return self._thread is not None and self._thread.is_alive() and bool(self.info()["running"])
 
     def info(self) -> dict[str, Any]:
-        """The native loop's counters (INFO_FIELDS) and throttles by source."""
+        """The native loop's counters (actuator_loop.h's struct, field by field) and throttles by source."""
         if self._loop is None:
             return dict(self._last_info)
         out = ffi().new("struct pvsched_actuator_loop_info *")
         self._lib.pvsched_actuator_loop_info(self._loop, out)
-        d: dict[str, Any] = {k: int(getattr(out, k)) for k in INFO_FIELDS}
+        d: dict[str, Any] = {k: int(getattr(out, k)) for k, _ in ffi().typeof("struct pvsched_actuator_loop_info").fields
+                             if k != "throttles"}
         d["throttle_sources"] = {enum_name("pvsched_source", i): int(out.throttles[i])
                                  for i in range(len(out.throttles)) if out.throttles[i]}
         return d

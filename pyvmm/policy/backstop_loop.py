@@ -94,8 +94,7 @@ class BackstopLoop:
             return dict(self._last)  # as they were when it closed
         out = ffi().new("struct pvsched_backstop_loop_info *")
         self._lib.pvsched_backstop_loop_info(self._loop, out)
-        return {k: int(getattr(out, k)) for k in ("rounds", "runs", "errors", "late", "max_round_ns", "beats",
-                                                   "withheld", "prio", "last_errno", "nr_vcpus", "running")}
+        return {k: int(getattr(out, k)) for k, _ in ffi().typeof("struct pvsched_backstop_loop_info").fields}
 
     def close(self) -> None:
         """Stop the thread and free the loop."""

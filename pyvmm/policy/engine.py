@@ -206,14 +206,14 @@ class PolicyEngine:
     async def run(self) -> None:
         """start(), then wait until cancelled (a trio task, for callers that run a loop); stop() on the way out.
 
-        A worker blocks in join, so this thread does not wake while all is well.  A dead actuator also
+        It waits on ended_fd(), as serve() does, so it does not wake while all is well.  A dead actuator also
         stops the heartbeat, so the VMM's guardian restores the threads even if this wakes late.
         """
         import trio  # here, not at the top: the policy process serves without trio (serve() in process.py)
 
         self.start()
         try:
-            await trio.to_thread.run_sync(self._actuator.join, abandon_on_cancel=True)
+            await trio.lowlevel.wait_readable(self.ended_fd())
             raise RuntimeError("pvsched: the actuator thread died")  # fail loudly: the VMM restores the threads
         finally:
             with trio.CancelScope(shield=True):
