@@ -160,6 +160,11 @@ def policy_stats(reply: dict | None, status: dict | None = None, guest_records: 
         res["bpf_ns_per_event"] = round(run_ns / run_cnt, 1)
     if programs := program_stats(reply):
         res["programs"] = programs
+    # boosted wall time the budgets did not charge, as the vCPUs still listed at the last show had it: the
+    # hypervisor's steal while they ran boosted (less the charge's lag, a clock period at most)
+    rows = [v for v in reply.get("vcpus") or [] if isinstance(v, dict) and "boosted_wall_ms" in v]
+    if rows:
+        res["uncharged_ms"] = round(sum(float(v["boosted_wall_ms"]) - float(v.get("boosted_ms") or 0) for v in rows), 1)
     if (vmm := first("switch_vmm")) is not None:  # pvs_switch runs that involved the VMM (switchcost.vmm_switch_ns)
         res["switch_vmm"] = int(vmm)
     return res

@@ -43,7 +43,7 @@ log = logging.getLogger("pvsched.engine")
 
 # What a vCPU thread keeps across unregister/register: its throttle window, its throttle, its counters.
 CARRIED_FIELDS = ("window_start_ns", "window_boosted_ns", "throttle_until_ns", "boosts", "throttles", "boosted_ns",
-                  "gen")
+                  "boosted_wall_ns", "gen")
 
 
 def enable_bpf_stats() -> int:
@@ -260,6 +260,7 @@ class PolicyEngine:
                     state=enum_name("pvsched_host_state", v.state), reason=enum_name("pvsched_reason", v.reason),
                     halted=bool(v.halted), hold=bool(v.hold), boosts=v.boosts, throttles=v.throttles,
                     boosted_ms=round(v.boosted_ns / 1e6, 3), window_boosted_ms=round(v.window_boosted_ns / 1e6, 3),
+                    boosted_wall_ms=round(v.boosted_wall_ns / 1e6, 3),
                     changes=v.gen,
                     slot={"flags": v.last_slot.flags, "policy": v.last_slot.policy,
                           "rt_priority": v.last_slot.rt_priority, "nice": v.last_slot.nice,
@@ -353,7 +354,7 @@ def format_show(d: dict) -> str:
         o = f"{obs['policy']}:{obs['priority']}/nice {obs['nice']}" if obs else "gone"
         lines.append(f"  vm {v['vm']} vcpu {v['vcpu']} tid {v['tid']}: {v.get('state', '?')} ({v.get('reason', '?')}),"
                      f" thread {o}, boosts {v.get('boosts', 0)}, throttles {v.get('throttles', 0)},"
-                     f" boosted {v.get('boosted_ms', 0)} ms")
+                     f" boosted {v.get('boosted_ms', 0)} ms run ({v.get('boosted_wall_ms', 0)} ms wall)")
     lines.append("tunables:")
     lines += [f"  {k} = {t['value']}    # {t['description']}" for k, t in d["tunables"].items()]
     b = d["vm_budget"]

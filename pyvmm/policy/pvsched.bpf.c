@@ -21,6 +21,7 @@
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
 #include "pvsched_policy.h"
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
@@ -468,19 +469,80 @@ static __always_inline __u32 over_budget(const struct vm *vm, __u64 now)
 	return PVSCHED_REASON_NONE;
 }
 
+#ifndef bpf_ksym_exists /* libbpf before 1.2 */
+#define bpf_ksym_exists(sym) (!!(sym))
+#endif
+extern struct task_struct *bpf_task_from_pid(__s32 pid) __ksym __weak;
+extern void bpf_task_release(struct task_struct *p) __ksym __weak;
+
+/*
+ * Budgets charge the CPU time the vCPU thread ran, not wall time: a boosted
+ * vCPU whose host CPU the hypervisor stole for 15 ms took nothing from the
+ * host's tasks meanwhile, yet wall time charged it half of a 30 ms budget,
+ * enough to throttle a probe vCPU that needs 0.2 of a CPU.  The scheduler's
+ * own count (se.sum_exec_runtime, on the run queue's task clock, which
+ * excludes steal) is exact at every switch; in between it is brought up to
+ * date at each tick only.  For a thread on its CPU now, the time since that
+ * update is taken from the wall clock, from when se.exec_start changed as far
+ * as the looks here can tell, and capped at RUNNING_MAX_NS: a tick's period at
+ * HZ 250 (at HZ 100 the clock sees a spinner up to 6 ms later).  Only while
+ * the hypervisor is stealing that CPU right now can the wall time since the
+ * update be longer, so an ongoing steal is charged at most that much.
+ */
+#define RUNNING_MAX_NS (4 * 1000 * 1000ULL)
+
+/* The settled run time of task p: exact when p has just been switched out. */
+static __always_inline __u64 task_runtime(const struct task_struct *p)
+{
+	return BPF_CORE_READ(p, se.sum_exec_runtime);
+}
+
+/*
+ * Run time of running vCPU thread `tid` now: settled, plus the wall time since
+ * its last update (capped); 0 when unknown (the thread is gone, or the kernel
+ * lacks bpf_task_from_pid, before 6.2).  The caller holds v's lock, or is
+ * the thread's own switch-in.
+ */
+static __always_inline __u64 running_runtime(struct pvsched_vcpu *v, __u32 tid, __u64 now)
+{
+	struct task_struct *p;
+	__u64 sum, start, since;
+
+	if (!bpf_ksym_exists(bpf_task_from_pid))
+		return 0;
+	p = bpf_task_from_pid(tid);
+	if (!p)
+		return 0;
+	sum = p->se.sum_exec_runtime;
+	start = p->se.exec_start;
+	bpf_task_release(p);
+	/* it changed between the last look and this one: take the middle, off by half a look's period at most */
+	if (start != v->exec_start_seen) {
+		v->exec_start_seen = start;
+		v->exec_start_seen_ns = v->exec_start_looked_ns + (now - v->exec_start_looked_ns) / 2;
+	}
+	v->exec_start_looked_ns = now;
+	since = now > v->exec_start_seen_ns ? now - v->exec_start_seen_ns : 0;
+	return sum + (since < RUNNING_MAX_NS ? since : RUNNING_MAX_NS);
+}
+
 /*
  * Add boosted run time up to now, to the vCPU's window, the VM's and the host's.
  * running/run_start_ns are written only by sched_switch (lock-free: a task
  * switches on one CPU at a time), so a busy lock can never leave a boosted
  * vCPU unaccounted; counting starts at the latest of switch-in, last
- * checkpoint and the boost decision.
+ * checkpoint and the boost decision.  What is charged is the thread's run time
+ * since then (above; `prev` is the vCPU's task when it is being switched out,
+ * exact), never more than the wall time since its switch-in; wall time where
+ * the run time is not known.
  */
-static __always_inline void account(const struct vm *vm, struct pvsched_vcpu *v, __u64 now)
+static __always_inline void account(const struct vm *vm, struct pvsched_vcpu *v, __u32 tid,
+				    const struct task_struct *prev, __u64 now)
 {
 	const struct pvsched_tunables *t = vm->t;
 	struct pvsched_host_budget *h;
 	struct pvsched_vm_budget *b;
-	__u64 from;
+	__u64 from, from_exec, exec, ran;
 
 	if (now - v->window_start_ns >= t->throttle_window_ns) {
 		v->window_start_ns = now;
@@ -489,21 +551,39 @@ static __always_inline void account(const struct vm *vm, struct pvsched_vcpu *v,
 	if (!v->running || v->state != PVSCHED_STATE_BOOSTED)
 		return;
 	from = v->run_start_ns;
-	if (v->acct_ns > from)
+	from_exec = v->run_start_exec_ns;
+	if (v->acct_ns > from) {
 		from = v->acct_ns;
-	if (v->boost_since_ns > from)
+		from_exec = v->acct_exec_ns;
+	}
+	if (v->boost_since_ns > from) {
 		from = v->boost_since_ns;
+		from_exec = v->boost_exec_ns;
+	}
+	exec = prev ? task_runtime(prev) : running_runtime(v, tid, now);
 	if (now > from) {
-		v->window_boosted_ns += now - from;
-		v->boosted_ns += now - from;
+		ran = now - from;
+		v->boosted_wall_ns += ran;
+		if (exec && from_exec) {
+			/* an estimate above what the scheduler later settles is not charged twice */
+			if (exec < from_exec)
+				exec = from_exec;
+			ran = exec - from_exec;
+			/* a mark from a racing switch cannot make it more than the run since switch-in */
+			if (now > v->run_start_ns && ran > now - v->run_start_ns)
+				ran = now - v->run_start_ns;
+		}
+		v->window_boosted_ns += ran;
+		v->boosted_ns += ran;
 		b = vm_window(vm, now);
 		if (b)
-			__sync_fetch_and_add(&b->boosted_ns, now - from);
+			__sync_fetch_and_add(&b->boosted_ns, ran);
 		h = host_window(now);
 		if (h)
-			__sync_fetch_and_add(&h->boosted_ns, now - from);
+			__sync_fetch_and_add(&h->boosted_ns, ran);
 	}
 	v->acct_ns = now;
+	v->acct_exec_ns = exec;
 }
 
 /*
@@ -563,8 +643,10 @@ static __always_inline int post(const struct eval_ctx *c, const struct pvsched_s
 	v->last_post_ns = now;
 	v->gen++;
 	/* boosted run time is counted from the decision on */
-	if (state == PVSCHED_STATE_BOOSTED)
+	if (state == PVSCHED_STATE_BOOSTED) {
 		v->boost_since_ns = now;
+		v->boost_exec_ns = v->running ? running_runtime(v, c->tid, now) : 0;
+	}
 
 	e->ts_ns = now;
 	e->gen = v->gen;
@@ -710,7 +792,7 @@ static __always_inline int pvsched_eval(const struct eval_ctx *c)
 		v->last_slot = *c->s;
 		v->slot_read_ns = c->now;
 	}
-	account(c->vm, v, c->now);
+	account(c->vm, v, c->tid, NULL, c->now);
 
 	if (v->state == PVSCHED_STATE_THROTTLED) {
 		if (c->now < v->throttle_until_ns) {
@@ -788,14 +870,14 @@ static __always_inline void vcpu_unlock(struct pvsched_vcpu *v)
 }
 
 /* vCPU switched out: VMEXIT-like evaluation, or HALT when it blocks with an IDLE slot. */
-static __always_inline void switch_out(const struct vm *vm, struct pvsched_vcpu *v, __u32 tid, bool runnable,
-				       __u64 now)
+static __always_inline void switch_out(const struct vm *vm, struct pvsched_vcpu *v, __u32 tid,
+				       const struct task_struct *prev, bool runnable, __u64 now)
 {
 	struct pvsched_slot_snap snap = {};
 	int err = read_slot(vm, v->slot_hva, &snap, false);
 	__u32 src;
 
-	account(vm, v, now);
+	account(vm, v, tid, prev, now);
 	v->running = 0;
 	if (err) {
 		if (err == -EFAULT)
@@ -851,7 +933,7 @@ int BPF_PROG(pvs_switch, bool preempt, struct task_struct *prev, struct task_str
 		counted = true;
 		/* current == prev here: the slot HVA is in this address space */
 		if ((bpf_get_current_pid_tgid() >> 32) == vm.tgid && vcpu_trylock(&vm, v)) {
-			switch_out(&vm, v, tid, preempt || prev_state == TASK_RUNNING, now);
+			switch_out(&vm, v, tid, prev, preempt || prev_state == TASK_RUNNING, now);
 			vcpu_unlock(v);
 		}
 		v->running = 0; /* even when the lock was busy: never left "running" */
@@ -862,6 +944,9 @@ int BPF_PROG(pvs_switch, bool preempt, struct task_struct *prev, struct task_str
 		if (!counted)
 			stat_inc(&vm, PVSCHED_STAT_SWITCH_VMM);
 		stat_inc(&vm, PVSCHED_STAT_SWITCH_IN);
+		v->run_start_exec_ns = task_runtime(next);
+		v->exec_start_seen = BPF_CORE_READ(next, se.exec_start);
+		v->exec_start_seen_ns = v->exec_start_looked_ns = bpf_ktime_get_ns();
 		v->run_start_ns = bpf_ktime_get_ns();
 		asm volatile("" ::: "memory");
 		v->running = 1;
@@ -973,7 +1058,10 @@ int BPF_PROG(pvs_kvm_entry)
 		return 0;
 	stat_inc(&vm, PVSCHED_STAT_KVM_ENTRY);
 	if (!v->running) {
-		v->run_start_ns = bpf_ktime_get_ns();
+		__u64 now = bpf_ktime_get_ns();
+
+		v->run_start_exec_ns = running_runtime(v, tid, now);
+		v->run_start_ns = now;
 		v->running = 1;
 	}
 	return 0;

@@ -156,12 +156,20 @@ struct pvsched_vcpu {
 	__u64 throttle_until_ns;
 	__u64 boosts;
 	__u64 throttles;
-	__u64 boosted_ns;                   /* total boosted run time */
+	__u64 boosted_ns;                   /* total boosted run time charged (the thread's own, steal excluded) */
 	__u64 gen;                          /* changes posted */
 	__u64 last_eval_ns;
 	__u64 slot_read_ns;                 /* last evaluation with a valid slot read */
 	struct pvsched_slot_snap last_slot; /* last valid slot read, for show() */
 	__u64 last_post_ns;                 /* when the last change was posted (PVSCHED_MIN_POST_INTERVAL_US) */
+	/* the thread's own run time (task_runtime()) at run_start_ns, acct_ns and boost_since_ns; 0: unknown */
+	__u64 run_start_exec_ns;            /* written only by sched_switch, as run_start_ns */
+	__u64 acct_exec_ns;
+	__u64 boost_exec_ns;
+	__u64 boosted_wall_ns;              /* boosted wall time, steal included (boosted_ns is what was charged) */
+	__u64 exec_start_seen;              /* the thread's se.exec_start, as last seen (running_runtime()) */
+	__u64 exec_start_seen_ns;           /* when it took that value, as far as the looks tell */
+	__u64 exec_start_looked_ns;         /* the last look */
 };
 
 /*
@@ -248,7 +256,7 @@ _Static_assert(sizeof(struct pvsched_sched_params) == 16, "params");
 _Static_assert(sizeof(struct pvsched_slot_snap) == 24, "snap");
 _Static_assert(__builtin_offsetof(struct pvsched_slot_snap, wake_hint) ==
 	       __builtin_offsetof(struct pvsched_guest_area, wake_hint), "snap mirrors the guest area");
-_Static_assert(sizeof(struct pvsched_vcpu) == 216, "vcpu");
+_Static_assert(sizeof(struct pvsched_vcpu) == 272, "vcpu");
 _Static_assert(sizeof(struct pvsched_tunables) == 80, "tunables");
 _Static_assert(sizeof(struct pvsched_vm_budget) == 16, "vm budget");
 _Static_assert(sizeof(struct pvsched_host_budget) == 40, "host budget");

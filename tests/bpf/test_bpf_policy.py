@@ -192,11 +192,22 @@ def test_the_throttle_clock_ends_a_boost_in_the_kernel_without_the_backstop(fake
     # backstop (the policy process's slot re-read) every 60 ms, clock every 2 ms.  Each throttle event names the
     # evaluation that caught it: the clock (or a switch-out), not the backstop.  Not a duration check: on a busy
     # host the clock's softirq runs late in ksoftirqd (stat clock_late) and a boost outlives budget + clock.
+    # The observer (FIFO 20, every ms) runs on another CPU than the hog: on the hog's, each of its looks would
+    # switch the hog out, and a switch-out charges the exact run time and throttles first.
     vmm = fake_vmm(1)
     tid = vmm.tids[0]
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs: the hog's and the observer's")
     child = policy_child(vmm, {"max_boost_runtime_ms": "20", "throttle_window_ms": "100", "throttle_ms": "40",
                                "clock_ms": "2", "backstop_ms": "60"})
-    _, boosted, diag = _hog_boosts(vmm, child)
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(tid, {cpus[-1]})
+    os.sched_setaffinity(0, {cpus[0]})
+    try:
+        _, boosted, diag = _hog_boosts(vmm, child)
+    finally:
+        os.sched_setaffinity(0, mine)
     show = child.show()
     assert len(boosted) >= 10, f"{len(boosted)} boosted stretches {[round(b, 3) for b in boosted]} {diag}"
     sources = show["actuator"]["throttle_sources"]
@@ -204,6 +215,37 @@ def test_the_throttle_clock_ends_a_boost_in_the_kernel_without_the_backstop(fake
     assert diag.get("clock", 0) > 0 and show["vcpus"][0]["throttles"] >= 10, diag
     assert show["actuator"]["backstop_rounds"] < 2.0 / 0.060 + 15, show["actuator"]  # the backstop stayed slow
     vmm.cmd("mode 0 idle")
+    child.terminate()
+    assert observed(tid) == (OTHER, 0, 0)
+
+
+def _cpu_ns(tid: int) -> int:
+    """The thread's run time as the scheduler counts it (/proc/<tid>/schedstat, first field)."""
+    return int(Path(f"/proc/{tid}/schedstat").read_text().split()[0])
+
+
+def test_the_budget_charges_the_threads_run_time(fake_vmm, policy_child, pin_root):
+    # A hog boosted for half a second, within its budget: what the policy charged it is the run time the
+    # scheduler gave the thread meanwhile (which leaves out the hypervisor's steal), read at the clock's looks
+    # between ticks.  Charged 0, or a wrong field of the task (exec_start is a clock, not a duration), fails.
+    host_budget.set_share(100, pin_root=pin_root)
+    vmm = fake_vmm(1)
+    tid = vmm.tids[0]
+    child = policy_child(vmm, {"max_boost_runtime_ms": "900", "throttle_window_ms": "1000",
+                               "vm_boost_share_pct": "100"})
+    try:
+        cpu0 = _cpu_ns(tid)
+        vmm.cmd("mode 0 hog")
+        assert wait_for(lambda: observed(tid)[0] == RR, 1.0), f"got {observed(tid)}"
+        time.sleep(0.5)
+        v = child.show()["vcpus"][0]
+        cpu_ms = (_cpu_ns(tid) - cpu0) / 1e6  # read after: it bounds what the show could have counted
+    finally:
+        vmm.cmd("mode 0 idle")
+    assert v["throttles"] == 0, v
+    # the charge lags the run by one clock period at most, and the hog ran a little before its boost
+    assert 0.8 * cpu_ms <= v["boosted_ms"] <= cpu_ms + 5, (cpu_ms, v)
+    assert v["boosted_wall_ms"] >= v["boosted_ms"] - 5, v
     child.terminate()
     assert observed(tid) == (OTHER, 0, 0)
 

@@ -191,6 +191,10 @@ def test_policy_stats_from_a_show_reply():
     s = policy_stats(reply, status, guest)
     assert (s["boosts"], s["throttles"], s["boosted_ms"]) == (11, 1, 3.0)
     assert (s["apply_latency_us"], s["apply_latency_p99_us"]) == (121.7, 807.2)
+    # boosted wall time the budgets did not charge (the hypervisor's steal), from the show's vCPU rows
+    reply["vcpus"][0].update(boosted_ms=40.0, boosted_wall_ms=52.5)
+    reply["vcpus"][1].update(boosted_ms=10.0, boosted_wall_ms=10.0)
+    assert policy_stats(reply)["uncharged_ms"] == 12.5
 
 
 def _rec(config, host, p99, mx, *, wl="probe,probe", rep=0, ct=100, cpu=1000.0):
