@@ -513,8 +513,8 @@ static __always_inline __u64 running_runtime(struct pvsched_vcpu *v, __u32 tid, 
 	p = bpf_task_from_pid(tid);
 	if (!p)
 		return 0;
-	sum = p->se.sum_exec_runtime;
-	start = p->se.exec_start;
+	sum = task_runtime(p);
+	start = BPF_CORE_READ(p, se.exec_start);
 	bpf_task_release(p);
 	/* it changed between the last look and this one: take the middle, off by half a look's period at most */
 	if (start != v->exec_start_seen) {
