@@ -482,12 +482,13 @@ extern void bpf_task_release(struct task_struct *p) __ksym __weak;
  * enough to throttle a probe vCPU that needs 0.2 of a CPU.  The scheduler's
  * own count (se.sum_exec_runtime, on the run queue's task clock, which
  * excludes steal) is exact at every switch; in between it is brought up to
- * date at each tick only.  For a thread on its CPU now, the time since that
- * update is taken from the wall clock, from when se.exec_start changed as far
- * as the looks here can tell, and capped at RUNNING_MAX_NS: a tick's period at
- * HZ 250 (at HZ 100 the clock sees a spinner up to 6 ms later).  Only while
- * the hypervisor is stealing that CPU right now can the wall time since the
- * update be longer, so an ongoing steal is charged at most that much.
+ * date at each tick only, and se.exec_start says when, on that task clock.
+ * The task clock is not the wall clock, but over one run on one CPU it moves
+ * with it (apart from steal and interrupt time): switch-in pairs the two
+ * (run_start_clock, run_start_ns), so the wall time since the last update is
+ * known to within what was stolen meanwhile.  That part is capped at
+ * RUNNING_MAX_NS, a tick's period at HZ 250 (at HZ 100 the clock sees a
+ * spinner up to 6 ms later), so an ongoing steal is charged at most that much.
  */
 #define RUNNING_MAX_NS (4 * 1000 * 1000ULL)
 
@@ -499,14 +500,15 @@ static __always_inline __u64 task_runtime(const struct task_struct *p)
 
 /*
  * Run time of running vCPU thread `tid` now: settled, plus the wall time since
- * its last update (capped); 0 when unknown (the thread is gone, or the kernel
- * lacks bpf_task_from_pid, before 6.2).  The caller holds v's lock, or is
- * the thread's own switch-in.
+ * its last update (capped; none when the switch-in was not seen); 0 when
+ * unknown (the thread is gone, or the kernel lacks bpf_task_from_pid, before
+ * 6.2).  A switch racing with this look can pair a new run_start_ns with an old
+ * clock: the cap bounds that, and account() never charges more than wall time.
  */
-static __always_inline __u64 running_runtime(struct pvsched_vcpu *v, __u32 tid, __u64 now)
+static __always_inline __u64 running_runtime(const struct pvsched_vcpu *v, __u32 tid, __u64 now)
 {
 	struct task_struct *p;
-	__u64 sum, start, since;
+	__u64 sum, clock, updated, since = 0;
 
 	if (!bpf_ksym_exists(bpf_task_from_pid))
 		return 0;
@@ -514,15 +516,12 @@ static __always_inline __u64 running_runtime(struct pvsched_vcpu *v, __u32 tid, 
 	if (!p)
 		return 0;
 	sum = task_runtime(p);
-	start = BPF_CORE_READ(p, se.exec_start);
+	clock = BPF_CORE_READ(p, se.exec_start);
 	bpf_task_release(p);
-	/* it changed between the last look and this one: take the middle, off by half a look's period at most */
-	if (start != v->exec_start_seen) {
-		v->exec_start_seen = start;
-		v->exec_start_seen_ns = v->exec_start_looked_ns + (now - v->exec_start_looked_ns) / 2;
+	if (v->run_start_clock && clock >= v->run_start_clock) {
+		updated = v->run_start_ns + (clock - v->run_start_clock);	/* the last update, on the wall clock */
+		since = now > updated ? now - updated : 0;
 	}
-	v->exec_start_looked_ns = now;
-	since = now > v->exec_start_seen_ns ? now - v->exec_start_seen_ns : 0;
 	return sum + (since < RUNNING_MAX_NS ? since : RUNNING_MAX_NS);
 }
 
@@ -533,8 +532,8 @@ static __always_inline __u64 running_runtime(struct pvsched_vcpu *v, __u32 tid, 
  * vCPU unaccounted; counting starts at the latest of switch-in, last
  * checkpoint and the boost decision.  What is charged is the thread's run time
  * since then (above; `prev` is the vCPU's task when it is being switched out,
- * exact), never more than the wall time since its switch-in; wall time where
- * the run time is not known.
+ * exact), never more than the wall time since then; wall time where the run
+ * time is not known.  So what is charged never exceeds boosted_wall_ns.
  */
 static __always_inline void account(const struct vm *vm, struct pvsched_vcpu *v, __u32 tid,
 				    const struct task_struct *prev, __u64 now)
@@ -569,9 +568,14 @@ static __always_inline void account(const struct vm *vm, struct pvsched_vcpu *v,
 			if (exec < from_exec)
 				exec = from_exec;
 			ran = exec - from_exec;
-			/* a mark from a racing switch cannot make it more than the run since switch-in */
-			if (now > v->run_start_ns && ran > now - v->run_start_ns)
-				ran = now - v->run_start_ns;
+			/*
+			 * Never more than the wall time since `from`: a mark taken
+			 * below the true run time (an estimate, or a racing switch)
+			 * would otherwise charge time from before `from`, time that
+			 * was not boosted.
+			 */
+			if (ran > now - from)
+				ran = now - from;
 		}
 		v->window_boosted_ns += ran;
 		v->boosted_ns += ran;
@@ -945,8 +949,7 @@ int BPF_PROG(pvs_switch, bool preempt, struct task_struct *prev, struct task_str
 			stat_inc(&vm, PVSCHED_STAT_SWITCH_VMM);
 		stat_inc(&vm, PVSCHED_STAT_SWITCH_IN);
 		v->run_start_exec_ns = task_runtime(next);
-		v->exec_start_seen = BPF_CORE_READ(next, se.exec_start);
-		v->exec_start_seen_ns = v->exec_start_looked_ns = bpf_ktime_get_ns();
+		v->run_start_clock = BPF_CORE_READ(next, se.exec_start); /* set by the pick that chose next */
 		v->run_start_ns = bpf_ktime_get_ns();
 		asm volatile("" ::: "memory");
 		v->running = 1;
@@ -1060,6 +1063,7 @@ int BPF_PROG(pvs_kvm_entry)
 	if (!v->running) {
 		__u64 now = bpf_ktime_get_ns();
 
+		v->run_start_clock = 0; /* the switch-in was not seen: its pairing of the clocks is unknown */
 		v->run_start_exec_ns = running_runtime(v, tid, now);
 		v->run_start_ns = now;
 		v->running = 1;

@@ -167,9 +167,8 @@ struct pvsched_vcpu {
 	__u64 acct_exec_ns;
 	__u64 boost_exec_ns;
 	__u64 boosted_wall_ns;              /* boosted wall time, steal included (boosted_ns is what was charged) */
-	__u64 exec_start_seen;              /* the thread's se.exec_start, as last seen (running_runtime()) */
-	__u64 exec_start_seen_ns;           /* when it took that value, as far as the looks tell */
-	__u64 exec_start_looked_ns;         /* the last look */
+	__u64 run_start_clock;              /* the thread's se.exec_start at run_start_ns (its run queue's task
+					       clock); 0: unknown (running_runtime()).  Written only by sched_switch */
 };
 
 /*
@@ -256,7 +255,7 @@ _Static_assert(sizeof(struct pvsched_sched_params) == 16, "params");
 _Static_assert(sizeof(struct pvsched_slot_snap) == 24, "snap");
 _Static_assert(__builtin_offsetof(struct pvsched_slot_snap, wake_hint) ==
 	       __builtin_offsetof(struct pvsched_guest_area, wake_hint), "snap mirrors the guest area");
-_Static_assert(sizeof(struct pvsched_vcpu) == 272, "vcpu");
+_Static_assert(sizeof(struct pvsched_vcpu) == 256, "vcpu");
 _Static_assert(sizeof(struct pvsched_tunables) == 80, "tunables");
 _Static_assert(sizeof(struct pvsched_vm_budget) == 16, "vm budget");
 _Static_assert(sizeof(struct pvsched_host_budget) == 40, "host budget");

@@ -250,6 +250,27 @@ def test_the_budget_charges_the_threads_run_time(fake_vmm, policy_child, pin_roo
     assert observed(tid) == (OTHER, 0, 0)
 
 
+def test_a_probe_is_never_charged_more_than_its_boosted_wall_time(fake_vmm, policy_child):
+    # An RR probe that runs 50 us every millisecond: many short runs, each with its boost decided while it
+    # runs, where the run time at the decision is an estimate.  Charging run time from an estimate below the
+    # truth billed time from before the decision, time that was not boosted: 5% more than the wall time in a
+    # real guest.  What is charged is at most the boosted wall time, and most of it (the probe spins).
+    vmm = fake_vmm(1)
+    tid = vmm.tids[0]
+    child = policy_child(vmm, {})
+    try:
+        vmm.cmd("mode 0 probe")
+        assert wait_for(lambda: observed(tid)[0] == RR, 1.0), f"got {observed(tid)}"
+        time.sleep(1.0)
+        v = child.show()["vcpus"][0]
+    finally:
+        vmm.cmd("mode 0 idle")
+    assert v["boosted_wall_ms"] > 10, v
+    assert 0.5 * v["boosted_wall_ms"] <= v["boosted_ms"] <= v["boosted_wall_ms"] + 0.01, v
+    child.terminate()
+    assert observed(tid) == (OTHER, 0, 0)
+
+
 def test_a_boost_no_longer_asked_for_ends_at_a_clock_recheck_not_in_a_throttle(fake_vmm, policy_child, pin_root):
     # RT work, then plain work on the same vCPU without leaving the CPU: no event reads the slot, and the
     # backstop (500 ms here) is far; the clock asks the policy process to read it after clock_ms (5 ms).
