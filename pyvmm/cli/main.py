@@ -17,13 +17,11 @@ import sys
 from pathlib import Path
 
 from pyvmm import abi
-from pyvmm.bench.run import main as bench_main
 from pyvmm.boot import BootConfig, kernel_kind, run_vm
 from pyvmm.cli.boot_report import end_lines, live_line
 from pyvmm.cli.status_text import render
 from pyvmm.common.control_client import ControlError, request
 from pyvmm.common.safe_fs import write_file_nofollow
-from pyvmm.lab import main as lab_main
 from pyvmm.policy import host_budget, programs
 from pyvmm.vmm.console import RecordSplitter, record_lines
 from pyvmm.vmm.machine import EXIT_BAD_INPUT, VmmError
@@ -300,11 +298,13 @@ def _client(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `pyvmm` command."""
     argv = sys.argv[1:] if argv is None else argv
+    # bench and lab are imported only when asked for: a VMM (`pyvmm boot`) that never runs them
+    # would carry their modules in its resident memory for its whole life
     if argv[:1] == ["bench"]:
-
+        from pyvmm.bench.run import main as bench_main
         return bench_main(argv[1:])
     if argv[:1] == ["lab"]:
-
+        from pyvmm.lab import main as lab_main
         return lab_main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,

@@ -42,10 +42,13 @@ def is_thread_of(pid: int, tid: int) -> bool:
 
 
 def memory_kb(pid: int) -> dict[str, int] | None:
-    """Resident and locked memory of process `pid` in KiB ({"rss_kb", "locked_kb"}), None if it is gone.
+    """Resident, proportional and locked memory of process `pid` in KiB, None if it is gone.
 
-    locked_kb is VmLck: what the kernel charges against RLIMIT_MEMLOCK, whole mappings under
-    mlockall, touched or not.
+    {"rss_kb", "locked_kb"} always, "pss_kb" where smaps_rollup is readable.  rss_kb counts every
+    page the process maps, the interpreter's and its libraries' text too, which all Python
+    processes on the host share; pss_kb divides each page by the number of processes mapping
+    it, so summed over a host it adds up to what the host spends.  locked_kb is VmLck: what the
+    kernel charges against RLIMIT_MEMLOCK, whole mappings under mlockall, touched or not.
     """
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -54,9 +57,18 @@ def memory_kb(pid: int) -> dict[str, int] | None:
         return None
     if len(fields) != 2:  # a zombie has no memory lines
         return None
-    return {"rss_kb": int(fields["VmRSS"].split()[0]), "locked_kb": int(fields["VmLck"].split()[0])}
+    out = {"rss_kb": int(fields["VmRSS"].split()[0]), "locked_kb": int(fields["VmLck"].split()[0])}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            pss = next((line.split()[1] for line in f if line.startswith("Pss:")), None)
+    except OSError:  # gone meanwhile, or not ours to read (ptrace rules)
+        pss = None
+    if pss is not None and pss.isdigit():
+        out["pss_kb"] = int(pss)
+    return out
 
 
 def format_memory(m: dict[str, int]) -> str:
-    """memory_kb() in words: "rss 35.0 MiB, locked 0.1 MiB"."""
-    return f"rss {m['rss_kb'] / 1024:.1f} MiB, locked {m['locked_kb'] / 1024:.1f} MiB"
+    """memory_kb() in words: "rss 35.0 MiB, pss 27.9 MiB, locked 0.1 MiB"."""
+    pss = f", pss {m['pss_kb'] / 1024:.1f} MiB" if "pss_kb" in m else ""
+    return f"rss {m['rss_kb'] / 1024:.1f} MiB{pss}, locked {m['locked_kb'] / 1024:.1f} MiB"

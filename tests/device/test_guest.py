@@ -142,8 +142,11 @@ def test_status_of_a_running_vm_with_its_policy_process(tmp_path: Path) -> None:
         # Locked address space is about what is resident: no 64 MiB malloc arena per thread, no 8 MiB
         # thread stack, is locked whole (184 MiB locked for 54 MiB resident before).
         assert mem["locked_kb"] < 2 * mem["rss_kb"], mem
+        # proportional: the pages it shares (the interpreter's text, with the VMM at least) divided up
+        assert 0 < mem["pss_kb"] < mem["rss_kb"], mem
         text = render("status", st)
-        assert "; VMM rss " in text and re.search(r"policy: process \d+, BPF policy loaded; rss [\d.]+ MiB, locked", text), text
+        assert "; VMM rss " in text and re.search(r"policy: process \d+, BPF policy loaded; rss [\d.]+ MiB, "
+                                                  r"pss [\d.]+ MiB, locked", text), text
         policy_pid = pv["policy"]["pid"]
         vmm.wait(60)
     finally:

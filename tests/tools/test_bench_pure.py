@@ -496,11 +496,12 @@ def test_vm_counts_and_the_scale_targets():
             parse_args(["--vms", bad])
         assert e.value.code == 2
     point = {"vms": 1, "switch_programs": 1, "switch_ns_non_vcpu": 90.0, "switch_ns_vcpu": 900.0, "policy_cpus": 0.01, "vmm_cpus": 0.02,
-             "vmm_rss_mib": 30.0, "policy_rss_mib": 40.0, "rss_mib": 70.0, "locked_mib": 50.0, "probe_p99_us": 300}
+             "vmm_rss_mib": 30.0, "policy_rss_mib": 40.0, "rss_mib": 70.0, "pss_mib": 55.0, "locked_mib": 50.0, "probe_p99_us": 300}
     many = dict(point, vms=16, switch_ns_non_vcpu=1500.0)
     lines = scale.targets([point, many])
     assert lines[0].startswith("MISS") and "worst 1500 ns" in lines[0]
-    assert lines[1].startswith("MISS") and lines[2].startswith("PASS")
+    assert lines[1].startswith("MISS") and "(worst 70 MiB; proportional" in lines[1] and "55 MiB)" in lines[1]
+    assert lines[2].startswith("PASS")
     assert scale.targets([point])[0].startswith("PASS")
     # with the floor measured, the line says what programs that do nothing cost on the same tracepoints
     assert scale.targets([point, many], 140.0)[0].endswith("(worst 1500 ns; programs that do nothing on the same "
