@@ -274,6 +274,8 @@ def test_table_targets_and_plot(tmp_path):
 def test_plan_and_args():
     a = parse_args(["--quick"])
     assert (a.reps, a.duration) == (1, 2.0)
+    assert parse_args([]).reps == 5 and parse_args(["--guest", "linux"]).reps == 3
+    assert parse_args(["--reps", "2"]).reps == 2
     cells = plan(["vanilla", "pvsched"], ["idle", "busy", "mixed"], 2)
     assert len(cells) == 2 * (2 + 2 + 2)
     assert cells[0].rep == 0 and cells[-1].rep == 1
