@@ -255,13 +255,17 @@ def test_a_probe_is_never_charged_more_than_its_boosted_wall_time(fake_vmm, poli
     # runs, where the run time at the decision is an estimate.  Charging run time from an estimate below the
     # truth billed time from before the decision, time that was not boosted: 5% more than the wall time in a
     # real guest.  What is charged is at most the boosted wall time, and most of it (the probe spins).
+    # Both are read once the boost has ended (plain work: a halt would hold it): while it runs, a look
+    # between the two counters' updates could see one charge ahead of its wall time.
     vmm = fake_vmm(1)
     tid = vmm.tids[0]
     child = policy_child(vmm, {})
     try:
         vmm.cmd("mode 0 probe")
         assert wait_for(lambda: observed(tid)[0] == RR, 1.0), f"got {observed(tid)}"
-        time.sleep(1.0)
+        time.sleep(2.0)
+        vmm.cmd("mode 0 busy")
+        assert wait_for(lambda: observed(tid)[0] == OTHER, 2.0), f"got {observed(tid)}"
         v = child.show()["vcpus"][0]
     finally:
         vmm.cmd("mode 0 idle")
