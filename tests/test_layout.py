@@ -105,3 +105,12 @@ def test_the_policy_process_runs_without_trio_or_ssl() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd="/", env={**os.environ, "PYTHONPATH": str(ROOT)},
                          capture_output=True, text=True, timeout=60, check=True).stdout
     assert out.strip() == "[]", f"the policy process imports {out.strip()}"
+
+
+def test_a_vmm_does_not_import_the_bench_or_the_lab() -> None:
+    """`pyvmm boot` is the VMM for its VM's life: the bench's and the lab's modules cost it 2 MiB resident."""
+    code = ("import sys, pyvmm.cli.main; "
+            "print(sorted(m for m in sys.modules if m.startswith(('pyvmm.bench', 'pyvmm.lab', 'matplotlib'))))")
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.strip() == "[]", f"pyvmm boot imports {out.strip()}"

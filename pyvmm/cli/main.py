@@ -298,14 +298,11 @@ def _client(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `pyvmm` command."""
     argv = sys.argv[1:] if argv is None else argv
-    # bench and lab are imported only when asked for: a VMM (`pyvmm boot`) that never runs them
-    # would carry their modules in its resident memory for its whole life
-    if argv[:1] == ["bench"]:
-        from pyvmm.bench.run import main as bench_main
-        return bench_main(argv[1:])
-    if argv[:1] == ["lab"]:
-        from pyvmm.lab import main as lab_main
-        return lab_main(argv[1:])
+    # bench and lab are imported only when asked for (pyvmm.cli.tools): a VMM (`pyvmm boot`) that never
+    # runs them would carry their modules in its resident memory for its whole life
+    if argv[:1] in (["bench"], ["lab"]):
+        from pyvmm.cli import tools
+        return (tools.bench if argv[0] == "bench" else tools.lab)(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s", stream=sys.stderr)
