@@ -196,12 +196,12 @@ def test_the_throttle_clock_ends_a_boost_in_the_kernel_without_the_backstop(fake
     # switch the hog out, and a switch-out charges the exact run time and throttles first.
     vmm = fake_vmm(1)
     tid = vmm.tids[0]
-    cpus = sorted(os.sched_getaffinity(0))
+    mine = os.sched_getaffinity(0)
+    cpus = sorted(mine)
     if len(cpus) < 2:
         pytest.skip("needs two CPUs: the hog's and the observer's")
     child = policy_child(vmm, {"max_boost_runtime_ms": "20", "throttle_window_ms": "100", "throttle_ms": "40",
                                "clock_ms": "2", "backstop_ms": "60"})
-    mine = os.sched_getaffinity(0)
     os.sched_setaffinity(tid, {cpus[-1]})
     os.sched_setaffinity(0, {cpus[0]})
     try:
