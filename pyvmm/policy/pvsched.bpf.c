@@ -207,7 +207,7 @@ struct {
 struct vm {
 	void *vcpus;
 	struct pvsched_stats *stats;        /* this CPU's counts */
-	struct pvsched_tunables *t;
+	struct pvsched_tunables *t;         /* these two: NULL until vm_policy() */
 	struct pvsched_vm_budget *budget;
 	__u32 tgid;
 	__u32 slot;                         /* its index in the outer maps */
@@ -228,8 +228,14 @@ static __always_inline bool is_vmm(__u32 tgid)
 	return w && ((*w >> (tgid % 64)) & 1);
 }
 
-/* Fill `vm` for VMM `tgid`: false when no VM of that tgid is registered (every other task). */
-static __always_inline bool vm_of(__u32 tgid, struct vm *vm)
+/*
+ * Fill what every event of VMM `tgid` needs (its vCPUs and this CPU's counters):
+ * false when no VM of that tgid is registered (every other task).  The tunables
+ * and the budget stay NULL until vm_policy(): most events of a vCPU thread (a
+ * switch-in, the wake-up and the interrupt of a vCPU that is already boosted)
+ * only count, so they skip those four lookups.
+ */
+static __always_inline bool vm_find(__u32 tgid, struct vm *vm)
 {
 	__u32 zero = 0, *slot;
 	void *m;
@@ -241,6 +247,8 @@ static __always_inline bool vm_of(__u32 tgid, struct vm *vm)
 		return false;
 	vm->slot = *slot;
 	vm->tgid = tgid;
+	vm->t = NULL;
+	vm->budget = NULL;
 	vm->vcpus = bpf_map_lookup_elem(&vm_vcpus, &vm->slot);
 	if (!vm->vcpus)
 		return false;
@@ -248,8 +256,17 @@ static __always_inline bool vm_of(__u32 tgid, struct vm *vm)
 	if (!m)
 		return false;
 	vm->stats = bpf_map_lookup_elem(m, &zero);
+	return vm->stats != NULL;
+}
+
+/* Add what an evaluation needs to a vm_find()'s `vm`: its tunables and its budget. */
+static __always_inline bool vm_policy(struct vm *vm)
+{
+	__u32 zero = 0;
+	void *m;
+
 	m = bpf_map_lookup_elem(&vm_tunables, &vm->slot);
-	if (!vm->stats || !m)
+	if (!m)
 		return false;
 	vm->t = bpf_map_lookup_elem(m, &zero);
 	m = bpf_map_lookup_elem(&vm_budgets, &vm->slot);
@@ -257,6 +274,12 @@ static __always_inline bool vm_of(__u32 tgid, struct vm *vm)
 		return false;
 	vm->budget = bpf_map_lookup_elem(m, &zero);
 	return vm->budget != NULL;
+}
+
+/* Fill `vm` whole for VMM `tgid`: false when no VM of that tgid is registered. */
+static __always_inline bool vm_of(__u32 tgid, struct vm *vm)
+{
+	return vm_find(tgid, vm) && vm_policy(vm);
 }
 
 /* The VM a policy process (the caller of a syscall program) serves. */
@@ -737,6 +760,8 @@ static __always_inline __u32 from_slot(const struct eval_ctx *c, struct pvsched_
  * the policy's one choice: another policy defines PVSCHED_CUSTOM_DECIDE,
  * includes this file and defines its own decide(); the maps, the programs,
  * the caps, the budgets and the throttle stay this file's (see rt_only.bpf.c).
+ * A wake-up or an interrupt (PVSCHED_SRC_WAKEUP, _IRQ) reaches it only for a
+ * halted vCPU that is not boosted (wake_evaluated()).
  */
 static __always_inline __u32 decide(const struct eval_ctx *c, struct pvsched_sched_params *want);
 
@@ -912,7 +937,7 @@ static __always_inline void switch_out(const struct vm *vm, struct pvsched_vcpu 
  */
 static __always_inline struct pvsched_vcpu *task_vcpu(const struct task_struct *p, struct vm *vm, __u32 *tid)
 {
-	if (!vm_of(p->tgid, vm))
+	if (!vm_find(p->tgid, vm))
 		return NULL;
 	*tid = p->pid;
 	return bpf_map_lookup_elem(vm->vcpus, tid);
@@ -936,7 +961,7 @@ int BPF_PROG(pvs_switch, bool preempt, struct task_struct *prev, struct task_str
 		stat_inc(&vm, PVSCHED_STAT_SWITCH_VMM); /* past the fast path only: other switches pay nothing for it */
 		counted = true;
 		/* current == prev here: the slot HVA is in this address space */
-		if ((bpf_get_current_pid_tgid() >> 32) == vm.tgid && vcpu_trylock(&vm, v)) {
+		if ((bpf_get_current_pid_tgid() >> 32) == vm.tgid && vm_policy(&vm) && vcpu_trylock(&vm, v)) {
 			switch_out(&vm, v, tid, prev, preempt || prev_state == TASK_RUNNING, now);
 			vcpu_unlock(v);
 		}
@@ -957,6 +982,18 @@ int BPF_PROG(pvs_switch, bool preempt, struct task_struct *prev, struct task_str
 	return 0;
 }
 
+/*
+ * Whether a wake-up or an interrupt of vCPU `v` is evaluated: a halted vCPU's
+ * that is not boosted.  What such an event can decide is the halt boost or a
+ * throttle's end; a boosted vCPU's budget is checked where its run time is
+ * charged (its switch-out, the clock, the backstop).  This is the path the
+ * guest's interrupt waits on, at every wake-up, so it does no more.
+ */
+static __always_inline bool wake_evaluated(const struct pvsched_vcpu *v)
+{
+	return v->halted && v->state != PVSCHED_STATE_BOOSTED;
+}
+
 /* Wakeup of a halted vCPU thread: an interrupt (a timer, an IPI) is being injected. */
 SEC("tp_btf/sched_wakeup")
 int BPF_PROG(pvs_wakeup, struct task_struct *p)
@@ -970,7 +1007,7 @@ int BPF_PROG(pvs_wakeup, struct task_struct *p)
 	if (!v)
 		return 0;
 	stat_inc(&vm, PVSCHED_STAT_WAKEUP);
-	if (v->halted && vcpu_trylock(&vm, v)) {
+	if (wake_evaluated(v) && vm_policy(&vm) && vcpu_trylock(&vm, v)) {
 		pvsched_eval(&(struct eval_ctx){ .vm = &vm, .v = v, .t = vm.t, .now = bpf_ktime_get_ns(), .tid = tid,
 						.source = PVSCHED_SRC_WAKEUP });
 		vcpu_unlock(v);
@@ -1021,7 +1058,7 @@ static __always_inline struct pvsched_vcpu *current_vcpu(struct vm *vm, __u32 *t
 {
 	__u64 id = bpf_get_current_pid_tgid();
 
-	if (!vm_of(id >> 32, vm))
+	if (!vm_find(id >> 32, vm))
 		return NULL;
 	*tid = (__u32)id;
 	return bpf_map_lookup_elem(vm->vcpus, tid);
@@ -1040,7 +1077,7 @@ int BPF_PROG(pvs_kvm_exit)
 	if (!v)
 		return 0;
 	stat_inc(&vm, PVSCHED_STAT_KVM_EXIT);
-	if (!vcpu_trylock(&vm, v))
+	if (!vm_policy(&vm) || !vcpu_trylock(&vm, v))
 		return 0;
 	if (!read_slot(&vm, v->slot_hva, &snap, false))
 		pvsched_eval(&(struct eval_ctx){ .vm = &vm, .v = v, .t = vm.t, .s = &snap, .now = bpf_ktime_get_ns(),
@@ -1088,20 +1125,20 @@ int BPF_PROG(pvs_set_irq)
 	struct vm vm;
 
 	/* carries only a GSI: counted, never acted on */
-	if (vm_of(bpf_get_current_pid_tgid() >> 32, &vm))
+	if (vm_find(bpf_get_current_pid_tgid() >> 32, &vm))
 		stat_inc(&vm, PVSCHED_STAT_SET_IRQ);
 	return 0;
 }
 
-/* An interrupt for vCPU thread `tid` of `vm`: a halted vCPU is evaluated. */
-static __always_inline void irq_to(const struct vm *vm, __u32 tid)
+/* An interrupt for vCPU thread `tid` of `vm` (from vm_find()): a halted vCPU is evaluated (wake_evaluated()). */
+static __always_inline void irq_to(struct vm *vm, __u32 tid)
 {
 	struct pvsched_vcpu *v = bpf_map_lookup_elem(vm->vcpus, &tid);
 
 	if (!v)
 		return;
 	stat_inc(vm, PVSCHED_STAT_IRQ);
-	if (v->halted && vcpu_trylock(vm, v)) {
+	if (wake_evaluated(v) && vm_policy(vm) && vcpu_trylock(vm, v)) {
 		pvsched_eval(&(struct eval_ctx){ .vm = vm, .v = v, .t = vm->t, .now = bpf_ktime_get_ns(), .tid = tid,
 						.source = PVSCHED_SRC_IRQ });
 		vcpu_unlock(v);
@@ -1116,7 +1153,7 @@ int BPF_PROG(pvs_accept_irq, __u32 apicid)
 	struct vm vm;
 	void *m;
 
-	if (!vm_of(bpf_get_current_pid_tgid() >> 32, &vm))
+	if (!vm_find(bpf_get_current_pid_tgid() >> 32, &vm))
 		return 0;
 	m = bpf_map_lookup_elem(&vm_apic_tid, &vm.slot);
 	tid = m ? bpf_map_lookup_elem(m, &key) : NULL;
@@ -1131,7 +1168,7 @@ int BPF_PROG(pvs_inj_virq)
 	__u64 id = bpf_get_current_pid_tgid();
 	struct vm vm;
 
-	if (vm_of(id >> 32, &vm))
+	if (vm_find(id >> 32, &vm))
 		irq_to(&vm, (__u32)id);
 	return 0;
 }
