@@ -84,6 +84,13 @@ syscall_trap:
  * caller-saved registers as clobbered, so nothing is saved; the timer
  * interrupt that ends the halt returns from timer_entry straight to CPL3
  * through this int3 frame.  Any other interrupt just halts again.
+ *
+ * KVM's PVM backend ignores STI's interrupt shadow (its
+ * set_interrupt_shadow does nothing in PVM mode): a wake-up already pending
+ * at the sti (the deadline passed while the vCPU was preempted before it)
+ * is delivered with the hlt not yet run.  Returning to the hlt would halt
+ * with no timer armed, for good, so the wake entries treat an interrupt at
+ * sleep_hlt (and at idle_hlt, below) as the end of the halt.
  */
 sleep_fast:
 	sub	$8, %rsp	/* the int3 frame sits at 8(%rsp) while halted */
@@ -91,6 +98,7 @@ sleep_fast:
 	test	%eax, %eax
 	jnz	3f		/* a wake IPI was pending: back at once */
 1:	sti
+sleep_hlt:
 	hlt
 sleep_resume:
 	cli
@@ -100,16 +108,23 @@ sleep_resume:
 
 /*
  * The LAPIC timer and the wake IPI: when they end sleep_fast's halt,
- * return straight to CPL3 through the int3 frame (C half \work);
- * otherwise save the caller-saved registers around irq_running(ipi), which
- * may have interrupted the task's own slot write, and return where we were.
+ * return straight to CPL3 through the int3 frame (C half \work(at_hlt),
+ * at_hlt 1 when it came before the hlt ran); otherwise save the
+ * caller-saved registers around irq_running(ipi, at_hlt), which may have
+ * interrupted the task's own slot write, and return where we were, past
+ * idle_halt's hlt if it came before that ran.
  */
 .macro WAKE_ENTRY name, work, ipi
 	.globl \name
 \name:
 	cmpq	$sleep_resume, (%rsp)
+	je	3f
+	cmpq	$sleep_hlt, (%rsp)
 	jne	2f
-	mov	24(%rsp), %rsp	/* drop this frame: back to sleep_fast's stack */
+	mov	$1, %edi	/* before the hlt (see sleep_fast) */
+	jmp	4f
+3:	xor	%edi, %edi
+4:	mov	24(%rsp), %rsp	/* drop this frame: back to sleep_fast's stack */
 	call	\work
 	add	$8, %rsp
 	iretq			/* the int3 frame: to the task, woken */
@@ -122,7 +137,12 @@ sleep_resume:
 	push	%r9
 	push	%r10
 	push	%r11
-	mov	$\ipi, %edi
+	xor	%esi, %esi
+	cmpq	$idle_hlt, 72(%rsp)	/* the interrupted RIP, above the nine saved registers */
+	jne	5f
+	incq	72(%rsp)	/* before idle_halt's hlt: resume after it (hlt is one byte) */
+	mov	$1, %esi
+5:	mov	$\ipi, %edi
 	call	irq_running
 	pop	%r11
 	pop	%r10
@@ -138,6 +158,19 @@ sleep_resume:
 
 WAKE_ENTRY timer_entry, timer_work, 0
 WAKE_ENTRY wake_entry, ipi_work, 1
+
+/*
+ * idle_halt(): sti; hlt; cli, for the kernel's own waits (they loop on a
+ * flag the wake entries set).  A timer or wake IPI delivered between the
+ * sti and the hlt (PVM: see sleep_fast) resumes past the hlt.
+ */
+	.globl idle_halt
+idle_halt:
+	sti
+idle_hlt:
+	hlt
+	cli
+	ret
 
 /* Any vector nobody asked for: acknowledge at the LAPIC and go on. */
 	.globl irq_ignore

@@ -111,6 +111,7 @@ void timer_entry(void);
 void wake_entry(void);
 void irq_ignore(void);
 void irq_spurious(void);
+void idle_halt(void); /* sti; hlt; cli, safe from PVM's missing STI shadow (entry.S) */
 void enter_user(void (*rip)(u32), void *rsp, u64 arg, u64 cs, u64 ss) __attribute__((noreturn));
 
 static u64 ns_mult; /* ns = tsc * ns_mult >> 32 */
@@ -261,14 +262,21 @@ static inline void wake_task(struct percpu *pc)
 	pvsched_set_task(pc->slot, 0, pc->policy, pc->rt_priority, pc->nice, ns);
 }
 
-void timer_work(void)
+/* A halt's end (entry.S); at_hlt: delivered before the hlt ran (PVM ignores STI's shadow). */
+void timer_work(u32 at_hlt)
 {
-	wake_task(this_cpu());
+	struct percpu *pc = this_cpu();
+
+	tg_cpu[pc->id].shadow_wakes += at_hlt;
+	wake_task(pc);
 }
 
-void ipi_work(void)
+void ipi_work(u32 at_hlt)
 {
-	wake_task(this_cpu());
+	struct percpu *pc = this_cpu();
+
+	tg_cpu[pc->id].shadow_wakes += at_hlt;
+	wake_task(pc);
 }
 
 /*
@@ -278,7 +286,7 @@ void ipi_work(void)
  * PREEMPT_DISABLED mark, and keep that bit.  A wake IPI stays pending for
  * the task's next wait; the timer is re-armed while a SYS_TICK period is set.
  */
-void irq_running(u32 ipi)
+void irq_running(u32 ipi, u32 at_hlt)
 {
 	struct percpu *pc = this_cpu();
 	struct pvsched_guest_area *g = pc->slot;
@@ -286,6 +294,7 @@ void irq_running(u32 ipi)
 	u64 tsc = rdtsc(), ns = tsc_ns(tsc);
 	u32 nested, keep = tg_kslot_irq_enter(g, ns, &nested);
 
+	sh->shadow_wakes += at_hlt;
 	sh->irqs++;
 	if (keep)
 		sh->irqs_cs++;
@@ -365,7 +374,7 @@ static void sleep_until(struct percpu *pc, u64 deadline)
 		publish_idle(pc);
 		arm_timer(pc, deadline);
 		while (!READ_ONCE(pc->woken))
-			__asm__ __volatile__("sti; hlt; cli" ::: "memory");
+			idle_halt();
 	} while (rdtsc() < deadline);
 }
 
@@ -401,7 +410,7 @@ u64 syscall_dispatch(u64 a1, u64 a2, u64 a3, u64 nr)
 		publish_idle(pc);
 		lapic_write(LAPIC_LVT_TIMER, LVT_MASKED);
 		for (;;)
-			__asm__ __volatile__("sti; hlt; cli" ::: "memory");
+			idle_halt();
 	}
 	return (u64)-1;
 }

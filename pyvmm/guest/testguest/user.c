@@ -30,6 +30,7 @@ static struct tg_spinlock the_lock;
 /* Per vCPU, on its own cache lines. */
 static struct vcpu_state {
 	struct phase_result phase[TG_MAX_PHASES];
+	volatile u32 done; /* its records are out */
 } __attribute__((aligned(CACHELINE))) vstate[TG_MAX_VCPUS];
 
 static volatile u64 heap_next __attribute__((aligned(CACHELINE)));
@@ -641,12 +642,43 @@ static void start_all(void)
 static void wait_all_done(void)
 {
 	u64 limit = rdtsc() + 30000 * tg.tsc_khz;
+	char msg[160];
+	struct buf b;
+	u32 v;
 
 	while (READ_ONCE(tg.nr_done) < tg.nr_vcpus) {
-		if (rdtsc() > limit)
-			fail(TG_EXIT_VCPU_LOST, "a vCPU did not finish its workload");
+		if (rdtsc() > limit) {
+			buf_init(&b, msg, sizeof(msg));
+			buf_str(&b, "vCPU");
+			for (v = 0; v < tg.nr_vcpus && b.len < sizeof(msg) - 48; v++)
+				if (!READ_ONCE(vstate[v].done)) {
+					buf_ch(&b, ' ');
+					buf_u64(&b, v);
+				}
+			buf_str(&b, " did not finish its workload within 30 s");
+			fail(TG_EXIT_VCPU_LOST, msg);
+		}
 		sys_sleep_until(rdtsc() + tg.tsc_khz);
 	}
+}
+
+/* What entry.S saved this vCPU from: wake-ups PVM delivered between sti and hlt (a lost wake-up each). */
+static void emit_shadow_wakes(u32 vcpu)
+{
+	u64 n = tg_cpu[vcpu].shadow_wakes;
+	char line[256];
+	struct buf b;
+
+	if (!n)
+		return;
+	buf_init(&b, line, sizeof(line));
+	buf_str(&b, "{\"type\":\"warning\",\"message\":\"vCPU ");
+	buf_u64(&b, vcpu);
+	buf_str(&b, ": ");
+	buf_u64(&b, n);
+	buf_str(&b, " wake-up(s) came between sti and hlt (this KVM ignores STI's interrupt shadow); "
+		    "resumed past the hlt\"}");
+	emit(&b);
 }
 
 void user_main(u32 vcpu)
@@ -697,6 +729,8 @@ void user_main(u32 vcpu)
 	for (p = 0; p < np; p++)
 		emit_phase(vcpu, p, &st->phase[p]);
 	emit_host_area(vcpu);
+	emit_shadow_wakes(vcpu);
+	st->done = 1;
 	__atomic_fetch_add(&tg.nr_done, 1, __ATOMIC_RELEASE);
 	if (vcpu != 0) {
 		sys3(SYS_HALT, 0, 0, 0);
