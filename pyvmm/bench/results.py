@@ -95,6 +95,11 @@ def lock_summary(records: list[dict]) -> dict | None:
     return out
 
 
+def guest_warnings(records: list[dict]) -> list[str]:
+    """The guest's warning records, as text (the test guest's wake-ups that came between sti and hlt)."""
+    return [str(r.get("message")) for r in records if isinstance(r, dict) and r.get("type") == "warning"]
+
+
 def _host_areas(status: dict | None) -> list[dict]:
     """The slots' host areas (what the policy applied and counted) in a "status" reply with a pvsched part."""
     vcpus = ((status or {}).get("pvsched") or {}).get("vcpus") or []

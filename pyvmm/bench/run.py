@@ -34,6 +34,7 @@ from pyvmm.bench.results import (
     config_label,
     cyclictest_summary,
     guest_summary,
+    guest_warnings,
     lock_summary,
     make_record,
     policy_stats,
@@ -359,6 +360,8 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
              "init_after_s": out.init_after_s}
     if cell.variant:
         extra["variant"] = cell.variant
+    if warnings := guest_warnings(out.records):
+        extra["guest_warnings"] = warnings
     if lock and (counts := lock_summary(out.records)):
         # the guest's acquisitions per second (both vCPUs), apart from its waits in "guest"
         extra["lock_acq_per_s"] = counts["acq_per_s"]

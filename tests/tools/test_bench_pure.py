@@ -9,7 +9,7 @@ import pytest
 from pyvmm import abi
 from pyvmm.bench import report
 from pyvmm.bench.hostload import parse_cyclictest, parse_stress_metrics
-from pyvmm.bench.results import guest_summary, make_record, policy_stats, summarize, targets, validate_record
+from pyvmm.bench.results import guest_summary, guest_warnings, make_record, policy_stats, summarize, targets, validate_record
 from pyvmm.bench.run import main, parse_args, plan, split_program
 from pyvmm.bench.vmrun import RunSpec, boot_argv, extract_vcpu_tids, parse_guest_lines
 
@@ -70,6 +70,13 @@ def test_guest_summary_without_histograms_is_conservative():
     g = guest_summary([probe(0, 20.0, 30.0), probe(1, 70.0, 80.0)])
     assert g["p99"] == 70.0 and g["max"] == 80.0
     assert guest_summary([{"type": "pvsched", "status": "absent"}]) is None
+
+
+def test_guest_warnings_are_kept_as_text_and_nothing_else_is():
+    recs = [{"type": "latency", "vcpu": 0}, {"type": "warning", "message": "vCPU 1: 2 wake-up(s) came between sti and hlt"},
+            {"type": "warning"}, "not a record"]
+    assert guest_warnings(recs) == ["vCPU 1: 2 wake-up(s) came between sti and hlt", "None"]
+    assert guest_warnings([{"type": "done", "status": "ok"}]) == []
 
 
 def test_parse_cyclictest_summary():
