@@ -108,26 +108,28 @@ sleep_resume:
 
 /*
  * The LAPIC timer and the wake IPI: when they end sleep_fast's halt,
- * return straight to CPL3 through the int3 frame (C half \work(at_hlt),
- * at_hlt 1 when it came before the hlt ran); otherwise save the
- * caller-saved registers around irq_running(ipi, at_hlt), which may have
- * interrupted the task's own slot write, and return where we were, past
- * idle_halt's hlt if it came before that ran.
+ * return straight to CPL3 through the int3 frame (C half \work); one
+ * that came before the hlt ran (see sleep_fast) does the same, counted
+ * (shadow_wake).  Otherwise save the caller-saved registers around
+ * irq_running(ipi, at_hlt), which may have interrupted the task's own slot
+ * write, and return where we were, past idle_halt's hlt if it came before
+ * that ran.  The first instructions are the probe's hot path, each one
+ * emulated: the common case runs no more of them than before.
  */
 .macro WAKE_ENTRY name, work, ipi
 	.globl \name
 \name:
 	cmpq	$sleep_resume, (%rsp)
-	je	3f
-	cmpq	$sleep_hlt, (%rsp)
-	jne	2f
-	mov	$1, %edi	/* before the hlt (see sleep_fast) */
-	jmp	4f
-3:	xor	%edi, %edi
-4:	mov	24(%rsp), %rsp	/* drop this frame: back to sleep_fast's stack */
-	call	\work
+	jne	6f
+	mov	24(%rsp), %rsp	/* drop this frame: back to sleep_fast's stack */
+4:	call	\work
 	add	$8, %rsp
 	iretq			/* the int3 frame: to the task, woken */
+6:	cmpq	$sleep_hlt, (%rsp)
+	jne	2f
+	mov	24(%rsp), %rsp
+	call	shadow_wake	/* clobbers only what sleep_fast's caller gave up */
+	jmp	4b
 2:	push	%rax
 	push	%rcx
 	push	%rdx

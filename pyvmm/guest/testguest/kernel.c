@@ -262,21 +262,20 @@ static inline void wake_task(struct percpu *pc)
 	pvsched_set_task(pc->slot, 0, pc->policy, pc->rt_priority, pc->nice, ns);
 }
 
-/* A halt's end (entry.S); at_hlt: delivered before the hlt ran (PVM ignores STI's shadow). */
-void timer_work(u32 at_hlt)
+void timer_work(void)
 {
-	struct percpu *pc = this_cpu();
-
-	tg_cpu[pc->id].shadow_wakes += at_hlt;
-	wake_task(pc);
+	wake_task(this_cpu());
 }
 
-void ipi_work(u32 at_hlt)
+void ipi_work(void)
 {
-	struct percpu *pc = this_cpu();
+	wake_task(this_cpu());
+}
 
-	tg_cpu[pc->id].shadow_wakes += at_hlt;
-	wake_task(pc);
+/* A halt's end delivered before the hlt ran (entry.S: PVM ignores STI's shadow). */
+void shadow_wake(void)
+{
+	tg_cpu[this_cpu()->id].shadow_wakes++;
 }
 
 /*
