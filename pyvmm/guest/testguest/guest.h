@@ -61,7 +61,6 @@ struct tg_global {
 	char cmdline_warning[160];  /* set when a key was ignored */
 	volatile u32 boot_go;
 	volatile u32 nr_online __attribute__((aligned(CACHELINE)));
-	volatile u32 nr_done __attribute__((aligned(CACHELINE)));
 	volatile u32 console_lock __attribute__((aligned(CACHELINE)));
 	volatile u32 failed __attribute__((aligned(CACHELINE)));
 };

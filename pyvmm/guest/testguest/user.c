@@ -639,6 +639,17 @@ static void start_all(void)
 	__atomic_store_n(&tg.boot_go, 1, __ATOMIC_RELEASE);
 }
 
+/* Whether every vCPU's records are out. */
+static int all_done(void)
+{
+	u32 v;
+
+	for (v = 0; v < tg.nr_vcpus; v++)
+		if (!__atomic_load_n(&vstate[v].done, __ATOMIC_ACQUIRE))
+			return 0;
+	return 1;
+}
+
 static void wait_all_done(void)
 {
 	u64 limit = rdtsc() + 30000 * tg.tsc_khz;
@@ -646,7 +657,7 @@ static void wait_all_done(void)
 	struct buf b;
 	u32 v;
 
-	while (READ_ONCE(tg.nr_done) < tg.nr_vcpus) {
+	while (!all_done()) {
 		if (rdtsc() > limit) {
 			buf_init(&b, msg, sizeof(msg));
 			buf_str(&b, "vCPU");
@@ -730,8 +741,7 @@ void user_main(u32 vcpu)
 		emit_phase(vcpu, p, &st->phase[p]);
 	emit_host_area(vcpu);
 	emit_shadow_wakes(vcpu);
-	st->done = 1;
-	__atomic_fetch_add(&tg.nr_done, 1, __ATOMIC_RELEASE);
+	__atomic_store_n(&st->done, 1, __ATOMIC_RELEASE);
 	if (vcpu != 0) {
 		sys3(SYS_HALT, 0, 0, 0);
 		for (;;)
