@@ -550,9 +550,10 @@ static __always_inline __u64 running_runtime(const struct pvsched_vcpu *v, __u32
 
 /*
  * Add boosted run time up to now, to the vCPU's window, the VM's and the host's.
- * running/run_start_ns are written only by sched_switch (lock-free: a task
- * switches on one CPU at a time), so a busy lock can never leave a boosted
- * vCPU unaccounted; counting starts at the latest of switch-in, last
+ * running/run_start_ns are written by sched_switch (lock-free: a task
+ * switches on one CPU at a time) and by the clock for a switch-in no
+ * sched_switch showed (mark_unseen_switch_in()), so a busy lock can never
+ * leave a boosted vCPU unaccounted; counting starts at the latest of switch-in, last
  * checkpoint and the boost decision.  What is charged is the thread's run time
  * since then (above; `prev` is the vCPU's task when it is being switched out,
  * exact), never more than the wall time since then; wall time where the run
@@ -1239,10 +1240,44 @@ static __always_inline void ask_recheck(const struct vm *vm, struct pvsched_vcpu
  * so a BPF timer does it in softirq context; user space wakes only when a
  * change is posted.  `vm` is the clock's VM, on the tick's stack.
  */
+/*
+ * A boosted vCPU that is on a CPU although no sched_switch switched it in.
+ * Every charge of its run time, the clock's look and the throttle depend on
+ * v->running, so a switch-in the programs never saw would leave a spinner
+ * boosted and uncharged until its next switch.  This happens: on the
+ * development VM's kernel no sched_switch fires when one task (the sandbox
+ * agent's thread) leaves a CPU, and a vCPU picked next was never marked
+ * (docs/benchmarks.md, "A switch-in no program saw").  Mark it running from
+ * now: at most one clock period of its run time goes uncharged.  A switch-out
+ * racing this look (its program runs before the task has left the CPU) can
+ * leave the flag set while the vCPU is off its CPU: what is charged then still
+ * follows its run time (account()), and its next switch sets the flag right.
+ */
+static __always_inline void mark_unseen_switch_in(const struct vm *vm, struct pvsched_vcpu *v, __u32 tid, __u64 now)
+{
+	struct task_struct *p;
+
+	if (v->state != PVSCHED_STATE_BOOSTED || v->running || !bpf_ksym_exists(bpf_task_from_pid))
+		return;
+	p = bpf_task_from_pid(tid);
+	if (!p)
+		return;
+	if (BPF_CORE_READ(p, on_cpu) && BPF_CORE_READ(p, __state) == TASK_RUNNING) {
+		v->run_start_exec_ns = task_runtime(p);
+		v->run_start_clock = BPF_CORE_READ(p, se.exec_start);
+		v->run_start_ns = now;
+		asm volatile("" ::: "memory");
+		v->running = 1;
+		stat_inc(vm, PVSCHED_STAT_SWITCH_UNSEEN);
+	}
+	bpf_task_release(p);
+}
+
 static long clock_vcpu(struct bpf_map *map, __u32 *tid, struct pvsched_vcpu *v, struct vm *vm)
 {
 	__u64 now = bpf_ktime_get_ns();
 
+	mark_unseen_switch_in(vm, v, *tid, now);
 	if (!(v->state == PVSCHED_STATE_BOOSTED && v->running) &&
 	    !(v->state == PVSCHED_STATE_THROTTLED && now >= v->throttle_until_ns))
 		return 0;

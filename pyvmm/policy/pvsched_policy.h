@@ -108,7 +108,8 @@ enum pvsched_stat {
 	PVSCHED_STAT_VM_BUDGET = 30,    /* boosts ended (throttled) or refused: the VM's vCPUs together used vm_boost_share_pct */
 	PVSCHED_STAT_SWITCH_VMM = 31,   /* sched_switch runs past the tgid check: a thread of this VMM switched in or out */
 	PVSCHED_STAT_HOST_BUDGET = 32,  /* boosts ended (throttled) or refused: all VMs' boosted vCPUs together used the host's share */
-	PVSCHED_STAT_NR = 33,
+	PVSCHED_STAT_SWITCH_UNSEEN = 33, /* a boosted vCPU found on a CPU that no sched_switch switched in: marked running from then */
+	PVSCHED_STAT_NR = 34,
 };
 
 /* Scheduling parameters as sched_setattr takes them. */
@@ -142,13 +143,14 @@ struct pvsched_vcpu {
 	__u32 lock;                         /* try-lock between CPUs, never spun on */
 	__u32 state;                        /* enum pvsched_host_state, as posted */
 	struct pvsched_sched_params posted; /* last params posted to the actuator */
-	__u32 running;                      /* on a CPU now (written only by sched_switch) */
+	__u32 running;                      /* on a CPU now (written by sched_switch; the clock sets it for a
+					       boosted vCPU whose switch-in no sched_switch showed) */
 	__u32 hold;                         /* halt boost held while the slot shows IDLE */
 	__u32 halted;                       /* last switch-out was a halt, not yet seen busy */
 	__u32 halt_boost;                   /* that halt wanted the boost (boost_on_halt) */
 	__u32 urgent_seq;                   /* slot seq of the critical section last found needing the boost */
 	__u32 reason;                       /* enum pvsched_reason of the last change */
-	__u64 run_start_ns;                 /* switched in at (written only by sched_switch) */
+	__u64 run_start_ns;                 /* switched in at (written with `running`) */
 	__u64 acct_ns;                      /* boosted run time counted up to here */
 	__u64 boost_since_ns;               /* BOOSTED since (posting time) */
 	__u64 window_start_ns;
@@ -163,12 +165,12 @@ struct pvsched_vcpu {
 	struct pvsched_slot_snap last_slot; /* last valid slot read, for show() */
 	__u64 last_post_ns;                 /* when the last change was posted (PVSCHED_MIN_POST_INTERVAL_US) */
 	/* the thread's own run time (task_runtime()) at run_start_ns, acct_ns and boost_since_ns; 0: unknown */
-	__u64 run_start_exec_ns;            /* written only by sched_switch, as run_start_ns */
+	__u64 run_start_exec_ns;            /* written with run_start_ns */
 	__u64 acct_exec_ns;
 	__u64 boost_exec_ns;
 	__u64 boosted_wall_ns;              /* boosted wall time, steal included (boosted_ns is what was charged) */
 	__u64 run_start_clock;              /* the thread's se.exec_start at run_start_ns (its run queue's task
-					       clock); 0: unknown (running_runtime()).  Written only by sched_switch */
+					       clock); 0: unknown (running_runtime()).  Written with run_start_ns */
 };
 
 /*

@@ -258,6 +258,60 @@ def test_the_budget_charges_the_threads_run_time(fake_vmm, policy_child, pin_roo
     assert observed(tid) == (OTHER, 0, 0)
 
 
+def _clear_running(pin_root: Path, vmm_pid: int, tid: int) -> None:
+    """Mark vCPU `tid` not running in its policy's map, as a switch-in no program saw leaves it (a test's write:
+    the entry is replaced whole, so a program's update racing it is lost, and the lock is written free)."""
+    from pyvmm.common import libbpf
+    from pyvmm.policy.policy_types import ffi
+
+    f = ffi()
+    fd = libbpf.lib().bpf_obj_get(str(pin_root / str(vmm_pid) / "vcpus").encode())
+    assert fd >= 0, "the vcpus map is not pinned"
+    try:
+        key, val = f.new("__u32 *", tid), f.new("struct pvsched_vcpu *")
+        assert libbpf.lib().bpf_map_lookup_elem(fd, key, val) == 0, "no entry for the vCPU"
+        val.running = 0
+        val.lock = 0
+        assert libbpf.lib().bpf_map_update_elem(fd, key, val, libbpf.BPF_EXIST) == 0
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs: the spinner on one, the policy on the other")
+def test_a_boosted_spinner_whose_switch_in_went_unseen_is_still_charged(fake_vmm, policy_child, pin_root):
+    # The attack on the programs' one assumption: every switch-in is seen (v->running).  On the development
+    # VM's kernel no sched_switch fires when one task (the sandbox agent's thread) leaves a CPU, so a vCPU
+    # picked next is never marked running; its run time then went uncharged and its boost unchecked until its
+    # next switch.  Here the mark is cleared from outside while the spinner runs boosted alone on CPU 1, the
+    # policy on CPU 0: no switch comes to set it again, so only the clock's look at the CPUs can.
+    host_budget.set_share(100, pin_root=pin_root)
+    vmm = fake_vmm(1)
+    tid = vmm.tids[0]
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(tid, {1})
+    os.sched_setaffinity(0, {0})  # the policy child inherits it, and so does the observer
+    try:
+        child = policy_child(vmm, {"max_boost_runtime_ms": "900", "throttle_window_ms": "1000",
+                                   "vm_boost_share_pct": "100"})
+        vmm.cmd("mode 0 hog")  # spins, its slot asking for FIFO 99: boosted to RR 10
+        assert wait_for(lambda: observed(tid)[:2] == (RR, 10), 2.0), f"got {observed(tid)}"
+        time.sleep(0.05)
+        _clear_running(pin_root, vmm.pid, tid)
+        b0, c0 = child.show()["vcpus"][0]["boosted_ms"], _cpu_ns(tid)
+        time.sleep(0.3)
+        v = child.show()["vcpus"][0]
+        ran_ms = (_cpu_ns(tid) - c0) / 1e6
+        stats = {k: s["value"] for k, s in child.show()["stats"].items() if s["value"]}
+    finally:
+        vmm.cmd("mode 0 idle")
+        os.sched_setaffinity(0, mine)
+        os.sched_setaffinity(tid, mine)
+    # charged on: all it ran in those 300 ms but the clock period the mark took (5 ms) and a show's lag
+    assert v["boosted_ms"] - b0 >= 0.8 * ran_ms, f"charged {v['boosted_ms'] - b0:.1f} of {ran_ms:.1f} ms run: {stats}"
+    assert stats.get("switch_unseen", 0) >= 1, f"the clock never found it on its CPU: {stats}"
+    child.terminate()
+
+
 def test_a_probe_is_never_charged_more_than_its_boosted_wall_time(fake_vmm, policy_child):
     # An RR probe that runs 50 us every millisecond: many short runs, each with its boost decided while it
     # runs, where the run time at the decision is an estimate.  Charging run time from an estimate below the
