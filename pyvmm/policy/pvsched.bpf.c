@@ -1233,14 +1233,6 @@ static __always_inline void ask_recheck(const struct vm *vm, struct pvsched_vcpu
 }
 
 /*
- * The throttle clock.  A boosted vCPU that never switches out (a FIFO/RR
- * spinner in the guest) produces no event, so something must look at it
- * periodically.  A user-space thread polling at that rate would preempt the
- * boosted vCPUs it serves at every wake-up.  The throttle needs no slot read,
- * so a BPF timer does it in softirq context; user space wakes only when a
- * change is posted.  `vm` is the clock's VM, on the tick's stack.
- */
-/*
  * A boosted vCPU that is on a CPU although no sched_switch switched it in.
  * Every charge of its run time, the clock's look and the throttle depend on
  * v->running, so a switch-in the programs never saw would leave a spinner
@@ -1273,6 +1265,14 @@ static __always_inline void mark_unseen_switch_in(const struct vm *vm, struct pv
 	bpf_task_release(p);
 }
 
+/*
+ * The throttle clock.  A boosted vCPU that never switches out (a FIFO/RR
+ * spinner in the guest) produces no event, so something must look at it
+ * periodically.  A user-space thread polling at that rate would preempt the
+ * boosted vCPUs it serves at every wake-up.  The throttle needs no slot read,
+ * so a BPF timer does it in softirq context; user space wakes only when a
+ * change is posted.  `vm` is the clock's VM, on the tick's stack.
+ */
 static long clock_vcpu(struct bpf_map *map, __u32 *tid, struct pvsched_vcpu *v, struct vm *vm)
 {
 	__u64 now = bpf_ktime_get_ns();
