@@ -549,6 +549,19 @@ static __always_inline __u64 running_runtime(const struct pvsched_vcpu *v, __u32
 }
 
 /*
+ * Mark vCPU `v` (its task `p`) running from `now`: its run time and its task
+ * clock now, which running_runtime() extends by the wall time since.
+ */
+static __always_inline void mark_running(struct pvsched_vcpu *v, const struct task_struct *p, __u64 now)
+{
+	v->run_start_exec_ns = task_runtime(p);
+	v->run_start_clock = BPF_CORE_READ(p, se.exec_start);
+	v->run_start_ns = now;
+	asm volatile("" ::: "memory");
+	v->running = 1;
+}
+
+/*
  * Add boosted run time up to now, to the vCPU's window, the VM's and the host's.
  * running/run_start_ns are written by sched_switch (lock-free: a task
  * switches on one CPU at a time) and by the clock for a switch-in no
@@ -974,11 +987,7 @@ int BPF_PROG(pvs_switch, bool preempt, struct task_struct *prev, struct task_str
 		if (!counted)
 			stat_inc(&vm, PVSCHED_STAT_SWITCH_VMM);
 		stat_inc(&vm, PVSCHED_STAT_SWITCH_IN);
-		v->run_start_exec_ns = task_runtime(next);
-		v->run_start_clock = BPF_CORE_READ(next, se.exec_start); /* set by the pick that chose next */
-		v->run_start_ns = bpf_ktime_get_ns();
-		asm volatile("" ::: "memory");
-		v->running = 1;
+		mark_running(v, next, bpf_ktime_get_ns()); /* next's exec_start: set by the pick that chose it */
 	}
 	return 0;
 }
@@ -1255,11 +1264,7 @@ static __always_inline void mark_unseen_switch_in(const struct vm *vm, struct pv
 	if (!p)
 		return;
 	if (BPF_CORE_READ(p, on_cpu) && BPF_CORE_READ(p, __state) == TASK_RUNNING) {
-		v->run_start_exec_ns = task_runtime(p);
-		v->run_start_clock = BPF_CORE_READ(p, se.exec_start);
-		v->run_start_ns = now;
-		asm volatile("" ::: "memory");
-		v->running = 1;
+		mark_running(v, p, now); /* exec_start is its last update, before now: an estimate from it runs low */
 		stat_inc(vm, PVSCHED_STAT_SWITCH_UNSEEN);
 	}
 	bpf_task_release(p);

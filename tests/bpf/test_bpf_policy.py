@@ -41,6 +41,11 @@ def host_load():
         p.wait()
 
 
+def _stats(show: dict) -> dict[str, int]:
+    """The policy's counters that are not 0, from a `show`."""
+    return {k: c["value"] for k, c in show["stats"].items() if c["value"]}
+
+
 def test_probe_boosted_at_halt_under_load_then_back_to_normal(fake_vmm, policy_child, host_load):
     vmm = fake_vmm(1)
     tid = vmm.tids[0]
@@ -52,7 +57,7 @@ def test_probe_boosted_at_halt_under_load_then_back_to_normal(fake_vmm, policy_c
     rr8 = sum(1 for _, pol, prio in s if pol == RR and prio == 8)
     if rr8 < 0.95 * len(s):  # say what the others were and what the policy counted: a rare failure to explain
         others = Counter((pol, prio) for _, pol, prio in s if (pol, prio) != (RR, 8))
-        stats = {k: v["value"] for k, v in child.show()["stats"].items() if v["value"]}
+        stats = _stats(child.show())
         pytest.fail(f"boost not held: RR 8 in {rr8}/{len(s)} samples; others {dict(others)}; stats {stats}")
     assert all(prio <= 10 for _, _, prio in s), "priority above max_rt_prio"
     assert proc_sched(tid) == {"policy": RR, "prio": 99 - 8}
@@ -152,7 +157,7 @@ def _hog_boosts(vmm, child) -> tuple[list, list[float], dict]:
     assert wait_for(lambda: observed(tid)[0] == RR, 2.0)
     s = sample(tid, 2.0, 0.001)
     boosted = runs(s, lambda pol, prio: pol == RR and prio == 10)
-    return s, boosted, {k: v["value"] for k, v in child.show()["stats"].items() if v["value"]}
+    return s, boosted, _stats(child.show())
 
 
 def _p90_inner(stretches: list[float]) -> float:
@@ -249,7 +254,7 @@ def test_the_budget_charges_the_threads_run_time(fake_vmm, policy_child, pin_roo
     finally:
         vmm.cmd("mode 0 idle")
     diag = {"to_boost_ms": round((t1 - t0) * 1e3, 1), "show_ms": round((t3 - t2) * 1e3, 1),
-            "stats": {k: s["value"] for k, s in show["stats"].items() if s["value"]}}
+            "stats": _stats(show)}
     assert v["throttles"] == 0, v
     # the charge lags the run by one clock period at most, and the hog ran a little before its boost
     assert 0.8 * cpu_ms <= v["boosted_ms"] <= cpu_ms + 5, f"run {cpu_ms:.1f} ms: {v} {diag}"
@@ -299,9 +304,9 @@ def test_a_boosted_spinner_whose_switch_in_went_unseen_is_still_charged(fake_vmm
         _clear_running(pin_root, vmm.pid, tid)
         b0, c0 = child.show()["vcpus"][0]["boosted_ms"], _cpu_ns(tid)
         time.sleep(0.3)
-        v = child.show()["vcpus"][0]
+        show = child.show()
         ran_ms = (_cpu_ns(tid) - c0) / 1e6
-        stats = {k: s["value"] for k, s in child.show()["stats"].items() if s["value"]}
+        v, stats = show["vcpus"][0], _stats(show)
     finally:
         vmm.cmd("mode 0 idle")
         os.sched_setaffinity(0, mine)
@@ -392,7 +397,7 @@ def test_a_boosted_vcpu_on_its_way_to_halt_keeps_its_boost(fake_vmm, policy_chil
     vmm.cmd("custom 0 spin 16 0 0 0 0")  # IDLE published, still running: backstops and preemptions see it
     s = sample(tid, 0.3, 0.002)
     dropped = [pol for _, pol, _ in s if pol != RR]
-    st = {k: v["value"] for k, v in child.show()["stats"].items() if v["value"]}
+    st = _stats(child.show())
     assert not dropped, f"boost dropped in {len(dropped)}/{len(s)} samples before the halt; {st}"
     vmm.cmd("custom 0 spin 0 0 0 0 0")  # plain work: the first evaluation drops it
     assert wait_for(lambda: observed(tid) == (OTHER, 0, 0), 1.0), f"still {observed(tid)}"
