@@ -46,7 +46,7 @@ processes inside the lab is emulated by QEMU TCG, about 10-50x slower than
 native, and a guest of pyvmm runs nested under that.  Absolute times inside
 the lab mean nothing; compare configurations within one lab run (ratios),
 never against runs outside it.  Booting the lab and starting Python take
-about 15 s before COMMAND runs.
+about 20 s before COMMAND runs.
 
 Examples:
   pyvmm lab -- pyvmm boot --cmdline duration=2
@@ -70,19 +70,37 @@ def host_has_hw_virt() -> bool:
     return bool(re.search(r"^flags\s*:.*\b(vmx|svm)\b", flags, re.MULTILINE)) and os.path.exists("/dev/kvm")
 
 
-def guest_script(argv: list[str], cwd: str, path: str) -> str:
-    """The shell the lab's guest runs: load KVM, mount bpffs, then exec COMMAND in cwd with PATH."""
-    return "\n".join([
+# Every lab CPU but cpu0 (the boot CPU, which cannot go offline), offline or back online.
+OTHER_CPUS = "for c in /sys/devices/system/cpu/cpu[1-9]*/online; do [ -e \"$c\" ] && echo {} > \"$c\"; done"
+
+
+def guest_script(argv: list[str], cwd: str, path: str, hold_keys: bool = False) -> str:
+    """The shell the lab's guest runs: load KVM, mount bpffs, then run COMMAND in cwd with PATH.
+
+    hold_keys (under TCG): first turn on, with one CPU online, the static keys a pyvmm boot flips, and
+    keep them on (pyvmm/lab_keys.py); after COMMAND, take the other CPUs offline again, so that the
+    holder's end at power-off flips them back with one CPU running too."""
+    lines = [
         # kvm_amd under TCG's nested SVM; kvm_intel where QEMU runs on KVM over a VMX host.
         "modprobe -q kvm_amd 2>/dev/null || modprobe -q kvm_intel 2>/dev/null",
         ("if [ ! -e /dev/kvm ]; then echo 'pyvmm lab: no /dev/kvm inside the lab "
          "(kvm_amd/kvm_intel did not load)' >&2; exit 125; fi"),
         "grep -qs ' /sys/fs/bpf bpf ' /proc/mounts || mount -t bpf -o mode=0700 bpf /sys/fs/bpf",
+    ]
+    if hold_keys:
+        lines += [OTHER_CPUS.format(0),
+                  f"{shlex.quote(sys.executable)} -I -m pyvmm.lab_keys || exit 125",
+                  OTHER_CPUS.format(1)]
+    lines += [
         f"export PATH={shlex.quote(path)}",
         "export PYVMM_IN_LAB=1",
         f"cd {shlex.quote(cwd)} || exit 125",
-        f"exec {shlex.join(argv)}",
-    ])
+    ]
+    if hold_keys:
+        lines += [shlex.join(argv), "rc=$?", OTHER_CPUS.format(0), "exit $rc"]
+    else:
+        lines.append(f"exec {shlex.join(argv)}")
+    return "\n".join(lines)
 
 
 def vng_command(kernel: Path, script: str, cpus: int, mem_mib: int, cwd: str, rwdirs: list[str],
@@ -97,7 +115,9 @@ def vng_command(kernel: Path, script: str, cpus: int, mem_mib: int, cwd: str, rw
     cmd = [vng, "--run", str(kernel), "--disable-microvm", "--cpus", str(cpus), "--memory", f"{mem_mib}M",
            "--cwd", cwd]
     if accel == "tcg":
-        # -cpu max under TCG advertises SVM with nested paging; thread=multi runs the lab's CPUs in parallel.
+        # -cpu max under TCG advertises SVM with nested paging; thread=multi runs the lab's CPUs in parallel
+        # (thread=single, tried against the hang that pyvmm/lab_keys.py avoids, stalled a Linux guest's
+        # boot for 290 s at its first lines, and ran it several times slower).
         # tsc=reliable: QEMU TCG derives every lab CPU's TSC from one host counter (cpu_get_ticks), yet the
         # lab kernel's TSC sync check fails under emulation ("TSCs unsynchronized").  With a TSC it calls
         # unstable, the lab's KVM lets each vCPU's TSC drift apart until a guest CPU's timers stop.
@@ -167,7 +187,8 @@ def run_lab(argv: list[str], kernel: str | None = None, cpus: int = DEFAULT_CPUS
     try:
         script = os.path.join(tmp, "run.sh")
         with open(script, "x") as f:
-            f.write(guest_script(argv, cwd, os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")) + "\n")
+            f.write(guest_script(argv, cwd, os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+                                 hold_keys=accel == "tcg") + "\n")
         cmd = vng_command(kpath, script, cpus, mem_mib, cwd, [os.path.abspath(d) for d in dirs], accel)
         return _run_vng(cmd, kpath, accel, cpus, mem_mib, verbose)
     finally:

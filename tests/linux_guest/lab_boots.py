@@ -4,14 +4,20 @@
 
 END is poweroff or reboot (the image's pvsched.end=).  Each line holds the exit code, pyvmm's message, the
 guest's records and the boot log's warnings, clocksource and last lines.
+
+While a boot runs, its console goes to stderr line by line ("L2| ..."), a line every 30 s says the lab's
+userspace is alive, and if the boot outlives its timeout by a minute every thread's stack is dumped: a lab
+that stalls then shows whether the guest, pyvmm or the lab itself stopped, and where.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import re
 import sys
+import threading
 import time
 
 from pyvmm.boot import BootConfig, run_vm
@@ -23,6 +29,7 @@ TRACE = re.compile(r"-+\[ cut here \]-+.*?---\[ end trace [0-9a-f]+ \]---", re.D
 # XCR0 = x87|SSE after the guest enabled AVX and PKRU, as if L1 never saw the guest's XSETBV.  Kept apart
 # so that every other WARNING still fails the test (docs/linux-lab.md, "Open").
 LAB_ONLY = "XSAVE consistency problem"
+BOOT_TIMEOUT_S = 300   # pyvmm's --timeout for each boot; a boot takes about 100 s in the lab
 
 
 def bad_lines(console: str) -> tuple[list[str], bool]:
@@ -40,6 +47,28 @@ def bad_lines(console: str) -> tuple[list[str], bool]:
     return [ln for ln in rest.splitlines() if BAD.search(ln)], lab_only
 
 
+class PrefixedLines:
+    """A console stream that writes each line to `out` behind a prefix (the guest's, told from the lab's)."""
+
+    def __init__(self, out, prefix: bytes):
+        self.out, self.prefix, self.at_start = out, prefix, True
+
+    def write(self, data: bytes) -> int:
+        for piece in data.splitlines(keepends=True):
+            self.out.write((self.prefix if self.at_start else b"") + piece)
+            self.at_start = piece.endswith(b"\n")
+        return len(data)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def heartbeat(label: str, start: float, done: threading.Event, every: float = 30) -> None:
+    """A line every `every` s until done: if they stop, the lab's userspace stopped, not only pyvmm."""
+    while not done.wait(every):
+        print(f"lab_boots: {label}: alive at {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+
+
 def boot(kernel: str, initrd: str, end: str, extra: str, timeout: float = 300) -> dict:
     """One pyvmm boot of a Linux image with the pvsched device and the policy; what the tests check.
 
@@ -47,7 +76,8 @@ def boot(kernel: str, initrd: str, end: str, extra: str, timeout: float = 300) -
     if "pvsched.workload=" not in extra:
         extra = f"pvsched.workload=device {extra}"
     cmdline = f"console=ttyS0 pvsched.end={end} {extra}".strip()
-    r = run_vm(BootConfig(kernel=kernel, initrd=initrd, cmdline=cmdline, mem_mib=512, timeout=timeout))
+    r = run_vm(BootConfig(kernel=kernel, initrd=initrd, cmdline=cmdline, mem_mib=512, timeout=timeout,
+                          console_stream=PrefixedLines(sys.stderr.buffer, b"L2| ")))
     bad, xsave_lab_only = bad_lines(r.console)
     clock = re.findall(r"clocksource: Switched to clocksource (\S+)", r.console)
     dev = r.device_stats.get("pvsched") or {}
@@ -72,7 +102,16 @@ def main(argv: list[str]) -> int:
         kernel, _, end = rest[i:i + 3]
         start = time.monotonic()
         print(f"lab_boots: boot {i // 3 + 1} ({os.path.basename(kernel)}, {end}): starting", file=sys.stderr, flush=True)
-        results.append(boot(*rest[i:i + 3], extra))
+        label, done = f"boot {i // 3 + 1}", threading.Event()
+        beat = threading.Thread(target=heartbeat, args=(label, start, done), daemon=True)
+        beat.start()
+        faulthandler.dump_traceback_later(BOOT_TIMEOUT_S + 60)  # pyvmm's own timeout did not end it
+        try:
+            results.append(boot(*rest[i:i + 3], extra, timeout=BOOT_TIMEOUT_S))
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+            done.set()
+            beat.join()
         print(f"lab_boots: boot {i // 3 + 1}: exit {results[-1]['exit_code']} ({results[-1]['message']}) after "
               f"{time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
         with open(out, "w") as f:   # after each boot: if the lab itself dies, the boots before it are kept

@@ -45,7 +45,7 @@ def run_lab(args: list[str], timeout: float) -> subprocess.CompletedProcess:
         kill_group()
         out, err = p.communicate()  # what it printed so far: the lab's console (-v) and lab_boots' progress
         raise AssertionError(f"`pyvmm lab` did not end within {timeout:g} s; its output ends with:\n"
-                             f"{(out or '')[-1500:]}\n{(err or '')[-6000:]}") from None
+                             f"{(out or '')[-1500:]}\n{(err or '')[-12000:]}") from None
     finally:
         kill_group()
         p.wait()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 from pyvmm import lab
 
@@ -19,6 +21,44 @@ def test_guest_script_loads_kvm_mounts_bpffs_and_execs_the_command_where_the_cal
     assert lines[-1] == "exec pyvmm boot --cmdline 'a b; rm -rf /'"   # one argument, never shell code
     assert shlex.split(lines[-1])[1:] == ["pyvmm", "boot", "--cmdline", "a b; rm -rf /"]
 
+
+
+def test_under_tcg_the_script_holds_the_static_keys_with_one_cpu_online_and_ends_with_one_again():
+    """The lab's kernel hung when a static key flipped code its other CPU ran (pyvmm/lab_keys.py)."""
+    s = lab.guest_script(["pyvmm", "boot", "--cmdline", "a b"], "/w", "/usr/bin", hold_keys=True)
+    lines = s.splitlines()
+    offline, online = lab.OTHER_CPUS.format(0), lab.OTHER_CPUS.format(1)
+    hold = next(i for i, ln in enumerate(lines) if "-m pyvmm.lab_keys" in ln)
+    assert lines[hold].startswith(shlex.quote(sys.executable) + " -I ") and lines[hold].endswith("|| exit 125")
+    assert lines[hold - 1] == offline and lines[hold + 1] == online
+    assert hold > next(i for i, ln in enumerate(lines) if ln.startswith("modprobe"))   # kvm's keys exist
+    assert lines[-4:] == ["pyvmm boot --cmdline 'a b'", "rc=$?", offline, "exit $rc"]
+    assert "lab_keys" not in lab.guest_script(["true"], "/w", "/usr/bin")            # not on KVM hosts
+
+
+def test_the_cpu_loop_names_every_cpu_but_the_boot_cpu(tmp_path):
+    for name in ("cpu0", "cpu1", "cpu12", "cpufreq", "cpuidle"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "online").write_text("1\n")
+    loop = lab.OTHER_CPUS.format(0).replace("/sys/devices/system/cpu", str(tmp_path))
+    subprocess.run(["sh", "-c", loop], check=True)
+    assert {d.name: (d / "online").read_text() for d in tmp_path.iterdir()} == {
+        "cpu0": "1\n", "cpu1": "0\n", "cpu12": "0\n", "cpufreq": "1\n", "cpuidle": "1\n"}
+
+
+def test_the_key_holder_turns_on_every_event_the_programs_attach_to_with_tracing_off(tmp_path):
+    from pyvmm import lab_keys
+    (tmp_path / "tracing_on").write_text("1\n")
+    for e in lab_keys.EVENTS:
+        (tmp_path / "events" / e).mkdir(parents=True)
+    lab_keys.hold_events(tmp_path)
+    assert (tmp_path / "tracing_on").read_text() == "0\n"
+    assert all((tmp_path / "events" / e / "enable").read_text() == "1\n" for e in lab_keys.EVENTS)
+    root = Path(__file__).resolve().parents[2]
+    attached = set()
+    for src in [*root.glob("pyvmm/policy/*.bpf.c"), *root.glob("pyvmm/bench/bpf/*.bpf.c")]:
+        attached |= set(re.findall(r'SEC\("tp_btf/(\w+)"\)', src.read_text()))
+    assert attached and attached == {e.split("/")[1] for e in lab_keys.EVENTS}
 
 def test_vng_command_offers_nested_svm_under_tcg_and_shares_only_the_rwdirs(monkeypatch):
     monkeypatch.setattr(lab.shutil, "which", lambda name: f"/usr/bin/{name}")
