@@ -304,25 +304,35 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
                    cyclictest_policy=args.cyclictest_policy)
     limit = spec.limit_s + 50
     loads: dict = {}
-    ct_summary = stress_rates = cpu = None
+    ct_summary = stress_rates = cpu = rq = None
+
+    started_with: list = []
 
     def guest_starts(tids: list[int], vmm_pid: int) -> None:
-        # The guest's window opens (run_vm: the test guest let go, or a Linux guest at /init): the host load
-        # and the host's own latency are measured from here to its end (the VM's end, or a Linux guest's end
-        # of cyclictest), the same for every configuration (the VMM's and the policy process's start-up,
-        # outside it, differ a lot under load).
-        if probe:
-            probe.track(tids)
+        # The vCPU threads exist (a Linux guest: at /init): the host load starts, so that the guest boots on
+        # the host the run is about, whatever the configuration.
         if cell.host == "busy":
             # until stopped at the VM's end (a -t of the guest's duration could end before the guest does)
             loads["stress"] = StressLoad(limit)
+        started_with[:] = [tids, vmm_pid]
+
+    def measuring_starts() -> None:
+        # The guest's measured work starts (run_vm's on_start): the vCPUs' wake-ups, the host's own latency
+        # and every CPU time are measured from here to its end, the same for every configuration.  The
+        # VMM's and the policy process's start-up, and a pvsched guest's unboosted boot, stay outside: they
+        # differ a lot under load, and they are not what a boost changes.
+        tids, vmm_pid = started_with
+        if probe:
+            probe.track(tids)
         loads["ct"] = HostCyclictest(limit, args.interval)
         loads["cpu"] = cpu_meter(tids, vmm_pid, loads.get("stress"))
 
     def guest_ended() -> None:
         # Same window for every configuration: what the VMM's teardown costs is not part of the run.
-        nonlocal ct_summary, stress_rates, cpu
+        nonlocal ct_summary, stress_rates, cpu, rq
         try:
+            if probe and rq is None and "cpu" in loads:   # the window's wake-ups, before the teardown's
+                rq = probe.read()
             if "cpu" in loads:
                 cpu = loads.pop("cpu").stop()
             if "ct" in loads:
@@ -334,12 +344,11 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
     try:
         if probe:
             probe.reset()
-        out = run_vm(spec, on_tids=guest_starts, on_end=guest_ended)
+        out = run_vm(spec, on_tids=guest_starts, on_end=guest_ended, on_start=measuring_starts)
     finally:
         guest_ended()  # a no-op when run_vm called it; else (an error) the loads must not outlive the run
-    rq = None
-    if probe and out.vcpu_tids:
-        rq = probe.read()
+    if not (probe and out.vcpu_tids):
+        rq = None
     if out.error:  # what the guest got to, to tell a lost vCPU from a failed boot afterwards
         done = sorted({r.get("vcpu") for r in out.records if r.get("type") in ("latency", "workload")}, key=str)
         return None, f"{out.error} (vCPUs with a result record: {done}; console: {' | '.join(out.console_tail[-3:])})"

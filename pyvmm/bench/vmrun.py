@@ -253,30 +253,52 @@ def _once(f):
     return call
 
 
-def console_reader(stream, lines: list[str], out, t0: float, on_boot=None, on_end=None) -> threading.Thread:
+# The test guest's measured work starts at its pvsched record: vCPU 0 prints it, then sets the common start
+# of every vCPU's phases a few milliseconds later.  Before it, a pvsched VM has started its policy process
+# (0.3-0.4 s on a busy host), which a static configuration does not, and its vCPUs booted the guest
+# unboosted.  (A Linux guest's is its /init's first record, the boot record.)
+WINDOW_START = '"type":"pvsched"'
+# The guest's measured work is over at these records: a Linux guest's end of cyclictest (before its own
+# summary, slow under emulation), and the test guest's first result, which a vCPU prints once every phase
+# has ended (the phases end at one deadline on all vCPUs).  The test guest reports as ordinary work: a
+# pvsched vCPU is unboosted for it while a static RT one stays RT, so host figures taken past this point
+# compare unlike things (docs/benchmarks.md, "The host's window").
+WINDOW_END = ('"type":"cyclictest_end"', '"type":"latency"', '"type":"workload"')
+
+
+def console_reader(stream, lines: list[str], out, t0: float, on_boot=None, on_end=None,
+                   on_start=None) -> threading.Thread:
     """A thread (not started) appending stream's lines to `lines`.  At the Linux image's first /init record
-    it sets out.init_after_s to the seconds since t0 and calls `on_boot()`; at the end of its cyclictest
-    (before the guest's own summary, slow under emulation) it calls `on_end()`: the window of a Linux run."""
+    it sets out.init_after_s to the seconds since t0 and calls `on_boot()`; at the first WINDOW_START record
+    of a guest without one it calls `on_start()`, and at the first WINDOW_END record `on_end()`: the start
+    and the end of the guest's measured work."""
     def read() -> None:
+        started = ended = False
         for line in stream:
             if out.init_after_s is None and '"type":"boot"' in line:
                 out.init_after_s = round(time.monotonic() - t0, 2)
                 if on_boot:
                     on_boot()
-            elif on_end and '"type":"cyclictest_end"' in line:
+            elif on_start and not started and out.init_after_s is None and WINDOW_START in line:
+                started = True
+                on_start()
+            elif on_end and not ended and any(m in line for m in WINDOW_END):
+                ended = True
                 on_end()
             lines.append(line)
 
     return threading.Thread(target=read, daemon=True)
 
 
-def run_vm(spec: RunSpec, on_tids=None, on_end=None) -> VmOutcome:
+def run_vm(spec: RunSpec, on_tids=None, on_end=None, on_start=None) -> VmOutcome:
     """Boot, apply the configuration to the vCPU threads as soon as they exist, collect; never leaves the VM behind.
 
     `on_tids(tids, vmm_pid)` is called once with the vCPU TIDs and the VMM's pid when the guest's window
-    opens (the benchmark starts its host load, runqueue probe and CPU accounting there): at the vCPU threads
-    for the test guest, at /init's first record for a Linux guest (LINUX_SETTLE_S), and
-    `on_end()` once at the window's end: a Linux guest's end of cyclictest, or else when the first vCPU
+    opens (the benchmark starts its host load there): at the vCPU threads for the test guest, at /init's
+    first record for a Linux guest (LINUX_SETTLE_S).  `on_start()` is called once, after it, when the
+    guest's measured work starts (the benchmark's runqueue probe, host latency and CPU accounting start
+    there): the test guest's WINDOW_START record, or with on_tids for a Linux guest.
+    `on_end()` once at the window's end: the guest's first WINDOW_END record, or else when the first vCPU
     thread has ended (or the VM ended without any).
     Nothing polls the VM while it runs: the policy's counters come from `pyvmm boot --stats-out` at its end.
     """
@@ -290,13 +312,14 @@ def run_vm(spec: RunSpec, on_tids=None, on_end=None) -> VmOutcome:
     # -I and cwd "/": a root child imports nothing from the caller's folder (boot_argv's paths are absolute).
     proc = subprocess.Popen(boot_argv(spec, limit_s, stats_out), stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
                             text=True, errors="replace", cwd="/")
-    measured = threading.Event()  # a Linux guest's cyclictest has ended: the window closes
-    reader = console_reader(proc.stdout, lines, out, t0, on_end=measured.set)
+    started = threading.Event()   # the test guest's measured work starts (WINDOW_START)
+    measured = threading.Event()  # the guest's measured work is over (WINDOW_END): the window closes
+    reader = console_reader(proc.stdout, lines, out, t0, on_end=measured.set, on_start=started.set)
     reader.start()
     vmm_pid = None
     own = sched_getattr(0)
-    window = ended = False
-    on_end = _once(on_end)
+    window = ended = closed = False
+    on_end, on_start = _once(on_end), _once(on_start)
     try:
         sched_setattr(0, POLLER_ATTR)
         while proc.poll() is None:
@@ -316,15 +339,21 @@ def run_vm(spec: RunSpec, on_tids=None, on_end=None) -> VmOutcome:
                 window = True
                 if on_tids:
                     on_tids(list(out.vcpu_tids.values()), vmm_pid)
-            if window and measured.is_set():
+            if window and (spec.kernel is not None or started.is_set()):
+                on_start()
+            if window and not closed and measured.is_set():
                 on_end()
+                closed = True
             if out.vcpu_tids and not ended and not all(os.path.exists(f"/proc/{vmm_pid}/task/{t}")
                                                       for t in out.vcpu_tids.values()):
                 ended = True
                 _vm_ending(proc.pid, on_end)
             if time.monotonic() - t0 > limit_s + 10:
                 raise TimeoutError(f"VM still running after {limit_s + 10:.0f} s")
-            time.sleep(0.02 if out.vcpu_tids else 0.005)
+            if window and not closed:
+                measured.wait(0.02)  # ends the window as soon as the guest says so, not up to 20 ms later
+            else:
+                time.sleep(0.02 if out.vcpu_tids else 0.005)
         if not ended:
             _vm_ending(None, on_end)
         out.exit_code = proc.returncode

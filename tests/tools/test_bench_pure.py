@@ -169,6 +169,24 @@ def test_the_console_reader_opens_the_window_at_the_boot_record_and_closes_it_at
     assert out.init_after_s is not None and len(lines) == 6
 
 
+def test_the_test_guests_measuring_runs_from_its_pvsched_record_to_its_first_result():
+    """Outside it: a pvsched VM's policy start-up and unboosted boot, and the guest's unboosted report."""
+    import io
+    from types import SimpleNamespace
+
+    from pyvmm.bench.vmrun import console_reader
+
+    starts, ends, lines = [], [], []
+    stream = io.StringIO('{"type":"config"}\n{"type":"pvsched","status":"active"}\n{"type":"pvsched"}\n'
+                         '{"type":"latency","vcpu":1}\n{"type":"workload","vcpu":0}\n{"type":"latency","vcpu":0}\n'
+                         '{"type":"done","status":"ok"}\n')
+    t = console_reader(stream, lines, SimpleNamespace(init_after_s=None), 0.0, on_end=lambda: ends.append(len(lines)),
+                       on_start=lambda: starts.append(len(lines)))
+    t.start()
+    t.join(5)
+    assert starts == [1] and ends == [3] and len(lines) == 7   # once each, whichever vCPU printed first
+
+
 def test_a_variant_may_swap_the_bpf_policy_by_name():
     assert split_program(["a=1", "program=rt_only", "b=2"]) == ("rt_only", ("a=1", "b=2"))
     assert split_program(["a=1"]) == ("pvsched", ("a=1",))
