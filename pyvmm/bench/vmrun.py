@@ -259,11 +259,12 @@ def _once(f):
 # unboosted.  (A Linux guest's is its /init's first record, the boot record.)
 WINDOW_START = '"type":"pvsched"'
 # The guest's measured work is over at these records: a Linux guest's end of cyclictest (before its own
-# summary, slow under emulation), and the test guest's first result, which a vCPU prints once every phase
-# has ended (the phases end at one deadline on all vCPUs).  The test guest reports as ordinary work: a
-# pvsched vCPU is unboosted for it while a static RT one stays RT, so host figures taken past this point
-# compare unlike things (docs/benchmarks.md, "The host's window").
-WINDOW_END = ('"type":"cyclictest_end"', '"type":"latency"', '"type":"workload"')
+# summary, slow under emulation), and the test guest's phases_end, which vCPU 0 prints when every phase
+# has ended (they end at one deadline on all vCPUs), before its task turns ordinary for the report.  A
+# pvsched vCPU is unboosted for the report while a static RT one stays RT, so host figures taken past
+# this point compare unlike things (docs/benchmarks.md, "the host's window").  A first result record
+# ends the window too, should phases_end be lost.
+WINDOW_END = ('"type":"cyclictest_end"', '"type":"phases_end"', '"type":"latency"', '"type":"workload"')
 
 
 def console_reader(stream, lines: list[str], out, t0: float, on_boot=None, on_end=None,

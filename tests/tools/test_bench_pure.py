@@ -178,13 +178,20 @@ def test_the_test_guests_measuring_runs_from_its_pvsched_record_to_its_first_res
 
     starts, ends, lines = [], [], []
     stream = io.StringIO('{"type":"config"}\n{"type":"pvsched","status":"active"}\n{"type":"pvsched"}\n'
-                         '{"type":"latency","vcpu":1}\n{"type":"workload","vcpu":0}\n{"type":"latency","vcpu":0}\n'
+                         '{"type":"phases_end"}\n{"type":"latency","vcpu":1}\n{"type":"workload","vcpu":0}\n'
                          '{"type":"done","status":"ok"}\n')
     t = console_reader(stream, lines, SimpleNamespace(init_after_s=None), 0.0, on_end=lambda: ends.append(len(lines)),
                        on_start=lambda: starts.append(len(lines)))
     t.start()
     t.join(5)
-    assert starts == [1] and ends == [3] and len(lines) == 7   # once each, whichever vCPU printed first
+    assert starts == [1] and ends == [3] and len(lines) == 7   # once each: at phases_end, before the report
+    ends.clear()
+    lines.clear()
+    stream = io.StringIO('{"type":"pvsched"}\n{"type":"workload","vcpu":1}\n{"type":"latency","vcpu":0}\n')
+    t = console_reader(stream, lines, SimpleNamespace(init_after_s=None), 0.0, on_end=lambda: ends.append(len(lines)))
+    t.start()
+    t.join(5)
+    assert ends == [1]   # no phases_end: the first result, whichever vCPU printed it
 
 
 def test_a_variant_may_swap_the_bpf_policy_by_name():
