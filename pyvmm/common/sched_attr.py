@@ -55,13 +55,29 @@ class SchedAttr:
         return f"{name}:{self.priority}" if self.policy in RT_POLICIES else f"{name} nice {self.nice}"
 
 
-def sched_getattr(tid: int) -> SchedAttr:
-    """Current scheduling attributes of thread `tid` (0 = the caller)."""
+def _read_attr(tid: int) -> SchedAttr:
     a = _SchedAttr()
     if _libc.syscall(SYS_sched_getattr, tid, ctypes.byref(a), ctypes.sizeof(a), 0) < 0:
         e = ctypes.get_errno()
         raise OSError(e, f"sched_getattr({tid}): {os.strerror(e)}")
     return SchedAttr(a.sched_policy, a.sched_priority, a.sched_nice)
+
+
+TORN_READ_RETRIES = 8
+
+
+def sched_getattr(tid: int) -> SchedAttr:
+    """Current scheduling attributes of thread `tid` (0 = the caller).
+
+    The kernel reads a task's policy and RT priority without a lock, so a read that races a change from
+    SCHED_OTHER to RT can return the new policy with the old priority, 0: a state no thread can be in
+    (sched_setattr refuses it).  Such a read is taken again, a few times at most (docs/hardening.md,
+    "Torn reads of a thread's class")."""
+    for _ in range(TORN_READ_RETRIES):
+        attr = _read_attr(tid)
+        if (attr.policy in RT_POLICIES) == (attr.priority > 0):
+            return attr
+    return attr
 
 
 def sched_setattr(tid: int, attr: SchedAttr) -> None:
