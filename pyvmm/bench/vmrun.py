@@ -255,7 +255,7 @@ def _once(f):
 
 # The test guest's measured work starts at its pvsched record: vCPU 0 prints it, then sets the common start
 # of every vCPU's phases a few milliseconds later.  Before it, a pvsched VM has started its policy process
-# (0.3-0.4 s on a busy host), which a static configuration does not, and its vCPUs booted the guest
+# (about a second on a busy host), which a static configuration does not, and its vCPUs booted the guest
 # unboosted.  (A Linux guest's is its /init's first record, the boot record.)
 WINDOW_START = '"type":"pvsched"'
 # The guest's measured work is over at these records: a Linux guest's end of cyclictest (before its own
