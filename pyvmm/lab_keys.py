@@ -62,7 +62,7 @@ def main() -> int:
     try:
         hold_events()
         Path("/proc/sys/kernel/bpf_stats_enabled").write_text("1\n")
-        fds = hold_vm()
+        hold_vm()  # its fds are plain ints: open until this process, and the child below, exit
     except OSError as e:
         print(f"pyvmm lab: cannot hold the kernel's static keys: {e}", file=sys.stderr)
         return 1
@@ -75,7 +75,6 @@ def main() -> int:
             os.dup2(devnull, fd)
         while True:
             signal.pause()
-    del fds
     return 0
 
 

@@ -306,22 +306,18 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
     loads: dict = {}
     ct_summary = stress_rates = cpu = rq = None
 
-    started_with: list = []
-
     def guest_starts(tids: list[int], vmm_pid: int) -> None:
         # The vCPU threads exist (a Linux guest: at /init): the host load starts, so that the guest boots on
         # the host the run is about, whatever the configuration.
         if cell.host == "busy":
             # until stopped at the VM's end (a -t of the guest's duration could end before the guest does)
             loads["stress"] = StressLoad(limit)
-        started_with[:] = [tids, vmm_pid]
 
-    def measuring_starts() -> None:
+    def measuring_starts(tids: list[int], vmm_pid: int) -> None:
         # The guest's measured work starts (run_vm's on_start): the vCPUs' wake-ups, the host's own latency
         # and every CPU time are measured from here to its end, the same for every configuration.  The
         # VMM's and the policy process's start-up, and a pvsched guest's unboosted boot, stay outside: they
         # differ a lot under load, and they are not what a boost changes.
-        tids, vmm_pid = started_with
         if probe:
             probe.track(tids)
         loads["ct"] = HostCyclictest(limit, args.interval)
@@ -331,7 +327,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
         # Same window for every configuration: what the VMM's teardown costs is not part of the run.
         nonlocal ct_summary, stress_rates, cpu, rq
         try:
-            if probe and rq is None and "cpu" in loads:   # the window's wake-ups, before the teardown's
+            if probe and "cpu" in loads:   # the window's wake-ups, before the teardown's
                 rq = probe.read()
             if "cpu" in loads:
                 cpu = loads.pop("cpu").stop()
@@ -347,8 +343,6 @@ def run_cell(cell: Cell, args: argparse.Namespace, probe) -> tuple[dict | None, 
         out = run_vm(spec, on_tids=guest_starts, on_end=guest_ended, on_start=measuring_starts)
     finally:
         guest_ended()  # a no-op when run_vm called it; else (an error) the loads must not outlive the run
-    if not (probe and out.vcpu_tids):
-        rq = None
     if out.error:  # what the guest got to, to tell a lost vCPU from a failed boot afterwards
         done = sorted({r.get("vcpu") for r in out.records if r.get("type") in ("latency", "workload")}, key=str)
         return None, f"{out.error} (vCPUs with a result record: {done}; console: {' | '.join(out.console_tail[-3:])})"

@@ -243,12 +243,12 @@ def _once(f):
     """`f` (or nothing, if None) that runs at most once however often it is called."""
     done = False
 
-    def call() -> None:
+    def call(*args) -> None:
         nonlocal done
         if not done:
             done = True
             if f:
-                f()
+                f(*args)
 
     return call
 
@@ -296,9 +296,9 @@ def run_vm(spec: RunSpec, on_tids=None, on_end=None, on_start=None) -> VmOutcome
 
     `on_tids(tids, vmm_pid)` is called once with the vCPU TIDs and the VMM's pid when the guest's window
     opens (the benchmark starts its host load there): at the vCPU threads for the test guest, at /init's
-    first record for a Linux guest (LINUX_SETTLE_S).  `on_start()` is called once, after it, when the
-    guest's measured work starts (the benchmark's runqueue probe, host latency and CPU accounting start
-    there): the test guest's WINDOW_START record, or with on_tids for a Linux guest.
+    first record for a Linux guest (LINUX_SETTLE_S).  `on_start(tids, vmm_pid)` is called once, after it,
+    when the guest's measured work starts (the benchmark's runqueue probe, host latency and CPU accounting
+    start there): the test guest's WINDOW_START record, or with on_tids for a Linux guest.
     `on_end()` once at the window's end: the guest's first WINDOW_END record, or else when the first vCPU
     thread has ended (or the VM ended without any).
     Nothing polls the VM while it runs: the policy's counters come from `pyvmm boot --stats-out` at its end.
@@ -319,7 +319,7 @@ def run_vm(spec: RunSpec, on_tids=None, on_end=None, on_start=None) -> VmOutcome
     reader.start()
     vmm_pid = None
     own = sched_getattr(0)
-    window = ended = closed = False
+    window = ended = False
     on_end, on_start = _once(on_end), _once(on_start)
     try:
         sched_setattr(0, POLLER_ATTR)
@@ -341,17 +341,16 @@ def run_vm(spec: RunSpec, on_tids=None, on_end=None, on_start=None) -> VmOutcome
                 if on_tids:
                     on_tids(list(out.vcpu_tids.values()), vmm_pid)
             if window and (spec.kernel is not None or started.is_set()):
-                on_start()
-            if window and not closed and measured.is_set():
+                on_start(list(out.vcpu_tids.values()), vmm_pid)
+            if window and measured.is_set():
                 on_end()
-                closed = True
             if out.vcpu_tids and not ended and not all(os.path.exists(f"/proc/{vmm_pid}/task/{t}")
                                                       for t in out.vcpu_tids.values()):
                 ended = True
                 _vm_ending(proc.pid, on_end)
             if time.monotonic() - t0 > limit_s + 10:
                 raise TimeoutError(f"VM still running after {limit_s + 10:.0f} s")
-            if window and not closed:
+            if window and not measured.is_set():
                 measured.wait(0.02)  # ends the window as soon as the guest says so, not up to 20 ms later
             else:
                 time.sleep(0.02 if out.vcpu_tids else 0.005)
