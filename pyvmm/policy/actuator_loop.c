@@ -69,6 +69,7 @@ struct vcpu {
 };
 
 struct pvsched_actuator_loop {
+	pthread_mutex_t life;         /* start and stop, one caller at a time (pvsched_actuator_loop_stop) */
 	pthread_mutex_t lock;         /* everything below; never held across poll() */
 	pthread_t thread;
 	int started, stop;
@@ -458,6 +459,7 @@ struct pvsched_actuator_loop *pvsched_actuator_loop_new(int ringbuf_fd, int back
 		*err = errno;
 		return NULL;
 	}
+	pthread_mutex_init(&l->life, NULL);
 	pthread_mutex_init(&l->lock, NULL);
 	l->rb_fd = ringbuf_fd;
 	l->prog_fd = backstop_prog_fd;
@@ -587,9 +589,11 @@ int pvsched_actuator_loop_start(struct pvsched_actuator_loop *l, int prio)
 	uint64_t locked;
 	int rc;
 
+	pthread_mutex_lock(&l->life);
 	pthread_mutex_lock(&l->lock);
 	if (l->started) {
 		pthread_mutex_unlock(&l->lock);
+		pthread_mutex_unlock(&l->life);
 		return -EALREADY;
 	}
 	if (!l->stack) {
@@ -597,6 +601,7 @@ int pvsched_actuator_loop_start(struct pvsched_actuator_loop *l, int prio)
 		if (l->stack == MAP_FAILED) {
 			l->stack = NULL;
 			pthread_mutex_unlock(&l->lock);
+			pthread_mutex_unlock(&l->life);
 			return -ENOMEM;
 		}
 	}
@@ -616,14 +621,21 @@ int pvsched_actuator_loop_start(struct pvsched_actuator_loop *l, int prio)
 	if (rc)
 		l->info.running = 0;
 	pthread_mutex_unlock(&l->lock);
+	pthread_mutex_unlock(&l->life);
 	return -rc;
 }
 
+/* Stop and join the thread; idempotent, and safe from several threads at once.  Python's watcher stops the
+ * loop when the loop ended by itself while stop() or a test may be stopping it too: `life` lets one caller
+ * join and makes the others wait until it has, because a thread joined twice is undefined behaviour (glibc's
+ * second pthread_join waited forever). */
 void pvsched_actuator_loop_stop(struct pvsched_actuator_loop *l)
 {
+	pthread_mutex_lock(&l->life);
 	pthread_mutex_lock(&l->lock);
 	if (!l->started) {
 		pthread_mutex_unlock(&l->lock);
+		pthread_mutex_unlock(&l->life);
 		return;
 	}
 	l->stop = 1;
@@ -633,6 +645,7 @@ void pvsched_actuator_loop_stop(struct pvsched_actuator_loop *l)
 	pthread_mutex_lock(&l->lock);
 	l->started = 0;
 	pthread_mutex_unlock(&l->lock);
+	pthread_mutex_unlock(&l->life);
 }
 
 void pvsched_actuator_loop_info(struct pvsched_actuator_loop *l, struct pvsched_actuator_loop_info *out)
@@ -654,5 +667,6 @@ void pvsched_actuator_loop_free(struct pvsched_actuator_loop *l)
 	if (l->stack)
 		munmap(l->stack, PVSCHED_NATIVE_STACK);
 	pthread_mutex_destroy(&l->lock);
+	pthread_mutex_destroy(&l->life);
 	munmap(l, sizeof(*l));
 }

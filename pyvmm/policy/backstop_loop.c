@@ -51,6 +51,7 @@
 #define NSEC 1000000000LL
 
 struct pvsched_backstop_loop {
+	pthread_mutex_t life;       /* start and stop, one caller at a time (pvsched_backstop_loop_stop) */
 	pthread_mutex_t lock;
 	pthread_cond_t wake;        /* CLOCK_MONOTONIC */
 	pthread_t thread;
@@ -202,6 +203,7 @@ struct pvsched_backstop_loop *pvsched_backstop_loop_new(int prog_fd)
 	mlock(l, sizeof(*l));
 	l->prog_fd = prog_fd;
 	l->period_ns = NSEC / 50;
+	pthread_mutex_init(&l->life, NULL);
 	pthread_mutex_init(&l->lock, NULL);
 	pthread_condattr_init(&ca);
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
@@ -274,9 +276,11 @@ int pvsched_backstop_loop_start(struct pvsched_backstop_loop *l, int period_ms, 
 
 	if (period_ms <= 0)
 		return -EINVAL;
+	pthread_mutex_lock(&l->life);
 	pthread_mutex_lock(&l->lock);
 	if (l->started) {
 		pthread_mutex_unlock(&l->lock);
+		pthread_mutex_unlock(&l->life);
 		return -EALREADY;
 	}
 	l->period_ns = (int64_t)period_ms * 1000000;
@@ -292,14 +296,20 @@ int pvsched_backstop_loop_start(struct pvsched_backstop_loop *l, int period_ms, 
 	if (rc)
 		l->info.running = 0;
 	pthread_mutex_unlock(&l->lock);
+	pthread_mutex_unlock(&l->life);
 	return -rc;
 }
 
+/* Stop and join the thread; idempotent, and safe from several threads at once (the actuator's watcher and
+ * its stop() both stop this loop): `life` lets one caller join, because a thread joined twice is undefined
+ * behaviour (glibc's second pthread_join waited forever). */
 void pvsched_backstop_loop_stop(struct pvsched_backstop_loop *l)
 {
+	pthread_mutex_lock(&l->life);
 	pthread_mutex_lock(&l->lock);
 	if (!l->started) {
 		pthread_mutex_unlock(&l->lock);
+		pthread_mutex_unlock(&l->life);
 		return;
 	}
 	l->stop = 1;
@@ -309,6 +319,7 @@ void pvsched_backstop_loop_stop(struct pvsched_backstop_loop *l)
 	pthread_mutex_lock(&l->lock);
 	l->started = 0;
 	pthread_mutex_unlock(&l->lock);
+	pthread_mutex_unlock(&l->life);
 }
 
 void pvsched_backstop_loop_info(struct pvsched_backstop_loop *l, struct pvsched_backstop_loop_info *out)
@@ -326,5 +337,6 @@ void pvsched_backstop_loop_free(struct pvsched_backstop_loop *l)
 	pvsched_backstop_loop_set_heartbeat(l, NULL, -1);
 	pthread_cond_destroy(&l->wake);
 	pthread_mutex_destroy(&l->lock);
+	pthread_mutex_destroy(&l->life);
 	munmap(l, sizeof(*l));
 }
