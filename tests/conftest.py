@@ -30,6 +30,14 @@ def pytest_configure(config: pytest.Config) -> None:
     _stderr_fd = os.dup(2)
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Close the hang guard's copy of stderr."""
+    global _stderr_fd
+    if _stderr_fd >= 0:
+        os.close(_stderr_fd)
+        _stderr_fd = -1
+
+
 def _timeout_of(item: pytest.Item) -> float:
     """The test's pytest-timeout limit in seconds (its marker, else --timeout, else the ini's); 0: none."""
     m = item.get_closest_marker("timeout")
