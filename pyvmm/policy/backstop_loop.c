@@ -27,6 +27,14 @@
  * variable against CLOCK_MONOTONIC (so a new period or a stop takes effect at
  * once), and never catches up: a round that starts more than a period late
  * restarts the schedule from now, counted in `late`.
+ *
+ * The period is a mean: each gap is drawn from 0.75-1.25 of it.  A fixed
+ * grid phase-locks with a guest's own periodic timer (a 1 ms probe, a tick),
+ * and then every round lands in the same few microseconds after that vCPU
+ * wakes: on 2026-12-06 one busy-host boot had 248 of its 250 rounds preempt
+ * a boosted vCPU 63-78 us after its switch-in, for 39 us each (5% of that
+ * vCPU's samples), where other boots had 2-8.  The jitter leaves the mean
+ * cost as it was and spreads it over the guest's samples.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -68,6 +76,7 @@ struct pvsched_backstop_loop {
 	size_t rb_len;
 	unsigned long last_cons;
 	int64_t pending_since;      /* a record has been waiting since then (0: none waiting) */
+	uint64_t rng;               /* xorshift64 state of the rounds' jitter (never 0) */
 	int n;
 	struct pvsched_backstop_ctx ctx[PVSCHED_MAX_VCPUS];
 	struct pvsched_backstop_loop_info info;
@@ -84,6 +93,19 @@ static int64_t now_ns(void)
 static struct timespec to_ts(int64_t ns)
 {
 	return (struct timespec){ .tv_sec = ns / NSEC, .tv_nsec = ns % NSEC };
+}
+
+/* The gap to the next round: uniform in 0.75-1.25 of the period (under l->lock). */
+static int64_t next_gap(struct pvsched_backstop_loop *l)
+{
+	uint64_t x = l->rng;
+	int64_t spread = l->period_ns / 2;
+
+	x ^= x << 13;
+	x ^= x >> 7;
+	x ^= x << 17;
+	l->rng = x;
+	return l->period_ns - spread / 2 + (int64_t)(x % (uint64_t)(spread + 1));
 }
 
 /* Beat, unless a ring-buffer record has waited unconsumed for PVSCHED_BACKSTOP_HANG_MS (under l->lock). */
@@ -182,7 +204,7 @@ static void *loop_main(void *arg)
 				l->info.late++;
 				due = start;
 			}
-			due += l->period_ns;
+			due += next_gap(l);
 		}
 		heartbeat(l, now_ns());
 	}
@@ -284,6 +306,7 @@ int pvsched_backstop_loop_start(struct pvsched_backstop_loop *l, int period_ms, 
 		return -EALREADY;
 	}
 	l->period_ns = (int64_t)period_ms * 1000000;
+	l->rng = ((uint64_t)now_ns() ^ (uint64_t)(uintptr_t)l) | 1;
 	l->prio = prio;
 	l->stop = 0;
 	l->reschedule = 0;

@@ -32,8 +32,10 @@ Defaults and their reasons (the decisions they bound: pyvmm/policy/README.md, "D
 - clock_ms 5: period of the in-kernel throttle clock (a BPF timer), which
   catches a boosted vCPU that never switches out (a guest RT spinner): it may
   overrun its budget by up to clock_ms.
-- backstop_ms 20: period of the policy process's re-read of every slot (a
-  native thread at SCHED_FIFO 40, pyvmm/policy/backstop_loop.c): bounds how long a vCPU
+- backstop_ms 20: mean period of the policy process's re-read of every slot (a
+  native thread at SCHED_FIFO 40, pyvmm/policy/backstop_loop.c; each gap is
+  drawn from 0.75-1.25 of it, so that its rounds cannot phase-lock with a
+  guest's periodic timer): bounds, at 1.25x, how long a vCPU
   that never exits keeps a boost its guest no longer asks for, and is the
   throttle's fallback when the clock runs late (its softirq deferred to
   ksoftirqd, a SCHED_OTHER thread: stat clock_late).  Each wake-up preempts a
@@ -86,8 +88,8 @@ DESCRIPTIONS: dict[str, str] = {
     "boost_on_halt": "boost a halting vCPU and hold it while idle: auto (where an RT task waits, if the guest "
                      "reports it; else every halt), always (every halt; also true), never (false)",
     "clock_ms": "period of the in-kernel throttle clock (catches a boosted vCPU that never switches out)",
-    "backstop_ms": "period of the policy process's re-read of every slot (drops a boost no longer asked for; "
-                   "the throttle's fallback when the clock runs late)",
+    "backstop_ms": "mean period of the policy process's re-read of every slot, each gap 0.75-1.25x of it (drops "
+                   "a boost no longer asked for; the throttle's fallback when the clock runs late)",
     "vm_boost_share_pct": "share of all host CPUs' time per window that this VM's boosted vCPUs may take together "
                           "(1-100; 100: only the per-vCPU budget applies)",
     "debug": "0 off, 1 bpf_printk per decision, 2 per event (trace_pipe)",

@@ -75,6 +75,31 @@ def test_the_loop_rereads_slots_and_beats_while_python_sleeps(engine):
     assert eng.show()["stats"]["backstop"]["value"] >= seen["runs"], "the BPF program did not count the runs"
 
 
+def test_the_rounds_do_not_keep_one_phase(engine):
+    # A fixed 20 ms grid phase-locks with a guest's 1 ms timer, so that every round preempts the same vCPU
+    # at the same point of its wake-up; each gap is drawn from 0.75-1.25 of the period instead.  The rounds
+    # are seen through the heartbeat, which the loop writes at each round (at 20 ms, before its 100 ms beat).
+    _, eng, hb = engine
+    eng.set_tunables({"backstop_ms": "20"})
+    seen: list[float] = []
+
+    def body() -> None:
+        time.sleep(0.3)
+        last, end = hb.beats, time.monotonic() + 1.5
+        while time.monotonic() < end:
+            if (b := hb.beats) != last:
+                seen.append(time.monotonic())
+                last = b
+            time.sleep(0.0002)
+
+    _running(eng, body)
+    gaps = sorted((b - a) * 1000 for a, b in zip(seen, seen[1:]))
+    assert len(gaps) >= 40, gaps
+    median, iqr = gaps[len(gaps) // 2], gaps[3 * len(gaps) // 4] - gaps[len(gaps) // 4]
+    # uniform over 15-25 ms: median 20, interquartile range 5; a fixed grid's is the poll's noise (< 1 ms)
+    assert 16 <= median <= 24 and iqr >= 2.5, (median, iqr, gaps)
+
+
 def test_a_stuck_actuator_stops_the_heartbeat_and_a_recovered_one_restarts_it(engine):
     vmm, eng, hb = engine
     tid = vmm.tids[0]
