@@ -25,8 +25,9 @@ def test_hang_target():
 
 def test_a_hang_the_signal_cannot_end_ends_the_run_with_every_stack():
     env = {**os.environ, TARGET: "1", "PVSCHED_TEST_HANG_GRACE_S": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          "tests/test_hang_guard.py::test_hang_target"], cwd=ROOT, env=env,
+    p = subprocess.Popen([sys.executable, "-I", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT),
+                          "-c", str(ROOT / "pyproject.toml"), f"{ROOT}/tests/test_hang_guard.py::test_hang_target"],
+                         cwd="/", env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = p.communicate(timeout=60)  # without the guard: the target's whole 120 s sleep
