@@ -25,15 +25,9 @@ def test_hang_target():
 
 def test_a_hang_the_signal_cannot_end_ends_the_run_with_every_stack():
     env = {**os.environ, TARGET: "1", "PVSCHED_TEST_HANG_GRACE_S": "1"}
-    p = subprocess.Popen([sys.executable, "-I", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT),
-                          "-c", str(ROOT / "pyproject.toml"), f"{ROOT}/tests/test_hang_guard.py::test_hang_target"],
-                         cwd="/", env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = p.communicate(timeout=60)  # without the guard: the target's whole 120 s sleep
-    finally:
-        if p.poll() is None:
-            os.kill(p.pid, signal.SIGKILL)
-            p.wait()
-    assert p.returncode == 1, (p.returncode, out[-1000:], err[-1000:])
-    assert "Timeout (0:00:02)!" in err and "in test_hang_target" in err, err[-2000:]
+    # bounded: without the guard, the target's whole 120 s sleep (subprocess.run SIGKILLs it by PID)
+    p = subprocess.run([sys.executable, "-I", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT),
+                        "-c", str(ROOT / "pyproject.toml"), f"{ROOT}/tests/test_hang_guard.py::test_hang_target"],
+                       cwd="/", env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1, (p.returncode, p.stdout[-1000:], p.stderr[-1000:])
+    assert "Timeout (0:00:02)!" in p.stderr and "in test_hang_target" in p.stderr, p.stderr[-2000:]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 
@@ -45,16 +43,11 @@ print("rounds", rounds)
 def test_concurrent_stops_of_the_native_loops_return(fake_vmm, bpf_object, pin_root):
     vmm = fake_vmm(1)
     rounds = 100
-    p = subprocess.Popen([sys.executable, "-I", "-c", RACE, str(vmm.pid), str(pin_root), str(rounds)], cwd="/",
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # subprocess.run SIGKILLs the child by its PID when the timeout passes
     try:
-        out, err = p.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.kill(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
-        raise AssertionError(f"a stop of a native loop hung (a thread joined twice?); stderr: {err[-2000:]}")
-    finally:
-        if p.poll() is None:
-            os.kill(p.pid, signal.SIGKILL)
-            p.wait()
-    assert p.returncode == 0 and out.split() == ["rounds", str(rounds)], f"rc {p.returncode}: {err[-2000:]}"
+        p = subprocess.run([sys.executable, "-I", "-c", RACE, str(vmm.pid), str(pin_root), str(rounds)], cwd="/",
+                           capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+        raise AssertionError(f"a stop of a native loop hung (a thread joined twice?); stderr: {err[-2000:]}") from None
+    assert p.returncode == 0 and p.stdout.split() == ["rounds", str(rounds)], f"rc {p.returncode}: {p.stderr[-2000:]}"
