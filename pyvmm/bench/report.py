@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pyvmm.bench.results import LOCK, MIXED, PRIMARY, TICKING, static_rt_harm, targets
+from pyvmm.bench.results import LOCK, MIXED, PRIMARY, RESOLVE_LEVEL, TICKING, static_rt_harm, targets
 from pyvmm.common.safe_fs import write_file_nofollow
 
 
@@ -87,12 +87,18 @@ def lock_table(rows: list[dict]) -> str:
 
 
 def target_lines(rows: list[dict]) -> list[str]:
-    """One line per target: PASS/MISS (or n/a when a needed cell was not measured), value and limit."""
+    """One line per target: PASS/MISS (or n/a when a needed cell was not measured), value and limit, and with
+    several repetitions how far from the limit the verdict is and whether the repetitions resolve it."""
     out = []
     for t in targets(rows):
         verdict = {True: "PASS", False: "MISS", None: "n/a "}[t["ok"]]
-        out.append(f"{verdict}  {t['name']}: {_fmt(t['value'], 3 if (t['value'] or 0) < 10 else 0)}"
-                   f" (limit {_fmt(t['limit'], 3 if (t['limit'] or 0) < 10 else 0)})")
+        line = (f"{verdict}  {t['name']}: {_fmt(t['value'], 3 if (t['value'] or 0) < 10 else 0)}"
+                f" (limit {_fmt(t['limit'], 3 if (t['limit'] or 0) < 10 else 0)})")
+        if t.get("interval"):
+            lo, hi = t["interval"]
+            line += (f"; {t['value'] / t['limit']:.3g} x limit, {RESOLVE_LEVEL:.0%} resampled {lo:.3g}-{hi:.3g}"
+                     + ("" if t["resolved"] else ", not resolved"))
+        out.append(line)
     harm = static_rt_harm(rows)
     for wl, h in harm.items():
         if h["stress_rel"] is not None or h["host_cyclictest_max"] is not None:
@@ -151,7 +157,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
            "", lock_table(rows), ""] if lock_table(rows) else []),
         *(["What the policy's BPF costs per host context switch (bpf_stats):", "", "```",
             *switch_cost_lines(rows, meta), "```", ""] if switch_cost_lines(rows, meta) else []),
-        "Targets (medians; printed, not asserted):",
+        ("Targets (medians; printed, not asserted). With several repetitions each line adds the value as a multiple "
+         f"of the limit and the {RESOLVE_LEVEL:.0%} interval of that multiple over the repetitions resampled; "
+         "\"not resolved\" when the interval holds 1, where another run of the same code can turn the verdict:"),
         "",
         "```",
         *target_lines(rows),

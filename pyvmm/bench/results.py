@@ -5,6 +5,7 @@ Pure functions only: no processes, no files; tests drive them with made-up recor
 
 from __future__ import annotations
 
+import random
 import statistics
 from collections.abc import Iterable
 
@@ -315,7 +316,7 @@ def config_label(config: str, variant: str | None) -> str:
 
 
 def summarize(records: Iterable[dict]) -> list[dict]:
-    """One row per (workload, host, config): median, min and max over repetitions of every metric.
+    """One row per (workload, host, config): median, min, max and the values over repetitions of every metric.
 
     A record of a pvsched variant (bench --variant) gets its own row, config "pvsched NAME"; the targets
     read the plain "pvsched" row only."""
@@ -336,78 +337,126 @@ def summarize(records: Iterable[dict]) -> list[dict]:
         row: dict = {"workload": wl, "host": host, "config": config_label(config, variant), "reps": len(rs)}
         for m in METRICS:
             vals = [v for r in rs if (v := get(r, m)) is not None]
-            row[m] = ({"median": statistics.median(vals), "min": min(vals), "max": max(vals)} if vals else None)
+            row[m] = ({"median": statistics.median(vals), "min": min(vals), "max": max(vals), "values": vals}
+                      if vals else None)
         rows.append(row)
     return rows
 
 
 def cell(rows: list[dict], config: str, host: str, metric: str, workload: str = PRIMARY) -> float | None:
     """The median of one metric in one summary cell, None when not measured."""
+    vals = cell_values(rows, config, host, metric, workload)
+    return statistics.median(vals) if vals else None
+
+
+def cell_values(rows: list[dict], config: str, host: str, metric: str, workload: str = PRIMARY) -> list[float]:
+    """One metric's value in each repetition of one summary cell, [] when not measured."""
     for r in rows:
         if (r["config"], r["host"], r["workload"]) == (config, host, workload) and r.get(metric):
-            return r[metric]["median"]
-    return None
+            return list(r[metric].get("values") or [r[metric]["median"]])
+    return []
+
+
+RESOLVE_LEVEL = 0.90   # the resampling interval printed next to each verdict
+RESOLVE_DRAWS = 4000
+
+
+def resolve(value: list[float], basis: list[float] | None, factor: float, draws: int = RESOLVE_DRAWS,
+            seed: int = 0) -> tuple[float, float] | None:
+    """The RESOLVE_LEVEL interval of median(value) / (factor x median(basis)), resampling both cells' repetitions.
+
+    `basis` None means a constant limit `factor`.  A verdict whose interval holds 1 is not resolved: the
+    repetitions' spread is wider than the distance to the limit, and another run of the same code can turn
+    it (docs/benchmarks.md, "What a 5-repetition verdict resolves").  None with fewer than 2 repetitions a side."""
+    if len(value) < 2 or (basis is not None and len(basis) < 2):
+        return None
+    rng = random.Random(seed)  # the same records print the same interval
+    ratios = []
+    for _ in range(draws):
+        lim = factor * statistics.median(rng.choices(basis, k=len(basis))) if basis is not None else factor
+        if lim <= 0:
+            return None
+        ratios.append(statistics.median(rng.choices(value, k=len(value))) / lim)
+    ratios.sort()
+    tail = (1 - RESOLVE_LEVEL) / 2
+    return ratios[int(tail * draws)], ratios[min(draws - 1, int((1 - tail) * draws))]
 
 
 def targets(rows: list[dict]) -> list[dict]:
-    """The benchmark's targets on the summary medians: {"name","value","limit","ok"} (ok None when not measurable)."""
+    """The benchmark's targets on the summary medians: {"name","value","limit","ok","interval","resolved"}.
+
+    ok is None when a needed cell was not measured.  "interval" is resolve()'s interval of value/limit
+    (None with a single repetition), and "resolved" says whether it lies wholly on one side of the limit."""
     out = []
 
-    def add(name: str, value: float | None, limit: float | None, higher_is_better: bool = False) -> None:
-        ok = None
-        if value is not None and limit is not None:
-            ok = value >= limit if higher_is_better else value <= limit
-        out.append({"name": name, "value": value, "limit": limit, "ok": ok})
+    def add(name: str, value: tuple, basis: tuple | None, factor: float, higher_is_better: bool = False) -> None:
+        """Target `value` (a cell's key) <= (or >=) factor x the median of cell `basis`, or factor itself."""
+        vals = cell_values(rows, *value)
+        base = cell_values(rows, *basis) if basis is not None else None
+        v = statistics.median(vals) if vals else None
+        if base is None:
+            limit: float | None = factor
+        else:
+            limit = factor * statistics.median(base) if base else None
+        ok = interval = resolved = None
+        if v is not None and limit is not None:
+            ok = v >= limit if higher_is_better else v <= limit
+            interval = resolve(vals, base, factor)
+            resolved = None if interval is None else not interval[0] <= 1 <= interval[1]
+        out.append({"name": name, "value": v, "limit": limit, "ok": ok, "interval": interval, "resolved": resolved})
 
-    def scaled(v: float | None, f: float) -> float | None:
-        return None if v is None else v * f
+    def add_fixed(name: str, value: tuple, limit: float, higher_is_better: bool = True) -> None:
+        """A metric relative to vanilla's (stress_rel, host_load_rel) against a fixed limit, where vanilla ran."""
+        if cell(rows, "vanilla", "busy", value[2], value[3]) is None:
+            out.append({"name": name, "value": cell(rows, *value), "limit": None, "ok": None, "interval": None,
+                        "resolved": None})
+        else:
+            add(name, value, None, limit, higher_is_better)
 
     # The primary targets read the test guest's probe rows, or cyclictest's in a Linux-guest run.
     main = LINUX if not any(r["workload"] == PRIMARY for r in rows) and any(r["workload"] == LINUX for r in rows) \
         else PRIMARY
-    pv_p99 = cell(rows, "pvsched", "busy", "guest.p99", main)
-    add("busy pvsched guest p99 <= 1.1 x static-rt busy p99", pv_p99,
-        scaled(cell(rows, "static-rt", "busy", "guest.p99", main), 1.1))
-    add("busy pvsched guest p99 <= 1.5 x vanilla idle p99", pv_p99,
-        scaled(cell(rows, "vanilla", "idle", "guest.p99", main), 1.5))
-    add("busy pvsched guest p99 <= 1/5 x vanilla busy p99", pv_p99,
-        scaled(cell(rows, "vanilla", "busy", "guest.p99", main), 0.2))
-    add("busy pvsched guest max <= 1/10 x vanilla busy max", cell(rows, "pvsched", "busy", "guest.max", main),
-        scaled(cell(rows, "vanilla", "busy", "guest.max", main), 0.1))
-    add("busy pvsched guest max <= 1/10 x vanilla busy max, runs without steal", cell(rows, "pvsched", "busy", "calm.guest_max", main),
-        scaled(cell(rows, "vanilla", "busy", "calm.guest_max", main), 0.1))
-    add("busy pvsched host stress-ng throughput >= 0.95 x vanilla", cell(rows, "pvsched", "busy", "stress_rel", main),
-        0.95 if cell(rows, "vanilla", "busy", "stress_rel", main) is not None else None, higher_is_better=True)
+    pv_p99 = ("pvsched", "busy", "guest.p99", main)
+    add("busy pvsched guest p99 <= 1.1 x static-rt busy p99", pv_p99, ("static-rt", "busy", "guest.p99", main), 1.1)
+    add("busy pvsched guest p99 <= 1.5 x vanilla idle p99", pv_p99, ("vanilla", "idle", "guest.p99", main), 1.5)
+    add("busy pvsched guest p99 <= 1/5 x vanilla busy p99", pv_p99, ("vanilla", "busy", "guest.p99", main), 0.2)
+    add("busy pvsched guest max <= 1/10 x vanilla busy max", ("pvsched", "busy", "guest.max", main),
+        ("vanilla", "busy", "guest.max", main), 0.1)
+    add("busy pvsched guest max <= 1/10 x vanilla busy max, runs without steal",
+        ("pvsched", "busy", "calm.guest_max", main), ("vanilla", "busy", "calm.guest_max", main), 0.1)
+    add_fixed("busy pvsched host stress-ng throughput >= 0.95 x vanilla", ("pvsched", "busy", "stress_rel", main), 0.95)
     # "No worse than vanilla", with 10% for run-to-run noise of a max over a few seconds.
-    add("busy pvsched host cyclictest max <= 1.1 x vanilla", cell(rows, "pvsched", "busy", "host_cyclictest.max", main),
-        scaled(cell(rows, "vanilla", "busy", "host_cyclictest.max", main), 1.1))
+    add("busy pvsched host cyclictest max <= 1.1 x vanilla", ("pvsched", "busy", "host_cyclictest.max", main),
+        ("vanilla", "busy", "host_cyclictest.max", main), 1.1)
     add("busy pvsched host cyclictest max <= 1.1 x vanilla, runs without steal",
-        cell(rows, "pvsched", "busy", "calm.host_cyclictest_max", main),
-        scaled(cell(rows, "vanilla", "busy", "calm.host_cyclictest_max", main), 1.1))
-    add("mixed guest (probe,busy): pvsched host throughput >= 0.95 x vanilla",
-        cell(rows, "pvsched", "busy", "stress_rel", MIXED),
-        0.95 if cell(rows, "vanilla", "busy", "stress_rel", MIXED) is not None else None, higher_is_better=True)
+        ("pvsched", "busy", "calm.host_cyclictest_max", main), ("vanilla", "busy", "calm.host_cyclictest_max", main),
+        1.1)
+    add_fixed("mixed guest (probe,busy): pvsched host throughput >= 0.95 x vanilla",
+              ("pvsched", "busy", "stress_rel", MIXED), 0.95)
     # The same targets on the host load's CPU time, which is what the scheduling decides and, unlike
     # bogo-ops over a few seconds of file I/O and page faults, steady from run to run.
     for wl, label in ((main, "busy"), (MIXED, "mixed guest (probe,busy):"), (TICKING, "tick guest (probe,tick):")):
-        add(f"{label} pvsched host load CPU time >= 0.95 x vanilla", cell(rows, "pvsched", "busy", "host_load_rel", wl),
-            0.95 if cell(rows, "vanilla", "busy", "host_load_rel", wl) is not None else None, higher_is_better=True)
+        add_fixed(f"{label} pvsched host load CPU time >= 0.95 x vanilla", ("pvsched", "busy", "host_load_rel", wl),
+                  0.95)
     # Lock-holder preemption (the lock group): "guest" is there the acquisition wait.
-    lock_p99 = cell(rows, "pvsched", "busy", "guest.p99", LOCK)
-    add("lock guest: busy pvsched wait p99 <= 1/10 x vanilla busy", lock_p99,
-        scaled(cell(rows, "vanilla", "busy", "guest.p99", LOCK), 0.1))
-    add("lock guest: busy pvsched wait p99 <= 1.2 x static-rt busy", lock_p99,
-        scaled(cell(rows, "static-rt", "busy", "guest.p99", LOCK), 1.2))
+    lock_p99 = ("pvsched", "busy", "guest.p99", LOCK)
+    add("lock guest: busy pvsched wait p99 <= 1/10 x vanilla busy", lock_p99, ("vanilla", "busy", "guest.p99", LOCK),
+        0.1)
+    add("lock guest: busy pvsched wait p99 <= 1.2 x static-rt busy", lock_p99, ("static-rt", "busy", "guest.p99", LOCK),
+        1.2)
     # Most acquisitions wait under a microsecond whatever the host does: a preempted holder shows in the max.
-    add("lock guest: busy pvsched wait max <= 1/10 x vanilla busy", cell(rows, "pvsched", "busy", "guest.max", LOCK),
-        scaled(cell(rows, "vanilla", "busy", "guest.max", LOCK), 0.1))
-    add("lock guest: busy pvsched acquisitions/s >= 0.9 x static-rt", cell(rows, "pvsched", "busy", "lock_acq_per_s", LOCK),
-        scaled(cell(rows, "static-rt", "busy", "lock_acq_per_s", LOCK), 0.9), higher_is_better=True)
-    add("lock guest: busy pvsched host load CPU time >= 0.95 x vanilla",
-        cell(rows, "pvsched", "busy", "host_load_rel", LOCK),
-        0.95 if cell(rows, "vanilla", "busy", "host_load_rel", LOCK) is not None else None, higher_is_better=True)
-    lock_throttles = cell(rows, "pvsched", "busy", "policy.throttles", LOCK)
-    add("lock guest: busy pvsched throttles == 0", lock_throttles, 0 if lock_throttles is not None else None)
+    add("lock guest: busy pvsched wait max <= 1/10 x vanilla busy", ("pvsched", "busy", "guest.max", LOCK),
+        ("vanilla", "busy", "guest.max", LOCK), 0.1)
+    add("lock guest: busy pvsched acquisitions/s >= 0.9 x static-rt", ("pvsched", "busy", "lock_acq_per_s", LOCK),
+        ("static-rt", "busy", "lock_acq_per_s", LOCK), 0.9, higher_is_better=True)
+    add_fixed("lock guest: busy pvsched host load CPU time >= 0.95 x vanilla",
+              ("pvsched", "busy", "host_load_rel", LOCK), 0.95)
+    lock_throttles = ("pvsched", "busy", "policy.throttles", LOCK)
+    if cell(rows, *lock_throttles) is None:
+        out.append({"name": "lock guest: busy pvsched throttles == 0", "value": None, "limit": None, "ok": None,
+                    "interval": None, "resolved": None})
+    else:
+        add("lock guest: busy pvsched throttles == 0", lock_throttles, None, 0)
     return out
 
 
