@@ -406,7 +406,9 @@ def targets(rows: list[dict]) -> list[dict]:
         out.append({"name": name, "value": v, "limit": limit, "ok": ok, "interval": interval, "resolved": resolved})
 
     def add_fixed(name: str, value: tuple, limit: float, higher_is_better: bool = True) -> None:
-        """A metric relative to vanilla's (stress_rel, host_load_rel) against a fixed limit, where vanilla ran."""
+        """A metric relative to vanilla's (stress_rel, host_load_rel) against a fixed limit, where vanilla ran.
+
+        Each repetition's value is already divided by vanilla's median, so its interval resamples this cell only."""
         if cell(rows, "vanilla", "busy", value[2], value[3]) is None:
             out.append({"name": name, "value": cell(rows, *value), "limit": None, "ok": None, "interval": None,
                         "resolved": None})
