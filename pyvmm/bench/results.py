@@ -389,6 +389,10 @@ def targets(rows: list[dict]) -> list[dict]:
     (None with a single repetition), and "resolved" says whether it lies wholly on one side of the limit."""
     out = []
 
+    def unmeasured(name: str, value: tuple) -> None:
+        out.append({"name": name, "value": cell(rows, *value), "limit": None, "ok": None, "interval": None,
+                    "resolved": None})
+
     def add(name: str, value: tuple, basis: tuple | None, factor: float, higher_is_better: bool = False) -> None:
         """Target `value` (a cell's key) <= (or >=) factor x the median of cell `basis`, or factor itself."""
         vals = cell_values(rows, *value)
@@ -410,8 +414,7 @@ def targets(rows: list[dict]) -> list[dict]:
 
         Each repetition's value is already divided by vanilla's median, so its interval resamples this cell only."""
         if cell(rows, "vanilla", "busy", value[2], value[3]) is None:
-            out.append({"name": name, "value": cell(rows, *value), "limit": None, "ok": None, "interval": None,
-                        "resolved": None})
+            unmeasured(name, value)
         else:
             add(name, value, None, limit, higher_is_better)
 
@@ -455,8 +458,7 @@ def targets(rows: list[dict]) -> list[dict]:
               ("pvsched", "busy", "host_load_rel", LOCK), 0.95)
     lock_throttles = ("pvsched", "busy", "policy.throttles", LOCK)
     if cell(rows, *lock_throttles) is None:
-        out.append({"name": "lock guest: busy pvsched throttles == 0", "value": None, "limit": None, "ok": None,
-                    "interval": None, "resolved": None})
+        unmeasured("lock guest: busy pvsched throttles == 0", lock_throttles)
     else:
         add("lock guest: busy pvsched throttles == 0", lock_throttles, None, 0)
     return out
