@@ -10,9 +10,15 @@ its local APIC.
 
 The lab's script runs this with its other CPUs offline, so that each key is flipped once while only one
 CPU runs, and the keys then stay on for the lab's life: an attach or a VM later only counts up and down
-above zero, which rewrites no text.  What it holds:
-- the ftrace events of the tracepoints the policy and the bench attach to, with tracing off (each then
-  costs a call that finds the ring buffer off);
+above zero, which rewrites no text.  A tracepoint rewrites text at one more count: its static call
+jumps straight to its probe while it has one, and to its iterator from two probes on, and every call
+site is patched at 1 <-> 2 (tracepoint_add_func() and tracepoint_remove_func()).  One held probe left
+each policy attach and detach patching sched_switch's call sites under the other CPU's feet.  What it
+holds:
+- the ftrace events of the tracepoints the policy and the bench attach to, twice: in the top trace
+  array and in a tracefs instance of its own, each with tracing off.  Each array registers its own
+  probe, so every tracepoint starts at two, where a BPF attach or detach only moves the count above two.
+  Each costs a call that finds its ring buffer off;
 - BPF run-time statistics (`kernel.bpf_stats_enabled`, which the policy turns on anyway while it lives);
 - a KVM VM with an in-kernel irqchip and one vCPU that never runs (the preempt notifiers' key, and the
   local APIC's hw/sw-disabled keys, which its APIC keeps counted).
@@ -38,14 +44,27 @@ EVENTS = ("sched/sched_switch", "sched/sched_wakeup", "sched/sched_wakeup_new", 
           "kvm/kvm_inj_virq")
 
 
+INSTANCE = "pyvmm-keys"  # the second trace array, under TRACEFS/instances
+
+
+def _enable(array: Path) -> None:
+    """Tracing off in one trace array, then every event in EVENTS on in it."""
+    (array / "tracing_on").write_text("0\n")
+    for e in EVENTS:
+        (array / "events" / e / "enable").write_text("1\n")
+
+
 def hold_events(tracefs: Path = TRACEFS) -> None:
-    """Tracing off, then every event in EVENTS on (raises OSError naming the file)."""
+    """Every event in EVENTS on, tracing off, in the top trace array and in INSTANCE: two probes on each
+    tracepoint (raises OSError naming the file)."""
     if not (tracefs / "tracing_on").exists():
         if subprocess.run(["mount", "-t", "tracefs", "nodev", str(tracefs)], stdin=subprocess.DEVNULL).returncode:
             raise OSError(f"cannot mount tracefs on {tracefs}")
-    (tracefs / "tracing_on").write_text("0\n")
-    for e in EVENTS:
-        (tracefs / "events" / e / "enable").write_text("1\n")
+    _enable(tracefs)
+    inst = tracefs / "instances" / INSTANCE
+    inst.mkdir(exist_ok=True)  # tracefs fills it in: its own events/, tracing_on and buffer
+    (inst / "buffer_size_kb").write_text("4\n")  # never written to (tracing off): the smallest buffer will do
+    _enable(inst)
 
 
 def hold_vm() -> list[int]:

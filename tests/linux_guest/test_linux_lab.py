@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from pyvmm import lab, lab_keys
+
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("qemu-system-x86_64") is None
@@ -50,6 +52,19 @@ def run_lab(args: list[str], timeout: float) -> subprocess.CompletedProcess:
         kill_group()
         p.wait()
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.skipif(lab.host_has_hw_virt(), reason="the lab holds the kernel's keys only under QEMU TCG")
+def test_no_attach_in_the_lab_rewrites_a_tracepoints_call_sites():
+    """Under TCG a text rewrite of code the lab's other CPU runs hung the lab (pyvmm/lab_keys.py).  Every
+    tracepoint the policy and the bench attach to must already have two probes, so that its static call
+    jumps to its iterator and an attach or a detach leaves its call sites alone."""
+    tps = [e.split("/")[1] for e in lab_keys.EVENTS]
+    r = run_lab(["--", sys.executable, "-I", str(ROOT / "tests" / "linux_guest" / "static_calls.py"), *tps], 360)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = dict(line.split(" -> ") for line in r.stdout.splitlines() if " -> " in line)
+    assert got == {tp: f"__traceiter_{tp}" for tp in tps}
 
 
 def lab_boots(tmp_path: Path, boots: list[tuple[Path, Path, str]], timeout: float, extra: str = "",

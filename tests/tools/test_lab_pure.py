@@ -51,9 +51,15 @@ def test_the_key_holder_turns_on_every_event_the_programs_attach_to_with_tracing
     (tmp_path / "tracing_on").write_text("1\n")
     for e in lab_keys.EVENTS:
         (tmp_path / "events" / e).mkdir(parents=True)
+    inst = tmp_path / "instances" / lab_keys.INSTANCE
+    for e in lab_keys.EVENTS:  # what tracefs makes for a new instance
+        (inst / "events" / e).mkdir(parents=True)
     lab_keys.hold_events(tmp_path)
-    assert (tmp_path / "tracing_on").read_text() == "0\n"
-    assert all((tmp_path / "events" / e / "enable").read_text() == "1\n" for e in lab_keys.EVENTS)
+    # two trace arrays, so two probes on each tracepoint: an attach then never patches its static call
+    for array in (tmp_path, inst):
+        assert (array / "tracing_on").read_text() == "0\n"
+        assert all((array / "events" / e / "enable").read_text() == "1\n" for e in lab_keys.EVENTS)
+    assert (inst / "buffer_size_kb").read_text() == "4\n"
     root = Path(__file__).resolve().parents[2]
     attached = set()
     for src in [*root.glob("pyvmm/policy/*.bpf.c"), *root.glob("pyvmm/bench/bpf/*.bpf.c")]:
