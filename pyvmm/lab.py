@@ -77,8 +77,8 @@ OTHER_CPUS = "for c in /sys/devices/system/cpu/cpu[1-9]*/online; do [ -e \"$c\" 
 def guest_script(argv: list[str], cwd: str, path: str, hold_keys: bool = False) -> str:
     """The shell the lab's guest runs: load KVM, mount bpffs, then run COMMAND in cwd with PATH.
 
-    hold_keys (under TCG): first turn on, with one CPU online, the static keys a pyvmm boot flips, and
-    keep them on (pyvmm/lab_keys.py); after COMMAND, take the other CPUs offline again, so that the
+    hold_keys (under TCG): first turn on, with one CPU online, the static keys and static calls a pyvmm boot
+    flips, and keep them on (pyvmm/lab_keys.py); after COMMAND, take the other CPUs offline again, so that the
     holder's end at power-off flips them back with one CPU running too."""
     lines = [
         # kvm_amd under TCG's nested SVM; kvm_intel where QEMU runs on KVM over a VMX host.
