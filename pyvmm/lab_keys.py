@@ -13,8 +13,9 @@ CPU runs, and the keys then stay on for the lab's life: an attach or a VM later 
 above zero, which rewrites no text.  A tracepoint rewrites text at one more count: its static call
 jumps straight to its probe while it has one, and to its iterator from two probes on, and every call
 site is patched at 1 <-> 2 (tracepoint_add_func() and tracepoint_remove_func()).  One held probe left
-each policy attach and detach patching sched_switch's call sites under the other CPU's feet.  What it
-holds:
+each policy attach and detach patching the call sites of sched_process_exit and of the kvm tracepoints
+under the other CPU's feet (sched_switch and sched_wakeup have a second probe from ftrace's command-line
+recorder while any event is on).  What it holds:
 - the ftrace events of the tracepoints the policy and the bench attach to, twice: in the top trace
   array and in a tracefs instance of its own, each with tracing off.  Each array registers its own
   probe, so every tracepoint starts at two, where a BPF attach or detach only moves the count above two.
