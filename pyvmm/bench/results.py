@@ -345,8 +345,10 @@ def summarize(records: Iterable[dict]) -> list[dict]:
 
 def cell(rows: list[dict], config: str, host: str, metric: str, workload: str = PRIMARY) -> float | None:
     """The median of one metric in one summary cell, None when not measured."""
-    vals = cell_values(rows, config, host, metric, workload)
-    return statistics.median(vals) if vals else None
+    for r in rows:
+        if (r["config"], r["host"], r["workload"]) == (config, host, workload) and r.get(metric):
+            return r[metric]["median"]
+    return None
 
 
 def cell_values(rows: list[dict], config: str, host: str, metric: str, workload: str = PRIMARY) -> list[float]:
@@ -395,17 +397,17 @@ def targets(rows: list[dict]) -> list[dict]:
 
     def add(name: str, value: tuple, basis: tuple | None, factor: float, higher_is_better: bool = False) -> None:
         """Target `value` (a cell's key) <= (or >=) factor x the median of cell `basis`, or factor itself."""
-        vals = cell_values(rows, *value)
-        base = cell_values(rows, *basis) if basis is not None else None
-        v = statistics.median(vals) if vals else None
-        if base is None:
+        v = cell(rows, *value)
+        if basis is None:
             limit: float | None = factor
         else:
-            limit = factor * statistics.median(base) if base else None
+            base = cell(rows, *basis)
+            limit = None if base is None else factor * base
         ok = interval = resolved = None
         if v is not None and limit is not None:
             ok = v >= limit if higher_is_better else v <= limit
-            interval = resolve(vals, base, factor)
+            interval = resolve(cell_values(rows, *value), cell_values(rows, *basis) if basis is not None else None,
+                               factor)
             resolved = None if interval is None else not interval[0] <= 1 <= interval[1]
         out.append({"name": name, "value": v, "limit": limit, "ok": ok, "interval": interval, "resolved": resolved})
 
