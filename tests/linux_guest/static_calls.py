@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 import sys
+from typing import BinaryIO
 
 from elftools.elf.elffile import ELFFile
 
@@ -25,20 +26,19 @@ def kallsyms() -> dict[str, int]:
     return out
 
 
-def read_kernel(addr: int, n: int) -> bytes:
+def read_kernel(kcore: BinaryIO, segments: list, addr: int, n: int) -> bytes:
     """n bytes of kernel memory at addr, through /proc/kcore's load segments."""
-    with open("/proc/kcore", "rb") as f:
-        for seg in ELFFile(f).iter_segments():
-            if seg["p_type"] == "PT_LOAD" and seg["p_vaddr"] <= addr < seg["p_vaddr"] + seg["p_memsz"]:
-                f.seek(seg["p_offset"] + addr - seg["p_vaddr"])
-                return f.read(n)
+    for seg in segments:
+        if seg["p_vaddr"] <= addr < seg["p_vaddr"] + seg["p_memsz"]:
+            kcore.seek(seg["p_offset"] + addr - seg["p_vaddr"])
+            return kcore.read(n)
     raise OSError(f"{addr:#x} is in no segment of /proc/kcore")
 
 
-def target(tp: str, syms: dict[str, int], names: dict[int, str]) -> str:
+def target(tp: str, syms: dict[str, int], names: dict[int, str], kcore: BinaryIO, segments: list) -> str:
     """The symbol tracepoint tp's static call jumps to, or what its trampoline holds instead."""
     tramp = syms[f"__SCT__tp_func_{tp}"]
-    code = read_kernel(tramp, 5)
+    code = read_kernel(kcore, segments, tramp, 5)
     if code[0] != JMP_REL32:
         return f"not a jmp: {code.hex()}"
     dst = tramp + 5 + struct.unpack("<i", code[1:5])[0]
@@ -50,8 +50,10 @@ def main(tps: list[str]) -> int:
     try:
         syms = kallsyms()
         names = {a: n for n, a in syms.items()}
-        for tp in tps:
-            print(f"{tp} -> {target(tp, syms, names)}")
+        with open("/proc/kcore", "rb") as kcore:  # its headers read once, for every tracepoint
+            segments = [seg for seg in ELFFile(kcore).iter_segments() if seg["p_type"] == "PT_LOAD"]
+            for tp in tps:
+                print(f"{tp} -> {target(tp, syms, names, kcore, segments)}")
     except (OSError, KeyError) as e:
         print(f"static_calls: cannot read the kernel's static calls: {e}", file=sys.stderr)
         return 1
