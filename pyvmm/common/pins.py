@@ -53,7 +53,10 @@ def remove_stale_pins(pin_root: str = PIN_ROOT) -> list[int]:
         for name in os.listdir(fd):
             if not name.isdigit():
                 continue
-            st = os.lstat(name, dir_fd=fd)
+            try:
+                st = os.lstat(name, dir_fd=fd)
+            except FileNotFoundError:
+                continue  # another VMM's policy process, starting too, removed it first
             if not stat.S_ISDIR(st.st_mode):
                 log.warning("pvsched: %s/%s is not a pin folder (%s): left alone", pin_root, name,
                             "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory")

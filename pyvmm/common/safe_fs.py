@@ -103,7 +103,10 @@ def remove_tree_nofollow(path: str | os.PathLike[str], dir_fd: int | None = None
         raise UnsafePathError(errno.ELOOP, f"{path} is a symlink: refusing to delete through it")
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafePathError(errno.ENOTDIR, f"{path} is not a directory")
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return  # removed since the lstat: by a concurrent remover, which is not an error either
     try:
         for name in os.listdir(fd):
             try:

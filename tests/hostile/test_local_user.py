@@ -5,6 +5,7 @@ folder, and the control socket.  Each test attacks one boundary with the real co
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -71,6 +72,30 @@ def test_remove_stale_pins_removes_only_real_folders_of_dead_vmms(tmp_path: Path
     assert remove_stale_pins(str(root)) == [_gone_pid() + 1]
     assert (victim / "precious").read_text() == "keep me"
     assert (root / str(os.getpid())).is_dir(), "a live VMM's folder was removed"
+
+
+def _remove_stale_pins_at(root: str, start: float) -> None:
+    while time.monotonic() < start:
+        pass  # every remover lists the folder at about the same moment
+    remove_stale_pins(root)
+
+
+def test_policy_processes_starting_together_each_remove_stale_pins_without_error(tmp_path: Path) -> None:
+    """Eight VMs that start at once each sweep the pin root; a folder another one removed between its
+    listing and its lstat is skipped, not an error that stops that VM's policy process."""
+    root = ensure_pin_dir(str(tmp_path / "pins"), os.getpid()).parent
+    for i in range(400):
+        (root / str(_gone_pid() + i) / "sub").mkdir(parents=True)
+        (root / str(_gone_pid() + i) / "sub" / "map").write_text("")
+    start = time.monotonic() + 0.5
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_remove_stale_pins_at, args=(str(root), start)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert [p.exitcode for p in procs] == [0] * 4, "a concurrent sweep failed on a folder another one removed"
+    assert sorted(x.name for x in root.iterdir()) == [str(os.getpid())]
 
 
 def test_a_pin_root_that_is_not_roots_own_private_folder_is_refused(tmp_path: Path, victim: Path) -> None:
