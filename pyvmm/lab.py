@@ -104,7 +104,7 @@ def guest_script(argv: list[str], cwd: str, path: str, hold_keys: bool = False) 
 
 
 def vng_command(kernel: Path, script: str, cpus: int, mem_mib: int, cwd: str, rwdirs: list[str],
-                accel: str) -> list[str]:
+                accel: str, monitor: str | None = None) -> list[str]:
     """The vng command line that runs the shell script at path `script` (a host file the lab sees) in the lab.
 
     The script goes by path, not inline: vng passes --exec on the kernel command line, which x86 cuts at
@@ -114,19 +114,29 @@ def vng_command(kernel: Path, script: str, cpus: int, mem_mib: int, cwd: str, rw
         raise LabError("vng (PyPI virtme-ng) is not installed: run scripts/setup.sh")
     cmd = [vng, "--run", str(kernel), "--disable-microvm", "--cpus", str(cpus), "--memory", f"{mem_mib}M",
            "--cwd", cwd]
-    if accel == "tcg":
-        # -cpu max under TCG advertises SVM with nested paging; thread=multi runs the lab's CPUs in parallel
-        # (thread=single, tried against the hang that pyvmm/lab_keys.py avoids, stalled a Linux guest's
-        # boot for 290 s at its first lines, and ran it several times slower).
-        # tsc=reliable: QEMU TCG derives every lab CPU's TSC from one host counter (cpu_get_ticks), yet the
-        # lab kernel's TSC sync check fails under emulation ("TSCs unsynchronized").  With a TSC it calls
-        # unstable, the lab's KVM lets each vCPU's TSC drift apart until a guest CPU's timers stop.
-        # kvm_amd.npt=0: with nested paging, guests triple-fault while the emulated CPU delivers an injected
-        # interrupt, and QEMU as the inner VMM can hang the lab; with the lab's KVM on shadow paging, QEMU
-        # TCG's nested page walk is out of the way (docs/linux-lab.md, "The lab's triple faults and hangs").
-        cmd += ["--disable-kvm", "--qemu-opts=-cpu max -accel tcg,thread=multi", "--append", "tsc=reliable kvm_amd.npt=0"]
-    else:
-        cmd += ["--qemu-opts=-cpu host"]
+    # Under TCG: -cpu max advertises SVM with nested paging; thread=multi runs the lab's CPUs in parallel
+    # (thread=single, tried against the hang that pyvmm/lab_keys.py avoids, stalled a Linux guest's boot
+    # for 290 s at its first lines, and ran it several times slower).
+    # tsc=reliable: QEMU TCG derives every lab CPU's TSC from one host counter (cpu_get_ticks), yet the lab
+    # kernel's TSC sync check fails under emulation ("TSCs unsynchronized").  With a TSC it calls unstable,
+    # the lab's KVM lets each vCPU's TSC drift apart until a guest CPU's timers stop.
+    # kvm_amd.npt=0: with nested paging, guests triple-fault while the emulated CPU delivers an injected
+    # interrupt, and QEMU as the inner VMM can hang the lab; with the lab's KVM on shadow paging, QEMU TCG's
+    # nested page walk is out of the way (docs/linux-lab.md, "The lab's triple faults and hangs").
+    tcg = accel == "tcg"
+    qemu = "-cpu max -accel tcg,thread=multi" if tcg else "-cpu host"
+    append = ["tsc=reliable", "kvm_amd.npt=0"] if tcg else []
+    if monitor is not None:
+        # QEMU's human monitor answers while the lab's kernel is stuck (`info registers -a`, `info lapic`),
+        # and its `sendkey alt-sysrq-w` asks the lab's kernel for its blocked tasks: Debian's kernel.sysrq
+        # leaves out the dumps unless they are always enabled.
+        qemu += f" -monitor unix:{monitor},server=on,wait=off"
+        append.append("sysrq_always_enabled")
+    if tcg:
+        cmd.append("--disable-kvm")
+    cmd.append(f"--qemu-opts={qemu}")
+    if append:
+        cmd += ["--append", " ".join(append)]
     for d in rwdirs:
         cmd.append(f"--rwdir={d}")
     cmd += ["--exec", f"sh {shlex.quote(script)}"]
@@ -139,6 +149,22 @@ def _pump(src: BinaryIO, dst: BinaryIO) -> None:
         dst.write(chunk)
         dst.flush()
     src.close()
+
+
+def _check_monitor_path(path: str) -> str:
+    """The absolute path QEMU may create its monitor socket at: a new name in an existing folder.
+
+    QEMU removes whatever is at that path before it binds, so an existing file is refused rather than
+    lost.  vng joins --qemu-opts into one command line that it splits again, and a comma ends QEMU's
+    option: the path is held to letters, digits and _ . / - (an allowlist)."""
+    full = os.path.abspath(path)
+    if not re.fullmatch(r"[A-Za-z0-9_./-]+", full):
+        raise LabError(f"--monitor {path}: use only letters, digits and _ . / - in the path")
+    if not os.path.isdir(os.path.dirname(full)):
+        raise LabError(f"--monitor {path}: no such directory")
+    if os.path.lexists(full):
+        raise LabError(f"--monitor {path}: already exists (QEMU would remove it)")
+    return full
 
 
 def _resolve_kernel(kernel: str | None) -> Path:
@@ -166,7 +192,7 @@ def check_prerequisites() -> None:
 
 
 def run_lab(argv: list[str], kernel: str | None = None, cpus: int = DEFAULT_CPUS, mem_mib: int = DEFAULT_MEM_MIB,
-            rwdirs: list[str] | None = None, verbose: bool = False) -> int:
+            rwdirs: list[str] | None = None, verbose: bool = False, monitor: str | None = None) -> int:
     """Run argv inside the lab and return its exit status (raises LabError before starting)."""
     if not argv:
         raise LabError("no COMMAND given (pyvmm lab [options] -- COMMAND...)")
@@ -174,6 +200,8 @@ def run_lab(argv: list[str], kernel: str | None = None, cpus: int = DEFAULT_CPUS
         raise LabError(f"--cpus must be at least 1 (got {cpus})")
     if mem_mib < 512:
         raise LabError(f"--mem {mem_mib}: the lab needs at least 512 MiB")
+    if monitor is not None:
+        monitor = _check_monitor_path(monitor)
     check_prerequisites()
     kpath = _resolve_kernel(kernel)
     cwd = os.getcwd()
@@ -189,7 +217,8 @@ def run_lab(argv: list[str], kernel: str | None = None, cpus: int = DEFAULT_CPUS
         with open(script, "x") as f:
             f.write(guest_script(argv, cwd, os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
                                  hold_keys=accel == "tcg") + "\n")
-        cmd = vng_command(kpath, script, cpus, mem_mib, cwd, [os.path.abspath(d) for d in dirs], accel)
+        cmd = vng_command(kpath, script, cpus, mem_mib, cwd, [os.path.abspath(d) for d in dirs], accel,
+                          monitor)
         return _run_vng(cmd, kpath, accel, cpus, mem_mib, verbose)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -246,6 +275,9 @@ def parser() -> argparse.ArgumentParser:
                    help="a host directory the lab may write (repeatable; default: the working directory); "
                         "everything else is read-only, with throwaway overlays")
     p.add_argument("-v", "--verbose", action="store_true", help="show the lab's console and the vng command")
+    p.add_argument("--monitor", metavar="SOCKET",
+                   help="serve QEMU's human monitor on this new unix socket, to look into a lab that stalls "
+                        "(for example: socat - UNIX-CONNECT:SOCKET, then `info registers -a`)")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND...",
                    help="what to run inside the lab")
     return p
@@ -256,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     try:
-        return run_lab(command, args.kernel, args.cpus, args.mem, args.rwdir, args.verbose)
+        return run_lab(command, args.kernel, args.cpus, args.mem, args.rwdir, args.verbose, args.monitor)
     except LabError as e:
         print(f"pyvmm lab: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

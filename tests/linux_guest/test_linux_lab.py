@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvmm import lab, lab_keys
+from pyvmm import lab, lab_keys, lab_monitor
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,11 +28,18 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("qemu-system-x
                                 reason="the lab needs root, QEMU and virtme-ng (scripts/setup.sh)")
 
 
-def run_lab(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+SYSRQ_OUTPUT_S = 20   # how long the lab's console is read after lab_monitor's SysRq keys
+
+
+def run_lab(args: list[str], timeout: float, monitor: Path | None = None) -> subprocess.CompletedProcess:
     """`pyvmm lab ARGS` to its end; its whole process group (vng, QEMU) is killed however this ends.
 
     Killing `pyvmm lab` alone, as subprocess.run does on a timeout or when pytest-timeout interrupts the
-    test, leaves QEMU running below it with both CPUs."""
+    test, leaves QEMU running below it with both CPUs.  With `monitor` (a path for QEMU's monitor socket),
+    a lab that runs out its time is asked where it stands before it is killed; the answers go to
+    `monitor`.txt and into the failure."""
+    if monitor is not None:
+        args = ["--monitor", str(monitor), *args]
     p = subprocess.Popen([sys.executable, "-m", "pyvmm.cli", "lab", *args], cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, process_group=0)
     def kill_group() -> None:
@@ -44,10 +51,23 @@ def run_lab(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        state = ""
+        if monitor is not None:
+            state = lab_monitor.ask(str(monitor))
+            monitor.with_suffix(".txt").write_text(state)
+            try:
+                p.communicate(timeout=SYSRQ_OUTPUT_S)
+            except subprocess.TimeoutExpired:
+                pass
         kill_group()
         out, err = p.communicate()  # what it printed so far: the lab's console (-v) and lab_boots' progress
+        err = err or ""
+        cut = err.find("sysrq: Show Blocked State")
+        before, sysrq = (err, "") if cut < 0 else (err[:cut], err[cut:])
         raise AssertionError(f"`pyvmm lab` did not end within {timeout:g} s; its output ends with:\n"
-                             f"{(out or '')[-1500:]}\n{(err or '')[-12000:]}") from None
+                             f"{(out or '')[-1500:]}\n{before[-12000:]}\n"
+                             f"QEMU's monitor on the stalled lab:\n{state[-8000:]}\n"
+                             f"The lab's kernel on SysRq w, l, t:\n{sysrq[:40000]}") from None
     finally:
         kill_group()
         p.wait()
@@ -86,7 +106,7 @@ def lab_boots(tmp_path: Path, boots: list[tuple[Path, Path, str]], timeout: floa
                   f"{shlex.join(inner)}; rc=$?; kill $s; wait; exit $rc")
         inner = ["sh", "-c", script]
     # -v: the lab's console, so that a lab that stalls says where (on stderr, shown only on failure).
-    r = run_lab(["-v", "--rwdir", str(tmp_path), "--", *inner], timeout)
+    r = run_lab(["-v", "--rwdir", str(tmp_path), "--", *inner], timeout, monitor=tmp_path / "monitor.sock")
     assert r.returncode == 0, f"lab exited {r.returncode}: {r.stderr[-3000:]}"
     return json.loads(out.read_text())
 

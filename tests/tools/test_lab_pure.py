@@ -1,14 +1,18 @@
-"""`pyvmm lab` without booting: the guest script, the vng command line, and bad input."""
+"""`pyvmm lab` without booting: the guest script, the vng command line, bad input, and the monitor client."""
 
 from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from pyvmm import lab
+import pytest
+
+from pyvmm import lab, lab_monitor
 
 
 def test_guest_script_loads_kvm_mounts_bpffs_and_execs_the_command_where_the_caller_was():
@@ -79,6 +83,8 @@ def test_vng_command_offers_nested_svm_under_tcg_and_shares_only_the_rwdirs(monk
     assert cmd[cmd.index("--cwd") + 1] == "/w" and cmd[cmd.index("--memory") + 1] == "3072M"
     kvm = lab.vng_command(lab.Path("/k"), "/s", 2, 3072, "/w", [], "kvm")
     assert "--disable-kvm" not in kvm and "--qemu-opts=-cpu host" in kvm
+    mon = lab.vng_command(lab.Path("/k"), "/s", 2, 3072, "/w", [], "tcg", monitor="/t/mon.sock")
+    assert "--qemu-opts=-cpu max -accel tcg,thread=multi -monitor unix:/t/mon.sock,server=on,wait=off" in mon
 
 
 def _lab(*args: str) -> subprocess.CompletedProcess[str]:
@@ -89,7 +95,8 @@ def _lab(*args: str) -> subprocess.CompletedProcess[str]:
 def test_bad_input_is_one_line_and_exit_2():
     for args in ((), ("--",), ("--cpus", "0", "--", "true"), ("--mem", "100", "--", "true"),
                  ("--rwdir", "/nonexistent-dir", "--", "true"), ("--kernel", "/nonexistent", "--", "true"),
-                 ("--cpus", "x", "--", "true")):
+                 ("--cpus", "x", "--", "true"), ("--monitor", "/tmp/a,b", "--", "true"),
+                 ("--monitor", "/nonexistent-dir/mon", "--", "true"), ("--monitor", "/etc/passwd", "--", "true")):
         r = _lab(*args)
         assert r.returncode == 2, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, (args, r.stderr)
@@ -101,3 +108,27 @@ def test_help_says_what_the_lab_is_for_and_what_it_costs():
     text = " ".join(r.stdout.split())
     assert "nested" in text and "hardware virtualization" in text
     assert "compare configurations within one lab run" in text and "emulated" in text
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs QEMU (scripts/setup.sh)")
+def test_lab_monitor_asks_a_real_qemu_and_says_why_when_none_answers(tmp_path):
+    sock = tmp_path / "mon.sock"
+    qemu = subprocess.Popen(["qemu-system-x86_64", "-nodefaults", "-display", "none", "-S", "-smp", "2",
+                             "-monitor", f"unix:{sock},server=on,wait=off"], stdin=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        text = lab_monitor.ask(str(sock), ["info status", "info cpus", "info registers -a"])
+        assert "(qemu) info status\nVM status: paused (prelaunch)\n" in text
+        assert text.count("CPU#") == 2 and text.count("EIP=0000fff0") == 2, text   # both at the reset vector
+        r = subprocess.run([sys.executable, "-m", "pyvmm.lab_monitor", str(sock), "info status"],
+                           capture_output=True, text=True, timeout=30, check=False)
+        assert r.returncode == 0 and "VM status: paused" in r.stdout, r
+    finally:
+        qemu.kill()
+        qemu.wait()
+    gone = subprocess.run([sys.executable, "-m", "pyvmm.lab_monitor", str(sock)], capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert gone.returncode == 1 and gone.stdout.startswith(f"monitor {sock}: ") and "Traceback" not in gone.stderr
