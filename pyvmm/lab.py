@@ -123,9 +123,14 @@ def vng_command(kernel: Path, script: str, cpus: int, mem_mib: int, cwd: str, rw
     # kvm_amd.npt=0: with nested paging, guests triple-fault while the emulated CPU delivers an injected
     # interrupt, and QEMU as the inner VMM can hang the lab; with the lab's KVM on shadow paging, QEMU TCG's
     # nested page walk is out of the way (docs/linux-lab.md, "The lab's triple faults and hangs").
+    # kvm_amd.vgif=0: a lab CPU was found halted with IF set, never taking the timer, IPI and device vectors
+    # its local APIC held nor an NMI from the monitor, as if its GIF were clear.  QEMU's STGI sets the
+    # virtual GIF instead of the real one whenever it counts the CPU in guest mode with virtual GIF on;
+    # without virtual GIF that path is never taken.  That this was the cause is a suspicion, not shown
+    # (docs/linux-lab.md, 2026-12-07).
     tcg = accel == "tcg"
     qemu = "-cpu max -accel tcg,thread=multi" if tcg else "-cpu host"
-    append = ["tsc=reliable", "kvm_amd.npt=0"] if tcg else []
+    append = ["tsc=reliable", "kvm_amd.npt=0", "kvm_amd.vgif=0"] if tcg else []
     if monitor is not None:
         # QEMU's human monitor answers while the lab's kernel is stuck (`info registers -a`, `info lapic`),
         # and its `sendkey alt-sysrq-w` asks the lab's kernel for its blocked tasks: Debian's kernel.sysrq
@@ -277,7 +282,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="show the lab's console and the vng command")
     p.add_argument("--monitor", metavar="SOCKET",
                    help="serve QEMU's human monitor on this new unix socket, to look into a lab that stalls "
-                        "(for example: socat - UNIX-CONNECT:SOCKET, then `info registers -a`)")
+                        "from outside: `python -m pyvmm.lab_monitor SOCKET` prints where each lab CPU is and "
+                        "asks the lab's kernel (SysRq) for its blocked tasks, shown on its console with -v")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND...",
                    help="what to run inside the lab")
     return p

@@ -45,9 +45,13 @@ LINUX_SETTLE_S = 5
 
 
 def cyclictest_cmdline(duration_s: float, interval_us: int, policy: str = "rr", settle_s: float = LINUX_SETTLE_S) -> str:
-    """The Linux image's kernel command-line keys for its cyclictest run (pyvmm/guest/linux/init.sh)."""
+    """The Linux image's kernel command-line keys for its cyclictest run (pyvmm/guest/linux/init.sh).
+
+    Inside `pyvmm lab` (PYVMM_IN_LAB) the guest also loads and unloads its module with its other CPUs
+    offline (pvsched.quiesce=1): a load or unload hung there now and then (docs/linux-lab.md)."""
+    quiesce = " pvsched.quiesce=1" if os.environ.get("PYVMM_IN_LAB") else ""
     return (f"pvsched.workload=cyclictest pvsched.duration={duration_s:g} pvsched.interval={interval_us} "
-            f"pvsched.policy={policy} pvsched.settle={settle_s:g}")
+            f"pvsched.policy={policy} pvsched.settle={settle_s:g}{quiesce}")
 
 
 @dataclass

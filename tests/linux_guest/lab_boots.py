@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import faulthandler
 import json
+import logging
 import os
 import re
 import sys
@@ -69,16 +70,38 @@ def heartbeat(label: str, start: float, done: threading.Event, every: float = 30
         print(f"lab_boots: {label}: alive at {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
 
 
+class KeptLog(logging.Handler):
+    """pyvmm's own WARNING and ERROR lines during one boot, kept for its result: a check that fails after
+    the lab ended well still shows what pyvmm said (the lab's stderr is shown only when it fails)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname} {record.name}: {record.getMessage()}")
+
+
 def boot(kernel: str, initrd: str, end: str, extra: str, timeout: float = BOOT_TIMEOUT_S) -> dict:
     """One pyvmm boot of a Linux image with the pvsched device and the policy; what the tests check.
 
     `extra` is more kernel command line; it names the workload (default pvsched.workload=device)."""
     if "pvsched.workload=" not in extra:
         extra = f"pvsched.workload=device {extra}"
-    cmdline = f"console=ttyS0 pvsched.end={end} {extra}".strip()
-    r = run_vm(BootConfig(kernel=kernel, initrd=initrd, cmdline=cmdline, mem_mib=512, timeout=timeout,
-                          console_stream=PrefixedLines(sys.stderr.buffer, b"L2| ")))
+    # pvsched.quiesce=1: the module's load and unload with the guest's other CPUs offline.  In the lab,
+    # 1 boot in about 40 hung at the unload with a soft lockup on both guest CPUs (docs/linux-lab.md).
+    cmdline = f"console=ttyS0 pvsched.end={end} pvsched.quiesce=1 {extra}".strip()
+    kept = KeptLog()
+    logging.getLogger().addHandler(kept)
+    try:
+        r = run_vm(BootConfig(kernel=kernel, initrd=initrd, cmdline=cmdline, mem_mib=512, timeout=timeout,
+                              console_stream=PrefixedLines(sys.stderr.buffer, b"L2| ")))
+    finally:
+        logging.getLogger().removeHandler(kept)
     bad, xsave_lab_only = bad_lines(r.console)
+    lines = r.console.splitlines()
+    counted = set(bad)  # lines carry the guest's timestamps: those of the lab-only trace are not in it
+    first_bad = next((i for i, ln in enumerate(lines) if ln in counted), None)
     clock = re.findall(r"clocksource: Switched to clocksource (\S+)", r.console)
     dev = r.device_stats.get("pvsched") or {}
     policy = dev.get("policy") or {}
@@ -87,11 +110,17 @@ def boot(kernel: str, initrd: str, end: str, extra: str, timeout: float = BOOT_T
             "clocksource": clock[-1] if clock else None, "tail": r.console.splitlines()[-3:],
             "programs": policy.get("programs"), "policy_stats": policy.get("stats"),
             "policy_error": policy.get("error"),
+            "policy_process": (dev.get("device") or {}).get("policy"), "pyvmm_log": kept.lines[-20:],
+            # the first report the checks fail on, whole: where a soft lockup or a WARNING stood
+            "first_bad_block": lines[first_bad:first_bad + 60] if first_bad is not None else [],
             "host_areas": [v.get("host") for v in (dev.get("device") or {}).get("vcpus") or []]}
 
 
 def main(argv: list[str]) -> int:
     """Boot each (kernel, initrd, end) triple; the results so far as a JSON list in argv[0] after each."""
+    # pyvmm's warnings on stderr, as the lab showed them before KeptLog (a root handler ends logging's
+    # last-resort printing)
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     extra = ""
     if "--" in argv:
         i = argv.index("--")

@@ -115,7 +115,7 @@ def assert_ended(res: dict, message: str | None) -> None:
     """The boot ended with exit 0 (and this pyvmm message when given); on failure, say the message and the
     console's end first, since pytest cuts a printed result dict before them."""
     ok = res["exit_code"] == 0 and (message is None or res["message"] == message)
-    assert ok, (res["exit_code"], res["message"], res["tail"])
+    assert ok, (res["exit_code"], res["message"], res["tail"], "\n".join(res.get("first_bad_block") or []))
 
 
 def test_lab_runs_a_command_with_its_status_stdout_and_stderr(tmp_path):
@@ -137,6 +137,8 @@ def test_linux_boots_under_pyvmm_with_pvsched_and_powers_off(linux_image, tmp_pa
     recs = res["records"]
     assert_ended(res, "guest powered off (ACPI S5)")
     assert {"type": "done"} in recs, res["tail"]                      # the console is complete to the end
+    # the module loaded and unloaded with CPU 1 offline, and CPU 1 back each time (pvsched.quiesce=1)
+    assert [r["online"] for r in recs if r.get("type") == "cpus"] == ["0", "0-1", "0", "0-1"]
     info = next(r for r in recs if r.get("type") == "info")
     assert (info["mode"], info["version"], info["features"]) == ("device", "0x00010000", "0x1f")
     slots = [r["slot"] for r in recs if r.get("type") == "slot"]
@@ -145,7 +147,8 @@ def test_linux_boots_under_pyvmm_with_pvsched_and_powers_off(linux_image, tmp_pa
     assert res["bad_lines"] == []
     progs = res["programs"] or {}
     runs = {p["name"]: p.get("run_cnt") for p in progs} if isinstance(progs, list) else {}
-    assert runs.get("pvs_switch", 0) > 0, ("no policy stats at the end", res["policy_error"])
+    assert runs.get("pvs_switch", 0) > 0, ("no policy stats at the end", res["policy_error"], res["policy_process"],
+                                           res["pyvmm_log"])
     assert runs.get("pvs_kvm_exit", 0) > 0 and runs.get("pvs_kvm_entry", 0) > 0   # real VM exits under SVM
 
 

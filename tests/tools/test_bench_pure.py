@@ -136,6 +136,20 @@ def test_the_linux_guests_cyclictest_policy_reaches_its_command_line_and_the_pee
     assert parse_args(["--guest", "linux", "--cyclictest-policy", "other"]).cyclictest_policy == "other"
 
 
+def test_a_linux_guest_in_the_lab_loads_its_module_with_one_cpu_online(monkeypatch):
+    """Inside `pyvmm lab` the guest is told to take its other CPUs offline around its module's load and
+    unload (pvsched.quiesce=1, init.sh); outside, it is not."""
+    spec = RunSpec("vanilla", "cyclictest", 2, 1000, kernel="/k", initrd="/i")
+    monkeypatch.delenv("PYVMM_IN_LAB", raising=False)
+    def keys() -> list[str]:
+        argv = boot_argv(spec, 60)
+        return argv[argv.index("--cmdline") + 1].split()
+
+    assert "pvsched.quiesce=1" not in keys()
+    monkeypatch.setenv("PYVMM_IN_LAB", "1")
+    assert "pvsched.quiesce=1" in keys()
+
+
 def test_a_linux_guest_settles_after_init_in_pyvmm_and_in_the_peer():
     """The host load starts at /init's first record: both command lines give the guest its settle time."""
     from pyvmm.bench.qemu_peer import qemu_argv

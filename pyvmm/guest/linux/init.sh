@@ -21,6 +21,9 @@
 #   pvsched.hist=<us>      cyclictest histogram buckets of 1 us (default 20000; p50/p99 come from it)
 #   pvsched.settle=<s>     cyclictest: seconds to wait after the module loads (default 0; the
 #                          benchmark starts its host load at the boot record and lets it settle)
+#   pvsched.quiesce=1      load and unload the module with every other CPU offline (set inside
+#                          `pyvmm lab`: under QEMU's multi-threaded TCG, a text_poke_bp() of a tracepoint
+#                          site that another vCPU runs can leave it looping on the int3 placed there)
 
 /bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
@@ -68,18 +71,34 @@ shm_json() {
 	echo "{\"type\":\"shm\",\"phase\":\"$1\",\"hex\":\"$hex\"}"
 }
 
+# With pvsched.quiesce=1: write $1 (0 offline, 1 online) to every CPU's but CPU 0's online file.  The
+# module's probes are then added and removed with one CPU running, so no other one can meet a site
+# that text_poke_bp() is rewriting.  The module keeps a slot for every possible CPU, online or not.
+other_cpus() {
+	[ "$(arg quiesce 0)" = 1 ] || return 0
+	for f in /sys/devices/system/cpu/cpu[1-9]*/online; do
+		[ -e "$f" ] && echo "$1" > "$f"
+	done
+	echo "{\"type\":\"cpus\",\"online\":\"$(cat /sys/devices/system/cpu/online)\"}"
+}
+
 load_module() {
 	params=$(echo "$(arg args '' | tr ',' ' ') $*" | sed 's/^ *//; s/ *$//')
+	other_cpus 0
 	# shellcheck disable=SC2086 # params are words on purpose
 	insmod $MODULE $params
 	rc=$?
+	other_cpus 1
 	echo "{\"type\":\"module\",\"event\":\"load\",\"rc\":$rc,\"params\":\"$params\"}"
 	return $rc
 }
 
 unload_module() {
+	other_cpus 0
 	rmmod pvsched
-	echo "{\"type\":\"module\",\"event\":\"unload\",\"rc\":$?}"
+	rc=$?
+	other_cpus 1
+	echo "{\"type\":\"module\",\"event\":\"unload\",\"rc\":$rc}"
 }
 
 dump_dmesg() {
