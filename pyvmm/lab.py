@@ -123,14 +123,14 @@ def vng_command(kernel: Path, script: str, cpus: int, mem_mib: int, cwd: str, rw
     # kvm_amd.npt=0: with nested paging, guests triple-fault while the emulated CPU delivers an injected
     # interrupt, and QEMU as the inner VMM can hang the lab; with the lab's KVM on shadow paging, QEMU TCG's
     # nested page walk is out of the way (docs/linux-lab.md, "The lab's triple faults and hangs").
-    # kvm_amd.vgif=0: a lab CPU was found halted with IF set, never taking the timer, IPI and device vectors
-    # its local APIC held nor an NMI from the monitor, as if its GIF were clear.  QEMU's STGI sets the
-    # virtual GIF instead of the real one whenever it counts the CPU in guest mode with virtual GIF on;
-    # without virtual GIF that path is never taken.  That this was the cause is a suspicion, not shown
-    # (docs/linux-lab.md, 2026-12-07).
+    # idle=poll: now and then a lab CPU halted for good after leaving a guest, IF set, never taking the
+    # timer, IPI and device vectors its local APIC held nor an NMI (as if its GIF had stayed clear), and
+    # every thread woken onto it waited for ever.  A polling idle CPU needs no interrupt to see a wake-up:
+    # it runs the woken thread, and the next VMRUN and STGI set its GIF again (docs/linux-lab.md,
+    # 2026-12-07).  The price: an idle lab CPU spins on a host CPU.
     tcg = accel == "tcg"
     qemu = "-cpu max -accel tcg,thread=multi" if tcg else "-cpu host"
-    append = ["tsc=reliable", "kvm_amd.npt=0", "kvm_amd.vgif=0"] if tcg else []
+    append = ["tsc=reliable", "kvm_amd.npt=0", "idle=poll"] if tcg else []
     if monitor is not None:
         # QEMU's human monitor answers while the lab's kernel is stuck (`info registers -a`, `info lapic`),
         # and its `sendkey alt-sysrq-w` asks the lab's kernel for its blocked tasks: Debian's kernel.sysrq

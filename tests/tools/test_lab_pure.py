@@ -75,9 +75,10 @@ def test_vng_command_offers_nested_svm_under_tcg_and_shares_only_the_rwdirs(monk
     cmd = lab.vng_command(lab.Path("/k/boot/vmlinuz-6.1"), "/tmp/x/run.sh", 2, 3072, "/w", ["/w", "/o"], "tcg")
     assert cmd[:3] == ["/usr/bin/vng", "--run", "/k/boot/vmlinuz-6.1"]
     assert "--disable-kvm" in cmd and "--qemu-opts=-cpu max -accel tcg,thread=multi" in cmd
-    # the lab kernel's TSC trusted, its KVM on shadow paging and without virtual GIF: what kept guests from
-    # drifting clocks, triple faults and lab CPUs that no interrupt woke under TCG (docs/linux-lab.md)
-    assert cmd[cmd.index("--append") + 1].split() == ["tsc=reliable", "kvm_amd.npt=0", "kvm_amd.vgif=0"]
+    # the lab kernel's TSC trusted, its KVM on shadow paging, its idle CPUs polling: what kept guests from
+    # drifting clocks and triple faults, and threads from waiting on a lab CPU no interrupt woke under TCG
+    # (docs/linux-lab.md)
+    assert cmd[cmd.index("--append") + 1].split() == ["tsc=reliable", "kvm_amd.npt=0", "idle=poll"]
     assert [c for c in cmd if c.startswith("--rwdir")] == ["--rwdir=/w", "--rwdir=/o"]
     assert cmd[-2:] == ["--exec", "sh /tmp/x/run.sh"]   # by path: the kernel command line is cut at 2048
     assert cmd[cmd.index("--cwd") + 1] == "/w" and cmd[cmd.index("--memory") + 1] == "3072M"
