@@ -126,8 +126,8 @@ def vng_command(kernel: Path, script: str, cpus: int, mem_mib: int, cwd: str, rw
     # idle=poll: now and then a lab CPU halted for good after leaving a guest, IF set, never taking the
     # timer, IPI and device vectors its local APIC held nor an NMI (as if its GIF had stayed clear), and
     # every thread woken onto it waited for ever.  A polling idle CPU needs no interrupt to see a wake-up:
-    # it runs the woken thread, and the next VMRUN and STGI set its GIF again (docs/linux-lab.md,
-    # 2026-12-07).  The price: an idle lab CPU spins on a host CPU.
+    # it runs the woken thread, and if its GIF is what stayed clear, the next VMRUN sets it again
+    # (docs/linux-lab.md, 2026-12-07).  The price: an idle lab CPU spins on a host CPU.
     tcg = accel == "tcg"
     qemu = "-cpu max -accel tcg,thread=multi" if tcg else "-cpu host"
     append = ["tsc=reliable", "kvm_amd.npt=0", "idle=poll"] if tcg else []
