@@ -107,7 +107,7 @@ def boot(kernel: str, initrd: str, end: str, extra: str, timeout: float = BOOT_T
     policy = dev.get("policy") or {}
     return {"kernel": kernel, "end": end, "exit_code": r.exit_code, "message": r.message,
             "records": parse_records(r.console), "bad_lines": bad, "xsave_lab_only": xsave_lab_only,
-            "clocksource": clock[-1] if clock else None, "tail": r.console.splitlines()[-3:],
+            "clocksource": clock[-1] if clock else None, "tail": lines[-3:],
             "programs": policy.get("programs"), "policy_stats": policy.get("stats"),
             "policy_error": policy.get("error"),
             "policy_process": (dev.get("device") or {}).get("policy"), "pyvmm_log": kept.lines[-20:],
