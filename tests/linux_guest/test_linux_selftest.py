@@ -46,18 +46,28 @@ def test_module_loads_and_unloads_without_warnings(selftest):
     assert not bad, "\n".join(bad)
 
 
+def _rt_tasks(res: qemu.QemuResult, phase: str) -> list[int]:
+    (rec,) = [r for r in res.of_type("rt_tasks") if r["phase"] == phase]
+    return rec["pids"]
+
+
 def test_rr_task_shows_in_its_cpus_slot_while_it_runs(selftest):
+    assert len(_rt_tasks(selftest, "rt")) == 1, "the spinner must be the only RT user process while sampled"
     samples = _slots(selftest, "rt", 1)
     assert len(samples) == 3
     for s in samples:
         assert s["consistent"] and s["seq"] % 2 == 0
         assert (s["policy"], s["rt_priority"]) == (C.PVSCHED_POLICY_RR, 8), s
         assert not s["flags"] & C.PVSCHED_FLAG_IDLE
+    # chrt gave the spinner RR 8 on CPU 1 and exec'd it, with no switch after: an interrupt published it again
+    assert _stats(selftest)["task_refreshed"] >= 1
     # The reader ran on CPU 0: its own slot shows an ordinary task, not the spinner.
     assert all(s["policy"] == C.PVSCHED_POLICY_OTHER for s in _slots(selftest, "rt", 0))
 
 
 def test_slot_shows_idle_after_the_rr_task(selftest):
+    # no RT user process is left to run on CPU 1 (busybox timeout left one, its RR 8 watcher)
+    assert _rt_tasks(selftest, "after") == []
     after = _slots(selftest, "after", 1)
     assert any(s["flags"] & C.PVSCHED_FLAG_IDLE and s["policy"] == C.PVSCHED_POLICY_OTHER for s in after), after
     # the test's RR 8 task is gone from the slot (a kernel RT thread, such as migration/1 at FIFO 99, may

@@ -15,7 +15,6 @@
 #   pvsched.interval=<us>  cyclictest interval (default 1000)
 #   pvsched.policy=rr|other  cyclictest's threads: RR 8 (default) or SCHED_OTHER nice 0 (then only the
 #                          timer interrupt and softirq that wake them mark their vCPU's slot)
-#   pvsched.spin=<s>       self-test: the most the RT spinner may run (default 30)
 #   pvsched.new_id=V:D     device workload: also bind the driver to PCI V:D
 #   pvsched.end=poweroff|reboot   how the VM ends (default poweroff)
 #   pvsched.hist=<us>      cyclictest histogram buckets of 1 us (default 20000; p50/p99 come from it)
@@ -71,6 +70,21 @@ shm_json() {
 	echo "{\"type\":\"shm\",\"phase\":\"$1\",\"hex\":\"$hex\"}"
 }
 
+# The user processes (not kthreadd's children, not zombies) whose policy is not SCHED_OTHER, as one
+# JSON record of phase $1: the slot samples that follow it may show only those as RT.
+rt_tasks_json() {
+	phase=$1 pids=
+	for f in /proc/[0-9]*/stat; do
+		read -r line < "$f" 2>/dev/null || continue
+		# shellcheck disable=SC2086 # the fields after "(comm) " are words on purpose
+		set -- ${line##*) }
+		# $1 is stat's field 3 (state), $2 field 4 (ppid), ${39} field 41 (policy)
+		[ "$1" != Z ] && [ "$2" != 2 ] && [ "${line%% *}" != 2 ] && [ "${39}" != 0 ] &&
+			pids="$pids${pids:+,}${line%% *}"
+	done
+	echo "{\"type\":\"rt_tasks\",\"phase\":\"$phase\",\"pids\":[$pids]}"
+}
+
 # With pvsched.quiesce=1: write $1 (0 offline, 1 online) to every CPU's but CPU 0's online file.  The
 # module's probes are then added and removed with one CPU running, so no other one can meet a site
 # that text_poke_bp() is rewriting.  The module keeps a slot for every possible CPU, online or not.
@@ -109,7 +123,6 @@ dump_dmesg() {
 
 # Self-test: the module's probes on an area allocated without the device.
 workload_selftest() {
-	spin=$(arg spin 30)
 	load_module selftest=1 || return 1
 	kv_json info $DBG/info
 	while read -r name state; do
@@ -119,20 +132,29 @@ workload_selftest() {
 
 	# An RR 8 spinner pinned to CPU 1; sample CPU 1's slot from CPU 0 while
 	# it runs.  It is killed once the samples are taken, never ended by a
-	# clock: under TCG on a busy host the samples take seconds.  timeout
-	# only bounds it if this script dies.  RT throttling off meanwhile: it
-	# would hand CPU 1 to others for 50 ms of each second, at a random sample.
+	# clock: under TCG on a busy host the samples take seconds.  Nothing
+	# else needs to bound it: this script is PID 1, so the kernel ends with
+	# it, and the VM's runner kills the VM at its own timeout.
+	# It must be the only RT process: busybox timeout left a watcher at RR 8
+	# on CPU 1 that woke each second and outlived the spinner by up to one,
+	# into the "after" samples.  chrt sets RR 8 on itself while it runs on
+	# CPU 1 and execs the spinner, with no switch: the rt samples show RR 8
+	# only because the module publishes a running task's new policy at the
+	# next interrupt (timeout's vfork used to hide that, by a switch).
+	# RT throttling off meanwhile: it would hand CPU 1 to others for 50 ms
+	# of each second, at a random sample.
 	rt_runtime=$(cat /proc/sys/kernel/sched_rt_runtime_us)
 	echo -1 > /proc/sys/kernel/sched_rt_runtime_us
-	taskset -c 1 chrt -r 8 timeout "$spin" sh -c 'while :; do :; done' &
+	taskset -c 1 chrt -r 8 sh -c 'while :; do :; done' &
 	spinner=$!
-	# Sample once it spins: its pid runs sh only after taskset, chrt and timeout exec'd.
+	# Sample once it spins: its pid runs sh only after taskset and chrt exec'd.
 	n=0
 	while [ "$(cat /proc/$spinner/comm 2>/dev/null)" != sh ] && [ $n -lt 100 ]; do
 		sleep 0.05
 		n=$((n + 1))
 	done
 	sleep 0.2
+	rt_tasks_json rt
 	for _ in 1 2 3; do
 		slots_json rt
 		sleep 0.1
@@ -140,11 +162,12 @@ workload_selftest() {
 	shm_json rt
 	# The rt samples hold only if the spinner was still running after them.
 	kill -0 $spinner 2>/dev/null ||
-		echo '{"type":"error","what":"the RT spinner ended before the rt samples were taken (raise pvsched.spin)"}'
+		echo '{"type":"error","what":"the RT spinner ended before the rt samples were taken"}'
 	kill $spinner 2>/dev/null
 	wait $spinner
 	echo "$rt_runtime" > /proc/sys/kernel/sched_rt_runtime_us
 	sleep 0.3
+	rt_tasks_json after
 	for _ in 1 2 3; do
 		slots_json after
 		sleep 0.1

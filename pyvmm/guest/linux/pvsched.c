@@ -113,6 +113,13 @@ static const u32 pvsched_ctx_flag[PVSCHED_NR_CTX] = {
 	[PVSCHED_CTX_PREEMPT] = PVSCHED_FLAG_PREEMPT_DISABLED,
 };
 
+/* What a slot shows of a running task. */
+struct pvsched_task {
+	s32 policy;
+	u32 rt_priority;
+	s32 nice;
+};
+
 struct pvsched_cpu {
 	u32 depth[PVSCHED_NR_CTX];
 	u32 flags; /* critical-section flags the probes track */
@@ -124,6 +131,13 @@ struct pvsched_cpu {
 	 * second RT task running here clears it for the first.
 	 */
 	u32 rt_sleeper;
+	/*
+	 * The parameters last published for the task running here (unused
+	 * while idle).  A task can change its own policy without a switch
+	 * (chrt sets its own and execs), so interrupt entries compare these
+	 * with the running task's and publish again when they differ.
+	 */
+	struct pvsched_task shown;
 };
 
 static DEFINE_PER_CPU(struct pvsched_cpu, pvsched_cpu);
@@ -147,6 +161,7 @@ enum pvsched_stat {
 	PVSCHED_STAT_READBACK_MISMATCH,
 	PVSCHED_STAT_NMI,
 	PVSCHED_STAT_NO_SLOT,
+	PVSCHED_STAT_TASK_REFRESHED,
 	PVSCHED_NR_STATS,
 };
 
@@ -168,6 +183,7 @@ static const char *const pvsched_stat_names[PVSCHED_NR_STATS][2] = {
 	{ "readback_mismatch", "slot flags read back unlike the write" },
 	{ "nmi", "NMI handlers run (counted, never written)" },
 	{ "no_slot", "events on a CPU beyond the host's vCPU count" },
+	{ "task_refreshed", "running tasks published again at an interrupt: their policy changed without a switch" },
 };
 
 static DEFINE_PER_CPU(u64[PVSCHED_NR_STATS], pvsched_stats);
@@ -204,40 +220,89 @@ static inline bool pvsched_is_rt(int policy)
 	return policy == SCHED_FIFO || policy == SCHED_RR;
 }
 
-/* Publish the task now on this CPU (irqs off, owner CPU). */
+/*
+ * What a slot shows of non-idle task p: its policy, RT priority (0 unless
+ * FIFO/RR) and nice with F_TASK_PARAMS, else an ordinary task.
+ */
+static void pvsched_task_params(const struct pvsched_area *a,
+				struct task_struct *p, struct pvsched_task *out)
+{
+	out->policy = PVSCHED_POLICY_OTHER;
+	out->rt_priority = 0;
+	out->nice = 0;
+	if (!(a->features & PVSCHED_F_TASK_PARAMS))
+		return;
+	out->policy = READ_ONCE(p->policy);
+	out->nice = task_nice(p);
+	if (pvsched_is_rt(out->policy))
+		out->rt_priority = READ_ONCE(p->rt_priority);
+}
+
+/*
+ * Publish the task now on this CPU (irqs off, owner CPU); the switch
+ * counters count only publications at_switch.
+ */
 static void pvsched_publish_task(struct pvsched_area *a,
-				 struct task_struct *p)
+				 struct task_struct *p, bool at_switch)
 {
 	struct pvsched_guest_area *g = pvsched_this_slot(a);
-	u32 flags = this_cpu_read(pvsched_cpu.flags);
-	s32 policy = PVSCHED_POLICY_OTHER;
-	u32 rt_priority = 0;
-	s32 nice = 0;
+	struct pvsched_cpu *pc = this_cpu_ptr(&pvsched_cpu);
+	struct pvsched_task task = {};
+	u32 flags = pc->flags;
 
 	if (!g)
 		return;
 	if (is_idle_task(p)) {
 		flags |= PVSCHED_FLAG_IDLE;
-		pvsched_count(PVSCHED_STAT_SWITCH_IDLE);
-		if ((a->features & PVSCHED_F_RT_WAITER) && this_cpu_read(pvsched_cpu.rt_sleeper)) {
+		if (at_switch)
+			pvsched_count(PVSCHED_STAT_SWITCH_IDLE);
+		if ((a->features & PVSCHED_F_RT_WAITER) && pc->rt_sleeper) {
 			flags |= PVSCHED_FLAG_RT_WAITING;
-			pvsched_count(PVSCHED_STAT_SWITCH_IDLE_RT_WAITING);
+			if (at_switch)
+				pvsched_count(PVSCHED_STAT_SWITCH_IDLE_RT_WAITING);
 		}
-	} else if (a->features & PVSCHED_F_TASK_PARAMS) {
-		policy = p->policy;
-		nice = task_nice(p);
-		if (pvsched_is_rt(policy)) {
-			rt_priority = p->rt_priority;
+	} else {
+		pvsched_task_params(a, p, &task);
+		if (at_switch && pvsched_is_rt(task.policy))
 			pvsched_count(PVSCHED_STAT_SWITCH_RT);
-		}
 	}
-	pvsched_set_task(g, flags, policy, rt_priority, nice, local_clock());
+	pc->shown = task;
+	pvsched_set_task(g, flags, task.policy, task.rt_priority, task.nice, local_clock());
 	if ((a->features & PVSCHED_F_WAKE_HINT) && pvsched_is_rt(p->policy) &&
 	    READ_ONCE(g->wake_hint)) {
 		pvsched_clear_wake_hint(g);
 		pvsched_count(PVSCHED_STAT_WAKE_HINT_CLEARED);
 	}
-	pvsched_count(PVSCHED_STAT_SWITCHES);
+	if (at_switch)
+		pvsched_count(PVSCHED_STAT_SWITCHES);
+}
+
+/*
+ * At an interrupt's entry (owner CPU): publish the interrupted
+ * task again if its parameters changed since its switch.  A task that sets
+ * its own policy and then spins (chrt then exec) would otherwise show its
+ * old policy until it next leaves the CPU, which an RT spinner may never
+ * do.  A running task takes at least the timer's interrupts, so a slot is
+ * at most one tick stale.
+ */
+static void pvsched_refresh_task(void)
+{
+	struct pvsched_area *a = READ_ONCE(pvsched_active);
+	const struct pvsched_task *shown;
+	struct pvsched_task now;
+	unsigned long irqflags;
+
+	if (!a || !(a->features & PVSCHED_F_TASK_PARAMS) || is_idle_task(current))
+		return;
+	raw_local_irq_save(irqflags);
+	shown = this_cpu_ptr(&pvsched_cpu.shown);
+	pvsched_task_params(a, current, &now);
+	if (now.policy != shown->policy || now.rt_priority != shown->rt_priority ||
+	    now.nice != shown->nice) {
+		pvsched_count(PVSCHED_STAT_TASK_REFRESHED);
+		pvsched_publish_task(a, current, false);
+	}
+	raw_local_irq_restore(irqflags);
 }
 
 static inline bool pvsched_is_user_rt(const struct task_struct *p)
@@ -266,7 +331,7 @@ static void notrace pvsched_probe_sched_switch(void *data, bool preempt,
 		this_cpu_write(pvsched_cpu.rt_sleeper, 1);
 	if (pvsched_is_user_rt(next))
 		this_cpu_write(pvsched_cpu.rt_sleeper, 0);
-	pvsched_publish_task(a, next);
+	pvsched_publish_task(a, next, true);
 	raw_local_irq_restore(irqflags);
 }
 
@@ -372,6 +437,7 @@ static void notrace pvsched_probe_irq_entry(void *data, int irq,
 					    struct irqaction *action)
 {
 	pvsched_ctx_event(PVSCHED_CTX_HARDIRQ, true);
+	pvsched_refresh_task();
 }
 
 static void notrace pvsched_probe_irq_exit(void *data, int irq,
@@ -384,6 +450,7 @@ static void notrace pvsched_probe_irq_exit(void *data, int irq,
 static void notrace pvsched_probe_vector_entry(void *data, int vector)
 {
 	pvsched_ctx_event(PVSCHED_CTX_HARDIRQ, true);
+	pvsched_refresh_task();
 }
 
 static void notrace pvsched_probe_vector_exit(void *data, int vector)
@@ -523,7 +590,7 @@ static void pvsched_sync_cpu(void *info)
 {
 	struct pvsched_area *a = info;
 
-	pvsched_publish_task(a, current);
+	pvsched_publish_task(a, current, false);
 }
 
 static int pvsched_stats_show(struct seq_file *m, void *v)
