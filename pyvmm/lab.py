@@ -30,6 +30,7 @@ import threading
 from pathlib import Path
 from typing import BinaryIO
 
+from pyvmm.common import lab_env
 from pyvmm.guest.linux.kernel import KernelFetchError, fetch_lab_kernel
 
 EXIT_BAD_INPUT = 2
@@ -93,7 +94,7 @@ def guest_script(argv: list[str], cwd: str, path: str, hold_keys: bool = False) 
                   OTHER_CPUS.format(1)]
     lines += [
         f"export PATH={shlex.quote(path)}",
-        "export PYVMM_IN_LAB=1",
+        f"export {lab_env.IN_LAB_VAR}=1",
         f"cd {shlex.quote(cwd)} || exit 125",
     ]
     if hold_keys:

@@ -41,7 +41,7 @@ from pyvmm.bench.results import (
     summarize,
     validate_record,
 )
-from pyvmm.common import artifacts
+from pyvmm.common import artifacts, lab_env
 from pyvmm.common.safe_fs import make_output_dir, write_file_nofollow
 from pyvmm.guest.linux import build_image, kernel
 from pyvmm.policy import programs
@@ -495,7 +495,7 @@ def bench(args: argparse.Namespace) -> int:
     meta = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine(), "reps": args.reps, "duration_s": args.duration, "interval_us": args.interval,
             "cpus": 2, "quick": args.quick, "pvsched_set": args.pvsched_set, "variants": args.variants,
-            "thp": args.thp or old_thp, "guest_kind": args.guest, "in_lab": bool(os.environ.get("PYVMM_IN_LAB")),
+            "thp": args.thp or old_thp, "guest_kind": args.guest, "in_lab": lab_env.in_lab(),
             "cyclictest_policy": args.cyclictest_policy if args.guest == "linux" else None,
             "failures": []}
     if args.image:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pyvmm import abi
 from pyvmm.common import control_client as control
+from pyvmm.common import lab_env
 from pyvmm.common.sched_attr import SCHED_FIFO, SCHED_OTHER, SchedAttr, sched_getattr, sched_setattr
 
 CONFIGS = ("vanilla", "static-rt", "static-nice", "pvsched")
@@ -49,7 +50,7 @@ def cyclictest_cmdline(duration_s: float, interval_us: int, policy: str = "rr", 
 
     Inside `pyvmm lab` (PYVMM_IN_LAB) the guest also loads and unloads its module with its other CPUs
     offline (pvsched.quiesce=1): a load or unload hung there now and then (docs/linux-lab.md)."""
-    quiesce = " pvsched.quiesce=1" if os.environ.get("PYVMM_IN_LAB") else ""
+    quiesce = " pvsched.quiesce=1" if lab_env.in_lab() else ""
     return (f"pvsched.workload=cyclictest pvsched.duration={duration_s:g} pvsched.interval={interval_us} "
             f"pvsched.policy={policy} pvsched.settle={settle_s:g}{quiesce}")
 

@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 from pyvmm import abi
 from pyvmm.abi import slots
+from pyvmm.common import lab_env
 from pyvmm.common.procfs import is_thread_of, memory_kb
 from pyvmm.common.sched_attr import SchedAttr, sched_getattr, sched_setattr
 from pyvmm.device.guardian import Guardian, GuardianError
@@ -43,7 +44,7 @@ U32 = 0xFFFFFFFF
 STATUS_TIMEOUT_S = 2.0
 FINAL_SHOW_TIMEOUT_S = 1.0  # the policy's last policy.show at shutdown: short, the VM is ending
 MAX_LOGGED_TRANSITIONS = 8
-# Inside `pyvmm lab` (PYVMM_IN_LAB, which it sets) every instruction is emulated, 10-50x slower, and limits
+# Inside `pyvmm lab` (lab_env.in_lab()) every instruction is emulated, 10-50x slower, and limits
 # set for native speed misfire (a healthy policy process taken for hung, a final policy.show timed out:
 # docs/linux-lab.md).  There the hang limit and the request timeouts are this much longer.
 LAB_SLOWDOWN = 10
@@ -51,7 +52,7 @@ LAB_SLOWDOWN = 10
 
 def slowdown() -> int:
     """How much longer this device's time limits are: LAB_SLOWDOWN inside `pyvmm lab`, else 1."""
-    return LAB_SLOWDOWN if os.environ.get("PYVMM_IN_LAB") else 1
+    return LAB_SLOWDOWN if lab_env.in_lab() else 1
 
 
 # Registrations a guest may cause: a few at once (boot, a driver reload), then a few a second.

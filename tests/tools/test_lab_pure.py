@@ -22,6 +22,7 @@ def test_guest_script_loads_kvm_mounts_bpffs_and_execs_the_command_where_the_cal
     assert any("mount -t bpf -o mode=0700 bpf /sys/fs/bpf" in ln for ln in lines)
     assert "cd '/work dir' || exit 125" in lines
     assert "export PATH=/usr/bin:/bin" in lines
+    assert "export PYVMM_IN_LAB=1" in lines   # what lab_env.in_lab() reads there: the device's limits scale by it
     assert lines[-1] == "exec pyvmm boot --cmdline 'a b; rm -rf /'"   # one argument, never shell code
     assert shlex.split(lines[-1])[1:] == ["pyvmm", "boot", "--cmdline", "a b; rm -rf /"]
 
