@@ -53,7 +53,7 @@ def run_lab(args: list[str], timeout: float, monitor: Path | None = None) -> sub
     except subprocess.TimeoutExpired:
         state = ""
         if monitor is not None:
-            state = lab_monitor.ask(str(monitor))
+            state = lab_monitor.ask(str(monitor)).report()
             monitor.with_suffix(".txt").write_text(state)
             try:
                 p.communicate(timeout=SYSRQ_OUTPUT_S)

@@ -122,7 +122,9 @@ def test_lab_monitor_asks_a_real_qemu_and_says_why_when_none_answers(tmp_path):
             if sock.exists():
                 break
             time.sleep(0.05)
-        text = lab_monitor.ask(str(sock), ["info status", "info cpus", "info registers -a"])
+        answers = lab_monitor.ask(str(sock), ["info status", "info cpus", "info registers -a"])
+        assert answers.error is None, answers
+        text = answers.text
         assert "(qemu) info status\nVM status: paused (prelaunch)\n" in text
         assert text.count("CPU#") == 2 and text.count("EIP=0000fff0") == 2, text   # both at the reset vector
         r = subprocess.run([sys.executable, "-m", "pyvmm.lab_monitor", str(sock), "info status"],
@@ -133,4 +135,35 @@ def test_lab_monitor_asks_a_real_qemu_and_says_why_when_none_answers(tmp_path):
         qemu.wait()
     gone = subprocess.run([sys.executable, "-m", "pyvmm.lab_monitor", str(sock)], capture_output=True, text=True,
                           timeout=30, check=False)
-    assert gone.returncode == 1 and gone.stdout.startswith(f"monitor {sock}: ") and "Traceback" not in gone.stderr
+    assert gone.returncode == 1 and gone.stdout == "" and "Traceback" not in gone.stderr
+    assert gone.stderr.startswith(f"monitor {sock}: ") and gone.stderr.count("\n") == 1, gone.stderr
+
+
+def test_lab_monitor_that_hangs_up_mid_way_gives_the_answers_so_far_and_the_error_apart(tmp_path):
+    """A QEMU that dies between two questions: the first answer is kept, and the error is not taken for one."""
+    import socket
+    import threading
+
+    sock = str(tmp_path / "mon.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(sock)
+    server.listen(1)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(b"QEMU 7.2 monitor\r\n(qemu) ")
+            conn.recv(100)
+            conn.sendall(b"info status\r\nVM status: running\r\n(qemu) ")
+            conn.recv(100)  # the second question, then hang up without an answer
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        answers = lab_monitor.ask(sock, ["info status", "info cpus"], timeout=10)
+    finally:
+        t.join()
+        server.close()
+    assert answers.text == "(qemu) info status\nVM status: running\n"
+    assert answers.error == f"monitor {sock}: the monitor closed the connection"
+    assert answers.report().endswith("running\n" + answers.error + "\n")
