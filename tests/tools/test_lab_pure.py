@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -141,9 +143,6 @@ def test_lab_monitor_asks_a_real_qemu_and_says_why_when_none_answers(tmp_path):
 
 def test_lab_monitor_that_hangs_up_mid_way_gives_the_answers_so_far_and_the_error_apart(tmp_path):
     """A QEMU that dies between two questions: the first answer is kept, and the error is not taken for one."""
-    import socket
-    import threading
-
     sock = str(tmp_path / "mon.sock")
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(sock)
