@@ -65,6 +65,16 @@ def test_rr_task_shows_in_its_cpus_slot_while_it_runs(selftest):
     assert all(s["policy"] == C.PVSCHED_POLICY_OTHER for s in _slots(selftest, "rt", 0))
 
 
+def test_a_running_task_made_rt_from_another_cpu_shows_as_rt_without_a_switch(selftest):
+    """chrt -p 8 from CPU 0 on a SCHED_OTHER spinner that keeps CPU 1: the module publishes it at an interrupt."""
+    before = _slots(selftest, "other", 1)
+    assert [(s["policy"], s["flags"] & C.PVSCHED_FLAG_IDLE) for s in before] == [(C.PVSCHED_POLICY_OTHER, 0)], before
+    assert len(_rt_tasks(selftest, "promoted")) == 1
+    promoted = _slots(selftest, "promoted", 1)
+    assert len(promoted) == 3
+    assert all((s["policy"], s["rt_priority"]) == (C.PVSCHED_POLICY_RR, 8) for s in promoted), promoted
+
+
 def test_slot_shows_idle_after_the_rr_task(selftest):
     # no RT user process is left to run on CPU 1 (busybox timeout left one, its RR 8 watcher)
     assert _rt_tasks(selftest, "after") == []

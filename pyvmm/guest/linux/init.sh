@@ -70,6 +70,15 @@ shm_json() {
 	echo "{\"type\":\"shm\",\"phase\":\"$1\",\"hex\":\"$hex\"}"
 }
 
+# Wait (5 s at most) until process $1 runs sh: taskset and chrt exec'd.
+wait_for_sh() {
+	n=0
+	while [ "$(cat /proc/"$1"/comm 2>/dev/null)" != sh ] && [ $n -lt 100 ]; do
+		sleep 0.05
+		n=$((n + 1))
+	done
+}
+
 # The user processes (not kthreadd's children, not zombies) whose policy is not SCHED_OTHER, as one
 # JSON record of phase $1: the slot samples that follow it may show only those as RT.
 rt_tasks_json() {
@@ -148,11 +157,7 @@ workload_selftest() {
 	taskset -c 1 chrt -r 8 sh -c 'while :; do :; done' &
 	spinner=$!
 	# Sample once it spins: its pid runs sh only after taskset and chrt exec'd.
-	n=0
-	while [ "$(cat /proc/$spinner/comm 2>/dev/null)" != sh ] && [ $n -lt 100 ]; do
-		sleep 0.05
-		n=$((n + 1))
-	done
+	wait_for_sh $spinner
 	sleep 0.2
 	rt_tasks_json rt
 	for _ in 1 2 3; do
@@ -165,13 +170,31 @@ workload_selftest() {
 		echo '{"type":"error","what":"the RT spinner ended before the rt samples were taken"}'
 	kill $spinner 2>/dev/null
 	wait $spinner
-	echo "$rt_runtime" > /proc/sys/kernel/sched_rt_runtime_us
 	sleep 0.3
 	rt_tasks_json after
 	for _ in 1 2 3; do
 		slots_json after
 		sleep 0.1
 	done
+
+	# A spinner started as SCHED_OTHER on CPU 1, made RR 8 from CPU 0 while
+	# it runs (chrt -p, as an admin would): the change switches nothing on
+	# CPU 1, so its slot shows RR 8 once an interrupt there publishes it.
+	taskset -c 1 sh -c 'while :; do :; done' &
+	promoted=$!
+	wait_for_sh $promoted
+	sleep 0.2
+	slots_json other
+	taskset -c 0 chrt -r -p 8 $promoted
+	sleep 0.2
+	rt_tasks_json promoted
+	for _ in 1 2 3; do
+		slots_json promoted
+		sleep 0.1
+	done
+	kill $promoted 2>/dev/null
+	wait $promoted
+	echo "$rt_runtime" > /proc/sys/kernel/sched_rt_runtime_us
 
 	# Cross-CPU RT wakeups: an RR reader on CPU 1 woken by a writer on CPU 0.
 	mkfifo /tmp/fifo
