@@ -292,7 +292,9 @@ static void pvsched_refresh_task(void)
 	struct pvsched_task now;
 	unsigned long irqflags;
 
-	if (!a || !(a->features & PVSCHED_F_TASK_PARAMS) || is_idle_task(current))
+	/* no slot here: publish_task() would not record it, and each interrupt would retry */
+	if (!a || !(a->features & PVSCHED_F_TASK_PARAMS) || is_idle_task(current) ||
+	    raw_smp_processor_id() >= a->nr_slots)
 		return;
 	raw_local_irq_save(irqflags);
 	shown = this_cpu_ptr(&pvsched_cpu.shown);
