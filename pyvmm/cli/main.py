@@ -88,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--cpus", type=int, default=2, metavar="N", help="number of vCPUs (default 2)")
     b.add_argument("--mem", type=int, default=256, metavar="MIB", help="guest RAM in MiB (default 256)")
     b.add_argument("--timeout", type=float, metavar="S",
-                   help="wall-clock limit in seconds: the VM is stopped and pyvmm exits 124")
+                   help="wall-clock limit in seconds: the VM is stopped and pyvmm exits 124, with one line saying where "
+                        "each vCPU stood (halted or runnable, RIP, IF, LAPIC timer, pending vectors)")
     b.add_argument("--no-pvsched", action="store_true", help="boot without the pvsched PCI device")
     b.add_argument("--no-policy", action="store_true",
                    help="keep the pvsched device but run no host policy (the benchmark's 'vanilla')")

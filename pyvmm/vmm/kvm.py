@@ -227,6 +227,12 @@ KVM_MAX_CPUID_ENTRIES = 256
 
 KVM_MP_STATE_RUNNABLE = 0
 KVM_MP_STATE_UNINITIALIZED = 1
+KVM_MP_STATE_INIT_RECEIVED = 2
+KVM_MP_STATE_HALTED = 3
+KVM_MP_STATE_SIPI_RECEIVED = 4
+MP_STATE_NAMES = {KVM_MP_STATE_RUNNABLE: "runnable", KVM_MP_STATE_UNINITIALIZED: "not started",
+                  KVM_MP_STATE_INIT_RECEIVED: "waiting for SIPI", KVM_MP_STATE_HALTED: "halted",
+                  KVM_MP_STATE_SIPI_RECEIVED: "SIPI received"}
 
 # exit reasons
 EXIT_NAMES = {
@@ -392,6 +398,14 @@ class Vcpu:
         if n != len(entries):
             raise KvmError(22, f"KVM_SET_MSRS: MSR {entries[n][0]:#x} was refused")
 
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        """The MSRs of `indices` that KVM returned (it stops at the first it refuses)."""
+        m = msrs_type(len(indices))(nmsrs=len(indices))
+        for i, index in enumerate(indices):
+            m.entries[i].index = index
+        n = ioctl(self.fd, KVM_GET_MSRS, m, "KVM_GET_MSRS")
+        return {m.entries[i].index: m.entries[i].data for i in range(n)}
+
     def get_lapic(self) -> kvm_lapic_state:
         s = kvm_lapic_state()
         ioctl(self.fd, KVM_GET_LAPIC, s, "KVM_GET_LAPIC")
@@ -399,6 +413,11 @@ class Vcpu:
 
     def set_lapic(self, s: kvm_lapic_state) -> None:
         ioctl(self.fd, KVM_SET_LAPIC, s, "KVM_SET_LAPIC")
+
+    def get_mp_state(self) -> int:
+        s = kvm_mp_state()
+        ioctl(self.fd, KVM_GET_MP_STATE, s, "KVM_GET_MP_STATE")
+        return s.mp_state
 
     def set_mp_state(self, state: int) -> None:
         ioctl(self.fd, KVM_SET_MP_STATE, kvm_mp_state(state), "KVM_SET_MP_STATE")

@@ -28,7 +28,7 @@ from pyvmm.common import control_client
 from pyvmm.common.lone_error import lone_error
 from pyvmm.common.procfs import format_memory, memory_kb
 from pyvmm.common.sched_attr import SchedAttr, sched_getattr
-from pyvmm.vmm import acpi, control, kvm, x86
+from pyvmm.vmm import acpi, control, kvm, vcpu_state, x86
 from pyvmm.vmm.acpi_pm import AcpiPm
 from pyvmm.vmm.bus import Bus
 from pyvmm.vmm.console import Console
@@ -407,6 +407,7 @@ class Machine:
                 except Exception as e:  # noqa: BLE001
                     log.warning("device %s: stop failed: %s", d.label, e)
             self._join_vcpus()
+            self._add_vcpu_states_to_timeout()
             if old_kick is not None:
                 self._kick_with_signal = False
                 signal.signal(KICK_SIGNAL, old_kick)
@@ -429,6 +430,15 @@ class Machine:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async for signum in signals:
                 self.request_stop(128 + signum, f"stopped by {signal.Signals(signum).name}")
+
+    def _add_vcpu_states_to_timeout(self) -> None:
+        # A guest that ran out its time: say where each vCPU stood (halted, IF, its timer, pending vectors),
+        # on the timeout's own line.  Only once every vCPU thread has left KVM_RUN: the ioctls would wait.
+        if self.exit_code != EXIT_TIMEOUT or any(t.is_alive() for t in self._threads):
+            return
+        states = "; ".join(vcpu_state.describe(v) for v in self.vcpus)
+        with self._stop_lock:
+            self.exit_message = f"{self.exit_message} ({states})"
 
     def _join_vcpus(self) -> None:
         deadline = time.monotonic() + 5.0

@@ -118,7 +118,10 @@ def test_timeout_exits_124_with_console_flushed(pyvmm, guest):
     assert r.returncode == 124
     assert time.monotonic() - t0 < 15
     assert r.stdout == "ready\npartial"  # the partial line is flushed too
-    assert "timeout" in one_error_line(r.stderr)
+    line = one_error_line(r.stderr)
+    # the same line says where each vCPU stood: both halted for good with interrupts off
+    assert re.fullmatch(r"pyvmm: timeout: VM stopped after 1 s \(vCPU 0 halted at RIP 0x[0-9a-f]+, IF=0, [^;]+; "
+                        r"vCPU 1 halted at RIP 0x[0-9a-f]+, IF=0, [^;]+\)", line), line
 
 
 def _wait_for_socket(p, timeout: float = 20) -> None:
