@@ -79,6 +79,7 @@ class Machine:
         self.started_at = 0.0
         self._stop_lock = threading.Lock()
         self._stopping = False
+        self._stop_requested_at = 0.0
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._stop_event: trio.Event | None = None
         self._threads: list[threading.Thread] = []
@@ -202,6 +203,7 @@ class Machine:
         with self._stop_lock:
             if self.exit_code is None:
                 self.exit_code, self.exit_message = code, message
+                self._stop_requested_at = time.monotonic()
             if self._stopping:
                 return
             self._stopping = True
@@ -436,9 +438,12 @@ class Machine:
         # on the timeout's own line.  Only once every vCPU thread has left KVM_RUN: the ioctls would wait.
         if self.exit_code != EXIT_TIMEOUT or any(t.is_alive() for t in self._threads):
             return
+        # The guest's clock ran on while the devices stopped: a timer "overdue" by less than this came due
+        # after the vCPUs had left KVM_RUN.
+        after_ms = (time.monotonic() - self._stop_requested_at) * 1000
         states = "; ".join(vcpu_state.describe(v) for v in self.vcpus)
         with self._stop_lock:
-            self.exit_message = f"{self.exit_message} ({states})"
+            self.exit_message = f"{self.exit_message} (read {after_ms:.0f} ms after the stop: {states})"
 
     def _join_vcpus(self) -> None:
         deadline = time.monotonic() + 5.0

@@ -120,7 +120,7 @@ def test_timeout_exits_124_with_console_flushed(pyvmm, guest):
     assert r.stdout == "ready\npartial"  # the partial line is flushed too
     line = one_error_line(r.stderr)
     # the same line says where each vCPU stood: both halted for good with interrupts off
-    assert re.fullmatch(r"pyvmm: timeout: VM stopped after 1 s \(vCPU 0 halted at RIP 0x[0-9a-f]+, IF=0, [^;]+; "
+    assert re.fullmatch(r"pyvmm: timeout: VM stopped after 1 s \(read \d+ ms after the stop: vCPU 0 halted at RIP 0x[0-9a-f]+, IF=0, [^;]+; "
                         r"vCPU 1 halted at RIP 0x[0-9a-f]+, IF=0, [^;]+\)", line), line
 
 

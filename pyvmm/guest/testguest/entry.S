@@ -90,14 +90,21 @@ syscall_trap:
  * at the sti (the deadline passed while the vCPU was preempted before it)
  * is delivered with the hlt not yet run.  Returning to the hlt would halt
  * with no timer armed, for good, so the wake entries treat an interrupt at
- * sleep_hlt (and at idle_hlt, below) as the end of the halt.
+ * sleep_hlt (and at idle_hlt, below) as the end of the halt.  One that
+ * names the sti itself as where it came (sleep_sti, idle_halt) is treated
+ * the same: interrupts are off before that sti, so it can only be one that
+ * PVM delivered while running the sti, and returning there halts for good
+ * too (a lost wake-up, 2026-12-07: a vCPU halted at idle_hlt, IF=1, its
+ * timer fired and acknowledged, nothing pending).
  */
 sleep_fast:
 	sub	$8, %rsp	/* the int3 frame sits at 8(%rsp) while halted */
 	call	sleep_prepare
 	test	%eax, %eax
 	jnz	3f		/* a wake IPI was pending: back at once */
-1:	sti
+1:
+sleep_sti:
+	sti
 sleep_hlt:
 	hlt
 sleep_resume:
@@ -110,10 +117,11 @@ sleep_resume:
  * The LAPIC timer and the wake IPI: when they end sleep_fast's halt,
  * return straight to CPL3 through the int3 frame (C half \work); one
  * that came before the hlt ran (see sleep_fast) does the same, counted
- * (shadow_wake).  Otherwise save the caller-saved registers around
- * irq_running(ipi, at_hlt), which may have interrupted the task's own slot
- * write, and return where we were, past idle_halt's hlt if it came before
- * that ran.  The first instructions are the probe's hot path, each one
+ * (shadow_wake, or sti_wake when it names the sti).  Otherwise save the
+ * caller-saved registers around irq_running(ipi, at_hlt), which may have
+ * interrupted the task's own slot write, and return where we were, past
+ * idle_halt's hlt if it came before that ran (at_hlt 1 at the hlt, 2 at
+ * the sti).  The first instructions are the probe's hot path, each one
  * emulated: the common case runs no more of them than before.
  */
 .macro WAKE_ENTRY name, work, ipi
@@ -126,9 +134,14 @@ sleep_resume:
 	add	$8, %rsp
 	iretq			/* the int3 frame: to the task, woken */
 6:	cmpq	$sleep_hlt, (%rsp)
-	jne	2f
+	jne	7f
 	mov	24(%rsp), %rsp
 	call	shadow_wake	/* clobbers only what sleep_fast's caller gave up */
+	jmp	4b
+7:	cmpq	$sleep_sti, (%rsp)
+	jne	2f
+	mov	24(%rsp), %rsp
+	call	sti_wake
 	jmp	4b
 2:	push	%rax
 	push	%rcx
@@ -139,11 +152,15 @@ sleep_resume:
 	push	%r9
 	push	%r10
 	push	%r11
-	xor	%esi, %esi
-	cmpq	$idle_hlt, 72(%rsp)	/* the interrupted RIP, above the nine saved registers */
-	jne	5f
-	incq	72(%rsp)	/* before idle_halt's hlt: resume after it (hlt is one byte) */
 	mov	$1, %esi
+	cmpq	$idle_hlt, 72(%rsp)	/* the interrupted RIP, above the nine saved registers */
+	je	8f
+	mov	$2, %esi
+	cmpq	$idle_halt, 72(%rsp)	/* at idle_halt's sti itself */
+	je	8f
+	xor	%esi, %esi
+	jmp	5f
+8:	movq	$idle_resume, 72(%rsp)	/* before idle_halt's hlt ran: resume after it */
 5:	mov	$\ipi, %edi
 	call	irq_running
 	pop	%r11
@@ -164,13 +181,14 @@ WAKE_ENTRY wake_entry, ipi_work, 1
 /*
  * idle_halt(): sti; hlt; cli, for the kernel's own waits (they loop on a
  * flag the wake entries set).  A timer or wake IPI delivered between the
- * sti and the hlt (PVM: see sleep_fast) resumes past the hlt.
+ * sti and the hlt, or at the sti (PVM: see sleep_fast), resumes past the hlt.
  */
 	.globl idle_halt
 idle_halt:
 	sti
 idle_hlt:
 	hlt
+idle_resume:
 	cli
 	ret
 

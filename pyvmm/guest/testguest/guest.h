@@ -93,6 +93,7 @@ struct tg_cpu_share {
 	volatile u64 irqs_cs; /* those that found PREEMPT_DISABLED set: inside a lock hold */
 	volatile u64 nested;  /* those that came in the middle of a CPL3 slot write */
 	volatile u64 shadow_wakes; /* wake-ups delivered between sti and hlt (entry.S, sleep_fast) */
+	volatile u64 sti_wakes;    /* wake-ups delivered at the sti of a sti;hlt pair (entry.S) */
 } __attribute__((aligned(CACHELINE)));
 
 extern struct tg_cpu_share tg_cpu[TG_MAX_VCPUS];

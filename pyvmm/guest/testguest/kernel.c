@@ -278,6 +278,12 @@ void shadow_wake(void)
 	tg_cpu[this_cpu()->id].shadow_wakes++;
 }
 
+/* A halt's end delivered at the sti before it (entry.S, sleep_fast). */
+void sti_wake(void)
+{
+	tg_cpu[this_cpu()->id].sti_wakes++;
+}
+
 /*
  * The timer or the wake IPI while the task ran (at CPL3, or in the boot
  * wait's halt at CPL0), not ending sleep_fast's halt.  The same slot writes
@@ -293,7 +299,8 @@ void irq_running(u32 ipi, u32 at_hlt)
 	u64 tsc = rdtsc(), ns = tsc_ns(tsc);
 	u32 nested, keep = tg_kslot_irq_enter(g, ns, &nested);
 
-	sh->shadow_wakes += at_hlt;
+	sh->shadow_wakes += at_hlt == 1;
+	sh->sti_wakes += at_hlt == 2;
 	sh->irqs++;
 	if (keep)
 		sh->irqs_cs++;

@@ -673,10 +673,9 @@ static void wait_all_done(void)
 	}
 }
 
-/* What entry.S saved this vCPU from: wake-ups PVM delivered between sti and hlt (a lost wake-up each). */
-static void emit_shadow_wakes(u32 vcpu)
+/* One warning record: `n` wake-ups of vCPU `vcpu` that came `where`, each a lost wake-up entry.S saved. */
+static void emit_wake_warning(u32 vcpu, u64 n, const char *where)
 {
-	u64 n = tg_cpu[vcpu].shadow_wakes;
 	char line[256];
 	struct buf b;
 
@@ -687,9 +686,17 @@ static void emit_shadow_wakes(u32 vcpu)
 	buf_u64(&b, vcpu);
 	buf_str(&b, ": ");
 	buf_u64(&b, n);
-	buf_str(&b, " wake-up(s) came between sti and hlt (this KVM ignores STI's interrupt shadow); "
-		    "resumed past the hlt\"}");
+	buf_str(&b, " wake-up(s) came ");
+	buf_str(&b, where);
+	buf_str(&b, " (this KVM ignores STI's interrupt shadow); resumed past the hlt\"}");
 	emit(&b);
+}
+
+/* What entry.S saved this vCPU from: wake-ups PVM delivered before the hlt of a sti;hlt pair ran. */
+static void emit_shadow_wakes(u32 vcpu)
+{
+	emit_wake_warning(vcpu, tg_cpu[vcpu].shadow_wakes, "between sti and hlt");
+	emit_wake_warning(vcpu, tg_cpu[vcpu].sti_wakes, "at the sti before a hlt");
 }
 
 void user_main(u32 vcpu)
