@@ -122,7 +122,8 @@ sleep_resume:
  * interrupted the task's own slot write, and return where we were, past
  * idle_halt's hlt if it came before that ran (at_hlt 1 at the hlt, 2 at
  * the sti).  The first instructions are the probe's hot path, each one
- * emulated: the common case runs no more of them than before.
+ * emulated: the common cases (the end of sleep_fast's halt, an interrupt
+ * of the task at CPL3) run no more of them than before.
  */
 .macro WAKE_ENTRY name, work, ipi
 	.globl \name
@@ -133,15 +134,17 @@ sleep_resume:
 4:	call	\work
 	add	$8, %rsp
 	iretq			/* the int3 frame: to the task, woken */
-6:	cmpq	$sleep_hlt, (%rsp)
-	jne	7f
-	mov	24(%rsp), %rsp
-	call	shadow_wake	/* clobbers only what sleep_fast's caller gave up */
-	jmp	4b
-7:	cmpq	$sleep_sti, (%rsp)
+6:	testb	$3, 8(%rsp)	/* from CPL3 (the interrupted CS): not at a halt */
+	jnz	2f
+	cmpq	$sleep_hlt, (%rsp)
+	je	7f
+	cmpq	$sleep_sti, (%rsp)
 	jne	2f
 	mov	24(%rsp), %rsp
 	call	sti_wake
+	jmp	4b
+7:	mov	24(%rsp), %rsp
+	call	shadow_wake	/* clobbers only what sleep_fast's caller gave up */
 	jmp	4b
 2:	push	%rax
 	push	%rcx
@@ -152,10 +155,13 @@ sleep_resume:
 	push	%r9
 	push	%r10
 	push	%r11
-	mov	$1, %esi
-	cmpq	$idle_hlt, 72(%rsp)	/* the interrupted RIP, above the nine saved registers */
+	xor	%esi, %esi
+	testb	$3, 80(%rsp)	/* the interrupted CS, above the nine saved registers and RIP */
+	jnz	5f
+	inc	%esi
+	cmpq	$idle_hlt, 72(%rsp)	/* the interrupted RIP */
 	je	8f
-	mov	$2, %esi
+	inc	%esi
 	cmpq	$idle_halt, 72(%rsp)	/* at idle_halt's sti itself */
 	je	8f
 	xor	%esi, %esi
