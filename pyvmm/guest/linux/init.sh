@@ -94,6 +94,15 @@ rt_tasks_json() {
 	echo "{\"type\":\"rt_tasks\",\"phase\":\"$phase\",\"pids\":[$pids]}"
 }
 
+# Phase $1 of the self-test: its RT user processes, then three slot samples 0.1 s apart.
+sample_phase() {
+	rt_tasks_json "$1"
+	for _ in 1 2 3; do
+		slots_json "$1"
+		sleep 0.1
+	done
+}
+
 # With pvsched.quiesce=1: write $1 (0 offline, 1 online) to every CPU's but CPU 0's online file.  The
 # module's probes are then added and removed with one CPU running, so no other one can meet a site
 # that text_poke_bp() is rewriting.  The module keeps a slot for every possible CPU, online or not.
@@ -159,11 +168,7 @@ workload_selftest() {
 	# Sample once it spins: its pid runs sh only after taskset and chrt exec'd.
 	wait_for_sh $spinner
 	sleep 0.2
-	rt_tasks_json rt
-	for _ in 1 2 3; do
-		slots_json rt
-		sleep 0.1
-	done
+	sample_phase rt
 	shm_json rt
 	# The rt samples hold only if the spinner was still running after them.
 	kill -0 $spinner 2>/dev/null ||
@@ -171,11 +176,7 @@ workload_selftest() {
 	kill $spinner 2>/dev/null
 	wait $spinner
 	sleep 0.3
-	rt_tasks_json after
-	for _ in 1 2 3; do
-		slots_json after
-		sleep 0.1
-	done
+	sample_phase after
 
 	# A spinner started as SCHED_OTHER on CPU 1, made RR 8 from CPU 0 while
 	# it runs (chrt -p, as an admin would): the change switches nothing on
@@ -187,11 +188,7 @@ workload_selftest() {
 	slots_json other
 	taskset -c 0 chrt -r -p 8 $promoted
 	sleep 0.2
-	rt_tasks_json promoted
-	for _ in 1 2 3; do
-		slots_json promoted
-		sleep 0.1
-	done
+	sample_phase promoted
 	kill $promoted 2>/dev/null
 	wait $promoted
 	echo "$rt_runtime" > /proc/sys/kernel/sched_rt_runtime_us
